@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Run the whole test suite: formatting, lints, then unit and integration tests
+# (which start real S3-compatible servers on 127.0.0.1).
+#
+#   ./scripts/test.sh                  # everything
+#   ./scripts/test.sh --test pipeline  # extra args go to `cargo test --release`
+#
+# Installs what the tests need when it is missing, so it also works on a
+# fresh machine (CI runs it via .ci/run).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PATH="$HOME/.cargo/bin:$HOME/.local/bin:$PATH"
+
+S3S_FS_VERSION=0.14.1
+
+say() { echo "test.sh: $*" >&2; }
+
+# --- system packages ----------------------------------------------------------
+# None needed yet. When a test needs one (e.g. nginx for the read-heavy load),
+# add it here: APT_PACKAGES=(nginx)
+APT_PACKAGES=()
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    say "installing ${missing[*]}"
+    sudo=()
+    ((EUID == 0)) || sudo=(sudo)
+    "${sudo[@]}" apt-get update
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
+fi
+
+# --- Rust components ------------------------------------------------------------
+if command -v rustup >/dev/null 2>&1; then
+    cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+    cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+fi
+
+# --- S3-compatible servers the tests start ----------------------------------------
+# s3s-fs: keeps its data on disk and checks signatures.
+if ! s3s-fs --version 2>/dev/null | grep -qF "$S3S_FS_VERSION"; then
+    say "installing s3s-fs $S3S_FS_VERSION"
+    cargo install s3s-fs --version "$S3S_FS_VERSION" --features binary --locked
+fi
+
+# moto: an in-memory S3 for tests that need its API surface.
+if ! command -v moto_server >/dev/null 2>&1; then
+    say "installing moto[server]"
+    # Debian's system Python refuses plain pip installs (PEP 668); fall back
+    # to --break-system-packages there, as CI machines are throwaway.
+    python3 -m pip install --quiet 'moto[server]' 2>/dev/null ||
+        python3 -m pip install --quiet --break-system-packages 'moto[server]'
+    if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+    hash -r
+    command -v moto_server >/dev/null 2>&1 ||
+        { say "moto_server is still not on PATH after pip install"; exit 1; }
+fi
+
+# --- checks --------------------------------------------------------------------
+say "cargo fmt --check"
+cargo fmt --check
+say "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+say "cargo test --release $*"
+cargo test --release "$@"

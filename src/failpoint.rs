@@ -1,0 +1,41 @@
+//! Named crash points for tests: `OFFLOADD_FAILPOINTS=name[,name…]` makes the
+//! process SIGKILL itself when it reaches one of them, exactly like a crash.
+//!
+//! Always compiled in; without the variable a check is one load of a cached set.
+
+use std::collections::HashSet;
+use std::sync::OnceLock;
+
+/// After the object is uploaded and verified, before its location record is written.
+pub const AFTER_UPLOAD_BEFORE_RECORD: &str = "after_upload_before_record";
+/// After the location record is durable, before the local copy is deleted.
+pub const AFTER_RECORD_BEFORE_DELETE: &str = "after_record_before_delete";
+/// After the local copy is deleted, before the record is marked as such.
+pub const AFTER_DELETE_BEFORE_MARK: &str = "after_delete_before_mark";
+/// After the first part of a multipart upload is accepted.
+pub const AFTER_FIRST_PART: &str = "after_first_part";
+
+pub const ENV: &str = "OFFLOADD_FAILPOINTS";
+
+fn enabled() -> &'static HashSet<String> {
+    static SET: OnceLock<HashSet<String>> = OnceLock::new();
+    SET.get_or_init(|| {
+        std::env::var(ENV)
+            .unwrap_or_default()
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    })
+}
+
+/// Kills the process with SIGKILL if the failpoint `name` is switched on.
+pub fn hit(name: &str) {
+    if enabled().contains(name) {
+        eprintln!("failpoint {name} reached: killing the process");
+        // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}

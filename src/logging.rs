@@ -1,0 +1,40 @@
+//! Log output: readable text on stderr (or JSON) for terminals, native journald
+//! records under systemd.
+
+use crate::config::LogFormat;
+use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+
+/// Installs the global subscriber. `level` is a tracing filter such as `info` or
+/// `offloadd=debug`.
+pub fn init(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
+    let journald = match format {
+        LogFormat::Journald => true,
+        LogFormat::Auto => under_systemd,
+        _ => false,
+    };
+    if journald {
+        if let Ok(layer) = tracing_journald::layer() {
+            let layer = layer
+                .with_field_prefix(Some("OFFLOADD".into()))
+                .with_syslog_identifier("offloadd".into());
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(layer)
+                .init();
+            return;
+        }
+    }
+    if format == LogFormat::Json {
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt::layer().json().with_writer(std::io::stderr))
+            .init();
+    } else {
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt::layer().with_target(false).with_writer(std::io::stderr))
+            .init();
+    }
+}

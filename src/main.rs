@@ -1,0 +1,102 @@
+//! Entry point: parses the command line and wires the modules together.
+
+use clap::Parser;
+use offloadd::cli::{Cli, Command};
+use offloadd::config::{self, Active};
+use offloadd::status::{self, Location};
+use offloadd::{daemon, logging};
+use std::process::ExitCode;
+
+const EX_CONFIG: u8 = 78;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let loaded = match config::load(&cli.config) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("offloadd: {e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    let config = loaded.config;
+    match cli.command {
+        Command::Run => {
+            logging::init(config.log.format, &config.log.level);
+            for w in &loaded.warnings {
+                tracing::warn!("{w}");
+            }
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("offloadd: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(daemon::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("offloadd: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::CheckConfig => {
+            for w in &loaded.warnings {
+                eprintln!("offloadd: warning: {w}");
+            }
+            print!("{}", config.report());
+            match config.active() {
+                Active::Provider(p) => {
+                    println!("ok: provider `{}` is active and complete", p.name);
+                    ExitCode::SUCCESS
+                }
+                Active::Local { reason } => {
+                    eprintln!("offloadd: local mode: nothing would be offloaded because {reason}");
+                    ExitCode::from(EX_CONFIG)
+                }
+            }
+        }
+        Command::Status { json } => match status::report(&config) {
+            Ok(r) => {
+                if json {
+                    println!("{}", serde_json::to_string(&r).expect("report serializes"));
+                } else {
+                    print!("{}", status::render(&r));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("offloadd: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Locate { rel_path } => match status::locate(&config, &rel_path) {
+            Ok(Some(Location::Remote(url))) => {
+                println!("{url}");
+                ExitCode::SUCCESS
+            }
+            Ok(Some(Location::RemoteKey { provider, key })) => {
+                println!("{provider}:{key}");
+                ExitCode::SUCCESS
+            }
+            Ok(Some(Location::Local(p))) => {
+                println!("{}", p.display());
+                ExitCode::SUCCESS
+            }
+            Ok(None) => {
+                eprintln!(
+                    "offloadd: {rel_path} is unknown: not offloaded and not in the watch root"
+                );
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("offloadd: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
