@@ -1,7 +1,9 @@
-//! The byte budget for buffered file contents, shared by all workers.
+//! Shared upload resources: the byte budget for buffered file contents and the
+//! bandwidth pacer.
 //!
 //! Guarantees that the file bytes held in memory for uploads (including rust-s3's
-//! copy of each request body) never exceed `upload.memory_limit`.
+//! copy of each request body) never exceed `upload.memory_limit`, and that bodies
+//! start no faster than `upload.bandwidth_limit` allows on average.
 
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -67,9 +69,56 @@ impl Budget {
     }
 }
 
+/// Spaces request bodies so that, on average, no more than `bytes_per_sec` are
+/// sent. A body waits until the bodies before it would have been sent at that rate.
+#[derive(Clone)]
+pub struct Pacer {
+    bytes_per_sec: u64,
+    next_free: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+}
+
+impl Pacer {
+    /// `0` means unlimited.
+    pub fn new(bytes_per_sec: u64) -> Self {
+        Pacer {
+            bytes_per_sec,
+            next_free: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+
+    /// Waits for this body's turn.
+    pub async fn take(&self, bytes: u64) {
+        if self.bytes_per_sec == 0 || bytes == 0 {
+            return;
+        }
+        let cost = std::time::Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64);
+        let start = {
+            let mut next = self.next_free.lock().expect("pacer lock");
+            let now = tokio::time::Instant::now();
+            let start = next.map_or(now, |n| n.max(now));
+            *next = Some(start + cost);
+            start
+        };
+        tokio::time::sleep_until(start).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn pacer_spaces_bodies_by_rate() {
+        let p = Pacer::new(1000);
+        let t0 = tokio::time::Instant::now();
+        p.take(500).await;
+        assert_eq!(t0.elapsed(), std::time::Duration::ZERO);
+        p.take(1000).await;
+        assert_eq!(t0.elapsed(), std::time::Duration::from_millis(500));
+        p.take(10).await;
+        assert_eq!(t0.elapsed(), std::time::Duration::from_millis(1500));
+        Pacer::new(0).take(u64::MAX).await;
+    }
 
     #[tokio::test]
     async fn reservations_block_until_released() {

@@ -1,214 +1,1369 @@
-//! STUB (replaced by helper)
-use crate::provider::{Addressing, Kind, Resolved, Secret};
-use serde::Deserialize;
+//! The YAML configuration file: its schema with every default ([`Config`]),
+//! loading and validation ([`load`]), secret lookup and provider resolution
+//! ([`Config::resolve_provider`], [`Config::active`]), and the `check-config`
+//! text ([`Config::report`]).
+//!
+//! Guarantees: [`load`] either returns a config the daemon can run with or a
+//! [`ConfigError`] (exit 78) naming file, line, column and key in one
+//! sentence that says what to do. A provider that is merely incomplete is
+//! not an error: [`Config::active`] falls back to local mode with a reason.
+//! Secret values never appear in any error, warning or report.
+
+use crate::provider::{self, Resolved, Secret};
+use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt;
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
-impl ConfigError {
-    pub fn exit_code(&self) -> i32 {
-        78
-    }
-}
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Incomplete(pub String);
+pub use crate::provider::{Incomplete, ProviderSection};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The file this config was read from.
+    #[serde(skip)]
+    pub source: PathBuf,
+    pub watch: Watch,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    #[serde(default)]
+    pub storage: Storage,
+    #[serde(default)]
+    pub upload: Upload,
+    #[serde(default)]
+    pub http: Http,
+    #[serde(default)]
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Watch {
+    /// Absolute and canonical once loaded.
+    pub root: PathBuf,
+    #[serde(default = "default_include")]
+    pub include: Vec<String>,
+    #[serde(default = "default_exclude")]
+    pub exclude: Vec<String>,
+    #[serde(default = "default_settle", with = "crate::units::serde_duration")]
+    pub settle: Duration,
+    /// `None` when written as 0 (no periodic rescan).
+    #[serde(default = "default_rescan", deserialize_with = "rescan_interval")]
+    pub rescan_interval: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    pub active: String,
+    pub delete_local: bool,
+    #[serde(with = "crate::units::serde_duration")]
+    pub delete_after: Duration,
+    pub providers: BTreeMap<String, ProviderSection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upload {
+    pub workers: usize,
+    #[serde(with = "crate::units::serde_size")]
+    pub multipart_threshold: u64,
+    #[serde(with = "crate::units::serde_size")]
+    pub part_size: u64,
+    pub part_concurrency: usize,
+    #[serde(with = "crate::units::serde_size")]
+    pub memory_limit: u64,
+    /// Bytes per second; 0 is unlimited.
+    #[serde(with = "crate::units::serde_size")]
+    pub bandwidth_limit: u64,
+    pub retry: Retry,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retry {
+    #[serde(with = "crate::units::serde_duration")]
+    pub initial_backoff: Duration,
+    #[serde(with = "crate::units::serde_duration")]
+    pub max_backoff: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http {
+    /// `None` when written as `""` (no listener).
+    #[serde(deserialize_with = "listen")]
+    pub listen: Option<SocketAddr>,
+    pub allow_remote: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    /// journald under systemd, else text.
     Auto,
     Journald,
     Text,
     Json,
 }
 
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub source: PathBuf,
-    pub watch: Watch,
-    pub state_dir: PathBuf,
-    pub control_socket: PathBuf,
-    pub storage: Storage,
-    pub upload: Upload,
-    pub http: Http,
-    pub log: Log,
-}
-#[derive(Debug, Clone)]
-pub struct Watch {
-    pub root: PathBuf,
-    pub include: Vec<String>,
-    pub exclude: Vec<String>,
-    pub settle: Duration,
-    pub rescan_interval: Option<Duration>,
-}
-#[derive(Debug, Clone)]
-pub struct Storage {
-    pub active: String,
-    pub delete_local: bool,
-    pub delete_after: Duration,
-    pub providers: BTreeMap<String, ProviderSection>,
-}
-#[derive(Debug, Clone, Deserialize)]
-pub struct ProviderSection {
-    pub kind: Kind,
-    pub bucket: Option<String>,
-    pub endpoint: Option<String>,
-    pub access_key_id: Option<String>,
-    pub secret_access_key_file: Option<PathBuf>,
-    pub public_url: Option<String>,
-    pub prefix: Option<String>,
-}
-#[derive(Debug, Clone)]
-pub struct Upload {
-    pub workers: usize,
-    pub multipart_threshold: u64,
-    pub part_size: u64,
-    pub part_concurrency: usize,
-    pub memory_limit: u64,
-    pub bandwidth_limit: u64,
-    pub retry: Retry,
-}
-#[derive(Debug, Clone)]
-pub struct Retry {
-    pub initial_backoff: Duration,
-    pub max_backoff: Duration,
-}
-#[derive(Debug, Clone)]
-pub struct Http {
-    pub listen: Option<SocketAddr>,
-    pub allow_remote: bool,
-}
-#[derive(Debug, Clone)]
-pub struct Log {
-    pub format: LogFormat,
-    pub level: String,
+fn default_state_dir() -> PathBuf {
+    "/var/lib/offloadd".into()
 }
 
+fn default_control_socket() -> PathBuf {
+    "/run/offloadd/control.sock".into()
+}
+
+fn default_include() -> Vec<String> {
+    vec!["**".into()]
+}
+
+fn default_exclude() -> Vec<String> {
+    ["**/.*", "**/*.tmp", "**/*.part", "**/*~"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn default_settle() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_rescan() -> Option<Duration> {
+    Some(Duration::from_secs(3600))
+}
+
+fn rescan_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    crate::units::serde_duration::deserialize(d).map(|v| Some(v).filter(|v| !v.is_zero()))
+}
+
+fn listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    struct Listen;
+    impl serde::de::Visitor<'_> for Listen {
+        type Value = Option<SocketAddr>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an IP address and port such as 127.0.0.1:9187, or \"\"")
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Self::Value, E> {
+            if text.trim().is_empty() {
+                return Ok(None);
+            }
+            text.trim().parse().map(Some).map_err(|_| {
+                E::custom(format!(
+                    "`{text}` is not an IP address and port; write one such as 127.0.0.1:9187, or \"\" to disable"
+                ))
+            })
+        }
+    }
+    d.deserialize_any(Listen)
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            active: "local".into(),
+            delete_local: false,
+            delete_after: Duration::ZERO,
+            providers: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for Upload {
+    fn default() -> Self {
+        Upload {
+            workers: 4,
+            multipart_threshold: 16 * MIB,
+            part_size: 8 * MIB,
+            part_concurrency: 4,
+            memory_limit: 64 * MIB,
+            bandwidth_limit: 0,
+            retry: Retry::default(),
+        }
+    }
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9187))),
+            allow_remote: false,
+        }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            format: LogFormat::Auto,
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration the daemon cannot run with; always exit code 78.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read the configuration file ({source}); check the path and its permissions, or pass --config", .file.display())]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {}{}", .file.display(), at(.position), .message)]
+    Invalid {
+        file: PathBuf,
+        /// 1-based line and column, when known.
+        position: Option<(usize, usize)>,
+        /// Dotted key path such as `watch.root`; empty when unknown.
+        key: String,
+        message: String,
+    },
+}
+
+fn at(position: &Option<(usize, usize)>) -> String {
+    position.map_or(String::new(), |(l, c)| format!("line {l}, column {c}: "))
+}
+
+impl ConfigError {
+    /// EX_CONFIG.
+    pub fn exit_code(&self) -> i32 {
+        78
+    }
+}
+
+/// A loaded configuration and the warnings worth logging once.
+#[derive(Debug, Clone)]
 pub struct Loaded {
     pub config: Config,
     pub warnings: Vec<String>,
 }
+
+/// What gets uploaded to, or why nothing is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Active {
     Local { reason: String },
     Provider(Resolved),
 }
 
-#[derive(Deserialize)]
-struct RawW {
-    root: PathBuf,
-    settle: Option<u64>,
-    delete_local: Option<bool>,
-    active: String,
-    state_dir: PathBuf,
-    providers: BTreeMap<String, ProviderSection>,
-    multipart_threshold: Option<u64>,
-    part_size: Option<u64>,
-    memory_limit: Option<u64>,
+/// Reads, parses and validates the configuration file at `path`.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.into(),
+        source,
+    })?;
+    let mut config: Config = serde_yaml::from_str(&text).map_err(|e| yaml_error(path, e))?;
+    config.source = path.into();
+    let invalid = |key: &[&str], message: String| ConfigError::Invalid {
+        file: path.into(),
+        position: locate_nearest(&text, key),
+        key: key.join("."),
+        message,
+    };
+    config.validate().map_err(|(key, message)| {
+        invalid(&key.iter().map(String::as_str).collect::<Vec<_>>(), message)
+    })?;
+    config.watch.root =
+        canonical_root(&config.watch.root).map_err(|m| invalid(&["watch", "root"], m))?;
+
+    let mut warnings = Vec::new();
+    let inline = config
+        .storage
+        .providers
+        .values()
+        .any(|p| p.secret_access_key.is_some());
+    let shared = std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o044 != 0);
+    if inline && shared {
+        warnings.push(format!(
+            "{} contains an inline secret and is readable by group or others; chmod 600 it or use secret_access_key_file",
+            path.display()
+        ));
+    }
+    if config.watch.include.is_empty() {
+        warnings.push(
+            "`watch.include` is empty, so no file will be uploaded; add a pattern such as \"**\""
+                .into(),
+        );
+    }
+    Ok(Loaded { config, warnings })
 }
 
-pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError(e.to_string()))?;
-    let r: RawW = serde_yaml::from_str(&text).map_err(|e| ConfigError(e.to_string()))?;
-    let config = Config {
-        source: path.into(),
-        watch: Watch {
-            root: r
-                .root
-                .canonicalize()
-                .map_err(|e| ConfigError(e.to_string()))?,
-            include: vec!["**".into()],
-            exclude: vec![
-                "**/.*".into(),
-                "**/*.tmp".into(),
-                "**/*.part".into(),
-                "**/*~".into(),
-            ],
-            settle: Duration::from_millis(r.settle.unwrap_or(300)),
-            rescan_interval: None,
-        },
-        state_dir: r.state_dir.clone(),
-        control_socket: r.state_dir.join("control.sock"),
-        storage: Storage {
-            active: r.active,
-            delete_local: r.delete_local.unwrap_or(false),
-            delete_after: Duration::ZERO,
-            providers: r.providers,
-        },
-        upload: Upload {
-            workers: 4,
-            multipart_threshold: r.multipart_threshold.unwrap_or(16 << 20),
-            part_size: r.part_size.unwrap_or(8 << 20),
-            part_concurrency: 4,
-            memory_limit: r.memory_limit.unwrap_or(64 << 20),
-            bandwidth_limit: 0,
-            retry: Retry {
-                initial_backoff: Duration::from_millis(200),
-                max_backoff: Duration::from_secs(2),
-            },
-        },
-        http: Http {
-            listen: None,
-            allow_remote: false,
-        },
-        log: Log {
-            format: LogFormat::Text,
-            level: "info".into(),
-        },
-    };
-    Ok(Loaded {
-        config,
-        warnings: vec![],
-    })
+fn canonical_root(root: &Path) -> Result<PathBuf, String> {
+    let shown = root.display();
+    let canonical = std::fs::canonicalize(root).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            format!("`watch.root` {shown} does not exist; create it or fix the path")
+        }
+        kind => format!(
+            "`watch.root` {shown} cannot be resolved ({kind}); check the path and its permissions"
+        ),
+    })?;
+    if !canonical.is_dir() {
+        return Err(format!(
+            "`watch.root` {shown} is not a directory; give the results directory"
+        ));
+    }
+    Ok(canonical)
+}
+
+type KeyPath = Vec<String>;
+
+fn key(parts: &[&str]) -> KeyPath {
+    parts.iter().map(|p| p.to_string()).collect()
 }
 
 impl Config {
-    pub fn resolve_provider(&self, name: &str) -> Result<Resolved, Incomplete> {
-        let p = self
-            .storage
-            .providers
-            .get(name)
-            .ok_or_else(|| Incomplete(format!("no provider {name}")))?;
-        let secret = std::fs::read_to_string(
-            p.secret_access_key_file
-                .as_ref()
-                .ok_or_else(|| Incomplete("no secret".into()))?,
-        )
-        .map_err(|e| Incomplete(e.to_string()))?;
-        Ok(Resolved {
-            name: name.into(),
-            kind: p.kind,
-            bucket: p.bucket.clone().unwrap(),
-            endpoint: p.endpoint.clone().unwrap(),
-            region: "us-east-1".into(),
-            addressing: Addressing::Path,
-            access_key_id: p.access_key_id.clone().unwrap(),
-            secret: Secret::new(secret.trim_end().to_string()),
-            prefix: p.prefix.clone().unwrap_or_default(),
-            public_url_base: p.public_url.clone(),
-            storage_class: None,
-            server_side_encryption: None,
-            cache_control: None,
-            ca_file: None,
-            allow_insecure: true,
-            etag_is_md5: true,
-        })
+    /// Checks everything after parsing except the root's existence.
+    fn validate(&self) -> Result<(), (KeyPath, String)> {
+        for (k, p, example) in [
+            ("watch.root", &self.watch.root, "/srv/app/storage/results"),
+            ("state_dir", &self.state_dir, "/var/lib/offloadd"),
+            (
+                "control_socket",
+                &self.control_socket,
+                "/run/offloadd/control.sock",
+            ),
+        ] {
+            if p.is_relative() {
+                return Err((
+                    k.split('.').map(String::from).collect(),
+                    format!(
+                        "`{k}` {} is relative; give an absolute path such as {example}",
+                        p.display()
+                    ),
+                ));
+            }
+        }
+        for (k, patterns) in [
+            ("include", &self.watch.include),
+            ("exclude", &self.watch.exclude),
+        ] {
+            for pattern in patterns {
+                if let Err(e) = globset::Glob::new(pattern) {
+                    return Err((
+                        key(&["watch", k]),
+                        format!("`watch.{k}` pattern `{pattern}` is not a valid glob ({}); fix the pattern", e.kind()),
+                    ));
+                }
+            }
+        }
+        self.validate_upload()?;
+        if let Some(addr) = self.http.listen {
+            if !addr.ip().is_loopback() && !self.http.allow_remote {
+                return Err((
+                    key(&["http", "listen"]),
+                    format!("`http.listen` {addr} is not a loopback address; listen on 127.0.0.1 or set `http.allow_remote: true`"),
+                ));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err((
+                key(&["log", "level"]),
+                format!("`log.level` `{}` is not a level ({e}); write error, warn, info, debug or trace", self.log.level),
+            ));
+        }
+        self.validate_storage()
     }
+
+    fn validate_upload(&self) -> Result<(), (KeyPath, String)> {
+        let u = &self.upload;
+        let fail = |k: &str, message: String| Err((key(&["upload", k]), message));
+        if u.workers == 0 {
+            return fail("workers", "`upload.workers` is 0; give at least 1".into());
+        }
+        if u.part_concurrency == 0 {
+            return fail(
+                "part_concurrency",
+                "`upload.part_concurrency` is 0; give at least 1".into(),
+            );
+        }
+        if !(5 * MIB..=5 * GIB).contains(&u.part_size) {
+            return fail(
+                "part_size",
+                format!("`upload.part_size` is {} bytes, outside what S3 accepts; give a size from 5MiB to 5GiB", u.part_size),
+            );
+        }
+        if u.multipart_threshold > 5 * GIB {
+            return fail(
+                "multipart_threshold",
+                format!("`upload.multipart_threshold` is {} bytes, over the 5GiB limit of a single upload; give at most 5GiB", u.multipart_threshold),
+            );
+        }
+        if u.memory_limit < 2 * u.part_size {
+            return fail(
+                "memory_limit",
+                format!(
+                    "`upload.memory_limit` ({} bytes) is smaller than twice `upload.part_size` ({} bytes), and the uploader needs room for one part plus rust-s3's copy of it; raise memory_limit to at least {} bytes or lower part_size",
+                    u.memory_limit, u.part_size, 2 * u.part_size
+                ),
+            );
+        }
+        let retry = |k: &str| key(&["upload", "retry", k]);
+        if u.retry.initial_backoff.is_zero() {
+            return Err((
+                retry("initial_backoff"),
+                "`upload.retry.initial_backoff` is 0; give a pause such as 1s".into(),
+            ));
+        }
+        if u.retry.max_backoff < u.retry.initial_backoff {
+            return Err((
+                retry("max_backoff"),
+                "`upload.retry.max_backoff` is shorter than `initial_backoff`; make it at least as long".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_storage(&self) -> Result<(), (KeyPath, String)> {
+        let providers = &self.storage.providers;
+        for (name, section) in providers {
+            let path = |k: &str| key(&["storage", "providers", name, k]);
+            let valid_name = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && name != "local";
+            if !valid_name {
+                return Err((
+                    key(&["storage", "providers", name]),
+                    format!("provider name `{name}` is not usable; rename it with letters, digits, `-`, `_` or `.` (and not `local`)"),
+                ));
+            }
+            provider::validate(section)
+                .map_err(|e| (path(e.key), format!("provider `{name}`: {}", e.message)))?;
+        }
+        let active = self.storage.active.as_str();
+        if active == "local" {
+            return Ok(());
+        }
+        let Some(section) = providers.get(active) else {
+            let names: Vec<&str> = providers.keys().map(String::as_str).collect();
+            let fix = if names.is_empty() {
+                "write `local` or add that provider under `storage.providers`".to_owned()
+            } else {
+                format!("write `local` or one of {}", names.join(", "))
+            };
+            return Err((
+                key(&["storage", "active"]),
+                format!("`storage.active` names `{active}`, but there is no such provider; {fix}"),
+            ));
+        };
+        if self.storage.delete_local && !section.has_public_url() {
+            return Err((
+                key(&["storage", "delete_local"]),
+                format!("`storage.delete_local` is true but provider `{active}` has no public URL, so deleted files would become unreachable; set its `public_url` or set delete_local to false"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The provider `name`, complete with its secret, or why it is not usable.
+    pub fn resolve_provider(&self, name: &str) -> Result<Resolved, Incomplete> {
+        self.resolve_with(name, &|var| std::env::var_os(var))
+    }
+
+    fn resolve_with(
+        &self,
+        name: &str,
+        env: &dyn Fn(&str) -> Option<OsString>,
+    ) -> Result<Resolved, Incomplete> {
+        let section = self.storage.providers.get(name).ok_or_else(|| Incomplete {
+            reason: format!("there is no provider `{name}`; add it under `storage.providers`"),
+        })?;
+        let (_, secret) = find_secret(name, section, env)?;
+        provider::resolve(name, section, secret)
+    }
+
+    /// The public URL base of provider `name` (`public_url` or its kind's
+    /// own address); needs no secret, so the CLI can answer `locate`.
+    pub fn public_url_base(&self, name: &str) -> Option<String> {
+        let section = self.storage.providers.get(name)?;
+        let placeholder = Some(Secret::new(String::new()));
+        provider::resolve(name, section, placeholder)
+            .ok()?
+            .public_url_base
+    }
+
+    /// The provider uploads go to, or local mode with the reason.
     pub fn active(&self) -> Active {
-        if self.storage.active == "local" {
+        self.active_with(&|var| std::env::var_os(var))
+    }
+
+    fn active_with(&self, env: &dyn Fn(&str) -> Option<OsString>) -> Active {
+        let name = &self.storage.active;
+        if name == "local" {
             return Active::Local {
                 reason: "`storage.active` is `local`".into(),
             };
         }
-        match self.resolve_provider(&self.storage.active) {
-            Ok(r) => Active::Provider(r),
-            Err(e) => Active::Local { reason: e.0 },
+        if self.storage.providers.get(name).is_some_and(|p| !p.enabled) {
+            return Active::Local {
+                reason: format!("provider `{name}` is disabled (`enabled: false`)"),
+            };
+        }
+        match self.resolve_with(name, env) {
+            Ok(resolved) => Active::Provider(resolved),
+            Err(Incomplete { reason }) => Active::Local { reason },
         }
     }
+
+    /// The `check-config` text: every provider's effective settings, secrets masked.
     pub fn report(&self) -> String {
-        String::new()
+        self.report_with(&|var| std::env::var_os(var))
+    }
+
+    fn report_with(&self, env: &dyn Fn(&str) -> Option<OsString>) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(out, "config:     {}", self.source.display());
+        let _ = writeln!(out, "watch root: {}", self.watch.root.display());
+        let _ = writeln!(out, "state dir:  {}", self.state_dir.display());
+        let mode = match self.active_with(env) {
+            Active::Provider(p) => format!("provider {}", p.name),
+            Active::Local { reason } => format!("local ({reason})"),
+        };
+        let _ = writeln!(out, "uploads go to: {mode}");
+        if self.storage.providers.is_empty() {
+            let _ = writeln!(out, "\nno providers configured");
+        }
+        for (name, section) in &self.storage.providers {
+            let is_active = *name == self.storage.active;
+            let found = find_secret(name, section, env);
+            let (source, state) = match &found {
+                Ok((source, _)) => (source.to_string(), self.resolve_with(name, env).map(|_| ())),
+                Err(e) => ("unreadable".to_owned(), Err(e.clone())),
+            };
+            let shown = provider::resolve(name, section, Some(Secret::new(String::new()))).ok();
+            let derived = |f: fn(&Resolved) -> String| shown.as_ref().map_or("-".to_owned(), f);
+            let _ = writeln!(
+                out,
+                "\nprovider {name}{}",
+                if is_active { " (active)" } else { "" }
+            );
+            let rows = [
+                ("kind", section.kind.to_string()),
+                (
+                    "enabled",
+                    if section.enabled { "yes" } else { "no" }.to_owned(),
+                ),
+                (
+                    "bucket",
+                    section.bucket.clone().unwrap_or_else(|| "-".into()),
+                ),
+                ("endpoint", derived(|r| r.endpoint.clone())),
+                ("region", derived(|r| r.region.clone())),
+                ("addressing", derived(|r| r.addressing.to_string())),
+                (
+                    "prefix",
+                    Some(section.prefix.as_deref().unwrap_or("").trim_matches('/'))
+                        .filter(|p| !p.is_empty())
+                        .unwrap_or("none")
+                        .to_owned(),
+                ),
+                (
+                    "public URL",
+                    derived(|r| r.public_url_base.clone().unwrap_or_else(|| "none".into())),
+                ),
+                (
+                    "access key",
+                    section.access_key_id.as_deref().map_or("-".into(), mask),
+                ),
+                ("secret", source),
+                (
+                    "state",
+                    state.map_or_else(|e| format!("incomplete: {e}"), |()| "complete".into()),
+                ),
+            ];
+            for (label, value) in rows {
+                let _ = writeln!(out, "  {:<11} {value}", format!("{label}:"));
+            }
+        }
+        out
+    }
+}
+
+fn mask(id: &str) -> String {
+    let chars: Vec<char> = id.chars().collect();
+    match chars.len() {
+        0..=4 => "****".into(),
+        n => format!("****{}", chars[n - 4..].iter().collect::<String>()),
+    }
+}
+
+/// Where a provider's secret came from, for `check-config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SecretSource {
+    File(PathBuf),
+    Credential,
+    Env(String),
+    Inline,
+    Missing,
+}
+
+impl fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::File(p) => write!(f, "from file {}", p.display()),
+            SecretSource::Credential => f.write_str("from systemd credential"),
+            SecretSource::Env(var) => write!(f, "from environment {var}"),
+            SecretSource::Inline => f.write_str("inline"),
+            SecretSource::Missing => f.write_str("missing"),
+        }
+    }
+}
+
+/// The secret by precedence: `secret_access_key_file`, the systemd
+/// credential, the environment, the inline value.
+fn find_secret(
+    name: &str,
+    section: &ProviderSection,
+    env: &dyn Fn(&str) -> Option<OsString>,
+) -> Result<(SecretSource, Option<Secret>), Incomplete> {
+    let incomplete = |what: String| Incomplete {
+        reason: format!("provider `{name}` is incomplete: {what}"),
+    };
+    let read = |path: &Path| -> Result<Option<Secret>, Incomplete> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let secret = text.trim_end_matches(['\n', '\r']);
+                if secret.is_empty() {
+                    return Err(incomplete(format!(
+                        "the secret file {} is empty; write the secret access key into it",
+                        path.display()
+                    )));
+                }
+                Ok(Some(Secret::new(secret.to_owned())))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(incomplete(format!(
+                "cannot read the secret file {} ({}); make it readable by the service user",
+                path.display(),
+                e.kind()
+            ))),
+        }
+    };
+    if let Some(path) = &section.secret_access_key_file {
+        return match read(path)? {
+            Some(secret) => Ok((SecretSource::File(path.clone()), Some(secret))),
+            None => Err(incomplete(format!(
+                "the secret file {} does not exist; create it or fix `secret_access_key_file`",
+                path.display()
+            ))),
+        };
+    }
+    if let Some(dir) = env("CREDENTIALS_DIRECTORY") {
+        if let Some(secret) = read(&Path::new(&dir).join(format!("{name}.secret_access_key")))? {
+            return Ok((SecretSource::Credential, Some(secret)));
+        }
+    }
+    let var = provider::secret_env_var(name);
+    if let Some(value) = env(&var).filter(|v| !v.is_empty()) {
+        let value = value.into_string().map_err(|_| {
+            incomplete(format!(
+                "{var} is not valid UTF-8; set it to the secret access key"
+            ))
+        })?;
+        return Ok((SecretSource::Env(var), Some(Secret::new(value))));
+    }
+    Ok(match &section.secret_access_key {
+        Some(secret) => (SecretSource::Inline, Some(secret.clone())),
+        None => (SecretSource::Missing, None),
+    })
+}
+
+/// Rewrites a serde_yaml error into `{file}: line L, column C: …; fix`.
+fn yaml_error(file: &Path, e: serde_yaml::Error) -> ConfigError {
+    let position = e.location().map(|l| (l.line(), l.column()));
+    let mut text = e.to_string();
+    if let Some((l, c)) = position {
+        text = text.replacen(&format!(" at line {l} column {c}"), "", 1);
+    }
+    let (key, message) = match split_path(&text) {
+        Some((path, msg)) => describe(path, msg),
+        None => (String::new(), format!("the YAML is malformed ({text}); fix the syntax there, checking indentation and quotes")),
+    };
+    ConfigError::Invalid {
+        file: file.into(),
+        position,
+        key,
+        message,
+    }
+}
+
+const SERDE_PHRASES: &[&str] = &[
+    "unknown field",
+    "missing field",
+    "invalid type",
+    "invalid value",
+    "invalid length",
+    "unknown variant",
+    "duplicate field",
+    "`",
+];
+
+/// Splits `watch.settle: invalid type: …` into path and message; `None` for syntax errors.
+fn split_path(text: &str) -> Option<(&str, &str)> {
+    let is_serde = |s: &str| SERDE_PHRASES.iter().any(|p| s.starts_with(p));
+    if is_serde(text) {
+        return Some(("", text));
+    }
+    text.match_indices(": ")
+        .map(|(i, _)| (&text[..i], &text[i + 2..]))
+        .find(|(_, rest)| is_serde(rest))
+}
+
+/// The backticked words of a serde message, in order.
+fn ticked(s: &str) -> Vec<&str> {
+    s.split('`').skip(1).step_by(2).collect()
+}
+
+/// Turns serde's message at `path` into `(key, sentence with a fix)`.
+fn describe(path: &str, msg: &str) -> (String, String) {
+    let join = |field: &str| {
+        if path.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{path}.{field}")
+        }
+    };
+    let words = ticked(msg);
+    if let (Some(field), true) = (words.first(), msg.starts_with("unknown field")) {
+        let place = if path.is_empty() {
+            "at the top level".to_owned()
+        } else {
+            format!("in `{path}`")
+        };
+        let valid = if words.len() > 1 {
+            words[1..].join(", ")
+        } else {
+            "none".into()
+        };
+        return (
+            join(field),
+            format!("unknown key `{field}` {place}; valid keys are {valid}"),
+        );
+    }
+    if let (Some(field), true) = (words.first(), msg.starts_with("missing field")) {
+        return (join(field), format!("`{}` is missing; add it", join(field)));
+    }
+    if let (Some(field), true) = (words.first(), msg.starts_with("duplicate field")) {
+        return (
+            join(field),
+            format!("`{}` appears twice; keep one", join(field)),
+        );
+    }
+    if let (Some(value), true) = (words.first(), msg.starts_with("unknown variant")) {
+        return (
+            path.into(),
+            format!(
+                "`{path}` is `{value}`; write one of {}",
+                words[1..].join(", ")
+            ),
+        );
+    }
+    if let Some(rest) = msg
+        .strip_prefix("invalid type: ")
+        .or_else(|| msg.strip_prefix("invalid value: "))
+    {
+        let (found, expected) = rest
+            .rsplit_once(", expected ")
+            .unwrap_or((rest, "another value"));
+        let expected = match expected {
+            "usize" | "u64" | "u32" | "u16" | "u8" | "i64" | "i32" => "a whole number",
+            "a boolean" => "true or false",
+            "a sequence" => "a list such as [\"**\"]",
+            e if e.starts_with("struct ") || e.starts_with("a map") => {
+                "a block of `key: value` lines"
+            }
+            e => e,
+        };
+        return (
+            path.into(),
+            format!("`{path}` has the wrong type ({found}); write {expected}"),
+        );
+    }
+    (path.into(), format!("`{path}`: {msg}"))
+}
+
+/// Like [`locate`], falling back to the nearest enclosing key that is written.
+fn locate_nearest(text: &str, path: &[&str]) -> Option<(usize, usize)> {
+    (1..=path.len())
+        .rev()
+        .find_map(|n| locate(text, &path[..n]))
+}
+
+/// 1-based line and column of the key at `path` in block-style YAML.
+fn locate(text: &str, path: &[&str]) -> Option<(usize, usize)> {
+    let mut depth = 0;
+    let mut parent_indent: Option<usize> = None;
+    let mut child_indent: Option<usize> = None;
+    for (n, line) in text.lines().enumerate() {
+        let content = line.trim_start_matches(' ');
+        if content.is_empty() || content.starts_with('#') || content.starts_with("---") {
+            continue;
+        }
+        let indent = line.len() - content.len();
+        if parent_indent.is_some_and(|p| indent <= p) {
+            return None;
+        }
+        if indent != *child_indent.get_or_insert(indent) {
+            continue;
+        }
+        let Some((key, rest)) = split_key(content) else {
+            continue;
+        };
+        if key != path[depth] {
+            continue;
+        }
+        if depth + 1 == path.len() {
+            return Some((n + 1, indent + 1));
+        }
+        if rest.trim_start().starts_with('{') {
+            let want = format!("{}:", path[depth + 1]);
+            let offset = line.len() - rest.len();
+            let found = rest
+                .match_indices(&want)
+                .find(|(i, _)| rest[..*i].ends_with(['{', ',', ' ']))
+                .map(|(i, _)| line[..offset + i].chars().count() + 1);
+            return Some((n + 1, found.unwrap_or(indent + 1)));
+        }
+        depth += 1;
+        parent_indent = Some(indent);
+        child_indent = None;
+    }
+    None
+}
+
+/// `key: rest` → `(key, rest)`, unquoting a quoted key.
+fn split_key(content: &str) -> Option<(&str, &str)> {
+    for q in ['"', '\''] {
+        if let Some(quoted) = content.strip_prefix(q) {
+            let (key, rest) = quoted.split_once(q)?;
+            return Some((key, rest.strip_prefix(':')?));
+        }
+    }
+    let colon = content
+        .match_indices(':')
+        .map(|(i, _)| i)
+        .find(|&i| content[i + 1..].is_empty() || content[i + 1..].starts_with([' ', '\t']))?;
+    Some((&content[..colon], &content[colon + 1..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir(dir.path().join("results")).unwrap();
+            Fixture { dir }
+        }
+
+        fn root(&self) -> PathBuf {
+            self.dir.path().join("results")
+        }
+
+        fn write(&self, name: &str, text: &str, mode: u32) -> PathBuf {
+            let path = self.dir.path().join(name);
+            let mut f = std::fs::File::create(&path).unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path
+        }
+
+        /// Writes a config whose `watch.root` is the fixture's results dir, then `rest`.
+        fn config(&self, rest: &str) -> PathBuf {
+            let text = format!("watch:\n  root: {}\n{rest}", self.root().display());
+            self.write("config.yaml", &text, 0o600)
+        }
+
+        fn load(&self, rest: &str) -> Result<Loaded, ConfigError> {
+            load(&self.config(rest))
+        }
+
+        fn error(&self, rest: &str) -> String {
+            self.load(rest).unwrap_err().to_string()
+        }
+    }
+
+    fn no_env(_: &str) -> Option<OsString> {
+        None
+    }
+
+    #[test]
+    fn defaults() {
+        let fx = Fixture::new();
+        let Loaded {
+            config: c,
+            warnings,
+        } = fx.load("").unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(c.watch.root, fx.root().canonicalize().unwrap());
+        assert_eq!(c.watch.include, ["**"]);
+        assert_eq!(c.watch.exclude, ["**/.*", "**/*.tmp", "**/*.part", "**/*~"]);
+        assert_eq!(c.watch.settle, Duration::from_secs(2));
+        assert_eq!(c.watch.rescan_interval, Some(Duration::from_secs(3600)));
+        assert_eq!(c.state_dir, Path::new("/var/lib/offloadd"));
+        assert_eq!(c.control_socket, Path::new("/run/offloadd/control.sock"));
+        assert_eq!(c.storage, Storage::default());
+        assert_eq!(c.storage.active, "local");
+        assert_eq!(c.upload, Upload::default());
+        assert_eq!((c.upload.workers, c.upload.part_concurrency), (4, 4));
+        assert_eq!(
+            (
+                c.upload.multipart_threshold,
+                c.upload.part_size,
+                c.upload.memory_limit
+            ),
+            (16 * MIB, 8 * MIB, 64 * MIB)
+        );
+        assert_eq!(c.upload.retry.max_backoff, Duration::from_secs(300));
+        assert_eq!(c.http.listen, Some("127.0.0.1:9187".parse().unwrap()));
+        assert_eq!(
+            (c.log.format, c.log.level.as_str()),
+            (LogFormat::Auto, "info")
+        );
+        assert_eq!(
+            c.active(),
+            Active::Local {
+                reason: "`storage.active` is `local`".into()
+            }
+        );
+    }
+
+    #[test]
+    fn sizes_durations_and_switches() {
+        let fx = Fixture::new();
+        let c = fx
+            .load("  settle: 500ms\n  rescan_interval: 0\nupload:\n  part_size: 5MiB\n  multipart_threshold: 5GiB\n  memory_limit: 10485760\n  bandwidth_limit: 1MB\n  retry: { initial_backoff: 2s, max_backoff: 1h }\nhttp:\n  listen: \"\"\nlog:\n  format: json\n  level: offloadd=debug,warn\n")
+            .unwrap()
+            .config;
+        assert_eq!(c.watch.settle, Duration::from_millis(500));
+        assert_eq!(c.watch.rescan_interval, None);
+        assert_eq!(
+            (c.upload.part_size, c.upload.multipart_threshold),
+            (5 * MIB, 5 * GIB)
+        );
+        assert_eq!(
+            (c.upload.memory_limit, c.upload.bandwidth_limit),
+            (10 * MIB, 1_000_000)
+        );
+        assert_eq!(c.upload.retry.initial_backoff, Duration::from_secs(2));
+        assert_eq!(c.http.listen, None);
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_key_names_line_column_and_valid_keys() {
+        let fx = Fixture::new();
+        let path = fx.write("c.yaml", "# offloadd\nwatch:\n  rootz: /x\n", 0o600);
+        assert_eq!(
+            load(&path).unwrap_err().to_string(),
+            format!("{}: line 3, column 3: unknown key `rootz` in `watch`; valid keys are root, include, exclude, settle, rescan_interval", path.display())
+        );
+        let err =
+            fx.error("storage:\n  providers:\n    r2-media:\n      kind: r2\n      bukket: b\n");
+        assert!(err.contains(": line 7, column 7: unknown key `bukket` in `storage.providers.r2-media`; valid keys are kind, enabled, bucket,"), "{err}");
+        assert!(fx.error("wtach: 1\n").contains("line 3, column 1: unknown key `wtach` at the top level; valid keys are watch, state_dir,"));
+    }
+
+    #[test]
+    fn wrong_type_and_bad_values_name_line_column() {
+        let fx = Fixture::new();
+        let err = fx.error("upload:\n  workers: many\n");
+        assert!(err.ends_with(": line 4, column 12: `upload.workers` has the wrong type (string \"many\"); write a whole number"), "{err}");
+        let err = fx.error("upload:\n  part_size: 64MB2\n");
+        assert!(err.ends_with(": line 4, column 14: `upload.part_size`: `64MB2` is not a size; write bytes or a number with KiB, MiB, GiB (e.g. 64MiB)"), "{err}");
+        let err = fx.error("storage:\n  providers:\n    a:\n      kind: azure\n");
+        assert!(err.contains("line 6, column 13: `storage.providers.a.kind` is `azure`; write one of s3, r2, wasabi, spaces, gcs, minio, custom"), "{err}");
+        let err = fx.error("http:\n  listen: localhost\n");
+        assert!(
+            err.contains(
+                "line 4, column 11: `http.listen`: `localhost` is not an IP address and port;"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn yaml_syntax_error_position() {
+        let fx = Fixture::new();
+        let path = fx.write("c.yaml", "watch:\n  root: /x\n bad: [\n", 0o600);
+        let err = load(&path).unwrap_err();
+        assert_eq!(err.exit_code(), 78);
+        let text = err.to_string();
+        assert!(
+            text.starts_with(&format!(
+                "{}: line 3, column 2: the YAML is malformed (",
+                path.display()
+            )),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("; fix the syntax there, checking indentation and quotes"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn paths_must_be_absolute_and_root_must_exist() {
+        let fx = Fixture::new();
+        let path = fx.write("c.yaml", "watch:\n  root: results\n", 0o600);
+        assert_eq!(
+            load(&path).unwrap_err().to_string(),
+            format!("{}: line 2, column 3: `watch.root` results is relative; give an absolute path such as /srv/app/storage/results", path.display())
+        );
+        let err = fx.error("state_dir: var/lib\n");
+        assert!(
+            err.contains("line 3, column 1: `state_dir` var/lib is relative"),
+            "{err}"
+        );
+        let missing = fx.write("c.yaml", "watch:\n  root: /nonexistent/offloadd\n", 0o600);
+        assert!(load(&missing).unwrap_err().to_string().contains("line 2, column 3: `watch.root` /nonexistent/offloadd does not exist; create it or fix the path"));
+        let file = fx.write("f", "", 0o600);
+        let not_dir = fx.write(
+            "c.yaml",
+            &format!("watch:\n  root: {}\n", file.display()),
+            0o600,
+        );
+        assert!(load(&not_dir)
+            .unwrap_err()
+            .to_string()
+            .contains("is not a directory"));
+        let err = load(&fx.dir.path().join("absent.yaml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }));
+        assert!(err
+            .to_string()
+            .contains("cannot read the configuration file"));
+    }
+
+    #[test]
+    fn symlinked_root_is_resolved_once() {
+        let fx = Fixture::new();
+        let link = fx.dir.path().join("link");
+        std::os::unix::fs::symlink(fx.root(), &link).unwrap();
+        let path = fx.write(
+            "c.yaml",
+            &format!("watch:\n  root: {}\n", link.display()),
+            0o600,
+        );
+        assert_eq!(
+            load(&path).unwrap().config.watch.root,
+            fx.root().canonicalize().unwrap()
+        );
+    }
+
+    #[test]
+    fn semantic_errors() {
+        let fx = Fixture::new();
+        let cases = [
+            ("  include: [\"a/[b\"]\n", "line 3, column 3: `watch.include` pattern `a/[b` is not a valid glob"),
+            ("upload:\n  part_size: 4MiB\n", "line 4, column 3: `upload.part_size` is 4194304 bytes, outside what S3 accepts; give a size from 5MiB to 5GiB"),
+            ("upload:\n  multipart_threshold: 6GiB\n", "`upload.multipart_threshold` is 6442450944 bytes, over the 5GiB limit"),
+            ("upload:\n  workers: 0\n", "line 4, column 3: `upload.workers` is 0; give at least 1"),
+            ("upload:\n  part_concurrency: 0\n", "`upload.part_concurrency` is 0"),
+            ("upload:\n  part_size: 40MiB\n", "line 3, column 1: `upload.memory_limit` (67108864 bytes) is smaller than twice `upload.part_size` (41943040 bytes), and the uploader needs room for one part plus rust-s3's copy of it;"),
+            ("upload:\n  retry: { initial_backoff: 10s, max_backoff: 5s }\n", "line 4, column 34: `upload.retry.max_backoff` is shorter"),
+            ("http:\n  listen: 0.0.0.0:9187\n", "line 4, column 3: `http.listen` 0.0.0.0:9187 is not a loopback address; listen on 127.0.0.1 or set `http.allow_remote: true`"),
+            ("log:\n  level: \"[\"\n", "`log.level` `[` is not a level"),
+            ("storage:\n  active: r3\n  providers:\n    r2: { kind: r2 }\n    s3: { kind: s3 }\n", "line 4, column 3: `storage.active` names `r3`, but there is no such provider; write `local` or one of r2, s3"),
+            ("storage:\n  active: r3\n", "there is no such provider; write `local` or add that provider under `storage.providers`"),
+            ("storage:\n  providers:\n    \"a b\":\n      kind: s3\n", "line 5, column 5: provider name `a b` is not usable"),
+        ];
+        for (rest, want) in cases {
+            let err = fx.error(rest);
+            assert!(err.contains(want), "{rest}\n{err}");
+        }
+        fx.load("http:\n  listen: 0.0.0.0:9187\n  allow_remote: true\n")
+            .unwrap();
+        fx.load("http:\n  listen: \"[::1]:9187\"\n").unwrap();
+    }
+
+    #[test]
+    fn unsupported_option_names_the_key_and_position() {
+        let fx = Fixture::new();
+        let err = fx.error("storage:\n  providers:\n    r2-media:\n      kind: r2\n      server_side_encryption: aws:kms\n");
+        assert!(err.ends_with(": line 7, column 7: provider `r2-media`: `server_side_encryption: aws:kms` is not supported by kind r2; remove it"), "{err}");
+        match fx.load("storage:\n  providers:\n    p:\n      kind: r2\n      kms_key_id: k\n") {
+            Err(ConfigError::Invalid { key, .. }) => {
+                assert_eq!(key, "storage.providers.p.kms_key_id")
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = fx.error(
+            "storage:\n  providers:\n    p:\n      kind: minio\n      endpoint: http://minio.lan\n",
+        );
+        assert!(
+            err.contains(
+                "line 7, column 7: provider `p`: endpoint `http://minio.lan` uses plain http"
+            ),
+            "{err}"
+        );
+        let err = fx.error("storage:\n  providers:\n    p:\n      kind: s3\n      secret_access_key: hunter2\n      secret_access_key_file: /x\n");
+        assert!(
+            err.contains("both `secret_access_key` and `secret_access_key_file` are set"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"));
+    }
+
+    #[test]
+    fn delete_local_needs_a_public_url() {
+        let fx = Fixture::new();
+        let r2 =
+            "storage:\n  active: m\n  delete_local: true\n  providers:\n    m:\n      kind: r2\n";
+        let err = fx.error(r2);
+        assert!(err.contains("line 5, column 3: `storage.delete_local` is true but provider `m` has no public URL, so deleted files would become unreachable;"), "{err}");
+        fx.load(&format!("{r2}      public_url: https://pub.r2.dev\n"))
+            .unwrap();
+        fx.load(
+            "storage:\n  active: m\n  delete_local: true\n  providers:\n    m:\n      kind: gcs\n",
+        )
+        .unwrap();
+    }
+
+    const PROVIDER: &str = "storage:\n  active: PNAME\n  providers:\n    PNAME:\n      kind: s3\n      region: eu-west-1\n      bucket: media\n      access_key_id: AKIAEXAMPLE1234\n";
+
+    fn with_provider(name: &str, extra: &str) -> String {
+        format!("{}{extra}", PROVIDER.replace("PNAME", name))
+    }
+
+    #[test]
+    fn secret_precedence() {
+        let fx = Fixture::new();
+        let creds = fx.dir.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        let file = fx.write("p.secret", "from-file\n", 0o600);
+        std::fs::write(creds.join("p.secret_access_key"), "from-cred\n").unwrap();
+        let env = |var: &str| match var {
+            "CREDENTIALS_DIRECTORY" => Some(creds.clone().into_os_string()),
+            "OFFLOADD_P_SECRET_ACCESS_KEY" => Some("from-env".into()),
+            _ => None,
+        };
+        let secret = |extra: &str, env: &dyn Fn(&str) -> Option<OsString>| {
+            let c = fx.load(&with_provider("p", extra)).unwrap().config;
+            c.resolve_with("p", env)
+                .map(|r| r.secret.expose().to_owned())
+        };
+        let file_key = format!("      secret_access_key_file: {}\n", file.display());
+        assert_eq!(secret(&file_key, &env).unwrap(), "from-file");
+        assert_eq!(
+            secret("      secret_access_key: inline\n", &env).unwrap(),
+            "from-cred"
+        );
+        let no_creds = |v: &str| {
+            if v == "CREDENTIALS_DIRECTORY" {
+                None
+            } else {
+                env(v)
+            }
+        };
+        assert_eq!(
+            secret("      secret_access_key: inline\n", &no_creds).unwrap(),
+            "from-env"
+        );
+        assert_eq!(
+            secret("      secret_access_key: inline\n", &no_env).unwrap(),
+            "inline"
+        );
+        let err = secret("", &no_env).unwrap_err();
+        assert_eq!(err.reason, "provider `p` is incomplete: no secret access key; set `secret_access_key_file`, the systemd credential `p.secret_access_key`, or OFFLOADD_P_SECRET_ACCESS_KEY");
+        let missing = format!(
+            "      secret_access_key_file: {}/nope\n",
+            fx.dir.path().display()
+        );
+        assert!(secret(&missing, &env)
+            .unwrap_err()
+            .reason
+            .contains("does not exist"));
+    }
+
+    #[test]
+    fn unreadable_secret_file_names_the_file_not_the_content() {
+        let fx = Fixture::new();
+        let dir = fx.dir.path().join("secret-dir");
+        std::fs::create_dir(&dir).unwrap();
+        let c = fx
+            .load(&with_provider(
+                "q",
+                &format!("      secret_access_key_file: {}\n", dir.display()),
+            ))
+            .unwrap()
+            .config;
+        let reason = c.resolve_with("q", &no_env).unwrap_err().reason;
+        assert!(
+            reason.contains(&format!("cannot read the secret file {} (", dir.display())),
+            "{reason}"
+        );
+        assert!(matches!(c.active(), Active::Local { reason: r } if r == reason));
+    }
+
+    #[test]
+    fn real_environment_variable_is_used() {
+        let fx = Fixture::new();
+        std::env::set_var(
+            "OFFLOADD_ENV_TEST_7F3_SECRET_ACCESS_KEY",
+            "env-secret-value",
+        );
+        let c = fx.load(&with_provider("env.test-7f3", "")).unwrap().config;
+        let Active::Provider(p) = c.active() else {
+            panic!()
+        };
+        assert_eq!(p.secret.expose(), "env-secret-value");
+        let report = c.report();
+        assert!(
+            report.contains("from environment OFFLOADD_ENV_TEST_7F3_SECRET_ACCESS_KEY"),
+            "{report}"
+        );
+        assert!(!report.contains("env-secret-value"));
+    }
+
+    #[test]
+    fn report_masks_secrets() {
+        let fx = Fixture::new();
+        let text = format!(
+            "{}      secret_access_key: hunter2-inline\n    other:\n      kind: r2\n      enabled: false\n",
+            PROVIDER.replace("PNAME", "rep")
+        );
+        let c = fx.load(&text).unwrap().config;
+        let report = c.report_with(&no_env);
+        assert!(!report.contains("hunter2"), "{report}");
+        assert!(!format!("{c:?}").contains("hunter2"));
+        for want in [
+            "uploads go to: provider rep",
+            "provider rep (active)",
+            "  endpoint:   https://s3.eu-west-1.amazonaws.com",
+            "  addressing: virtual-host",
+            "  public URL: https://media.s3.eu-west-1.amazonaws.com",
+            "  access key: ****1234",
+            "  secret:     inline",
+            "  state:      complete",
+            "provider other\n",
+            "  enabled:    no",
+            "  public URL: -",
+            "  secret:     missing",
+            "  state:      incomplete: provider `other` is incomplete: no bucket; set `bucket`",
+        ] {
+            assert!(report.contains(want), "missing {want:?} in\n{report}");
+        }
+        assert!(!report.contains("AKIAEXAMPLE1234"));
+        assert_eq!(
+            c.public_url_base("rep").as_deref(),
+            Some("https://media.s3.eu-west-1.amazonaws.com")
+        );
+        assert_eq!(c.public_url_base("other"), None);
+    }
+
+    #[test]
+    fn inline_secret_warns_when_file_is_shared() {
+        let fx = Fixture::new();
+        let text = format!(
+            "watch:\n  root: {}\n{}      secret_access_key: s3cr3t\n",
+            fx.root().display(),
+            with_provider("w", "")
+        );
+        let open = fx.write("open.yaml", &text, 0o644);
+        let warnings = load(&open).unwrap().warnings;
+        assert_eq!(warnings, [format!("{} contains an inline secret and is readable by group or others; chmod 600 it or use secret_access_key_file", open.display())]);
+        let closed = fx.write("closed.yaml", &text, 0o600);
+        assert!(load(&closed).unwrap().warnings.is_empty());
+        let no_secret = fx.write(
+            "plain.yaml",
+            &format!("watch:\n  root: {}\n", fx.root().display()),
+            0o644,
+        );
+        assert!(load(&no_secret).unwrap().warnings.is_empty());
+    }
+
+    #[test]
+    fn secrets_never_appear_in_errors() {
+        let fx = Fixture::new();
+        for extra in [
+            "      secret_access_key: [hunter2]\n",
+            "      secret_access_key: hunter2\n      bogus: 1\n",
+            "      secret_access_key: hunter2\n      secret_access_key: hunter3\n",
+        ] {
+            let err = fx.error(&with_provider("x", extra));
+            assert!(!err.contains("hunter"), "{err}");
+        }
+    }
+
+    #[test]
+    fn disabled_and_incomplete_providers_run_local() {
+        let fx = Fixture::new();
+        let c = fx
+            .load(&with_provider("d", "      enabled: false\n"))
+            .unwrap()
+            .config;
+        assert_eq!(
+            c.active(),
+            Active::Local {
+                reason: "provider `d` is disabled (`enabled: false`)".into()
+            }
+        );
+        let c = fx.load("storage:\n  active: m\n  providers:\n    m:\n      kind: minio\n      bucket: b\n      access_key_id: a\n      secret_access_key: s\n").unwrap().config;
+        assert_eq!(
+            c.active(),
+            Active::Local { reason: "provider `m` is incomplete: no endpoint; set `endpoint` (e.g. https://minio.example.com:9000)".into() }
+        );
+        assert!(c
+            .resolve_provider("zz")
+            .unwrap_err()
+            .reason
+            .contains("there is no provider `zz`"));
+    }
+
+    #[test]
+    fn locate_walks_block_yaml() {
+        let text = "# c\nwatch:\n  root: /x\n\nstorage:\n  providers:\n    \"r2-media\":\n      # note\n      kind: r2\n  active: x\nupload:\n  retry: { initial_backoff: 1s, max_backoff: 5m }\n";
+        assert_eq!(locate(text, &["watch", "root"]), Some((3, 3)));
+        assert_eq!(
+            locate(text, &["storage", "providers", "r2-media", "kind"]),
+            Some((9, 7))
+        );
+        assert_eq!(locate(text, &["storage", "active"]), Some((10, 3)));
+        assert_eq!(
+            locate(text, &["upload", "retry", "max_backoff"]),
+            Some((12, 33))
+        );
+        assert_eq!(locate(text, &["watch", "settle"]), None);
+        assert_eq!(locate_nearest(text, &["watch", "settle"]), Some((2, 1)));
     }
 }

@@ -3,9 +3,10 @@
 //! the rest stays queued).
 
 use crate::backoff::Backoff;
-use crate::budget::Budget;
+use crate::budget::{Budget, Pacer};
 use crate::config::{Active, Config};
 use crate::pipeline::{self, Live, Options, Pipeline, Target};
+use crate::rebuild;
 use crate::state::{self, Lock, State};
 use crate::status::{self, Failed, Report};
 use crate::storage::Client;
@@ -82,8 +83,24 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         retry: Backoff::new(up.retry.initial_backoff, up.retry.max_backoff),
         mark_ns,
     };
-    let budget = Budget::new(up.memory_limit);
-    let pipeline = Pipeline::new(opts, target.clone(), state.clone(), budget, live.clone());
+    let resources = (Budget::new(up.memory_limit), Pacer::new(up.bandwidth_limit));
+    let pipeline = Pipeline::new(opts, target.clone(), state.clone(), resources, live.clone());
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let snapshot = tokio::spawn(publish_status(
+        config.clone(),
+        state.clone(),
+        live.clone(),
+        active_name.clone(),
+        local_reason,
+        stop_rx.clone(),
+    ));
+    if let (true, Target::Provider(client)) = (rebuilt, &target) {
+        let progress = Arc::new(rebuild::Progress::default());
+        *live.rebuild.lock().expect("live lock") = Some(progress.clone());
+        rebuild::run(client, &config.watch.root, &state, &progress).await;
+        *live.rebuild.lock().expect("live lock") = None;
+    }
 
     let (cand_tx, cand_rx) = mpsc::unbounded_channel();
     let watcher = match &target {
@@ -109,15 +126,6 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         Target::Local { .. } => None,
     };
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let snapshot = tokio::spawn(publish_status(
-        config.clone(),
-        state.clone(),
-        live.clone(),
-        active_name.clone(),
-        local_reason,
-        stop_rx.clone(),
-    ));
     if let (Some(w), Some(every)) = (&watcher, config.watch.rescan_interval) {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let rescan = w_rescan(w);
@@ -209,6 +217,13 @@ async fn publish_status(
             uploaded_count,
             uploaded_bytes,
             last_error: live.last_error.lock().expect("live lock").clone(),
+            rebuilding: live.rebuild.lock().expect("live lock").as_ref().map(|p| {
+                format!(
+                    "{}/{}",
+                    p.matched.load(Ordering::Relaxed),
+                    p.listed.load(Ordering::Relaxed)
+                )
+            }),
             updated: state::rfc3339(state::now_ms()),
         };
         if let Err(e) = status::write_snapshot(&config.state_dir, &report) {

@@ -15,6 +15,7 @@ pub mod keys;
 pub mod logging;
 pub mod pipeline;
 pub mod provider;
+pub mod rebuild;
 pub mod state;
 pub mod status;
 pub mod storage;

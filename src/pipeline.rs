@@ -9,7 +9,7 @@
 //! logged when it starts and when it ends, not once per item.
 
 use crate::backoff::Backoff;
-use crate::budget::Budget;
+use crate::budget::{Budget, Pacer};
 use crate::failpoint;
 use crate::keys::{KeyError, RelPath};
 use crate::state::{self, FileIdentity, PausedInfo, QueueItem, Record, Stage, State};
@@ -59,6 +59,8 @@ pub struct Live {
     pub failed: Mutex<HashMap<Vec<u8>, String>>,
     pub paused: Mutex<Option<PausedInfo>>,
     pub rescans: Arc<AtomicU64>,
+    /// Set while location records are rebuilt from the bucket after state loss.
+    pub rebuild: Mutex<Option<Arc<crate::rebuild::Progress>>>,
 }
 
 #[derive(Debug)]
@@ -196,12 +198,13 @@ impl Pipeline {
         opts: Options,
         target: Target,
         state: State,
-        budget: Budget,
+        (budget, pacer): (Budget, Pacer),
         live: Arc<Live>,
     ) -> Pipeline {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let uploader = Arc::new(Uploader {
             budget,
+            pacer,
             state: state.clone(),
         });
         let mut p = Pipeline {
@@ -717,6 +720,9 @@ impl Worker {
         let sent = match self.uploader.send(&job, self.opts.upload).await {
             Ok(s) => s,
             Err(UploadError::Vanished) => {
+                if let Stage::Upload { multipart: Some(p) } = &item.stage {
+                    upload::abort_stale(client, p).await;
+                }
                 tracing::debug!(path = %rel, "file deleted before its upload; dropped");
                 let _ = self.state.remove_queue_item(key);
                 return Outcome::Done { uploaded: false };
@@ -732,7 +738,12 @@ impl Worker {
                     upload: true,
                 };
             }
-            Err(UploadError::Park(reason)) => return self.park(key, reason),
+            Err(UploadError::Park(reason)) => {
+                if let Stage::Upload { multipart: Some(p) } = &item.stage {
+                    upload::abort_stale(client, p).await;
+                }
+                return self.park(key, reason);
+            }
             Err(UploadError::Storage(e)) => {
                 let item = self.state.queue_item(key).ok().flatten().unwrap_or(item);
                 return self.storage_failed(key, item, e);

@@ -161,6 +161,9 @@ pub struct Record {
     pub local_kept: Option<String>,
 }
 
+/// sled's page cache; its default (1 GiB) would let a large index eat memory.
+const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
 const META_UPLOADED_COUNT: &[u8] = b"uploaded_count";
 const META_UPLOADED_BYTES: &[u8] = b"uploaded_bytes";
 const META_PAUSED_PREFIX: &str = "paused/";
@@ -327,6 +330,7 @@ impl State {
             sled::Config::new()
                 .path(&db_path)
                 .flush_every_ms(Some(500))
+                .cache_capacity(SLED_CACHE_BYTES)
                 .open()
         };
         let (db, rebuilt) = match open() {
@@ -588,7 +592,7 @@ mod tests {
     #[test]
     fn rfc3339_formats_known_instants() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_795_000_000_000), "2026-11-18T08:26:40Z");
+        assert_eq!(rfc3339(1_795_000_000_000), "2026-11-18T11:06:40Z");
     }
 
     #[test]

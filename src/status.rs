@@ -5,7 +5,7 @@
 //! it does not run, both commands open the state directly.
 
 use crate::config::{Active, Config};
-use crate::keys::{ObjectKey, RelPath};
+use crate::keys::{ObjectKey, PublicUrl, RelPath};
 use crate::state::{Lock, PausedInfo, Stage, State};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -31,6 +31,8 @@ pub struct Report {
     pub uploaded_count: u64,
     pub uploaded_bytes: u64,
     pub last_error: Option<String>,
+    /// "n/m" while location records are being rebuilt after state loss.
+    pub rebuilding: Option<String>,
     pub updated: String,
 }
 
@@ -93,6 +95,7 @@ pub fn report(config: &Config) -> anyhow::Result<Report> {
         uploaded_count: totals.uploaded_count,
         uploaded_bytes: totals.uploaded_bytes,
         last_error,
+        rebuilding: None,
         updated: crate::state::rfc3339(crate::state::now_ms()),
     })
 }
@@ -132,6 +135,9 @@ pub fn render(r: &Report) -> String {
             line(format!("  {}: {}", f.path, f.reason));
         }
     }
+    if let Some(n) = &r.rebuilding {
+        line(format!("rebuilding location records from the bucket: {n}"));
+    }
     if let Some(e) = &r.last_error {
         line(format!("last error: {e}"));
     }
@@ -162,9 +168,8 @@ pub fn locate(config: &Config, rel: &str) -> anyhow::Result<Option<Location>> {
     if let Some(rec) = state.record(rel.as_str().as_bytes())? {
         let key = ObjectKey::from_raw(rec.key.clone());
         let url = config
-            .resolve_provider(&rec.provider)
-            .ok()
-            .and_then(|p| p.public_url(&key));
+            .public_url_base(&rec.provider)
+            .map(|base| PublicUrl::new(&base, &key));
         return Ok(Some(match url {
             Some(u) => Location::Remote(u.to_string()),
             None => Location::RemoteKey {

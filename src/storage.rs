@@ -108,12 +108,22 @@ pub struct Head {
     pub content_type: Option<String>,
 }
 
+/// An object found by listing.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+    pub etag: Option<String>,
+}
+
 const SMALL_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The slowest throughput a body upload is allowed before it counts as stalled.
 const MIN_BYTES_PER_SEC: u64 = 256 * 1024;
 
 impl Client {
     pub fn new(provider: &Resolved) -> Result<Client, StorageError> {
+        // Retries and their pacing belong to the pipeline, not to rust-s3.
+        s3::set_retries(0);
         let bad = |e: S3Error| {
             StorageError::new(
                 ErrorClass::ProviderWide,
@@ -294,6 +304,35 @@ impl Client {
             Err(S3Error::HttpFailWithBody(404, _)) => Ok(None),
             Err(e) => Err(self.err(e)),
         }
+    }
+
+    /// One page (up to 1,000 objects) of the objects under `prefix`, and the token
+    /// for the next page if there is one.
+    pub async fn list_page(
+        &self,
+        prefix: &str,
+        token: Option<String>,
+    ) -> Result<(Vec<Listed>, Option<String>), StorageError> {
+        let (page, _) = self
+            .plain_bucket
+            .list_page(prefix.to_string(), None, token, None, Some(1000))
+            .await
+            .map_err(|e| self.err(e))?;
+        let next = if page.is_truncated {
+            page.next_continuation_token
+        } else {
+            None
+        };
+        let objects = page
+            .contents
+            .into_iter()
+            .map(|o| Listed {
+                key: o.key,
+                size: o.size,
+                etag: o.e_tag.map(|e| e.trim_matches('"').to_ascii_lowercase()),
+            })
+            .collect();
+        Ok((objects, next))
     }
 
     pub async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {

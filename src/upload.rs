@@ -7,7 +7,7 @@
 //! upload; a file that changed while being read is reported as
 //! [`UploadError::Changed`], never as uploaded.
 
-use crate::budget::Budget;
+use crate::budget::{Budget, Pacer};
 use crate::failpoint;
 use crate::keys::ObjectKey;
 use crate::state::{FileIdentity, MultipartProgress, PartDone, QueueItem, Stage, State};
@@ -122,6 +122,7 @@ fn unchanged(file: &File, identity: &FileIdentity) -> Result<(), UploadError> {
 /// Sends files to one provider within the memory budget.
 pub struct Uploader {
     pub budget: Budget,
+    pub pacer: Pacer,
     pub state: State,
 }
 
@@ -172,6 +173,7 @@ impl Uploader {
             UploadError::Park(_) | UploadError::Storage(_) | UploadError::Vanished => e,
             _ => UploadError::Changed,
         })?;
+        self.pacer.take(len).await;
         job.client.put(job.key, &body, job.content_type).await?;
         Ok(Sent {
             identity,
@@ -258,6 +260,7 @@ impl Uploader {
                 .await
                 .expect("reading task never panics")
                 .map_err(|_| UploadError::Changed)?;
+                self.pacer.take(len).await;
                 let etag = job
                     .client
                     .put_part(job.key, &upload_id, number, body, job.content_type)
