@@ -69,6 +69,17 @@ impl Budget {
     }
 }
 
+/// Makes the allocator hand every buffer of 1 MiB or more straight back to the
+/// OS when freed (glibc otherwise raises its mmap threshold after the first large
+/// free and keeps later part buffers in the heap), so resident memory follows the
+/// budget instead of its high-water mark.
+pub fn return_large_buffers_to_os() {
+    // SAFETY: mallopt only changes allocator tuning; called once at start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1024 * 1024);
+    }
+}
+
 /// Spaces request bodies so that, on average, no more than `bytes_per_sec` are
 /// sent. A body waits until the bodies before it would have been sent at that rate.
 #[derive(Clone)]

@@ -32,6 +32,8 @@ pub enum RunError {
 
 pub async fn run(config: Config) -> Result<(), RunError> {
     let _lock = Lock::acquire(&config.state_dir)?;
+    watcher::ignore_lease_signals();
+    crate::budget::return_large_buffers_to_os();
     let (state, rebuilt) = State::open(&config.state_dir)?;
     if rebuilt {
         tracing::warn!("the state database was rebuilt; files already offloaded will be checked against the bucket as they are found");

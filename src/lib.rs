@@ -14,6 +14,7 @@ pub mod failpoint;
 pub mod keys;
 pub mod logging;
 pub mod pipeline;
+pub mod preflight;
 pub mod provider;
 pub mod rebuild;
 pub mod state;

@@ -4,7 +4,7 @@ use clap::Parser;
 use offloadd::cli::{Cli, Command};
 use offloadd::config::{self, Active};
 use offloadd::status::{self, Location};
-use offloadd::{daemon, logging};
+use offloadd::{daemon, logging, preflight};
 use std::process::ExitCode;
 
 const EX_CONFIG: u8 = 78;
@@ -35,7 +35,10 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(daemon::run(config)) {
+            let result = rt.block_on(daemon::run(config));
+            // A directory walk still running must not hold up the exit.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");
@@ -49,7 +52,16 @@ fn main() -> ExitCode {
                 eprintln!("offloadd: warning: {w}");
             }
             print!("{}", config.report());
+            let probes = preflight::run(&config.watch.root, &config.state_dir);
+            for p in &probes {
+                if p.ok {
+                    println!("{}", p.line);
+                } else {
+                    eprintln!("offloadd: {}", p.line);
+                }
+            }
             match config.active() {
+                Active::Provider(_) if probes.iter().any(|p| !p.ok) => ExitCode::from(EX_CONFIG),
                 Active::Provider(p) => {
                     println!("ok: provider `{}` is active and complete", p.name);
                     ExitCode::SUCCESS

@@ -403,8 +403,10 @@ impl Pipeline {
         match done.outcome {
             Outcome::Done { uploaded } => {
                 self.live.failed.lock().expect("live lock").remove(&key);
-                if uploaded || done.probe {
+                if uploaded {
                     self.healthy();
+                } else if done.probe {
+                    self.probe_inconclusive();
                 }
             }
             Outcome::Later { due_ms, upload } => {

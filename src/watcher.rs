@@ -216,8 +216,15 @@ pub fn start(
                                     continue;
                                 }
                                 match stat {
-                                    None => {
+                                    None if open_for_writing(&abs) != Some(true) => {
                                         let _ = out.send(Candidate { abs, trigger: Trigger::Scan });
+                                    }
+                                    None => {
+                                        pending.entry(abs).or_insert(Pending {
+                                            writing: false,
+                                            last_event: now,
+                                            scanned: None,
+                                        });
                                     }
                                     Some((size, mtime)) => {
                                         pending.entry(abs).or_insert(Pending {
@@ -333,6 +340,43 @@ fn on_event(walker: &Walker, pending: &mut HashMap<PathBuf, Pending>, ev: notify
     }
 }
 
+/// Whether some process has `path` open for writing: `Some(true)` if so,
+/// `Some(false)` if not, `None` if the kernel will not tell us.
+///
+/// Asks by trying to take a read lease, which the kernel refuses with EAGAIN while
+/// the file is open for writing anywhere. Taking a lease needs the file's owner or
+/// CAP_LEASE; without either the answer is `None` and the stat rule alone decides.
+/// The lease is released at once; SIGIO (sent if a writer opens the file in that
+/// instant) is ignored by the daemon.
+pub fn open_for_writing(path: &Path) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    // SAFETY: fcntl on a valid, owned descriptor.
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
+    if rc == 0 {
+        // SAFETY: as above.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+        return Some(false);
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN) => Some(true),
+        _ => None,
+    }
+}
+
+/// Ignores SIGIO, which a lease break would otherwise deliver with a fatal default.
+pub fn ignore_lease_signals() {
+    // SAFETY: installing SIG_IGN for SIGIO has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGIO, libc::SIG_IGN);
+    }
+}
+
 /// Hands on every pending path that has been quiet (and closed) for `settle`.
 fn settle_due(
     pending: &mut HashMap<PathBuf, Pending>,
@@ -366,6 +410,13 @@ fn settle_due(
         }
     }
     for (path, trigger) in done {
+        if open_for_writing(&path) == Some(true) {
+            if let Some(p) = pending.get_mut(&path) {
+                p.last_event = now;
+                p.scanned = None;
+            }
+            continue;
+        }
         pending.remove(&path);
         let _ = out.send(Candidate { abs: path, trigger });
     }
@@ -502,6 +553,17 @@ mod tests {
         let r = Rules::new(Path::new("/r"), &["images/**".into()], &[], Duration::ZERO).unwrap();
         assert!(r.matches(Path::new("/r/images/a/b.png")));
         assert!(!r.matches(Path::new("/r/videos/a.mp4")));
+    }
+
+    #[test]
+    fn lease_probe_sees_a_writer() {
+        ignore_lease_signals();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let w = std::fs::File::create(&p).unwrap();
+        assert_eq!(open_for_writing(&p), Some(true));
+        drop(w);
+        assert_eq!(open_for_writing(&p), Some(false));
     }
 
     #[test]

@@ -1,0 +1,100 @@
+//! Proof: `delete_local: true` → the local file disappears only after its
+//! object is in the bucket with equal bytes; `false` → kept; a zero-byte file
+//! → uploaded and kept locally.
+
+mod common;
+use common::*;
+use std::thread::sleep;
+use std::time::Duration;
+
+#[test]
+fn delete_local_true_deletes_only_after_verified_upload() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let mut cfg = Cfg::new(&s3.endpoint());
+    cfg.delete_local = true;
+    env.write_config(&cfg);
+    let daemon = Daemon::start(&env, &[]);
+    let watch = DeleteWatch::start(&env, &s3);
+
+    let mut files: Expected = Vec::new();
+    for i in 0..40 {
+        let rel = format!("out/{}/img-{i:02}.webp", i % 4);
+        // Mix of small and larger (up to 3 MiB) files.
+        let bytes = if i % 10 == 0 {
+            file_content(&rel, 1 << 20, 3 << 20)
+        } else {
+            file_content(&rel, 10, 30_000)
+        };
+        write_file(&env.path(&rel), &bytes);
+        watch.add(&rel, &bytes);
+        files.push((rel, bytes));
+    }
+    write_file(&env.path("out/empty.txt"), b"");
+
+    wait_all_uploaded(&s3, &files, LONG);
+    wait_until(LONG, "local copies deleted", || {
+        files.iter().all(|(rel, _)| !env.path(rel).exists())
+    });
+    wait_until(LONG, "zero-byte file uploaded", || {
+        s3.object_bytes("out/empty.txt").as_deref() == Some(&b""[..])
+    });
+    sleep(Duration::from_secs(2));
+    assert!(
+        env.path("out/empty.txt").exists(),
+        "a zero-byte file is never deleted locally"
+    );
+    let v = watch.finish();
+    assert!(
+        v.is_empty(),
+        "local files deleted before verified upload: {v:#?}"
+    );
+    daemon.stop();
+
+    let st = env.status();
+    assert_eq!(json_u64(&st, "uploaded_count"), 41, "status: {st}");
+    assert!(json_array(&st, "failed").is_empty(), "status: {st}");
+    // A deleted file is reachable by its URL.
+    let (code, out) = env.locate(&files[3].0);
+    assert_eq!(
+        (code, out),
+        (0, public_url(&files[3].0)),
+        "locate of a deleted file"
+    );
+    let (code, out) = env.locate("out/empty.txt");
+    assert_eq!(
+        (code, out),
+        (0, public_url("out/empty.txt")),
+        "locate of the zero-byte file"
+    );
+}
+
+#[test]
+fn delete_local_false_keeps_files_and_zero_byte_is_uploaded() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint())); // delete_local: false
+    let daemon = Daemon::start(&env, &[]);
+
+    let mut files: Expected = Vec::new();
+    for i in 0..10 {
+        let rel = format!("keep/k{i}.png");
+        let bytes = file_content(&rel, 10, 50_000);
+        write_file(&env.path(&rel), &bytes);
+        files.push((rel, bytes));
+    }
+    write_file(&env.path("keep/zero.png"), b"");
+    files.push(("keep/zero.png".into(), Vec::new()));
+    wait_all_uploaded(&s3, &files, LONG);
+    sleep(Duration::from_secs(2));
+    for (rel, bytes) in &files {
+        assert_eq!(
+            &std::fs::read(env.path(rel)).expect("kept locally"),
+            bytes,
+            "{rel} kept unchanged"
+        );
+    }
+    daemon.stop();
+    let st = env.status();
+    assert_eq!(json_u64(&st, "uploaded_count"), 11, "status: {st}");
+}
