@@ -42,4 +42,30 @@ pub enum Command {
         /// Path relative to the watch root, e.g. images/2026/a.png.
         rel_path: String,
     },
+    /// Probe a provider (default: the active one): put a tiny object under the
+    /// prefix, read it back, compare, delete it; exit 1 with a diagnosis on failure.
+    TestConnection {
+        /// Provider name from storage.providers.
+        provider: Option<String>,
+    },
+    /// Queue failed (parked) items again.
+    Retry {
+        /// One path relative to the watch root.
+        rel_path: Option<String>,
+        /// Every failed item.
+        #[arg(long, conflicts_with = "rel_path")]
+        all: bool,
+    },
+    /// Delete-through: remove the bucket object, the local copy and the record.
+    Delete {
+        /// Path relative to the watch root.
+        rel_path: String,
+    },
+    /// Queue files that existed before offloadd managed the directory (opt-in,
+    /// never automatic).
+    Backfill {
+        /// Only count what would be queued.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }

@@ -6,11 +6,11 @@ use crate::backoff::Backoff;
 use crate::budget::{Budget, Pacer};
 use crate::config::{Active, Config};
 use crate::pipeline::{self, Live, Options, Pipeline, Target};
-use crate::rebuild;
 use crate::state::{self, Lock, State};
 use crate::status::{self, Failed, Report};
 use crate::storage::Client;
 use crate::watcher::{self, Rules};
+use crate::{http, rebuild, systemd};
 use futures::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::sync::atomic::Ordering;
@@ -115,7 +115,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             )
             .map_err(|e| RunError::Setup(e.to_string()))?;
             Some(
-                watcher::start(rules, mark_ns, cand_tx.clone(), live.rescans.clone()).map_err(
+                watcher::start(rules, mark_ns, cand_tx.clone(), live.metrics.clone()).map_err(
                     |e| {
                         RunError::Setup(format!(
                             "cannot watch {}: {e}; check that it exists and is readable",
@@ -142,6 +142,30 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         });
     }
 
+    if let Some(addr) = config.http.listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            RunError::Setup(format!(
+                "cannot listen on {addr} (http.listen): {e}; pick a free address or set http.listen to \"\" to disable the listener"
+            ))
+        })?;
+        let predictable = match &target {
+            Target::Provider(c) => c
+                .provider
+                .public_url_base
+                .clone()
+                .map(|base| (base, c.provider.prefix.clone())),
+            Target::Local { .. } => None,
+        };
+        let (cfg, st) = (config.clone(), state.clone());
+        let app = http::App {
+            metrics: live.metrics.clone(),
+            resolve: Arc::new(move |rel: &str| {
+                status::public_url(&cfg, &st, predictable.as_ref(), rel)
+            }),
+        };
+        tokio::spawn(http::serve(listener, app, stop_rx.clone()));
+    }
+
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| RunError::Setup(format!("cannot install signal handlers: {e}")))?;
     let stopper = tokio::spawn(async move {
@@ -151,6 +175,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
                 continue;
             }
             tracing::info!(signal = sig, "stopping: no new uploads start");
+            systemd::stopping();
             let _ = stop_tx.send(true);
             break;
         }
@@ -162,6 +187,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         pid = std::process::id(),
         "offloadd started"
     );
+    systemd::ready();
     pipeline.run(cand_rx, stop_rx, STOP_GRACE).await;
     drop(watcher);
     stopper.abort();
@@ -228,6 +254,7 @@ async fn publish_status(
             }),
             updated: state::rfc3339(state::now_ms()),
         };
+        systemd::status(&status_line(&report));
         if let Err(e) = status::write_snapshot(&config.state_dir, &report) {
             tracing::debug!(error = %e, "cannot write the status snapshot");
         }
@@ -236,4 +263,22 @@ async fn publish_status(
             _ = stop.changed() => break,
         }
     }
+}
+
+/// The one-line `STATUS=` systemd shows.
+fn status_line(r: &Report) -> String {
+    let mut s = match &r.local_mode_reason {
+        Some(_) => "local mode".to_string(),
+        None => format!("provider {}", r.active_provider),
+    };
+    s.push_str(&format!(
+        "; queued {}, in flight {}",
+        r.queue_depth, r.in_flight
+    ));
+    if let Some(p) = r.paused.first() {
+        s.push_str(&format!("; PAUSED: {}", p.reason));
+    } else if let Some(e) = &r.last_error {
+        s.push_str(&format!("; last error: {e}"));
+    }
+    s
 }

@@ -4,7 +4,7 @@ use clap::Parser;
 use offloadd::cli::{Cli, Command};
 use offloadd::config::{self, Active};
 use offloadd::status::{self, Location};
-use offloadd::{daemon, logging, preflight};
+use offloadd::{control, daemon, logging, preflight};
 use std::process::ExitCode;
 
 const EX_CONFIG: u8 = 78;
@@ -110,5 +110,11 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::TestConnection { provider } => {
+            offloadd::connection_test::command(&config, provider.as_deref())
+        }
+        Command::Retry { rel_path, all } => control::retry(&config, rel_path.as_deref(), all),
+        Command::Delete { rel_path } => control::delete(&config, &rel_path),
+        Command::Backfill { dry_run } => control::backfill(&config, dry_run),
     }
 }

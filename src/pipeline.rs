@@ -58,7 +58,7 @@ pub struct Live {
     pub last_error: Mutex<Option<String>>,
     pub failed: Mutex<HashMap<Vec<u8>, String>>,
     pub paused: Mutex<Option<PausedInfo>>,
-    pub rescans: Arc<AtomicU64>,
+    pub metrics: crate::metrics::Metrics,
     /// Set while location records are rebuilt from the bucket after state loss.
     pub rebuild: Mutex<Option<Arc<crate::rebuild::Progress>>>,
 }
@@ -249,13 +249,15 @@ impl Pipeline {
     }
 
     fn publish(&self) {
-        self.live.queue_depth.store(
-            (self.lanes.len() + self.in_flight.len()) as u64,
-            Ordering::Relaxed,
-        );
-        self.live
-            .in_flight
-            .store(self.in_flight.len() as u64, Ordering::Relaxed);
+        let depth = (self.lanes.len() + self.in_flight.len()) as u64;
+        let in_flight = self.in_flight.len() as u64;
+        self.live.queue_depth.store(depth, Ordering::Relaxed);
+        self.live.in_flight.store(in_flight, Ordering::Relaxed);
+        let m = &self.live.metrics;
+        m.set_queue_depth(depth);
+        m.set_in_flight(in_flight);
+        m.set_failed_items(self.live.failed.lock().expect("live lock").len() as u64);
+        m.set_paused_providers(matches!(self.health, Health::Paused { .. }) as u64);
     }
 
     fn client(&self) -> Option<Arc<Client>> {
@@ -381,6 +383,7 @@ impl Pipeline {
     fn spawn(&mut self, key: Vec<u8>, probe: bool) {
         self.in_flight.insert(key.clone());
         let worker = Worker {
+            metrics: self.live.metrics.clone(),
             opts: self.opts.clone(),
             client: self.client(),
             state: self.state.clone(),
@@ -623,6 +626,7 @@ impl Pipeline {
 
 /// Everything one dispatched item needs.
 struct Worker {
+    metrics: crate::metrics::Metrics,
     opts: Options,
     client: Option<Arc<Client>>,
     state: State,
@@ -668,11 +672,17 @@ impl Worker {
         item.next_attempt_ms = due_ms;
         item.last_error = Some(err.message.clone());
         let _ = self.state.put_queue_item(key, &item);
+        self.metrics.retry();
         tracing::warn!(path = %shown(key), attempt = item.attempts, error = %err.message, "upload failed; will retry");
         Outcome::Transient { due_ms, error: err }
     }
 
     fn storage_failed(&self, key: &[u8], item: QueueItem, err: StorageError) -> Outcome {
+        self.metrics.upload_failed(match err.class {
+            ErrorClass::ProviderWide => "provider",
+            ErrorClass::Item => "parked",
+            ErrorClass::Transient | ErrorClass::RestartUpload => "transient",
+        });
         match err.class {
             ErrorClass::ProviderWide => Outcome::ProviderDown(err),
             ErrorClass::Item => self.park(key, err.message),
@@ -725,6 +735,7 @@ impl Worker {
                 if let Stage::Upload { multipart: Some(p) } = &item.stage {
                     upload::abort_stale(client, p).await;
                 }
+                self.metrics.upload_failed("vanished");
                 tracing::debug!(path = %rel, "file deleted before its upload; dropped");
                 let _ = self.state.remove_queue_item(key);
                 return Outcome::Done { uploaded: false };
@@ -734,6 +745,7 @@ impl Worker {
                 let due_ms = state::now_ms() + self.opts.settle.as_millis() as u64;
                 item.next_attempt_ms = due_ms;
                 let _ = self.state.put_queue_item(key, &item);
+                self.metrics.upload_failed("changed");
                 tracing::info!(path = %rel, "file changed while being read; will upload it again once it settles");
                 return Outcome::Later {
                     due_ms,
@@ -741,6 +753,7 @@ impl Worker {
                 };
             }
             Err(UploadError::Park(reason)) => {
+                self.metrics.upload_failed("parked");
                 if let Stage::Upload { multipart: Some(p) } = &item.stage {
                     upload::abort_stale(client, p).await;
                 }
@@ -797,6 +810,8 @@ impl Worker {
                 upload: false,
             };
         }
+        self.metrics
+            .upload_succeeded(size, started.elapsed().as_secs_f64());
         tracing::info!(
             path = %rel,
             key = %object_key,

@@ -155,6 +155,25 @@ pub enum Location {
     Local(PathBuf),
 }
 
+/// Where `/r/` redirects: the recorded object's public URL, else the URL the
+/// active provider would give the path (`predictable`: its public URL base and
+/// prefix), else nothing.
+pub fn public_url(
+    config: &Config,
+    state: &State,
+    predictable: Option<&(String, String)>,
+    rel: &str,
+) -> Option<String> {
+    let rel = RelPath::parse(rel).ok()?;
+    if let Some(rec) = state.record(rel.as_str().as_bytes()).ok().flatten() {
+        let base = config.public_url_base(&rec.provider)?;
+        return Some(PublicUrl::new(&base, &ObjectKey::from_raw(rec.key)).to_string());
+    }
+    let (base, prefix) = predictable?;
+    let key = ObjectKey::new(prefix, &rel).ok()?;
+    Some(PublicUrl::new(base, &key).to_string())
+}
+
 /// Answers `locate` from the state (daemon stopped).
 pub fn locate(config: &Config, rel: &str) -> anyhow::Result<Option<Location>> {
     let rel = RelPath::parse(rel)?;

@@ -157,7 +157,7 @@ pub fn start(
     rules: Rules,
     min_changed_ns: i128,
     out: mpsc::UnboundedSender<Candidate>,
-    rescans: Arc<std::sync::atomic::AtomicU64>,
+    metrics: crate::metrics::Metrics,
 ) -> notify::Result<Watcher> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
     let fs_tx = tx.clone();
@@ -192,7 +192,7 @@ pub fn start(
                         Input::Fs(Ok(ev)) => {
                             if ev.need_rescan() {
                                 tracing::warn!("the file-event queue overflowed; rescanning the tree");
-                                rescans.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                metrics.rescan();
                                 walker.spawn_walk(walker.rules.root.clone(), "rescan after event overflow");
                                 continue;
                             }
@@ -239,7 +239,7 @@ pub fn start(
                     }
                 }
                 Some(()) = rescan_rx.recv() => {
-                    rescans.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    metrics.rescan();
                     walker.spawn_walk(walker.rules.root.clone(), "periodic rescan");
                 }
                 _ = ticker.tick() => {
