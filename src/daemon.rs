@@ -7,13 +7,12 @@ use crate::budget::{Budget, Pacer};
 use crate::config::{Active, Config};
 use crate::pipeline::{self, Live, Options, Pipeline, Target};
 use crate::state::{self, Lock, State};
-use crate::status::{self, Failed, Report};
+use crate::status::{self, Report};
 use crate::storage::Client;
 use crate::watcher::{self, Rules};
-use crate::{http, rebuild, systemd};
+use crate::{control, http, rebuild, systemd};
 use futures::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -94,9 +93,10 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         state.clone(),
         live.clone(),
         active_name.clone(),
-        local_reason,
+        local_reason.clone(),
         stop_rx.clone(),
     ));
+    let local_reason_for_control = local_reason;
     if let (true, Target::Provider(client)) = (rebuilt, &target) {
         let progress = Arc::new(rebuild::Progress::default());
         *live.rebuild.lock().expect("live lock") = Some(progress.clone());
@@ -187,8 +187,28 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         pid = std::process::id(),
         "offloadd started"
     );
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let control = control::Daemon {
+        config: config.clone(),
+        state: state.clone(),
+        live: live.clone(),
+        active: active_name.clone(),
+        local_reason: local_reason_for_control,
+        pipeline: cmd_tx,
+    };
+    match control::bind(&config.control_socket) {
+        Ok(listener) => {
+            tokio::spawn(control::serve(listener, control, stop_rx.clone()));
+        }
+        Err(e) => tracing::warn!(
+            socket = %config.control_socket.display(),
+            error = %e,
+            "cannot open the control socket; status, locate and retry must wait until offloadd stops (check control_socket and RuntimeDirectory=)"
+        ),
+    }
+
     systemd::ready();
-    pipeline.run(cand_rx, stop_rx, STOP_GRACE).await;
+    pipeline.run(cand_rx, cmd_rx, stop_rx, STOP_GRACE).await;
     drop(watcher);
     stopper.abort();
     let _ = snapshot.await;
@@ -217,43 +237,7 @@ async fn publish_status(
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let (uploaded_count, uploaded_bytes) = state.uploaded();
-        let report = Report {
-            running: true,
-            pid: Some(std::process::id()),
-            active_provider: active.clone(),
-            local_mode_reason: local_reason.clone(),
-            queue_depth: live.queue_depth.load(Ordering::Relaxed),
-            in_flight: live.in_flight.load(Ordering::Relaxed),
-            paused: live
-                .paused
-                .lock()
-                .expect("live lock")
-                .iter()
-                .cloned()
-                .collect(),
-            failed: live
-                .failed
-                .lock()
-                .expect("live lock")
-                .iter()
-                .map(|(k, r)| Failed {
-                    path: String::from_utf8_lossy(k).into_owned(),
-                    reason: r.clone(),
-                })
-                .collect(),
-            uploaded_count,
-            uploaded_bytes,
-            last_error: live.last_error.lock().expect("live lock").clone(),
-            rebuilding: live.rebuild.lock().expect("live lock").as_ref().map(|p| {
-                format!(
-                    "{}/{}",
-                    p.matched.load(Ordering::Relaxed),
-                    p.listed.load(Ordering::Relaxed)
-                )
-            }),
-            updated: state::rfc3339(state::now_ms()),
-        };
+        let report = status::live(&state, &live, &active, local_reason.as_deref());
         systemd::status(&status_line(&report));
         if let Err(e) = status::write_snapshot(&config.state_dir, &report) {
             tracing::debug!(error = %e, "cannot write the status snapshot");

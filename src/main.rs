@@ -3,7 +3,6 @@
 use clap::Parser;
 use offloadd::cli::{Cli, Command};
 use offloadd::config::{self, Active};
-use offloadd::status::{self, Location};
 use offloadd::{control, daemon, logging, preflight};
 use std::process::ExitCode;
 
@@ -72,46 +71,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Status { json } => match status::report(&config) {
-            Ok(r) => {
-                if json {
-                    println!("{}", serde_json::to_string(&r).expect("report serializes"));
-                } else {
-                    print!("{}", status::render(&r));
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("offloadd: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Locate { rel_path } => match status::locate(&config, &rel_path) {
-            Ok(Some(Location::Remote(url))) => {
-                println!("{url}");
-                ExitCode::SUCCESS
-            }
-            Ok(Some(Location::RemoteKey { provider, key })) => {
-                println!("{provider}:{key}");
-                ExitCode::SUCCESS
-            }
-            Ok(Some(Location::Local(p))) => {
-                println!("{}", p.display());
-                ExitCode::SUCCESS
-            }
-            Ok(None) => {
-                eprintln!(
-                    "offloadd: {rel_path} is unknown: not offloaded and not in the watch root"
-                );
-                ExitCode::FAILURE
-            }
-            Err(e) => {
-                eprintln!("offloadd: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Status { json } => control::status(&config, json),
+        Command::Locate { rel_path } => control::locate(&config, &rel_path),
         Command::TestConnection { provider } => {
-            offloadd::connection_test::command(&config, provider.as_deref())
+            control::test_connection_cli(&config, provider.as_deref())
         }
         Command::Retry { rel_path, all } => control::retry(&config, rel_path.as_deref(), all),
         Command::Delete { rel_path } => control::delete(&config, &rel_path),

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 /// Consecutive transient failures after which the provider counts as unreachable.
 const OUTAGE_AFTER: u32 = 3;
@@ -74,6 +74,31 @@ enum Health {
         probe_attempt: u32,
         next_probe: Instant,
         probing: bool,
+    },
+}
+
+/// Requests from the control socket.
+pub enum Command {
+    /// Queue parked items again (`None`: all of them); replies with the count.
+    Retry {
+        keys: Option<Vec<Vec<u8>>>,
+        reply: oneshot::Sender<usize>,
+    },
+    /// Backfill: queue these paths regardless of the managed-since mark.
+    Enqueue {
+        keys: Vec<Vec<u8>>,
+        dry_run: bool,
+        reply: oneshot::Sender<usize>,
+    },
+    /// Take a path out of the pipeline while it is deleted through; refused while
+    /// it is being uploaded.
+    Hold {
+        key: Vec<u8>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Release {
+        key: Vec<u8>,
+        reply: oneshot::Sender<()>,
     },
 }
 
@@ -180,6 +205,7 @@ pub struct Pipeline {
     lanes: Lanes,
     in_flight: HashSet<Vec<u8>>,
     recheck: HashSet<Vec<u8>>,
+    held: HashSet<Vec<u8>>,
     health: Health,
     done_tx: mpsc::UnboundedSender<Completion>,
     done_rx: mpsc::UnboundedReceiver<Completion>,
@@ -216,6 +242,7 @@ impl Pipeline {
             lanes: Lanes::default(),
             in_flight: HashSet::new(),
             recheck: HashSet::new(),
+            held: HashSet::new(),
             health: Health::Healthy { transient_run: 0 },
             done_tx,
             done_rx,
@@ -292,6 +319,7 @@ impl Pipeline {
     pub async fn run(
         mut self,
         mut candidates: mpsc::UnboundedReceiver<Candidate>,
+        mut commands: mpsc::UnboundedReceiver<Command>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
         grace: Duration,
     ) {
@@ -309,6 +337,7 @@ impl Pipeline {
                     None => break,
                 },
                 Some(done) = self.done_rx.recv() => self.complete(done),
+                Some(cmd) = commands.recv() => self.command(cmd),
                 _ = tokio::time::sleep(wake) => {}
                 _ = shutdown.changed() => break,
             }
@@ -535,6 +564,93 @@ impl Pipeline {
         }
     }
 
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Retry { keys, reply } => {
+                let keys: Vec<Vec<u8>> = match keys {
+                    Some(k) => k,
+                    None => self
+                        .live
+                        .failed
+                        .lock()
+                        .expect("live lock")
+                        .keys()
+                        .cloned()
+                        .collect(),
+                };
+                let mut n = 0;
+                for key in keys {
+                    if self
+                        .state
+                        .queue_item(&key)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|i| i.is_parked())
+                    {
+                        self.enqueue(key);
+                        n += 1;
+                    }
+                }
+                let _ = reply.send(n);
+            }
+            Command::Enqueue {
+                keys,
+                dry_run: true,
+                reply,
+            } => {
+                let n = keys.iter().filter(|k| self.would_queue(k)).count();
+                let _ = reply.send(n);
+            }
+            Command::Enqueue { keys, reply, .. } => {
+                let before = self.lanes.len();
+                for key in keys {
+                    let abs = path_of(&self.opts.root, &key);
+                    self.admit(Candidate {
+                        abs,
+                        trigger: Trigger::Backfill,
+                    });
+                }
+                let _ = reply.send(self.lanes.len().saturating_sub(before));
+            }
+            Command::Hold { key, reply } => {
+                if self.in_flight.contains(&key) {
+                    let _ = reply.send(Err(format!(
+                        "{} is being uploaded right now; try again in a few seconds",
+                        shown(&key)
+                    )));
+                } else {
+                    self.lanes.remove(&key);
+                    self.live.failed.lock().expect("live lock").remove(&key);
+                    self.held.insert(key);
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Command::Release { key, reply } => {
+                self.held.remove(&key);
+                let _ = reply.send(());
+            }
+        }
+        self.publish();
+    }
+
+    /// Whether backfill would add this path: a regular file, not queued, not in
+    /// flight, and not recorded as it is now.
+    fn would_queue(&self, key: &[u8]) -> bool {
+        let Ok(meta) = std::fs::symlink_metadata(path_of(&self.opts.root, key)) else {
+            return false;
+        };
+        if !meta.is_file() || self.in_flight.contains(key) || self.lanes.index.contains_key(key) {
+            return false;
+        }
+        let identity = FileIdentity::of(&meta);
+        !self
+            .state
+            .record(key)
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.identity == identity)
+    }
+
     /// Decides whether a candidate path goes into the queue.
     fn admit(&mut self, c: Candidate) {
         let Some(client) = self.client() else { return };
@@ -545,6 +661,9 @@ impl Pipeline {
         if key.is_empty() {
             return;
         }
+        if self.held.contains(&key) {
+            return;
+        }
         if self.in_flight.contains(&key) {
             self.recheck.insert(key);
             return;
@@ -553,7 +672,7 @@ impl Pipeline {
             return;
         };
         let identity = FileIdentity::of(&meta);
-        if identity.changed_ns() < self.opts.mark_ns {
+        if identity.changed_ns() < self.opts.mark_ns && c.trigger != Trigger::Backfill {
             return;
         }
         if meta.file_type().is_symlink() {

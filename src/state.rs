@@ -447,6 +447,22 @@ impl State {
         Ok(())
     }
 
+    /// Removes a file's record and queue item (delete-through).
+    pub fn forget(&self, path: &[u8]) -> Result<(), sled::Error> {
+        (&self.records, &self.queue, &self.meta)
+            .transaction(|(records, queue, meta)| {
+                if let Some(old) = records.remove(path)?.and_then(|v| decode::<Record>(&v)) {
+                    add_u64(meta, META_UPLOADED_COUNT, -1)?;
+                    add_u64(meta, META_UPLOADED_BYTES, -(old.size as i128))?;
+                }
+                queue.remove(path)?;
+                Ok(())
+            })
+            .map_err(tx_err)?;
+        self.commit.wrote();
+        Ok(())
+    }
+
     /// Waits until everything written so far is on disk. Concurrent callers share
     /// one flush.
     pub async fn durable(&self) -> Result<(), sled::Error> {

@@ -6,9 +6,11 @@
 
 use crate::config::{Active, Config};
 use crate::keys::{ObjectKey, PublicUrl, RelPath};
+use crate::pipeline::Live;
 use crate::state::{Lock, PausedInfo, Stage, State};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 /// One item that will not be uploaded without an operator, and why.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +53,47 @@ fn active_of(config: &Config) -> (String, Option<String>) {
     match config.active() {
         Active::Provider(p) => (p.name, None),
         Active::Local { reason } => ("local".into(), Some(reason)),
+    }
+}
+
+/// The report of the running daemon, from its live figures.
+pub fn live(state: &State, live: &Live, active: &str, local_reason: Option<&str>) -> Report {
+    let (uploaded_count, uploaded_bytes) = state.uploaded();
+    Report {
+        running: true,
+        pid: Some(std::process::id()),
+        active_provider: active.to_string(),
+        local_mode_reason: local_reason.map(str::to_string),
+        queue_depth: live.queue_depth.load(Ordering::Relaxed),
+        in_flight: live.in_flight.load(Ordering::Relaxed),
+        paused: live
+            .paused
+            .lock()
+            .expect("live lock")
+            .iter()
+            .cloned()
+            .collect(),
+        failed: live
+            .failed
+            .lock()
+            .expect("live lock")
+            .iter()
+            .map(|(k, r)| Failed {
+                path: String::from_utf8_lossy(k).into_owned(),
+                reason: r.clone(),
+            })
+            .collect(),
+        uploaded_count,
+        uploaded_bytes,
+        last_error: live.last_error.lock().expect("live lock").clone(),
+        rebuilding: live.rebuild.lock().expect("live lock").as_ref().map(|p| {
+            format!(
+                "{}/{}",
+                p.matched.load(Ordering::Relaxed),
+                p.listed.load(Ordering::Relaxed)
+            )
+        }),
+        updated: crate::state::rfc3339(crate::state::now_ms()),
     }
 }
 
@@ -174,16 +217,9 @@ pub fn public_url(
     Some(PublicUrl::new(base, &key).to_string())
 }
 
-/// Answers `locate` from the state (daemon stopped).
-pub fn locate(config: &Config, rel: &str) -> anyhow::Result<Option<Location>> {
+/// Answers `locate` from an open state.
+pub fn locate_in(config: &Config, state: &State, rel: &str) -> anyhow::Result<Option<Location>> {
     let rel = RelPath::parse(rel)?;
-    if let Some(pid) = Lock::holder(&config.state_dir) {
-        anyhow::bail!(
-            "offloadd is running (pid {pid}) and holds the state; stop it to use `locate` (a live answer over the control socket is planned)"
-        );
-    }
-    let _lock = Lock::acquire(&config.state_dir)?;
-    let (state, _) = State::open(&config.state_dir)?;
     if let Some(rec) = state.record(rel.as_str().as_bytes())? {
         let key = ObjectKey::from_raw(rec.key.clone());
         let url = config

@@ -29,6 +29,8 @@ use tokio::sync::mpsc;
 pub enum Trigger {
     Event,
     Scan,
+    /// Asked for by `backfill`: the managed-since mark does not apply.
+    Backfill,
 }
 
 /// A path under the root that may be a new, finished file.

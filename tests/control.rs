@@ -1,0 +1,210 @@
+//! Proof for the control API and the commands that act on the queue:
+//! status/locate/retry live (over the socket) and stopped (on the state),
+//! delete-through, backfill with and without --dry-run, and a caller of
+//! another user refused.
+
+mod common;
+use common::*;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+fn uploaded(env: &TestEnv, s3: &S3Server, rel: &str, bytes: &[u8]) {
+    wait_until(LONG, &format!("{rel} uploaded"), || {
+        s3.object_bytes(rel).as_deref() == Some(bytes)
+    });
+    wait_until(LONG, &format!("{rel} recorded"), || {
+        env.locate(rel).1 == public_url(rel)
+    });
+}
+
+#[test]
+fn status_locate_and_retry_live_and_stopped() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    let daemon = Daemon::start(&env, &[]);
+
+    let ok = b"fine".to_vec();
+    write_file(&env.path("a/ok.png"), &ok);
+    let bad = std::ffi::OsStr::from_bytes(b"bad\xffname.png");
+    fs::write(env.root.join(bad), b"x").unwrap();
+
+    // Live: answered by the daemon over the socket (it holds the state).
+    uploaded(&env, &s3, "a/ok.png", &ok);
+    wait_until(LONG, "the bad name is listed as failed", || {
+        env.status()["failed"]
+            .as_array()
+            .is_some_and(|f| f.len() == 1)
+    });
+    let st = env.status();
+    assert_eq!(st["running"], true);
+    assert_eq!(st["pid"], daemon.pid);
+    assert_eq!(st["uploaded_count"], 1);
+    assert_eq!(env.locate("a/ok.png"), (0, public_url("a/ok.png")));
+    assert_eq!(env.locate("a/missing.png").0, 1);
+
+    let (code, out, err) = env.cli(&["retry", "--all"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("queued 1 failed item(s) again"), "{out}");
+    // The name is still not UTF-8, so it is parked again with its reason.
+    wait_until(LONG, "re-parked after retry", || {
+        env.status()["failed"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("not valid UTF-8"))
+    });
+    daemon.stop();
+
+    // Stopped: the same commands open the state directly.
+    let st = env.status();
+    assert_eq!(st["running"], false);
+    assert_eq!(st["uploaded_count"], 1);
+    assert_eq!(st["failed"].as_array().unwrap().len(), 1);
+    assert_eq!(env.locate("a/ok.png"), (0, public_url("a/ok.png")));
+    let (code, out, _) = env.cli(&["retry", "--all"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("queued 1 failed item(s) again"), "{out}");
+    assert_eq!(env.status()["failed"].as_array().unwrap().len(), 0);
+    assert_eq!(env.status()["queue_depth"], 1);
+}
+
+#[test]
+fn delete_through_removes_object_local_copy_and_record() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    let daemon = Daemon::start(&env, &[]);
+    let bytes = file_content("gone", 100, 1000);
+    write_file(&env.path("x/gone.jpg"), &bytes);
+    let keep = file_content("keep", 100, 1000);
+    write_file(&env.path("x/keep.jpg"), &keep);
+    uploaded(&env, &s3, "x/gone.jpg", &bytes);
+    uploaded(&env, &s3, "x/keep.jpg", &keep);
+
+    let (code, out, err) = env.cli(&["delete", "x/gone.jpg"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!s3.has("x/gone.jpg"), "object deleted");
+    assert!(!env.path("x/gone.jpg").exists(), "local copy deleted");
+    assert_eq!(env.locate("x/gone.jpg").0, 1, "record gone");
+    assert!(s3.has("x/keep.jpg") && env.path("x/keep.jpg").exists());
+    assert_eq!(env.status()["uploaded_count"], 1);
+    let (code, _, err) = env.cli(&["delete", "x/never.jpg"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is unknown"), "{err}");
+    daemon.stop();
+
+    // Stopped: delete-through works on the state directly.
+    let (code, out, err) = env.cli(&["delete", "x/keep.jpg"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!s3.has("x/keep.jpg") && !env.path("x/keep.jpg").exists());
+    assert_eq!(env.status()["uploaded_count"], 0);
+}
+
+#[test]
+fn backfill_queues_files_older_than_the_mark() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    let old: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| {
+            let rel = format!("old/{i}.png");
+            let bytes = file_content(&rel, 10, 500);
+            write_file(&env.path(&rel), &bytes);
+            (rel, bytes)
+        })
+        .collect();
+    // The first run sets the managed-since mark after these files existed.
+    let daemon = Daemon::start(&env, &[]);
+    write_file(&env.path("new.png"), b"new");
+    wait_until(LONG, "new file uploaded", || s3.has("new.png"));
+    assert!(
+        old.iter().all(|(r, _)| !s3.has(r)),
+        "old files are left alone"
+    );
+
+    let (code, out, err) = env.cli(&["backfill", "--dry-run"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("5 file(s) would be queued"), "{out}");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert!(
+        old.iter().all(|(r, _)| !s3.has(r)),
+        "dry run uploads nothing"
+    );
+
+    // Live backfill; a second dry run then finds nothing left to queue.
+    let (code, out, err) = env.cli(&["backfill"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("backfill: 5 of 5 file(s) queued"), "{out}");
+    for (rel, bytes) in &old {
+        wait_until(LONG, rel, || s3.object_bytes(rel).as_deref() == Some(bytes));
+    }
+    let (_, out, _) = env.cli(&["backfill", "--dry-run"]);
+    assert!(out.contains("0 file(s) would be queued"), "{out}");
+    daemon.stop();
+}
+
+#[test]
+fn offline_backfill_is_uploaded_at_next_start() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    write_file(&env.path("pre/a.png"), b"aaa");
+    let daemon = Daemon::start(&env, &[]);
+    daemon.stop();
+    let (code, out, err) = env.cli(&["backfill"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("1 of 1 file(s) queued; they upload when offloadd runs"),
+        "{out}"
+    );
+    assert!(!s3.has("pre/a.png"));
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "backfilled file uploaded", || s3.has("pre/a.png"));
+    daemon.stop();
+}
+
+#[test]
+fn control_socket_refuses_another_user() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "socket exists", || env.socket.exists());
+    // Let `nobody` reach the config and the socket's directory.
+    for p in [env.dir.path(), env.config_path.as_path()] {
+        let mode = if p.is_dir() { 0o755 } else { 0o644 };
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let as_nobody = || {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(bin_path())
+            .arg("--config")
+            .arg(&env.config_path)
+            .args(["status"])
+            .output()
+            .expect("run setpriv");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The socket is 0660: the kernel refuses the connection.
+    let (code, err) = as_nobody();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("permission denied on the control socket"),
+        "{err}"
+    );
+    // Even with the file opened up, the daemon checks peer credentials.
+    fs::set_permissions(&env.socket, fs::Permissions::from_mode(0o666)).unwrap();
+    let (code, err) = as_nobody();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("only answers root and the offloadd user and group"),
+        "{err}"
+    );
+    env.assert_no_secret("setpriv stderr", &err);
+    daemon.stop();
+}
