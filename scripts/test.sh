@@ -17,9 +17,8 @@ S3S_FS_VERSION=0.14.1
 say() { echo "test.sh: $*" >&2; }
 
 # --- system packages ----------------------------------------------------------
-# None needed yet. When a test needs one (e.g. nginx for the read-heavy load),
-# add it here: APT_PACKAGES=(nginx)
-APT_PACKAGES=()
+# nginx: tests/http.rs runs a real nginx in front of offloadd.
+APT_PACKAGES=(nginx)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")

@@ -1,9 +1,18 @@
-//! The TCP listener (`http.listen`): `/healthz`, `/metrics` and `/r/{path}`.
-//! Nothing on it changes state.
+//! The TCP listener (`http.listen`): `GET /healthz`, `GET /metrics` and
+//! `GET /r/{relative path}`.
 //!
-//! STUB: filled in by the HTTP work.
+//! Read-only: nothing here changes state. Other methods get 405, other paths
+//! 404. `/r/` percent-decodes the path, refuses empty, `.` and `..` segments
+//! and non-UTF-8 names (404), and answers 302 to whatever the [`Resolver`]
+//! returns, else 404. Stops accepting and drains open requests when `stop`
+//! turns true.
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, CONTENT_TYPE};
+use axum::extract::State;
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -17,8 +26,192 @@ pub struct App {
     pub resolve: Resolver,
 }
 
+/// The routes, without a listener (used by [`serve`] and the unit tests).
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/r/{*path}", get(redirect))
+        .with_state(app)
+}
+
 /// Serves until `stop` turns true.
 pub async fn serve(listener: tokio::net::TcpListener, app: App, mut stop: watch::Receiver<bool>) {
-    let _ = (listener, app);
-    let _ = stop.changed().await;
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let shutdown = async move {
+        while !*stop.borrow_and_update() {
+            if stop.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    if let Err(e) = axum::serve(listener, router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(
+            "the HTTP listener on {addr} (http.listen) stopped: {e}; /healthz, /metrics and /r/ are unavailable until offloadd restarts"
+        );
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], app.metrics.encode()).into_response()
+}
+
+async fn redirect(State(app): State<App>, uri: Uri) -> Response {
+    let raw = uri.path().strip_prefix("/r/").unwrap_or("");
+    let Some(rel) = decode_rel(raw) else {
+        return not_found();
+    };
+    match (app.resolve)(&rel) {
+        // The resolver percent-encodes; encode anything left that a header
+        // cannot carry (spaces, controls, non-ASCII) rather than fail.
+        Some(url) => match header::HeaderValue::from_str(
+            &percent_encoding::utf8_percent_encode(&url, &HEADER_UNSAFE).to_string(),
+        ) {
+            Ok(loc) => (StatusCode::FOUND, [(header::LOCATION, loc)]).into_response(),
+            Err(_) => not_found(),
+        },
+        None => not_found(),
+    }
+}
+
+const HEADER_UNSAFE: percent_encoding::AsciiSet = percent_encoding::CONTROLS.add(b' ');
+
+fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, "not found\n").into_response()
+}
+
+/// The relative path from the raw (still percent-encoded) request path, or
+/// None when a segment is empty, `.` or `..` (before or after decoding) or
+/// the name is not UTF-8.
+fn decode_rel(raw: &str) -> Option<String> {
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()?
+        .into_owned();
+    let bad = |s: &str| {
+        s.split('/')
+            .any(|c| c.is_empty() || c == "." || c == ".." || c.contains('\0'))
+    };
+    if raw.is_empty() || bad(raw) || bad(&decoded) {
+        return None;
+    }
+    Some(decoded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[test]
+    fn decode_rel_decodes_and_refuses_dot_segments() {
+        assert_eq!(
+            decode_rel("a/b%20c%C3%A9.png").as_deref(),
+            Some("a/b cé.png")
+        );
+        assert_eq!(decode_rel("a+b%2B%25.txt").as_deref(), Some("a+b+%.txt"));
+        for bad in [
+            "",
+            "../x",
+            "a/../b",
+            "a/%2e%2E/b",
+            "%2E%2E",
+            "./a",
+            "a//b",
+            "a/",
+            "%FF.bin",
+            "a%00b",
+        ] {
+            assert_eq!(decode_rel(bad), None, "{bad:?}");
+        }
+    }
+
+    async fn start(
+        resolve: Resolver,
+    ) -> (String, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = watch::channel(false);
+        let app = App {
+            metrics: Metrics::new(),
+            resolve,
+        };
+        let h = tokio::spawn(serve(listener, app, rx));
+        (addr.to_string(), tx, h)
+    }
+
+    /// One HTTP/1.1 request; returns (status, headers lowercased, body).
+    async fn request(addr: &str, method: &str, path: &str) -> (u16, String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        (status, head.to_lowercase(), body.to_string())
+    }
+
+    #[tokio::test]
+    async fn routes_methods_and_shutdown() {
+        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+        let s2 = seen.clone();
+        let resolve: Resolver = Arc::new(move |rel: &str| {
+            s2.lock().unwrap().push(rel.to_owned());
+            (rel != "missing.png").then(|| format!("https://cdn.test/{}", rel.replace(' ', "%20")))
+        });
+        let (addr, stop, handle) = start(resolve).await;
+
+        let (code, _, body) = request(&addr, "GET", "/healthz").await;
+        assert_eq!((code, body.as_str()), (200, "ok\n"));
+
+        let (code, head, body) = request(&addr, "GET", "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(
+            head.contains("content-type: application/openmetrics-text"),
+            "{head}"
+        );
+        assert!(body.contains("offloadd_uploads_total"), "{body}");
+
+        let (code, head, _) = request(&addr, "GET", "/r/out/a%20b%C3%A9.png?x=1").await;
+        assert_eq!(code, 302);
+        assert!(
+            head.contains("\r\nlocation: https://cdn.test/out/a%20b%c3%a9.png\r\n"),
+            "{head}"
+        );
+        assert_eq!(seen.lock().unwrap().last().unwrap(), "out/a bé.png");
+
+        assert_eq!(request(&addr, "GET", "/r/missing.png").await.0, 404);
+        assert_eq!(request(&addr, "GET", "/r/a/%2e%2e/etc/passwd").await.0, 404);
+        assert_eq!(request(&addr, "GET", "/r/").await.0, 404);
+        assert_eq!(request(&addr, "GET", "/nothing").await.0, 404);
+        for m in ["POST", "PUT", "DELETE"] {
+            assert_eq!(request(&addr, m, "/r/x.png").await.0, 405, "{m}");
+            assert_eq!(request(&addr, m, "/healthz").await.0, 405, "{m}");
+        }
+        assert_eq!(request(&addr, "HEAD", "/healthz").await.0, 200);
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            2,
+            "resolver called for valid GETs only"
+        );
+
+        stop.send(true).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), handle)
+            .await
+            .expect("serve returns after stop")
+            .unwrap();
+    }
 }

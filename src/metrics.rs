@@ -1,31 +1,306 @@
 //! Prometheus metrics, names prefixed `offloadd_`, served on `/metrics`.
 //!
-//! STUB: the counters are kept by the pipeline through these methods; the
-//! registry and encoding are filled in by the metrics work.
+//! Owns the registry (prometheus-client, OpenMetrics text). Every clone of
+//! [`Metrics`] updates the same values; updating never blocks or fails.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The content type of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Values of the `result` label of `offloadd_uploads_total`.
+pub const RESULTS: &[&str] = &[
+    "success",
+    "transient",
+    "provider",
+    "parked",
+    "changed",
+    "vanished",
+];
+
+type ResultLabel = [(&'static str, String); 1];
+
+struct Inner {
+    registry: Registry,
+    queue_depth: Gauge,
+    in_flight: Gauge,
+    uploads: Family<ResultLabel, Counter>,
+    bytes: Counter,
+    duration: Histogram,
+    failed_items: Gauge,
+    retries: Counter,
+    paused_providers: Gauge,
+    last_success: Gauge<f64, AtomicU64>,
+    rescans: Counter,
+}
 
 /// Cheap to clone; every clone updates the same metrics.
-#[derive(Clone, Default)]
-pub struct Metrics {}
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn gauge(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
 
 impl Metrics {
     pub fn new() -> Self {
-        Metrics {}
+        let mut registry = Registry::with_prefix("offloadd");
+        let queue_depth = Gauge::default();
+        let in_flight = Gauge::default();
+        let uploads = Family::<ResultLabel, Counter>::default();
+        let bytes = Counter::default();
+        // 10 ms .. ~164 s
+        let duration = Histogram::new(exponential_buckets(0.01, 2.0, 15));
+        let failed_items = Gauge::default();
+        let retries = Counter::default();
+        let paused_providers = Gauge::default();
+        let last_success = Gauge::<f64, AtomicU64>::default();
+        let rescans = Counter::default();
+        for r in RESULTS {
+            // Every result shows up (at 0) from the first scrape.
+            let _ = uploads.get_or_create(&[("result", (*r).to_owned())]);
+        }
+        registry.register(
+            "queue_depth",
+            "Files waiting to be uploaded",
+            queue_depth.clone(),
+        );
+        registry.register("in_flight", "Uploads in progress", in_flight.clone());
+        registry.register(
+            "uploads",
+            "Upload attempts by result (success, transient, provider, parked, changed, vanished)",
+            uploads.clone(),
+        );
+        registry.register_with_unit(
+            "uploaded",
+            "Bytes of files uploaded, verified and recorded",
+            Unit::Bytes,
+            bytes.clone(),
+        );
+        registry.register_with_unit(
+            "upload_duration",
+            "Time from upload start to record, per successful file",
+            Unit::Seconds,
+            duration.clone(),
+        );
+        registry.register(
+            "failed_items",
+            "Files given up on until `offloadd retry`",
+            failed_items.clone(),
+        );
+        registry.register(
+            "retries",
+            "Retries scheduled after transient errors",
+            retries.clone(),
+        );
+        registry.register(
+            "paused_providers",
+            "Providers paused after an outage or a provider error",
+            paused_providers.clone(),
+        );
+        registry.register_with_unit(
+            "last_success_timestamp",
+            "Unix time of the last successful upload (0 = none since start)",
+            Unit::Seconds,
+            last_success.clone(),
+        );
+        registry.register(
+            "rescans",
+            "Rescans of the watched tree (periodic, overflow or root return)",
+            rescans.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                queue_depth,
+                in_flight,
+                uploads,
+                bytes,
+                duration,
+                failed_items,
+                retries,
+                paused_providers,
+                last_success,
+                rescans,
+            }),
+        }
     }
+
     /// One upload verified and recorded.
-    pub fn upload_succeeded(&self, _bytes: u64, _seconds: f64) {}
+    pub fn upload_succeeded(&self, bytes: u64, seconds: f64) {
+        let m = &self.inner;
+        m.uploads
+            .get_or_create(&[("result", "success".to_owned())])
+            .inc();
+        m.bytes.inc_by(bytes);
+        m.duration.observe(seconds.max(0.0));
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        m.last_success.set(now);
+    }
+
     /// One upload attempt that did not end in a record; `result` is one of
     /// `transient`, `provider`, `parked`, `changed`, `vanished`.
-    pub fn upload_failed(&self, _result: &str) {}
+    pub fn upload_failed(&self, result: &str) {
+        self.inner
+            .uploads
+            .get_or_create(&[("result", result.to_owned())])
+            .inc();
+    }
+
     /// One retry scheduled after a transient error.
-    pub fn retry(&self) {}
-    pub fn set_queue_depth(&self, _n: u64) {}
-    pub fn set_in_flight(&self, _n: u64) {}
-    pub fn set_failed_items(&self, _n: u64) {}
-    pub fn set_paused_providers(&self, _n: u64) {}
+    pub fn retry(&self) {
+        self.inner.retries.inc();
+    }
+
+    pub fn set_queue_depth(&self, n: u64) {
+        self.inner.queue_depth.set(gauge(n));
+    }
+
+    pub fn set_in_flight(&self, n: u64) {
+        self.inner.in_flight.set(gauge(n));
+    }
+
+    pub fn set_failed_items(&self, n: u64) {
+        self.inner.failed_items.set(gauge(n));
+    }
+
+    pub fn set_paused_providers(&self, n: u64) {
+        self.inner.paused_providers.set(gauge(n));
+    }
+
     /// One rescan of the tree (periodic, overflow or root return).
-    pub fn rescan(&self) {}
-    /// The Prometheus text exposition.
+    pub fn rescan(&self) {
+        self.inner.rescans.inc();
+    }
+
+    /// The exposition in OpenMetrics text (see [`CONTENT_TYPE`]), which
+    /// Prometheus scrapes as is.
     pub fn encode(&self) -> String {
-        String::new()
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.inner.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn fresh_metrics_list_every_name_at_zero() {
+        let text = Metrics::default().encode();
+        for series in [
+            "offloadd_queue_depth",
+            "offloadd_in_flight",
+            "offloadd_uploaded_bytes_total",
+            "offloadd_upload_duration_seconds_count",
+            "offloadd_failed_items",
+            "offloadd_retries_total",
+            "offloadd_paused_providers",
+            "offloadd_last_success_timestamp_seconds",
+            "offloadd_rescans_total",
+        ] {
+            assert_eq!(value(&text, series), 0.0, "{series}");
+        }
+        for r in RESULTS {
+            let series = format!("offloadd_uploads_total{{result=\"{r}\"}}");
+            assert_eq!(value(&text, &series), 0.0, "{series}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(
+            text.lines()
+                .filter(|l| !l.starts_with('#') && !l.is_empty())
+                .all(|l| l.starts_with("offloadd_")),
+            "every series is prefixed offloadd_:\n{text}"
+        );
+    }
+
+    #[test]
+    fn updates_show_in_encode_and_clones_share_values() {
+        let m = Metrics::new();
+        let c = m.clone();
+        c.upload_succeeded(1000, 0.5);
+        m.upload_succeeded(24, 2.0);
+        m.upload_failed("transient");
+        m.upload_failed("vanished");
+        m.upload_failed("vanished");
+        m.retry();
+        m.rescan();
+        m.set_queue_depth(7);
+        m.set_in_flight(3);
+        m.set_failed_items(2);
+        m.set_paused_providers(1);
+        let text = c.encode();
+        assert_eq!(
+            value(&text, "offloadd_uploads_total{result=\"success\"}"),
+            2.0
+        );
+        assert_eq!(
+            value(&text, "offloadd_uploads_total{result=\"transient\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(&text, "offloadd_uploads_total{result=\"vanished\"}"),
+            2.0
+        );
+        assert_eq!(
+            value(&text, "offloadd_uploads_total{result=\"parked\"}"),
+            0.0
+        );
+        assert_eq!(value(&text, "offloadd_uploaded_bytes_total"), 1024.0);
+        assert_eq!(value(&text, "offloadd_upload_duration_seconds_count"), 2.0);
+        assert_eq!(value(&text, "offloadd_upload_duration_seconds_sum"), 2.5);
+        assert_eq!(
+            value(
+                &text,
+                "offloadd_upload_duration_seconds_bucket{le=\"0.64\"}"
+            ),
+            1.0
+        );
+        assert_eq!(value(&text, "offloadd_retries_total"), 1.0);
+        assert_eq!(value(&text, "offloadd_rescans_total"), 1.0);
+        assert_eq!(value(&text, "offloadd_queue_depth"), 7.0);
+        assert_eq!(value(&text, "offloadd_in_flight"), 3.0);
+        assert_eq!(value(&text, "offloadd_failed_items"), 2.0);
+        assert_eq!(value(&text, "offloadd_paused_providers"), 1.0);
+        let last = value(&text, "offloadd_last_success_timestamp_seconds");
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(
+            now - last < 60.0 && last <= now,
+            "last success {last}, now {now}"
+        );
+        assert!(text.contains("# TYPE offloadd_upload_duration_seconds histogram"));
+        assert!(text.contains("# UNIT offloadd_upload_duration_seconds seconds"));
     }
 }

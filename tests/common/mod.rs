@@ -1236,3 +1236,261 @@ pub fn write_and_wait(env: &TestEnv, s3: &S3Server, rel: &str, bytes: &[u8]) {
         s3.object_bytes(rel).as_deref() == Some(bytes)
     });
 }
+
+// ---------------------------------------------------------------------------
+// the HTTP listener (`http.listen`) and a minimal HTTP client
+
+/// A second provider for configs made with [`TestEnv::config_yaml_http`].
+#[derive(Clone, Debug)]
+pub struct ExtraProvider {
+    pub name: String,
+    pub kind: String,
+    pub endpoint: String,
+    pub public_url: Option<String>,
+    /// Extra `key: value` lines for the provider section.
+    pub extra: Vec<String>,
+}
+
+impl TestEnv {
+    /// [`TestEnv::config_yaml`] with `http.listen: 127.0.0.1:{port}` and the
+    /// test provider's `public_url` replaced (`None` removes it).
+    pub fn config_yaml_http(&self, c: &Cfg, port: u16, public_url: Option<&str>) -> String {
+        let yaml = self.config_yaml(c);
+        let listen_old = "http:\n  listen: \"\"\n";
+        assert!(
+            yaml.contains(listen_old),
+            "harness config lost its http section"
+        );
+        let yaml = yaml.replace(listen_old, &format!("http:\n  listen: 127.0.0.1:{port}\n"));
+        let url_old = format!("      public_url: {PUBLIC_URL}\n");
+        assert!(
+            yaml.contains(&url_old),
+            "harness config lost its public_url"
+        );
+        let url_new = public_url
+            .map(|u| format!("      public_url: {u}\n"))
+            .unwrap_or_default();
+        yaml.replace(&url_old, &url_new)
+    }
+
+    /// Add `p` as a second provider (same bucket, access key, secret file and
+    /// prefix as the test provider); `active` picks the active one.
+    pub fn with_provider(&self, yaml: &str, p: &ExtraProvider, active: &str) -> String {
+        let anchor = format!("      prefix: {PREFIX}\n");
+        assert!(
+            yaml.contains(&anchor),
+            "harness config lost its prefix line"
+        );
+        let mut section = format!(
+            "    {}:\n      kind: {}\n      endpoint: {}\n      bucket: {BUCKET}\n      access_key_id: {ACCESS_KEY}\n      secret_access_key_file: {}\n      prefix: {PREFIX}\n",
+            p.name,
+            p.kind,
+            p.endpoint,
+            self.secret_file.display()
+        );
+        if let Some(u) = &p.public_url {
+            section += &format!("      public_url: {u}\n");
+        }
+        for l in &p.extra {
+            section += &format!("      {l}\n");
+        }
+        yaml.replacen(&anchor, &format!("{anchor}{section}"), 1)
+            .replace(
+                &format!("  active: {PROVIDER}\n"),
+                &format!("  active: {active}\n"),
+            )
+    }
+}
+
+/// One HTTP response, as read by [`http_get`].
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names lowercased, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// `METHOD target` over HTTP/1.0 to 127.0.0.1:`port` (so the answer is never
+/// chunked); `target` is sent byte for byte, so percent-encode it yourself.
+pub fn http_request(port: u16, method: &str, target: &str) -> io::Result<HttpResponse> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "{method} {target} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| io::Error::other(format!("no end of headers in {buf:?}")))?;
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("bad status line in {head:?}")))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: buf[end + 4..].to_vec(),
+    })
+}
+
+pub fn http_get(port: u16, target: &str) -> HttpResponse {
+    http_request(port, "GET", target)
+        .unwrap_or_else(|e| panic!("GET http://127.0.0.1:{port}{target}: {e}"))
+}
+
+/// GET an absolute `http://127.0.0.1:PORT/...` URL (as found in a Location).
+pub fn http_get_url(url: &str) -> HttpResponse {
+    let rest = url
+        .strip_prefix("http://127.0.0.1:")
+        .unwrap_or_else(|| panic!("not a http://127.0.0.1:PORT URL: {url}"));
+    let (port, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let port = port.parse().unwrap_or_else(|_| panic!("bad port in {url}"));
+    http_get(port, if path.is_empty() { "/" } else { path })
+}
+
+/// Wait until `GET /healthz` on `port` answers 200.
+pub fn wait_http_ready(port: u16) {
+    wait_until(LONG, &format!("offloadd /healthz on port {port}"), || {
+        http_request(port, "GET", "/healthz").is_ok_and(|r| r.status == 200)
+    });
+}
+
+/// The value of one series (e.g. `offloadd_uploads_total{result="success"}`)
+/// in a Prometheus/OpenMetrics text exposition.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split(' ').next()?.parse().ok())
+}
+
+/// `/usr/sbin/nginx` (or `nginx` on PATH); panics with how to install it.
+pub fn nginx_path() -> PathBuf {
+    let p = PathBuf::from("/usr/sbin/nginx");
+    if p.is_file() {
+        return p;
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let p = dir.join("nginx");
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    panic!("nginx not found at /usr/sbin/nginx nor on PATH: install the Debian package (apt-get install nginx) or run scripts/test.sh, which does")
+}
+
+/// A real nginx in the foreground with its prefix, pid, logs and temp paths
+/// in its own temp dir. `http_body` is the inside of the `http { }` block.
+pub struct Nginx {
+    pub dir: TempDir,
+    child: Option<Child>,
+}
+
+impl Nginx {
+    pub fn start(http_body: &str, ports: &[u16]) -> Nginx {
+        let dir = tempfile::Builder::new()
+            .prefix("offloadd-nginx-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path().display().to_string();
+        let user = if unsafe { libc::geteuid() } == 0 {
+            "user root;\n"
+        } else {
+            ""
+        };
+        let conf = format!(
+            "{user}worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+events {{ worker_connections 64; }}\n\
+http {{\n  access_log {d}/access.log;\n\
+  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+  types {{ text/plain txt; image/png png; }}\n\
+{http_body}\n}}\n"
+        );
+        fs::write(dir.path().join("nginx.conf"), &conf).unwrap();
+        let mut cmd = Command::new(nginx_path());
+        cmd.arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .arg("-g")
+            .arg("daemon off;")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.path().join("stderr.log")).unwrap());
+        let child = cmd.spawn().expect("spawn nginx");
+        let mut n = Nginx {
+            dir,
+            child: Some(child),
+        };
+        let ok = poll_until(Duration::from_secs(30), || {
+            if let Some(st) = n.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "nginx exited ({}):\n{}\n{}\nconfig:\n{conf}",
+                    describe(&st),
+                    n.log("stderr.log"),
+                    n.log("error.log")
+                );
+            }
+            ports
+                .iter()
+                .all(|p| TcpStream::connect(("127.0.0.1", *p)).is_ok())
+        });
+        assert!(
+            ok,
+            "nginx did not listen on {ports:?}:\n{}",
+            n.log("error.log")
+        );
+        n
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGQUIT: graceful stop of master and workers.
+            send_signal(c.id(), libc::SIGQUIT);
+            if wait_child(&mut c, Duration::from_secs(10)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if thread::panicking() {
+            eprintln!(
+                "---- nginx error.log ----\n{}\n---- access.log ----\n{}",
+                self.log("error.log"),
+                self.log("access.log")
+            );
+        }
+    }
+}
