@@ -107,11 +107,9 @@ fn err_line(s: impl std::fmt::Display) -> String {
 /// What the socket handlers need from the running daemon.
 #[derive(Clone)]
 pub struct Daemon {
-    pub config: Config,
+    pub shared: crate::daemon::Shared,
     pub state: State,
     pub live: Arc<Live>,
-    pub active: String,
-    pub local_reason: Option<String>,
     pub pipeline: mpsc::UnboundedSender<PipelineCommand>,
 }
 
@@ -134,7 +132,10 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 
 /// Accepts connections until `stop` flips.
 pub async fn serve(listener: UnixListener, daemon: Daemon, mut stop: watch::Receiver<bool>) {
-    let path = daemon.config.control_socket.clone();
+    let path = crate::daemon::current(&daemon.shared)
+        .config
+        .control_socket
+        .clone();
     loop {
         tokio::select! {
             conn = listener.accept() => {
@@ -190,16 +191,17 @@ async fn ask<T>(d: &Daemon, make: impl FnOnce(oneshot::Sender<T>) -> PipelineCom
 }
 
 async fn answer(req: Request, d: &Daemon) -> Reply {
+    let cur = crate::daemon::current(&d.shared);
     match req {
         Request::Status { json } => {
-            let r = status::live(&d.state, &d.live, &d.active, d.local_reason.as_deref());
+            let r = status::live(&d.state, &d.live, &cur.active, cur.local_reason.as_deref());
             Reply::ok(if json {
                 line(serde_json::to_string(&r).expect("report serializes"))
             } else {
                 status::render(&r)
             })
         }
-        Request::Locate { path } => locate_reply(&d.config, &d.state, &path),
+        Request::Locate { path } => locate_reply(&cur.config, &d.state, &path),
         Request::Retry { path, all } => {
             let keys = match (path, all) {
                 (Some(p), _) => match RelPath::parse(&p) {
@@ -251,12 +253,12 @@ async fn answer(req: Request, d: &Daemon) -> Reply {
                     )
                 }
             }
-            let reply = delete_through(&d.config, &d.state, &rel).await;
+            let reply = delete_through(&cur.config, &d.state, &rel).await;
             let _ = ask(d, |reply| PipelineCommand::Release { key, reply }).await;
             reply
         }
         Request::TestConnection { provider } => {
-            test_connection(&d.config, provider.as_deref()).await
+            test_connection(&cur.config, provider.as_deref()).await
         }
     }
 }

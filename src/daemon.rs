@@ -1,19 +1,27 @@
-//! `offloadd run`: opens the state, starts the watcher and the pipeline, publishes
-//! status, and stops cleanly on SIGTERM/SIGINT (uploads in flight get up to 30 s;
-//! the rest stays queued).
+//! `offloadd run`: opens the state, starts the watcher, the pipeline, the control
+//! socket and the HTTP listener, publishes status, reloads on SIGHUP and stops
+//! cleanly on SIGTERM/SIGINT (uploads in flight get up to 30 s; the rest stays
+//! queued).
+//!
+//! Reload: the new file is parsed and validated first; if it is invalid, or
+//! changes `watch.root`, `state_dir`, `http.listen` or `control_socket`, nothing
+//! of it is applied. Otherwise every other key takes effect at once without
+//! dropping queued or in-flight work: uploads in flight finish on the provider
+//! they started with, later ones go to the new active provider, and a paused
+//! provider is probed again immediately.
 
 use crate::backoff::Backoff;
 use crate::budget::{Budget, Pacer};
-use crate::config::{Active, Config};
-use crate::pipeline::{self, Live, Options, Pipeline, Target};
+use crate::config::{self, Active, Config};
+use crate::pipeline::{self, Command as PipelineCommand, Live, Options, Pipeline, Target};
 use crate::state::{self, Lock, State};
 use crate::status::{self, Report};
 use crate::storage::Client;
-use crate::watcher::{self, Rules};
-use crate::{control, http, rebuild, systemd};
+use crate::watcher::{self, Candidate, Rules};
+use crate::{control, http, logging, rebuild, systemd};
 use futures::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
@@ -29,6 +37,195 @@ pub enum RunError {
     Setup(String),
 }
 
+/// The configuration in force and what follows from it; replaced as a whole by
+/// a reload.
+pub struct Current {
+    pub config: Config,
+    pub target: Target,
+    pub active: String,
+    pub local_reason: Option<String>,
+    /// Public URL base and prefix of the active provider, for `/r/` of paths
+    /// without a record.
+    pub predictable: Option<(String, String)>,
+}
+
+/// Shared read access to [`Current`].
+pub type Shared = Arc<RwLock<Arc<Current>>>;
+
+pub fn current(shared: &Shared) -> Arc<Current> {
+    shared.read().expect("config lock").clone()
+}
+
+impl Current {
+    fn new(config: Config) -> Current {
+        let target = match config.active() {
+            Active::Provider(p) => match Client::new(&p) {
+                Ok(c) => Target::Provider(Arc::new(c)),
+                Err(e) => Target::Local {
+                    reason: e.to_string(),
+                },
+            },
+            Active::Local { reason } => Target::Local { reason },
+        };
+        let (active, local_reason, predictable) = match &target {
+            Target::Provider(c) => (
+                c.provider.name.clone(),
+                None,
+                c.provider
+                    .public_url_base
+                    .clone()
+                    .map(|base| (base, c.provider.prefix.clone())),
+            ),
+            Target::Local { reason } => ("local".to_string(), Some(reason.clone()), None),
+        };
+        Current {
+            config,
+            target,
+            active,
+            local_reason,
+            predictable,
+        }
+    }
+
+    fn rules(&self) -> Result<Rules, RunError> {
+        let w = &self.config.watch;
+        Rules::new(&w.root, &w.include, &w.exclude, w.settle)
+            .map_err(|e| RunError::Setup(e.to_string()))
+    }
+
+    fn options(&self, mark_ns: i128) -> Options {
+        let c = &self.config;
+        let up = &c.upload;
+        Options {
+            root: c.watch.root.clone(),
+            settle: c.watch.settle,
+            delete_local: c.storage.delete_local,
+            delete_after: c.storage.delete_after,
+            workers: up.workers.max(1),
+            upload: pipeline::upload_settings(
+                up.multipart_threshold,
+                up.part_size,
+                up.part_concurrency,
+            ),
+            retry: Backoff::new(up.retry.initial_backoff, up.retry.max_backoff),
+            mark_ns,
+        }
+    }
+
+    fn resources(&self) -> (Budget, Pacer) {
+        let up = &self.config.upload;
+        (Budget::new(up.memory_limit), Pacer::new(up.bandwidth_limit))
+    }
+
+    /// The managed-since mark: set on the first run with an active provider.
+    fn mark(&self) -> Result<i128, RunError> {
+        let dir = &self.config.state_dir;
+        match &self.target {
+            Target::Provider(_) => state::mark::ensure(dir).map_err(|e| {
+                RunError::Setup(format!(
+                    "cannot write the managed-since mark in {}: {e}; make state_dir writable",
+                    dir.display()
+                ))
+            }),
+            Target::Local { reason } => {
+                tracing::warn!("local mode: nothing is offloaded because {reason}");
+                Ok(state::mark::read(dir).unwrap_or(i128::MAX))
+            }
+        }
+    }
+}
+
+/// What the reload handler needs and keeps.
+struct Reloader {
+    shared: Shared,
+    state: State,
+    live: Arc<Live>,
+    pipeline: mpsc::UnboundedSender<PipelineCommand>,
+    candidates: mpsc::UnboundedSender<Candidate>,
+    watcher: Option<watcher::Watcher>,
+}
+
+impl Reloader {
+    fn start_watcher(&mut self, cur: &Current, mark_ns: i128) -> Result<(), RunError> {
+        let w = watcher::start(
+            cur.rules()?,
+            cur.config.watch.rescan_interval,
+            mark_ns,
+            self.candidates.clone(),
+            self.live.metrics.clone(),
+        )
+        .map_err(|e| {
+            RunError::Setup(format!(
+                "cannot watch {}: {e}; check that it exists and is readable",
+                cur.config.watch.root.display()
+            ))
+        })?;
+        self.watcher = Some(w);
+        Ok(())
+    }
+
+    /// Re-reads the config; applies all of it or nothing.
+    fn reload(&mut self) {
+        systemd::reloading();
+        let old = current(&self.shared);
+        match self.try_reload(&old) {
+            Ok(()) => tracing::info!(
+                provider = %current(&self.shared).active,
+                "configuration reloaded"
+            ),
+            Err(why) => tracing::error!(
+                error = %why,
+                "reload refused; the running configuration stays in force"
+            ),
+        }
+        systemd::ready();
+    }
+
+    fn try_reload(&mut self, old: &Current) -> Result<(), String> {
+        let file = &old.config.source;
+        let loaded = config::load(file).map_err(|e| e.to_string())?;
+        let new = loaded.config;
+        for (key, changed) in [
+            ("watch.root", new.watch.root != old.config.watch.root),
+            ("state_dir", new.state_dir != old.config.state_dir),
+            ("http.listen", new.http.listen != old.config.http.listen),
+            (
+                "control_socket",
+                new.control_socket != old.config.control_socket,
+            ),
+        ] {
+            if changed {
+                return Err(format!(
+                    "{}: `{key}` changed, which only a restart can apply; restart offloadd (nothing of this reload was applied)",
+                    file.display()
+                ));
+            }
+        }
+        for w in &loaded.warnings {
+            tracing::warn!("{w}");
+        }
+        let cur = Current::new(new);
+        let rules = cur.rules().map_err(|e| e.to_string())?;
+        let mark_ns = cur.mark().map_err(|e| e.to_string())?;
+        match (&self.watcher, &cur.target) {
+            (Some(w), _) => w.reconfigure(rules, cur.config.watch.rescan_interval),
+            (None, Target::Provider(_)) => self
+                .start_watcher(&cur, mark_ns)
+                .map_err(|e| e.to_string())?,
+            (None, Target::Local { .. }) => {}
+        }
+        logging::set_level(&cur.config.log.level);
+        let _ = self.pipeline.send(PipelineCommand::Reconfigure {
+            opts: cur.options(mark_ns),
+            target: cur.target.clone(),
+            resources: cur.resources(),
+        });
+        *self.shared.write().expect("config lock") = Arc::new(cur);
+        let _ = &self.state;
+        Ok(())
+    }
+}
+
 pub async fn run(config: Config) -> Result<(), RunError> {
     let _lock = Lock::acquire(&config.state_dir)?;
     watcher::ignore_lease_signals();
@@ -37,141 +234,93 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     if rebuilt {
         tracing::warn!("the state database was rebuilt; files already offloaded will be checked against the bucket as they are found");
     }
-
-    let target = match config.active() {
-        Active::Provider(p) => match Client::new(&p) {
-            Ok(c) => Target::Provider(Arc::new(c)),
-            Err(e) => Target::Local {
-                reason: e.to_string(),
-            },
-        },
-        Active::Local { reason } => Target::Local { reason },
-    };
-    let (active_name, local_reason) = match &target {
-        Target::Provider(c) => (c.provider.name.clone(), None),
-        Target::Local { reason } => ("local".to_string(), Some(reason.clone())),
-    };
-    let mark_ns = match &target {
-        Target::Provider(_) => state::mark::ensure(&config.state_dir).map_err(|e| {
-            RunError::Setup(format!(
-                "cannot write the managed-since mark in {}: {e}; make state_dir writable",
-                config.state_dir.display()
-            ))
-        })?,
-        Target::Local { reason } => {
-            tracing::warn!("local mode: nothing is offloaded because {reason}");
-            state::mark::read(&config.state_dir).unwrap_or(i128::MAX)
-        }
-    };
-
-    let live = Arc::new(Live::default());
     for info in state.paused() {
         // A pause from the last run is probed again at once.
         let _ = state.set_paused(&info.provider, None);
     }
-    let up = &config.upload;
-    let opts = Options {
-        root: config.watch.root.clone(),
-        settle: config.watch.settle,
-        delete_local: config.storage.delete_local,
-        delete_after: config.storage.delete_after,
-        workers: up.workers.max(1),
-        upload: pipeline::upload_settings(
-            up.multipart_threshold,
-            up.part_size,
-            up.part_concurrency,
-        ),
-        retry: Backoff::new(up.retry.initial_backoff, up.retry.max_backoff),
-        mark_ns,
-    };
-    let resources = (Budget::new(up.memory_limit), Pacer::new(up.bandwidth_limit));
-    let pipeline = Pipeline::new(opts, target.clone(), state.clone(), resources, live.clone());
+
+    let cur = Current::new(config);
+    let mark_ns = cur.mark()?;
+    let live = Arc::new(Live::default());
+    let pipeline = Pipeline::new(
+        cur.options(mark_ns),
+        cur.target.clone(),
+        state.clone(),
+        cur.resources(),
+        live.clone(),
+    );
+    let shared: Shared = Arc::new(RwLock::new(Arc::new(cur)));
+    let cur = current(&shared);
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let snapshot = tokio::spawn(publish_status(
-        config.clone(),
+        shared.clone(),
         state.clone(),
         live.clone(),
-        active_name.clone(),
-        local_reason.clone(),
         stop_rx.clone(),
     ));
-    let local_reason_for_control = local_reason;
-    if let (true, Target::Provider(client)) = (rebuilt, &target) {
+    if let (true, Target::Provider(client)) = (rebuilt, &cur.target) {
         let progress = Arc::new(rebuild::Progress::default());
         *live.rebuild.lock().expect("live lock") = Some(progress.clone());
-        rebuild::run(client, &config.watch.root, &state, &progress).await;
+        rebuild::run(client, &cur.config.watch.root, &state, &progress).await;
         *live.rebuild.lock().expect("live lock") = None;
     }
 
     let (cand_tx, cand_rx) = mpsc::unbounded_channel();
-    let watcher = match &target {
-        Target::Provider(_) => {
-            let rules = Rules::new(
-                &config.watch.root,
-                &config.watch.include,
-                &config.watch.exclude,
-                config.watch.settle,
-            )
-            .map_err(|e| RunError::Setup(e.to_string()))?;
-            Some(
-                watcher::start(rules, mark_ns, cand_tx.clone(), live.metrics.clone()).map_err(
-                    |e| {
-                        RunError::Setup(format!(
-                            "cannot watch {}: {e}; check that it exists and is readable",
-                            config.watch.root.display()
-                        ))
-                    },
-                )?,
-            )
-        }
-        Target::Local { .. } => None,
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let mut reloader = Reloader {
+        shared: shared.clone(),
+        state: state.clone(),
+        live: live.clone(),
+        pipeline: cmd_tx.clone(),
+        candidates: cand_tx,
+        watcher: None,
     };
-
-    if let (Some(w), Some(every)) = (&watcher, config.watch.rescan_interval) {
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        let rescan = w_rescan(w);
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => rescan(),
-                    _ = stop.changed() => break,
-                }
-            }
-        });
+    if let Target::Provider(_) = cur.target {
+        reloader.start_watcher(&cur, mark_ns)?;
     }
 
-    if let Some(addr) = config.http.listen {
+    if let Some(addr) = cur.config.http.listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             RunError::Setup(format!(
                 "cannot listen on {addr} (http.listen): {e}; pick a free address or set http.listen to \"\" to disable the listener"
             ))
         })?;
-        let predictable = match &target {
-            Target::Provider(c) => c
-                .provider
-                .public_url_base
-                .clone()
-                .map(|base| (base, c.provider.prefix.clone())),
-            Target::Local { .. } => None,
-        };
-        let (cfg, st) = (config.clone(), state.clone());
+        let (sh, st) = (shared.clone(), state.clone());
         let app = http::App {
             metrics: live.metrics.clone(),
             resolve: Arc::new(move |rel: &str| {
-                status::public_url(&cfg, &st, predictable.as_ref(), rel)
+                let c = current(&sh);
+                status::public_url(&c.config, &st, c.predictable.as_ref(), rel)
             }),
         };
         tokio::spawn(http::serve(listener, app, stop_rx.clone()));
     }
 
+    let control = control::Daemon {
+        shared: shared.clone(),
+        state: state.clone(),
+        live: live.clone(),
+        pipeline: cmd_tx,
+    };
+    let socket = cur.config.control_socket.clone();
+    match control::bind(&socket) {
+        Ok(listener) => {
+            tokio::spawn(control::serve(listener, control, stop_rx.clone()));
+        }
+        Err(e) => tracing::warn!(
+            socket = %socket.display(),
+            error = %e,
+            "cannot open the control socket; status, locate and retry must wait until offloadd stops (check control_socket and RuntimeDirectory=)"
+        ),
+    }
+
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| RunError::Setup(format!("cannot install signal handlers: {e}")))?;
-    let stopper = tokio::spawn(async move {
+    let signal_task = tokio::spawn(async move {
         while let Some(sig) = signals.next().await {
             if sig == SIGHUP {
-                tracing::warn!("SIGHUP received: live reload is not supported yet; restart offloadd to apply a new config");
+                reloader.reload();
                 continue;
             }
             tracing::info!(signal = sig, "stopping: no new uploads start");
@@ -179,67 +328,41 @@ pub async fn run(config: Config) -> Result<(), RunError> {
             let _ = stop_tx.send(true);
             break;
         }
+        reloader
     });
 
     tracing::info!(
-        root = %config.watch.root.display(),
-        provider = %active_name,
+        root = %cur.config.watch.root.display(),
+        provider = %cur.active,
         pid = std::process::id(),
         "offloadd started"
     );
-    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-    let control = control::Daemon {
-        config: config.clone(),
-        state: state.clone(),
-        live: live.clone(),
-        active: active_name.clone(),
-        local_reason: local_reason_for_control,
-        pipeline: cmd_tx,
-    };
-    match control::bind(&config.control_socket) {
-        Ok(listener) => {
-            tokio::spawn(control::serve(listener, control, stop_rx.clone()));
-        }
-        Err(e) => tracing::warn!(
-            socket = %config.control_socket.display(),
-            error = %e,
-            "cannot open the control socket; status, locate and retry must wait until offloadd stops (check control_socket and RuntimeDirectory=)"
-        ),
-    }
-
     systemd::ready();
     pipeline.run(cand_rx, cmd_rx, stop_rx, STOP_GRACE).await;
-    drop(watcher);
-    stopper.abort();
+    // Dropping the reloader stops the watcher.
+    signal_task.abort();
+    let _ = signal_task.await;
     let _ = snapshot.await;
     state
         .flush()
         .map_err(|e| RunError::Setup(format!("cannot flush the state on exit: {e}")))?;
-    let _ = std::fs::remove_file(status::snapshot_path(&config.state_dir));
+    let _ = std::fs::remove_file(status::snapshot_path(&cur.config.state_dir));
     tracing::info!("offloadd stopped");
     Ok(())
 }
 
-fn w_rescan(w: &watcher::Watcher) -> impl Fn() + Send + 'static {
-    let tx = w.rescan_handle();
-    move || {
-        let _ = tx.send(());
-    }
-}
-
 async fn publish_status(
-    config: Config,
+    shared: Shared,
     state: State,
     live: Arc<Live>,
-    active: String,
-    local_reason: Option<String>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let report = status::live(&state, &live, &active, local_reason.as_deref());
+        let cur = current(&shared);
+        let report = status::live(&state, &live, &cur.active, cur.local_reason.as_deref());
         systemd::status(&status_line(&report));
-        if let Err(e) = status::write_snapshot(&config.state_dir, &report) {
+        if let Err(e) = status::write_snapshot(&cur.config.state_dir, &report) {
             tracing::debug!(error = %e, "cannot write the status snapshot");
         }
         tokio::select! {

@@ -100,6 +100,13 @@ pub enum Command {
         key: Vec<u8>,
         reply: oneshot::Sender<()>,
     },
+    /// A reload: new settings, target and resources for uploads that start from
+    /// now on; uploads in flight finish as they started.
+    Reconfigure {
+        opts: Options,
+        target: Target,
+        resources: (Budget, Pacer),
+    },
 }
 
 /// What became of one dispatched item.
@@ -628,6 +635,42 @@ impl Pipeline {
             Command::Release { key, reply } => {
                 self.held.remove(&key);
                 let _ = reply.send(());
+            }
+            Command::Reconfigure {
+                opts,
+                target,
+                resources: (budget, pacer),
+            } => {
+                let same_provider = match (&self.target, &target) {
+                    (Target::Provider(a), Target::Provider(b)) => {
+                        a.provider.name == b.provider.name
+                    }
+                    _ => false,
+                };
+                if !same_provider {
+                    if let Health::Paused { .. } = self.health {
+                        let old = self.provider_name();
+                        let _ = self.state.set_paused(&old, None);
+                        *self.live.paused.lock().expect("live lock") = None;
+                    }
+                    self.health = Health::Healthy { transient_run: 0 };
+                } else if let Health::Paused {
+                    next_probe,
+                    probing,
+                    ..
+                } = &mut self.health
+                {
+                    // A reload may have fixed the cause: probe at once.
+                    *next_probe = Instant::now();
+                    *probing = false;
+                }
+                self.opts = opts;
+                self.target = target;
+                self.uploader = Arc::new(Uploader {
+                    budget,
+                    pacer,
+                    state: self.state.clone(),
+                });
             }
         }
         self.publish();

@@ -6,3 +6,4 @@
 pub fn ready() {}
 pub fn status(_line: &str) {}
 pub fn stopping() {}
+pub fn reloading() {}

@@ -137,18 +137,20 @@ struct Pending {
 enum Input {
     Fs(notify::Result<notify::Event>),
     Walked(Vec<(PathBuf, Option<(u64, i128)>)>),
+    /// New include/exclude/settle rules and rescan interval (a reload).
+    Reconfigure(Rules, Option<Duration>),
 }
 
-/// Handle to the running watcher.
+/// Handle to the running watcher; dropping it stops the watching.
 pub struct Watcher {
     _notify: Arc<Mutex<notify::RecommendedWatcher>>,
-    rescan_tx: mpsc::UnboundedSender<()>,
+    tx: mpsc::UnboundedSender<Input>,
 }
 
 impl Watcher {
-    /// A handle that asks for a full rescan of the tree when sent `()`.
-    pub fn rescan_handle(&self) -> mpsc::UnboundedSender<()> {
-        self.rescan_tx.clone()
+    /// Applies reloaded rules and rescan interval; the root stays the same.
+    pub fn reconfigure(&self, rules: Rules, rescan_interval: Option<Duration>) {
+        let _ = self.tx.send(Input::Reconfigure(rules, rescan_interval));
     }
 }
 
@@ -157,6 +159,7 @@ impl Watcher {
 /// `min_changed_ns` (the managed-since mark).
 pub fn start(
     rules: Rules,
+    rescan_interval: Option<Duration>,
     min_changed_ns: i128,
     out: mpsc::UnboundedSender<Candidate>,
     metrics: crate::metrics::Metrics,
@@ -167,9 +170,8 @@ pub fn start(
         let _ = fs_tx.send(Input::Fs(ev));
     })?;
     let notify = Arc::new(Mutex::new(notify));
-    let (rescan_tx, mut rescan_rx) = mpsc::unbounded_channel::<()>();
 
-    let walker = Walker {
+    let mut walker = Walker {
         rules: rules.clone(),
         notify: notify.clone(),
         watched: Arc::new(Mutex::new(HashSet::new())),
@@ -178,8 +180,9 @@ pub fn start(
     };
     walker.spawn_walk(rules.root.clone(), "initial scan");
 
-    let settle = rules.settle;
-    let tick = (settle / 4).clamp(Duration::from_millis(25), Duration::from_millis(500));
+    let tick = (rules.settle / 4).clamp(Duration::from_millis(25), Duration::from_millis(500));
+    let mut rescan_every = rescan_interval;
+    let mut next_rescan = rescan_every.map(|d| Instant::now() + d);
     tokio::spawn(async move {
         let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
         let mut ticker = tokio::time::interval(tick);
@@ -211,6 +214,13 @@ pub fn start(
                             tracing::warn!(error = %e, "file watching reported an error; rescanning");
                             walker.spawn_walk(walker.rules.root.clone(), "rescan after watch error");
                         }
+                        Input::Reconfigure(rules, every) => {
+                            walker.rules = rules;
+                            if every != rescan_every {
+                                rescan_every = every;
+                                next_rescan = every.map(|d| Instant::now() + d);
+                            }
+                        }
                         Input::Walked(files) => {
                             let now = Instant::now();
                             for (abs, stat) in files {
@@ -240,11 +250,12 @@ pub fn start(
                         }
                     }
                 }
-                Some(()) = rescan_rx.recv() => {
-                    metrics.rescan();
-                    walker.spawn_walk(walker.rules.root.clone(), "periodic rescan");
-                }
                 _ = ticker.tick() => {
+                    if next_rescan.is_some_and(|t| Instant::now() >= t) {
+                        next_rescan = rescan_every.map(|d| Instant::now() + d);
+                        metrics.rescan();
+                        walker.spawn_walk(walker.rules.root.clone(), "periodic rescan");
+                    }
                     if root_gone && last_root_check.elapsed() >= Duration::from_secs(2) {
                         last_root_check = Instant::now();
                         if walker.rules.root.is_dir() {
@@ -254,7 +265,7 @@ pub fn start(
                             walker.spawn_walk(walker.rules.root.clone(), "rescan after the root returned");
                         }
                     }
-                    settle_due(&mut pending, settle, &out);
+                    settle_due(&mut pending, walker.rules.settle, &out);
                 }
             }
         }
@@ -262,7 +273,7 @@ pub fn start(
 
     Ok(Watcher {
         _notify: notify,
-        rescan_tx,
+        tx,
     })
 }
 
