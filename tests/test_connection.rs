@@ -259,3 +259,42 @@ fn no_answer_is_a_timeout() {
         &format!("{} did not answer within 15s (timeout); check the network, firewalls and HTTPS_PROXY/NO_PROXY for provider `{PROVIDER}`", fake.endpoint()),
     );
 }
+
+#[test]
+fn dns_failure() {
+    let env = TestEnv::new();
+    let endpoint = "https://s3.offloadd-test.invalid";
+    env.write_config(&Cfg::new(endpoint));
+    assert_failed(
+        probe(&env),
+        &format!("cannot resolve the host of {endpoint} (DNS failure); check `endpoint` (or what it is derived from: `region`, `account_id`) of provider `{PROVIDER}` and this machine's DNS"),
+    );
+}
+
+#[test]
+fn tls_failure() {
+    // Something that is not TLS on an https:// endpoint: the handshake fails.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            use std::io::Write;
+            let _ = conn.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let env = TestEnv::new();
+    let endpoint = format!("https://127.0.0.1:{port}");
+    env.write_config(&Cfg::new(&endpoint));
+    let (code, out, err) = probe(&env);
+    assert_eq!(code, 1, "stdout={out} stderr={err}");
+    let err = err.trim();
+    assert!(
+        err.starts_with(&format!(
+            "offloadd: the TLS connection to {endpoint} failed ("
+        )) && err.ends_with(&format!(
+            "); check that `endpoint` of provider `{PROVIDER}` speaks HTTPS with a certificate this machine trusts (system store, or SSL_CERT_FILE)"
+        )),
+        "{err}"
+    );
+}
