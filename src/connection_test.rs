@@ -127,7 +127,8 @@ pub fn diagnose(
             .unwrap_or_else(|| format!("HTTP {}", e.status.unwrap_or(0)));
         return match &fault.region {
             Some(r) if r != configured_region => format!("bucket `{bucket}` is in region `{r}`, not `{configured_region}` as configured for provider `{provider}` ({what}); set `region: {r}` (or an `endpoint` in that region)"),
-            _ => format!("bucket `{bucket}` is not in region `{configured_region}` as configured for provider `{provider}` ({what}), and the server did not say which region it is in; fix `region` or `endpoint`"),
+            Some(r) => format!("bucket `{bucket}` is in region `{r}` as configured, but {endpoint} sends requests for it elsewhere ({what}); fix `endpoint` of provider `{provider}` to one in region `{r}`"),
+            None => format!("bucket `{bucket}` is not in region `{configured_region}` as configured for provider `{provider}` ({what}), and the server did not say which region it is in; fix `region` or `endpoint`"),
         };
     }
     match code {
@@ -167,8 +168,12 @@ pub fn probe_key(prefix: &str) -> String {
     }
 }
 
-/// Runs the probe with `client`: put, read back and compare, delete.
+/// Runs the probe with `client`: put, read back and compare, delete. Each
+/// request may take [`PROBE_TIMEOUT`].
 pub async fn run(client: &storage::Client) -> Report {
+    let mut client = client.clone();
+    client.set_request_timeout(PROBE_TIMEOUT);
+    let client = &client;
     let p = &client.provider;
     let key = probe_key(&p.prefix);
     let body = format!("offloadd connection probe {key}\n").into_bytes();
@@ -297,14 +302,13 @@ pub fn command(config: &Config, provider: Option<&str>) -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    let mut client = match storage::Client::new(&resolved) {
+    let client = match storage::Client::new(&resolved) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("offloadd: {e}");
             return ExitCode::from(EX_CONFIG);
         }
     };
-    client.set_request_timeout(PROBE_TIMEOUT);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -392,6 +396,14 @@ mod tests {
         assert_eq!(
             d(Phase::Put, &http(301, Some("PermanentRedirect"), None)),
             "bucket `media` is not in region `us-east-1` as configured for provider `p` (PermanentRedirect), and the server did not say which region it is in; fix `region` or `endpoint`"
+        );
+    }
+
+    #[test]
+    fn wrong_endpoint_for_the_right_region() {
+        assert_eq!(
+            d(Phase::Put, &http(301, Some("PermanentRedirect"), Some("us-east-1"))),
+            "bucket `media` is in region `us-east-1` as configured, but https://s3.example sends requests for it elsewhere (PermanentRedirect); fix `endpoint` of provider `p` to one in region `us-east-1`"
         );
     }
 
