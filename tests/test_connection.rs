@@ -298,3 +298,21 @@ fn tls_failure() {
         "{err}"
     );
 }
+
+#[test]
+fn read_back_differs() {
+    let env = TestEnv::new();
+    let fake = fake_bucket(|r| (r.method == "GET").then(|| (200, vec![], "rewritten".to_string())));
+    env.write_config(&Cfg::new(&fake.endpoint()));
+    let (code, out, err) = probe(&env);
+    assert_eq!(code, 1, "stdout={out} stderr={err}");
+    let err = err.trim();
+    assert!(
+        err.starts_with(&format!(
+            "offloadd: the probe object read back from bucket `{BUCKET}` differs from what was written (9 bytes instead of "
+        )) && err.ends_with(&format!(
+            "); check that nothing between offloadd and provider `{PROVIDER}` rewrites objects"
+        )),
+        "{err}"
+    );
+}
