@@ -1,33 +1,478 @@
-//! `test-connection`: put a tiny probe object under the prefix, read it back,
-//! compare, delete it, and diagnose the first failure in one sentence.
+//! `test-connection`: put a tiny probe object under the provider's prefix, read
+//! it back, compare, delete it, and report each step.
 //!
-//! STUB: filled in by the providers work.
+//! Guarantees: the first failing step ends the probe with one sentence saying
+//! what is wrong and what to fix ([`diagnose`]); a denied delete of the probe
+//! is a warning, not a failure; no message contains the secret (messages are
+//! built only from names, codes, the endpoint and the region). [`run`] needs
+//! only a [`storage::Client`], so the daemon can run it for the control socket.
 
 use crate::config::Config;
-use crate::storage::Client;
+use crate::storage::{self, ErrorClass, Fault, Transport};
 use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
 use std::process::ExitCode;
+use std::time::Duration;
 
-/// The outcome of a probe, step by step.
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub struct Report {}
+const EX_USAGE: u8 = 2;
+const EX_CONFIG: u8 = 78;
+
+/// The time each probe request may take.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How one step went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok,
+    Warning,
+    Failed,
+}
+
+/// One step of the probe: `put`, `read back` or `delete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    pub name: String,
+    pub outcome: Outcome,
+    /// One sentence.
+    pub detail: String,
+}
+
+/// The whole probe: every step that ran, and the verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    pub provider: String,
+    pub bucket: String,
+    pub endpoint: String,
+    /// The probe object's key.
+    pub key: String,
+    pub steps: Vec<Step>,
+    /// `Ok` (all steps ok), `Warning` (passed with warnings) or `Failed`.
+    pub verdict: Outcome,
+    /// The one-sentence diagnosis of the failure, if any.
+    pub diagnosis: Option<String>,
+}
 
 impl Report {
-    pub fn render(&self) -> String {
-        String::new()
-    }
     pub fn passed(&self) -> bool {
-        false
+        self.verdict != Outcome::Failed
+    }
+
+    /// Human-readable lines, one per step, then the verdict.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "testing provider `{}`: bucket `{}` at {}",
+            self.provider, self.bucket, self.endpoint
+        );
+        for s in &self.steps {
+            let word = match s.outcome {
+                Outcome::Ok => "ok",
+                Outcome::Warning => "warning",
+                Outcome::Failed => "FAILED",
+            };
+            let _ = writeln!(out, "{} … {word}: {}", s.name, s.detail);
+        }
+        let _ = match (&self.verdict, &self.diagnosis) {
+            (Outcome::Failed, Some(d)) => writeln!(out, "failed: {d}"),
+            (Outcome::Failed, None) => writeln!(out, "failed"),
+            (Outcome::Warning, _) => writeln!(
+                out,
+                "passed with warnings: provider `{}` can take uploads",
+                self.provider
+            ),
+            (Outcome::Ok, _) => writeln!(
+                out,
+                "passed: provider `{}` can take uploads, read them back and delete them",
+                self.provider
+            ),
+        };
+        out
     }
 }
 
-/// Probes one provider.
-pub async fn run(_client: &Client) -> Report {
-    Report {}
+/// Which probe step a failure happened in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Put,
+    ReadBack,
+    Delete,
+}
+
+/// The one-sentence diagnosis of a failed probe step. `configured_region` is
+/// the region the client signs for; `region` the bucket's real one if known.
+pub fn diagnose(
+    phase: Phase,
+    fault: &Fault,
+    provider: &str,
+    bucket: &str,
+    endpoint: &str,
+    configured_region: &str,
+) -> String {
+    let e = &fault.error;
+    if let Some(t) = &fault.transport {
+        return match t {
+            Transport::Refused => format!("cannot connect to {endpoint} (connection refused): nothing accepts connections there; check `endpoint` of provider `{provider}` and that the server is running and reachable"),
+            Transport::Dns => format!("cannot resolve the host of {endpoint} (DNS failure); check `endpoint` (or what it is derived from: `region`, `account_id`) of provider `{provider}` and this machine's DNS"),
+            Transport::Tls(cause) => format!("the TLS connection to {endpoint} failed ({cause}); check that `endpoint` of provider `{provider}` speaks HTTPS with a certificate this machine trusts (system store, or SSL_CERT_FILE)"),
+            Transport::Timeout => format!("{endpoint} did not answer within {}s (timeout); check the network, firewalls and HTTPS_PROXY/NO_PROXY for provider `{provider}`", PROBE_TIMEOUT.as_secs()),
+            Transport::Other(cause) => format!("the connection to {endpoint} failed ({cause}); check `endpoint` of provider `{provider}` and the network"),
+        };
+    }
+    let code = e.code.as_deref();
+    if storage::is_wrong_region(e.status, code) {
+        let what = code
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("HTTP {}", e.status.unwrap_or(0)));
+        return match &fault.region {
+            Some(r) if r != configured_region => format!("bucket `{bucket}` is in region `{r}`, not `{configured_region}` as configured for provider `{provider}` ({what}); set `region: {r}` (or an `endpoint` in that region)"),
+            Some(r) => format!("bucket `{bucket}` is in region `{r}` as configured, but {endpoint} sends requests for it elsewhere ({what}); fix `endpoint` of provider `{provider}` to one in region `{r}`"),
+            None => format!("bucket `{bucket}` is not in region `{configured_region}` as configured for provider `{provider}` ({what}), and the server did not say which region it is in; fix `region` or `endpoint`"),
+        };
+    }
+    match code {
+        // s3s answers an unknown key with NotSignedUp.
+        Some(c @ ("InvalidAccessKeyId" | "NotSignedUp")) => return format!("provider `{provider}` does not know the access key id ({c}); check `access_key_id`"),
+        Some("SignatureDoesNotMatch") => return format!("provider `{provider}` rejected the signature (SignatureDoesNotMatch): the secret access key is wrong; fix the secret of provider `{provider}`"),
+        Some("NoSuchBucket") => return format!("bucket `{bucket}` does not exist at provider `{provider}` (NoSuchBucket); create it or fix `bucket`"),
+        Some("RequestTimeTooSkewed") => return format!("provider `{provider}` says this machine's clock is off (RequestTimeTooSkewed); fix the clock (e.g. enable NTP)"),
+        _ => {}
+    }
+    let denied = matches!(code, Some("AccessDenied")) || (code.is_none() && e.status == Some(403));
+    match phase {
+        Phase::Put if denied => format!("provider `{provider}` denied the probe upload to bucket `{bucket}` (AccessDenied): the key lacks write permission (PutObject); grant it PutObject on the prefix"),
+        Phase::ReadBack if denied => format!("the probe upload to bucket `{bucket}` worked but reading it back was denied: the key lacks read permission (GetObject); grant it GetObject on the prefix"),
+        Phase::ReadBack if e.status == Some(404) || code == Some("NoSuchKey") => format!("the probe upload to bucket `{bucket}` was accepted but the object cannot be read back (NoSuchKey); check that `endpoint` of provider `{provider}` points at the server itself, not a gateway or cache"),
+        Phase::Delete if denied => "deleting the probe object was denied: the key lacks DeleteObject; offloadd only needs it for delete-through".to_string(),
+        _ => {
+            let step = match phase {
+                Phase::Put => "the probe upload",
+                Phase::ReadBack => "reading the probe back",
+                Phase::Delete => "deleting the probe",
+            };
+            let after = if e.class == ErrorClass::Transient { "; try again later" } else { "" };
+            format!("{step} failed: {}{after}", e.message.trim_end_matches("; will retry"))
+        }
+    }
+}
+
+/// A random probe key under the prefix.
+pub fn probe_key(prefix: &str) -> String {
+    let n: u64 = rand::random();
+    let name = format!(".offloadd-probe-{n:016x}");
+    if prefix.is_empty() {
+        name
+    } else {
+        format!("{prefix}/{name}")
+    }
+}
+
+/// Runs the probe with `client`: put, read back and compare, delete. Each
+/// request may take [`PROBE_TIMEOUT`].
+pub async fn run(client: &storage::Client) -> Report {
+    let mut client = client.clone();
+    client.set_request_timeout(PROBE_TIMEOUT);
+    let client = &client;
+    let p = &client.provider;
+    let key = probe_key(&p.prefix);
+    let body = format!("offloadd connection probe {key}\n").into_bytes();
+    let mut report = Report {
+        provider: p.name.clone(),
+        bucket: p.bucket.clone(),
+        endpoint: p.endpoint.clone(),
+        key: key.clone(),
+        steps: Vec::new(),
+        verdict: Outcome::Ok,
+        diagnosis: None,
+    };
+    let diagnosis = |phase: Phase, fault: &Fault| {
+        diagnose(phase, fault, &p.name, &p.bucket, &p.endpoint, &p.region)
+    };
+
+    // put
+    if let Err(mut fault) = client.put_small(&key, &body, "text/plain").await {
+        if storage::is_wrong_region(fault.error.status, fault.error.code.as_deref())
+            && fault.region.is_none()
+        {
+            fault.region = client.bucket_region().await;
+        }
+        let d = diagnosis(Phase::Put, &fault);
+        report.failed("put", d);
+        return report;
+    }
+    report.ok("put", format!("wrote {} bytes to `{key}`", body.len()));
+
+    // read back and compare
+    match client.get(&key).await {
+        Ok(got) if got == body => report.ok(
+            "read back",
+            format!("read {} bytes back, identical", got.len()),
+        ),
+        Ok(got) => {
+            let d = format!("the probe object read back from bucket `{}` differs from what was written ({} bytes instead of {}); check that nothing between offloadd and provider `{}` rewrites objects", p.bucket, got.len(), body.len(), p.name);
+            report.failed("read back", d);
+            cleanup(client, &key).await;
+            return report;
+        }
+        Err(fault) => {
+            let d = diagnosis(Phase::ReadBack, &fault);
+            report.failed("read back", d);
+            cleanup(client, &key).await;
+            return report;
+        }
+    }
+
+    // delete
+    match client.delete_key(&key).await {
+        Ok(()) => report.ok("delete", format!("deleted `{key}`")),
+        Err(fault) => {
+            let d = diagnosis(Phase::Delete, &fault);
+            let denied = fault.error.code.as_deref() == Some("AccessDenied")
+                || (fault.error.code.is_none() && fault.error.status == Some(403));
+            if denied {
+                report.steps.push(Step {
+                    name: "delete".into(),
+                    outcome: Outcome::Warning,
+                    detail: format!("{d} (remove `{key}` by hand)"),
+                });
+                report.verdict = Outcome::Warning;
+            } else {
+                report.failed("delete", d);
+            }
+        }
+    }
+    report
+}
+
+/// Best effort: remove the probe after a failed read-back.
+async fn cleanup(client: &storage::Client, key: &str) {
+    let _ = client.delete_key(key).await;
+}
+
+impl Report {
+    fn ok(&mut self, name: &str, detail: String) {
+        self.steps.push(Step {
+            name: name.into(),
+            outcome: Outcome::Ok,
+            detail,
+        });
+    }
+
+    fn failed(&mut self, name: &str, diagnosis: String) {
+        self.steps.push(Step {
+            name: name.into(),
+            outcome: Outcome::Failed,
+            detail: diagnosis.clone(),
+        });
+        self.verdict = Outcome::Failed;
+        self.diagnosis = Some(diagnosis);
+    }
 }
 
 /// Runs the probe for `provider` (default: the active one) from the CLI.
-pub fn command(_config: &Config, _provider: Option<&str>) -> ExitCode {
-    eprintln!("offloadd: test-connection is not available yet");
-    ExitCode::from(2)
+/// Exit codes: 0 passed (possibly with warnings), 1 failed, 2 unknown provider,
+/// 78 provider incomplete or `active: local` without a name.
+pub fn command(config: &Config, provider: Option<&str>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("offloadd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (code, out, err) = rt.block_on(outcome(config, provider));
+    print!("{out}");
+    eprint!("{err}");
+    ExitCode::from(code)
+}
+
+/// What `test-connection` prints (stdout, stderr) and its exit code; shared by
+/// the CLI and the daemon (which runs it with the credentials only it can read).
+pub async fn outcome(config: &Config, provider: Option<&str>) -> (u8, String, String) {
+    let names: Vec<&str> = config
+        .storage
+        .providers
+        .keys()
+        .map(String::as_str)
+        .collect();
+    let fail = |code: u8, msg: String| (code, String::new(), format!("offloadd: {msg}\n"));
+    let name = match provider {
+        Some(n) => n,
+        None if config.storage.active == "local" => {
+            return fail(EX_CONFIG, format!("`storage.active` is `local`, so there is no provider to test; name one: offloadd test-connection {}", name_list(&names)));
+        }
+        None => config.storage.active.as_str(),
+    };
+    if !config.storage.providers.contains_key(name) {
+        return fail(
+            EX_USAGE,
+            format!(
+                "there is no provider `{name}`; name one of: {}",
+                name_list(&names)
+            ),
+        );
+    }
+    let resolved = match config.resolve_provider(name) {
+        Ok(r) => r,
+        Err(e) => return fail(EX_CONFIG, e.to_string()),
+    };
+    let client = match storage::Client::new(&resolved) {
+        Ok(c) => c,
+        Err(e) => return fail(EX_CONFIG, e.to_string()),
+    };
+    let report = run(&client).await;
+    match &report.diagnosis {
+        Some(d) if !report.passed() => (1, report.render(), format!("offloadd: {d}\n")),
+        _ => (0, report.render(), String::new()),
+    }
+}
+
+fn name_list(names: &[&str]) -> String {
+    if names.is_empty() {
+        "(none configured under `storage.providers`)".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{classify, StorageError};
+
+    fn http(status: u16, code: Option<&str>, region: Option<&str>) -> Fault {
+        Fault {
+            error: classify(status, code, "p", "media"),
+            transport: None,
+            region: region.map(str::to_string),
+        }
+    }
+
+    fn net(t: Transport) -> Fault {
+        Fault {
+            error: StorageError::new(ErrorClass::Transient, "x"),
+            transport: Some(t),
+            region: None,
+        }
+    }
+
+    fn d(phase: Phase, f: &Fault) -> String {
+        diagnose(phase, f, "p", "media", "https://s3.example", "us-east-1")
+    }
+
+    #[test]
+    fn credentials_and_bucket() {
+        assert_eq!(
+            d(Phase::Put, &http(403, Some("InvalidAccessKeyId"), None)),
+            "provider `p` does not know the access key id (InvalidAccessKeyId); check `access_key_id`"
+        );
+        assert_eq!(
+            d(Phase::Put, &http(403, Some("NotSignedUp"), None)),
+            "provider `p` does not know the access key id (NotSignedUp); check `access_key_id`"
+        );
+        assert_eq!(
+            d(Phase::Put, &http(403, Some("SignatureDoesNotMatch"), None)),
+            "provider `p` rejected the signature (SignatureDoesNotMatch): the secret access key is wrong; fix the secret of provider `p`"
+        );
+        assert_eq!(
+            d(Phase::Put, &http(404, Some("NoSuchBucket"), None)),
+            "bucket `media` does not exist at provider `p` (NoSuchBucket); create it or fix `bucket`"
+        );
+    }
+
+    #[test]
+    fn wrong_region_names_the_region_when_known() {
+        assert_eq!(
+            d(Phase::Put, &http(400, Some("AuthorizationHeaderMalformed"), Some("eu-west-1"))),
+            "bucket `media` is in region `eu-west-1`, not `us-east-1` as configured for provider `p` (AuthorizationHeaderMalformed); set `region: eu-west-1` (or an `endpoint` in that region)"
+        );
+        assert_eq!(
+            d(Phase::Put, &http(301, None, Some("ap-south-1"))),
+            "bucket `media` is in region `ap-south-1`, not `us-east-1` as configured for provider `p` (HTTP 301); set `region: ap-south-1` (or an `endpoint` in that region)"
+        );
+        assert_eq!(
+            d(Phase::Put, &http(301, Some("PermanentRedirect"), None)),
+            "bucket `media` is not in region `us-east-1` as configured for provider `p` (PermanentRedirect), and the server did not say which region it is in; fix `region` or `endpoint`"
+        );
+    }
+
+    #[test]
+    fn wrong_endpoint_for_the_right_region() {
+        assert_eq!(
+            d(Phase::Put, &http(301, Some("PermanentRedirect"), Some("us-east-1"))),
+            "bucket `media` is in region `us-east-1` as configured, but https://s3.example sends requests for it elsewhere (PermanentRedirect); fix `endpoint` of provider `p` to one in region `us-east-1`"
+        );
+    }
+
+    #[test]
+    fn permissions_depend_on_the_step() {
+        let denied = http(403, Some("AccessDenied"), None);
+        assert!(d(Phase::Put, &denied).contains("lacks write permission (PutObject)"));
+        assert_eq!(
+            d(Phase::ReadBack, &denied),
+            "the probe upload to bucket `media` worked but reading it back was denied: the key lacks read permission (GetObject); grant it GetObject on the prefix"
+        );
+        assert_eq!(
+            d(Phase::Delete, &http(403, None, None)),
+            "deleting the probe object was denied: the key lacks DeleteObject; offloadd only needs it for delete-through"
+        );
+    }
+
+    #[test]
+    fn transport_failures() {
+        assert_eq!(
+            d(Phase::Put, &net(Transport::Refused)),
+            "cannot connect to https://s3.example (connection refused): nothing accepts connections there; check `endpoint` of provider `p` and that the server is running and reachable"
+        );
+        assert!(d(Phase::Put, &net(Transport::Dns))
+            .starts_with("cannot resolve the host of https://s3.example (DNS failure)"));
+        assert!(d(Phase::Put, &net(Transport::Tls("bad cert".into())))
+            .starts_with("the TLS connection to https://s3.example failed (bad cert)"));
+        assert!(d(Phase::Put, &net(Transport::Timeout))
+            .starts_with("https://s3.example did not answer within 15s (timeout)"));
+    }
+
+    #[test]
+    fn other_errors_fall_back_to_the_classification() {
+        let m = d(Phase::Put, &http(503, Some("SlowDown"), None));
+        assert_eq!(
+            m,
+            "the probe upload failed: provider `p` answered SlowDown (HTTP 503); try again later"
+        );
+    }
+
+    #[test]
+    fn report_round_trips_and_renders() {
+        let mut r = Report {
+            provider: "p".into(),
+            bucket: "media".into(),
+            endpoint: "https://s3.example".into(),
+            key: "x/.offloadd-probe-1".into(),
+            steps: vec![],
+            verdict: Outcome::Ok,
+            diagnosis: None,
+        };
+        r.ok("put", "wrote 3 bytes".into());
+        r.failed("read back", "nope".into());
+        assert!(!r.passed());
+        let json = serde_json::to_string(&r).unwrap();
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, r);
+        let text = r.render();
+        assert!(text.contains("put … ok: wrote 3 bytes"), "{text}");
+        assert!(text.contains("read back … FAILED: nope"), "{text}");
+        assert!(text.ends_with("failed: nope\n"), "{text}");
+    }
+
+    #[test]
+    fn probe_keys_live_under_the_prefix() {
+        let k = probe_key("magicads");
+        assert!(k.starts_with("magicads/.offloadd-probe-"), "{k}");
+        assert!(probe_key("").starts_with(".offloadd-probe-"));
+        assert_ne!(probe_key("a"), probe_key("a"));
+    }
 }

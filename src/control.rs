@@ -365,33 +365,8 @@ async fn delete_through(config: &Config, state: &State, rel: &RelPath) -> Reply 
 }
 
 async fn test_connection(config: &Config, provider: Option<&str>) -> Reply {
-    let name = match provider {
-        Some(p) => p.to_string(),
-        None => match config.active() {
-            Active::Provider(p) => p.name,
-            Active::Local { reason } => {
-                return Reply::fail(78, err_line(format!("no provider to test: {reason}")))
-            }
-        },
-    };
-    let client = match config
-        .resolve_provider(&name)
-        .map_err(|e| e.to_string())
-        .and_then(|p| Client::new(&p).map_err(|e| e.to_string()))
-    {
-        Ok(c) => c,
-        Err(e) => return Reply::fail(78, err_line(format!("cannot test provider `{name}`: {e}"))),
-    };
-    let report = crate::connection_test::run(&client).await;
-    if report.passed() {
-        Reply::ok(report.render())
-    } else {
-        Reply {
-            exit: 1,
-            out: report.render(),
-            err: String::new(),
-        }
-    }
+    let (exit, out, err) = crate::connection_test::outcome(config, provider).await;
+    Reply { exit, out, err }
 }
 
 // ---------------------------------------------------------------------------

@@ -344,6 +344,174 @@ impl Client {
     }
 }
 
+/// What failed below HTTP, for diagnosis.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Nothing listens at the endpoint (connection refused).
+    Refused,
+    /// The endpoint's host name does not resolve.
+    Dns,
+    /// The TLS handshake or certificate check failed; the root cause.
+    Tls(String),
+    /// No answer in time.
+    Timeout,
+    /// Any other connection-level failure; the root cause.
+    Other(String),
+}
+
+/// A failed request with what a diagnosis needs beyond [`StorageError`]: the
+/// transport failure, if any, and the bucket's real region when the server
+/// told it (`<Region>` in the error document or the `x-amz-bucket-region`
+/// header).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{error}")]
+pub struct Fault {
+    pub error: StorageError,
+    pub transport: Option<Transport>,
+    pub region: Option<String>,
+}
+
+impl From<Fault> for StorageError {
+    fn from(f: Fault) -> StorageError {
+        f.error
+    }
+}
+
+/// Whether an S3 error code or status means "wrong region for this bucket".
+pub fn is_wrong_region(status: Option<u16>, code: Option<&str>) -> bool {
+    matches!(
+        code,
+        Some(
+            "PermanentRedirect"
+                | "AuthorizationHeaderMalformed"
+                | "IllegalLocationConstraintException"
+        )
+    ) || (code.is_none() && matches!(status, Some(301 | 307)))
+}
+
+/// The region an S3 error document names: `<Region>`, else the region in an
+/// AWS `<Endpoint>` such as `media.s3.eu-west-1.amazonaws.com`.
+pub fn region_from_error(body: &str) -> Option<String> {
+    if let Some(r) = xml_field(body, "Region").filter(|r| valid_region(r)) {
+        return Some(r);
+    }
+    let endpoint = xml_field(body, "Endpoint")?;
+    let host = endpoint.trim_end_matches(".amazonaws.com");
+    if host.len() == endpoint.len() {
+        return None;
+    }
+    let last = host.rsplit('.').next()?;
+    let region = last.strip_prefix("s3-").unwrap_or(last);
+    (region != "s3" && valid_region(region)).then(|| region.to_string())
+}
+
+fn valid_region(r: &str) -> bool {
+    !r.is_empty() && r.len() <= 64 && r.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// Classifies a connection-level failure from its error chain.
+pub fn transport_of(timeout: bool, chain: &[String]) -> Transport {
+    if timeout {
+        return Transport::Timeout;
+    }
+    let all = chain.join(": ").to_ascii_lowercase();
+    if all.contains("connection refused") {
+        Transport::Refused
+    } else if all.contains("dns error")
+        || all.contains("failed to lookup address")
+        || all.contains("name or service not known")
+        || all.contains("no address associated")
+    {
+        Transport::Dns
+    } else if ["tls", "ssl", "certificate", "handshake"]
+        .iter()
+        .any(|w| all.contains(w))
+    {
+        Transport::Tls(chain.last().cloned().unwrap_or_default())
+    } else if all.contains("timed out") {
+        Transport::Timeout
+    } else {
+        Transport::Other(chain.last().cloned().unwrap_or_default())
+    }
+}
+
+/// The messages of an error and all its sources, outermost first.
+fn error_chain(e: &dyn std::error::Error) -> Vec<String> {
+    let mut out = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(next) = cur {
+        out.push(next.to_string());
+        cur = next.source();
+    }
+    out
+}
+
+impl Client {
+    /// Sets the time allowed for each small request (HEAD, GET, DELETE, the
+    /// probe's PUT); bodies still get extra time for their size.
+    pub fn set_request_timeout(&mut self, timeout: Duration) {
+        self.plain_bucket.set_request_timeout(Some(timeout));
+        self.upload_bucket.set_request_timeout(Some(timeout));
+    }
+
+    fn fault(&self, e: S3Error) -> Fault {
+        let (transport, region) = match &e {
+            S3Error::HttpFailWithBody(_, body) => (None, region_from_error(body)),
+            S3Error::Reqwest(r) => (Some(transport_of(r.is_timeout(), &error_chain(r))), None),
+            _ => (None, None),
+        };
+        Fault {
+            error: self.err(e),
+            transport,
+            region,
+        }
+    }
+
+    /// Asks the endpoint, unsigned, which region the bucket is in (the
+    /// `x-amz-bucket-region` header S3 sends even on 301 and 403).
+    pub async fn bucket_region(&self) -> Option<String> {
+        let resp = self
+            .plain_bucket
+            .http_client()
+            .head(self.plain_bucket.url())
+            .timeout(SMALL_REQUEST_TIMEOUT)
+            .send()
+            .await
+            .ok()?;
+        let region = resp.headers().get("x-amz-bucket-region")?.to_str().ok()?;
+        valid_region(region).then(|| region.to_string())
+    }
+
+    /// Uploads a small object in one PUT with the upload options; for probes.
+    pub async fn put_small(&self, key: &str, body: &[u8], content_type: &str) -> Result<(), Fault> {
+        self.upload_bucket
+            .put_object_with_content_type(key, body, content_type)
+            .await
+            .map_err(|e| self.fault(e))?;
+        Ok(())
+    }
+
+    /// The bytes of an object.
+    pub async fn get(&self, key: &str) -> Result<Vec<u8>, Fault> {
+        let r = self
+            .plain_bucket
+            .get_object(key)
+            .await
+            .map_err(|e| self.fault(e))?;
+        Ok(r.to_vec())
+    }
+
+    /// Deletes an object by its raw key; for probes.
+    pub async fn delete_key(&self, key: &str) -> Result<(), Fault> {
+        self.plain_bucket
+            .delete_object(key)
+            .await
+            .map_err(|e| self.fault(e))?;
+        Ok(())
+    }
+}
+
 fn root_cause(e: &dyn std::error::Error) -> String {
     let mut cur: &dyn std::error::Error = e;
     while let Some(next) = cur.source() {
@@ -413,5 +581,72 @@ mod tests {
             "<?xml version=\"1.0\"?><Error><Code>NoSuchBucket</Code><Message>x</Message></Error>";
         assert_eq!(xml_field(body, "Code").as_deref(), Some("NoSuchBucket"));
         assert_eq!(xml_field("nothing", "Code"), None);
+    }
+
+    #[test]
+    fn region_is_read_from_error_documents() {
+        let malformed = "<Error><Code>AuthorizationHeaderMalformed</Code><Message>the region 'us-east-1' is wrong; expecting 'eu-west-1'</Message><Region>eu-west-1</Region></Error>";
+        assert_eq!(region_from_error(malformed).as_deref(), Some("eu-west-1"));
+        let redirect = "<Error><Code>PermanentRedirect</Code><Endpoint>media.s3.ap-south-1.amazonaws.com</Endpoint><Bucket>media</Bucket></Error>";
+        assert_eq!(region_from_error(redirect).as_deref(), Some("ap-south-1"));
+        let legacy = "<Error><Code>PermanentRedirect</Code><Endpoint>media.s3-eu-west-2.amazonaws.com</Endpoint></Error>";
+        assert_eq!(region_from_error(legacy).as_deref(), Some("eu-west-2"));
+        let global = "<Error><Code>PermanentRedirect</Code><Endpoint>media.s3.amazonaws.com</Endpoint></Error>";
+        assert_eq!(region_from_error(global), None);
+        assert_eq!(
+            region_from_error("<Error><Region>a b</Region></Error>"),
+            None
+        );
+    }
+
+    #[test]
+    fn wrong_region_codes() {
+        assert!(is_wrong_region(
+            Some(400),
+            Some("AuthorizationHeaderMalformed")
+        ));
+        assert!(is_wrong_region(Some(301), Some("PermanentRedirect")));
+        assert!(is_wrong_region(Some(301), None));
+        assert!(!is_wrong_region(Some(403), Some("AccessDenied")));
+        assert!(!is_wrong_region(Some(404), None));
+    }
+
+    #[test]
+    fn transport_failures_are_told_apart() {
+        let c = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(transport_of(true, &c(&["x"])), Transport::Timeout);
+        assert_eq!(
+            transport_of(
+                false,
+                &c(&[
+                    "error sending request",
+                    "client error (Connect)",
+                    "tcp connect error",
+                    "Connection refused (os error 111)"
+                ])
+            ),
+            Transport::Refused
+        );
+        assert_eq!(
+            transport_of(
+                false,
+                &c(&[
+                    "error sending request",
+                    "dns error",
+                    "failed to lookup address information: Name or service not known"
+                ])
+            ),
+            Transport::Dns
+        );
+        assert_eq!(
+            transport_of(
+                false,
+                &c(&[
+                    "error sending request",
+                    "error:0A000086:SSL routines::certificate verify failed"
+                ])
+            ),
+            Transport::Tls("error:0A000086:SSL routines::certificate verify failed".into())
+        );
     }
 }

@@ -1494,3 +1494,284 @@ impl Drop for Nginx {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// added for test-connection, upload options and secrets
+
+impl TestEnv {
+    /// Like [`TestEnv::cli`], with extra environment variables for the child
+    /// (set after the scrub, so `CREDENTIALS_DIRECTORY` and `OFFLOADD_*` pass).
+    pub fn cli_env(&self, args: &[&str], extra_env: &[(&str, &str)]) -> (i32, String, String) {
+        let mut cmd = Command::new(bin_path());
+        cmd.arg("--config").arg(&self.config_path).args(args);
+        scrub_env(&mut cmd);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn offloadd");
+        let out = capture(child.stdout.take().unwrap());
+        let err = capture(child.stderr.take().unwrap());
+        let st = match wait_child(&mut child, Duration::from_secs(60)) {
+            Some(st) => st,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("offloadd {args:?} did not finish within 60 s");
+            }
+        };
+        let out = out.join();
+        let err = err.join();
+        self.assert_no_secret(&format!("stdout of `offloadd {args:?}`"), &out);
+        self.assert_no_secret(&format!("stderr of `offloadd {args:?}`"), &err);
+        let code = st
+            .code()
+            .unwrap_or_else(|| panic!("offloadd {args:?}: {}", describe(&st)));
+        (code, out, err)
+    }
+}
+
+/// Insert provider lines (each indented 6 spaces, newline-terminated) into a
+/// config rendered by [`TestEnv::config_yaml`], right after the prefix line.
+pub fn with_provider_lines(yaml: &str, lines: &str) -> String {
+    let anchor = format!("      prefix: {PREFIX}\n");
+    assert!(yaml.contains(&anchor), "config has no prefix line: {yaml}");
+    yaml.replacen(&anchor, &format!("{anchor}{lines}"), 1)
+}
+
+/// One request seen by [`FakeS3`].
+#[derive(Clone, Debug)]
+pub struct SeenRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// An answer of [`FakeS3`]: status, extra headers, body.
+pub type FakeAnswer = (u16, Vec<(String, String)>, String);
+
+/// A tiny HTTP/1.1 responder on 127.0.0.1 for answers a real local server
+/// cannot be made to give (S3 error XML for GET only, wrong region…). Each
+/// connection gets one answer, then is closed.
+pub struct FakeS3 {
+    pub port: u16,
+    pub seen: Arc<Mutex<Vec<SeenRequest>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The XML error document S3 sends.
+pub fn s3_error_xml(code: &str, message: &str, extra: &str) -> String {
+    format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message>{extra}<RequestId>4442587FB7D0A2F9</RequestId><HostId>fake</HostId></Error>")
+}
+
+impl FakeS3 {
+    pub fn start(answer: impl Fn(&SeenRequest) -> FakeAnswer + Send + Sync + 'static) -> FakeS3 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen2, stop2) = (seen.clone(), stop.clone());
+        let answer = Arc::new(answer);
+        let thread = thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let seen3 = seen2.clone();
+                        let answer = answer.clone();
+                        thread::spawn(move || {
+                            let _ = FakeS3::serve(conn, &seen3, &*answer);
+                        });
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        FakeS3 {
+            port,
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn serve(
+        mut conn: TcpStream,
+        seen: &Mutex<Vec<SeenRequest>>,
+        answer: &dyn Fn(&SeenRequest) -> FakeAnswer,
+    ) -> io::Result<()> {
+        conn.set_nonblocking(false)?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = conn.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let mut first = lines.next().unwrap_or("").split_whitespace();
+        let method = first.next().unwrap_or("").to_string();
+        let path = first.next().unwrap_or("").to_string();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = buf[head_end..].to_vec();
+        while body.len() < len {
+            let n = conn.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        let req = SeenRequest {
+            method,
+            path,
+            headers,
+            body,
+        };
+        seen.lock().unwrap().push(req.clone());
+        let (status, extra, body) = answer(&req);
+        let mut resp = format!(
+            "HTTP/1.1 {status} {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            if status < 300 { "OK" } else { "Error" },
+            if req.method == "HEAD" { 0 } else { body.len() }
+        );
+        if !body.is_empty() {
+            resp += "Content-Type: application/xml\r\n";
+        }
+        for (k, v) in extra {
+            resp += &format!("{k}: {v}\r\n");
+        }
+        resp += "\r\n";
+        if req.method != "HEAD" {
+            resp += &body;
+        }
+        conn.write_all(resp.as_bytes())?;
+        conn.flush()?;
+        let _ = conn.shutdown(Shutdown::Write);
+        Ok(())
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FakeS3 {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A real `moto_server` on 127.0.0.1 (accepts any key; keeps object
+/// metadata such as storage class, cache-control and SSE).
+pub struct MotoServer {
+    pub port: u16,
+    child: Child,
+    _log_dir: TempDir,
+}
+
+impl MotoServer {
+    pub fn start() -> MotoServer {
+        let log_dir = tempfile::Builder::new()
+            .prefix("offloadd-moto-")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let log = fs::File::create(log_dir.path().join("moto.log")).unwrap();
+        let mut cmd = Command::new("moto_server");
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .expect("spawn moto_server (pip install 'moto[server]')");
+        let mut m = MotoServer {
+            port,
+            child,
+            _log_dir: log_dir,
+        };
+        wait_until(Duration::from_secs(60), "moto_server listening", || {
+            if let Ok(Some(st)) = m.child.try_wait() {
+                panic!("moto_server exited: {st:?}");
+            }
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        m
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `PUT /name`, unsigned (moto allows it).
+    pub fn create_bucket(&self, name: &str) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "PUT /{name} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            self.port
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        assert!(
+            resp.starts_with("HTTP/1.1 200"),
+            "create bucket {name}: {resp}"
+        );
+    }
+
+    /// HEAD of an object, signed with any key; None unless 200.
+    pub fn head(&self, bucket: &str, key: &str) -> Option<s3::serde_types::HeadObjectResult> {
+        let region = s3::Region::Custom {
+            region: "us-east-1".into(),
+            endpoint: self.endpoint(),
+        };
+        let creds =
+            s3::creds::Credentials::new(Some("AKMOTO"), Some("moto-secret"), None, None, None)
+                .unwrap();
+        let b = s3::Bucket::new(bucket, region, creds)
+            .unwrap()
+            .with_path_style();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        match rt.block_on(b.head_object(key)) {
+            Ok((h, 200)) => Some(h),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,101 @@
+//! Proof that the upload options reach the bucket: `storage_class`,
+//! `cache_control`, `server_side_encryption` (AES256, aws:kms with a key id)
+//! and the Content-Type from the extension are visible on a HEAD of objects
+//! the real daemon uploaded, both by single PUT and by multipart. Uses
+//! moto_server, which keeps these headers (s3s-fs does not) and accepts any key.
+
+mod common;
+use common::*;
+
+fn options_config(env: &TestEnv, endpoint: &str, lines: &str) {
+    let mut cfg = Cfg::new(endpoint);
+    cfg.multipart_threshold = Some("5MiB".into());
+    cfg.part_size = Some("5MiB".into());
+    env.write_raw_config(&with_provider_lines(&env.config_yaml(&cfg), lines));
+}
+
+fn upload_two(
+    env: &TestEnv,
+    moto: &MotoServer,
+) -> Vec<(String, s3::serde_types::HeadObjectResult)> {
+    let daemon = Daemon::start(env, &[]);
+    write_file(&env.path("img/a.png"), b"\x89PNG small");
+    write_big_file(&env.path("vid/b.mp4"), 11 * 1024 * 1024 + 17);
+    let mut heads = Vec::new();
+    for rel in ["img/a.png", "vid/b.mp4"] {
+        let key = format!("{PREFIX}/{rel}");
+        let mut head = None;
+        wait_until(LONG, &format!("{rel} uploaded to moto"), || {
+            head = moto.head(BUCKET, &key);
+            head.is_some()
+        });
+        heads.push((rel.to_string(), head.unwrap()));
+    }
+    daemon.stop();
+    heads
+}
+
+#[test]
+fn storage_class_cache_control_aes256_and_content_type() {
+    let env = TestEnv::new();
+    let moto = MotoServer::start();
+    moto.create_bucket(BUCKET);
+    options_config(
+        &env,
+        &moto.endpoint(),
+        "      storage_class: STANDARD_IA\n      cache_control: \"public, max-age=31536000, immutable\"\n      server_side_encryption: AES256\n",
+    );
+    let heads = upload_two(&env, &moto);
+    for (rel, h) in &heads {
+        assert_eq!(
+            h.storage_class.as_deref(),
+            Some("STANDARD_IA"),
+            "{rel}: {h:?}"
+        );
+        assert_eq!(
+            h.cache_control.as_deref(),
+            Some("public, max-age=31536000, immutable"),
+            "{rel}: {h:?}"
+        );
+        assert_eq!(
+            h.server_side_encryption.as_deref(),
+            Some("AES256"),
+            "{rel}: {h:?}"
+        );
+    }
+    assert_eq!(heads[0].1.content_type.as_deref(), Some("image/png"));
+    assert_eq!(heads[1].1.content_type.as_deref(), Some("video/mp4"));
+    assert_eq!(heads[1].1.content_length, Some(11 * 1024 * 1024 + 17));
+    let etag = heads[1].1.e_tag.clone().unwrap_or_default();
+    assert!(
+        etag.trim_matches('"').ends_with("-3"),
+        "b.mp4 went up in 3 parts: ETag {etag}"
+    );
+}
+
+#[test]
+fn kms_encryption_with_key_id() {
+    let env = TestEnv::new();
+    let moto = MotoServer::start();
+    moto.create_bucket(BUCKET);
+    options_config(
+        &env,
+        &moto.endpoint(),
+        "      server_side_encryption: aws:kms\n      kms_key_id: arn:aws:kms:us-east-1:123456789012:key/offloadd-test\n",
+    );
+    let heads = upload_two(&env, &moto);
+    for (rel, h) in &heads {
+        assert_eq!(
+            h.server_side_encryption.as_deref(),
+            Some("aws:kms"),
+            "{rel}: {h:?}"
+        );
+        assert_eq!(
+            h.ssekms_key_id.as_deref(),
+            Some("arn:aws:kms:us-east-1:123456789012:key/offloadd-test"),
+            "{rel}: {h:?}"
+        );
+    }
+    assert_eq!(heads[0].1.content_type.as_deref(), Some("image/png"));
+    assert_eq!(heads[1].1.content_type.as_deref(), Some("video/mp4"));
+}
