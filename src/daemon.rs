@@ -188,6 +188,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         "offloadd started"
     );
     systemd::ready();
+    systemd::spawn_watchdog();
     pipeline.run(cand_rx, stop_rx, STOP_GRACE).await;
     drop(watcher);
     stopper.abort();

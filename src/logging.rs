@@ -2,6 +2,7 @@
 //! records under systemd.
 
 use crate::config::LogFormat;
+use tracing_journald::{Priority, PriorityMappings};
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
 /// Installs the global subscriber. `level` is a tracing filter such as `info` or
@@ -16,9 +17,20 @@ pub fn init(format: LogFormat, level: &str) {
     };
     if journald {
         if let Ok(layer) = tracing_journald::layer() {
+            // Fields become OFFLOADD_PATH, OFFLOADD_KEY, ... (the prefix
+            // replaces tracing-journald's default `F`). Priorities follow
+            // syslog use: info is 6 (not the crate's default 5, notice), so
+            // `journalctl -p notice` shows warnings and errors only.
             let layer = layer
                 .with_field_prefix(Some("OFFLOADD".into()))
-                .with_syslog_identifier("offloadd".into());
+                .with_syslog_identifier("offloadd".into())
+                .with_priority_mappings(PriorityMappings {
+                    error: Priority::Error,
+                    warn: Priority::Warning,
+                    info: Priority::Informational,
+                    debug: Priority::Debug,
+                    trace: Priority::Debug,
+                });
             tracing_subscriber::registry()
                 .with(filter)
                 .with(layer)
