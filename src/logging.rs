@@ -9,7 +9,7 @@ use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 /// `offloadd=debug`.
 pub fn init(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
+    let under_systemd = stderr_is_journal();
     let journald = match format {
         LogFormat::Journald => true,
         LogFormat::Auto => under_systemd,
@@ -49,4 +49,28 @@ pub fn init(format: LogFormat, level: &str) {
             .with(fmt::layer().with_target(false).with_writer(std::io::stderr))
             .init();
     }
+}
+
+/// Whether stderr is connected to the journal: `JOURNAL_STREAM` (set by
+/// systemd as `DEVICE:INODE`) names stderr itself. A bare `JOURNAL_STREAM`
+/// is not enough: it is inherited by everything a service starts, e.g. a shell
+/// whose stderr went elsewhere.
+fn stderr_is_journal() -> bool {
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a stat for a valid fd into the buffer we own.
+    if unsafe { libc::fstat(2, st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstat succeeded, so the buffer is initialised.
+    let st = unsafe { st.assume_init() };
+    st.st_dev == dev && st.st_ino == ino
 }

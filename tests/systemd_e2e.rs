@@ -124,6 +124,10 @@ impl Drop for Testbed {
 /// Writes `bytes` at `rel` under the results dir as the `app` user (umask 007:
 /// the files are readable only through the shared group).
 fn app_write(rel: &str, bytes: &[u8]) {
+    app_write_in("/srv/app/storage/results", rel, bytes)
+}
+
+fn app_write_in(dir: &str, rel: &str, bytes: &[u8]) {
     put(bytes, "/tmp/offloadd-e2e-src");
     sd_ok(&[
         "setpriv",
@@ -132,10 +136,11 @@ fn app_write(rel: &str, bytes: &[u8]) {
         "--init-groups",
         "sh",
         "-ec",
-        "umask 007; cd /srv/app/storage/results; mkdir -p \"$(dirname \"$1\")\"; \
+        "umask 007; cd \"$2\"; mkdir -p \"$(dirname \"$1\")\"; \
          cp /tmp/offloadd-e2e-src \"$1.part\"; mv \"$1.part\" \"$1\"",
         "sh",
         rel,
+        dir,
     ]);
 }
 
@@ -168,11 +173,14 @@ fn offloadd_under_real_systemd() {
     println!("[{:>5.1}s] testbed up", t0.elapsed().as_secs_f64());
 
     // A clean slate inside (the root is reused between runs).
-    sh("systemctl stop offloadd 2>/dev/null || true; \
+    sh(
+        "systemctl stop offloadd offloadd@second 2>/dev/null || true; \
         systemctl reset-failed offloadd 2>/dev/null || true; \
         if dpkg -s offloadd >/dev/null 2>&1; then apt-get purge -y -q offloadd >/dev/null; fi; \
-        rm -rf /var/lib/offloadd /etc/offloadd /etc/systemd/system/offloadd.service.d /srv/app; \
-        systemctl daemon-reload");
+        rm -rf /var/lib/offloadd /etc/offloadd /etc/systemd/system/offloadd.service.d \
+        /etc/systemd/system/offloadd@second.service.d /srv/app; \
+        systemctl daemon-reload",
+    );
 
     // Install; apt resolves Depends (libssl3) from the mirror.
     put(&std::fs::read(&deb).unwrap(), "/tmp/offloadd.deb");
@@ -211,32 +219,39 @@ fn offloadd_under_real_systemd() {
 
     let env = TestEnv::new();
     let s3 = S3Server::start_for(&env);
-    let config = [
-        "watch:",
-        "  root: /srv/app/storage/results",
-        "  settle: 300ms",
-        "  rescan_interval: 0",
-        "state_dir: /var/lib/offloadd",
-        "control_socket: /run/offloadd/control.sock",
-        "storage:",
-        &format!("  active: {PROVIDER}"),
-        "  providers:",
-        &format!("    {PROVIDER}:"),
-        "      kind: minio",
-        &format!("      endpoint: {}", s3.endpoint()),
-        &format!("      bucket: {BUCKET}"),
-        &format!("      access_key_id: {ACCESS_KEY}"),
-        &format!("      public_url: {PUBLIC_URL}"),
-        &format!("      prefix: {PREFIX}"),
-        "upload:",
-        "  retry: { initial_backoff: 200ms, max_backoff: 2s }",
-        "http:",
-        "  listen: \"\"",
-        "log:",
-        "  level: info",
-        "",
-    ]
-    .join("\n");
+    let config_for = |root: &str, state: &str, socket: &str| {
+        [
+            "watch:",
+            &format!("  root: {root}"),
+            "  settle: 300ms",
+            "  rescan_interval: 0",
+            &format!("state_dir: {state}"),
+            &format!("control_socket: {socket}"),
+            "storage:",
+            &format!("  active: {PROVIDER}"),
+            "  providers:",
+            &format!("    {PROVIDER}:"),
+            "      kind: minio",
+            &format!("      endpoint: {}", s3.endpoint()),
+            &format!("      bucket: {BUCKET}"),
+            &format!("      access_key_id: {ACCESS_KEY}"),
+            &format!("      public_url: {PUBLIC_URL}"),
+            &format!("      prefix: {PREFIX}"),
+            "upload:",
+            "  retry: { initial_backoff: 200ms, max_backoff: 2s }",
+            "http:",
+            "  listen: \"\"",
+            "log:",
+            "  level: info",
+            "",
+        ]
+        .join("\n")
+    };
+    let config = config_for(
+        "/srv/app/storage/results",
+        "/var/lib/offloadd",
+        "/run/offloadd/control.sock",
+    );
     put(config.as_bytes(), "/etc/offloadd/config.yaml");
     put(env.secret.as_bytes(), "/etc/offloadd/local-s3.secret");
     // The secret as a systemd credential; a short watchdog for the test.
@@ -265,6 +280,12 @@ SupplementaryGroups=app\nWatchdogSec=3s\nTimeoutAbortSec=10s\nRestartSec=1s\n"
     );
     assert_eq!(prop("offloadd", "ActiveState"), "active");
     assert_eq!(prop("offloadd", "User"), "offloadd");
+    // Exactly one capability: CAP_LEASE (28), for the open-for-writing probe
+    // on the app's files.
+    let main_pid = prop("offloadd", "MainPID");
+    let caps = sh(&format!("grep CapEff /proc/{main_pid}/status"));
+    let eff = u64::from_str_radix(caps.split_whitespace().nth(1).unwrap(), 16).unwrap();
+    assert_eq!(eff, 1 << 28, "effective capabilities: {caps}");
     wait_until(Duration::from_secs(10), "STATUS= text", || {
         prop("offloadd", "StatusText").contains(PROVIDER)
     });
@@ -399,6 +420,53 @@ SupplementaryGroups=app\nWatchdogSec=3s\nTimeoutAbortSec=10s\nRestartSec=1s\n"
         "[{:>5.1}s] stopped in {:.1}s",
         t0.elapsed().as_secs_f64(),
         took.as_secs_f64()
+    );
+
+    // --- a second directory as the instance offloadd@second -------------
+    sh(
+        "mkdir -p /srv/app/storage/second; chown app:app /srv/app/storage/second; \
+        chmod 2770 /srv/app/storage/second",
+    );
+    let second = config_for(
+        "/srv/app/storage/second",
+        "/var/lib/offloadd/second",
+        "/run/offloadd/second/control.sock",
+    );
+    put(second.as_bytes(), "/etc/offloadd/second.yaml");
+    put(
+        dropin.as_bytes(),
+        "/etc/systemd/system/offloadd@second.service.d/e2e.conf",
+    );
+    sh(
+        "chown root:offloadd /etc/offloadd/second.yaml; chmod 0640 /etc/offloadd/second.yaml; \
+        systemctl daemon-reload",
+    );
+    let (rc, out, err) = sd(&["systemctl", "start", "offloadd@second"]);
+    let inst_journal = || sd(&["journalctl", "-b", "-u", "offloadd@second", "--no-pager"]).1;
+    assert_eq!(rc, 0, "offloadd@second: {out}{err}\n{}", inst_journal());
+    let rel2 = format!("second-{run_id}.txt");
+    let bytes2 = file_content(&rel2, 10, 5_000);
+    app_write_in("/srv/app/storage/second", &rel2, &bytes2);
+    let ok = poll_until(LONG, || {
+        s3.object_bytes(&rel2).as_deref() == Some(&bytes2[..])
+    });
+    assert!(ok, "offloadd@second did not upload:\n{}", inst_journal());
+    let status = sd_ok(&[
+        "offloadd",
+        "--config",
+        "/etc/offloadd/second.yaml",
+        "status",
+    ]);
+    assert!(
+        status.contains(PROVIDER),
+        "status of the instance:\n{status}"
+    );
+    sd_ok(&["test", "-d", "/var/lib/offloadd/second"]);
+    sd_ok(&["systemctl", "stop", "offloadd@second"]);
+    assert_eq!(prop("offloadd@second", "Result"), "success");
+    println!(
+        "[{:>5.1}s] instance offloadd@second ok",
+        t0.elapsed().as_secs_f64()
     );
 
     // --- upgrade (reinstall) keeps an edited config and the state ---------
