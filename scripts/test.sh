@@ -18,7 +18,10 @@ say() { echo "test.sh: $*" >&2; }
 
 # --- system packages ----------------------------------------------------------
 # nginx: tests/http.rs runs a real nginx in front of offloadd.
-APT_PACKAGES=(nginx)
+# systemd: systemd-analyze for tests/packaging.rs (the unit's exposure score).
+# tests/systemd_e2e.rs installs systemd-container and debootstrap itself
+# (tests/systemd-testbed/up.sh) and caches the container root in $SDLAB.
+APT_PACKAGES=(nginx systemd)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
@@ -35,6 +38,13 @@ fi
 if command -v rustup >/dev/null 2>&1; then
     cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
     cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+fi
+
+# cargo-deb builds the .deb (scripts/package.sh) for the packaging tests.
+CARGO_DEB_VERSION=3.8.0
+if ! cargo deb --version 2>/dev/null | grep -qF "$CARGO_DEB_VERSION"; then
+    say "installing cargo-deb $CARGO_DEB_VERSION"
+    cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked
 fi
 
 # --- S3-compatible servers the tests start ----------------------------------------

@@ -338,6 +338,7 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         "offloadd started"
     );
     systemd::ready();
+    systemd::spawn_watchdog();
     pipeline.run(cand_rx, cmd_rx, stop_rx, STOP_GRACE).await;
     // Dropping the reloader stops the watcher.
     signal_task.abort();
