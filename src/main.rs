@@ -51,7 +51,11 @@ fn main() -> ExitCode {
                 eprintln!("offloadd: warning: {w}");
             }
             print!("{}", config.report());
-            let probes = preflight::run(&config.watch.root, &config.state_dir);
+            let probes = preflight::run(
+                &config.watch.root,
+                &config.state_dir,
+                config.storage.delete_local,
+            );
             for p in &probes {
                 if p.ok {
                     println!("{}", p.line);

@@ -980,7 +980,7 @@ impl Worker {
             bytes = size,
             duration_ms = started.elapsed().as_millis() as u64,
             provider = %client.provider.name,
-            "uploaded"
+            "uploaded {rel}"
         );
         failpoint::hit(failpoint::AFTER_RECORD_BEFORE_DELETE);
         match next {

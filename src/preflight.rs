@@ -1,5 +1,6 @@
 //! The probes `check-config` runs beyond parsing: can this user create, read and
-//! delete files in the watch root, and write in state_dir?
+//! delete files in the watch root, read (and, with `delete_local`, delete) the
+//! files the application already wrote there, and write in state_dir?
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -42,9 +43,55 @@ fn probe_dir(dir: &Path, what: &str, fix: &str) -> Probe {
     }
 }
 
+/// How many existing files the probe samples.
+const SAMPLE: usize = 50;
+
+/// Opens up to [`SAMPLE`] files the application wrote, and checks their
+/// directories are writable (deleting a file needs that) when `delete_local`.
+fn probe_existing(root: &Path, delete_local: bool) -> Probe {
+    let fix = "give the offloadd user access through a shared group with setgid directories or default ACLs (see packaging/README.md)";
+    let mut checked = 0;
+    for entry in walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .take(SAMPLE)
+    {
+        checked += 1;
+        if let Err(e) = std::fs::File::open(entry.path()) {
+            return Probe {
+                ok: false,
+                line: format!("cannot read {}: {e}; {fix}", entry.path().display()),
+            };
+        }
+        let dir = entry.path().parent().unwrap_or(root);
+        let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()));
+        // SAFETY: access(2) with a valid NUL-terminated path.
+        let writable = c.is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0);
+        if delete_local && !writable {
+            return Probe {
+                ok: false,
+                line: format!(
+                    "cannot delete files in {} (delete_local needs write access to the directory); {fix}",
+                    dir.display()
+                ),
+            };
+        }
+    }
+    Probe {
+        ok: true,
+        line: format!(
+            "ok: can read{} the {checked} existing file(s) sampled in the watch root",
+            if delete_local { " and delete" } else { "" }
+        ),
+    }
+}
+
 /// Runs every probe.
-pub fn run(root: &Path, state_dir: &Path) -> Vec<Probe> {
+pub fn run(root: &Path, state_dir: &Path, delete_local: bool) -> Vec<Probe> {
     vec![
+        probe_existing(root, delete_local),
         probe_dir(
             root,
             "the watch root",
@@ -68,9 +115,15 @@ mod tests {
     #[test]
     fn writable_dir_passes_and_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let probes = run(dir.path(), &dir.path().join("state"));
+        std::fs::write(dir.path().join("app.png"), b"x").unwrap();
+        let probes = run(dir.path(), &dir.path().join("state"), true);
         assert!(probes.iter().all(|p| p.ok));
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert!(
+            probes[0].line.contains("1 existing file"),
+            "{}",
+            probes[0].line
+        );
     }
 
     #[test]

@@ -1,0 +1,166 @@
+//! Proof for reload (SIGHUP): a good config applies live; a broken one and a
+//! change of `watch.root` are refused whole while the old config keeps running;
+//! switching the active provider mid-queue lets uploads in flight finish on the
+//! old provider, sends the rest to the new one, and leaves old records pointing
+//! at the old bucket.
+
+mod common;
+use common::*;
+use std::fs;
+
+fn hup(daemon: &Daemon) {
+    // SAFETY: kill(2) with a child pid we own.
+    unsafe {
+        libc::kill(daemon.pid as i32, libc::SIGHUP);
+    }
+}
+
+fn count(daemon: &Daemon, needle: &str) -> usize {
+    daemon.stderr().matches(needle).count()
+}
+
+fn reload_and_wait(daemon: &Daemon, outcome: &str) {
+    let before = count(daemon, outcome);
+    hup(daemon);
+    wait_until(LONG, outcome, || count(daemon, outcome) > before);
+}
+
+#[test]
+fn good_reload_applies_live() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let mut cfg = Cfg::new(&s3.endpoint());
+    env.write_config(&cfg);
+    let mut daemon = Daemon::start(&env, &[]);
+    write_file(&env.path("before.png"), b"kept");
+    wait_until(LONG, "before.png uploaded", || s3.has("before.png"));
+    assert!(env.path("before.png").exists());
+
+    cfg.delete_local = true;
+    env.write_config(&cfg);
+    reload_and_wait(&daemon, "configuration reloaded");
+    write_file(&env.path("after.png"), b"deleted once offloaded");
+    wait_until(LONG, "after.png offloaded and deleted locally", || {
+        s3.object_bytes("after.png").as_deref() == Some(&b"deleted once offloaded"[..])
+            && !env.path("after.png").exists()
+    });
+    assert!(daemon.alive());
+    daemon.stop();
+}
+
+#[test]
+fn broken_config_and_root_change_are_refused_whole() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let cfg = Cfg::new(&s3.endpoint());
+    let good = env.config_yaml(&cfg);
+    env.write_config(&cfg);
+    let mut daemon = Daemon::start(&env, &[]);
+
+    // YAML syntax error: refused with its position; the old config runs on.
+    env.write_raw_config(&format!("{good}storage: [unclosed\n"));
+    reload_and_wait(&daemon, "reload refused");
+    let err = daemon.stderr();
+    assert!(err.contains("line "), "the refusal names the line: {err}");
+    write_file(&env.path("a.png"), b"a");
+    wait_until(LONG, "a.png uploaded with the old config", || {
+        s3.has("a.png")
+    });
+
+    // watch.root changed, together with a live key: nothing of it applies.
+    let other = env.dir.path().join("elsewhere");
+    fs::create_dir_all(&other).unwrap();
+    let moved = good
+        .replace(
+            &env.root.display().to_string(),
+            &other.display().to_string(),
+        )
+        .replace("delete_local: false", "delete_local: true");
+    env.write_raw_config(&moved);
+    reload_and_wait(&daemon, "`watch.root` changed");
+    write_file(&env.path("b.png"), b"b");
+    wait_until(LONG, "b.png uploaded from the old root", || s3.has("b.png"));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert!(
+        env.path("b.png").exists(),
+        "delete_local from the refused reload must not apply"
+    );
+    assert!(daemon.alive());
+    daemon.stop();
+}
+
+#[test]
+fn switching_the_active_provider_mid_queue() {
+    let env = TestEnv::new();
+    let s3a = S3Server::start_for(&env);
+    let s3b = S3Server::start_for(&env);
+    let mut cfg = Cfg::new(&s3a.endpoint());
+    cfg.workers = 1;
+    let second = ExtraProvider {
+        name: "second".into(),
+        kind: "minio".into(),
+        endpoint: s3b.endpoint(),
+        public_url: Some("https://cdn-b.example.test/media".into()),
+        extra: vec![],
+    };
+    let base = env.config_yaml(&cfg);
+    // Slow uploads to A so that a queue builds up behind the one in flight.
+    let slow_a = env
+        .with_provider(&base, &second, PROVIDER)
+        .replace("upload:\n", "upload:\n  bandwidth_limit: 200KiB\n");
+    let fast_b = env.with_provider(&base, &second, "second");
+    env.write_raw_config(&slow_a);
+    let mut daemon = Daemon::start(&env, &[]);
+
+    let files: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| {
+            let rel = format!("q/{i}.jpg");
+            let bytes = file_content(&rel, 150_000, 160_000);
+            write_file(&env.path(&rel), &bytes);
+            (rel, bytes)
+        })
+        .collect();
+    wait_until(LONG, "the first file reached provider A", || {
+        files.iter().any(|(r, _)| s3a.has(r))
+    });
+    env.write_raw_config(&fast_b);
+    reload_and_wait(&daemon, "configuration reloaded");
+
+    wait_until(LONG, "every file in exactly one bucket", || {
+        files.iter().all(|(r, b)| {
+            let a = s3a.object_bytes(r);
+            let bb = s3b.object_bytes(r);
+            (a.as_deref() == Some(b.as_slice())) != (bb.as_deref() == Some(b.as_slice()))
+        })
+    });
+    let on_a: Vec<&String> = files
+        .iter()
+        .map(|(r, _)| r)
+        .filter(|r| s3a.has(r))
+        .collect();
+    let on_b: Vec<&String> = files
+        .iter()
+        .map(|(r, _)| r)
+        .filter(|r| s3b.has(r))
+        .collect();
+    assert!(
+        !on_a.is_empty() && !on_b.is_empty(),
+        "A: {on_a:?} B: {on_b:?}"
+    );
+
+    // Records keep the provider they were uploaded with.
+    for r in &on_a {
+        assert_eq!(env.locate(r), (0, public_url(r)));
+    }
+    for r in &on_b {
+        assert_eq!(
+            env.locate(r),
+            (0, format!("https://cdn-b.example.test/media/{PREFIX}/{r}"))
+        );
+    }
+    write_file(&env.path("later.png"), b"new");
+    wait_until(LONG, "a new file goes to B", || s3b.has("later.png"));
+    assert!(!s3a.has("later.png"));
+    assert!(daemon.alive());
+    daemon.stop();
+}
