@@ -175,7 +175,7 @@ impl Reloader {
             ),
             Err(why) => tracing::error!(
                 error = %why,
-                "reload refused; the running configuration stays in force"
+                "reload refused: {why}; the running configuration stays in force"
             ),
         }
         systemd::ready();
@@ -338,7 +338,15 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         "offloadd started"
     );
     systemd::ready();
-    systemd::spawn_watchdog();
+    let (progress, live_w) = (live.last_progress_ms.clone(), live.clone());
+    let up = &cur.config.upload;
+    let stall_after = 3 * crate::storage::request_timeout(up.multipart_threshold.max(up.part_size))
+        .as_millis() as u64;
+    systemd::spawn_watchdog(move || {
+        live_w.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0
+            && state::now_ms().saturating_sub(progress.load(std::sync::atomic::Ordering::Relaxed))
+                > stall_after
+    });
     pipeline.run(cand_rx, cmd_rx, stop_rx, STOP_GRACE).await;
     // Dropping the reloader stops the watcher.
     signal_task.abort();

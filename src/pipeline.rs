@@ -59,6 +59,8 @@ pub struct Live {
     pub failed: Mutex<HashMap<Vec<u8>, String>>,
     pub paused: Mutex<Option<PausedInfo>>,
     pub metrics: crate::metrics::Metrics,
+    /// Unix ms when an upload last started or a request of one finished.
+    pub last_progress_ms: Arc<AtomicU64>,
     /// Set while location records are rebuilt from the bucket after state loss.
     pub rebuild: Mutex<Option<Arc<crate::rebuild::Progress>>>,
 }
@@ -238,6 +240,7 @@ impl Pipeline {
         let uploader = Arc::new(Uploader {
             budget,
             pacer,
+            progress: live.last_progress_ms.clone(),
             state: state.clone(),
         });
         let mut p = Pipeline {
@@ -417,6 +420,11 @@ impl Pipeline {
     }
 
     fn spawn(&mut self, key: Vec<u8>, probe: bool) {
+        if self.in_flight.is_empty() {
+            self.live
+                .last_progress_ms
+                .store(state::now_ms(), Ordering::Relaxed);
+        }
         self.in_flight.insert(key.clone());
         let worker = Worker {
             metrics: self.live.metrics.clone(),
@@ -483,7 +491,7 @@ impl Pipeline {
     fn park_noted(&mut self, key: &[u8], reason: String) {
         let mut failed = self.live.failed.lock().expect("live lock");
         if failed.get(key) != Some(&reason) {
-            tracing::warn!(path = %shown(key), reason = %reason, "not uploading this file");
+            tracing::warn!(path = %shown(key), error = %reason, "not uploading {}: {reason}", shown(key));
         }
         failed.insert(key.to_vec(), reason.clone());
         *self.live.last_error.lock().expect("live lock") = Some(reason);
@@ -530,7 +538,8 @@ impl Pipeline {
                     provider = %provider,
                     error = %err.message,
                     waiting = self.lanes.uploads.len(),
-                    "provider paused: uploads wait and one probe at a time retries with backoff"
+                    "provider {provider} paused: {}; uploads wait and one probe at a time retries with backoff",
+                    err.message
                 );
                 let info = PausedInfo {
                     provider: provider.clone(),
@@ -669,6 +678,7 @@ impl Pipeline {
                 self.uploader = Arc::new(Uploader {
                     budget,
                     pacer,
+                    progress: self.live.last_progress_ms.clone(),
                     state: self.state.clone(),
                 });
             }
@@ -835,7 +845,7 @@ impl Worker {
         item.last_error = Some(err.message.clone());
         let _ = self.state.put_queue_item(key, &item);
         self.metrics.retry();
-        tracing::warn!(path = %shown(key), attempt = item.attempts, error = %err.message, "upload failed; will retry");
+        tracing::warn!(path = %shown(key), attempt = item.attempts, error = %err.message, "upload of {} failed: {}", shown(key), err.message);
         Outcome::Transient { due_ms, error: err }
     }
 

@@ -116,6 +116,12 @@ pub struct Listed {
     pub etag: Option<String>,
 }
 
+/// The timeout of a request carrying a body of `len` bytes: long enough for a
+/// slow but moving upload, short enough to notice a dead one.
+pub fn request_timeout(len: u64) -> Duration {
+    SMALL_REQUEST_TIMEOUT + Duration::from_secs(len / MIN_BYTES_PER_SEC)
+}
+
 const SMALL_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The slowest throughput a body upload is allowed before it counts as stalled.
 const MIN_BYTES_PER_SEC: u64 = 256 * 1024;
@@ -209,7 +215,7 @@ impl Client {
     }
 
     fn timeout_for(len: u64) -> Duration {
-        SMALL_REQUEST_TIMEOUT + Duration::from_secs(len / MIN_BYTES_PER_SEC)
+        request_timeout(len)
     }
 
     fn with_timeout(bucket: &Bucket, len: u64) -> Bucket {

@@ -7,8 +7,8 @@
 //! it) sends `WATCHDOG=1` every half interval, but only while a heartbeat that
 //! a small tokio task bumps every 200 ms is fresh. If the event loop wedges,
 //! the heartbeat goes stale, the pings stop and systemd restarts the service.
-//! TODO: also stop pinging when an upload in flight has sent no bytes for
-//! several request timeouts (needs a progress counter from the pipeline).
+//! The pings also stop when uploads are in flight but none has finished a
+//! request for several request timeouts (the caller's `stalled` predicate).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -81,7 +81,7 @@ pub fn heartbeat_fresh(last_beat_ms: u64, now_ms: u64, interval: Duration) -> bo
 /// nothing and returns `None`. Must be called from inside the tokio runtime
 /// (it spawns the heartbeat task there); call it once, right after
 /// [`ready`]. The thread and task live as long as the process.
-pub fn spawn_watchdog() -> Option<Duration> {
+pub fn spawn_watchdog(stalled: impl Fn() -> bool + Send + 'static) -> Option<Duration> {
     let interval = watchdog_interval()?;
     let epoch = Instant::now();
     let beat = Arc::new(AtomicU64::new(0));
@@ -106,7 +106,7 @@ pub fn spawn_watchdog() -> Option<Duration> {
             let mut stale_logged = false;
             loop {
                 let last = beat.load(Ordering::Relaxed);
-                if heartbeat_fresh(last, ms_since(epoch), interval) {
+                if heartbeat_fresh(last, ms_since(epoch), interval) && !stalled() {
                     send(&[NotifyState::Watchdog]);
                     stale_logged = false;
                 } else if !stale_logged {

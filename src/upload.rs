@@ -123,6 +123,8 @@ fn unchanged(file: &File, identity: &FileIdentity) -> Result<(), UploadError> {
 pub struct Uploader {
     pub budget: Budget,
     pub pacer: Pacer,
+    /// Unix ms of the last request that finished; the watchdog reads it.
+    pub progress: Arc<std::sync::atomic::AtomicU64>,
     pub state: State,
 }
 
@@ -174,7 +176,9 @@ impl Uploader {
             _ => UploadError::Changed,
         })?;
         self.pacer.take(len).await;
-        job.client.put(job.key, &body, job.content_type).await?;
+        let sent = job.client.put(job.key, &body, job.content_type).await;
+        self.progressed();
+        sent?;
         Ok(Sent {
             identity,
             expected_etag: hex::encode(md5),
@@ -264,7 +268,9 @@ impl Uploader {
                 let etag = job
                     .client
                     .put_part(job.key, &upload_id, number, body, job.content_type)
-                    .await?;
+                    .await;
+                self.progressed();
+                let etag = etag?;
                 let count = {
                     let mut p = progress.lock().expect("progress lock");
                     p.parts.push(PartDone { number, etag, md5 });
@@ -320,6 +326,11 @@ impl Uploader {
             expected_etag: multipart_etag(&md5s),
             multipart: true,
         })
+    }
+
+    fn progressed(&self) {
+        self.progress
+            .store(crate::state::now_ms(), std::sync::atomic::Ordering::Relaxed);
     }
 
     fn save_progress(&self, job: &Job<'_>, progress: &Mutex<MultipartProgress>) {

@@ -332,7 +332,7 @@ SupplementaryGroups=app\nWatchdogSec=3s\nTimeoutAbortSec=10s\nRestartSec=1s\n"
         rec = out
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| v["MESSAGE"] == "uploaded");
+            .find(|v| v["MESSAGE"] == format!("uploaded {rel}").as_str());
         rec.is_some()
     });
     assert!(found, "no journal record for {selector}:\n{}", journal());
@@ -406,6 +406,65 @@ SupplementaryGroups=app\nWatchdogSec=3s\nTimeoutAbortSec=10s\nRestartSec=1s\n"
     );
     app_write(&after.0, &after.1);
     wait_uploaded(&s3, &after.0, &after.1);
+
+    // --- reload: a good config applies live, a broken one is refused -------
+    let pid_before = prop("offloadd", "MainPID");
+    let good = config.replace("storage:\n", "storage:\n  delete_local: true\n");
+    put(good.as_bytes(), "/etc/offloadd/config.yaml");
+    sh("chown root:offloadd /etc/offloadd/config.yaml; chmod 0640 /etc/offloadd/config.yaml");
+    let (rc, out, err) = sd(&["systemctl", "reload", "offloadd"]);
+    assert_eq!(rc, 0, "reload failed: {out}{err}\n{}", journal());
+    wait_until(Duration::from_secs(20), "reload logged", || {
+        journal().contains("configuration reloaded")
+    });
+    let deleted = (
+        "after-reload.txt".to_string(),
+        file_content("after-reload", 10, 5_000),
+    );
+    app_write(&deleted.0, &deleted.1);
+    wait_uploaded(&s3, &deleted.0, &deleted.1);
+    wait_until(
+        Duration::from_secs(20),
+        "local copy deleted after reload",
+        || {
+            sd(&[
+                "test",
+                "-e",
+                &format!("/srv/app/storage/results/{}", deleted.0),
+            ])
+            .0 != 0
+        },
+    );
+    put(b"watch: [broken\n", "/etc/offloadd/config.yaml");
+    sh("chown root:offloadd /etc/offloadd/config.yaml; chmod 0640 /etc/offloadd/config.yaml");
+    let (rc, out, err) = sd(&["systemctl", "reload", "offloadd"]);
+    assert_eq!(
+        rc, 0,
+        "reload of a broken config must not fail the unit: {out}{err}"
+    );
+    wait_until(Duration::from_secs(20), "refusal logged", || {
+        journal().contains("reload refused")
+    });
+    assert!(
+        journal().contains("line "),
+        "the refusal names the line:\n{}",
+        journal()
+    );
+    assert_eq!(prop("offloadd", "ActiveState"), "active");
+    assert_eq!(
+        prop("offloadd", "MainPID"),
+        pid_before,
+        "no restart on reload"
+    );
+    let still = (
+        "after-broken.txt".to_string(),
+        file_content("after-broken", 10, 5_000),
+    );
+    app_write(&still.0, &still.1);
+    wait_uploaded(&s3, &still.0, &still.1);
+    put(config.as_bytes(), "/etc/offloadd/config.yaml");
+    sh("chown root:offloadd /etc/offloadd/config.yaml; chmod 0640 /etc/offloadd/config.yaml");
+    println!("[{:>5.1}s] reload ok", t0.elapsed().as_secs_f64());
 
     // --- stop: clean and quick ---------------------------------------------
     let t = Instant::now();

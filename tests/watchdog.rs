@@ -1,6 +1,7 @@
 //! The systemd watchdog pinger, against a fake NOTIFY_SOCKET: it pings while
-//! the tokio event loop runs and stops once the loop is blocked, without
-//! systemd. (Its own test binary: it sets process-wide environment.)
+//! the tokio event loop runs and stops once the loop is blocked or uploads are
+//! stalled, without systemd. (Its own test binary: it sets process-wide
+//! environment.)
 
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
@@ -36,7 +37,11 @@ fn pings_only_while_the_event_loop_runs() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let interval = offloadd::systemd::spawn_watchdog();
+        let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stalled.clone();
+        let interval = offloadd::systemd::spawn_watchdog(move || {
+            flag.load(std::sync::atomic::Ordering::Relaxed)
+        });
         assert_eq!(interval, Some(Duration::from_millis(600)));
 
         // Healthy: the heartbeat task runs, the thread pings.
@@ -58,5 +63,16 @@ fn pings_only_while_the_event_loop_runs() {
         tokio::time::sleep(Duration::from_millis(1_500)).await;
         let again = drain(&sock);
         assert!(again >= 2, "pings did not resume ({again})");
+
+        // Uploads stalled (the predicate says so): no pings, though the loop runs.
+        stalled.store(true, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        drain(&sock);
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        let stuck = drain(&sock);
+        assert_eq!(stuck, 0, "{stuck} pings while uploads were stalled");
+        stalled.store(false, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        assert!(drain(&sock) >= 2, "pings did not resume after the stall");
     });
 }
