@@ -11,7 +11,6 @@ use crate::config::Config;
 use crate::storage::{self, ErrorClass, Fault, Transport};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
-use std::process::ExitCode;
 use std::time::Duration;
 
 const EX_USAGE: u8 = 2;
@@ -270,28 +269,9 @@ impl Report {
     }
 }
 
-/// Runs the probe for `provider` (default: the active one) from the CLI.
-/// Exit codes: 0 passed (possibly with warnings), 1 failed, 2 unknown provider,
-/// 78 provider incomplete or `active: local` without a name.
-pub fn command(config: &Config, provider: Option<&str>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("offloadd: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let (code, out, err) = rt.block_on(outcome(config, provider));
-    print!("{out}");
-    eprint!("{err}");
-    ExitCode::from(code)
-}
-
-/// What `test-connection` prints (stdout, stderr) and its exit code; shared by
-/// the CLI and the daemon (which runs it with the credentials only it can read).
+/// What `test-connection` prints (stdout, stderr) and its exit code (0 passed,
+/// possibly with warnings; 1 failed; 2 unknown provider; 78 provider incomplete
+/// or `active: local` without a name); shared by the CLI and the daemon (which runs it with the credentials only it can read).
 pub async fn outcome(config: &Config, provider: Option<&str>) -> (u8, String, String) {
     let names: Vec<&str> = config
         .storage

@@ -208,3 +208,24 @@ fn control_socket_refuses_another_user() {
     env.assert_no_secret("setpriv stderr", &err);
     daemon.stop();
 }
+
+#[test]
+fn test_connection_runs_inside_the_daemon_with_its_credentials() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let mut cfg = Cfg::new(&s3.endpoint());
+    cfg.with_secret_file = false;
+    env.write_config(&cfg);
+    // Only the daemon has the secret (as a systemd credential would be).
+    let var = "OFFLOADD_LOCAL_S3_SECRET_ACCESS_KEY";
+    let daemon = Daemon::start(&env, &[(var, env.secret.as_str())]);
+    wait_until(LONG, "socket exists", || env.socket.exists());
+    let (code, out, err) = env.cli(&["test-connection"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("passed"), "{out}");
+    daemon.stop();
+    // Without the daemon, the CLI has no secret: the provider is incomplete.
+    let (code, out, err) = env.cli(&["test-connection"]);
+    assert_eq!(code, 78, "{out}{err}");
+    assert!(err.contains("secret"), "{err}");
+}

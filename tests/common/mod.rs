@@ -776,9 +776,18 @@ http:\n  listen: \"\"\n",
     }
 
     pub fn cli_os(&self, args: &[&OsStr]) -> (i32, String, String) {
+        self.cli_os_env(args, &[])
+    }
+
+    /// Runs `offloadd --config … ARGS` with extra environment; fails the test if
+    /// any of its secrets is printed.
+    pub fn cli_os_env(&self, args: &[&OsStr], extra_env: &[(&str, &str)]) -> (i32, String, String) {
         let mut cmd = Command::new(bin_path());
         cmd.arg("--config").arg(&self.config_path).args(args);
         scrub_env(&mut cmd);
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -1502,34 +1511,7 @@ impl TestEnv {
     /// Like [`TestEnv::cli`], with extra environment variables for the child
     /// (set after the scrub, so `CREDENTIALS_DIRECTORY` and `OFFLOADD_*` pass).
     pub fn cli_env(&self, args: &[&str], extra_env: &[(&str, &str)]) -> (i32, String, String) {
-        let mut cmd = Command::new(bin_path());
-        cmd.arg("--config").arg(&self.config_path).args(args);
-        scrub_env(&mut cmd);
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn offloadd");
-        let out = capture(child.stdout.take().unwrap());
-        let err = capture(child.stderr.take().unwrap());
-        let st = match wait_child(&mut child, Duration::from_secs(60)) {
-            Some(st) => st,
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("offloadd {args:?} did not finish within 60 s");
-            }
-        };
-        let out = out.join();
-        let err = err.join();
-        self.assert_no_secret(&format!("stdout of `offloadd {args:?}`"), &out);
-        self.assert_no_secret(&format!("stderr of `offloadd {args:?}`"), &err);
-        let code = st
-            .code()
-            .unwrap_or_else(|| panic!("offloadd {args:?}: {}", describe(&st)));
-        (code, out, err)
+        self.cli_os_env(&args.iter().map(OsStr::new).collect::<Vec<_>>(), extra_env)
     }
 }
 
