@@ -265,6 +265,9 @@ pub async fn run(config: Config) -> Result<(), RunError> {
         rebuild::run(client, &cur.config.watch.root, &state, &progress).await;
         *live.rebuild.lock().expect("live lock") = None;
     }
+    if let Target::Provider(_) = cur.target {
+        state.set_initialized().map_err(state::StateError::from)?;
+    }
 
     let (cand_tx, cand_rx) = mpsc::unbounded_channel();
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();

@@ -13,6 +13,9 @@ use md5::{Digest, Md5};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// How much more start-up time each listed page asks systemd for.
+const EXTEND_USEC: u64 = 90_000_000;
+
 /// Progress shown by `status` as "rebuilding n/m".
 #[derive(Default)]
 pub struct Progress {
@@ -92,6 +95,8 @@ pub async fn run(client: &Client, root: &Path, state: &State, progress: &Progres
         progress
             .listed
             .fetch_add(objects.len() as u64, Ordering::Relaxed);
+        // READY waits for the rebuild: keep systemd from timing out the start.
+        crate::systemd::extend_timeout(EXTEND_USEC);
         let root = root.to_path_buf();
         let name = p.name.clone();
         let pre = p.prefix.clone();

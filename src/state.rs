@@ -164,6 +164,7 @@ pub struct Record {
 /// sled's page cache; its default (1 GiB) would let a large index eat memory.
 const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
+const META_INITIALIZED: &[u8] = b"initialized";
 const META_UPLOADED_COUNT: &[u8] = b"uploaded_count";
 const META_UPLOADED_BYTES: &[u8] = b"uploaded_bytes";
 const META_PAUSED_PREFIX: &str = "paused/";
@@ -367,7 +368,24 @@ impl State {
             db,
             commit: Arc::new(GroupCommit::new()),
         };
-        Ok((state, rebuilt))
+        // A database without our marker, in a state_dir that has been managed
+        // before, has lost its contents (deleted, or truncated by recovery).
+        let fresh = state.meta.get(META_INITIALIZED)?.is_none();
+        let lost = fresh && mark::read(state_dir).is_some();
+        if lost && !rebuilt {
+            tracing::warn!("the state database is empty although this state_dir was managed before; rebuilding the location records");
+        }
+        Ok((state, rebuilt || lost))
+    }
+
+    /// Marks the database as holding this state_dir's records (the daemon calls
+    /// it once any rebuild is done), so a later loss is recognised.
+    pub fn set_initialized(&self) -> Result<(), sled::Error> {
+        if self.meta.get(META_INITIALIZED)?.is_none() {
+            self.meta.insert(META_INITIALIZED, b"1".as_slice())?;
+            self.db.flush()?;
+        }
+        Ok(())
     }
 
     pub fn queue_item(&self, path: &[u8]) -> Result<Option<QueueItem>, sled::Error> {
