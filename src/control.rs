@@ -561,6 +561,24 @@ fn progress(total: usize) -> indicatif::ProgressBar {
     }
 }
 
+/// Sends one batch of backfill paths to the running daemon; returns how many it
+/// queued (or, with `dry_run`, would queue).
+fn enqueue_live(config: &Config, keys: &[Vec<u8>], dry_run: bool) -> Result<usize, Reply> {
+    let req = Request::Enqueue {
+        keys: keys.to_vec(),
+        dry_run,
+    };
+    match call(config, &req) {
+        Ok(Some(r)) if r.exit == 0 => Ok(r.out.trim().parse().unwrap_or(0)),
+        Ok(Some(r)) => Err(r),
+        Ok(None) => Err(Reply::fail(
+            1,
+            err_line("offloadd stopped during backfill; run backfill again to resume"),
+        )),
+        Err(e) => Err(Reply::fail(1, err_line(e))),
+    }
+}
+
 pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
     let Some(mark) = state::mark::read(&config.state_dir) else {
         return Reply::ok(line(
@@ -594,23 +612,9 @@ pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
         if running {
             would = 0;
             for chunk in keys.chunks(1000) {
-                let req = Request::Enqueue {
-                    keys: chunk.to_vec(),
-                    dry_run: true,
-                };
-                match call(config, &req) {
-                    Ok(Some(r)) if r.exit == 0 => {
-                        would += r.out.trim().parse::<usize>().unwrap_or(0)
-                    }
-                    Ok(Some(r)) => return r.finish(),
-                    Ok(None) => {
-                        return Reply::fail(
-                            1,
-                            err_line("offloadd stopped during backfill; run it again"),
-                        )
-                        .finish()
-                    }
-                    Err(e) => return Reply::fail(1, err_line(e)).finish(),
+                match enqueue_live(config, chunk, true) {
+                    Ok(n) => would += n,
+                    Err(r) => return r.finish(),
                 }
             }
         }
@@ -633,23 +637,9 @@ pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
                     }
                 }
             }
-            None => match call(
-                config,
-                &Request::Enqueue {
-                    keys: chunk.to_vec(),
-                    dry_run: false,
-                },
-            ) {
-                Ok(Some(r)) if r.exit == 0 => queued += r.out.trim().parse::<usize>().unwrap_or(0),
-                Ok(Some(r)) => return r.finish(),
-                Ok(None) => {
-                    return Reply::fail(
-                        1,
-                        err_line("offloadd stopped during backfill; run backfill again to resume"),
-                    )
-                    .finish()
-                }
-                Err(e) => return Reply::fail(1, err_line(e)).finish(),
+            None => match enqueue_live(config, chunk, false) {
+                Ok(n) => queued += n,
+                Err(r) => return r.finish(),
             },
         }
         bar.inc(chunk.len() as u64);

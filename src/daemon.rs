@@ -138,7 +138,6 @@ impl Current {
 /// What the reload handler needs and keeps.
 struct Reloader {
     shared: Shared,
-    state: State,
     live: Arc<Live>,
     pipeline: mpsc::UnboundedSender<PipelineCommand>,
     candidates: mpsc::UnboundedSender<Candidate>,
@@ -221,7 +220,6 @@ impl Reloader {
             resources: cur.resources(),
         });
         *self.shared.write().expect("config lock") = Arc::new(cur);
-        let _ = &self.state;
         Ok(())
     }
 }
@@ -273,7 +271,6 @@ pub async fn run(config: Config) -> Result<(), RunError> {
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let mut reloader = Reloader {
         shared: shared.clone(),
-        state: state.clone(),
         live: live.clone(),
         pipeline: cmd_tx.clone(),
         candidates: cand_tx,

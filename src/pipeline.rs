@@ -811,11 +811,11 @@ impl Worker {
             Ok(Some(i)) => i,
             Ok(None) => return Outcome::Done { uploaded: false },
             Err(e) => {
+                tracing::error!(path = %shown(key), error = %e, "cannot read the queue: {e}");
                 return Outcome::Later {
                     due_ms: state::now_ms() + 5_000,
                     upload: true,
-                }
-                .logged(key, &e.to_string())
+                };
             }
         };
         match item.stage.clone() {
@@ -1057,13 +1057,6 @@ impl Worker {
                 Outcome::Done { uploaded: false }
             }
         }
-    }
-}
-
-impl Outcome {
-    fn logged(self, key: &[u8], error: &str) -> Outcome {
-        tracing::error!(path = %shown(key), error = %error, "cannot read the queue");
-        self
     }
 }
 

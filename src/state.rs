@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 /// Errors opening or using the state directory.
 #[derive(Debug, thiserror::Error)]
@@ -501,18 +501,11 @@ impl State {
     }
 
     pub fn totals(&self) -> Totals {
-        let get = |k: &[u8]| {
-            self.meta
-                .get(k)
-                .ok()
-                .flatten()
-                .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-                .unwrap_or(0)
-        };
+        let (uploaded_count, uploaded_bytes) = self.uploaded();
         Totals {
             queue_depth: self.queue_items().filter(|(_, i)| !i.is_parked()).count() as u64,
-            uploaded_count: get(META_UPLOADED_COUNT),
-            uploaded_bytes: get(META_UPLOADED_BYTES),
+            uploaded_count,
+            uploaded_bytes,
         }
     }
 
@@ -558,7 +551,6 @@ struct GroupCommit {
     written: AtomicU64,
     flushed: watch::Sender<u64>,
     flushing: tokio::sync::Mutex<()>,
-    _notify: Notify,
 }
 
 impl GroupCommit {
@@ -567,7 +559,6 @@ impl GroupCommit {
             written: AtomicU64::new(0),
             flushed: watch::channel(0).0,
             flushing: tokio::sync::Mutex::new(()),
-            _notify: Notify::new(),
         }
     }
 

@@ -214,13 +214,9 @@ impl Client {
         }
     }
 
-    fn timeout_for(len: u64) -> Duration {
-        request_timeout(len)
-    }
-
     fn with_timeout(bucket: &Bucket, len: u64) -> Bucket {
         let mut b = bucket.clone();
-        b.set_request_timeout(Some(Self::timeout_for(len)));
+        b.set_request_timeout(Some(request_timeout(len)));
         b
     }
 

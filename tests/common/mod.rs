@@ -446,32 +446,44 @@ impl S3Server {
     /// HEAD an object through the S3 API (rust-s3); returns (status, ETag
     /// without quotes, content length).
     pub fn head(&self, bucket: &str, key: &str) -> (u16, Option<String>, Option<i64>) {
-        let region = s3::Region::Custom {
-            region: "us-east-1".into(),
-            endpoint: self.endpoint(),
-        };
-        let creds = s3::creds::Credentials::new(
-            Some(&self.access_key),
-            Some(&self.secret_key),
-            None,
-            None,
-            None,
+        let (h, code) = head_object(
+            &self.endpoint(),
+            &self.access_key,
+            &self.secret_key,
+            bucket,
+            key,
         )
-        .unwrap();
-        let b = s3::Bucket::new(bucket, region, creds)
-            .unwrap()
-            .with_path_style();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let (h, code) = rt.block_on(b.head_object(key)).expect("HEAD object");
+        .expect("HEAD object");
         (
             code,
             h.e_tag.map(|e| e.trim_matches('"').to_string()),
             h.content_length,
         )
     }
+}
+
+/// HEAD of `bucket/key` on a path-style S3 endpoint through rust-s3.
+pub fn head_object(
+    endpoint: &str,
+    access_key: &str,
+    secret_key: &str,
+    bucket: &str,
+    key: &str,
+) -> Result<(s3::serde_types::HeadObjectResult, u16), s3::error::S3Error> {
+    let region = s3::Region::Custom {
+        region: "us-east-1".into(),
+        endpoint: endpoint.to_string(),
+    };
+    let creds =
+        s3::creds::Credentials::new(Some(access_key), Some(secret_key), None, None, None).unwrap();
+    let b = s3::Bucket::new(bucket, region, creds)
+        .unwrap()
+        .with_path_style();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(b.head_object(key))
 }
 
 impl Drop for S3Server {
@@ -1730,21 +1742,7 @@ impl MotoServer {
 
     /// HEAD of an object, signed with any key; None unless 200.
     pub fn head(&self, bucket: &str, key: &str) -> Option<s3::serde_types::HeadObjectResult> {
-        let region = s3::Region::Custom {
-            region: "us-east-1".into(),
-            endpoint: self.endpoint(),
-        };
-        let creds =
-            s3::creds::Credentials::new(Some("AKMOTO"), Some("moto-secret"), None, None, None)
-                .unwrap();
-        let b = s3::Bucket::new(bucket, region, creds)
-            .unwrap()
-            .with_path_style();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        match rt.block_on(b.head_object(key)) {
+        match head_object(&self.endpoint(), "AKMOTO", "moto-secret", bucket, key) {
             Ok((h, 200)) => Some(h),
             _ => None,
         }
