@@ -1,186 +1,327 @@
-//! `offloadd run`: opens the state, starts the watcher, the pipeline, the control
-//! socket and the HTTP listener, publishes status, reloads on SIGHUP and stops
-//! cleanly on SIGTERM/SIGINT (uploads in flight get up to 30 s; the rest stays
-//! queued).
+//! `offloadd run`: opens the state, starts every task, reloads on request and
+//! stops cleanly when `shutdown` completes (the signals themselves stay in
+//! `main`, so the daemon also runs inside a test).
+//!
+//! Tasks, each joined on stop: the root guard, the HTTP listener (started
+//! first, so `/r/` answers by predictable key while records are rebuilt), the
+//! control socket, the status publisher, the watchdog heartbeat, the watcher
+//! and the scheduler. On stop no new work starts; uploads in flight get
+//! [`STOP_GRACE`]; the rest stays queued.
 //!
 //! Reload: the new file is parsed and validated first; if it is invalid, or
-//! changes `watch.root`, `state_dir`, `http.listen` or `control_socket`, nothing
-//! of it is applied. Otherwise every other key takes effect at once without
-//! dropping queued or in-flight work: uploads in flight finish on the provider
-//! they started with, later ones go to the new active provider, and a paused
-//! provider is probed again immediately.
+//! changes `watch.root`, `state_dir`, `http.listen` or `control_socket`,
+//! nothing of it is applied. Otherwise every other key takes effect at once:
+//! uploads in flight finish on the provider they started with, later ones go
+//! to the new active provider, and a paused provider is probed again.
 
-use crate::backoff::Backoff;
-use crate::budget::{Budget, Pacer};
-use crate::config::{self, Active, Config};
-use crate::pipeline::{self, Command as PipelineCommand, Live, Options, Pipeline, Target};
-use crate::state::{self, Lock, State};
-use crate::status::{self, Report};
-use crate::storage::Client;
-use crate::watcher::{self, Candidate, Rules};
-use crate::{control, http, logging, rebuild, systemd};
-use futures::StreamExt;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use crate::config::{self, Config};
+use crate::control::{self, status::Report};
+use crate::observe::{http, logging, systemd};
+use crate::pipeline::detect::{self, Candidate};
+use crate::pipeline::live::Live;
+use crate::pipeline::plan::Target;
+use crate::pipeline::queue::{Opened, Queue, StateError};
+use crate::pipeline::rebuild;
+use crate::pipeline::root::RootGuard;
+use crate::pipeline::schedule::{Command, Scheduler};
+use crate::settings::{self, Settings, Shared};
+use crate::shutdown::{Shutdown, Stop};
+use crate::statedir::{self, Lock};
+use std::future::Future;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
-/// How long uploads in flight may take to finish after SIGTERM.
+/// How long uploads in flight may take to finish after a stop.
 pub const STOP_GRACE: Duration = Duration::from_secs(30);
 
-/// Why the daemon could not run; `main` turns it into one sentence and an exit code.
+/// Candidates waiting between the watcher and the scheduler.
+const CANDIDATE_QUEUE: usize = 4096;
+
+/// Why the daemon could not run; `main` turns it into one sentence and an
+/// exit code (`crate::exit`).
 #[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error(transparent)]
-    State(#[from] state::StateError),
+pub enum Fatal {
+    /// Something in the configuration or the paths it names: exit 78.
     #[error("{0}")]
-    Setup(String),
+    Config(String),
+    /// The state directory.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Anything else that keeps it from running (a port in use, say).
+    #[error("{0}")]
+    Runtime(String),
 }
 
-/// The configuration in force and what follows from it; replaced as a whole by
-/// a reload.
-pub struct Current {
-    pub config: Config,
-    pub target: Target,
-    pub active: String,
-    pub local_reason: Option<String>,
-    /// Public URL base and prefix of the active provider, for `/r/` of paths
-    /// without a record.
-    pub predictable: Option<(String, String)>,
-}
-
-/// Shared read access to [`Current`].
-pub type Shared = Arc<RwLock<Arc<Current>>>;
-
-pub fn current(shared: &Shared) -> Arc<Current> {
-    shared.read().expect("config lock").clone()
-}
-
-impl Current {
-    fn new(config: Config) -> Current {
-        let target = match config.active() {
-            Active::Provider(p) => match Client::new(&p) {
-                Ok(c) => Target::Provider(Arc::new(c)),
-                Err(e) => Target::Local {
-                    reason: e.to_string(),
-                },
-            },
-            Active::Local { reason } => Target::Local { reason },
-        };
-        let (active, local_reason, predictable) = match &target {
-            Target::Provider(c) => (
-                c.provider.name.clone(),
-                None,
-                c.provider
-                    .public_url_base
-                    .clone()
-                    .map(|base| (base, c.provider.prefix.clone())),
-            ),
-            Target::Local { reason } => ("local".to_string(), Some(reason.clone()), None),
-        };
-        Current {
-            config,
-            target,
-            active,
-            local_reason,
-            predictable,
-        }
+/// Runs the daemon until `shutdown` completes; each message on `reloads` is a
+/// reload of the configuration file.
+pub async fn run(
+    config: Config,
+    mut reloads: mpsc::Receiver<()>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Fatal> {
+    let _lock = Lock::acquire(&config.state_dir)?;
+    crate::pipeline::finished::ignore_lease_signals();
+    crate::pipeline::budget::return_large_buffers_to_os();
+    let (queue, opened) = Queue::open(&config.state_dir)?;
+    let queue = Arc::new(queue);
+    for info in queue.paused() {
+        // A pause from the last run is probed again at once.
+        queue.set_paused(&info.provider, None)?;
     }
+    let root = RootGuard::new(&config.watch.root, &config.state_dir).map_err(|e| {
+        Fatal::Config(format!(
+            "cannot record the identity of watch.root {} in state_dir: {e}; check both paths",
+            config.watch.root.display()
+        ))
+    })?;
+    let root = Arc::new(root);
+    let settings = Arc::new(Settings::build(config).map_err(Fatal::Config)?);
+    let shared: Shared = Arc::new(RwLock::new(settings.clone()));
+    let live = Arc::new(Live::default());
+    let (stop, stopped) = Stop::new();
+    let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
 
-    fn rules(&self) -> Result<Rules, RunError> {
-        let w = &self.config.watch;
-        Rules::new(&w.root, &w.include, &w.exclude, w.settle)
-            .map_err(|e| RunError::Setup(e.to_string()))
+    {
+        let (root, sd) = (root.clone(), stopped.clone());
+        tasks.push((
+            "root guard",
+            tokio::spawn(async move { root.run(sd).await }),
+        ));
     }
-
-    fn options(&self, mark_ns: i128) -> Options {
-        let c = &self.config;
-        let up = &c.upload;
-        Options {
-            root: c.watch.root.clone(),
-            settle: c.watch.settle,
-            delete_local: c.storage.delete_local,
-            delete_after: c.storage.delete_after,
-            workers: up.workers.max(1),
-            upload: pipeline::upload_settings(
-                up.multipart_threshold,
-                up.part_size,
-                up.part_concurrency,
-            ),
-            retry: Backoff::new(up.retry.initial_backoff, up.retry.max_backoff),
-            mark_ns,
-        }
-    }
-
-    fn resources(&self) -> (Budget, Pacer) {
-        let up = &self.config.upload;
-        (Budget::new(up.memory_limit), Pacer::new(up.bandwidth_limit))
-    }
-
-    /// The managed-since mark: set on the first run with an active provider.
-    fn mark(&self) -> Result<i128, RunError> {
-        let dir = &self.config.state_dir;
-        match &self.target {
-            Target::Provider(_) => state::mark::ensure(dir).map_err(|e| {
-                RunError::Setup(format!(
-                    "cannot write the managed-since mark in {}: {e}; make state_dir writable",
-                    dir.display()
-                ))
+    if let Some(addr) = settings.config.http.listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            Fatal::Runtime(format!(
+                "cannot listen on {addr} (http.listen): {e}; pick a free address or set http.listen to \"\" to disable the listener"
+            ))
+        })?;
+        let (sh, q) = (shared.clone(), queue.clone());
+        let app = http::App {
+            metrics: live.metrics.clone(),
+            resolve: Arc::new(move |rel: &str| {
+                let c = settings::current(&sh);
+                control::status::public_url(&c.config, &q, c.predictable.as_ref(), rel)
             }),
-            Target::Local { reason } => {
-                tracing::warn!("local mode: nothing is offloaded because {reason}");
-                Ok(state::mark::read(dir).unwrap_or(i128::MAX))
+        };
+        tasks.push((
+            "http",
+            tokio::spawn(http::serve(listener, app, stopped.clone())),
+        ));
+    }
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let socket = settings.config.control_socket.clone();
+    let socket_bound = match control::server::bind(&socket) {
+        Ok(listener) => {
+            let handle = control::server::Handle {
+                shared: shared.clone(),
+                queue: queue.clone(),
+                live: live.clone(),
+                commands: cmd_tx.clone(),
+            };
+            tasks.push((
+                "control socket",
+                tokio::spawn(control::server::serve(listener, handle, stopped.clone())),
+            ));
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                socket = %socket.display(),
+                error = %e,
+                "cannot open the control socket {}: {e}; status is written to state_dir/status.json instead, and locate, retry, delete and backfill must wait until offloadd stops (check control_socket and RuntimeDirectory=)",
+                socket.display()
+            );
+            false
+        }
+    };
+    tasks.push((
+        "status",
+        tokio::spawn(publish_status(
+            shared.clone(),
+            queue.clone(),
+            live.clone(),
+            socket_bound,
+            stopped.clone(),
+        )),
+    ));
+
+    tokio::pin!(shutdown);
+    // Rebuild the records first when the database was lost; a stop meanwhile
+    // ends it early.
+    if let (Opened::Lost, Target::Provider(store)) = (opened, &settings.plan.target) {
+        let progress = Arc::new(rebuild::Progress::default());
+        live.update(|s| s.rebuild = Some(progress.clone()));
+        let mut sd = stopped.clone();
+        let rebuilt = rebuild::run(
+            store.as_ref(),
+            &settings.config.watch.root,
+            &queue,
+            settings.plan.deletion(),
+            settings.config.upload.part_size,
+            &progress,
+            &mut sd,
+        );
+        tokio::select! {
+            () = rebuilt => {}
+            () = &mut shutdown => stop.fire(),
+        }
+        live.update(|s| s.rebuild = None);
+    }
+    if stopped.is_shutdown() {
+        return finish(stop, tasks, &queue, &settings).await;
+    }
+    if let Target::Provider(_) = settings.plan.target {
+        queue.set_initialized()?;
+    }
+
+    let (cand_tx, cand_rx) = mpsc::channel::<Candidate>(CANDIDATE_QUEUE);
+    let mut reloader = Reloader {
+        shared: shared.clone(),
+        live: live.clone(),
+        root: root.clone(),
+        commands: cmd_tx,
+        candidates: cand_tx,
+        watcher: None,
+        stopped: stopped.clone(),
+    };
+    if let Target::Provider(_) = settings.plan.target {
+        if let Some(task) = reloader.start_watcher(&settings)? {
+            tasks.push(("watcher", task));
+        }
+    }
+    let scheduler = Scheduler::new(
+        settings.plan.clone(),
+        settings.resources(),
+        queue.clone(),
+        root.clone(),
+        live.clone(),
+    );
+    let scheduler = tokio::spawn(scheduler.run(cand_rx, cmd_rx, stopped.clone(), STOP_GRACE));
+
+    tracing::info!(
+        root = %settings.config.watch.root.display(),
+        provider = %settings.active(),
+        pid = std::process::id(),
+        "offloadd started"
+    );
+    if let Some(reason) = &settings.local_reason {
+        tracing::warn!("local mode: nothing is offloaded because {reason}");
+    }
+    systemd::ready();
+    let (progress, live_w) = (live.last_progress_ms.clone(), live.clone());
+    let up = &settings.config.upload;
+    let stall_after =
+        3 * crate::remote::client::request_timeout(up.multipart_threshold.max(up.part_size))
+            .as_millis() as u64;
+    if let Some(task) = systemd::spawn_watchdog(stopped.clone(), move || {
+        live_w.in_flight.load(Ordering::Relaxed) > 0
+            && statedir::now_ms().saturating_sub(progress.load(Ordering::Relaxed)) > stall_after
+    }) {
+        tasks.push(("watchdog", task));
+    }
+
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(()) = reloads.recv() => {
+                if let Some(task) = reloader.reload().await {
+                    tasks.push(("watcher", task));
+                }
             }
         }
     }
+    tracing::info!("stopping: no new uploads start");
+    systemd::stopping();
+    stop.fire();
+    if let Err(e) = scheduler.await {
+        tracing::error!(error = %e, "the scheduler ended abnormally");
+    }
+    drop(reloader);
+    finish(stop, tasks, &queue, &settings).await
 }
 
-/// What the reload handler needs and keeps.
+/// Joins every task and makes the state durable.
+async fn finish(
+    stop: Stop,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+    queue: &Queue,
+    settings: &Settings,
+) -> Result<(), Fatal> {
+    stop.fire();
+    for (name, task) in tasks {
+        match tokio::time::timeout(Duration::from_secs(10), task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(task = name, error = %e, "a task ended abnormally"),
+            Err(_) => tracing::warn!(task = name, "a task did not stop in time"),
+        }
+    }
+    queue.flush()?;
+    let _ = std::fs::remove_file(statedir::snapshot_path(&settings.config.state_dir));
+    tracing::info!("offloadd stopped");
+    Ok(())
+}
+
+/// What a reload needs and keeps.
 struct Reloader {
     shared: Shared,
     live: Arc<Live>,
-    pipeline: mpsc::UnboundedSender<PipelineCommand>,
-    candidates: mpsc::UnboundedSender<Candidate>,
-    watcher: Option<watcher::Watcher>,
+    root: Arc<RootGuard>,
+    commands: mpsc::Sender<Command>,
+    candidates: mpsc::Sender<Candidate>,
+    watcher: Option<detect::Watcher>,
+    stopped: Shutdown,
 }
 
 impl Reloader {
-    fn start_watcher(&mut self, cur: &Current, mark_ns: i128) -> Result<(), RunError> {
-        let w = watcher::start(
-            cur.rules()?,
-            cur.config.watch.rescan_interval,
-            mark_ns,
+    /// Starts the watcher; returns its task.
+    fn start_watcher(&mut self, s: &Settings) -> Result<Option<JoinHandle<()>>, Fatal> {
+        let (watcher, task) = detect::start(
+            s.rules.clone(),
+            s.config.watch.rescan_interval,
+            s.plan.options.mark_ns,
             self.candidates.clone(),
-            self.live.metrics.clone(),
+            self.live.clone(),
+            self.root.subscribe(),
+            self.stopped.clone(),
         )
         .map_err(|e| {
-            RunError::Setup(format!(
+            Fatal::Config(format!(
                 "cannot watch {}: {e}; check that it exists and is readable",
-                cur.config.watch.root.display()
+                s.config.watch.root.display()
             ))
         })?;
-        self.watcher = Some(w);
-        Ok(())
+        self.watcher = Some(watcher);
+        Ok(Some(task))
     }
 
-    /// Re-reads the config; applies all of it or nothing.
-    fn reload(&mut self) {
+    /// Re-reads the config; applies all of it or nothing. Returns the task of
+    /// a watcher it started.
+    async fn reload(&mut self) -> Option<JoinHandle<()>> {
         systemd::reloading();
-        let old = current(&self.shared);
-        match self.try_reload(&old) {
-            Ok(()) => tracing::info!(
-                provider = %current(&self.shared).active,
-                "configuration reloaded"
-            ),
-            Err(why) => tracing::error!(
-                error = %why,
-                "reload refused: {why}; the running configuration stays in force"
-            ),
-        }
+        let old = settings::current(&self.shared);
+        let started = match self.try_reload(&old).await {
+            Ok(task) => {
+                tracing::info!(
+                    provider = %settings::current(&self.shared).active(),
+                    "configuration reloaded"
+                );
+                task
+            }
+            Err(why) => {
+                tracing::error!(
+                    error = %why,
+                    "reload refused: {why}; the running configuration stays in force"
+                );
+                None
+            }
+        };
         systemd::ready();
+        started
     }
 
-    fn try_reload(&mut self, old: &Current) -> Result<(), String> {
+    async fn try_reload(&mut self, old: &Settings) -> Result<Option<JoinHandle<()>>, String> {
         let file = &old.config.source;
         let loaded = config::load(file).map_err(|e| e.to_string())?;
         let new = loaded.config;
@@ -203,180 +344,60 @@ impl Reloader {
         for w in &loaded.warnings {
             tracing::warn!("{w}");
         }
-        let cur = Current::new(new);
-        let rules = cur.rules().map_err(|e| e.to_string())?;
-        let mark_ns = cur.mark().map_err(|e| e.to_string())?;
-        match (&self.watcher, &cur.target) {
-            (Some(w), _) => w.reconfigure(rules, cur.config.watch.rescan_interval),
-            (None, Target::Provider(_)) => self
-                .start_watcher(&cur, mark_ns)
-                .map_err(|e| e.to_string())?,
+        let cur = Arc::new(Settings::build(new)?);
+        let mut started = None;
+        match (&self.watcher, &cur.plan.target) {
+            (Some(w), target) => {
+                w.reconfigure(cur.rules.clone(), cur.config.watch.rescan_interval);
+                // Files written while in local mode are found now.
+                if let (Target::Local { .. }, Target::Provider(_)) = (&old.plan.target, target) {
+                    w.rescan();
+                }
+            }
+            (None, Target::Provider(_)) => {
+                started = self.start_watcher(&cur).map_err(|e| e.to_string())?;
+            }
             (None, Target::Local { .. }) => {}
         }
+        if let Some(reason) = &cur.local_reason {
+            tracing::warn!("local mode: nothing is offloaded because {reason}");
+        }
         logging::set_level(&cur.config.log.level);
-        let _ = self.pipeline.send(PipelineCommand::Reconfigure {
-            opts: cur.options(mark_ns),
-            target: cur.target.clone(),
-            resources: cur.resources(),
-        });
-        *self.shared.write().expect("config lock") = Arc::new(cur);
-        Ok(())
+        self.commands
+            .send(Command::Replan {
+                plan: cur.plan.clone(),
+                resources: cur.resources(),
+            })
+            .await
+            .map_err(|_| "the scheduler is stopping".to_string())?;
+        *self.shared.write().expect("settings lock") = cur;
+        Ok(started)
     }
 }
 
-pub async fn run(config: Config) -> Result<(), RunError> {
-    let _lock = Lock::acquire(&config.state_dir)?;
-    watcher::ignore_lease_signals();
-    crate::budget::return_large_buffers_to_os();
-    let (state, rebuilt) = State::open(&config.state_dir)?;
-    if rebuilt {
-        tracing::warn!("the state database was rebuilt; files already offloaded will be checked against the bucket as they are found");
-    }
-    for info in state.paused() {
-        // A pause from the last run is probed again at once.
-        let _ = state.set_paused(&info.provider, None);
-    }
-
-    let cur = Current::new(config);
-    let mark_ns = cur.mark()?;
-    let live = Arc::new(Live::default());
-    let pipeline = Pipeline::new(
-        cur.options(mark_ns),
-        cur.target.clone(),
-        state.clone(),
-        cur.resources(),
-        live.clone(),
-    );
-    let shared: Shared = Arc::new(RwLock::new(Arc::new(cur)));
-    let cur = current(&shared);
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let snapshot = tokio::spawn(publish_status(
-        shared.clone(),
-        state.clone(),
-        live.clone(),
-        stop_rx.clone(),
-    ));
-    if let (true, Target::Provider(client)) = (rebuilt, &cur.target) {
-        let progress = Arc::new(rebuild::Progress::default());
-        *live.rebuild.lock().expect("live lock") = Some(progress.clone());
-        rebuild::run(client, &cur.config.watch.root, &state, &progress).await;
-        *live.rebuild.lock().expect("live lock") = None;
-    }
-    if let Target::Provider(_) = cur.target {
-        state.set_initialized().map_err(state::StateError::from)?;
-    }
-
-    let (cand_tx, cand_rx) = mpsc::unbounded_channel();
-    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-    let mut reloader = Reloader {
-        shared: shared.clone(),
-        live: live.clone(),
-        pipeline: cmd_tx.clone(),
-        candidates: cand_tx,
-        watcher: None,
-    };
-    if let Target::Provider(_) = cur.target {
-        reloader.start_watcher(&cur, mark_ns)?;
-    }
-
-    if let Some(addr) = cur.config.http.listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            RunError::Setup(format!(
-                "cannot listen on {addr} (http.listen): {e}; pick a free address or set http.listen to \"\" to disable the listener"
-            ))
-        })?;
-        let (sh, st) = (shared.clone(), state.clone());
-        let app = http::App {
-            metrics: live.metrics.clone(),
-            resolve: Arc::new(move |rel: &str| {
-                let c = current(&sh);
-                status::public_url(&c.config, &st, c.predictable.as_ref(), rel)
-            }),
-        };
-        tokio::spawn(http::serve(listener, app, stop_rx.clone()));
-    }
-
-    let control = control::Daemon {
-        shared: shared.clone(),
-        state: state.clone(),
-        live: live.clone(),
-        pipeline: cmd_tx,
-    };
-    let socket = cur.config.control_socket.clone();
-    match control::bind(&socket) {
-        Ok(listener) => {
-            tokio::spawn(control::serve(listener, control, stop_rx.clone()));
-        }
-        Err(e) => tracing::warn!(
-            socket = %socket.display(),
-            error = %e,
-            "cannot open the control socket; status, locate and retry must wait until offloadd stops (check control_socket and RuntimeDirectory=)"
-        ),
-    }
-
-    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .map_err(|e| RunError::Setup(format!("cannot install signal handlers: {e}")))?;
-    let signal_task = tokio::spawn(async move {
-        while let Some(sig) = signals.next().await {
-            if sig == SIGHUP {
-                reloader.reload();
-                continue;
-            }
-            tracing::info!(signal = sig, "stopping: no new uploads start");
-            systemd::stopping();
-            let _ = stop_tx.send(true);
-            break;
-        }
-        reloader
-    });
-
-    tracing::info!(
-        root = %cur.config.watch.root.display(),
-        provider = %cur.active,
-        pid = std::process::id(),
-        "offloadd started"
-    );
-    systemd::ready();
-    let (progress, live_w) = (live.last_progress_ms.clone(), live.clone());
-    let up = &cur.config.upload;
-    let stall_after = 3 * crate::storage::request_timeout(up.multipart_threshold.max(up.part_size))
-        .as_millis() as u64;
-    systemd::spawn_watchdog(move || {
-        live_w.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0
-            && state::now_ms().saturating_sub(progress.load(std::sync::atomic::Ordering::Relaxed))
-                > stall_after
-    });
-    pipeline.run(cand_rx, cmd_rx, stop_rx, STOP_GRACE).await;
-    // Dropping the reloader stops the watcher.
-    signal_task.abort();
-    let _ = signal_task.await;
-    let _ = snapshot.await;
-    state
-        .flush()
-        .map_err(|e| RunError::Setup(format!("cannot flush the state on exit: {e}")))?;
-    let _ = std::fs::remove_file(status::snapshot_path(&cur.config.state_dir));
-    tracing::info!("offloadd stopped");
-    Ok(())
-}
-
+/// Keeps systemd's `STATUS=` current, and writes the status snapshot when the
+/// control socket could not be bound.
 async fn publish_status(
     shared: Shared,
-    state: State,
+    queue: Arc<Queue>,
     live: Arc<Live>,
-    mut stop: watch::Receiver<bool>,
+    socket_bound: bool,
+    mut stopped: Shutdown,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let cur = current(&shared);
-        let report = status::live(&state, &live, &cur.active, cur.local_reason.as_deref());
+        let cur = settings::current(&shared);
+        let report = control::status::live(&queue, &live, &cur);
         systemd::status(&status_line(&report));
-        if let Err(e) = status::write_snapshot(&cur.config.state_dir, &report) {
-            tracing::debug!(error = %e, "cannot write the status snapshot");
+        if !socket_bound {
+            let json = serde_json::to_vec_pretty(&report).expect("report serializes");
+            if let Err(e) = statedir::write_snapshot(&cur.config.state_dir, &json) {
+                tracing::debug!(error = %e, "cannot write the status snapshot");
+            }
         }
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stop.changed() => break,
+            _ = stopped.recv() => break,
         }
     }
 }
@@ -391,7 +412,9 @@ fn status_line(r: &Report) -> String {
         "; queued {}, in flight {}",
         r.queue_depth, r.in_flight
     ));
-    if let Some(p) = r.paused.first() {
+    if let Some(why) = &r.pipeline_paused {
+        s.push_str(&format!("; PAUSED: {why}"));
+    } else if let Some(p) = r.paused.first() {
         s.push_str(&format!("; PAUSED: {}", p.reason));
     } else if let Some(e) = &r.last_error {
         s.push_str(&format!("; last error: {e}"));

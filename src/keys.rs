@@ -1,6 +1,7 @@
-//! The three names a file has: its path relative to the watch root
-//! ([`RelPath`]), its object key in the bucket ([`ObjectKey`]) and its public
-//! address ([`PublicUrl`]).
+//! The names a file has: its raw path relative to the watch root
+//! ([`ItemKey`], the key of its queue item and record), the same path checked
+//! for use as a name ([`RelPath`]), its object key in the bucket
+//! ([`ObjectKey`]) and its public address ([`PublicUrl`]).
 //!
 //! Guarantees: a `RelPath` is non-empty, valid UTF-8, `/`-separated, with no
 //! leading `/` and no empty, `.` or `..` component, so it never leaves the
@@ -42,6 +43,58 @@ pub enum KeyError {
     BadComponent { path: String },
     #[error("the path `{path}` is not under the watch root `{root}`; give a file inside the root")]
     OutsideRoot { path: String, root: String },
+}
+
+/// A file's path relative to the watch root as raw bytes, exactly as the
+/// filesystem spells it: the key of its queue item and location record. It may
+/// hold names that are not UTF-8 (those are parked with a reason); it is never
+/// empty and never starts with `/`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ItemKey(Vec<u8>);
+
+impl ItemKey {
+    /// Raw bytes as stored; `None` for an empty or absolute path.
+    pub fn from_bytes(bytes: Vec<u8>) -> Option<ItemKey> {
+        (!bytes.is_empty() && bytes[0] != b'/').then_some(ItemKey(bytes))
+    }
+
+    /// The key of `abs`, which must lie under `root` (and not be the root).
+    pub fn of(root: &Path, abs: &Path) -> Option<ItemKey> {
+        use std::os::unix::ffi::OsStrExt;
+        let rel = abs.strip_prefix(root).ok()?;
+        ItemKey::from_bytes(rel.as_os_str().as_bytes().to_vec())
+    }
+
+    pub fn from_rel(rel: &RelPath) -> ItemKey {
+        ItemKey(rel.0.as_bytes().to_vec())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The file's absolute path under `root`.
+    pub fn to_local(&self, root: &Path) -> PathBuf {
+        use std::os::unix::ffi::OsStrExt;
+        root.join(std::ffi::OsStr::from_bytes(&self.0))
+    }
+
+    /// The path checked for use as a name (UTF-8, plain components).
+    pub fn rel(&self, root: &Path) -> Result<RelPath, KeyError> {
+        RelPath::from_fs(root, &self.to_local(root))
+    }
+}
+
+impl fmt::Display for ItemKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl fmt::Debug for ItemKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ItemKey({self})")
+    }
 }
 
 /// A file's path relative to the watch root, `/`-separated.

@@ -1,12 +1,45 @@
-//! Entry point: parses the command line and wires the modules together.
+//! Entry point: parses the command line, turns signals into the daemon's stop
+//! and reloads, and maps every outcome to an exit code (`offloadd::exit`).
 
 use clap::Parser;
+use futures::StreamExt;
 use offloadd::cli::{Cli, Command};
-use offloadd::config::{self, Active};
-use offloadd::{control, daemon, logging, preflight};
+use offloadd::config::{self, preflight, Active};
+use offloadd::control::client as control;
+use offloadd::observe::logging;
+use offloadd::{daemon, exit};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::process::ExitCode;
+use tokio::sync::{mpsc, oneshot};
 
-const EX_CONFIG: u8 = 78;
+/// Runs the daemon with SIGTERM/SIGINT as its stop and SIGHUP as a reload.
+async fn run_with_signals(config: config::Config) -> Result<(), daemon::Fatal> {
+    let signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| daemon::Fatal::Runtime(format!("cannot install signal handlers: {e}")))?;
+    let handle = signals.handle();
+    let (reload_tx, reload_rx) = mpsc::channel(4);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let listener = tokio::spawn(async move {
+        let mut signals = signals;
+        let mut stop_tx = Some(stop_tx);
+        while let Some(sig) = signals.next().await {
+            if sig == SIGHUP {
+                // A reload already waiting covers this one.
+                let _ = reload_tx.try_send(());
+            } else if let Some(tx) = stop_tx.take() {
+                tracing::info!(signal = sig, "stop requested");
+                let _ = tx.send(());
+            }
+        }
+    });
+    let result = daemon::run(config, reload_rx, async {
+        let _ = stop_rx.await;
+    })
+    .await;
+    handle.close();
+    let _ = listener.await;
+    result
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -14,7 +47,7 @@ fn main() -> ExitCode {
         Ok(l) => l,
         Err(e) => {
             eprintln!("offloadd: {e}");
-            return ExitCode::from(e.exit_code() as u8);
+            return ExitCode::from(e.exit_code());
         }
     };
     let config = loaded.config;
@@ -31,18 +64,18 @@ fn main() -> ExitCode {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("offloadd: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
+                    return ExitCode::from(exit::NEGATIVE);
                 }
             };
-            let result = rt.block_on(daemon::run(config));
-            // A directory walk still running must not hold up the exit.
+            let result = rt.block_on(run_with_signals(config));
+            // A blocking read still running must not hold up the exit.
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
             match result {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(()) => ExitCode::from(exit::SUCCESS),
                 Err(e) => {
                     tracing::error!("{e}");
                     eprintln!("offloadd: {e}");
-                    ExitCode::FAILURE
+                    ExitCode::from(exit::of_fatal(&e))
                 }
             }
         }
@@ -64,14 +97,14 @@ fn main() -> ExitCode {
                 }
             }
             match config.active() {
-                Active::Provider(_) if probes.iter().any(|p| !p.ok) => ExitCode::from(EX_CONFIG),
+                Active::Provider(_) if probes.iter().any(|p| !p.ok) => ExitCode::from(exit::CONFIG),
                 Active::Provider(p) => {
                     println!("ok: provider `{}` is active and complete", p.name);
                     ExitCode::SUCCESS
                 }
                 Active::Local { reason } => {
                     eprintln!("offloadd: local mode: nothing would be offloaded because {reason}");
-                    ExitCode::from(EX_CONFIG)
+                    ExitCode::from(exit::CONFIG)
                 }
             }
         }

@@ -134,6 +134,40 @@ fn inline_secret_warns_only_when_the_config_is_readable_by_others() {
 }
 
 #[test]
+fn a_secret_file_readable_by_others_warns_in_check_config_and_run() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    let warning = format!(
+        "offloadd: warning: the secret file {} of provider `{PROVIDER}` is readable by others (mode 0644); chmod 600 it (or 640 with group offloadd)",
+        env.secret_file.display()
+    );
+    let (code, _, err) = env.cli(&["check-config"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !err.contains("readable by others"),
+        "0600: no warning: {err}"
+    );
+    fs::set_permissions(&env.secret_file, fs::Permissions::from_mode(0o640)).unwrap();
+    let (_, _, err) = env.cli(&["check-config"]);
+    assert!(
+        !err.contains("readable by others"),
+        "0640 is the group recipe: {err}"
+    );
+
+    fs::set_permissions(&env.secret_file, fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, out, err) = env.cli(&["check-config"]);
+    assert_eq!(code, 0, "a warning is not an error: {out} {err}");
+    assert!(err.lines().any(|l| l == warning), "warning expected: {err}");
+    let daemon = Daemon::start(&env, &[]);
+    let log = daemon.stop();
+    assert!(
+        log.contains("is readable by others (mode 0644)"),
+        "run logs it too: {log}"
+    );
+}
+
+#[test]
 fn secret_file_wins_over_the_other_sources() {
     // Precedence: file, credential, environment, inline.
     let env = TestEnv::new();

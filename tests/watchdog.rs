@@ -39,10 +39,14 @@ fn pings_only_while_the_event_loop_runs() {
     rt.block_on(async {
         let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stalled.clone();
-        let interval = offloadd::systemd::spawn_watchdog(move || {
+        let (stop, shutdown) = offloadd::shutdown::Stop::new();
+        let heartbeat = offloadd::observe::systemd::spawn_watchdog(shutdown, move || {
             flag.load(std::sync::atomic::Ordering::Relaxed)
         });
-        assert_eq!(interval, Some(Duration::from_millis(600)));
+        assert!(
+            heartbeat.is_some(),
+            "the watchdog starts under WATCHDOG_USEC"
+        );
 
         // Healthy: the heartbeat task runs, the thread pings.
         tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -74,5 +78,13 @@ fn pings_only_while_the_event_loop_runs() {
         stalled.store(false, std::sync::atomic::Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(1_200)).await;
         assert!(drain(&sock) >= 2, "pings did not resume after the stall");
+
+        // Stopping: the heartbeat task ends and is joined; pings go on while
+        // the process stops.
+        stop.fire();
+        heartbeat.unwrap().await.unwrap();
+        drain(&sock);
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        assert!(drain(&sock) >= 2, "pings stop while the daemon stops");
     });
 }

@@ -10,7 +10,8 @@
 //! The pings also stop when uploads are in flight but none has finished a
 //! request for several request timeouts (the caller's `stalled` predicate).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::shutdown::Shutdown;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,22 +80,30 @@ pub fn heartbeat_fresh(last_beat_ms: u64, now_ms: u64, interval: Duration) -> bo
 
 /// Starts the watchdog when systemd enabled it (`WatchdogSec=`), else does
 /// nothing and returns `None`. Must be called from inside the tokio runtime
-/// (it spawns the heartbeat task there); call it once, right after
-/// [`ready`]. The thread and task live as long as the process.
-pub fn spawn_watchdog(stalled: impl Fn() -> bool + Send + 'static) -> Option<Duration> {
+/// (it spawns the heartbeat task there, and returns it); call it once, right
+/// after [`ready`]. After `shutdown` the heartbeat task ends and the thread
+/// keeps pinging while the process stops (bounded by `TimeoutStopSec=`).
+pub fn spawn_watchdog(
+    mut shutdown: Shutdown,
+    stalled: impl Fn() -> bool + Send + 'static,
+) -> Option<tokio::task::JoinHandle<()>> {
     let interval = watchdog_interval()?;
     let epoch = Instant::now();
     let beat = Arc::new(AtomicU64::new(0));
+    let stopping = Arc::new(AtomicBool::new(false));
 
     // Heartbeat: proves the tokio event loop still runs tasks.
-    let task_beat = beat.clone();
-    tokio::spawn(async move {
+    let (task_beat, task_stopping) = (beat.clone(), stopping.clone());
+    let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
-            task_beat.store(ms_since(epoch), Ordering::Relaxed);
+            tokio::select! {
+                _ = tick.tick() => task_beat.store(ms_since(epoch), Ordering::Relaxed),
+                _ = shutdown.recv() => break,
+            }
         }
+        task_stopping.store(true, Ordering::Relaxed);
     });
 
     // Pinger: an OS thread, so CPU-heavy or blocked runtime threads cannot
@@ -106,7 +115,8 @@ pub fn spawn_watchdog(stalled: impl Fn() -> bool + Send + 'static) -> Option<Dur
             let mut stale_logged = false;
             loop {
                 let last = beat.load(Ordering::Relaxed);
-                if heartbeat_fresh(last, ms_since(epoch), interval) && !stalled() {
+                let alive = heartbeat_fresh(last, ms_since(epoch), interval) && !stalled();
+                if alive || stopping.load(Ordering::Relaxed) {
                     send(&[NotifyState::Watchdog]);
                     stale_logged = false;
                 } else if !stale_logged {
@@ -126,13 +136,12 @@ pub fn spawn_watchdog(stalled: impl Fn() -> bool + Send + 'static) -> Option<Dur
                 interval_ms = interval.as_millis() as u64,
                 "systemd watchdog enabled"
             );
-            Some(interval)
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot start the watchdog thread; systemd may restart offloadd");
-            None
         }
     }
+    Some(task)
 }
 
 #[cfg(test)]

@@ -4,17 +4,16 @@
 //! Read-only: nothing here changes state. Other methods get 405, other paths
 //! 404. `/r/` percent-decodes the path, refuses empty, `.` and `..` segments
 //! and non-UTF-8 names (404), and answers 302 to whatever the [`Resolver`]
-//! returns, else 404. Stops accepting and drains open requests when `stop`
-//! turns true.
+//! returns, else 404. Stops accepting and drains open requests at shutdown.
 
-use crate::metrics::{Metrics, CONTENT_TYPE};
+use crate::observe::metrics::{Metrics, CONTENT_TYPE};
+use crate::shutdown::Shutdown;
 use axum::extract::State;
 use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use std::sync::Arc;
-use tokio::sync::watch;
 
 /// Maps a path relative to the watch root to the public URL to redirect to.
 pub type Resolver = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -35,19 +34,13 @@ pub fn router(app: App) -> Router {
         .with_state(app)
 }
 
-/// Serves until `stop` turns true.
-pub async fn serve(listener: tokio::net::TcpListener, app: App, mut stop: watch::Receiver<bool>) {
+/// Serves until shutdown, then drains open requests.
+pub async fn serve(listener: tokio::net::TcpListener, app: App, mut shutdown: Shutdown) {
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let shutdown = async move {
-        while !*stop.borrow_and_update() {
-            if stop.changed().await.is_err() {
-                break;
-            }
-        }
-    };
+    let shutdown = async move { shutdown.recv().await };
     if let Err(e) = axum::serve(listener, router(app))
         .with_graceful_shutdown(shutdown)
         .await
@@ -138,10 +131,10 @@ mod tests {
 
     async fn start(
         resolve: Resolver,
-    ) -> (String, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    ) -> (String, crate::shutdown::Stop, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (tx, rx) = watch::channel(false);
+        let (tx, rx) = crate::shutdown::Stop::new();
         let app = App {
             metrics: Metrics::new(),
             resolve,
@@ -208,7 +201,7 @@ mod tests {
             "resolver called for valid GETs only"
         );
 
-        stop.send(true).unwrap();
+        stop.fire();
         tokio::time::timeout(std::time::Duration::from_secs(10), handle)
             .await
             .expect("serve returns after stop")

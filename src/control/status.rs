@@ -1,15 +1,18 @@
 //! `status` and `locate`: what the daemon is doing and where a file lives.
 //!
-//! While the daemon runs it holds the database, so it publishes a snapshot
-//! (`status.json` in state_dir, refreshed every second) that `status` reads; when
+//! While the daemon runs it answers `status` over the control socket from its
+//! live figures; only when it could not bind the socket does it write a
+//! snapshot (`status.json` in state_dir, mode 0640) for `status` to read. When
 //! it does not run, both commands open the state directly.
 
 use crate::config::{Active, Config};
-use crate::keys::{ObjectKey, PublicUrl, RelPath};
-use crate::pipeline::Live;
-use crate::state::{Lock, PausedInfo, Stage, State};
+use crate::keys::{ItemKey, ObjectKey, PublicUrl, RelPath};
+use crate::pipeline::live::Live;
+use crate::pipeline::queue::{PausedInfo, Queue, Stage};
+use crate::settings::Settings;
+use crate::statedir::{self, Lock};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 /// One item that will not be uploaded without an operator, and why.
@@ -28,6 +31,9 @@ pub struct Report {
     pub local_mode_reason: Option<String>,
     pub queue_depth: u64,
     pub in_flight: u64,
+    /// Why nothing leaves the queue (the root or the state_dir is unavailable).
+    #[serde(default)]
+    pub pipeline_paused: Option<String>,
     pub paused: Vec<PausedInfo>,
     pub failed: Vec<Failed>,
     pub uploaded_count: u64,
@@ -35,18 +41,16 @@ pub struct Report {
     pub last_error: Option<String>,
     /// "n/m" while location records are being rebuilt after state loss.
     pub rebuilding: Option<String>,
+    /// Files seen being written whose writer has not closed them yet, and
+    /// some of their paths.
+    #[serde(default)]
+    pub waiting_for_writer: u64,
+    #[serde(default)]
+    pub waiting_for_writer_sample: Vec<String>,
+    /// One-time notices, e.g. old files moved in that wait for `backfill`.
+    #[serde(default)]
+    pub notices: Vec<String>,
     pub updated: String,
-}
-
-pub fn snapshot_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("status.json")
-}
-
-/// Writes the snapshot atomically (write, then rename).
-pub fn write_snapshot(state_dir: &Path, report: &Report) -> std::io::Result<()> {
-    let tmp = state_dir.join("status.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(report)?)?;
-    std::fs::rename(tmp, snapshot_path(state_dir))
 }
 
 fn active_of(config: &Config) -> (String, Option<String>) {
@@ -57,53 +61,52 @@ fn active_of(config: &Config) -> (String, Option<String>) {
 }
 
 /// The report of the running daemon, from its live figures.
-pub fn live(state: &State, live: &Live, active: &str, local_reason: Option<&str>) -> Report {
-    let (uploaded_count, uploaded_bytes) = state.uploaded();
+pub fn live(queue: &Queue, live: &Live, settings: &Settings) -> Report {
+    let (uploaded_count, uploaded_bytes) = queue.uploaded();
+    let (queue_depth, in_flight) = live.depth();
+    let shown = live.shown();
     Report {
         running: true,
         pid: Some(std::process::id()),
-        active_provider: active.to_string(),
-        local_mode_reason: local_reason.map(str::to_string),
-        queue_depth: live.queue_depth.load(Ordering::Relaxed),
-        in_flight: live.in_flight.load(Ordering::Relaxed),
-        paused: live
-            .paused
-            .lock()
-            .expect("live lock")
-            .iter()
-            .cloned()
-            .collect(),
-        failed: live
+        active_provider: settings.active().to_string(),
+        local_mode_reason: settings.local_reason.clone(),
+        queue_depth,
+        in_flight,
+        pipeline_paused: shown.pipeline_paused,
+        paused: shown.paused.into_iter().collect(),
+        failed: shown
             .failed
-            .lock()
-            .expect("live lock")
             .iter()
             .map(|(k, r)| Failed {
-                path: String::from_utf8_lossy(k).into_owned(),
+                path: k.to_string(),
                 reason: r.clone(),
             })
             .collect(),
         uploaded_count,
         uploaded_bytes,
-        last_error: live.last_error.lock().expect("live lock").clone(),
-        rebuilding: live.rebuild.lock().expect("live lock").as_ref().map(|p| {
+        last_error: shown.last_error,
+        rebuilding: shown.rebuild.as_ref().map(|p| {
             format!(
                 "{}/{}",
                 p.matched.load(Ordering::Relaxed),
                 p.listed.load(Ordering::Relaxed)
             )
         }),
-        updated: crate::state::rfc3339(crate::state::now_ms()),
+        waiting_for_writer: shown.writers_waiting,
+        waiting_for_writer_sample: shown.writers_sample,
+        notices: shown.notices,
+        updated: statedir::rfc3339(statedir::now_ms()),
     }
 }
 
-/// Builds the report, from the live daemon's snapshot or from the state itself.
+/// The report when no daemon answers on the socket: from the snapshot of a
+/// daemon that could not bind its socket, or from the state itself.
 pub fn report(config: &Config) -> anyhow::Result<Report> {
     if let Some(pid) = Lock::holder(&config.state_dir) {
-        let bytes = std::fs::read(snapshot_path(&config.state_dir)).map_err(|e| {
+        let bytes = std::fs::read(statedir::snapshot_path(&config.state_dir)).map_err(|e| {
             anyhow::anyhow!(
-                "offloadd is running (pid {pid}) but its status snapshot in {} cannot be read: {e}; wait a second and retry",
-                config.state_dir.display()
+                "offloadd is running (pid {pid}) but does not answer on its control socket {} and wrote no status snapshot ({e}); check control_socket and RuntimeDirectory=, or wait a second and retry",
+                config.control_socket.display()
             )
         })?;
         let mut r: Report = serde_json::from_slice(&bytes)?;
@@ -112,19 +115,20 @@ pub fn report(config: &Config) -> anyhow::Result<Report> {
         return Ok(r);
     }
     let _lock = Lock::acquire(&config.state_dir)?;
-    let (state, _) = State::open(&config.state_dir)?;
-    let totals = state.totals();
-    let failed = state
-        .queue_items()
-        .filter_map(|(k, item)| match item.stage {
+    let (queue, _) = Queue::open(&config.state_dir)?;
+    let totals = queue.totals()?;
+    let items = queue.items()?;
+    let failed = items
+        .iter()
+        .filter_map(|(k, item)| match &item.stage {
             Stage::Parked { reason } => Some(Failed {
-                path: String::from_utf8_lossy(&k).into_owned(),
-                reason,
+                path: k.to_string(),
+                reason: reason.clone(),
             }),
             _ => None,
         })
         .collect();
-    let last_error = state.queue_items().filter_map(|(_, i)| i.last_error).last();
+    let last_error = items.iter().rev().find_map(|(_, i)| i.last_error.clone());
     let (active_provider, local_mode_reason) = active_of(config);
     Ok(Report {
         running: false,
@@ -133,13 +137,17 @@ pub fn report(config: &Config) -> anyhow::Result<Report> {
         local_mode_reason,
         queue_depth: totals.queue_depth,
         in_flight: 0,
-        paused: state.paused(),
+        pipeline_paused: None,
+        paused: queue.paused(),
         failed,
         uploaded_count: totals.uploaded_count,
         uploaded_bytes: totals.uploaded_bytes,
         last_error,
         rebuilding: None,
-        updated: crate::state::rfc3339(crate::state::now_ms()),
+        waiting_for_writer: 0,
+        waiting_for_writer_sample: Vec::new(),
+        notices: Vec::new(),
+        updated: statedir::rfc3339(statedir::now_ms()),
     })
 }
 
@@ -157,6 +165,9 @@ pub fn render(r: &Report) -> String {
     match &r.local_mode_reason {
         Some(reason) => line(format!("local mode: nothing is offloaded because {reason}")),
         None => line(format!("active provider: {}", r.active_provider)),
+    }
+    if let Some(why) = &r.pipeline_paused {
+        line(format!("PAUSED: {why}"));
     }
     line(format!(
         "queued: {} (in flight: {})",
@@ -177,6 +188,18 @@ pub fn render(r: &Report) -> String {
         for f in &r.failed {
             line(format!("  {}: {}", f.path, f.reason));
         }
+    }
+    if r.waiting_for_writer > 0 {
+        line(format!(
+            "waiting for a writer to close: {} file(s)",
+            r.waiting_for_writer
+        ));
+        for p in &r.waiting_for_writer_sample {
+            line(format!("  {p}"));
+        }
+    }
+    for n in &r.notices {
+        line(format!("note: {n}"));
     }
     if let Some(n) = &r.rebuilding {
         line(format!("rebuilding location records from the bucket: {n}"));
@@ -203,12 +226,12 @@ pub enum Location {
 /// prefix), else nothing.
 pub fn public_url(
     config: &Config,
-    state: &State,
+    queue: &Queue,
     predictable: Option<&(String, String)>,
     rel: &str,
 ) -> Option<String> {
     let rel = RelPath::parse(rel).ok()?;
-    if let Some(rec) = state.record(rel.as_str().as_bytes()).ok().flatten() {
+    if let Some(rec) = queue.record(&ItemKey::from_rel(&rel)).ok().flatten() {
         let base = config.public_url_base(&rec.provider)?;
         return Some(PublicUrl::new(&base, &ObjectKey::from_raw(rec.key)).to_string());
     }
@@ -218,9 +241,9 @@ pub fn public_url(
 }
 
 /// Answers `locate` from an open state.
-pub fn locate_in(config: &Config, state: &State, rel: &str) -> anyhow::Result<Option<Location>> {
+pub fn locate_in(config: &Config, queue: &Queue, rel: &str) -> anyhow::Result<Option<Location>> {
     let rel = RelPath::parse(rel)?;
-    if let Some(rec) = state.record(rel.as_str().as_bytes())? {
+    if let Some(rec) = queue.record(&ItemKey::from_rel(&rel))? {
         let key = ObjectKey::from_raw(rec.key.clone());
         let url = config
             .public_url_base(&rec.provider)

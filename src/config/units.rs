@@ -84,7 +84,7 @@ impl<T> serde::de::Visitor<'_> for Visitor<T> {
     }
 }
 
-/// `#[serde(with = "crate::units::serde_size")]` for `u64` byte counts.
+/// `#[serde(with = "crate::config::units::serde_size")]` for `u64` byte counts.
 pub mod serde_size {
     use serde::{Deserializer, Serializer};
 
@@ -101,7 +101,7 @@ pub mod serde_size {
     }
 }
 
-/// `#[serde(with = "crate::units::serde_duration")]` for [`Duration`]s.
+/// `#[serde(with = "crate::config::units::serde_duration")]` for [`Duration`]s.
 pub mod serde_duration {
     use serde::{Deserializer, Serializer};
     use std::time::Duration;

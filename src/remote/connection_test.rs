@@ -5,10 +5,11 @@
 //! what is wrong and what to fix ([`diagnose`]); a denied delete of the probe
 //! is a warning, not a failure; no message contains the secret (messages are
 //! built only from names, codes, the endpoint and the region). [`run`] needs
-//! only a [`storage::Client`], so the daemon can run it for the control socket.
+//! only a [`Client`], so the daemon can run it for the control socket.
 
 use crate::config::Config;
-use crate::storage::{self, ErrorClass, Fault, Transport};
+use crate::remote::client::Client;
+use crate::remote::error::{self, ErrorClass, Fault, Transport};
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -120,7 +121,7 @@ pub fn diagnose(
         };
     }
     let code = e.code.as_deref();
-    if storage::is_wrong_region(e.status, code) {
+    if error::is_wrong_region(e.status, code) {
         let what = code
             .map(str::to_string)
             .unwrap_or_else(|| format!("HTTP {}", e.status.unwrap_or(0)));
@@ -169,7 +170,7 @@ pub fn probe_key(prefix: &str) -> String {
 
 /// Runs the probe with `client`: put, read back and compare, delete. Each
 /// request may take [`PROBE_TIMEOUT`].
-pub async fn run(client: &storage::Client) -> Report {
+pub async fn run(client: &Client) -> Report {
     let mut client = client.clone();
     client.set_request_timeout(PROBE_TIMEOUT);
     let client = &client;
@@ -191,7 +192,7 @@ pub async fn run(client: &storage::Client) -> Report {
 
     // put
     if let Err(mut fault) = client.put_small(&key, &body, "text/plain").await {
-        if storage::is_wrong_region(fault.error.status, fault.error.code.as_deref())
+        if error::is_wrong_region(fault.error.status, fault.error.code.as_deref())
             && fault.region.is_none()
         {
             fault.region = client.bucket_region().await;
@@ -245,7 +246,7 @@ pub async fn run(client: &storage::Client) -> Report {
 }
 
 /// Best effort: remove the probe after a failed read-back.
-async fn cleanup(client: &storage::Client, key: &str) {
+async fn cleanup(client: &Client, key: &str) {
     let _ = client.delete_key(key).await;
 }
 
@@ -300,7 +301,7 @@ pub async fn outcome(config: &Config, provider: Option<&str>) -> (u8, String, St
         Ok(r) => r,
         Err(e) => return fail(EX_CONFIG, e.to_string()),
     };
-    let client = match storage::Client::new(&resolved) {
+    let client = match Client::new(&resolved) {
         Ok(c) => c,
         Err(e) => return fail(EX_CONFIG, e.to_string()),
     };
@@ -322,7 +323,7 @@ fn name_list(names: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{classify, StorageError};
+    use crate::remote::error::{classify, StorageError};
 
     fn http(status: u16, code: Option<&str>, region: Option<&str>) -> Fault {
         Fault {

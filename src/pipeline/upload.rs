@@ -2,16 +2,22 @@
 //! multipart upload above it.
 //!
 //! Guarantees: every buffer is reserved from the shared [`Budget`] before it is
-//! read; every non-trailing part of a multipart upload has exactly the file's part
-//! size; completed parts are recorded in the queue item so a restart resumes the
-//! upload; a file that changed while being read is reported as
-//! [`UploadError::Changed`], never as uploaded.
+//! read; every non-trailing part of a multipart upload has exactly the file's
+//! part size, which the object carries in its metadata; a new upload id is
+//! durable in the queue before its first part is sent, and completed parts are
+//! recorded so a restart resumes the upload; a resumed upload the server no
+//! longer knows is first compared with the object already in the bucket (a
+//! crash after CompleteMultipartUpload), else started afresh; a file that
+//! changed while being read is reported as [`UploadError::Changed`], never as
+//! uploaded.
 
-use crate::budget::{Budget, Pacer};
 use crate::failpoint;
-use crate::keys::ObjectKey;
-use crate::state::{FileIdentity, MultipartProgress, PartDone, QueueItem, Stage, State};
-use crate::storage::{Client, ErrorClass, StorageError};
+use crate::keys::{ItemKey, ObjectKey};
+use crate::pipeline::budget::{Budget, Pacer};
+use crate::pipeline::finished::FileIdentity;
+use crate::pipeline::queue::{MultipartProgress, PartDone, Queue, StateError};
+use crate::remote::error::{ErrorClass, StorageError};
+use crate::remote::store::Store;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
 use std::fs::File;
@@ -52,6 +58,8 @@ pub enum UploadError {
     Park(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 /// Opens a file for upload without following a symlink in its last component.
@@ -119,23 +127,24 @@ fn unchanged(file: &File, identity: &FileIdentity) -> Result<(), UploadError> {
     }
 }
 
-/// Sends files to one provider within the memory budget.
+/// Sends files within the memory budget and the bandwidth limit.
 pub struct Uploader {
     pub budget: Budget,
     pub pacer: Pacer,
     /// Unix ms of the last request that finished; the watchdog reads it.
     pub progress: Arc<std::sync::atomic::AtomicU64>,
-    pub state: State,
+    pub queue: Arc<Queue>,
 }
 
 /// One file to send.
 pub struct Job<'a> {
-    pub client: &'a Client,
+    pub store: &'a dyn Store,
     pub key: &'a ObjectKey,
     pub abs: &'a Path,
-    pub queue_key: &'a [u8],
+    pub item_key: &'a ItemKey,
     pub content_type: &'a str,
-    pub item: &'a QueueItem,
+    /// The multipart upload recorded for this item, if any.
+    pub previous: Option<&'a MultipartProgress>,
 }
 
 impl Uploader {
@@ -149,6 +158,9 @@ impl Uploader {
             )));
         }
         if identity.size <= settings.multipart_threshold {
+            if let Some(p) = job.previous {
+                self.abandon(job, p).await?;
+            }
             self.send_single(job, file, identity).await
         } else {
             self.send_multipart(job, file, identity, settings).await
@@ -170,13 +182,9 @@ impl Uploader {
             Ok::<_, UploadError>((body, md5))
         })
         .await
-        .expect("reading task never panics")
-        .map_err(|e| match e {
-            UploadError::Park(_) | UploadError::Storage(_) | UploadError::Vanished => e,
-            _ => UploadError::Changed,
-        })?;
+        .expect("reading task never panics")?;
         self.pacer.take(len).await;
-        let sent = job.client.put(job.key, &body, job.content_type).await;
+        let sent = job.store.put(job.key, &body, job.content_type).await;
         self.progressed();
         sent?;
         Ok(Sent {
@@ -200,52 +208,74 @@ impl Uploader {
                 "{} needs parts of {} MiB to stay under 10,000 parts; raise upload.memory_limit to at least {} MiB",
                 job.abs.display(),
                 part_size / MIB,
-                part_size * crate::budget::BODY_COPIES / MIB
+                part_size * crate::pipeline::budget::BODY_COPIES / MIB
             )));
         }
-        let parts_total = size.div_ceil(part_size) as u32;
-        let provider = job.client.provider.name.clone();
-
-        // Resume the recorded upload if it is for this very file; abort it otherwise.
-        let previous = match &job.item.stage {
-            Stage::Upload { multipart: Some(p) } => Some(p.clone()),
-            _ => None,
-        };
-        let progress = match previous {
-            Some(p)
-                if p.provider == provider
-                    && p.key == job.key.as_str()
-                    && p.identity == identity
-                    && p.part_size == part_size =>
-            {
+        let file = Arc::new(file);
+        // Resume the recorded upload if it is for this very file; abandon it otherwise.
+        if let Some(p) = job.previous {
+            let same = p.provider == job.store.provider().name
+                && p.key == job.key.as_str()
+                && p.identity == identity
+                && p.part_size == part_size;
+            if same {
                 tracing::info!(path = %job.abs.display(), parts_done = p.parts.len(), "resuming multipart upload");
-                p
-            }
-            stale => {
-                if let Some(p) = stale {
-                    abort_stale(job.client, &p).await;
+                match self.send_parts(job, &file, p.clone(), settings).await {
+                    Err(UploadError::Storage(e)) if e.status.is_some() && !e.is_throttle() => {
+                        // The server may no longer know the upload id, e.g. because
+                        // it completed just before a crash: is the object there?
+                        if let Some(sent) =
+                            self.already_there(job, &file, identity, part_size).await?
+                        {
+                            self.queue.clear_multipart(job.item_key)?;
+                            return Ok(sent);
+                        }
+                        tracing::info!(path = %job.abs.display(), error = %e, "the recorded multipart upload cannot be resumed; starting it again");
+                        self.abandon(job, p).await?;
+                    }
+                    other => return other,
                 }
-                let upload_id = job
-                    .client
-                    .initiate_multipart(job.key, job.content_type)
-                    .await?;
-                MultipartProgress {
-                    provider: provider.clone(),
-                    key: job.key.as_str().to_string(),
-                    upload_id,
-                    part_size,
-                    identity,
-                    parts: Vec::new(),
-                }
+            } else {
+                self.abandon(job, p).await?;
             }
+        }
+        let upload_id = job
+            .store
+            .initiate(job.key, job.content_type, part_size)
+            .await?;
+        let progress = MultipartProgress {
+            provider: job.store.provider().name.clone(),
+            key: job.key.as_str().to_string(),
+            upload_id,
+            part_size,
+            identity,
+            parts: Vec::new(),
+            started_ms: crate::statedir::now_ms(),
         };
+        // The upload id is durable before its first part, so a crash never
+        // orphans it.
+        if let Err(e) = self.queue.save_multipart(job.item_key, &progress).await {
+            let _ = job.store.abort(job.key.as_str(), &progress.upload_id).await;
+            return Err(e.into());
+        }
+        self.send_parts(job, &file, progress, settings).await
+    }
+
+    /// Sends the parts not yet done and completes the upload.
+    async fn send_parts(
+        &self,
+        job: &Job<'_>,
+        file: &Arc<File>,
+        progress: MultipartProgress,
+        settings: Settings,
+    ) -> Result<Sent, UploadError> {
+        let identity = progress.identity;
+        let (size, part_size) = (identity.size, progress.part_size);
+        let parts_total = size.div_ceil(part_size) as u32;
         let upload_id = progress.upload_id.clone();
         let done: std::collections::HashSet<u32> =
             progress.parts.iter().map(|p| p.number).collect();
         let progress = Arc::new(Mutex::new(progress));
-        self.save_progress(job, &progress);
-
-        let file = Arc::new(file);
         let save_every = (parts_total / 100).max(1);
         let todo: Vec<u32> = (1..=parts_total).filter(|n| !done.contains(n)).collect();
         let result = stream::iter(todo.into_iter().map(|number| {
@@ -265,22 +295,21 @@ impl Uploader {
                 .expect("reading task never panics")
                 .map_err(|_| UploadError::Changed)?;
                 self.pacer.take(len).await;
-                let etag = job
-                    .client
-                    .put_part(job.key, &upload_id, number, body, job.content_type)
-                    .await;
+                let etag = job.store.put_part(job.key, &upload_id, number, body).await;
                 self.progressed();
                 let etag = etag?;
-                let count = {
+                let snapshot = {
                     let mut p = progress.lock().expect("progress lock");
                     p.parts.push(PartDone { number, etag, md5 });
-                    p.parts.len() as u32
+                    (p.parts.len() as u32)
+                        .is_multiple_of(save_every)
+                        .then(|| p.clone())
                 };
-                if count == 1 {
+                if progress.lock().expect("progress lock").parts.len() == 1 {
                     failpoint::hit(failpoint::AFTER_FIRST_PART);
                 }
-                if count % save_every == 0 {
-                    self.save_progress(job, &progress);
+                if let Some(p) = snapshot {
+                    self.queue.note_multipart(job.item_key, &p)?;
                 }
                 Ok::<_, UploadError>(())
             }
@@ -289,35 +318,29 @@ impl Uploader {
         .try_collect::<()>()
         .await;
 
+        let snapshot = progress.lock().expect("progress lock").clone();
         if let Err(e) = result {
-            self.save_progress(job, &progress);
-            if matches!(e, UploadError::Changed)
-                || matches!(&e, UploadError::Storage(s) if s.class == ErrorClass::RestartUpload)
-            {
-                let p = progress.lock().expect("progress lock").clone();
-                abort_stale(job.client, &p).await;
-                self.forget_progress(job);
+            let restart = matches!(e, UploadError::Changed)
+                || matches!(&e, UploadError::Storage(s) if s.class == ErrorClass::RestartUpload);
+            if restart {
+                self.abandon(job, &snapshot).await?;
+            } else {
+                // Keep what was sent for the next attempt.
+                let _ = self.queue.note_multipart(job.item_key, &snapshot);
             }
             return Err(e);
         }
-        if let Err(e) = unchanged(&file, &identity) {
-            let p = progress.lock().expect("progress lock").clone();
-            abort_stale(job.client, &p).await;
-            self.forget_progress(job);
+        if let Err(e) = unchanged(file, &identity) {
+            self.abandon(job, &snapshot).await?;
             return Err(e);
         }
-
-        let mut parts = progress.lock().expect("progress lock").parts.clone();
+        let mut parts = snapshot.parts.clone();
         parts.sort_by_key(|p| p.number);
         let md5s: Vec<[u8; 16]> = parts.iter().map(|p| p.md5).collect();
         let list = parts.into_iter().map(|p| (p.number, p.etag)).collect();
-        if let Err(e) = job
-            .client
-            .complete_multipart(job.key, &upload_id, list)
-            .await
-        {
+        if let Err(e) = job.store.complete(job.key, &upload_id, list).await {
             if e.class == ErrorClass::RestartUpload {
-                self.forget_progress(job);
+                self.queue.clear_multipart(job.item_key)?;
             }
             return Err(e.into());
         }
@@ -328,35 +351,79 @@ impl Uploader {
         })
     }
 
-    fn progressed(&self) {
-        self.progress
-            .store(crate::state::now_ms(), std::sync::atomic::Ordering::Relaxed);
-    }
-
-    fn save_progress(&self, job: &Job<'_>, progress: &Mutex<MultipartProgress>) {
-        let mut item = job.item.clone();
-        item.stage = Stage::Upload {
-            multipart: Some(progress.lock().expect("progress lock").clone()),
+    /// Whether the object in the bucket already is this file (size and the
+    /// composite ETag recomputed from the file); reads the file to tell.
+    async fn already_there(
+        &self,
+        job: &Job<'_>,
+        file: &Arc<File>,
+        identity: FileIdentity,
+        part_size: u64,
+    ) -> Result<Option<Sent>, UploadError> {
+        let Some(head) = job.store.head(job.key).await? else {
+            return Ok(None);
         };
-        if let Err(e) = self.state.put_queue_item(job.queue_key, &item) {
-            tracing::warn!(error = %e, "could not record multipart progress; a restart will start this upload again");
+        let etag = head.etag.unwrap_or_default();
+        if head.size != Some(identity.size) || !etag.contains('-') {
+            return Ok(None);
         }
+        let reader = file.clone();
+        let computed =
+            tokio::task::spawn_blocking(move || composite_etag(&reader, identity.size, part_size))
+                .await
+                .expect("hashing task never panics")
+                .map_err(|_| UploadError::Changed)?;
+        unchanged(file, &identity)?;
+        Ok((computed == etag).then_some(Sent {
+            identity,
+            expected_etag: computed,
+            multipart: true,
+        }))
     }
 
-    fn forget_progress(&self, job: &Job<'_>) {
-        let mut item = job.item.clone();
-        item.stage = Stage::Upload { multipart: None };
-        let _ = self.state.put_queue_item(job.queue_key, &item);
+    /// Aborts a recorded multipart upload and forgets it.
+    async fn abandon(&self, job: &Job<'_>, p: &MultipartProgress) -> Result<(), StateError> {
+        abort_stale(job.store, p).await;
+        self.queue.clear_multipart(job.item_key)
+    }
+
+    fn progressed(&self) {
+        self.progress.store(
+            crate::statedir::now_ms(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 }
 
-/// Aborts a multipart upload we no longer continue; failures only leave parts that
-/// the bucket's lifecycle rules or a later start will clean up.
-pub async fn abort_stale(client: &Client, p: &MultipartProgress) {
-    if p.provider != client.provider.name {
+/// The composite ETag of `size` bytes of `file` cut into `part_size` parts.
+pub fn composite_etag(file: &File, size: u64, part_size: u64) -> std::io::Result<String> {
+    if part_size == 0 {
+        return Err(std::io::Error::other("part size 0"));
+    }
+    let mut md5s = Vec::new();
+    let mut buf = vec![0u8; part_size.min(8 * MIB) as usize];
+    let mut offset = 0;
+    while offset < size {
+        let end = (offset + part_size).min(size);
+        let mut h = Md5::new();
+        while offset < end {
+            let n = ((end - offset) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], offset)?;
+            h.update(&buf[..n]);
+            offset += n as u64;
+        }
+        md5s.push(h.finalize().into());
+    }
+    Ok(multipart_etag(&md5s))
+}
+
+/// Aborts a multipart upload we no longer continue; failures only leave parts
+/// that the bucket's lifecycle rules or a later rebuild clean up.
+pub async fn abort_stale(store: &dyn Store, p: &MultipartProgress) {
+    if p.provider != store.provider().name {
         return;
     }
-    if let Err(e) = client.abort_multipart(&p.key, &p.upload_id).await {
+    if let Err(e) = store.abort(&p.key, &p.upload_id).await {
         tracing::warn!(key = %p.key, error = %e, "could not abort an abandoned multipart upload");
     }
 }
@@ -391,6 +458,24 @@ mod tests {
             multipart_etag(&[a, b]),
             format!("{}-2", hex::encode(h.finalize()))
         );
+    }
+
+    #[test]
+    fn composite_etag_of_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let data: Vec<u8> = (0..(5 * MIB + 7)).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let f = File::open(&p).unwrap();
+        let md5s: Vec<[u8; 16]> = data
+            .chunks((2 * MIB) as usize)
+            .map(|c| Md5::digest(c).into())
+            .collect();
+        assert_eq!(
+            composite_etag(&f, data.len() as u64, 2 * MIB).unwrap(),
+            multipart_etag(&md5s)
+        );
+        assert!(multipart_etag(&md5s).ends_with("-3"));
     }
 
     #[test]

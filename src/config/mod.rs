@@ -9,7 +9,10 @@
 //! not an error: [`Config::active`] falls back to local mode with a reason.
 //! Secret values never appear in any error, warning or report.
 
-use crate::provider::{self, Resolved, Secret};
+use crate::remote::provider::{self, Resolved, Secret};
+
+pub mod preflight;
+pub mod units;
 use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -19,7 +22,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use crate::provider::{Incomplete, ProviderSection};
+pub use crate::remote::provider::{Incomplete, ProviderSection};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -54,7 +57,10 @@ pub struct Watch {
     pub include: Vec<String>,
     #[serde(default = "default_exclude")]
     pub exclude: Vec<String>,
-    #[serde(default = "default_settle", with = "crate::units::serde_duration")]
+    #[serde(
+        default = "default_settle",
+        with = "crate::config::units::serde_duration"
+    )]
     pub settle: Duration,
     /// `None` when written as 0 (no periodic rescan).
     #[serde(default = "default_rescan", deserialize_with = "rescan_interval")]
@@ -66,7 +72,7 @@ pub struct Watch {
 pub struct Storage {
     pub active: String,
     pub delete_local: bool,
-    #[serde(with = "crate::units::serde_duration")]
+    #[serde(with = "crate::config::units::serde_duration")]
     pub delete_after: Duration,
     pub providers: BTreeMap<String, ProviderSection>,
 }
@@ -75,15 +81,15 @@ pub struct Storage {
 #[serde(deny_unknown_fields, default)]
 pub struct Upload {
     pub workers: usize,
-    #[serde(with = "crate::units::serde_size")]
+    #[serde(with = "crate::config::units::serde_size")]
     pub multipart_threshold: u64,
-    #[serde(with = "crate::units::serde_size")]
+    #[serde(with = "crate::config::units::serde_size")]
     pub part_size: u64,
     pub part_concurrency: usize,
-    #[serde(with = "crate::units::serde_size")]
+    #[serde(with = "crate::config::units::serde_size")]
     pub memory_limit: u64,
     /// Bytes per second; 0 is unlimited.
-    #[serde(with = "crate::units::serde_size")]
+    #[serde(with = "crate::config::units::serde_size")]
     pub bandwidth_limit: u64,
     pub retry: Retry,
 }
@@ -91,9 +97,9 @@ pub struct Upload {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Retry {
-    #[serde(with = "crate::units::serde_duration")]
+    #[serde(with = "crate::config::units::serde_duration")]
     pub initial_backoff: Duration,
-    #[serde(with = "crate::units::serde_duration")]
+    #[serde(with = "crate::config::units::serde_duration")]
     pub max_backoff: Duration,
 }
 
@@ -150,7 +156,7 @@ fn default_rescan() -> Option<Duration> {
 }
 
 fn rescan_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    crate::units::serde_duration::deserialize(d).map(|v| Some(v).filter(|v| !v.is_zero()))
+    crate::config::units::serde_duration::deserialize(d).map(|v| Some(v).filter(|v| !v.is_zero()))
 }
 
 fn listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
@@ -257,8 +263,8 @@ fn at(position: &Option<(usize, usize)>) -> String {
 
 impl ConfigError {
     /// EX_CONFIG.
-    pub fn exit_code(&self) -> i32 {
-        78
+    pub fn exit_code(&self) -> u8 {
+        crate::exit::CONFIG
     }
 }
 
@@ -309,6 +315,20 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
             "{} contains an inline secret and is readable by group or others; chmod 600 it or use secret_access_key_file",
             path.display()
         ));
+    }
+    for (name, section) in &config.storage.providers {
+        let Some(file) = &section.secret_access_key_file else {
+            continue;
+        };
+        if let Ok(meta) = std::fs::metadata(file) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o007 != 0 {
+                warnings.push(format!(
+                    "the secret file {} of provider `{name}` is readable by others (mode {mode:04o}); chmod 600 it (or 640 with group offloadd)",
+                    file.display()
+                ));
+            }
+        }
     }
     if config.watch.include.is_empty() {
         warnings.push(

@@ -1,0 +1,315 @@
+//! The CLI side of the control commands: each one asks the running daemon
+//! over the control socket, or, when no daemon answers, opens the state
+//! directory itself (taking the instance lock, so the two never meet).
+
+use crate::config::{Active, Config};
+use crate::control::commands;
+use crate::control::protocol::{err_line, line, Reply, Request};
+use crate::control::status;
+use crate::keys::{ItemKey, RelPath};
+use crate::pipeline::filter::Rules;
+use crate::pipeline::finished::FileIdentity;
+use crate::pipeline::queue::{Admission, Admit, Queue};
+use crate::statedir::{self, Lock};
+use std::process::ExitCode;
+
+/// Sends `req` to the running daemon. `Ok(None)` when no daemon answers (the
+/// caller then works on the state directly).
+pub fn call(config: &Config, req: &Request) -> Result<Option<Reply>, String> {
+    use std::io::{BufRead, Write};
+    let path = &config.control_socket;
+    let mut stream = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(format!(
+                "permission denied on the control socket {}; run this as root or as a member of the offloadd group",
+                path.display()
+            ))
+        }
+        Err(_) => return Ok(None),
+    };
+    let mut bytes = serde_json::to_vec(req).expect("request serializes");
+    bytes.push(b'\n');
+    stream
+        .write_all(&bytes)
+        .map_err(|e| format!("cannot talk to offloadd over {}: {e}", path.display()))?;
+    let mut reply = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(|e| format!("cannot read offloadd's answer over {}: {e}", path.display()))?;
+    serde_json::from_str(&reply).map(Some).map_err(|e| {
+        format!(
+            "offloadd answered something unexpected over {}: {e}",
+            path.display()
+        )
+    })
+}
+
+/// Runs `req` on the daemon if it runs, else `offline`.
+fn live_or(config: &Config, req: Request, offline: impl FnOnce() -> Reply) -> ExitCode {
+    match call(config, &req) {
+        Ok(Some(reply)) => reply.finish(),
+        Ok(None) => offline().finish(),
+        Err(e) => Reply::fail(1, err_line(e)).finish(),
+    }
+}
+
+/// Opens the state of a stopped daemon.
+fn open_offline(config: &Config) -> Result<(Lock, Queue), Reply> {
+    let lock = Lock::acquire(&config.state_dir).map_err(|e| Reply::fail(1, err_line(e)))?;
+    let (queue, _) = Queue::open(&config.state_dir).map_err(|e| Reply::fail(1, err_line(e)))?;
+    Ok((lock, queue))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime always builds")
+}
+
+pub fn status(config: &Config, json: bool) -> ExitCode {
+    live_or(config, Request::Status { json }, || {
+        match status::report(config) {
+            Ok(r) if json => Reply::ok(line(serde_json::to_string(&r).expect("report serializes"))),
+            Ok(r) => Reply::ok(status::render(&r)),
+            Err(e) => Reply::fail(1, err_line(e)),
+        }
+    })
+}
+
+pub fn locate(config: &Config, rel: &str) -> ExitCode {
+    live_or(
+        config,
+        Request::Locate { path: rel.into() },
+        || match open_offline(config) {
+            Ok((_lock, queue)) => commands::locate(config, &queue, rel),
+            Err(r) => r,
+        },
+    )
+}
+
+pub fn retry(config: &Config, rel: Option<&str>, all: bool) -> ExitCode {
+    let req = Request::Retry {
+        path: rel.map(str::to_string),
+        all,
+    };
+    live_or(config, req, || {
+        let (_lock, queue) = match open_offline(config) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        let wanted = match rel.map(RelPath::parse) {
+            Some(Ok(r)) => Some(ItemKey::from_rel(&r)),
+            Some(Err(e)) => return Reply::fail(2, err_line(e)),
+            None if all => None,
+            None => return Reply::fail(2, err_line("name a path or pass --all")),
+        };
+        let items = match queue.items() {
+            Ok(i) => i,
+            Err(e) => return Reply::fail(1, err_line(e)),
+        };
+        let mut n = 0;
+        for (k, item) in items {
+            if item.is_parked() && wanted.as_ref().is_none_or(|w| *w == k) {
+                match queue.unpark(&k) {
+                    Ok(true) => n += 1,
+                    Ok(false) => {}
+                    Err(e) => return Reply::fail(1, err_line(e)),
+                }
+            }
+        }
+        if let Err(e) = queue.flush() {
+            return Reply::fail(1, err_line(e));
+        }
+        Reply::ok(line(format!(
+            "queued {n} failed item(s) again; they upload when offloadd runs"
+        )))
+    })
+}
+
+pub fn delete(config: &Config, rel: &str) -> ExitCode {
+    live_or(config, Request::Delete { path: rel.into() }, || {
+        let rel = match RelPath::parse(rel) {
+            Ok(r) => r,
+            Err(e) => return Reply::fail(2, err_line(e)),
+        };
+        match open_offline(config) {
+            Ok((_lock, queue)) => {
+                runtime().block_on(commands::delete_through(config, &queue, &rel))
+            }
+            Err(r) => r,
+        }
+    })
+}
+
+pub fn test_connection_cli(config: &Config, provider: Option<&str>) -> ExitCode {
+    let req = Request::TestConnection {
+        provider: provider.map(str::to_string),
+    };
+    live_or(config, req, || {
+        runtime().block_on(commands::test_connection(config, provider))
+    })
+}
+
+/// Files under the root that backfill would queue: included, regular, changed
+/// before the managed-since mark, and not recorded as they are now.
+fn backfill_candidates(
+    config: &Config,
+    queue: Option<&Queue>,
+    mark: i128,
+) -> Vec<(ItemKey, FileIdentity)> {
+    let Ok(rules) = Rules::new(
+        &config.watch.root,
+        &config.watch.include,
+        &config.watch.exclude,
+        config.watch.settle,
+    ) else {
+        return Vec::new();
+    };
+    let root = &config.watch.root;
+    walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file() && rules.matches(e.path()))
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            let id = FileIdentity::of(&meta);
+            if id.changed_ns() >= mark {
+                return None;
+            }
+            let key = ItemKey::of(root, e.path())?;
+            if let Some(q) = queue {
+                if q.record(&key)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| r.identity == id)
+                {
+                    return None;
+                }
+            }
+            Some((key, id))
+        })
+        .collect()
+}
+
+fn progress(total: usize) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "backfill {bar:40} {pos}/{len} files queued ({eta})",
+            )
+            .expect("template is valid"),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    }
+}
+
+/// Sends one batch of backfill paths to the running daemon; returns how many it
+/// queued (or, with `dry_run`, would queue).
+fn enqueue_live(
+    config: &Config,
+    keys: &[(ItemKey, FileIdentity)],
+    dry_run: bool,
+) -> Result<usize, Reply> {
+    let req = Request::Enqueue {
+        keys: keys.iter().map(|(k, _)| k.as_bytes().to_vec()).collect(),
+        dry_run,
+    };
+    match call(config, &req) {
+        Ok(Some(r)) if r.exit == 0 => Ok(r.out.trim().parse().unwrap_or(0)),
+        Ok(Some(r)) => Err(r),
+        Ok(None) => Err(Reply::fail(
+            1,
+            err_line("offloadd stopped during backfill; run backfill again to resume"),
+        )),
+        Err(e) => Err(Reply::fail(1, err_line(e))),
+    }
+}
+
+pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
+    let Some(mark) = statedir::mark::read(&config.state_dir) else {
+        return Reply::ok(line(
+            "nothing to backfill: offloadd has not run with an active provider yet, so every file will be handled as new when it does",
+        ))
+        .finish();
+    };
+    if let Active::Local { reason } = config.active() {
+        return Reply::fail(
+            78,
+            err_line(format!("backfill needs an active provider: {reason}")),
+        )
+        .finish();
+    }
+    let probe = call(config, &Request::Status { json: true });
+    let running = matches!(probe, Ok(Some(_)));
+    if let Err(e) = probe {
+        return Reply::fail(1, err_line(e)).finish();
+    }
+    let offline = if running {
+        None
+    } else {
+        match open_offline(config) {
+            Ok(x) => Some(x),
+            Err(r) => return r.finish(),
+        }
+    };
+    let keys = backfill_candidates(config, offline.as_ref().map(|(_, s)| s), mark);
+    if dry_run {
+        let mut would = keys.len();
+        if running {
+            would = 0;
+            for chunk in keys.chunks(1000) {
+                match enqueue_live(config, chunk, true) {
+                    Ok(n) => would += n,
+                    Err(r) => return r.finish(),
+                }
+            }
+        }
+        return Reply::ok(line(format!(
+            "backfill (dry run): {would} file(s) would be queued"
+        )))
+        .finish();
+    }
+    let bar = progress(keys.len());
+    let mut queued = 0usize;
+    for chunk in keys.chunks(1000) {
+        match &offline {
+            Some((_, queue)) => {
+                for (k, id) in chunk {
+                    let already = match queue.item(k) {
+                        Ok(item) => item.is_some(),
+                        Err(e) => return Reply::fail(1, err_line(e)).finish(),
+                    };
+                    match queue.admit(k, id, Admit::Event) {
+                        Ok(Admission::Queued(_)) if !already => queued += 1,
+                        Ok(_) => {}
+                        Err(e) => return Reply::fail(1, err_line(e)).finish(),
+                    }
+                }
+            }
+            None => match enqueue_live(config, chunk, false) {
+                Ok(n) => queued += n,
+                Err(r) => return r.finish(),
+            },
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    if let Some((_, queue)) = &offline {
+        if let Err(e) = queue.flush() {
+            return Reply::fail(1, err_line(e)).finish();
+        }
+    }
+    let when = if running { "now" } else { "when offloadd runs" };
+    Reply::ok(line(format!(
+        "backfill: {queued} of {} file(s) queued; they upload {when} (run it again to resume)",
+        keys.len()
+    )))
+    .finish()
+}

@@ -1,0 +1,117 @@
+//! What each command does against an open state, the same whether the daemon
+//! answers it over the socket or the CLI runs it on a stopped daemon's state.
+
+use crate::config::Config;
+use crate::control::protocol::{err_line, line, Reply};
+use crate::control::status::{self, Location};
+use crate::keys::{ItemKey, RelPath};
+use crate::pipeline::queue::Queue;
+use crate::remote::client::Client;
+
+/// `locate`: the public URL, the bucket and key, or the local path.
+pub fn locate(config: &Config, queue: &Queue, path: &str) -> Reply {
+    match status::locate_in(config, queue, path) {
+        Ok(Some(Location::Remote(url))) => Reply::ok(line(url)),
+        Ok(Some(Location::RemoteKey { provider, key })) => {
+            Reply::ok(line(format!("{provider}:{key}")))
+        }
+        Ok(Some(Location::Local(p))) => Reply::ok(line(p.display())),
+        Ok(None) => Reply::fail(
+            1,
+            err_line(format!(
+                "{path} is unknown: not offloaded and not in the watch root"
+            )),
+        ),
+        Err(e) => Reply::fail(2, err_line(e)),
+    }
+}
+
+/// `delete`: removes the bucket object (if recorded), the local copy and the
+/// record, in that order; a failure stops before anything later is touched.
+pub async fn delete_through(config: &Config, queue: &Queue, rel: &RelPath) -> Reply {
+    let key = ItemKey::from_rel(rel);
+    let record = match queue.record(&key) {
+        Ok(r) => r,
+        Err(e) => return Reply::fail(1, err_line(format!("cannot read the state: {e}"))),
+    };
+    let mut out = String::new();
+    if let Some(rec) = &record {
+        let client = match config
+            .resolve_provider(&rec.provider)
+            .map_err(|e| e.to_string())
+            .and_then(|p| Client::new(&p).map_err(|e| e.to_string()))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                return Reply::fail(
+                    1,
+                    err_line(format!(
+                        "cannot delete {rel} from provider `{}`: {e}; nothing was deleted",
+                        rec.provider
+                    )),
+                )
+            }
+        };
+        let object = crate::keys::ObjectKey::from_raw(rec.key.clone());
+        if let Err(e) = client.delete(&object).await {
+            return Reply::fail(
+                1,
+                err_line(format!(
+                    "cannot delete object `{}` at provider `{}`: {e}; nothing was deleted",
+                    rec.key, rec.provider
+                )),
+            );
+        }
+        out.push_str(&line(format!(
+            "deleted object {} at provider {}",
+            rec.key, rec.provider
+        )));
+    }
+    let local = rel.to_local(&config.watch.root);
+    let had_local = match std::fs::remove_file(&local) {
+        Ok(()) => {
+            out.push_str(&line(format!("deleted local copy {}", local.display())));
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            return Reply::fail(
+                1,
+                format!(
+                    "{out}{}",
+                    err_line(format!(
+                        "cannot delete {}: {e}; the record is kept",
+                        local.display()
+                    ))
+                ),
+            )
+        }
+    };
+    if let Err(e) = queue.forget(&key) {
+        return Reply::fail(
+            1,
+            format!(
+                "{out}{}",
+                err_line(format!("cannot remove the record: {e}"))
+            ),
+        );
+    }
+    if let Err(e) = queue.durable().await {
+        return Reply::fail(1, format!("{out}{}", err_line(e)));
+    }
+    if record.is_none() && !had_local {
+        return Reply::fail(
+            1,
+            err_line(format!(
+                "{rel} is unknown: not offloaded and not in the watch root"
+            )),
+        );
+    }
+    Reply::ok(out)
+}
+
+/// `test-connection`: put, read back, compare, delete.
+pub async fn test_connection(config: &Config, provider: Option<&str>) -> Reply {
+    let (exit, out, err) = crate::remote::connection_test::outcome(config, provider).await;
+    Reply { exit, out, err }
+}

@@ -1,0 +1,15 @@
+//! The commands ops run against a daemon: `status`, `locate`, `retry`,
+//! `delete`, `backfill`, `test-connection`.
+//!
+//! - [`protocol`]: the socket's request and reply lines;
+//! - [`server`]: the daemon side (peer-credential checked), changes go through
+//!   the scheduler;
+//! - [`client`]: the CLI side, over the socket or on a stopped daemon's state;
+//! - [`commands`]: what each command does against an open state;
+//! - [`status`]: the status report and `locate`'s answer.
+
+pub mod client;
+pub mod commands;
+pub mod protocol;
+pub mod server;
+pub mod status;

@@ -1,0 +1,83 @@
+//! The control socket's wire format: one JSON [`Request`] line from the CLI,
+//! one JSON [`Reply`] line back.
+
+use serde::{Deserialize, Serialize};
+use std::process::ExitCode;
+
+/// The largest request line the daemon reads (backfill sends paths in batches).
+pub const MAX_REQUEST_BYTES: u64 = 16 * 1024 * 1024;
+
+/// One request to the daemon.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status {
+        json: bool,
+    },
+    Locate {
+        path: String,
+    },
+    Retry {
+        path: Option<String>,
+        all: bool,
+    },
+    Delete {
+        path: String,
+    },
+    /// Backfill: queue these paths (raw bytes, relative to the root) regardless
+    /// of the managed-since mark.
+    Enqueue {
+        keys: Vec<Vec<u8>>,
+        dry_run: bool,
+    },
+    TestConnection {
+        provider: Option<String>,
+    },
+}
+
+/// What the CLI prints and its exit code.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Reply {
+    pub exit: u8,
+    pub out: String,
+    pub err: String,
+}
+
+impl Reply {
+    pub fn ok(out: String) -> Reply {
+        Reply {
+            exit: 0,
+            out,
+            err: String::new(),
+        }
+    }
+
+    pub fn fail(exit: u8, err: String) -> Reply {
+        Reply {
+            exit,
+            out: String::new(),
+            err,
+        }
+    }
+
+    /// Prints the reply and turns it into the process exit code.
+    pub fn finish(self) -> ExitCode {
+        if !self.out.is_empty() {
+            print!("{}", self.out);
+        }
+        if !self.err.is_empty() {
+            eprint!("{}", self.err);
+        }
+        ExitCode::from(self.exit)
+    }
+}
+
+/// A line of output.
+pub fn line(s: impl std::fmt::Display) -> String {
+    format!("{s}\n")
+}
+
+/// A line of error output, prefixed `offloadd: `.
+pub fn err_line(s: impl std::fmt::Display) -> String {
+    format!("offloadd: {s}\n")
+}

@@ -1,0 +1,205 @@
+//! The daemon side of the control socket (`control_socket`): answers status,
+//! locate, retry, delete-through, backfill and test-connection while the
+//! daemon runs.
+//!
+//! The daemon owns the database, so every change goes through the scheduler
+//! ([`Command`]). The socket is mode 0660 and every caller is checked by peer
+//! credentials: root, the daemon's user, or a process whose primary or
+//! supplementary groups include the daemon's group (as `usermod -aG` gives).
+
+use crate::control::commands;
+use crate::control::protocol::{err_line, line, Reply, Request, MAX_REQUEST_BYTES};
+use crate::control::status;
+use crate::keys::{ItemKey, RelPath};
+use crate::pipeline::live::Live;
+use crate::pipeline::queue::Queue;
+use crate::pipeline::schedule::{BackfillMode, Command};
+use crate::settings::{self, Shared};
+use crate::shutdown::Shutdown;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+
+/// What the socket handlers need from the running daemon.
+#[derive(Clone)]
+pub struct Handle {
+    pub shared: Shared,
+    pub queue: Arc<Queue>,
+    pub live: Arc<Live>,
+    pub commands: mpsc::Sender<Command>,
+}
+
+/// Binds the control socket (replacing a stale one) with mode 0660.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another process answers on it",
+        ));
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// Accepts connections until shutdown; every connection's task is joined.
+pub async fn serve(listener: UnixListener, handle: Handle, mut shutdown: Shutdown) {
+    let path = settings::current(&handle.shared)
+        .config
+        .control_socket
+        .clone();
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            conn = listener.accept() => {
+                let Ok((stream, _)) = conn else { continue };
+                let h = handle.clone();
+                conns.spawn(async move { serve_one(stream, h).await });
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = shutdown.recv() => break,
+        }
+    }
+    drop(listener);
+    let _ = std::fs::remove_file(path);
+    conns.shutdown().await;
+}
+
+/// The supplementary groups of a process, from `/proc/PID/status`.
+fn groups_of(pid: i32) -> Vec<u32> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Root, our user, or a member (primary or supplementary) of our group.
+fn allowed(stream: &UnixStream) -> bool {
+    let Ok(cred) = stream.peer_cred() else {
+        return false;
+    };
+    // SAFETY: geteuid/getegid have no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if cred.uid() == 0 || cred.uid() == uid || cred.gid() == gid {
+        return true;
+    }
+    cred.pid().is_some_and(|pid| groups_of(pid).contains(&gid))
+}
+
+async fn serve_one(stream: UnixStream, h: Handle) {
+    let permitted = allowed(&stream);
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST_BYTES)).lines();
+    let Ok(Some(request)) = lines.next_line().await else {
+        return;
+    };
+    let reply = if !permitted {
+        Reply::fail(
+            1,
+            err_line("the control socket only answers root and the offloadd user and group; run this as one of them"),
+        )
+    } else {
+        match serde_json::from_str::<Request>(&request) {
+            Ok(req) => answer(req, &h).await,
+            Err(e) => Reply::fail(
+                2,
+                err_line(format!("bad request on the control socket: {e}")),
+            ),
+        }
+    };
+    let mut bytes = serde_json::to_vec(&reply).expect("reply serializes");
+    bytes.push(b'\n');
+    let _ = write.write_all(&bytes).await;
+}
+
+async fn ask<T>(h: &Handle, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    h.commands.send(make(tx)).await.ok()?;
+    rx.await.ok()
+}
+
+fn stopping() -> Reply {
+    Reply::fail(
+        1,
+        err_line("the daemon is stopping; try again after it restarts"),
+    )
+}
+
+async fn answer(req: Request, h: &Handle) -> Reply {
+    let cur = settings::current(&h.shared);
+    match req {
+        Request::Status { json } => {
+            let r = status::live(&h.queue, &h.live, &cur);
+            Reply::ok(if json {
+                line(serde_json::to_string(&r).expect("report serializes"))
+            } else {
+                status::render(&r)
+            })
+        }
+        Request::Locate { path } => commands::locate(&cur.config, &h.queue, &path),
+        Request::Retry { path, all } => {
+            let keys = match (path, all) {
+                (Some(p), _) => match RelPath::parse(&p) {
+                    Ok(r) => Some(vec![ItemKey::from_rel(&r)]),
+                    Err(e) => return Reply::fail(2, err_line(e)),
+                },
+                (None, true) => None,
+                (None, false) => return Reply::fail(2, err_line("name a path or pass --all")),
+            };
+            match ask(h, |reply| Command::Retry { keys, reply }).await {
+                Some(n) => Reply::ok(line(format!("queued {n} failed item(s) again"))),
+                None => stopping(),
+            }
+        }
+        Request::Enqueue { keys, dry_run } => {
+            let keys = keys.into_iter().filter_map(ItemKey::from_bytes).collect();
+            let mode = if dry_run {
+                BackfillMode::Count
+            } else {
+                BackfillMode::Queue
+            };
+            match ask(h, |reply| Command::Backfill { keys, mode, reply }).await {
+                Some(n) => Reply::ok(line(n)),
+                None => stopping(),
+            }
+        }
+        Request::Delete { path } => {
+            let rel = match RelPath::parse(&path) {
+                Ok(r) => r,
+                Err(e) => return Reply::fail(2, err_line(e)),
+            };
+            let key = ItemKey::from_rel(&rel);
+            match ask(h, |reply| Command::Hold {
+                key: key.clone(),
+                reply,
+            })
+            .await
+            {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Reply::fail(1, err_line(e)),
+                None => return stopping(),
+            }
+            let reply = commands::delete_through(&cur.config, &h.queue, &rel).await;
+            let _ = ask(h, |reply| Command::Release { key, reply }).await;
+            reply
+        }
+        Request::TestConnection { provider } => {
+            commands::test_connection(&cur.config, provider.as_deref()).await
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! Exit codes, decided in one place (DESIGN.md "Command line"): 0 success;
+//! 1 a negative answer or a failure that a retry may fix; 2 usage; 78
+//! (EX_CONFIG) for what cannot run at all as configured.
+
+use crate::daemon::Fatal;
+use crate::pipeline::queue::StateError;
+
+pub const SUCCESS: u8 = 0;
+pub const NEGATIVE: u8 = 1;
+pub const USAGE: u8 = 2;
+pub const CONFIG: u8 = 78;
+
+/// The exit code of `run` when the daemon cannot run.
+pub fn of_fatal(e: &Fatal) -> u8 {
+    match e {
+        Fatal::Config(_) => CONFIG,
+        // Another instance holds the lock: not a configuration error.
+        Fatal::State(StateError::AlreadyRunning { .. }) => NEGATIVE,
+        // An unusable state_dir (missing, unwritable, a database that cannot
+        // open): restarting does not help until ops fix it.
+        Fatal::State(_) => CONFIG,
+        Fatal::Runtime(_) => NEGATIVE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn an_unusable_state_dir_is_a_configuration_error() {
+        let e = Fatal::State(StateError::Unusable {
+            dir: PathBuf::from("/x"),
+            message: "Permission denied".into(),
+        });
+        assert_eq!(of_fatal(&e), CONFIG);
+        let e = Fatal::State(StateError::AlreadyRunning {
+            pid: 1,
+            dir: PathBuf::from("/x"),
+        });
+        assert_eq!(of_fatal(&e), NEGATIVE);
+    }
+}

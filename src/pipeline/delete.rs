@@ -1,0 +1,237 @@
+//! The last step: deleting the local copy of a verified, durably recorded
+//! upload (guarantee 2), so that exactly the uploaded inode goes.
+//!
+//! The caller holds a [`DeletePermit`] (the record is durable and names this
+//! file), has checked the running configuration (deletion on, not local mode)
+//! and the root, and the file is at least `delete_after` old. Here:
+//! 1. the path still shows the uploaded identity (device, inode, size, mtime,
+//!    ctime), else the file changed and is uploaded again;
+//! 2. it is renamed aside to a hidden name in the same directory (never over
+//!    anything), which pins the inode;
+//! 3. the inode under the hidden name is checked again (same contents), and a
+//!    read lease is taken on it: the kernel refuses one while any process has
+//!    it open for writing, and holds back new writers while we hold it;
+//! 4. only then is the hidden name unlinked. In every other case the file is
+//!    renamed back without overwriting anything.
+
+use crate::pipeline::finished::{FileIdentity, Lease};
+use crate::pipeline::queue::DeletePermit;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Names of files set aside for deletion start with this; the watcher never
+/// treats them as results.
+pub const ASIDE_PREFIX: &str = ".offloadd-del-";
+
+/// What happened to a local copy.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LocalOutcome {
+    Deleted,
+    /// Already gone (deleted by the application, or by us before a crash).
+    Gone,
+    /// No longer the uploaded file (rewritten, replaced): upload it again.
+    Changed,
+    /// A process has it open for writing: look again later.
+    WriterActive,
+    /// Deleting it failed for good; the reason is recorded and shown once.
+    Kept(String),
+}
+
+fn c_path(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("paths from the filesystem hold no NUL")
+}
+
+/// rename(2) that fails with EEXIST instead of replacing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    let (f, t) = (c_path(from), c_path(to));
+    // SAFETY: two valid C strings; AT_FDCWD resolves them like rename(2).
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn aside_path(abs: &Path) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let dir = abs.parent().unwrap_or(Path::new("/"));
+    dir.join(format!("{ASIDE_PREFIX}{}-{n}", std::process::id()))
+}
+
+fn kept(abs: &Path, e: &std::io::Error) -> LocalOutcome {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => LocalOutcome::Kept(format!(
+            "uploaded, local copy kept: permission denied deleting {}; give the offloadd user write access to its directory (see README)",
+            abs.display()
+        )),
+        _ => LocalOutcome::Kept(format!(
+            "uploaded, local copy kept: cannot delete {}: {e}",
+            abs.display()
+        )),
+    }
+}
+
+/// Puts the set-aside file back under its name, never over another file.
+fn put_back(aside: &Path, abs: &Path, then: LocalOutcome) -> LocalOutcome {
+    match rename_noreplace(aside, abs) {
+        Ok(()) => then,
+        Err(e) => {
+            tracing::error!(
+                path = %abs.display(),
+                aside = %aside.display(),
+                error = %e,
+                "a file appeared at {} while offloadd was deleting the uploaded one; the uploaded file is kept as {}",
+                abs.display(),
+                aside.display()
+            );
+            LocalOutcome::Kept(format!(
+                "uploaded, local copy kept as {}: another file took its name during the delete",
+                aside.display()
+            ))
+        }
+    }
+}
+
+/// Deletes `abs` if it is still the file `permit` names; see the module docs.
+/// Blocking: run it off the async threads.
+pub fn delete_local(abs: &Path, permit: &DeletePermit) -> LocalOutcome {
+    delete_if_same(abs, permit.identity())
+}
+
+fn delete_if_same(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
+    let meta = match std::fs::symlink_metadata(abs) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return LocalOutcome::Gone,
+        Err(e) => return kept(abs, &e),
+    };
+    if !meta.is_file() || FileIdentity::of(&meta) != *expected {
+        return LocalOutcome::Changed;
+    }
+    let aside = aside_path(abs);
+    if let Err(e) = rename_noreplace(abs, &aside) {
+        return match e.kind() {
+            std::io::ErrorKind::NotFound => LocalOutcome::Gone,
+            _ => kept(abs, &e),
+        };
+    }
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&aside)
+    };
+    let file = match file {
+        Ok(f) => f,
+        // Not a regular file we can open: whatever it is, it is not ours.
+        Err(_) => return put_back(&aside, abs, LocalOutcome::Changed),
+    };
+    match file.metadata() {
+        Ok(m) if m.is_file() && FileIdentity::of(&m).same_contents(expected) => {}
+        _ => return put_back(&aside, abs, LocalOutcome::Changed),
+    }
+    // Held until the unlink is done; `None` where the kernel cannot tell.
+    let lease = match Lease::take(&file) {
+        Some(None) => return put_back(&aside, abs, LocalOutcome::WriterActive),
+        Some(Some(lease)) => Some(lease),
+        None => None,
+    };
+    let outcome = match std::fs::remove_file(&aside) {
+        Ok(()) => LocalOutcome::Deleted,
+        Err(e) => {
+            drop(lease);
+            return put_back(&aside, abs, kept(abs, &e));
+        }
+    };
+    drop(lease);
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn identity(p: &Path) -> FileIdentity {
+        FileIdentity::of(&std::fs::symlink_metadata(p).unwrap())
+    }
+
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn deletes_only_the_uploaded_inode() {
+        crate::pipeline::finished::ignore_lease_signals();
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a");
+        std::fs::write(&f, b"one").unwrap();
+        let id = identity(&f);
+        std::fs::write(&f, b"two!").unwrap();
+        assert_eq!(delete_if_same(&f, &id), LocalOutcome::Changed);
+        assert!(f.exists());
+
+        // Another file renamed over the name: not deleted.
+        let other = dir.path().join("b");
+        std::fs::write(&other, b"two!").unwrap();
+        let id = identity(&f);
+        std::fs::rename(&other, &f).unwrap();
+        assert_eq!(delete_if_same(&f, &id), LocalOutcome::Changed);
+        assert_eq!(std::fs::read(&f).unwrap(), b"two!");
+
+        let id = identity(&f);
+        assert_eq!(delete_if_same(&f, &id), LocalOutcome::Deleted);
+        assert!(!f.exists());
+        assert_eq!(delete_if_same(&f, &id), LocalOutcome::Gone);
+        assert!(listing(dir.path()).is_empty(), "nothing left aside");
+    }
+
+    #[test]
+    fn a_writer_keeps_the_file() {
+        crate::pipeline::finished::ignore_lease_signals();
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a");
+        std::fs::write(&f, b"one").unwrap();
+        let id = identity(&f);
+        let mut w = std::fs::OpenOptions::new().append(true).open(&f).unwrap();
+        assert_eq!(delete_if_same(&f, &id), LocalOutcome::WriterActive);
+        assert_eq!(listing(dir.path()), vec!["a".to_string()]);
+        w.write_all(b" more").unwrap();
+        drop(w);
+        assert_eq!(std::fs::read(&f).unwrap(), b"one more");
+    }
+
+    #[test]
+    fn never_overwrites_a_newcomer() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        std::fs::write(&a, b"x").unwrap();
+        std::fs::write(&b, b"y").unwrap();
+        assert_eq!(
+            rename_noreplace(&a, &b).unwrap_err().raw_os_error(),
+            Some(libc::EEXIST)
+        );
+        let out = put_back(&a, &b, LocalOutcome::Changed);
+        assert!(matches!(out, LocalOutcome::Kept(_)), "{out:?}");
+        assert_eq!(std::fs::read(&b).unwrap(), b"y");
+        assert_eq!(std::fs::read(&a).unwrap(), b"x");
+    }
+}

@@ -1,0 +1,825 @@
+//! The first stage: finds new, finished files under the watch root and hands
+//! them to the scheduler as [`Candidate`]s.
+//!
+//! Rules (DESIGN.md "What counts as a new, finished file"):
+//! - inotify events (via notify: create, write, close-after-write, attribute
+//!   and move events only, so readers such as nginx cause none) make a path a
+//!   candidate; a directory created or moved in is walked at once;
+//! - a path seen being written is finished only after it was closed after
+//!   writing (or renamed into place) and then left untouched for `settle`; a
+//!   file whose close was never seen (a hard link, a lost event) is probed
+//!   for writers about once a second, and listed in `status` meanwhile;
+//! - a file found by a scan is finished once its size and mtime stay the same
+//!   for `settle` (at once if it is older than that; the scheduler's upload
+//!   gate then checks for writers);
+//! - directories are watched one by one as they are walked (symlinks never
+//!   followed); a watch is re-added when the directory at a path is another
+//!   one than the watched (removed and created again, moved away and back);
+//! - when the root comes back after being unavailable, every watch is
+//!   re-established and the tree rescanned.
+//!
+//! Channels, all bounded: notify → this loop holds [`EVENT_QUEUE`] events;
+//! when it is full, events are dropped and a rescan is scheduled (and
+//! logged). This loop → the scheduler: a settled file that does not fit is
+//! dropped and a rescan scheduled once the channel drains. Scans hand their
+//! files over from one walker thread that waits for room, so a big tree
+//! never overflows anything.
+
+use crate::pipeline::filter::Rules;
+use crate::pipeline::finished::{self, now_ns, FileIdentity};
+use crate::pipeline::live::{Live, SAMPLE};
+use crate::pipeline::root::RootStatus;
+use crate::shutdown::Shutdown;
+use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RenameMode};
+use notify::{RecursiveMode, Watcher as _};
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+/// File events held between notify's thread and this loop.
+pub const EVENT_QUEUE: usize = 8192;
+/// Directory walks waiting for the walker thread.
+const WALK_QUEUE: usize = 1024;
+/// Scanned files sent to this loop at once.
+const WALK_BATCH: usize = 512;
+/// How often a file whose close was never seen is probed for writers.
+const WRITER_PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Files probed per tick at most.
+const PROBES_PER_TICK: usize = 512;
+
+/// How a candidate was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Event,
+    Scan,
+    /// Asked for by `backfill`: the managed-since mark does not apply.
+    Backfill,
+}
+
+/// A path under the root that may be a new, finished file.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub abs: PathBuf,
+    pub trigger: Trigger,
+}
+
+/// What the watcher knows of a path it has not handed on yet.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    /// Seen being created or written, and not closed after writing since.
+    Writing,
+    /// Closed after writing (or renamed into place).
+    Closed,
+    /// Found by a scan while recently changed: its size and mtime then.
+    Scanned {
+        size: u64,
+        mtime_ns: i128,
+        at: Instant,
+    },
+}
+
+#[derive(Debug)]
+struct Pending {
+    phase: Phase,
+    last_event: Instant,
+    last_probe: Instant,
+}
+
+/// Why a directory is walked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    Initial,
+    Periodic,
+    Overflow,
+    RootBack,
+    Requested,
+    NewDirectory,
+    MovedIn,
+}
+
+impl Why {
+    fn text(self) -> &'static str {
+        match self {
+            Why::Initial => "initial scan",
+            Why::Periodic => "periodic rescan",
+            Why::Overflow => "rescan after dropped file events",
+            Why::RootBack => "rescan after the root returned",
+            Why::Requested => "rescan",
+            Why::NewDirectory => "new directory",
+            Why::MovedIn => "directory moved in",
+        }
+    }
+
+    fn is_full_scan(self) -> bool {
+        !matches!(self, Why::NewDirectory | Why::MovedIn)
+    }
+}
+
+/// Inputs into the loop besides file events.
+enum Input {
+    /// Files a walk found that changed recently: (path, size, mtime).
+    Walked(Vec<(PathBuf, u64, i128)>),
+    /// New rules and rescan interval (a reload).
+    Reconfigure(Rules, Option<Duration>),
+    /// Rescan the whole tree now.
+    Rescan,
+}
+
+/// Handle to the running watcher.
+pub struct Watcher {
+    inputs: mpsc::Sender<Input>,
+}
+
+impl Watcher {
+    /// Applies reloaded rules and rescan interval; the root stays the same.
+    pub fn reconfigure(&self, rules: Rules, rescan_interval: Option<Duration>) {
+        if self
+            .inputs
+            .try_send(Input::Reconfigure(rules, rescan_interval))
+            .is_err()
+        {
+            tracing::warn!("the watcher is busy; the reloaded include/exclude rules apply after its next rescan");
+        }
+    }
+
+    /// Rescans the whole tree (e.g. when local mode ends).
+    pub fn rescan(&self) {
+        let _ = self.inputs.try_send(Input::Rescan);
+    }
+}
+
+/// Directories with a watch, and which directory (device, inode) each was.
+type Watched = Arc<Mutex<HashMap<PathBuf, (u64, u64)>>>;
+
+/// What the walker thread shares with the loop.
+struct WalkerShared {
+    rules: Mutex<Rules>,
+    notify: Mutex<notify::RecommendedWatcher>,
+    watched: Watched,
+    min_changed_ns: i128,
+    out: mpsc::Sender<Candidate>,
+    inputs: mpsc::Sender<Input>,
+    stop: AtomicBool,
+    live: Arc<Live>,
+}
+
+/// Starts watching: the initial walk (which adds the watches) runs at once in
+/// the background, and reports files changed at or after `min_changed_ns` (the
+/// managed-since mark).
+pub fn start(
+    rules: Rules,
+    rescan_interval: Option<Duration>,
+    min_changed_ns: i128,
+    out: mpsc::Sender<Candidate>,
+    live: Arc<Live>,
+    root: watch::Receiver<RootStatus>,
+    shutdown: Shutdown,
+) -> notify::Result<(Watcher, JoinHandle<()>)> {
+    let (inputs_tx, inputs_rx) = mpsc::channel::<Input>(64);
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let dropped = Arc::new(AtomicBool::new(false));
+    let dropped_cb = dropped.clone();
+    let notify = notify::recommended_watcher(move |ev| {
+        if events_tx.try_send(ev).is_err() {
+            dropped_cb.store(true, Ordering::Relaxed);
+        }
+    })?;
+    let shared = Arc::new(WalkerShared {
+        rules: Mutex::new(rules.clone()),
+        notify: Mutex::new(notify),
+        watched: Arc::new(Mutex::new(HashMap::new())),
+        min_changed_ns,
+        out: out.clone(),
+        inputs: inputs_tx.clone(),
+        stop: AtomicBool::new(false),
+        live: live.clone(),
+    });
+    let (walks_tx, walks_rx) = std::sync::mpsc::sync_channel::<(PathBuf, Why)>(WALK_QUEUE);
+    let walker_shared = shared.clone();
+    let walker = std::thread::Builder::new()
+        .name("offloadd-walk".into())
+        .spawn(move || walker_thread(&walker_shared, walks_rx))
+        .map_err(notify::Error::io)?;
+
+    let mut d = Detect {
+        rules,
+        shared,
+        walks: walks_tx,
+        walker: Some(walker),
+        pending: HashMap::new(),
+        out,
+        live,
+        dropped,
+        rescan_when_drained: false,
+        rescan_every: rescan_interval,
+        next_rescan: rescan_interval.map(|d| Instant::now() + d),
+        last_publish: Instant::now(),
+    };
+    d.walk(d.rules.root.clone(), Why::Initial);
+    let task = tokio::spawn(d.run(events_rx, inputs_rx, root, shutdown));
+    Ok((Watcher { inputs: inputs_tx }, task))
+}
+
+struct Detect {
+    rules: Rules,
+    shared: Arc<WalkerShared>,
+    walks: std::sync::mpsc::SyncSender<(PathBuf, Why)>,
+    walker: Option<std::thread::JoinHandle<()>>,
+    pending: HashMap<PathBuf, Pending>,
+    out: mpsc::Sender<Candidate>,
+    live: Arc<Live>,
+    /// Set by notify's thread when an event did not fit.
+    dropped: Arc<AtomicBool>,
+    /// A settled file did not fit into the scheduler's channel.
+    rescan_when_drained: bool,
+    rescan_every: Option<Duration>,
+    next_rescan: Option<Instant>,
+    last_publish: Instant,
+}
+
+impl Detect {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<notify::Result<notify::Event>>,
+        mut inputs: mpsc::Receiver<Input>,
+        mut root: watch::Receiver<RootStatus>,
+        mut shutdown: Shutdown,
+    ) {
+        let tick =
+            (self.rules.settle / 4).clamp(Duration::from_millis(25), Duration::from_millis(500));
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut root_open = true;
+        loop {
+            tokio::select! {
+                Some(ev) = events.recv() => self.event(ev),
+                Some(input) = inputs.recv() => self.input(input),
+                changed = root.changed(), if root_open => match changed {
+                    Ok(()) => {
+                        if *root.borrow_and_update() == RootStatus::Present {
+                            self.rewatch();
+                        }
+                    }
+                    Err(_) => root_open = false,
+                },
+                _ = ticker.tick() => self.tick(),
+                _ = shutdown.recv() => break,
+            }
+        }
+        self.shared.stop.store(true, Ordering::Relaxed);
+        drop(self.walks);
+        if let Some(w) = self.walker.take() {
+            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        }
+    }
+
+    fn walk(&mut self, dir: PathBuf, why: Why) {
+        if let Err(e) = self.walks.try_send((dir, why)) {
+            if why.is_full_scan() {
+                tracing::debug!(error = %e, "a rescan is already waiting");
+            } else {
+                tracing::warn!(
+                    "too many directory walks are waiting; rescanning the whole tree instead"
+                );
+                self.rescan_when_drained = true;
+            }
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        match input {
+            Input::Walked(files) => {
+                let now = Instant::now();
+                for (abs, size, mtime_ns) in files {
+                    match self.pending.get_mut(&abs) {
+                        // Seen being written and never closed: ask the kernel.
+                        Some(p) if p.phase == Phase::Writing => {
+                            match finished::open_for_writing(&abs) {
+                                Some(true) => {}
+                                Some(false) => p.phase = Phase::Closed,
+                                None => {
+                                    p.phase = Phase::Scanned {
+                                        size,
+                                        mtime_ns,
+                                        at: now,
+                                    }
+                                }
+                            }
+                        }
+                        Some(_) => {}
+                        None => {
+                            self.pending.insert(
+                                abs,
+                                Pending {
+                                    phase: Phase::Scanned {
+                                        size,
+                                        mtime_ns,
+                                        at: now,
+                                    },
+                                    last_event: now,
+                                    last_probe: now,
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+            Input::Reconfigure(rules, every) => {
+                *self.shared.rules.lock().expect("rules lock") = rules.clone();
+                self.rules = rules;
+                if every != self.rescan_every {
+                    self.rescan_every = every;
+                    self.next_rescan = every.map(|d| Instant::now() + d);
+                }
+            }
+            Input::Rescan => self.walk(self.rules.root.clone(), Why::Requested),
+        }
+    }
+
+    /// The root is back: every watch is added again and the tree rescanned.
+    fn rewatch(&mut self) {
+        let paths: Vec<PathBuf> = {
+            let mut w = self.shared.watched.lock().expect("watched lock");
+            w.drain().map(|(p, _)| p).collect()
+        };
+        let mut n = self.shared.notify.lock().expect("notify lock");
+        for p in paths {
+            let _ = n.unwatch(&p);
+        }
+        drop(n);
+        self.pending.clear();
+        self.shared.live.metrics.rescan();
+        self.walk(self.rules.root.clone(), Why::RootBack);
+    }
+
+    fn touch(&mut self, path: &Path, phase: Option<Phase>) {
+        if !self.rules.matches(path) {
+            return;
+        }
+        let now = Instant::now();
+        let p = self.pending.entry(path.to_path_buf()).or_insert(Pending {
+            phase: Phase::Closed,
+            last_event: now,
+            last_probe: now,
+        });
+        p.last_event = now;
+        match phase {
+            Some(phase) => p.phase = phase,
+            // Any event ends the scan rule: the path is followed by events now.
+            None if matches!(p.phase, Phase::Scanned { .. }) => p.phase = Phase::Closed,
+            None => {}
+        }
+    }
+
+    /// Forgets the watches of a directory that was removed or moved away.
+    fn forget_dir(&mut self, path: &Path) {
+        let mut w = self.shared.watched.lock().expect("watched lock");
+        if w.remove(path).is_some() {
+            w.retain(|p, _| !p.starts_with(path));
+        }
+    }
+
+    fn event(&mut self, ev: notify::Result<notify::Event>) {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!(error = %e, "file watching reported an error; rescanning");
+                self.shared.live.metrics.rescan();
+                self.walk(self.rules.root.clone(), Why::Overflow);
+                return;
+            }
+        };
+        if ev.need_rescan() {
+            tracing::warn!("the kernel's file-event queue overflowed; rescanning the tree");
+            self.shared.live.metrics.rescan();
+            self.walk(self.rules.root.clone(), Why::Overflow);
+            return;
+        }
+        match ev.kind {
+            EventKind::Create(CreateKind::Folder) => {
+                for p in &ev.paths {
+                    self.walk(p.clone(), Why::NewDirectory);
+                }
+            }
+            EventKind::Create(_) => {
+                for p in &ev.paths {
+                    match std::fs::symlink_metadata(p) {
+                        Ok(m) if m.is_dir() => self.walk(p.clone(), Why::NewDirectory),
+                        Ok(m) if m.file_type().is_symlink() => self.touch(p, Some(Phase::Closed)),
+                        _ => self.touch(p, Some(Phase::Writing)),
+                    }
+                }
+            }
+            EventKind::Modify(ModifyKind::Data(_)) | EventKind::Modify(ModifyKind::Any) => {
+                for p in &ev.paths {
+                    self.touch(p, Some(Phase::Writing));
+                }
+            }
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                for p in &ev.paths {
+                    self.touch(p, Some(Phase::Closed));
+                }
+            }
+            EventKind::Modify(ModifyKind::Metadata(_)) => {
+                for p in &ev.paths {
+                    if let Some(e) = self.pending.get_mut(p) {
+                        e.last_event = Instant::now();
+                    }
+                }
+            }
+            EventKind::Modify(ModifyKind::Name(mode)) => {
+                let (from, to) = match mode {
+                    RenameMode::From => (ev.paths.first(), None),
+                    RenameMode::To => (None, ev.paths.first()),
+                    RenameMode::Both => (ev.paths.first(), ev.paths.get(1)),
+                    _ => (None, None),
+                };
+                if let Some(from) = from {
+                    self.pending.remove(from);
+                    self.forget_dir(from);
+                }
+                if let Some(to) = to {
+                    match std::fs::symlink_metadata(to) {
+                        Ok(m) if m.is_dir() => self.walk(to.clone(), Why::MovedIn),
+                        Ok(_) => self.touch(to, Some(Phase::Closed)),
+                        Err(_) => {}
+                    }
+                }
+            }
+            EventKind::Remove(_) => {
+                for p in &ev.paths {
+                    self.pending.remove(p);
+                    self.forget_dir(p);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn tick(&mut self) {
+        if self.dropped.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                capacity = EVENT_QUEUE,
+                "file events arrived faster than they could be handled and some were dropped; rescanning the tree"
+            );
+            self.shared.live.metrics.rescan();
+            self.walk(self.rules.root.clone(), Why::Overflow);
+        }
+        if self.rescan_when_drained && self.out.capacity() * 2 >= self.out.max_capacity() {
+            self.rescan_when_drained = false;
+            self.shared.live.metrics.rescan();
+            self.walk(self.rules.root.clone(), Why::Overflow);
+        }
+        if self.next_rescan.is_some_and(|t| Instant::now() >= t) {
+            self.next_rescan = self.rescan_every.map(|d| Instant::now() + d);
+            self.shared.live.metrics.rescan();
+            self.walk(self.rules.root.clone(), Why::Periodic);
+        }
+        self.probe_writers();
+        self.settle_due();
+        if self.last_publish.elapsed() >= Duration::from_secs(1) {
+            self.last_publish = Instant::now();
+            self.publish();
+        }
+    }
+
+    /// Files seen being written whose close was not seen for a while: asks
+    /// the kernel whether a writer still has them open.
+    fn probe_writers(&mut self) {
+        let quiet = WRITER_PROBE_EVERY.max(self.rules.settle);
+        let now = Instant::now();
+        let mut probed = 0;
+        for (path, p) in self.pending.iter_mut() {
+            if probed >= PROBES_PER_TICK {
+                break;
+            }
+            if p.phase != Phase::Writing
+                || now.duration_since(p.last_event) < quiet
+                || now.duration_since(p.last_probe) < WRITER_PROBE_EVERY
+            {
+                continue;
+            }
+            probed += 1;
+            p.last_probe = now;
+            if finished::open_for_writing(path) == Some(false) {
+                tracing::debug!(path = %path.display(), "no writer holds the file any more; its close was not seen");
+                p.phase = Phase::Closed;
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let root = &self.rules.root;
+        let writing: Vec<&PathBuf> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.phase == Phase::Writing)
+            .map(|(k, _)| k)
+            .collect();
+        let count = writing.len() as u64;
+        let mut sample: Vec<String> = writing
+            .into_iter()
+            .take(SAMPLE)
+            .map(|p| {
+                p.strip_prefix(root)
+                    .unwrap_or(p)
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        sample.sort();
+        self.live.update(|s| {
+            s.writers_waiting = count;
+            s.writers_sample = sample;
+        });
+    }
+
+    /// Hands on every pending path that has been quiet (and closed) for `settle`.
+    fn settle_due(&mut self) {
+        let settle = self.rules.settle;
+        let now = Instant::now();
+        let mut done = Vec::new();
+        for (path, p) in self.pending.iter_mut() {
+            if now.duration_since(p.last_event) < settle {
+                continue;
+            }
+            match p.phase {
+                Phase::Writing => {}
+                Phase::Closed => done.push((path.clone(), Trigger::Event)),
+                Phase::Scanned { size, mtime_ns, at } => {
+                    if now.duration_since(at) < settle {
+                        continue;
+                    }
+                    match std::fs::symlink_metadata(path) {
+                        Ok(m) => {
+                            let (s, t) = (m.len(), FileIdentity::of(&m).mtime_ns);
+                            if (s, t) == (size, mtime_ns) {
+                                done.push((path.clone(), Trigger::Scan));
+                            } else {
+                                p.phase = Phase::Scanned {
+                                    size: s,
+                                    mtime_ns: t,
+                                    at: now,
+                                };
+                            }
+                        }
+                        Err(_) => done.push((path.clone(), Trigger::Scan)),
+                    }
+                }
+            }
+        }
+        for (path, trigger) in done {
+            if finished::open_for_writing(&path) == Some(true) {
+                if let Some(p) = self.pending.get_mut(&path) {
+                    p.phase = Phase::Writing;
+                    p.last_event = now;
+                }
+                continue;
+            }
+            self.pending.remove(&path);
+            match self.out.try_send(Candidate { abs: path, trigger }) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    if !self.rescan_when_drained {
+                        tracing::warn!("the scheduler is behind and finished files were dropped from its queue; they are found by a rescan once it catches up");
+                    }
+                    self.rescan_when_drained = true;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+    }
+}
+
+/// Walks directories one at a time, adding a watch to each; files that
+/// changed long enough ago go straight to the scheduler (waiting for room),
+/// the others to the loop to settle.
+fn walker_thread(shared: &WalkerShared, walks: std::sync::mpsc::Receiver<(PathBuf, Why)>) {
+    while let Ok((dir, why)) = walks.recv() {
+        if shared.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let started = Instant::now();
+        let (found, old) = walk(shared, &dir);
+        if why.is_full_scan() {
+            tracing::info!(dir = %dir.display(), files = found, elapsed_ms = started.elapsed().as_millis() as u64, "{} done", why.text());
+        } else if old > 0 {
+            let rules = shared.rules.lock().expect("rules lock").clone();
+            let rel = dir
+                .strip_prefix(&rules.root)
+                .unwrap_or(&dir)
+                .display()
+                .to_string();
+            let text = format!(
+                "{old} file(s) in {rel} ({}) are older than the managed-since mark and were left alone; run `offloadd backfill` to upload them",
+                why.text()
+            );
+            tracing::warn!(dir = %dir.display(), files = old, "{text}");
+            shared.live.notice(text);
+        }
+    }
+}
+
+/// Returns (candidate files found, files left alone as older than the mark).
+fn walk(shared: &WalkerShared, dir: &Path) -> (usize, usize) {
+    let rules = shared.rules.lock().expect("rules lock").clone();
+    let settle_ns = rules.settle.as_nanos() as i128;
+    let mut batch = Vec::new();
+    let (mut found, mut old) = (0, 0);
+    let it = walkdir::WalkDir::new(dir)
+        .follow_links(false)
+        .into_iter()
+        .filter_entry(|e| !e.file_type().is_dir() || rules.walks(e.path()));
+    for entry in it {
+        if shared.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read part of the tree; skipping it");
+                continue;
+            }
+        };
+        let ft = entry.file_type();
+        if ft.is_dir() {
+            watch_dir(shared, entry.path());
+            continue;
+        }
+        if !(ft.is_file() || ft.is_symlink()) || !rules.matches(entry.path()) {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else { continue };
+        let identity = FileIdentity::of(&meta);
+        if identity.changed_ns() < shared.min_changed_ns {
+            old += 1;
+            continue;
+        }
+        found += 1;
+        let quiet = now_ns() - identity.mtime_ns >= settle_ns;
+        if quiet || ft.is_symlink() {
+            let c = Candidate {
+                abs: entry.into_path(),
+                trigger: Trigger::Scan,
+            };
+            if shared.out.blocking_send(c).is_err() {
+                break;
+            }
+        } else {
+            batch.push((entry.into_path(), meta.len(), identity.mtime_ns));
+            if batch.len() >= WALK_BATCH
+                && shared
+                    .inputs
+                    .blocking_send(Input::Walked(std::mem::take(&mut batch)))
+                    .is_err()
+            {
+                break;
+            }
+        }
+    }
+    if !batch.is_empty() {
+        let _ = shared.inputs.blocking_send(Input::Walked(batch));
+    }
+    (found, old)
+}
+
+/// Adds a watch unless this very directory (device, inode) is watched already.
+fn watch_dir(shared: &WalkerShared, dir: &Path) {
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return;
+    };
+    let id = (meta.dev(), meta.ino());
+    if shared.watched.lock().expect("watched lock").get(dir) == Some(&id) {
+        return;
+    }
+    match shared
+        .notify
+        .lock()
+        .expect("notify lock")
+        .watch(dir, RecursiveMode::NonRecursive)
+    {
+        Ok(()) => {
+            shared
+                .watched
+                .lock()
+                .expect("watched lock")
+                .insert(dir.to_path_buf(), id);
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; its files are found by rescans only (raise fs.inotify.max_user_watches if the limit is reached)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn detect() -> (Detect, mpsc::Receiver<Candidate>) {
+        let (out, rx) = mpsc::channel(16);
+        let (inputs, _irx) = mpsc::channel(4);
+        let rules =
+            Rules::new(Path::new("/r"), &["**".into()], &[], Duration::from_secs(2)).unwrap();
+        let notify = notify::recommended_watcher(|_| {}).unwrap();
+        let live = Arc::new(Live::default());
+        let shared = Arc::new(WalkerShared {
+            rules: Mutex::new(rules.clone()),
+            notify: Mutex::new(notify),
+            watched: Arc::new(Mutex::new(HashMap::new())),
+            min_changed_ns: 0,
+            out: out.clone(),
+            inputs,
+            stop: AtomicBool::new(false),
+            live: live.clone(),
+        });
+        let (walks, _wrx) = std::sync::mpsc::sync_channel(4);
+        let d = Detect {
+            rules,
+            shared,
+            walks,
+            walker: None,
+            pending: HashMap::new(),
+            out,
+            live,
+            dropped: Arc::new(AtomicBool::new(false)),
+            rescan_when_drained: false,
+            rescan_every: None,
+            next_rescan: None,
+            last_publish: Instant::now(),
+        };
+        (d, rx)
+    }
+
+    fn pending(phase: Phase, last_event: Instant) -> Pending {
+        Pending {
+            phase,
+            last_event,
+            last_probe: last_event,
+        }
+    }
+
+    #[tokio::test]
+    async fn settle_waits_for_close_and_quiet() {
+        let (mut d, mut rx) = detect();
+        let old = Instant::now() - Duration::from_secs(10);
+        d.pending
+            .insert(PathBuf::from("/r/open"), pending(Phase::Writing, old));
+        d.pending
+            .insert(PathBuf::from("/r/closed"), pending(Phase::Closed, old));
+        d.pending.insert(
+            PathBuf::from("/r/recent"),
+            pending(Phase::Closed, Instant::now()),
+        );
+        d.settle_due();
+        let c = rx.try_recv().unwrap();
+        assert_eq!(c.abs, PathBuf::from("/r/closed"));
+        assert!(rx.try_recv().is_err());
+        assert!(d.pending.contains_key(Path::new("/r/open")));
+        assert!(d.pending.contains_key(Path::new("/r/recent")));
+        d.publish();
+        assert_eq!(d.live.shown().writers_waiting, 1);
+        assert_eq!(d.live.shown().writers_sample, vec!["open".to_string()]);
+    }
+
+    #[tokio::test]
+    async fn a_full_scheduler_queue_drops_and_schedules_a_rescan() {
+        let (mut d, mut rx) = detect();
+        let old = Instant::now() - Duration::from_secs(10);
+        for i in 0..20 {
+            d.pending.insert(
+                PathBuf::from(format!("/r/f{i}")),
+                pending(Phase::Closed, old),
+            );
+        }
+        d.settle_due();
+        assert!(d.rescan_when_drained, "a rescan is owed");
+        assert!(d.pending.is_empty());
+        let mut n = 0;
+        while rx.try_recv().is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 16);
+    }
+
+    #[tokio::test]
+    async fn a_writer_never_seen_closing_is_probed() {
+        crate::pipeline::finished::ignore_lease_signals();
+        let dir = tempfile::tempdir().unwrap();
+        let (mut d, _rx) = detect();
+        let f = dir.path().join("linked");
+        let w = std::fs::File::create(&f).unwrap();
+        let old = Instant::now() - Duration::from_secs(10);
+        d.pending.insert(f.clone(), pending(Phase::Writing, old));
+        d.probe_writers();
+        assert_eq!(d.pending[&f].phase, Phase::Writing, "still open");
+        drop(w);
+        d.pending.get_mut(&f).unwrap().last_probe = old;
+        d.probe_writers();
+        assert_eq!(d.pending[&f].phase, Phase::Closed);
+    }
+}

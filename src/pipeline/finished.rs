@@ -1,0 +1,198 @@
+//! The finished-file rule, checked at the moment an upload attempt starts and
+//! again at the moment of a delete: what makes a file "the same file"
+//! ([`FileIdentity`]), whether a process holds it open for writing
+//! ([`open_for_writing`]), and whether it is ready now ([`check`]).
+//!
+//! Guarantee: [`check`] answers [`Readiness::Ready`] only for a regular file
+//! (never a symlink) that no process has open for writing and whose mtime is
+//! at least `settle` old, so a timer alone never starts an upload.
+
+use serde::{Deserialize, Serialize};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// What makes a file "the same file": device, inode, size, mtime and ctime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FileIdentity {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl FileIdentity {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        FileIdentity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            ctime_ns: meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128,
+        }
+    }
+
+    /// The later of mtime and ctime, in nanoseconds since the epoch.
+    pub fn changed_ns(&self) -> i128 {
+        self.mtime_ns.max(self.ctime_ns)
+    }
+
+    /// The same inode with the same contents (size and mtime): what a rename
+    /// leaves of an identity (it changes only the ctime).
+    pub fn same_contents(&self, other: &FileIdentity) -> bool {
+        (self.dev, self.ino, self.size, self.mtime_ns)
+            == (other.dev, other.ino, other.size, other.mtime_ns)
+    }
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as i128
+}
+
+/// Whether some process has the file open for writing: `Some(true)` if so,
+/// `Some(false)` if not, `None` if the kernel will not tell us.
+///
+/// Asks by trying to take a read lease, which the kernel refuses with EAGAIN
+/// while the file is open for writing anywhere. Taking a lease needs the file's
+/// owner or CAP_LEASE; without either the answer is `None` and the stat rule
+/// alone decides. The lease is released at once; SIGIO (sent if a writer opens
+/// the file in that instant) is ignored by the daemon.
+pub fn open_for_writing(path: &Path) -> Option<bool> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    let lease = Lease::take(&f)?;
+    let writing = lease.is_none();
+    Some(writing)
+}
+
+/// A read lease held on an open file: while it is held, a process that opens
+/// the file for writing blocks until it is released (closing the file).
+pub struct Lease<'a> {
+    file: &'a std::fs::File,
+}
+
+impl<'a> Lease<'a> {
+    /// `Some(Some(lease))` when taken, `Some(None)` when the file is open for
+    /// writing somewhere, `None` when the kernel will not tell us.
+    pub fn take(file: &'a std::fs::File) -> Option<Option<Lease<'a>>> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fcntl on a valid, borrowed descriptor.
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
+        if rc == 0 {
+            return Some(Some(Lease { file }));
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN) => Some(None),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: as in `take`.
+        unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+    }
+}
+
+/// Ignores SIGIO, which a lease break would otherwise deliver with a fatal default.
+pub fn ignore_lease_signals() {
+    // SAFETY: installing SIG_IGN for SIGIO has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGIO, libc::SIG_IGN);
+    }
+}
+
+/// Whether a file may be uploaded now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Finished: regular, closed by every writer, quiet for `settle`.
+    Ready(FileIdentity),
+    /// A process holds it open for writing.
+    Writing,
+    /// Changed less than `settle` ago; look again at this time (Unix ms).
+    Settling { until_ms: u64 },
+    /// No file at that path.
+    Gone,
+    /// A symlink: never followed.
+    Symlink,
+    /// Something else than a regular file (a directory, a socket…).
+    NotAFile,
+    /// It cannot be inspected; the reason.
+    Unreadable(String),
+}
+
+/// The finished-file rule at this moment.
+pub fn check(path: &Path, settle: Duration) -> Readiness {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Readiness::Gone,
+        Err(e) => return Readiness::Unreadable(e.to_string()),
+    };
+    if meta.file_type().is_symlink() {
+        return Readiness::Symlink;
+    }
+    if !meta.is_file() {
+        return Readiness::NotAFile;
+    }
+    let identity = FileIdentity::of(&meta);
+    let now = now_ns();
+    let settle_ns = settle.as_nanos() as i128;
+    // A future mtime (a skewed clock) waits one settle from now, not forever.
+    let quiet_at = identity.mtime_ns.min(now) + settle_ns;
+    if quiet_at > now {
+        return Readiness::Settling {
+            until_ms: (quiet_at / 1_000_000) as u64,
+        };
+    }
+    match open_for_writing(path) {
+        Some(true) => Readiness::Writing,
+        _ => Readiness::Ready(identity),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_probe_sees_a_writer() {
+        ignore_lease_signals();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let w = std::fs::File::create(&p).unwrap();
+        assert_eq!(open_for_writing(&p), Some(true));
+        drop(w);
+        assert_eq!(open_for_writing(&p), Some(false));
+    }
+
+    #[test]
+    fn readiness_follows_the_rule() {
+        ignore_lease_signals();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        assert_eq!(check(&p, Duration::ZERO), Readiness::Gone);
+        let w = std::fs::File::create(&p).unwrap();
+        assert!(matches!(
+            check(&p, Duration::from_secs(60)),
+            Readiness::Settling { .. }
+        ));
+        assert_eq!(check(&p, Duration::ZERO), Readiness::Writing);
+        drop(w);
+        assert!(matches!(check(&p, Duration::ZERO), Readiness::Ready(_)));
+        let l = dir.path().join("l");
+        std::os::unix::fs::symlink(&p, &l).unwrap();
+        assert_eq!(check(&l, Duration::ZERO), Readiness::Symlink);
+        assert_eq!(check(dir.path(), Duration::ZERO), Readiness::NotAFile);
+    }
+}

@@ -1,0 +1,271 @@
+//! The health of the active provider, as a small state machine the scheduler
+//! drives (pure logic on tokio's clock, so its tests run on paused time).
+//!
+//! Rule: an error is provider-wide only when a request that involves no item
+//! fails too. After an item's upload fails, the provider is *suspect*: new
+//! uploads wait while one probe ([`crate::remote::store::Store::probe`]) asks
+//! the provider; an upload of another item that succeeded after the failed one
+//! started counts as that probe. If the probe fails, the provider is *paused*:
+//! nothing is sent but one probe at a time, with exponential backoff and
+//! jitter, until one succeeds. The outage is logged when it starts and when it
+//! ends, not once per item.
+
+use crate::pipeline::backoff::Backoff;
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, PartialEq)]
+enum State {
+    Healthy,
+    /// An item failed; a probe is deciding whether the provider is at fault.
+    Suspect,
+    Paused {
+        reason: String,
+        since: Instant,
+        attempt: u32,
+        next_probe: Instant,
+    },
+}
+
+/// A change worth a log line and a status update.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Paused, with the reason.
+    Paused(String),
+    /// The reason of a pause changed.
+    Reason(String),
+    /// Back after a pause of this long (seconds), with the reason it had.
+    Resumed { reason: String, paused_s: u64 },
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct Health {
+    state: State,
+    probing: bool,
+    backoff: Backoff,
+    /// When an upload last succeeded.
+    last_success: Option<Instant>,
+}
+
+impl Health {
+    pub fn new(backoff: Backoff) -> Health {
+        Health {
+            state: State::Healthy,
+            probing: false,
+            backoff,
+            last_success: None,
+        }
+    }
+
+    pub fn set_backoff(&mut self, backoff: Backoff) {
+        self.backoff = backoff;
+    }
+
+    /// Whether new uploads may start.
+    pub fn uploads_allowed(&self) -> bool {
+        self.state == State::Healthy
+    }
+
+    /// The reason and start of a pause.
+    pub fn paused(&self) -> Option<(&str, Instant)> {
+        match &self.state {
+            State::Paused { reason, since, .. } => Some((reason, *since)),
+            _ => None,
+        }
+    }
+
+    /// An upload that started at `started` failed in a way that may be the
+    /// provider's. Returns `Some(true)` if the provider is already cleared (an
+    /// upload succeeded after this one started), `Some(false)` if it is
+    /// already paused (blame the provider), `None` if the verdict waits for a
+    /// probe ([`Health::want_probe`] says whether to start one).
+    pub fn item_failed(&mut self, started: Instant) -> Option<bool> {
+        match self.state {
+            State::Paused { .. } => Some(false),
+            State::Healthy if self.last_success.is_some_and(|t| t >= started) => Some(true),
+            State::Healthy | State::Suspect => {
+                self.state = State::Suspect;
+                None
+            }
+        }
+    }
+
+    /// Whether a probe should start now; if so, it counts as started.
+    pub fn want_probe(&mut self, now: Instant) -> bool {
+        if self.probing {
+            return false;
+        }
+        let due = match &self.state {
+            State::Healthy => false,
+            State::Suspect => true,
+            State::Paused { next_probe, .. } => now >= *next_probe,
+        };
+        self.probing = due;
+        due
+    }
+
+    /// An upload succeeded: the provider works.
+    pub fn upload_succeeded(&mut self, now: Instant) -> Option<Change> {
+        self.last_success = Some(now);
+        self.healthy(now)
+    }
+
+    /// The probe succeeded.
+    pub fn probe_succeeded(&mut self, now: Instant) -> Option<Change> {
+        self.probing = false;
+        self.healthy(now)
+    }
+
+    fn healthy(&mut self, now: Instant) -> Option<Change> {
+        let old = std::mem::replace(&mut self.state, State::Healthy);
+        match old {
+            State::Paused { reason, since, .. } => Some(Change::Resumed {
+                reason,
+                paused_s: now.saturating_duration_since(since).as_secs(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The probe failed with `reason`: the provider is paused (or stays
+    /// paused, probing again later).
+    pub fn probe_failed(&mut self, reason: &str, now: Instant) -> Option<Change> {
+        self.probing = false;
+        match &mut self.state {
+            State::Paused {
+                reason: r,
+                attempt,
+                next_probe,
+                ..
+            } => {
+                *attempt += 1;
+                *next_probe = now + self.backoff.jittered(*attempt);
+                if r != reason {
+                    *r = reason.to_string();
+                    return Some(Change::Reason(reason.to_string()));
+                }
+                None
+            }
+            _ => {
+                self.state = State::Paused {
+                    reason: reason.to_string(),
+                    since: now,
+                    attempt: 1,
+                    next_probe: now + self.backoff.jittered(1),
+                };
+                Some(Change::Paused(reason.to_string()))
+            }
+        }
+    }
+
+    /// A probe was abandoned (shutdown, provider switched).
+    pub fn probe_abandoned(&mut self) {
+        self.probing = false;
+    }
+
+    /// A reload may have fixed the cause: probe at once.
+    pub fn probe_now(&mut self, now: Instant) {
+        if let State::Paused { next_probe, .. } = &mut self.state {
+            *next_probe = now;
+        }
+    }
+
+    /// Forgets everything (the active provider changed).
+    pub fn reset(&mut self) -> Option<Change> {
+        self.probing = false;
+        self.last_success = None;
+        match std::mem::replace(&mut self.state, State::Healthy) {
+            State::Paused { reason, .. } => Some(Change::Resumed {
+                reason,
+                paused_s: 0,
+            }),
+            _ => None,
+        }
+    }
+
+    /// When the next probe is due, if one waits.
+    pub fn next_probe(&self) -> Option<Instant> {
+        match &self.state {
+            State::Paused { next_probe, .. } if !self.probing => Some(*next_probe),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn health() -> Health {
+        Health::new(Backoff::new(Duration::from_secs(1), Duration::from_secs(8)))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_is_provider_wide_only_if_the_probe_fails() {
+        let mut h = health();
+        let t0 = Instant::now();
+        assert_eq!(h.item_failed(t0), None);
+        assert!(!h.uploads_allowed(), "suspect: new uploads wait");
+        assert!(h.want_probe(Instant::now()));
+        assert!(!h.want_probe(Instant::now()), "one probe at a time");
+        assert_eq!(h.probe_succeeded(Instant::now()), None);
+        assert!(h.uploads_allowed());
+
+        assert_eq!(h.item_failed(Instant::now()), None);
+        assert!(h.want_probe(Instant::now()));
+        assert_eq!(
+            h.probe_failed("bad key", Instant::now()),
+            Some(Change::Paused("bad key".into()))
+        );
+        assert_eq!(h.item_failed(Instant::now()), Some(false));
+        assert!(
+            !h.want_probe(Instant::now()),
+            "backoff before the next probe"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(h.want_probe(Instant::now()));
+        assert_eq!(h.probe_failed("bad key", Instant::now()), None);
+        let next = h.next_probe().unwrap();
+        let wait = next - Instant::now();
+        assert!(
+            wait >= Duration::from_secs(1) && wait <= Duration::from_secs(2),
+            "{wait:?}"
+        );
+        tokio::time::advance(wait).await;
+        assert!(h.want_probe(Instant::now()));
+        assert!(matches!(
+            h.probe_succeeded(Instant::now()),
+            Some(Change::Resumed { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_success_clears_the_provider_without_a_probe() {
+        let mut h = health();
+        let started = Instant::now();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        h.upload_succeeded(Instant::now());
+        assert_eq!(h.item_failed(started), Some(true));
+        assert!(h.uploads_allowed());
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert_eq!(h.item_failed(Instant::now()), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probes_back_off_up_to_the_maximum() {
+        let mut h = health();
+        h.item_failed(Instant::now());
+        assert!(h.want_probe(Instant::now()));
+        h.probe_failed("down", Instant::now());
+        for _ in 0..10 {
+            let wait = h.next_probe().unwrap() - Instant::now();
+            assert!(wait <= Duration::from_secs(8), "{wait:?}");
+            tokio::time::advance(wait).await;
+            assert!(h.want_probe(Instant::now()));
+            h.probe_failed("down", Instant::now());
+        }
+        let wait = h.next_probe().unwrap() - Instant::now();
+        assert!(wait >= Duration::from_secs(4), "{wait:?}");
+    }
+}

@@ -1,0 +1,1009 @@
+//! The durable queue and the location records (sled, in `state_dir/db`): the
+//! only code that reads or writes them.
+//!
+//! Every step of a file's life is one method here, and each checks its rule
+//! and returns an error the caller must handle:
+//! - [`Queue::admit`] queues a finished file unless its record shows it
+//!   offloaded as it is now;
+//! - [`Queue::save_multipart`] makes an upload id durable before the first part
+//!   is sent, so a crash never orphans it;
+//! - [`Queue::record_uploaded`] writes the location record and the item's next
+//!   stage in one transaction;
+//! - [`Queue::delete_permit`] is the only way to a [`DeletePermit`], and it
+//!   gives one only after the record's durable write succeeded;
+//! - [`Queue::drop_vanished`] and [`Queue::local_gone`] need proof that the
+//!   root was present just now ([`RootPresent`]), so an unmounted root never
+//!   empties the queue.
+//!
+//! A failed write puts the queue into a failed state that names the disk
+//! ([`StateError::Failed`]); writes are refused until [`Queue::recover`]
+//! succeeds, which reopens the database when sled's error is sticky.
+//!
+//! Finished items leave nothing behind; a record holds a provider name and a
+//! key (bounded size), never a full URL. The locks are std locks: every
+//! critical section is a few synchronous sled calls and never awaits (the
+//! reasoning of mini-redis' `db.rs`).
+
+use crate::keys::ItemKey;
+use crate::pipeline::finished::FileIdentity;
+use crate::pipeline::root::RootPresent;
+use crate::statedir;
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+use tokio::sync::watch;
+
+/// Errors opening or using the state directory.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StateError {
+    #[error("offloadd is already running (pid {pid}) on state_dir {dir}; stop it first or give this instance its own state_dir")]
+    AlreadyRunning { pid: u32, dir: PathBuf },
+    #[error("cannot use state_dir {dir}: {message}; create it and make it writable by the offloadd user")]
+    Unusable { dir: PathBuf, message: String },
+    #[error("the state database in {dir} cannot be opened: {message}; check its permissions and free disk space")]
+    Database { dir: PathBuf, message: String },
+    #[error("cannot write to state_dir {dir}: {message}; free space there or fix the disk (uploads and deletes wait, nothing is lost, and offloadd resumes by itself)")]
+    Failed { dir: PathBuf, message: String },
+}
+
+impl StateError {
+    pub fn unusable(dir: &Path, e: impl std::fmt::Display) -> StateError {
+        StateError::Unusable {
+            dir: dir.to_path_buf(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// One part of a multipart upload the server has accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartDone {
+    pub number: u32,
+    pub etag: String,
+    pub md5: [u8; 16],
+}
+
+/// Progress of a multipart upload, kept so a restart resumes or aborts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MultipartProgress {
+    pub provider: String,
+    pub key: String,
+    pub upload_id: String,
+    pub part_size: u64,
+    pub identity: FileIdentity,
+    pub parts: Vec<PartDone>,
+    /// Unix ms when the upload was initiated.
+    #[serde(default)]
+    pub started_ms: u64,
+}
+
+/// Where a queue item stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stage {
+    /// Waiting to be uploaded (possibly with a multipart upload under way).
+    Upload {
+        multipart: Option<MultipartProgress>,
+    },
+    /// Uploaded and durably recorded; the local copy is to be deleted once it
+    /// is old enough and still the file that was uploaded.
+    Delete { identity: FileIdentity },
+    /// Not going to be uploaded until an operator acts; `reason` says why.
+    Parked { reason: String },
+}
+
+/// A durable queue entry, keyed by the raw bytes of the path relative to the root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueItem {
+    pub stage: Stage,
+    /// Failed attempts so far (drives the backoff).
+    #[serde(default)]
+    pub attempts: u32,
+    /// Failures of this item while the provider answered a probe that did not
+    /// involve it: the item, not the provider, is the problem.
+    #[serde(default)]
+    pub strikes: u32,
+    pub next_attempt_ms: u64,
+    pub last_error: Option<String>,
+}
+
+impl QueueItem {
+    fn upload_now() -> Self {
+        QueueItem {
+            stage: Stage::Upload { multipart: None },
+            attempts: 0,
+            strikes: 0,
+            next_attempt_ms: 0,
+            last_error: None,
+        }
+    }
+
+    fn parked(reason: String) -> Self {
+        QueueItem {
+            stage: Stage::Parked {
+                reason: reason.clone(),
+            },
+            attempts: 0,
+            strikes: 0,
+            next_attempt_ms: 0,
+            last_error: Some(reason),
+        }
+    }
+
+    fn delete(identity: FileIdentity) -> Self {
+        QueueItem {
+            stage: Stage::Delete { identity },
+            attempts: 0,
+            strikes: 0,
+            next_attempt_ms: 0,
+            last_error: None,
+        }
+    }
+
+    pub fn is_parked(&self) -> bool {
+        matches!(self.stage, Stage::Parked { .. })
+    }
+
+    pub fn multipart(&self) -> Option<&MultipartProgress> {
+        match &self.stage {
+            Stage::Upload { multipart } => multipart.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+/// What became of the local copy of an offloaded file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Local {
+    /// Still on disk (deletion off, not due yet, or not asked for).
+    Present,
+    /// Deleted by offloadd after a verified upload, or gone by other hands.
+    Deleted,
+    /// Meant to be deleted, but that failed for good; the reason is shown once.
+    Kept { reason: String },
+}
+
+/// Where an offloaded file lives now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub provider: String,
+    pub key: String,
+    pub size: u64,
+    pub etag: String,
+    pub uploaded_ms: u64,
+    pub identity: FileIdentity,
+    pub local: Local,
+}
+
+/// What follows a verified upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterUpload {
+    /// The item is done; the local copy stays.
+    Finish,
+    /// The local copy is to be deleted once that is safe.
+    DeleteLocal,
+}
+
+/// Why a path is offered to [`Queue::admit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// A file event: a parked item is retried, since the file changed.
+    Event,
+    /// A scan: a parked item stays parked.
+    Scan,
+}
+
+/// What [`Queue::admit`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Queued now, or already queued (the item is returned).
+    Queued(Box<QueueItem>),
+    /// Its record shows it offloaded exactly as it is now.
+    AlreadyOffloaded,
+    /// Parked; a scan does not retry it.
+    StillParked,
+}
+
+/// Proof that a file's location record is durable and names this very file;
+/// only [`Queue::delete_permit`] makes one. The delete step needs it.
+#[derive(Debug)]
+pub struct DeletePermit {
+    key: ItemKey,
+    identity: FileIdentity,
+}
+
+impl DeletePermit {
+    pub fn key(&self) -> &ItemKey {
+        &self.key
+    }
+
+    /// The file that was uploaded: only this inode may be deleted.
+    pub fn identity(&self) -> &FileIdentity {
+        &self.identity
+    }
+}
+
+/// A paused provider and why, as shown by `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PausedInfo {
+    pub provider: String,
+    pub reason: String,
+    pub since: String,
+}
+
+/// Counts shown by `status`.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Totals {
+    pub queue_depth: u64,
+    pub uploaded_count: u64,
+    pub uploaded_bytes: u64,
+}
+
+/// sled's page cache; its default (1 GiB) would let a large index eat memory.
+const SLED_CACHE_BYTES: u64 = 16 * 1024 * 1024;
+
+const META_INITIALIZED: &[u8] = b"initialized";
+const META_UPLOADED_COUNT: &[u8] = b"uploaded_count";
+const META_UPLOADED_BYTES: &[u8] = b"uploaded_bytes";
+const META_PAUSED_PREFIX: &str = "paused/";
+
+struct Trees {
+    db: sled::Db,
+    queue: sled::Tree,
+    records: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn open_trees(db_path: &Path) -> sled::Result<Trees> {
+    let db = sled::Config::new()
+        .path(db_path)
+        .flush_every_ms(Some(500))
+        .cache_capacity(SLED_CACHE_BYTES)
+        .open()?;
+    Ok(Trees {
+        queue: db.open_tree("queue")?,
+        records: db.open_tree("records")?,
+        meta: db.open_tree("meta")?,
+        db,
+    })
+}
+
+/// How the database was found when it was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    /// Opened as it was.
+    Intact,
+    /// New in a state_dir never managed before.
+    Fresh,
+    /// Lost (corrupt and moved aside, or empty although the state_dir was
+    /// managed before): the records are to be rebuilt from the bucket.
+    Lost,
+}
+
+/// The queue and the records; see the module docs.
+pub struct Queue {
+    dir: PathBuf,
+    trees: RwLock<Option<Trees>>,
+    commit: GroupCommit,
+    failure: Mutex<Option<String>>,
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("state values always serialize")
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
+    serde_json::from_slice(bytes).ok()
+}
+
+type TxResult<T> = Result<T, ConflictableTransactionError<()>>;
+
+fn add_u64(meta: &sled::transaction::TransactionalTree, key: &[u8], delta: i128) -> TxResult<()> {
+    let old = meta
+        .get(key)?
+        .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+        .unwrap_or(0);
+    let new = (old as i128 + delta).max(0) as u64;
+    meta.insert(key, &new.to_be_bytes())?;
+    Ok(())
+}
+
+fn tx_err(e: TransactionError<()>) -> sled::Error {
+    match e {
+        TransactionError::Storage(e) => e,
+        TransactionError::Abort(()) => sled::Error::Unsupported("transaction aborted".into()),
+    }
+}
+
+impl Queue {
+    /// Opens the database in `state_dir` (the caller holds the
+    /// [`statedir::Lock`]). Only real corruption moves it aside, to
+    /// `db.corrupt-<time>`; a held lock or a permission error is an error.
+    pub fn open(state_dir: &Path) -> Result<(Queue, Opened), StateError> {
+        let db_path = state_dir.join("db");
+        let (trees, moved_aside) = match open_trees(&db_path) {
+            Ok(t) => (t, false),
+            Err(sled::Error::Corruption { .. }) => {
+                let aside = state_dir.join(format!("db.corrupt-{}", statedir::now_ms()));
+                std::fs::rename(&db_path, &aside)
+                    .map_err(|e| StateError::unusable(state_dir, e))?;
+                tracing::error!(
+                    moved_to = %aside.display(),
+                    "the state database was corrupt and has been moved aside; starting a fresh one and rebuilding the records from the bucket"
+                );
+                let t = open_trees(&db_path).map_err(|e| StateError::unusable(state_dir, e))?;
+                (t, true)
+            }
+            Err(sled::Error::Io(e)) => return Err(StateError::unusable(state_dir, e)),
+            Err(e) => {
+                return Err(StateError::Database {
+                    dir: state_dir.to_path_buf(),
+                    message: e.to_string(),
+                })
+            }
+        };
+        let fresh = trees
+            .meta
+            .get(META_INITIALIZED)
+            .map_err(|e| StateError::unusable(state_dir, e))?
+            .is_none();
+        let managed_before = statedir::mark::read(state_dir).is_some();
+        let opened = match (moved_aside, fresh, managed_before) {
+            (true, _, _) => Opened::Lost,
+            (false, true, true) => {
+                tracing::warn!("the state database is empty although this state_dir was managed before; rebuilding the location records from the bucket");
+                Opened::Lost
+            }
+            (false, true, false) => Opened::Fresh,
+            (false, false, _) => Opened::Intact,
+        };
+        let queue = Queue {
+            dir: state_dir.to_path_buf(),
+            trees: RwLock::new(Some(trees)),
+            commit: GroupCommit::new(),
+            failure: Mutex::new(None),
+        };
+        Ok((queue, opened))
+    }
+
+    /// Why the state cannot be written right now, if it cannot.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().expect("failure lock").clone()
+    }
+
+    /// The failure as an error naming the state_dir, if the state is failed.
+    pub fn failed_state(&self) -> Option<StateError> {
+        self.failure().map(|m| self.failed(m))
+    }
+
+    fn failed(&self, message: String) -> StateError {
+        StateError::Failed {
+            dir: self.dir.clone(),
+            message,
+        }
+    }
+
+    /// Records a failure (the first one wins until [`Queue::recover`]).
+    fn fail(&self, e: sled::Error) -> StateError {
+        let message = match e {
+            sled::Error::Io(io) => io.to_string(),
+            other => other.to_string(),
+        };
+        let mut f = self.failure.lock().expect("failure lock");
+        if f.is_none() {
+            tracing::error!(
+                state_dir = %self.dir.display(),
+                error = %message,
+                "cannot write to state_dir {}: {message}; uploads and deletes wait until it is writable again",
+                self.dir.display()
+            );
+            *f = Some(message.clone());
+        }
+        self.failed(f.clone().unwrap_or(message))
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Trees) -> sled::Result<T>) -> Result<T, StateError> {
+        let guard = self.trees.read().expect("trees lock");
+        let Some(trees) = guard.as_ref() else {
+            return Err(self.failed(
+                self.failure()
+                    .unwrap_or_else(|| "the database is closed".into()),
+            ));
+        };
+        f(trees).map_err(|e| self.fail(e))
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&Trees) -> sled::Result<T>) -> Result<T, StateError> {
+        if let Some(message) = self.failure() {
+            return Err(self.failed(message));
+        }
+        let out = self.read(f)?;
+        self.commit.wrote();
+        Ok(out)
+    }
+
+    /// Fails the queue as a full disk would (for tests of the pause).
+    #[cfg(test)]
+    pub fn inject_failure(&self, message: &str) {
+        self.fail(sled::Error::Io(std::io::Error::other(message.to_string())));
+    }
+
+    /// Makes the state writable again after a failure: a flush that succeeds
+    /// clears it; otherwise the database is closed and opened again (sled's
+    /// errors are sticky). Unflushed writes may be lost; the caller reloads
+    /// its view of the queue.
+    pub fn recover(&self) -> Result<(), StateError> {
+        let Some(message) = self.failure() else {
+            return Ok(());
+        };
+        let mut guard = self.trees.write().expect("trees lock");
+        if let Some(t) = guard.as_ref() {
+            let probe = t
+                .meta
+                .insert(b"probe", &statedir::now_ms().to_be_bytes())
+                .and_then(|_| t.db.flush());
+            if probe.is_ok() {
+                *self.failure.lock().expect("failure lock") = None;
+                tracing::info!(state_dir = %self.dir.display(), "state_dir is writable again; uploads and deletes resume");
+                return Ok(());
+            }
+        }
+        *guard = None;
+        match open_trees(&self.dir.join("db")) {
+            Ok(t) => {
+                let writable = t
+                    .meta
+                    .insert(b"probe", &statedir::now_ms().to_be_bytes())
+                    .and_then(|_| t.db.flush());
+                *guard = Some(t);
+                match writable {
+                    Ok(_) => {
+                        *self.failure.lock().expect("failure lock") = None;
+                        self.commit.reset();
+                        tracing::info!(state_dir = %self.dir.display(), "state database reopened; uploads and deletes resume");
+                        Ok(())
+                    }
+                    Err(e) => Err(self.failed(format!("{message} (still: {e})"))),
+                }
+            }
+            Err(e) => Err(self.failed(format!("{message} (reopening: {e})"))),
+        }
+    }
+
+    /// Marks the database as holding this state_dir's records (once any
+    /// rebuild is done), so that a later loss is recognised.
+    pub fn set_initialized(&self) -> Result<(), StateError> {
+        self.write(|t| {
+            if t.meta.get(META_INITIALIZED)?.is_none() {
+                t.meta.insert(META_INITIALIZED, b"1".as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
+    // --- reads ----------------------------------------------------------------
+
+    pub fn item(&self, key: &ItemKey) -> Result<Option<QueueItem>, StateError> {
+        self.read(|t| Ok(t.queue.get(key.as_bytes())?.and_then(|v| decode(&v))))
+    }
+
+    pub fn record(&self, key: &ItemKey) -> Result<Option<Record>, StateError> {
+        self.read(|t| Ok(t.records.get(key.as_bytes())?.and_then(|v| decode(&v))))
+    }
+
+    /// Every queue item, in path order.
+    pub fn items(&self) -> Result<Vec<(ItemKey, QueueItem)>, StateError> {
+        self.read(|t| {
+            let mut out = Vec::new();
+            for r in t.queue.iter() {
+                let (k, v) = r?;
+                if let (Some(key), Some(item)) = (ItemKey::from_bytes(k.to_vec()), decode(&v)) {
+                    out.push((key, item));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Uploaded count and bytes, from the counters kept with the records.
+    pub fn uploaded(&self) -> (u64, u64) {
+        let get = |t: &Trees, k: &[u8]| -> sled::Result<u64> {
+            Ok(t.meta
+                .get(k)?
+                .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+                .unwrap_or(0))
+        };
+        self.read(|t| Ok((get(t, META_UPLOADED_COUNT)?, get(t, META_UPLOADED_BYTES)?)))
+            .unwrap_or((0, 0))
+    }
+
+    pub fn totals(&self) -> Result<Totals, StateError> {
+        let (uploaded_count, uploaded_bytes) = self.uploaded();
+        let depth = self.items()?.iter().filter(|(_, i)| !i.is_parked()).count();
+        Ok(Totals {
+            queue_depth: depth as u64,
+            uploaded_count,
+            uploaded_bytes,
+        })
+    }
+
+    pub fn paused(&self) -> Vec<PausedInfo> {
+        self.read(|t| {
+            Ok(t.meta
+                .scan_prefix(META_PAUSED_PREFIX.as_bytes())
+                .filter_map(|r| decode(&r.ok()?.1))
+                .collect())
+        })
+        .unwrap_or_default()
+    }
+
+    /// Bytes the database takes on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.read(|t| t.db.size_on_disk()).unwrap_or(0)
+    }
+
+    // --- transitions ------------------------------------------------------------
+
+    /// Queues a finished file for upload, unless its record shows it offloaded
+    /// exactly as it is now (`identity`) or it is parked and only a scan saw it.
+    /// An item already queued is left as it is (a multipart upload under way
+    /// keeps its progress), unless it waits to delete a different file.
+    pub fn admit(
+        &self,
+        key: &ItemKey,
+        identity: &FileIdentity,
+        why: Admit,
+    ) -> Result<Admission, StateError> {
+        if self.record(key)?.is_some_and(|r| r.identity == *identity) && self.item(key)?.is_none() {
+            return Ok(Admission::AlreadyOffloaded);
+        }
+        if let Some(item) = self.item(key)? {
+            match &item.stage {
+                Stage::Upload { .. } => return Ok(Admission::Queued(Box::new(item))),
+                Stage::Delete { identity: id } if id == identity => {
+                    return Ok(Admission::Queued(Box::new(item)))
+                }
+                Stage::Parked { .. } if why == Admit::Scan => return Ok(Admission::StillParked),
+                _ => {}
+            }
+        }
+        let item = QueueItem::upload_now();
+        self.write(|t| t.queue.insert(key.as_bytes(), encode(&item)).map(|_| ()))?;
+        Ok(Admission::Queued(Box::new(item)))
+    }
+
+    /// Makes a multipart upload's progress durable (call before sending the
+    /// first part of a new upload id).
+    pub async fn save_multipart(
+        &self,
+        key: &ItemKey,
+        progress: &MultipartProgress,
+    ) -> Result<(), StateError> {
+        self.set_multipart(key, Some(progress.clone()))?;
+        self.durable().await
+    }
+
+    /// Records progress of a multipart upload without waiting for the disk
+    /// (parts are cheap to send again).
+    pub fn note_multipart(
+        &self,
+        key: &ItemKey,
+        progress: &MultipartProgress,
+    ) -> Result<(), StateError> {
+        self.set_multipart(key, Some(progress.clone()))
+    }
+
+    /// Forgets the multipart upload of an item: the next attempt starts afresh.
+    pub fn clear_multipart(&self, key: &ItemKey) -> Result<(), StateError> {
+        self.set_multipart(key, None)
+    }
+
+    fn set_multipart(
+        &self,
+        key: &ItemKey,
+        multipart: Option<MultipartProgress>,
+    ) -> Result<(), StateError> {
+        let Some(mut item) = self.item(key)? else {
+            return Ok(());
+        };
+        if !matches!(item.stage, Stage::Upload { .. }) {
+            return Ok(());
+        }
+        item.stage = Stage::Upload { multipart };
+        self.write(|t| t.queue.insert(key.as_bytes(), encode(&item)).map(|_| ()))
+    }
+
+    /// A failed attempt: backs the item off until `due_ms`. With
+    /// [`Blame::Item`] the failure counts as a strike against the item; the
+    /// item's strikes are returned.
+    pub fn back_off(
+        &self,
+        key: &ItemKey,
+        due_ms: u64,
+        error: &str,
+        blame: Blame,
+    ) -> Result<u32, StateError> {
+        let Some(mut item) = self.item(key)? else {
+            return Ok(0);
+        };
+        item.attempts += 1;
+        if blame == Blame::Item {
+            item.strikes += 1;
+        }
+        item.next_attempt_ms = due_ms;
+        item.last_error = Some(error.to_string());
+        self.write(|t| t.queue.insert(key.as_bytes(), encode(&item)).map(|_| ()))?;
+        Ok(item.strikes)
+    }
+
+    /// Parks an item with its reason until an operator retries it.
+    pub fn park(&self, key: &ItemKey, reason: &str) -> Result<(), StateError> {
+        let item = QueueItem::parked(reason.to_string());
+        self.write(|t| t.queue.insert(key.as_bytes(), encode(&item)).map(|_| ()))
+    }
+
+    /// Queues a parked item again (`retry`); false if it was not parked.
+    pub fn unpark(&self, key: &ItemKey) -> Result<bool, StateError> {
+        if !self.item(key)?.is_some_and(|i| i.is_parked()) {
+            return Ok(false);
+        }
+        let item = QueueItem::upload_now();
+        self.write(|t| t.queue.insert(key.as_bytes(), encode(&item)).map(|_| ()))?;
+        Ok(true)
+    }
+
+    /// Drops an item whose file is gone before it was uploaded. Needs proof
+    /// that the root was present after the file was found missing.
+    pub fn drop_vanished(&self, key: &ItemKey, _root: &RootPresent) -> Result<(), StateError> {
+        self.write(|t| t.queue.remove(key.as_bytes()).map(|_| ()))
+    }
+
+    /// Writes the location record and the item's next stage (or removes the
+    /// item) in one transaction. Nothing may act on it before
+    /// [`Queue::durable`] (or [`Queue::delete_permit`]) succeeds.
+    pub fn record_uploaded(
+        &self,
+        key: &ItemKey,
+        record: &Record,
+        after: AfterUpload,
+    ) -> Result<(), StateError> {
+        let rec = encode(record);
+        let next = match after {
+            AfterUpload::DeleteLocal => Some(encode(&QueueItem::delete(record.identity))),
+            AfterUpload::Finish => None,
+        };
+        let k = key.as_bytes();
+        self.write(|t| {
+            (&t.records, &t.queue, &t.meta)
+                .transaction(|(records, queue, meta)| {
+                    let old: Option<Record> = records.get(k)?.and_then(|v| decode(&v));
+                    records.insert(k, rec.as_slice())?;
+                    match &next {
+                        Some(item) => queue.insert(k, item.as_slice())?,
+                        None => queue.remove(k)?,
+                    };
+                    let (dc, db) = match old {
+                        Some(o) => (0, record.size as i128 - o.size as i128),
+                        None => (1, record.size as i128),
+                    };
+                    add_u64(meta, META_UPLOADED_COUNT, dc)?;
+                    add_u64(meta, META_UPLOADED_BYTES, db)?;
+                    Ok(())
+                })
+                .map_err(tx_err)
+        })
+    }
+
+    /// Restores a record found by a rebuild, unless one exists. Only for
+    /// objects proven equal to the local file, or whose local file is gone.
+    pub fn restore(
+        &self,
+        key: &ItemKey,
+        record: &Record,
+        after: AfterUpload,
+    ) -> Result<bool, StateError> {
+        if self.record(key)?.is_some() {
+            return Ok(false);
+        }
+        self.record_uploaded(key, record, after)?;
+        Ok(true)
+    }
+
+    /// Waits until everything written so far is on disk; concurrent callers
+    /// share one flush. A failed flush fails the queue (no delete follows).
+    pub async fn durable(&self) -> Result<(), StateError> {
+        if let Some(message) = self.failure() {
+            return Err(self.failed(message));
+        }
+        let db = self.read(|t| Ok(t.db.clone()))?;
+        self.commit.wait(&db).await.map_err(|e| self.fail(e))
+    }
+
+    /// The permission to delete a file's local copy: the item waits for it,
+    /// its record names the same file and is still "present", and the record's
+    /// durable write has succeeded. `Ok(None)` if the item is not waiting for a
+    /// delete (any more).
+    pub async fn delete_permit(&self, key: &ItemKey) -> Result<Option<DeletePermit>, StateError> {
+        let Some(QueueItem {
+            stage: Stage::Delete { identity },
+            ..
+        }) = self.item(key)?
+        else {
+            return Ok(None);
+        };
+        let Some(record) = self.record(key)? else {
+            return Ok(None);
+        };
+        if record.identity != identity || record.local != Local::Present {
+            return Ok(None);
+        }
+        self.durable().await?;
+        Ok(Some(DeletePermit {
+            key: key.clone(),
+            identity,
+        }))
+    }
+
+    /// The local copy was deleted under `permit`.
+    pub fn local_deleted(&self, permit: DeletePermit) -> Result<(), StateError> {
+        self.finish_local(&permit.key, Local::Deleted)
+    }
+
+    /// The local copy is already gone (deleted by the application, or by us
+    /// before a crash). Needs proof the root was present just now.
+    pub fn local_gone(&self, key: &ItemKey, _root: &RootPresent) -> Result<(), StateError> {
+        self.finish_local(key, Local::Deleted)
+    }
+
+    /// Deleting the local copy failed for good; the record keeps the reason.
+    pub fn local_kept(&self, key: &ItemKey, reason: &str) -> Result<(), StateError> {
+        self.finish_local(
+            key,
+            Local::Kept {
+                reason: reason.to_string(),
+            },
+        )
+    }
+
+    /// Deletion was turned off (`delete_local: false` or local mode): the
+    /// pending delete is dropped and the local copy stays.
+    pub fn cancel_delete(&self, key: &ItemKey) -> Result<(), StateError> {
+        self.finish_local(key, Local::Present)
+    }
+
+    fn finish_local(&self, key: &ItemKey, local: Local) -> Result<(), StateError> {
+        let k = key.as_bytes();
+        self.write(|t| {
+            (&t.records, &t.queue)
+                .transaction(|(records, queue)| {
+                    if let Some(mut r) = records.get(k)?.and_then(|v| decode::<Record>(&v)) {
+                        r.local = local.clone();
+                        records.insert(k, encode(&r))?;
+                    }
+                    queue.remove(k)?;
+                    Ok(())
+                })
+                .map_err(tx_err)
+        })
+    }
+
+    /// The file changed after its upload: it is to be uploaded again (its old
+    /// record stays until the new one replaces it).
+    pub fn reupload(&self, key: &ItemKey) -> Result<(), StateError> {
+        let item = QueueItem::upload_now();
+        self.write(|t| t.queue.insert(key.as_bytes(), encode(&item)).map(|_| ()))
+    }
+
+    /// Removes a file's record and queue item (delete-through).
+    pub fn forget(&self, key: &ItemKey) -> Result<(), StateError> {
+        let k = key.as_bytes();
+        self.write(|t| {
+            (&t.records, &t.queue, &t.meta)
+                .transaction(|(records, queue, meta)| {
+                    if let Some(old) = records.remove(k)?.and_then(|v| decode::<Record>(&v)) {
+                        add_u64(meta, META_UPLOADED_COUNT, -1)?;
+                        add_u64(meta, META_UPLOADED_BYTES, -(old.size as i128))?;
+                    }
+                    queue.remove(k)?;
+                    Ok(())
+                })
+                .map_err(tx_err)
+        })
+    }
+
+    /// Remembers (or, with `None`, forgets) why a provider is paused, so
+    /// `status` can tell after the daemon stopped.
+    pub fn set_paused(&self, provider: &str, info: Option<&PausedInfo>) -> Result<(), StateError> {
+        let key = format!("{META_PAUSED_PREFIX}{provider}");
+        self.write(|t| {
+            match info {
+                Some(info) => t.meta.insert(key.as_bytes(), encode(info))?,
+                None => t.meta.remove(key.as_bytes())?,
+            };
+            Ok(())
+        })
+    }
+
+    /// Flushes everything to disk (at exit).
+    pub fn flush(&self) -> Result<(), StateError> {
+        self.read(|t| t.db.flush().map(|_| ()))
+    }
+}
+
+/// Whom a failed attempt is blamed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The provider was unreachable or refused everything: no strike.
+    Provider,
+    /// The provider answered a probe that did not involve the item: a strike.
+    Item,
+}
+
+/// Batches fsyncs: every writer bumps `written`; a waiter flushes only if nobody
+/// has flushed past its write yet, so N concurrent waiters cost about one fsync.
+struct GroupCommit {
+    written: AtomicU64,
+    flushed: watch::Sender<u64>,
+    flushing: tokio::sync::Mutex<()>,
+}
+
+impl GroupCommit {
+    fn new() -> Self {
+        GroupCommit {
+            written: AtomicU64::new(0),
+            flushed: watch::channel(0).0,
+            flushing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn wrote(&self) {
+        self.written.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// After a reopen nothing counts as flushed any more.
+    fn reset(&self) {
+        self.flushed.send_replace(0);
+        self.written.fetch_add(1, Ordering::SeqCst);
+    }
+
+    async fn wait(&self, db: &sled::Db) -> sled::Result<()> {
+        let target = self.written.load(Ordering::SeqCst);
+        if *self.flushed.borrow() >= target {
+            return Ok(());
+        }
+        let _guard = self.flushing.lock().await;
+        if *self.flushed.borrow() >= target {
+            return Ok(());
+        }
+        let upto = self.written.load(Ordering::SeqCst);
+        db.flush_async().await?;
+        self.flushed.send_replace(upto);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(ino: u64, size: u64) -> FileIdentity {
+        FileIdentity {
+            dev: 1,
+            ino,
+            size,
+            mtime_ns: 3,
+            ctime_ns: 4,
+        }
+    }
+
+    fn record(identity: FileIdentity) -> Record {
+        Record {
+            provider: "p".into(),
+            key: "k".into(),
+            size: identity.size,
+            etag: "e".into(),
+            uploaded_ms: 1,
+            identity,
+            local: Local::Present,
+        }
+    }
+
+    fn key(s: &str) -> ItemKey {
+        ItemKey::from_bytes(s.as_bytes().to_vec()).unwrap()
+    }
+
+    fn open() -> (tempfile::TempDir, Queue) {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, opened) = Queue::open(dir.path()).unwrap();
+        assert_eq!(opened, Opened::Fresh);
+        (dir, q)
+    }
+
+    #[test]
+    fn record_transaction_updates_totals_once_per_path() {
+        let (_d, q) = open();
+        let a = key("a");
+        q.admit(&a, &id(2, 10), Admit::Event).unwrap();
+        q.record_uploaded(&a, &record(id(2, 10)), AfterUpload::Finish)
+            .unwrap();
+        q.record_uploaded(&a, &record(id(2, 10)), AfterUpload::Finish)
+            .unwrap();
+        let t = q.totals().unwrap();
+        assert_eq!(
+            (t.queue_depth, t.uploaded_count, t.uploaded_bytes),
+            (0, 1, 10)
+        );
+        assert!(q.item(&a).unwrap().is_none());
+        assert_eq!(
+            q.admit(&a, &id(2, 10), Admit::Event).unwrap(),
+            Admission::AlreadyOffloaded
+        );
+        // The same path with other contents is queued again.
+        assert!(matches!(
+            q.admit(&a, &id(3, 10), Admit::Event).unwrap(),
+            Admission::Queued(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn delete_permit_needs_a_matching_durable_record() {
+        let (_d, q) = open();
+        let a = key("a");
+        q.admit(&a, &id(2, 10), Admit::Event).unwrap();
+        assert!(q.delete_permit(&a).await.unwrap().is_none(), "not uploaded");
+        q.record_uploaded(&a, &record(id(2, 10)), AfterUpload::DeleteLocal)
+            .unwrap();
+        let permit = q.delete_permit(&a).await.unwrap().expect("permit");
+        assert_eq!(permit.identity(), &id(2, 10));
+        q.local_deleted(permit).unwrap();
+        assert!(q.item(&a).unwrap().is_none());
+        assert_eq!(q.record(&a).unwrap().unwrap().local, Local::Deleted);
+        assert!(q.delete_permit(&a).await.unwrap().is_none(), "only once");
+    }
+
+    #[test]
+    fn parked_items_stay_parked_on_scans_only() {
+        let (_d, q) = open();
+        let a = key("a");
+        q.park(&a, "too long").unwrap();
+        assert_eq!(
+            q.admit(&a, &id(2, 1), Admit::Scan).unwrap(),
+            Admission::StillParked
+        );
+        assert!(matches!(
+            q.admit(&a, &id(2, 1), Admit::Event).unwrap(),
+            Admission::Queued(_)
+        ));
+        q.park(&a, "again").unwrap();
+        assert!(q.unpark(&a).unwrap());
+        assert!(!q.unpark(&a).unwrap());
+    }
+
+    #[test]
+    fn strikes_count_only_item_blame() {
+        let (_d, q) = open();
+        let a = key("a");
+        q.admit(&a, &id(2, 1), Admit::Event).unwrap();
+        assert_eq!(q.back_off(&a, 5, "down", Blame::Provider).unwrap(), 0);
+        assert_eq!(q.back_off(&a, 5, "500", Blame::Item).unwrap(), 1);
+        let item = q.item(&a).unwrap().unwrap();
+        assert_eq!((item.attempts, item.strikes), (2, 1));
+    }
+
+    #[test]
+    fn a_failed_queue_refuses_writes_until_recovered() {
+        let (_d, q) = open();
+        let a = key("a");
+        let e = q.fail(sled::Error::Io(std::io::Error::from_raw_os_error(
+            libc::ENOSPC,
+        )));
+        assert!(e.to_string().contains("cannot write to state_dir"), "{e}");
+        assert!(q.failure().is_some());
+        assert!(q.admit(&a, &id(2, 1), Admit::Event).is_err());
+        q.recover().unwrap();
+        assert!(q.failure().is_none());
+        assert!(q.admit(&a, &id(2, 1), Admit::Event).is_ok());
+    }
+}

@@ -1,0 +1,350 @@
+//! Rebuilding the location records after the database was lost (guarantee
+//! 8): the directory and the bucket are the truth.
+//!
+//! Lists the active provider's prefix. For every object:
+//! - no local file any more: its record is restored ("local copy deleted"),
+//!   so its URL keeps working;
+//! - a local file whose content is proven equal to the object (size, and the
+//!   ETag recomputed from the file: its MD5 for a single PUT, the composite of
+//!   its parts' MD5s for a multipart object, whose part size offloadd records
+//!   in `x-amz-meta-offloadd-part-size`): the record is restored, and with
+//!   deletion on the local copy goes through the usual delete step;
+//! - anything else (changed, or an ETag that proves nothing, as under
+//!   SSE-KMS): no record, and the file is queued to be uploaded again.
+//!
+//! Then aborts our multipart uploads under the prefix that are older than 24 h,
+//! where the provider can list them. Errors end the rebuild early; the
+//! catch-up scan uploads whatever has no record.
+
+use crate::keys::{ItemKey, RelPath};
+use crate::pipeline::finished::FileIdentity;
+use crate::pipeline::plan::Deletion;
+use crate::pipeline::queue::{Admit, AfterUpload, Local, Queue, Record};
+use crate::pipeline::upload::{composite_etag, part_size_for};
+use crate::remote::store::{Listed, Store};
+use crate::shutdown::Shutdown;
+use crate::statedir::now_ms;
+use md5::{Digest, Md5};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// How much more start-up time each listed page asks systemd for.
+const EXTEND_USEC: u64 = 90_000_000;
+
+/// Multipart uploads older than this are ours to abort after state loss.
+const STALE_UPLOAD_MS: u64 = 24 * 3600 * 1000;
+
+/// Progress shown by `status` as "rebuilding n/m".
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub listed: AtomicU64,
+    pub matched: AtomicU64,
+    pub reupload: AtomicU64,
+}
+
+/// What a listed object says about its local file.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    /// Restore this record.
+    Restore(Record),
+    /// The local file differs or cannot be proven equal: upload it again.
+    Reupload(FileIdentity),
+    /// Not ours (outside the prefix, not a plain path, not a file).
+    Skip,
+}
+
+fn md5_of(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Md5::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+/// The relative path of a listed key under `prefix`.
+fn rel_of(prefix: &str, key: &str) -> Option<RelPath> {
+    let rel = match prefix.trim_matches('/') {
+        "" => key,
+        p => key.strip_prefix(p)?.strip_prefix('/')?,
+    };
+    RelPath::parse(rel).ok()
+}
+
+/// Decides one object. `part_size` is the object's recorded part size (from
+/// a HEAD) or the configured one, for multipart ETags.
+fn judge(
+    root: &Path,
+    rel: &RelPath,
+    provider: &str,
+    o: &Listed,
+    etag_is_md5: bool,
+    part_size: Option<u64>,
+) -> Verdict {
+    let local = rel.to_local(root);
+    let record = |identity, local| Record {
+        provider: provider.to_string(),
+        key: o.key.clone(),
+        size: o.size,
+        etag: o.etag.clone().unwrap_or_default(),
+        uploaded_ms: now_ms(),
+        identity,
+        local,
+    };
+    let meta = match std::fs::symlink_metadata(&local) {
+        Ok(m) if m.is_file() => m,
+        Ok(_) => return Verdict::Skip,
+        Err(_) => {
+            let gone = FileIdentity {
+                dev: 0,
+                ino: 0,
+                size: o.size,
+                mtime_ns: 0,
+                ctime_ns: 0,
+            };
+            return Verdict::Restore(record(gone, Local::Deleted));
+        }
+    };
+    let identity = FileIdentity::of(&meta);
+    let etag = o.etag.clone().unwrap_or_default();
+    if meta.len() != o.size || !etag_is_md5 || etag.is_empty() {
+        return Verdict::Reupload(identity);
+    }
+    let computed = if etag.contains('-') {
+        match (part_size, std::fs::File::open(&local)) {
+            (Some(ps), Ok(f)) => composite_etag(&f, o.size, ps).ok(),
+            _ => None,
+        }
+    } else {
+        md5_of(&local).ok()
+    };
+    let still = std::fs::symlink_metadata(&local).map(|m| FileIdentity::of(&m));
+    match (computed, still) {
+        (Some(c), Ok(now)) if c == etag && now == identity => {
+            Verdict::Restore(record(identity, Local::Present))
+        }
+        _ => Verdict::Reupload(identity),
+    }
+}
+
+/// Lists the provider's prefix and restores what is proven; see the module docs.
+pub async fn run(
+    store: &dyn Store,
+    root: &Path,
+    queue: &Queue,
+    deletion: Deletion,
+    configured_part_size: u64,
+    progress: &Progress,
+    shutdown: &mut Shutdown,
+) {
+    let p = store.provider();
+    let prefix = match p.prefix.trim_matches('/') {
+        "" => String::new(),
+        x => format!("{x}/"),
+    };
+    tracing::warn!(provider = %p.name, prefix = %prefix, "rebuilding location records from the bucket listing");
+    let after = match deletion {
+        Deletion::Keep => AfterUpload::Finish,
+        Deletion::After(_) => AfterUpload::DeleteLocal,
+    };
+    let mut token = None;
+    loop {
+        let page = tokio::select! {
+            page = store.list_page(&prefix, token) => page,
+            _ = shutdown.recv() => return,
+        };
+        let (objects, next) = match page {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::error!(error = %e, "rebuild stopped: cannot list the bucket ({e}); files without a record are uploaded again");
+                return;
+            }
+        };
+        progress
+            .listed
+            .fetch_add(objects.len() as u64, Ordering::Relaxed);
+        // READY waits for the rebuild: keep systemd from timing out the start.
+        crate::observe::systemd::extend_timeout(EXTEND_USEC);
+        for o in objects {
+            if shutdown.is_shutdown() {
+                return;
+            }
+            let Some(rel) = rel_of(&p.prefix, &o.key) else {
+                continue;
+            };
+            let key = ItemKey::from_rel(&rel);
+            if queue.record(&key).ok().flatten().is_some() {
+                continue;
+            }
+            // A multipart object tells its part size on HEAD.
+            let part_size = match o.etag.as_deref() {
+                Some(e) if e.contains('-') && rel.to_local(root).is_file() => {
+                    match store
+                        .head(&crate::keys::ObjectKey::from_raw(o.key.clone()))
+                        .await
+                    {
+                        Ok(Some(h)) => h
+                            .part_size
+                            .or(Some(part_size_for(o.size, configured_part_size))),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            let (root, name, md5_etags) = (root.to_path_buf(), p.name.clone(), p.etag_is_md5);
+            let verdict = tokio::task::spawn_blocking(move || {
+                judge(&root, &rel, &name, &o, md5_etags, part_size)
+            })
+            .await
+            .unwrap_or(Verdict::Skip);
+            let done = match verdict {
+                Verdict::Restore(record) => {
+                    let after = if record.local == Local::Present {
+                        after
+                    } else {
+                        AfterUpload::Finish
+                    };
+                    queue.restore(&key, &record, after).map(|restored| {
+                        if restored {
+                            progress.matched.fetch_add(1, Ordering::Relaxed);
+                        }
+                    })
+                }
+                Verdict::Reupload(identity) => {
+                    progress.reupload.fetch_add(1, Ordering::Relaxed);
+                    queue.admit(&key, &identity, Admit::Event).map(|_| ())
+                }
+                Verdict::Skip => Ok(()),
+            };
+            if let Err(e) = done {
+                tracing::error!(error = %e, "rebuild stopped: {e}");
+                return;
+            }
+        }
+        match next {
+            Some(t) => token = Some(t),
+            None => break,
+        }
+    }
+    if let Err(e) = queue.durable().await {
+        tracing::error!(error = %e, "rebuild: {e}");
+    }
+    abort_stale_uploads(store, &prefix).await;
+    tracing::info!(
+        listed = progress.listed.load(Ordering::Relaxed),
+        restored = progress.matched.load(Ordering::Relaxed),
+        reupload = progress.reupload.load(Ordering::Relaxed),
+        "rebuild finished"
+    );
+}
+
+/// Aborts multipart uploads under our prefix older than 24 h: after state
+/// loss, their upload ids are not recorded anywhere else.
+async fn abort_stale_uploads(store: &dyn Store, prefix: &str) {
+    let uploads = match store.list_uploads(prefix).await {
+        Ok(Some(u)) => u,
+        Ok(None) => {
+            tracing::info!("this provider cannot list multipart uploads; interrupted ones are left to the bucket's lifecycle rules");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list interrupted multipart uploads: {e}");
+            return;
+        }
+    };
+    let cutoff = now_ms().saturating_sub(STALE_UPLOAD_MS);
+    for u in uploads {
+        if u.initiated_ms.is_some_and(|t| t < cutoff) {
+            match store.abort(&u.key, &u.upload_id).await {
+                Ok(()) => {
+                    tracing::info!(key = %u.key, "aborted an interrupted multipart upload older than 24 h")
+                }
+                Err(e) => {
+                    tracing::warn!(key = %u.key, error = %e, "cannot abort an interrupted multipart upload")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listed(key: &str, size: u64, etag: Option<&str>) -> Listed {
+        Listed {
+            key: key.into(),
+            size,
+            etag: etag.map(str::to_string),
+        }
+    }
+
+    fn verdict(root: &Path, o: &Listed, md5: bool, part: Option<u64>) -> Verdict {
+        let rel = rel_of("pre", &o.key).unwrap();
+        judge(root, &rel, "p", o, md5, part)
+    }
+
+    #[test]
+    fn restores_deleted_and_proven_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("same.txt"), b"hello").unwrap();
+        let md5 = hex::encode(Md5::digest(b"hello"));
+        let v = verdict(
+            dir.path(),
+            &listed("pre/same.txt", 5, Some(&md5)),
+            true,
+            None,
+        );
+        assert!(
+            matches!(&v, Verdict::Restore(r) if r.local == Local::Present),
+            "{v:?}"
+        );
+        // Same size, other bytes.
+        let v = verdict(
+            dir.path(),
+            &listed("pre/same.txt", 5, Some("0000")),
+            true,
+            None,
+        );
+        assert!(matches!(v, Verdict::Reupload(_)), "{v:?}");
+        // An ETag that proves nothing (SSE-KMS).
+        let v = verdict(
+            dir.path(),
+            &listed("pre/same.txt", 5, Some(&md5)),
+            false,
+            None,
+        );
+        assert!(matches!(v, Verdict::Reupload(_)), "{v:?}");
+        let v = verdict(dir.path(), &listed("pre/gone/x.png", 9, None), true, None);
+        assert!(
+            matches!(&v, Verdict::Restore(r) if r.local == Local::Deleted),
+            "{v:?}"
+        );
+        assert!(rel_of("pre", "elsewhere/x.png").is_none());
+        assert!(rel_of("", "x.png").is_some());
+    }
+
+    #[test]
+    fn multipart_objects_are_proven_by_their_part_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..3000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(dir.path().join("big"), &data).unwrap();
+        let f = std::fs::File::open(dir.path().join("big")).unwrap();
+        let etag = composite_etag(&f, 3000, 1000).unwrap();
+        let o = listed("pre/big", 3000, Some(&etag));
+        assert!(matches!(
+            verdict(dir.path(), &o, true, Some(1000)),
+            Verdict::Restore(_)
+        ));
+        // The same size rewritten in place: not proven.
+        let mut other = data.clone();
+        other[1500] ^= 1;
+        std::fs::write(dir.path().join("big"), &other).unwrap();
+        assert!(matches!(
+            verdict(dir.path(), &o, true, Some(1000)),
+            Verdict::Reupload(_)
+        ));
+        assert!(matches!(
+            verdict(dir.path(), &o, true, None),
+            Verdict::Reupload(_)
+        ));
+    }
+}

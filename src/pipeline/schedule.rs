@@ -1,0 +1,935 @@
+//! The scheduler: between the watcher, the durable queue and the workers.
+//!
+//! Owns: admitting candidates into the queue, the due times of queued items
+//! (two lanes: uploads need a healthy provider, deletes do not), dispatching
+//! at most `upload.workers` items, the provider's [`Health`], and the pause of
+//! the whole pipeline while the root or the state_dir is unavailable.
+//!
+//! Policy for a failed upload: an error only this item can have parks it; any
+//! other error is the provider's only if a request that involves no item fails
+//! too (a probe, or a success of another upload since). An item that keeps
+//! failing while the provider answers others is parked with its reason after
+//! [`MAX_STRIKES`] attempts. Throttling and connection failures never count
+//! against an item.
+
+use crate::keys::ItemKey;
+use crate::observe::metrics::Metrics;
+use crate::pipeline::budget::{Budget, Pacer};
+use crate::pipeline::detect::{Candidate, Trigger};
+use crate::pipeline::finished::FileIdentity;
+use crate::pipeline::health::{Change, Health};
+use crate::pipeline::live::Live;
+use crate::pipeline::plan::{Deletion, Plan};
+use crate::pipeline::queue::{Admission, Admit, Blame, PausedInfo, Queue, Stage};
+use crate::pipeline::root::{RootGuard, RootStatus};
+use crate::pipeline::upload::Uploader;
+use crate::pipeline::worker::{Lane, Outcome, Worker};
+use crate::remote::error::{ErrorClass, StorageError};
+use crate::shutdown::Shutdown;
+use crate::statedir;
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{Id, JoinSet};
+use tokio::time::Instant;
+
+/// Failures of one item while the provider answered others, before it is parked.
+pub const MAX_STRIKES: u32 = 5;
+
+/// How often a failed state_dir is tried again.
+const RECOVER_EVERY: Duration = Duration::from_secs(5);
+
+/// Candidates taken from the watcher per turn of the loop.
+const ADMIT_BATCH: usize = 1024;
+
+/// Requests from the control socket.
+pub enum Command {
+    /// Queue parked items again (`None`: all of them); replies with the count.
+    Retry {
+        keys: Option<Vec<ItemKey>>,
+        reply: oneshot::Sender<usize>,
+    },
+    /// Backfill: queue these paths regardless of the managed-since mark, or
+    /// only count them.
+    Backfill {
+        keys: Vec<ItemKey>,
+        mode: BackfillMode,
+        reply: oneshot::Sender<usize>,
+    },
+    /// Takes a path out of the pipeline while it is deleted through; refused
+    /// while it is being worked on.
+    Hold {
+        key: ItemKey,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Release {
+        key: ItemKey,
+        reply: oneshot::Sender<()>,
+    },
+    /// A reload: the new plan and upload resources, for items that start from
+    /// now on; items in flight finish as they started.
+    Replan {
+        plan: Arc<Plan>,
+        resources: (Budget, Pacer),
+    },
+}
+
+/// What backfill does with the paths it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackfillMode {
+    /// Only counts what would be queued (`--dry-run`).
+    Count,
+    Queue,
+}
+
+/// Due items (Unix ms) in their lanes.
+#[derive(Default)]
+struct Lanes {
+    uploads: BTreeSet<(u64, ItemKey)>,
+    deletes: BTreeSet<(u64, ItemKey)>,
+    index: HashMap<ItemKey, (Lane, u64)>,
+}
+
+impl Lanes {
+    fn lane(&mut self, lane: Lane) -> &mut BTreeSet<(u64, ItemKey)> {
+        match lane {
+            Lane::Upload => &mut self.uploads,
+            Lane::Delete => &mut self.deletes,
+        }
+    }
+
+    fn insert(&mut self, key: ItemKey, due_ms: u64, lane: Lane) {
+        self.remove(&key);
+        self.lane(lane).insert((due_ms, key.clone()));
+        self.index.insert(key, (lane, due_ms));
+    }
+
+    fn remove(&mut self, key: &ItemKey) -> Option<Lane> {
+        let (lane, due) = self.index.remove(key)?;
+        self.lane(lane).remove(&(due, key.clone()));
+        Some(lane)
+    }
+
+    fn first_due(&self, lane: Lane) -> Option<u64> {
+        let set = match lane {
+            Lane::Upload => &self.uploads,
+            Lane::Delete => &self.deletes,
+        };
+        set.first().map(|(due, _)| *due)
+    }
+
+    fn pop_due(&mut self, lane: Lane, now_ms: u64) -> Option<ItemKey> {
+        let set = self.lane(lane);
+        if set.first()?.0 > now_ms {
+            return None;
+        }
+        let (_, key) = set.pop_first()?;
+        self.index.remove(&key);
+        Some(key)
+    }
+
+    fn keys(&self, lane: Lane) -> Vec<ItemKey> {
+        let set = match lane {
+            Lane::Upload => &self.uploads,
+            Lane::Delete => &self.deletes,
+        };
+        set.iter().map(|(_, k)| k.clone()).collect()
+    }
+
+    fn contains(&self, key: &ItemKey) -> bool {
+        self.index.contains_key(key)
+    }
+
+    fn len(&self) -> usize {
+        self.index.len()
+    }
+}
+
+/// The scheduler's clock in Unix ms: anchored to the wall clock at start and
+/// advanced by tokio's monotonic clock, so due times and backoffs follow
+/// tokio's (pausable) time.
+struct Clock {
+    base_ms: u64,
+    base: Instant,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            base_ms: statedir::now_ms(),
+            base: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base_ms + self.base.elapsed().as_millis() as u64
+    }
+}
+
+/// What a finished task reports.
+enum Done {
+    Item {
+        key: ItemKey,
+        outcome: Outcome,
+    },
+    Probe {
+        provider: String,
+        result: Result<(), StorageError>,
+    },
+}
+
+/// The scheduler; run it with [`Scheduler::run`].
+pub struct Scheduler {
+    queue: Arc<Queue>,
+    root: Arc<RootGuard>,
+    live: Arc<Live>,
+    plan: watch::Sender<Arc<Plan>>,
+    uploader: Arc<Uploader>,
+    lanes: Lanes,
+    /// Items being worked on, and when each started.
+    in_flight: HashMap<ItemKey, Instant>,
+    tasks: JoinSet<Done>,
+    task_keys: HashMap<Id, ItemKey>,
+    /// Paths seen again while in flight: admitted again when they finish.
+    recheck: HashSet<ItemKey>,
+    /// Paths being deleted through: out of the pipeline.
+    held: HashSet<ItemKey>,
+    /// Items whose failure waits for the probe's verdict.
+    awaiting: Vec<(ItemKey, StorageError)>,
+    health: Health,
+    /// Why nothing leaves the queue (root or state_dir), as published.
+    paused: Option<String>,
+    /// The state_dir failed; recovery is tried at `next_recover`.
+    state_paused: bool,
+    next_recover: Instant,
+    clock: Clock,
+}
+
+fn metrics_label(class: ErrorClass) -> &'static str {
+    match class {
+        ErrorClass::ProviderWide => "provider",
+        ErrorClass::Item => "parked",
+        ErrorClass::Transient | ErrorClass::RestartUpload => "transient",
+    }
+}
+
+impl Scheduler {
+    pub fn new(
+        plan: Arc<Plan>,
+        (budget, pacer): (Budget, Pacer),
+        queue: Arc<Queue>,
+        root: Arc<RootGuard>,
+        live: Arc<Live>,
+    ) -> Scheduler {
+        let uploader = Arc::new(Uploader {
+            budget,
+            pacer,
+            progress: live.last_progress_ms.clone(),
+            queue: queue.clone(),
+        });
+        let health = Health::new(plan.options.retry);
+        let mut s = Scheduler {
+            queue,
+            root,
+            live,
+            plan: watch::channel(plan).0,
+            uploader,
+            lanes: Lanes::default(),
+            in_flight: HashMap::new(),
+            tasks: JoinSet::new(),
+            task_keys: HashMap::new(),
+            recheck: HashSet::new(),
+            held: HashSet::new(),
+            awaiting: Vec::new(),
+            health,
+            paused: None,
+            state_paused: false,
+            next_recover: Instant::now(),
+            clock: Clock::new(),
+        };
+        s.load_queue();
+        s
+    }
+
+    fn current(&self) -> Arc<Plan> {
+        self.plan.borrow().clone()
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.live.metrics
+    }
+
+    /// Schedules everything the queue holds; items in flight when the last run
+    /// ended are simply pending again.
+    fn load_queue(&mut self) {
+        let items = match self.queue.items() {
+            Ok(items) => items,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the queue: {e}");
+                return;
+            }
+        };
+        self.lanes = Lanes::default();
+        let mut failed = std::collections::BTreeMap::new();
+        for (key, item) in items {
+            if self.in_flight.contains_key(&key) || self.held.contains(&key) {
+                continue;
+            }
+            match (&item.stage, Lane::of(&item.stage)) {
+                (Stage::Parked { reason }, _) => {
+                    failed.insert(key, reason.clone());
+                }
+                (_, Some(lane)) => self.lanes.insert(key, item.next_attempt_ms, lane),
+                (_, None) => {}
+            }
+        }
+        if self.lanes.len() > 0 || !failed.is_empty() {
+            tracing::info!(
+                pending = self.lanes.len(),
+                failed = failed.len(),
+                "resuming the queue"
+            );
+        }
+        self.live.update(|s| s.failed = failed);
+        self.cancel_deletes_if_off();
+        self.publish();
+    }
+
+    /// With deletion off (or in local mode), pending deletes are dropped.
+    fn cancel_deletes_if_off(&mut self) {
+        if self.current().deletion() != Deletion::Keep {
+            return;
+        }
+        let keys = self.lanes.keys(Lane::Delete);
+        if keys.is_empty() {
+            return;
+        }
+        let mut n = 0;
+        for key in keys {
+            match self.queue.cancel_delete(&key) {
+                Ok(()) => {
+                    self.lanes.remove(&key);
+                    n += 1;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot cancel pending deletes: {e}");
+                    break;
+                }
+            }
+        }
+        tracing::info!(
+            cancelled = n,
+            "deletion of local copies is off: {n} pending delete(s) cancelled; those files stay local"
+        );
+    }
+
+    fn publish(&self) {
+        let depth = (self.lanes.len() + self.in_flight.len() + self.awaiting.len()) as u64;
+        let in_flight = self.in_flight.len() as u64;
+        self.live.queue_depth.store(depth, Ordering::Relaxed);
+        self.live.in_flight.store(in_flight, Ordering::Relaxed);
+        let m = self.metrics();
+        m.set_queue_depth(depth);
+        m.set_in_flight(in_flight);
+        let (failed, paused) = self.live.update(|s| (s.failed.len(), s.paused.is_some()));
+        m.set_failed_items(failed as u64);
+        m.set_paused_providers(paused as u64);
+    }
+
+    /// Runs until `shutdown` fires, then lets work in flight finish for up to
+    /// `grace`; what is left stays queued (multipart uploads resumable).
+    pub async fn run(
+        mut self,
+        mut candidates: mpsc::Receiver<Candidate>,
+        mut commands: mpsc::Receiver<Command>,
+        mut shutdown: Shutdown,
+        grace: Duration,
+    ) {
+        let mut commands_open = true;
+        loop {
+            self.maintain();
+            self.dispatch();
+            let wake = self.next_wake();
+            tokio::select! {
+                c = candidates.recv() => match c {
+                    Some(c) => {
+                        self.admit(c);
+                        for _ in 0..ADMIT_BATCH {
+                            match candidates.try_recv() {
+                                Ok(c) => self.admit(c),
+                                Err(_) => break,
+                            }
+                        }
+                        self.publish();
+                    }
+                    None => {
+                        // The watcher stopped (local mode); keep serving.
+                        candidates = mpsc::channel(1).1;
+                    }
+                },
+                Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => self.finished(done),
+                cmd = commands.recv(), if commands_open => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => commands_open = false,
+                },
+                _ = tokio::time::sleep(wake) => {}
+                _ = shutdown.recv() => break,
+            }
+        }
+        self.stop(grace).await;
+    }
+
+    async fn stop(&mut self, grace: Duration) {
+        let n = self.in_flight.len();
+        if n > 0 {
+            tracing::info!(
+                in_flight = n,
+                grace_s = grace.as_secs(),
+                "stopping: letting uploads in flight finish"
+            );
+            let deadline = Instant::now() + grace;
+            while !self.in_flight.is_empty() {
+                match tokio::time::timeout_at(deadline, self.tasks.join_next_with_id()).await {
+                    Ok(Some(done)) => self.finished(done),
+                    _ => break,
+                }
+            }
+            if !self.in_flight.is_empty() {
+                tracing::warn!(
+                    left = self.in_flight.len(),
+                    "stopping with uploads unfinished; they stay queued and resume at the next start"
+                );
+            }
+        }
+        self.tasks.shutdown().await;
+    }
+
+    /// The pause of the whole pipeline (state_dir, root), and recovery: a
+    /// failed state_dir is tried again every [`RECOVER_EVERY`].
+    fn maintain(&mut self) {
+        if self.queue.failure().is_some() {
+            let now = Instant::now();
+            if !self.state_paused {
+                self.state_paused = true;
+                self.next_recover = now + RECOVER_EVERY;
+            } else if now >= self.next_recover {
+                self.next_recover = now + RECOVER_EVERY;
+                if self.queue.recover().is_ok() {
+                    self.state_paused = false;
+                    self.load_queue();
+                }
+            }
+        } else if self.state_paused {
+            self.state_paused = false;
+            self.load_queue();
+        }
+        let paused = match (self.queue.failed_state(), self.root.status()) {
+            (Some(e), _) => Some(e.to_string()),
+            (None, RootStatus::Unavailable(why)) => Some(why),
+            (None, RootStatus::Present) => None,
+        };
+        if paused != self.paused {
+            self.live.update(|s| s.pipeline_paused = paused.clone());
+            if let Some(why) = &paused {
+                self.live.update(|s| s.last_error = Some(why.clone()));
+            }
+            self.paused = paused;
+        }
+    }
+
+    fn next_wake(&self) -> Duration {
+        let now = self.clock.now_ms();
+        let mut wake = Duration::from_secs(3600);
+        if self.paused.is_some() {
+            wake = wake.min(Duration::from_secs(1));
+        }
+        let mut lanes = vec![Lane::Delete];
+        if self.health.uploads_allowed() && self.current().target.store().is_some() {
+            lanes.push(Lane::Upload);
+        }
+        for lane in lanes {
+            if let Some(due) = self.lanes.first_due(lane) {
+                wake = wake.min(Duration::from_millis(due.saturating_sub(now)));
+            }
+        }
+        if let Some(at) = self.health.next_probe() {
+            wake = wake.min(at.saturating_duration_since(Instant::now()));
+        }
+        wake.max(Duration::from_millis(5))
+    }
+
+    fn dispatch(&mut self) {
+        self.maybe_probe();
+        if self.paused.is_some() {
+            return;
+        }
+        let plan = self.current();
+        let workers = plan.options.workers.max(1);
+        let now = self.clock.now_ms();
+        while self.in_flight.len() < workers {
+            if let Some(key) = self.lanes.pop_due(Lane::Delete, now) {
+                self.spawn(key, &plan);
+                continue;
+            }
+            if plan.target.store().is_none() || !self.health.uploads_allowed() {
+                break;
+            }
+            match self.lanes.pop_due(Lane::Upload, now) {
+                Some(key) => self.spawn(key, &plan),
+                None => break,
+            }
+        }
+        self.publish();
+    }
+
+    fn spawn(&mut self, key: ItemKey, plan: &Arc<Plan>) {
+        if self.in_flight.is_empty() {
+            self.live
+                .last_progress_ms
+                .store(statedir::now_ms(), Ordering::Relaxed);
+        }
+        self.in_flight.insert(key.clone(), Instant::now());
+        let worker = Worker {
+            queue: self.queue.clone(),
+            root: self.root.clone(),
+            plan: self.plan.subscribe(),
+            started: plan.clone(),
+            uploader: self.uploader.clone(),
+            metrics: self.metrics().clone(),
+        };
+        let k = key.clone();
+        let handle = self.tasks.spawn(async move {
+            let outcome = worker.process(&k).await;
+            Done::Item { key: k, outcome }
+        });
+        self.task_keys.insert(handle.id(), key);
+    }
+
+    fn maybe_probe(&mut self) {
+        let plan = self.current();
+        let Some(store) = plan.target.store() else {
+            return;
+        };
+        if !self.health.want_probe(Instant::now()) {
+            return;
+        }
+        let store = store.clone();
+        let provider = store.provider().name.clone();
+        tracing::debug!(provider = %provider, "probing the provider");
+        self.tasks.spawn(async move {
+            let result = store.probe().await;
+            Done::Probe { provider, result }
+        });
+    }
+
+    fn finished(&mut self, done: Result<(Id, Done), tokio::task::JoinError>) {
+        match done {
+            Ok((id, Done::Item { key, outcome })) => {
+                self.task_keys.remove(&id);
+                let started = self.in_flight.remove(&key);
+                self.complete(key, outcome, started.unwrap_or_else(Instant::now));
+            }
+            Ok((_, Done::Probe { provider, result })) => self.probed(&provider, result),
+            Err(e) => {
+                // A worker that panicked: its item stays queued as it was.
+                if let Some(key) = self.task_keys.remove(&e.id()) {
+                    self.in_flight.remove(&key);
+                    tracing::error!(path = %key, error = %e, "an upload task failed; the item stays queued");
+                    self.lanes
+                        .insert(key, self.clock.now_ms() + 60_000, Lane::Upload);
+                } else if !e.is_cancelled() {
+                    self.health.probe_abandoned();
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn complete(&mut self, key: ItemKey, outcome: Outcome, started: Instant) {
+        match outcome {
+            Outcome::Uploaded { delete_due } => {
+                self.live.update(|s| s.failed.remove(&key));
+                let change = self.health.upload_succeeded(Instant::now());
+                self.health_changed(change);
+                if let Some(due) = delete_due {
+                    self.lanes.insert(key.clone(), due, Lane::Delete);
+                }
+            }
+            Outcome::Settled => {
+                self.live.update(|s| s.failed.remove(&key));
+            }
+            Outcome::Later { due_ms, lane } => self.lanes.insert(key.clone(), due_ms, lane),
+            Outcome::Parked(reason) => self.park_noted(&key, reason),
+            Outcome::Failed(err) => self.failed(key.clone(), err, started),
+            Outcome::State(e) => {
+                self.live.update(|s| s.last_error = Some(e.to_string()));
+                // The queue is failed now; it is reloaded once it recovers.
+                self.lanes
+                    .insert(key.clone(), self.clock.now_ms() + 1_000, Lane::Upload);
+            }
+            Outcome::RootGone(why) => {
+                self.live.update(|s| s.last_error = Some(why));
+                self.reinsert_from_queue(&key);
+            }
+        }
+        if self.recheck.remove(&key) {
+            let abs = key.to_local(&self.current().options.root);
+            self.admit(Candidate {
+                abs,
+                trigger: Trigger::Event,
+            });
+        }
+    }
+
+    /// Puts an item back into its lane as the queue has it.
+    fn reinsert_from_queue(&mut self, key: &ItemKey) {
+        if let Ok(Some(item)) = self.queue.item(key) {
+            if let Some(lane) = Lane::of(&item.stage) {
+                self.lanes
+                    .insert(key.clone(), self.clock.now_ms() + 1_000, lane);
+            }
+        }
+    }
+
+    /// The policy for a failed storage request (see the module docs).
+    fn failed(&mut self, key: ItemKey, err: StorageError, started: Instant) {
+        self.metrics().upload_failed(metrics_label(err.class));
+        self.live
+            .update(|s| s.last_error = Some(err.message.clone()));
+        match err.class {
+            ErrorClass::Item => self.park(key, err.message),
+            ErrorClass::RestartUpload => {
+                if let Err(e) = self.queue.clear_multipart(&key) {
+                    tracing::error!(error = %e, "{e}");
+                }
+                tracing::warn!(path = %key, error = %err.message, "restarting the upload");
+                self.blame_item(key, err);
+            }
+            ErrorClass::Transient | ErrorClass::ProviderWide => {
+                match self.health.item_failed(started) {
+                    Some(true) => self.blame_item(key, err),
+                    Some(false) => self.lanes.insert(key, self.clock.now_ms(), Lane::Upload),
+                    None => {
+                        self.awaiting.push((key, err));
+                        self.maybe_probe();
+                    }
+                }
+            }
+        }
+    }
+
+    /// The provider answered other requests: the failure was this item's.
+    fn blame_item(&mut self, key: ItemKey, err: StorageError) {
+        let retry = self.current().options.retry;
+        let item = match self.queue.item(&key) {
+            Ok(Some(i)) => i,
+            Ok(None) => return,
+            Err(_) => {
+                self.lanes
+                    .insert(key, self.clock.now_ms() + 1_000, Lane::Upload);
+                return;
+            }
+        };
+        let due = self.clock.now_ms() + retry.jittered(item.attempts + 1).as_millis() as u64;
+        // Throttling and connection failures are never the item's fault.
+        let blame = if err.is_throttle() || err.status.is_none() {
+            Blame::Provider
+        } else {
+            Blame::Item
+        };
+        self.metrics().retry();
+        match self.queue.back_off(&key, due, &err.message, blame) {
+            Ok(strikes) if strikes >= MAX_STRIKES => {
+                let reason = format!(
+                    "{} (it failed {strikes} times while the provider accepted other requests; fix the cause, then run `offloadd retry`)",
+                    err.message
+                );
+                self.park(key, reason);
+            }
+            Ok(_) => {
+                tracing::warn!(path = %key, attempt = item.attempts + 1, error = %err.message, "upload of {key} failed: {}", err.message);
+                self.lanes.insert(key, due, Lane::Upload);
+            }
+            Err(_) => self
+                .lanes
+                .insert(key, self.clock.now_ms() + 1_000, Lane::Upload),
+        }
+    }
+
+    fn probed(&mut self, provider: &str, result: Result<(), StorageError>) {
+        if self.current().target.name() != provider {
+            self.health.probe_abandoned();
+            return;
+        }
+        let awaiting = std::mem::take(&mut self.awaiting);
+        match result {
+            Ok(()) => {
+                let change = self.health.probe_succeeded(Instant::now());
+                self.health_changed(change);
+                for (key, err) in awaiting {
+                    self.blame_item(key, err);
+                }
+            }
+            Err(e) => {
+                let change = self.health.probe_failed(&e.message, Instant::now());
+                self.live.update(|s| s.last_error = Some(e.message.clone()));
+                self.health_changed(change);
+                for (key, _) in awaiting {
+                    self.lanes.insert(key, self.clock.now_ms(), Lane::Upload);
+                }
+            }
+        }
+    }
+
+    fn health_changed(&mut self, change: Option<Change>) {
+        let Some(change) = change else { return };
+        let provider = self.current().target.name().to_string();
+        let waiting = self.lanes.uploads.len() + self.awaiting.len();
+        match change {
+            Change::Paused(reason) => {
+                tracing::error!(
+                    provider = %provider,
+                    error = %reason,
+                    waiting,
+                    "provider {provider} paused: {reason}; uploads wait and one probe at a time retries with backoff"
+                );
+                self.set_paused_info(&provider, Some(reason));
+            }
+            Change::Reason(reason) => {
+                tracing::warn!(provider = %provider, error = %reason, "provider {provider} is still paused: {reason}");
+                self.set_paused_info(&provider, Some(reason));
+            }
+            Change::Resumed { reason, paused_s } => {
+                tracing::info!(
+                    provider = %provider,
+                    paused_for_s = paused_s,
+                    waiting,
+                    "provider {provider} is back; uploads resume (it was paused: {reason})"
+                );
+                self.set_paused_info(&provider, None);
+            }
+        }
+    }
+
+    fn set_paused_info(&mut self, provider: &str, reason: Option<String>) {
+        let info = reason.map(|reason| PausedInfo {
+            provider: provider.to_string(),
+            reason,
+            since: statedir::rfc3339(statedir::now_ms()),
+        });
+        let info = self.live.update(|s| {
+            if let (Some(old), Some(new)) = (&s.paused, &info) {
+                if old.provider == new.provider {
+                    // Keep when the pause began.
+                    s.paused = Some(PausedInfo {
+                        since: old.since.clone(),
+                        ..new.clone()
+                    });
+                    return s.paused.clone();
+                }
+            }
+            s.paused = info.clone();
+            info
+        });
+        if let Err(e) = self.queue.set_paused(provider, info.as_ref()) {
+            tracing::debug!(error = %e, "cannot remember the provider pause");
+        }
+    }
+
+    fn park_noted(&mut self, key: &ItemKey, reason: String) {
+        self.live.update(|s| {
+            if s.failed.get(key) != Some(&reason) {
+                tracing::warn!(path = %key, error = %reason, "not uploading {key}: {reason}");
+            }
+            s.failed.insert(key.clone(), reason.clone());
+            s.last_error = Some(reason);
+        });
+    }
+
+    fn park(&mut self, key: ItemKey, reason: String) {
+        let same = self
+            .queue
+            .item(&key)
+            .ok()
+            .flatten()
+            .is_some_and(|i| matches!(&i.stage, Stage::Parked { reason: r } if *r == reason));
+        self.lanes.remove(&key);
+        if !same {
+            if let Err(e) = self.queue.park(&key, &reason) {
+                tracing::error!(path = %key, error = %e, "cannot park {key}: {e}");
+                return;
+            }
+            self.metrics().upload_failed("parked");
+        }
+        self.park_noted(&key, reason);
+    }
+
+    /// Decides whether a candidate path goes into the queue.
+    fn admit(&mut self, c: Candidate) {
+        let plan = self.current();
+        let Some(store) = plan.target.store() else {
+            return;
+        };
+        let opts = &plan.options;
+        let Some(key) = ItemKey::of(&opts.root, &c.abs) else {
+            return;
+        };
+        if self.held.contains(&key) {
+            return;
+        }
+        if self.in_flight.contains_key(&key) {
+            self.recheck.insert(key);
+            return;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(&c.abs) else {
+            return;
+        };
+        let identity = FileIdentity::of(&meta);
+        if identity.changed_ns() < opts.mark_ns && c.trigger != Trigger::Backfill {
+            return;
+        }
+        if meta.file_type().is_symlink() {
+            let reason = format!(
+                "{key} is a symbolic link; offloadd does not follow links (upload the target itself, or copy the file in)"
+            );
+            return self.park(key, reason);
+        }
+        if !meta.is_file() {
+            return;
+        }
+        let rel = match key.rel(&opts.root) {
+            Ok(r) => r,
+            Err(e) => return self.park(key, e.to_string()),
+        };
+        if let Err(e) = store.provider().object_key(&rel) {
+            return self.park(key, e.to_string());
+        }
+        let why = match c.trigger {
+            Trigger::Scan => Admit::Scan,
+            Trigger::Event | Trigger::Backfill => Admit::Event,
+        };
+        match self.queue.admit(&key, &identity, why) {
+            Ok(Admission::Queued(item)) => {
+                self.live.update(|s| s.failed.remove(&key));
+                if let (false, Some(lane)) = (self.lanes.contains(&key), Lane::of(&item.stage)) {
+                    self.lanes.insert(key, item.next_attempt_ms, lane);
+                }
+            }
+            Ok(Admission::AlreadyOffloaded | Admission::StillParked) => {}
+            Err(e) => {
+                tracing::error!(path = %key, error = %e, "cannot queue {key}: {e}; it is found again by the next scan")
+            }
+        }
+    }
+
+    /// Whether backfill would add this path: a regular file, not queued, not
+    /// in flight, and not recorded as it is now.
+    fn would_queue(&self, key: &ItemKey) -> bool {
+        let root = &self.current().options.root;
+        let Ok(meta) = std::fs::symlink_metadata(key.to_local(root)) else {
+            return false;
+        };
+        if !meta.is_file() || self.in_flight.contains_key(key) || self.lanes.contains(key) {
+            return false;
+        }
+        let identity = FileIdentity::of(&meta);
+        !self
+            .queue
+            .record(key)
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.identity == identity)
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Retry { keys, reply } => {
+                let keys = keys
+                    .unwrap_or_else(|| self.live.update(|s| s.failed.keys().cloned().collect()));
+                let mut n = 0;
+                for key in keys {
+                    match self.queue.unpark(&key) {
+                        Ok(true) => {
+                            self.live.update(|s| s.failed.remove(&key));
+                            self.lanes.insert(key, 0, Lane::Upload);
+                            n += 1;
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::error!(error = %e, "cannot retry {key}: {e}"),
+                    }
+                }
+                let _ = reply.send(n);
+            }
+            Command::Backfill {
+                keys,
+                mode: BackfillMode::Count,
+                reply,
+            } => {
+                let n = keys.iter().filter(|k| self.would_queue(k)).count();
+                let _ = reply.send(n);
+            }
+            Command::Backfill { keys, reply, .. } => {
+                let before = self.lanes.len();
+                let root = self.current().options.root.clone();
+                for key in keys {
+                    self.admit(Candidate {
+                        abs: key.to_local(&root),
+                        trigger: Trigger::Backfill,
+                    });
+                }
+                let _ = reply.send(self.lanes.len().saturating_sub(before));
+            }
+            Command::Hold { key, reply } => {
+                if self.in_flight.contains_key(&key) {
+                    let _ = reply.send(Err(format!(
+                        "{key} is being uploaded right now; try again in a few seconds"
+                    )));
+                } else {
+                    self.lanes.remove(&key);
+                    self.live.update(|s| s.failed.remove(&key));
+                    self.held.insert(key);
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Command::Release { key, reply } => {
+                self.held.remove(&key);
+                let _ = reply.send(());
+            }
+            Command::Replan {
+                plan,
+                resources: (budget, pacer),
+            } => self.replan(plan, budget, pacer),
+        }
+        self.publish();
+    }
+
+    fn replan(&mut self, plan: Arc<Plan>, budget: Budget, pacer: Pacer) {
+        let old = self.current();
+        if old.target.name() != plan.target.name() {
+            let change = self.health.reset();
+            if change.is_some() {
+                self.set_paused_info(old.target.name(), None);
+            }
+            for (key, _) in std::mem::take(&mut self.awaiting) {
+                self.lanes.insert(key, self.clock.now_ms(), Lane::Upload);
+            }
+        } else {
+            // A reload may have fixed the cause: probe at once.
+            self.health.probe_now(Instant::now());
+        }
+        self.health.set_backoff(plan.options.retry);
+        self.plan.send_replace(plan);
+        self.uploader = Arc::new(Uploader {
+            budget,
+            pacer,
+            progress: self.live.last_progress_ms.clone(),
+            queue: self.queue.clone(),
+        });
+        self.cancel_deletes_if_off();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,450 @@
+//! The scheduler's rules against an in-memory store, on tokio's paused clock:
+//! real files in a temp dir, a real queue, a fake bucket.
+
+use super::*;
+use crate::keys::ItemKey;
+use crate::pipeline::backoff::Backoff;
+use crate::pipeline::plan::{Options, Target};
+use crate::pipeline::queue::{Local, MultipartProgress};
+use crate::pipeline::upload;
+use crate::remote::fake::{http_error, refused, FakeStore, Op};
+use crate::shutdown::Stop;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use tokio::task::JoinHandle;
+
+const MIB: u64 = 1024 * 1024;
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    store: Arc<FakeStore>,
+    queue: Arc<Queue>,
+    guard: Arc<RootGuard>,
+    live: Arc<Live>,
+    candidates: mpsc::Sender<Candidate>,
+    commands: mpsc::Sender<Command>,
+    stop: Stop,
+    task: Option<JoinHandle<()>>,
+}
+
+fn plan(root: &std::path::Path, store: &Arc<FakeStore>, deletion: Deletion) -> Arc<Plan> {
+    Arc::new(Plan {
+        options: Options {
+            root: root.to_path_buf(),
+            settle: Duration::ZERO,
+            deletion,
+            workers: 4,
+            upload: upload::Settings {
+                multipart_threshold: 8 * MIB,
+                part_size: 5 * MIB,
+                part_concurrency: 2,
+            },
+            retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(8)),
+            mark_ns: 0,
+        },
+        target: Target::Provider(store.clone()),
+    })
+}
+
+fn resources() -> (Budget, Pacer) {
+    (Budget::new(64 * MIB), Pacer::new(0))
+}
+
+impl Harness {
+    fn new(deletion: Deletion) -> Harness {
+        crate::pipeline::finished::ignore_lease_signals();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        let (queue, _) = Queue::open(&state).unwrap();
+        let guard = Arc::new(RootGuard::new(&root, &state).unwrap());
+        let (candidates, _) = mpsc::channel(1);
+        let (commands, _) = mpsc::channel(1);
+        let (stop, _) = Stop::new();
+        let mut h = Harness {
+            _dir: dir,
+            root,
+            store: Arc::new(FakeStore::new()),
+            queue: Arc::new(queue),
+            guard,
+            live: Arc::new(Live::default()),
+            candidates,
+            commands,
+            stop,
+            task: None,
+        };
+        h.start(deletion);
+        h
+    }
+
+    fn start(&mut self, deletion: Deletion) {
+        let (cand_tx, cand_rx) = mpsc::channel(64);
+        let (cmd_tx, cmd_rx) = mpsc::channel(8);
+        let (stop, shutdown) = Stop::new();
+        let s = Scheduler::new(
+            plan(&self.root, &self.store, deletion),
+            resources(),
+            self.queue.clone(),
+            self.guard.clone(),
+            self.live.clone(),
+        );
+        self.task = Some(tokio::spawn(s.run(
+            cand_rx,
+            cmd_rx,
+            shutdown,
+            Duration::from_secs(30),
+        )));
+        self.candidates = cand_tx;
+        self.commands = cmd_tx;
+        self.stop = stop;
+    }
+
+    async fn stop(&mut self) {
+        self.stop.fire();
+        if let Some(t) = self.task.take() {
+            t.await.unwrap();
+        }
+    }
+
+    async fn write(&self, rel: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, bytes).unwrap();
+        self.candidates
+            .send(Candidate {
+                abs: p.clone(),
+                trigger: Trigger::Event,
+            })
+            .await
+            .unwrap();
+        p
+    }
+
+    fn count(&self, op: Op) -> usize {
+        self.store.requests().iter().filter(|r| r.op == op).count()
+    }
+
+    fn key(rel: &str) -> ItemKey {
+        ItemKey::from_bytes(rel.as_bytes().to_vec()).unwrap()
+    }
+}
+
+/// Lets virtual time run until `cond` holds: at most `secs` virtual seconds,
+/// and at least a few real ones, since file reads and deletes run on real
+/// blocking threads while virtual time jumps ahead.
+async fn until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let (virtual_start, real_start) = (Instant::now(), std::time::Instant::now());
+    loop {
+        if cond() {
+            return;
+        }
+        if virtual_start.elapsed() >= Duration::from_secs(secs)
+            && real_start.elapsed() >= Duration::from_secs(10)
+        {
+            panic!("not within {secs} virtual seconds: {what}");
+        }
+        // Real time for the blocking threads, then virtual time for timers.
+        std::thread::sleep(Duration::from_millis(1));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn uploads_verifies_and_records() {
+    let mut h = Harness::new(Deletion::Keep);
+    for i in 0..3 {
+        h.write(&format!("a/{i}.png"), format!("file {i}").as_bytes())
+            .await;
+    }
+    until(30, "all uploaded", || {
+        (0..3).all(|i| h.store.object(&format!("pre/a/{i}.png")).is_some())
+    })
+    .await;
+    until(5, "records written", || {
+        (0..3).all(|i| {
+            h.queue
+                .record(&Harness::key(&format!("a/{i}.png")))
+                .unwrap()
+                .is_some()
+        })
+    })
+    .await;
+    assert_eq!(h.store.object("pre/a/1.png").unwrap(), b"file 1");
+    assert!(h.queue.items().unwrap().is_empty());
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_only_one_item_gets_parks_it_without_pausing_the_provider() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.store.script(|r| {
+        (r.op == Op::Put && r.key.ends_with("long-name.png"))
+            .then(|| http_error(500, "InternalError"))
+    });
+    h.write("long-name.png", b"x").await;
+    for i in 0..5 {
+        h.write(&format!("ok{i}.png"), b"fine").await;
+    }
+    let bad = Harness::key("long-name.png");
+    until(300, "the failing item parked", || {
+        h.live.shown().failed.contains_key(&bad)
+    })
+    .await;
+    assert!((0..5).all(|i| h.store.object(&format!("pre/ok{i}.png")).is_some()));
+    let puts = h
+        .store
+        .requests()
+        .iter()
+        .filter(|r| r.op == Op::Put && r.key.ends_with("long-name.png"))
+        .count();
+    assert_eq!(puts, MAX_STRIKES as usize, "a bounded number of attempts");
+    assert!(
+        h.live.shown().paused.is_none(),
+        "the provider was never paused"
+    );
+    let reason = h.live.shown().failed[&bad].clone();
+    assert!(
+        reason.contains("InternalError") && reason.contains("offloadd retry"),
+        "{reason}"
+    );
+    assert!(h.queue.item(&bad).unwrap().unwrap().is_parked());
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_wide_error_pauses_only_when_the_probe_fails_and_probes_are_paced() {
+    let mut h = Harness::new(Deletion::Keep);
+    let broken = Arc::new(AtomicBool::new(true));
+    let b = broken.clone();
+    h.store.script(move |r| {
+        (b.load(Ordering::SeqCst) && matches!(r.op, Op::Put | Op::Probe))
+            .then(|| http_error(403, "SignatureDoesNotMatch"))
+    });
+    for i in 0..20 {
+        h.write(&format!("f{i:02}.png"), b"data").await;
+    }
+    until(10, "paused", || h.live.shown().paused.is_some()).await;
+    let reason = h.live.shown().paused.unwrap().reason;
+    assert!(reason.contains("secret access key"), "{reason}");
+    let puts_at_pause = h.count(Op::Put);
+    assert!(
+        puts_at_pause <= 4,
+        "no storm: {puts_at_pause} uploads before the pause"
+    );
+    // A minute of outage: only paced probes.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let probes = h.count(Op::Probe);
+    assert!(
+        (3..=14).contains(&probes),
+        "{probes} probes in a minute with backoff 1s..8s"
+    );
+    assert_eq!(
+        h.count(Op::Put),
+        puts_at_pause,
+        "nothing uploaded while paused"
+    );
+    assert!(
+        h.live.shown().failed.is_empty(),
+        "a paused provider parks nothing"
+    );
+    broken.store(false, Ordering::SeqCst);
+    until(30, "everything drained", || {
+        (0..20).all(|i| h.store.object(&format!("pre/f{i:02}.png")).is_some())
+    })
+    .await;
+    assert!(h.live.shown().paused.is_none(), "resumed");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttling_and_connection_errors_never_park() {
+    let mut h = Harness::new(Deletion::Keep);
+    let mut n = 0;
+    h.store.script(move |r| {
+        if r.op != Op::Put {
+            return None;
+        }
+        n += 1;
+        match n % 3 {
+            0 => Some(http_error(503, "SlowDown")),
+            1 => Some(refused()),
+            _ => None,
+        }
+    });
+    for i in 0..10 {
+        h.write(&format!("t{i}.png"), b"throttled").await;
+    }
+    until(600, "all uploaded despite throttling", || {
+        (0..10).all(|i| h.store.object(&format!("pre/t{i}.png")).is_some())
+    })
+    .await;
+    assert!(h.live.shown().failed.is_empty());
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resumed_upload_already_completed_is_recorded_without_sending_it_again() {
+    let mut h = Harness::new(Deletion::Keep);
+    let data: Vec<u8> = (0..(12 * MIB) as u32).map(|i| (i % 251) as u8).collect();
+    let abs = h.write("big.mp4", &data).await;
+    let key = Harness::key("big.mp4");
+    until(60, "uploaded", || h.queue.record(&key).unwrap().is_some()).await;
+    assert!(h.store.object("pre/big.mp4").is_some());
+    h.stop().await;
+
+    // As after a SIGKILL between CompleteMultipartUpload and the record: the
+    // record is missing and the item still names an upload id the server no
+    // longer knows.
+    let identity = crate::pipeline::finished::FileIdentity::of(&std::fs::metadata(&abs).unwrap());
+    h.queue.forget(&key).unwrap();
+    h.queue
+        .admit(&key, &identity, crate::pipeline::queue::Admit::Event)
+        .unwrap();
+    h.queue
+        .save_multipart(
+            &key,
+            &MultipartProgress {
+                provider: "fake".into(),
+                key: "pre/big.mp4".into(),
+                upload_id: "completed-before-the-crash".into(),
+                part_size: 5 * MIB,
+                identity,
+                parts: Vec::new(),
+                started_ms: 0,
+            },
+        )
+        .await
+        .unwrap();
+    let before = h.store.requests().len();
+    h.start(Deletion::Keep);
+    until(60, "recorded again", || {
+        h.queue.record(&key).unwrap().is_some()
+    })
+    .await;
+    let after: Vec<Op> = h.store.requests()[before..].iter().map(|r| r.op).collect();
+    assert!(
+        !after.contains(&Op::Initiate),
+        "not uploaded again: {after:?}"
+    );
+    assert!(after.contains(&Op::Head), "{after:?}");
+    assert!(h.live.shown().paused.is_none());
+    assert!(h.queue.item(&key).unwrap().is_none());
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn turning_deletion_off_cancels_pending_deletes() {
+    let mut h = Harness::new(Deletion::After(Duration::from_secs(3600)));
+    let abs = h.write("keep.png", b"keep me").await;
+    let key = Harness::key("keep.png");
+    until(30, "uploaded and waiting for its delete", || {
+        h.queue
+            .item(&key)
+            .unwrap()
+            .is_some_and(|i| matches!(i.stage, Stage::Delete { .. }))
+    })
+    .await;
+    let p = plan(&h.root, &h.store, Deletion::Keep);
+    h.commands
+        .send(Command::Replan {
+            plan: p,
+            resources: resources(),
+        })
+        .await
+        .unwrap();
+    until(5, "delete cancelled", || {
+        h.queue.item(&key).unwrap().is_none()
+    })
+    .await;
+    assert!(abs.exists());
+    assert_eq!(h.queue.record(&key).unwrap().unwrap().local, Local::Present);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn deletes_only_after_the_durable_record() {
+    let mut h = Harness::new(Deletion::After(Duration::ZERO));
+    let abs = h.write("gone.png", b"bytes").await;
+    let key = Harness::key("gone.png");
+    until(30, "deleted", || !abs.exists()).await;
+    assert_eq!(h.store.object("pre/gone.png").unwrap(), b"bytes");
+    until(5, "marked", || {
+        h.queue.record(&key).unwrap().unwrap().local == Local::Deleted
+    })
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_state_failure_pauses_everything_until_it_recovers() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.queue.inject_failure("No space left on device");
+    let p = h.root.join("wait.png");
+    std::fs::write(&p, b"w").unwrap();
+    // Admitted before the failure, as if queued earlier.
+    h.stop().await;
+    h.queue.recover().unwrap();
+    let id = crate::pipeline::finished::FileIdentity::of(&std::fs::metadata(&p).unwrap());
+    h.queue
+        .admit(
+            &Harness::key("wait.png"),
+            &id,
+            crate::pipeline::queue::Admit::Event,
+        )
+        .unwrap();
+    h.queue.inject_failure("No space left on device");
+    h.start(Deletion::Keep);
+    until(2, "paused", || h.live.shown().pipeline_paused.is_some()).await;
+    let why = h.live.shown().pipeline_paused.unwrap();
+    assert!(
+        why.contains("state_dir") && why.contains("No space left"),
+        "{why}"
+    );
+    assert!(
+        h.live.shown().paused.is_none(),
+        "the provider is not blamed"
+    );
+    assert_eq!(h.count(Op::Put), 0, "nothing leaves the queue");
+    until(30, "recovered and uploaded", || {
+        h.store.object("pre/wait.png").is_some()
+    })
+    .await;
+    assert!(h.live.shown().pipeline_paused.is_none());
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_root_pauses_and_keeps_the_queue() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    let p = h.root.join("kept.png");
+    std::fs::write(&p, b"k").unwrap();
+    let id = crate::pipeline::finished::FileIdentity::of(&std::fs::metadata(&p).unwrap());
+    let key = Harness::key("kept.png");
+    h.queue
+        .admit(&key, &id, crate::pipeline::queue::Admit::Event)
+        .unwrap();
+    let away = h.root.with_file_name("away");
+    std::fs::rename(&h.root, &away).unwrap();
+    std::fs::create_dir(&h.root).unwrap();
+    assert!(h.guard.check().is_err());
+    h.start(Deletion::Keep);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(h.live.shown().pipeline_paused.is_some());
+    assert!(
+        h.queue.item(&key).unwrap().is_some(),
+        "not dropped as vanished"
+    );
+    assert_eq!(h.count(Op::Put), 0);
+    std::fs::remove_dir(&h.root).unwrap();
+    std::fs::rename(&away, &h.root).unwrap();
+    assert!(h.guard.check().is_ok());
+    until(30, "uploaded after the root returned", || {
+        h.store.object("pre/kept.png").is_some()
+    })
+    .await;
+    h.stop().await;
+}

@@ -1,0 +1,310 @@
+//! One dispatched item, taken one step along the flow: upload → verify →
+//! record → delete. Every step checks its rule at the moment it acts and
+//! every outcome goes back to the scheduler as an [`Outcome`]; storage errors
+//! are reported, not judged (the scheduler's policy decides what follows).
+
+use crate::failpoint;
+use crate::keys::ItemKey;
+use crate::observe::metrics::Metrics;
+use crate::pipeline::delete::{self, LocalOutcome};
+use crate::pipeline::finished::{self, Readiness};
+use crate::pipeline::plan::{Deletion, Plan};
+use crate::pipeline::queue::{AfterUpload, Queue, QueueItem, Stage, StateError};
+use crate::pipeline::root::RootGuard;
+use crate::pipeline::upload::{self, Job, UploadError, Uploader};
+use crate::pipeline::{record, verify};
+use crate::remote::error::StorageError;
+use crate::remote::store::Store;
+use crate::statedir::now_ms;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// How often a file held open by a writer is looked at again.
+pub const WRITER_RECHECK: Duration = Duration::from_secs(1);
+
+/// Which lane an item waits in: uploads need a healthy provider, deletes do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Lane {
+    Upload,
+    Delete,
+}
+
+impl Lane {
+    pub fn of(stage: &Stage) -> Option<Lane> {
+        match stage {
+            Stage::Upload { .. } => Some(Lane::Upload),
+            Stage::Delete { .. } => Some(Lane::Delete),
+            Stage::Parked { .. } => None,
+        }
+    }
+}
+
+/// What became of one dispatched item.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Uploaded, verified and durably recorded; `delete_due` (Unix ms) when
+    /// the local copy still waits for its delete.
+    Uploaded { delete_due: Option<u64> },
+    /// The item left the queue without an upload: deleted locally, kept,
+    /// dropped because the file vanished, or its delete was cancelled.
+    Settled,
+    /// Not ready (a writer, settling, too young to delete, changed after its
+    /// upload): look again then.
+    Later { due_ms: u64, lane: Lane },
+    /// Parked (already written to the queue) with its reason.
+    Parked(String),
+    /// A storage request failed; the scheduler decides what follows.
+    Failed(StorageError),
+    /// The state could not be written.
+    State(StateError),
+    /// The root is missing or replaced; the reason.
+    RootGone(String),
+}
+
+impl From<StateError> for Outcome {
+    fn from(e: StateError) -> Outcome {
+        Outcome::State(e)
+    }
+}
+
+/// Everything one dispatched item needs.
+pub struct Worker {
+    pub queue: Arc<Queue>,
+    pub root: Arc<RootGuard>,
+    /// The plan in force now (read again at the instant of a delete).
+    pub plan: watch::Receiver<Arc<Plan>>,
+    /// The plan when the item was dispatched: an upload finishes where it started.
+    pub started: Arc<Plan>,
+    pub uploader: Arc<Uploader>,
+    pub metrics: Metrics,
+}
+
+/// Turns a state result into an early return with [`Outcome::State`].
+macro_rules! state {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return Outcome::State(e),
+        }
+    };
+}
+
+impl Worker {
+    pub async fn process(&self, key: &ItemKey) -> Outcome {
+        let item = match state!(self.queue.item(key)) {
+            Some(i) => i,
+            None => return Outcome::Settled,
+        };
+        match &item.stage {
+            Stage::Parked { reason } => Outcome::Parked(reason.clone()),
+            Stage::Delete { .. } => self.delete(key).await,
+            Stage::Upload { .. } => match self.started.target.store() {
+                Some(store) => self.upload(key, &item, store.as_ref()).await,
+                None => Outcome::Later {
+                    due_ms: now_ms() + 60_000,
+                    lane: Lane::Upload,
+                },
+            },
+        }
+    }
+
+    fn park(&self, key: &ItemKey, reason: String) -> Outcome {
+        state!(self.queue.park(key, &reason));
+        self.metrics.upload_failed("parked");
+        Outcome::Parked(reason)
+    }
+
+    /// The file is gone: the item is dropped, if the root is there to prove it.
+    async fn vanished(&self, key: &ItemKey, item: &QueueItem, store: &dyn Store) -> Outcome {
+        let present = match self.root.check() {
+            Ok(p) => p,
+            Err(why) => return Outcome::RootGone(why),
+        };
+        let abs = key.to_local(&self.started.options.root);
+        if std::fs::symlink_metadata(&abs).is_ok() {
+            return Outcome::Later {
+                due_ms: now_ms(),
+                lane: Lane::Upload,
+            };
+        }
+        if let Some(p) = item.multipart() {
+            upload::abort_stale(store, p).await;
+        }
+        state!(self.queue.drop_vanished(key, &present));
+        self.metrics.upload_failed("vanished");
+        tracing::debug!(path = %key, "file deleted before its upload; dropped");
+        Outcome::Settled
+    }
+
+    async fn upload(&self, key: &ItemKey, item: &QueueItem, store: &dyn Store) -> Outcome {
+        let opts = &self.started.options;
+        let abs = key.to_local(&opts.root);
+        // Every attempt starts only when the finished-file rule holds now.
+        match finished::check(&abs, opts.settle) {
+            Readiness::Ready(_) => {}
+            Readiness::Gone | Readiness::NotAFile => return self.vanished(key, item, store).await,
+            Readiness::Writing => {
+                return Outcome::Later {
+                    due_ms: now_ms() + WRITER_RECHECK.max(opts.settle).as_millis() as u64,
+                    lane: Lane::Upload,
+                }
+            }
+            Readiness::Settling { until_ms } => {
+                return Outcome::Later {
+                    due_ms: until_ms,
+                    lane: Lane::Upload,
+                }
+            }
+            Readiness::Symlink => {
+                return self.park(
+                    key,
+                    format!("{key} is a symbolic link; offloadd does not follow links (upload the target itself, or copy the file in)"),
+                )
+            }
+            Readiness::Unreadable(e) => {
+                return self.park(key, format!("cannot inspect {}: {e}", abs.display()))
+            }
+        }
+        let rel = match key.rel(&opts.root) {
+            Ok(r) => r,
+            Err(e) => return self.park(key, e.to_string()),
+        };
+        let object = match store.provider().object_key(&rel) {
+            Ok(k) => k,
+            Err(e) => return self.park(key, e.to_string()),
+        };
+        let content_type = mime_guess::from_path(&abs)
+            .first_or_octet_stream()
+            .essence_str()
+            .to_string();
+        let started = Instant::now();
+        let job = Job {
+            store,
+            key: &object,
+            abs: &abs,
+            item_key: key,
+            content_type: &content_type,
+            previous: item.multipart(),
+        };
+        let sent = match self.uploader.send(&job, opts.upload).await {
+            Ok(s) => s,
+            Err(UploadError::Vanished) => return self.vanished(key, item, store).await,
+            Err(UploadError::Changed) => {
+                self.metrics.upload_failed("changed");
+                tracing::info!(path = %rel, "file changed while being read; it is uploaded once it is finished again");
+                return Outcome::Later {
+                    due_ms: now_ms() + opts.settle.as_millis() as u64,
+                    lane: Lane::Upload,
+                };
+            }
+            Err(UploadError::Park(reason)) => {
+                if let Some(p) = item.multipart() {
+                    upload::abort_stale(store, p).await;
+                }
+                return self.park(key, reason);
+            }
+            Err(UploadError::Storage(e)) => return Outcome::Failed(e),
+            Err(UploadError::State(e)) => return Outcome::State(e),
+        };
+        let etag = match verify::remote(store, &object, &sent).await {
+            Ok(e) => e,
+            Err(e) => return Outcome::Failed(e),
+        };
+        failpoint::hit(failpoint::AFTER_UPLOAD_BEFORE_RECORD);
+        let after = match self.plan.borrow().deletion() {
+            Deletion::Keep => AfterUpload::Finish,
+            Deletion::After(_) => AfterUpload::DeleteLocal,
+        };
+        let provider = &store.provider().name;
+        state!(record::commit(&self.queue, key, provider, &object, &sent, etag, after).await);
+        let size = sent.identity.size;
+        self.metrics
+            .upload_succeeded(size, started.elapsed().as_secs_f64());
+        tracing::info!(
+            path = %rel,
+            key = %object,
+            bytes = size,
+            duration_ms = started.elapsed().as_millis() as u64,
+            provider = %provider,
+            "uploaded {rel}"
+        );
+        failpoint::hit(failpoint::AFTER_RECORD_BEFORE_DELETE);
+        if after == AfterUpload::Finish || size == 0 {
+            return Outcome::Uploaded { delete_due: None };
+        }
+        let delete_due = match self.delete(key).await {
+            Outcome::Later { due_ms, .. } => Some(due_ms),
+            Outcome::State(_) | Outcome::RootGone(_) => Some(now_ms() + 1_000),
+            _ => None,
+        };
+        Outcome::Uploaded { delete_due }
+    }
+
+    /// Deletes the local copy of an uploaded file if every rule holds now.
+    async fn delete(&self, key: &ItemKey) -> Outcome {
+        let plan = self.plan.borrow().clone();
+        let Deletion::After(min_age) = plan.deletion() else {
+            state!(self.queue.cancel_delete(key));
+            return Outcome::Settled;
+        };
+        let Some(permit) = state!(self.queue.delete_permit(key).await) else {
+            return Outcome::Settled;
+        };
+        let due_ms =
+            (permit.identity().mtime_ns / 1_000_000).max(0) as u64 + min_age.as_millis() as u64;
+        if now_ms() < due_ms {
+            return Outcome::Later {
+                due_ms,
+                lane: Lane::Delete,
+            };
+        }
+        if let Err(why) = self.root.check() {
+            return Outcome::RootGone(why);
+        }
+        let abs = key.to_local(&plan.options.root);
+        // The running plan once more, at the instant of the delete.
+        if self.plan.borrow().deletion() == Deletion::Keep {
+            state!(self.queue.cancel_delete(key));
+            return Outcome::Settled;
+        }
+        let (outcome, permit) = {
+            let abs = abs.clone();
+            tokio::task::spawn_blocking(move || (delete::delete_local(&abs, &permit), permit))
+                .await
+                .expect("delete task never panics")
+        };
+        match outcome {
+            LocalOutcome::Deleted => {
+                failpoint::hit(failpoint::AFTER_DELETE_BEFORE_MARK);
+                state!(self.queue.local_deleted(permit));
+                tracing::debug!(path = %key, "local copy deleted");
+                Outcome::Settled
+            }
+            LocalOutcome::Gone => match self.root.check() {
+                Ok(present) => {
+                    state!(self.queue.local_gone(key, &present));
+                    Outcome::Settled
+                }
+                Err(why) => Outcome::RootGone(why),
+            },
+            LocalOutcome::Changed => {
+                state!(self.queue.reupload(key));
+                tracing::info!(path = %key, "file changed after its upload; it is uploaded again once it is finished");
+                Outcome::Later {
+                    due_ms: now_ms(),
+                    lane: Lane::Upload,
+                }
+            }
+            LocalOutcome::WriterActive => Outcome::Later {
+                due_ms: now_ms() + WRITER_RECHECK.as_millis() as u64,
+                lane: Lane::Delete,
+            },
+            LocalOutcome::Kept(reason) => {
+                tracing::warn!(path = %key, "{reason}");
+                state!(self.queue.local_kept(key, &reason));
+                Outcome::Settled
+            }
+        }
+    }
+}

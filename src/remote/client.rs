@@ -1,0 +1,485 @@
+//! The S3 client for one provider (rust-s3 underneath): requests and nothing
+//! else. It implements [`Store`], the seam the pipeline talks to.
+//!
+//! Owns request building (headers for storage class, encryption, cache control,
+//! Content-Type, the part-size metadata of multipart uploads; Content-MD5 is
+//! added by rust-s3 for every PUT and part) and turns every failure into a
+//! classified [`StorageError`].
+
+use crate::keys::ObjectKey;
+use crate::remote::error::{
+    classify, error_chain, region_from_error, root_cause, transport_of, valid_region, xml_field,
+    ErrorClass, Fault, StorageError,
+};
+use crate::remote::provider::{Addressing, Resolved, Sse};
+use crate::remote::store::{self, Head, Listed, PendingUpload, Reply, Store, PART_SIZE_META};
+use s3::creds::Credentials;
+use s3::error::S3Error;
+use s3::serde_types::Part;
+use s3::{Bucket, Region};
+use std::time::Duration;
+
+/// A connected client for one provider.
+#[derive(Clone)]
+pub struct Client {
+    pub provider: Resolved,
+    /// For PUT and multipart initiation: carries the upload options as headers.
+    upload_bucket: Bucket,
+    /// For parts, completion, HEAD, GET and DELETE.
+    plain_bucket: Bucket,
+}
+
+/// The timeout of a request carrying a body of `len` bytes: long enough for a
+/// slow but moving upload, short enough to notice a dead one.
+pub fn request_timeout(len: u64) -> Duration {
+    SMALL_REQUEST_TIMEOUT + Duration::from_secs(len / MIN_BYTES_PER_SEC)
+}
+
+const SMALL_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The slowest throughput a body upload is allowed before it counts as stalled.
+const MIN_BYTES_PER_SEC: u64 = 256 * 1024;
+
+impl Client {
+    pub fn new(provider: &Resolved) -> Result<Client, StorageError> {
+        // Retries and their pacing belong to the pipeline, not to rust-s3.
+        s3::set_retries(0);
+        let bad = |e: S3Error| {
+            StorageError::new(
+                ErrorClass::ProviderWide,
+                format!(
+                    "cannot set up the client for provider `{}`: {e}",
+                    provider.name
+                ),
+            )
+        };
+        let region = Region::Custom {
+            region: provider.region.clone(),
+            endpoint: provider.endpoint.clone(),
+        };
+        let creds = Credentials::new(
+            Some(&provider.access_key_id),
+            Some(provider.secret.expose()),
+            None,
+            None,
+            None,
+        )
+        .map_err(|e| {
+            StorageError::new(
+                ErrorClass::ProviderWide,
+                format!("invalid credentials for provider `{}`: {e}", provider.name),
+            )
+        })?;
+        let mut bucket = Bucket::new(&provider.bucket, region, creds).map_err(bad)?;
+        if provider.addressing == Addressing::Path {
+            bucket = bucket.with_path_style();
+        }
+        bucket.set_request_timeout(Some(SMALL_REQUEST_TIMEOUT));
+        let plain_bucket = *bucket;
+        let upload_bucket = plain_bucket
+            .with_extra_headers(
+                upload_headers(provider)
+                    .map_err(|m| StorageError::new(ErrorClass::ProviderWide, m))?,
+            )
+            .map_err(bad)?;
+        Ok(Client {
+            provider: provider.clone(),
+            upload_bucket,
+            plain_bucket,
+        })
+    }
+
+    fn err(&self, e: S3Error) -> StorageError {
+        match e {
+            S3Error::HttpFailWithBody(status, body) => {
+                let code = xml_field(&body, "Code");
+                classify(
+                    status,
+                    code.as_deref(),
+                    &self.provider.name,
+                    &self.provider.bucket,
+                )
+            }
+            S3Error::Reqwest(e) => {
+                let what = if e.is_timeout() {
+                    "timed out"
+                } else if e.is_connect() {
+                    "could not connect"
+                } else {
+                    "failed"
+                };
+                StorageError::new(
+                    ErrorClass::Transient,
+                    format!(
+                        "request to provider `{}` {what} ({}): {}; will retry",
+                        self.provider.name,
+                        self.provider.endpoint,
+                        root_cause(&e)
+                    ),
+                )
+            }
+            other => StorageError::new(
+                ErrorClass::Transient,
+                format!(
+                    "request to provider `{}` failed: {other}; will retry",
+                    self.provider.name
+                ),
+            ),
+        }
+    }
+
+    fn with_timeout(bucket: &Bucket, len: u64) -> Bucket {
+        let mut b = bucket.clone();
+        b.set_request_timeout(Some(request_timeout(len)));
+        b
+    }
+
+    /// Uploads a whole object in one PUT.
+    pub async fn put(
+        &self,
+        key: &ObjectKey,
+        body: &[u8],
+        content_type: &str,
+    ) -> Result<(), StorageError> {
+        let b = Self::with_timeout(&self.upload_bucket, body.len() as u64);
+        b.put_object_with_content_type(key.as_str(), body, content_type)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Starts a multipart upload; the object will carry its part size in
+    /// `x-amz-meta-offloadd-part-size`.
+    pub async fn initiate_multipart(
+        &self,
+        key: &ObjectKey,
+        content_type: &str,
+        part_size: u64,
+    ) -> Result<String, StorageError> {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::HeaderName::from_static("x-amz-meta-offloadd-part-size"),
+            http::HeaderValue::from(part_size),
+        );
+        let bucket = self
+            .upload_bucket
+            .with_extra_headers(headers)
+            .map_err(|e| self.err(e))?;
+        let r = bucket
+            .initiate_multipart_upload(key.as_str(), content_type)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(r.upload_id)
+    }
+
+    /// Uploads one part; returns its ETag.
+    pub async fn put_part(
+        &self,
+        key: &ObjectKey,
+        upload_id: &str,
+        number: u32,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> Result<String, StorageError> {
+        let b = Self::with_timeout(&self.plain_bucket, body.len() as u64);
+        let part = b
+            .put_multipart_chunk(body, key.as_str(), number, upload_id, content_type)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(part.etag)
+    }
+
+    pub async fn complete_multipart(
+        &self,
+        key: &ObjectKey,
+        upload_id: &str,
+        parts: Vec<(u32, String)>,
+    ) -> Result<(), StorageError> {
+        let parts = parts
+            .into_iter()
+            .map(|(part_number, etag)| Part { part_number, etag })
+            .collect();
+        let b = Self::with_timeout(&self.plain_bucket, 64 * 1024 * 1024);
+        b.complete_multipart_upload(key.as_str(), upload_id, parts)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
+        self.plain_bucket
+            .abort_upload(key, upload_id)
+            .await
+            .map_err(|e| self.err(e))
+    }
+
+    /// HEAD of an object; `Ok(None)` when it does not exist.
+    pub async fn head(&self, key: &ObjectKey) -> Result<Option<Head>, StorageError> {
+        match self.plain_bucket.head_object(key.as_str()).await {
+            Ok((h, status)) if (200..300).contains(&status) => Ok(Some(Head {
+                size: h.content_length.map(|l| l.max(0) as u64),
+                etag: h.e_tag.map(|e| e.trim_matches('"').to_ascii_lowercase()),
+                content_type: h.content_type,
+                part_size: h
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.get(PART_SIZE_META))
+                    .and_then(|v| v.trim().parse().ok()),
+            })),
+            Ok((_, 404)) => Ok(None),
+            Ok((_, status)) => Err(classify(
+                status,
+                None,
+                &self.provider.name,
+                &self.provider.bucket,
+            )),
+            Err(S3Error::HttpFailWithBody(404, _)) => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    /// One page (up to 1,000 objects) of the objects under `prefix`, and the token
+    /// for the next page if there is one.
+    pub async fn list_page(
+        &self,
+        prefix: &str,
+        token: Option<String>,
+    ) -> Result<(Vec<Listed>, Option<String>), StorageError> {
+        let (page, _) = self
+            .plain_bucket
+            .list_page(prefix.to_string(), None, token, None, Some(1000))
+            .await
+            .map_err(|e| self.err(e))?;
+        let next = if page.is_truncated {
+            page.next_continuation_token
+        } else {
+            None
+        };
+        let objects = page
+            .contents
+            .into_iter()
+            .map(|o| Listed {
+                key: o.key,
+                size: o.size,
+                etag: o.e_tag.map(|e| e.trim_matches('"').to_ascii_lowercase()),
+            })
+            .collect();
+        Ok((objects, next))
+    }
+
+    pub async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
+        self.plain_bucket
+            .delete_object(key.as_str())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The multipart uploads in progress under `prefix`; `None` where the
+    /// provider does not implement the listing.
+    pub async fn list_uploads(
+        &self,
+        prefix: &str,
+    ) -> Result<Option<Vec<PendingUpload>>, StorageError> {
+        let pages = match self
+            .plain_bucket
+            .list_multiparts_uploads(Some(prefix), None)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                let e = self.err(e);
+                let unsupported = matches!(e.status, Some(400 | 404 | 405 | 501))
+                    || matches!(e.code.as_deref(), Some("NotImplemented"));
+                return if unsupported { Ok(None) } else { Err(e) };
+            }
+        };
+        Ok(Some(
+            pages
+                .into_iter()
+                .flat_map(|p| p.uploads)
+                .map(|u| PendingUpload {
+                    initiated_ms: store::parse_time_ms(&u.initiated),
+                    key: u.key,
+                    upload_id: u.id,
+                })
+                .collect(),
+        ))
+    }
+
+    /// A zero-byte PUT of the health object, with the upload options.
+    pub async fn probe(&self) -> Result<(), StorageError> {
+        let key = store::health_key(&self.provider.prefix);
+        self.upload_bucket
+            .put_object_with_content_type(key.as_str(), b"", "application/octet-stream")
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+}
+
+impl Store for Client {
+    fn provider(&self) -> &Resolved {
+        &self.provider
+    }
+
+    fn put<'a>(
+        &'a self,
+        key: &'a ObjectKey,
+        body: &'a [u8],
+        content_type: &'a str,
+    ) -> Reply<'a, ()> {
+        Box::pin(Client::put(self, key, body, content_type))
+    }
+
+    fn initiate<'a>(
+        &'a self,
+        key: &'a ObjectKey,
+        content_type: &'a str,
+        part_size: u64,
+    ) -> Reply<'a, String> {
+        Box::pin(self.initiate_multipart(key, content_type, part_size))
+    }
+
+    fn put_part<'a>(
+        &'a self,
+        key: &'a ObjectKey,
+        upload_id: &'a str,
+        number: u32,
+        body: Vec<u8>,
+    ) -> Reply<'a, String> {
+        Box::pin(Client::put_part(
+            self,
+            key,
+            upload_id,
+            number,
+            body,
+            "application/octet-stream",
+        ))
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a ObjectKey,
+        upload_id: &'a str,
+        parts: Vec<(u32, String)>,
+    ) -> Reply<'a, ()> {
+        Box::pin(self.complete_multipart(key, upload_id, parts))
+    }
+
+    fn abort<'a>(&'a self, key: &'a str, upload_id: &'a str) -> Reply<'a, ()> {
+        Box::pin(self.abort_multipart(key, upload_id))
+    }
+
+    fn head<'a>(&'a self, key: &'a ObjectKey) -> Reply<'a, Option<Head>> {
+        Box::pin(Client::head(self, key))
+    }
+
+    fn list_page<'a>(
+        &'a self,
+        prefix: &'a str,
+        token: Option<String>,
+    ) -> Reply<'a, (Vec<Listed>, Option<String>)> {
+        Box::pin(Client::list_page(self, prefix, token))
+    }
+
+    fn list_uploads<'a>(&'a self, prefix: &'a str) -> Reply<'a, Option<Vec<PendingUpload>>> {
+        Box::pin(Client::list_uploads(self, prefix))
+    }
+
+    fn probe(&self) -> Reply<'_, ()> {
+        Box::pin(Client::probe(self))
+    }
+}
+
+impl Client {
+    /// Sets the time allowed for each small request (HEAD, GET, DELETE, the
+    /// probe's PUT); bodies still get extra time for their size.
+    pub fn set_request_timeout(&mut self, timeout: Duration) {
+        self.plain_bucket.set_request_timeout(Some(timeout));
+        self.upload_bucket.set_request_timeout(Some(timeout));
+    }
+
+    fn fault(&self, e: S3Error) -> Fault {
+        let (transport, region) = match &e {
+            S3Error::HttpFailWithBody(_, body) => (None, region_from_error(body)),
+            S3Error::Reqwest(r) => (Some(transport_of(r.is_timeout(), &error_chain(r))), None),
+            _ => (None, None),
+        };
+        Fault {
+            error: self.err(e),
+            transport,
+            region,
+        }
+    }
+
+    /// Asks the endpoint, unsigned, which region the bucket is in (the
+    /// `x-amz-bucket-region` header S3 sends even on 301 and 403).
+    pub async fn bucket_region(&self) -> Option<String> {
+        let resp = self
+            .plain_bucket
+            .http_client()
+            .head(self.plain_bucket.url())
+            .timeout(SMALL_REQUEST_TIMEOUT)
+            .send()
+            .await
+            .ok()?;
+        let region = resp.headers().get("x-amz-bucket-region")?.to_str().ok()?;
+        valid_region(region).then(|| region.to_string())
+    }
+
+    /// Uploads a small object in one PUT with the upload options; for probes.
+    pub async fn put_small(&self, key: &str, body: &[u8], content_type: &str) -> Result<(), Fault> {
+        self.upload_bucket
+            .put_object_with_content_type(key, body, content_type)
+            .await
+            .map_err(|e| self.fault(e))?;
+        Ok(())
+    }
+
+    /// The bytes of an object.
+    pub async fn get(&self, key: &str) -> Result<Vec<u8>, Fault> {
+        let r = self
+            .plain_bucket
+            .get_object(key)
+            .await
+            .map_err(|e| self.fault(e))?;
+        Ok(r.to_vec())
+    }
+
+    /// Deletes an object by its raw key; for probes.
+    pub async fn delete_key(&self, key: &str) -> Result<(), Fault> {
+        self.plain_bucket
+            .delete_object(key)
+            .await
+            .map_err(|e| self.fault(e))?;
+        Ok(())
+    }
+}
+
+/// Headers sent with every object (PUT and multipart initiation).
+fn upload_headers(p: &Resolved) -> Result<http::HeaderMap, String> {
+    let mut h = http::HeaderMap::new();
+    let mut set = |name: &'static str, value: &str| -> Result<(), String> {
+        let v = http::HeaderValue::from_str(value)
+            .map_err(|_| format!("`{name}` value `{value}` is not a valid HTTP header value; fix it in provider `{}`", p.name))?;
+        h.insert(http::HeaderName::from_static(name), v);
+        Ok(())
+    };
+    if let Some(sc) = &p.storage_class {
+        set("x-amz-storage-class", sc)?;
+    }
+    if let Some(cc) = &p.cache_control {
+        set("cache-control", cc)?;
+    }
+    match &p.server_side_encryption {
+        Some(Sse::Aes256) => set("x-amz-server-side-encryption", "AES256")?,
+        Some(Sse::AwsKms { key_id }) => {
+            set("x-amz-server-side-encryption", "aws:kms")?;
+            if let Some(k) = key_id {
+                set("x-amz-server-side-encryption-aws-kms-key-id", k)?;
+            }
+        }
+        None => {}
+    }
+    Ok(h)
+}

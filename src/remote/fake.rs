@@ -1,0 +1,290 @@
+//! An in-memory [`Store`] for the pipeline's unit tests: objects in a map,
+//! MD5 ETags as S3 computes them, every request logged, and a script that
+//! can fail any request.
+
+use crate::keys::ObjectKey;
+use crate::remote::error::{classify, ErrorClass, StorageError};
+use crate::remote::provider::{Addressing, Kind, Resolved, Secret};
+use crate::remote::store::{Head, Listed, PendingUpload, Reply, Store};
+use md5::{Digest, Md5};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+/// Which request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Put,
+    Initiate,
+    Part,
+    Complete,
+    Abort,
+    Head,
+    List,
+    ListUploads,
+    Probe,
+}
+
+/// One request as the fake saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Req {
+    pub op: Op,
+    pub key: String,
+}
+
+type Script = Box<dyn FnMut(&Req) -> Option<StorageError> + Send>;
+
+/// An object: its bytes, ETag and recorded part size.
+type Object = (Vec<u8>, String, Option<u64>);
+
+#[derive(Default)]
+struct Upload {
+    key: String,
+    parts: BTreeMap<u32, Vec<u8>>,
+}
+
+/// See the module docs.
+pub struct FakeStore {
+    provider: Resolved,
+    objects: Mutex<HashMap<String, Object>>,
+    uploads: Mutex<HashMap<String, Upload>>,
+    log: Mutex<Vec<Req>>,
+    script: Mutex<Script>,
+    next_id: Mutex<u64>,
+}
+
+/// A provider named `fake` with MD5 ETags.
+pub fn provider() -> Resolved {
+    Resolved {
+        name: "fake".into(),
+        kind: Kind::Minio,
+        bucket: "media".into(),
+        endpoint: "http://127.0.0.1:1".into(),
+        region: "us-east-1".into(),
+        addressing: Addressing::Path,
+        access_key_id: "AK".into(),
+        secret: Secret::new("SECRET".into()),
+        prefix: "pre".into(),
+        public_url_base: Some("https://cdn.test".into()),
+        storage_class: None,
+        server_side_encryption: None,
+        cache_control: None,
+        ca_file: None,
+        allow_insecure: false,
+        etag_is_md5: true,
+    }
+}
+
+/// An error as the server would send it.
+pub fn http_error(status: u16, code: &str) -> StorageError {
+    classify(status, Some(code), "fake", "media")
+}
+
+/// A connection failure.
+pub fn refused() -> StorageError {
+    StorageError::new(
+        ErrorClass::Transient,
+        "request to provider `fake` could not connect; will retry",
+    )
+}
+
+fn md5_hex(b: &[u8]) -> String {
+    hex::encode(Md5::digest(b))
+}
+
+impl FakeStore {
+    pub fn new() -> FakeStore {
+        FakeStore {
+            provider: provider(),
+            objects: Mutex::new(HashMap::new()),
+            uploads: Mutex::new(HashMap::new()),
+            log: Mutex::new(Vec::new()),
+            script: Mutex::new(Box::new(|_| None)),
+            next_id: Mutex::new(0),
+        }
+    }
+
+    /// Replaces the failure script.
+    pub fn script(&self, f: impl FnMut(&Req) -> Option<StorageError> + Send + 'static) {
+        *self.script.lock().unwrap() = Box::new(f);
+    }
+
+    pub fn requests(&self) -> Vec<Req> {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn object(&self, key: &str) -> Option<Vec<u8>> {
+        self.objects.lock().unwrap().get(key).map(|o| o.0.clone())
+    }
+
+    fn enter(&self, op: Op, key: &str) -> Result<(), StorageError> {
+        let req = Req {
+            op,
+            key: key.to_string(),
+        };
+        self.log.lock().unwrap().push(req.clone());
+        match (self.script.lock().unwrap())(&req) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Default for FakeStore {
+    fn default() -> Self {
+        FakeStore::new()
+    }
+}
+
+impl Store for FakeStore {
+    fn provider(&self) -> &Resolved {
+        &self.provider
+    }
+
+    fn put<'a>(&'a self, key: &'a ObjectKey, body: &'a [u8], _: &'a str) -> Reply<'a, ()> {
+        Box::pin(async move {
+            self.enter(Op::Put, key.as_str())?;
+            self.objects
+                .lock()
+                .unwrap()
+                .insert(key.as_str().into(), (body.to_vec(), md5_hex(body), None));
+            Ok(())
+        })
+    }
+
+    fn initiate<'a>(&'a self, key: &'a ObjectKey, _: &'a str, part_size: u64) -> Reply<'a, String> {
+        Box::pin(async move {
+            self.enter(Op::Initiate, key.as_str())?;
+            let mut n = self.next_id.lock().unwrap();
+            *n += 1;
+            let id = format!("upload-{n}-{part_size}");
+            self.uploads.lock().unwrap().insert(
+                id.clone(),
+                Upload {
+                    key: key.as_str().into(),
+                    parts: BTreeMap::new(),
+                },
+            );
+            Ok(id)
+        })
+    }
+
+    fn put_part<'a>(
+        &'a self,
+        key: &'a ObjectKey,
+        upload_id: &'a str,
+        number: u32,
+        body: Vec<u8>,
+    ) -> Reply<'a, String> {
+        Box::pin(async move {
+            self.enter(Op::Part, key.as_str())?;
+            let etag = md5_hex(&body);
+            let mut u = self.uploads.lock().unwrap();
+            let up = u
+                .get_mut(upload_id)
+                .ok_or_else(|| http_error(404, "NoSuchUpload"))?;
+            up.parts.insert(number, body);
+            Ok(etag)
+        })
+    }
+
+    fn complete<'a>(
+        &'a self,
+        key: &'a ObjectKey,
+        upload_id: &'a str,
+        _: Vec<(u32, String)>,
+    ) -> Reply<'a, ()> {
+        Box::pin(async move {
+            self.enter(Op::Complete, key.as_str())?;
+            let up = self
+                .uploads
+                .lock()
+                .unwrap()
+                .remove(upload_id)
+                .ok_or_else(|| http_error(404, "NoSuchUpload"))?;
+            let part_size = up.parts.get(&1).map(|p| p.len() as u64);
+            let mut all = Vec::new();
+            let mut h = Md5::new();
+            for p in up.parts.values() {
+                h.update(Md5::digest(p));
+                all.extend_from_slice(p);
+            }
+            let etag = format!("{}-{}", hex::encode(h.finalize()), up.parts.len());
+            self.objects
+                .lock()
+                .unwrap()
+                .insert(up.key, (all, etag, part_size));
+            Ok(())
+        })
+    }
+
+    fn abort<'a>(&'a self, key: &'a str, upload_id: &'a str) -> Reply<'a, ()> {
+        Box::pin(async move {
+            self.enter(Op::Abort, key)?;
+            self.uploads.lock().unwrap().remove(upload_id);
+            Ok(())
+        })
+    }
+
+    fn head<'a>(&'a self, key: &'a ObjectKey) -> Reply<'a, Option<Head>> {
+        Box::pin(async move {
+            self.enter(Op::Head, key.as_str())?;
+            Ok(self
+                .objects
+                .lock()
+                .unwrap()
+                .get(key.as_str())
+                .map(|(b, etag, part_size)| Head {
+                    size: Some(b.len() as u64),
+                    etag: Some(etag.clone()),
+                    content_type: None,
+                    part_size: *part_size,
+                }))
+        })
+    }
+
+    fn list_page<'a>(
+        &'a self,
+        prefix: &'a str,
+        _: Option<String>,
+    ) -> Reply<'a, (Vec<Listed>, Option<String>)> {
+        Box::pin(async move {
+            self.enter(Op::List, prefix)?;
+            let mut v: Vec<Listed> = self
+                .objects
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.starts_with(prefix))
+                .map(|(k, (b, etag, _))| Listed {
+                    key: k.clone(),
+                    size: b.len() as u64,
+                    etag: Some(etag.clone()),
+                })
+                .collect();
+            v.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok((v, None))
+        })
+    }
+
+    fn list_uploads<'a>(&'a self, prefix: &'a str) -> Reply<'a, Option<Vec<PendingUpload>>> {
+        Box::pin(async move {
+            self.enter(Op::ListUploads, prefix)?;
+            Ok(Some(
+                self.uploads
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(id, u)| PendingUpload {
+                        key: u.key.clone(),
+                        upload_id: id.clone(),
+                        initiated_ms: Some(0),
+                    })
+                    .collect(),
+            ))
+        })
+    }
+
+    fn probe(&self) -> Reply<'_, ()> {
+        Box::pin(async move { self.enter(Op::Probe, ".offloadd-health") })
+    }
+}

@@ -1,0 +1,267 @@
+//! What lives in `state_dir` besides the database: the instance lock, the
+//! "managed since" mark, the identity of the watch root, and the status
+//! snapshot written when the control socket cannot be bound. Plus the clock
+//! helpers every module shares.
+//!
+//! Guarantees: the lock file is taken before sled opens, so a second instance
+//! on the same state_dir is refused with the pid of the first; the mark and
+//! the root identity are small files written atomically (write, fsync,
+//! rename), kept outside the database so a database rebuild never moves them.
+
+use crate::pipeline::queue::StateError;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// The exclusive lock on a state directory, held for the life of the process.
+pub struct Lock {
+    _file: File,
+}
+
+impl Lock {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("offloadd.lock")
+    }
+
+    /// Takes the lock, or reports the pid of the instance holding it.
+    pub fn acquire(state_dir: &Path) -> Result<Lock, StateError> {
+        let unusable = |e: std::io::Error| StateError::unusable(state_dir, e);
+        std::fs::create_dir_all(state_dir).map_err(unusable)?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(Self::path(state_dir))
+            .map_err(unusable)?;
+        // SAFETY: flock on a valid, owned file descriptor.
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut s = String::new();
+                let _ = file.read_to_string(&mut s);
+                return Err(StateError::AlreadyRunning {
+                    pid: s.trim().parse().unwrap_or(0),
+                    dir: state_dir.to_path_buf(),
+                });
+            }
+            return Err(unusable(err));
+        }
+        file.set_len(0).map_err(unusable)?;
+        file.rewind().map_err(unusable)?;
+        writeln!(file, "{}", std::process::id()).map_err(unusable)?;
+        Ok(Lock { _file: file })
+    }
+
+    /// The pid of the running instance, if one holds the lock.
+    pub fn holder(state_dir: &Path) -> Option<u32> {
+        let file = File::open(Self::path(state_dir)).ok()?;
+        // SAFETY: flock on a valid, owned file descriptor.
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::LOCK_SH | libc::LOCK_NB,
+            )
+        };
+        if rc == 0 {
+            return None;
+        }
+        let s = std::fs::read_to_string(Self::path(state_dir)).ok()?;
+        s.trim().parse().ok()
+    }
+}
+
+/// The "managed since" mark: files whose mtime and ctime are both older are left
+/// for `backfill`. Kept in a small file outside the database so a database rebuild
+/// never moves it.
+pub mod mark {
+    use super::*;
+
+    fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("managed-since")
+    }
+
+    /// The mark in nanoseconds since the epoch, if it has been set.
+    pub fn read(state_dir: &Path) -> Option<i128> {
+        std::fs::read_to_string(path(state_dir))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Returns the mark, setting it to now (durably) if it was not set yet.
+    pub fn ensure(state_dir: &Path) -> std::io::Result<i128> {
+        if let Some(m) = read(state_dir) {
+            return Ok(m);
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as i128;
+        write_atomically(&path(state_dir), format!("{now}\n").as_bytes())?;
+        Ok(now)
+    }
+}
+
+/// Writes a small file durably: a temporary beside it, fsync, rename, fsync
+/// of the directory.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
+
+/// The identity of the watch root the last run managed (`root-id`): its path,
+/// filesystem id and inode, which stay the same across reboots and remounts of
+/// the same filesystem.
+pub mod root_id {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    /// What `root-id` holds.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Stored {
+        pub path: PathBuf,
+        pub fsid: u64,
+        pub ino: u64,
+    }
+
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("root-id")
+    }
+
+    pub fn read(state_dir: &Path) -> Option<Stored> {
+        let bytes = std::fs::read(path(state_dir)).ok()?;
+        let nl = bytes.iter().position(|b| *b == b'\n')?;
+        let head = std::str::from_utf8(&bytes[..nl]).ok()?;
+        let (fsid, ino) = head.trim().split_once(' ')?;
+        let rest = &bytes[nl + 1..];
+        let rest = rest.strip_suffix(b"\n").unwrap_or(rest);
+        Some(Stored {
+            path: PathBuf::from(std::ffi::OsStr::from_bytes(rest)),
+            fsid: fsid.parse().ok()?,
+            ino: ino.parse().ok()?,
+        })
+    }
+
+    pub fn write(state_dir: &Path, root: &Path, fsid: u64, ino: u64) -> std::io::Result<()> {
+        let mut bytes = format!("{fsid} {ino}\n").into_bytes();
+        bytes.extend_from_slice(root.as_os_str().as_bytes());
+        bytes.push(b'\n');
+        write_atomically(&path(state_dir), &bytes)
+    }
+}
+
+/// Where the status snapshot goes when the control socket cannot be bound.
+pub fn snapshot_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("status.json")
+}
+
+/// Writes the status snapshot atomically, readable by owner and group only.
+pub fn write_snapshot(state_dir: &Path, json: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = state_dir.join("status.json.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o640)
+        .open(&tmp)?;
+    f.write_all(json)?;
+    drop(f);
+    std::fs::rename(tmp, snapshot_path(state_dir))
+}
+
+/// Formats a time for humans and JSON (RFC 3339, UTC, seconds).
+pub fn rfc3339(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// How long ago `ms` was, for log lines.
+pub fn since(ms: u64) -> Duration {
+    Duration::from_millis(now_ms().saturating_sub(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_795_000_000_000), "2026-11-18T11:06:40Z");
+    }
+
+    #[test]
+    fn second_lock_reports_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let _l = Lock::acquire(dir.path()).unwrap();
+        assert_eq!(Lock::holder(dir.path()), Some(std::process::id()));
+        // flock locks are per open file description, so a second acquire in the
+        // same process is refused too.
+        match Lock::acquire(dir.path()) {
+            Err(StateError::AlreadyRunning { pid, .. }) => assert_eq!(pid, std::process::id()),
+            other => panic!("expected AlreadyRunning, got {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn root_id_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(root_id::read(dir.path()), None);
+        root_id::write(dir.path(), Path::new("/srv/r"), 77, 2).unwrap();
+        let s = root_id::read(dir.path()).unwrap();
+        assert_eq!(
+            (s.path.as_path(), s.fsid, s.ino),
+            (Path::new("/srv/r"), 77, 2)
+        );
+    }
+
+    #[test]
+    fn mark_is_set_once() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(mark::read(dir.path()), None);
+        let m = mark::ensure(dir.path()).unwrap();
+        assert_eq!(mark::ensure(dir.path()).unwrap(), m);
+    }
+}
