@@ -177,6 +177,7 @@ pub async fn run(
     }
 
     let (cand_tx, cand_rx) = mpsc::channel::<Candidate>(CANDIDATE_QUEUE);
+    let (rescan_tx, rescan_rx) = tokio::sync::watch::channel(0u64);
     let mut reloader = Reloader {
         shared: shared.clone(),
         live: live.clone(),
@@ -184,6 +185,7 @@ pub async fn run(
         commands: cmd_tx,
         candidates: cand_tx,
         watcher: None,
+        rescans: rescan_rx,
         stopped: stopped.clone(),
     };
     if let Target::Provider(_) = settings.plan.target {
@@ -197,6 +199,7 @@ pub async fn run(
         queue.clone(),
         root.clone(),
         live.clone(),
+        rescan_tx,
     );
     let scheduler = tokio::spawn(scheduler.run(cand_rx, cmd_rx, stopped.clone(), STOP_GRACE));
 
@@ -271,6 +274,7 @@ struct Reloader {
     commands: mpsc::Sender<Command>,
     candidates: mpsc::Sender<Candidate>,
     watcher: Option<detect::Watcher>,
+    rescans: tokio::sync::watch::Receiver<u64>,
     stopped: Shutdown,
 }
 
@@ -278,13 +282,18 @@ impl Reloader {
     /// Starts the watcher; returns its task.
     fn start_watcher(&mut self, s: &Settings) -> Result<Option<JoinHandle<()>>, Fatal> {
         let (watcher, task) = detect::start(
-            s.rules.clone(),
-            s.config.watch.rescan_interval,
-            s.plan.options.mark_ns,
-            self.candidates.clone(),
-            self.live.clone(),
-            self.root.subscribe(),
-            self.stopped.clone(),
+            detect::Watching {
+                rules: s.rules.clone(),
+                rescan_interval: s.config.watch.rescan_interval,
+                min_changed_ns: s.plan.options.mark_ns,
+            },
+            detect::Links {
+                out: self.candidates.clone(),
+                live: self.live.clone(),
+                root: self.root.subscribe(),
+                rescans: self.rescans.clone(),
+                shutdown: self.stopped.clone(),
+            },
         )
         .map_err(|e| {
             Fatal::Config(format!(
@@ -345,6 +354,19 @@ impl Reloader {
             tracing::warn!("{w}");
         }
         let cur = Arc::new(Settings::build(new)?);
+        // The scheduler takes the new plan first, so that what the watcher
+        // finds from now on is judged by it.
+        let (applied, done) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::Replan {
+                plan: cur.plan.clone(),
+                resources: cur.resources(),
+                applied,
+            })
+            .await
+            .map_err(|_| "the scheduler is stopping".to_string())?;
+        done.await
+            .map_err(|_| "the scheduler is stopping".to_string())?;
         let mut started = None;
         match (&self.watcher, &cur.plan.target) {
             (Some(w), target) => {
@@ -354,22 +376,28 @@ impl Reloader {
                     w.rescan();
                 }
             }
-            (None, Target::Provider(_)) => {
-                started = self.start_watcher(&cur).map_err(|e| e.to_string())?;
-            }
+            (None, Target::Provider(_)) => match self.start_watcher(&cur) {
+                Ok(task) => started = task,
+                Err(e) => {
+                    // All or nothing: the scheduler goes back to the old plan.
+                    let (applied, _) = tokio::sync::oneshot::channel();
+                    let _ = self
+                        .commands
+                        .send(Command::Replan {
+                            plan: old.plan.clone(),
+                            resources: old.resources(),
+                            applied,
+                        })
+                        .await;
+                    return Err(e.to_string());
+                }
+            },
             (None, Target::Local { .. }) => {}
         }
         if let Some(reason) = &cur.local_reason {
             tracing::warn!("local mode: nothing is offloaded because {reason}");
         }
         logging::set_level(&cur.config.log.level);
-        self.commands
-            .send(Command::Replan {
-                plan: cur.plan.clone(),
-                resources: cur.resources(),
-            })
-            .await
-            .map_err(|_| "the scheduler is stopping".to_string())?;
         *self.shared.write().expect("settings lock") = cur;
         Ok(started)
     }

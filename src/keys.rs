@@ -139,6 +139,11 @@ impl RelPath {
             let name = name.to_str().ok_or_else(|| KeyError::NotUtf8 {
                 lossy: rel.to_string_lossy().into_owned(),
             })?;
+            if name.contains('\0') {
+                return Err(KeyError::BadComponent {
+                    path: rel.to_string_lossy().into_owned(),
+                });
+            }
             parts.push(name);
         }
         if parts.is_empty() {

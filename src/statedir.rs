@@ -174,6 +174,31 @@ pub mod root_id {
     }
 }
 
+/// How many location records the database held at its last flush
+/// (`record-count`), to recognise a database that lost some.
+pub mod record_count {
+    use super::*;
+
+    fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("record-count")
+    }
+
+    pub fn read(state_dir: &Path) -> Option<u64> {
+        std::fs::read_to_string(path(state_dir))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Written without fsync: a stale count only makes a rebuild less likely.
+    pub fn write(state_dir: &Path, count: u64) -> std::io::Result<()> {
+        let tmp = state_dir.join("record-count.tmp");
+        std::fs::write(&tmp, format!("{count}\n"))?;
+        std::fs::rename(tmp, path(state_dir))
+    }
+}
+
 /// Where the status snapshot goes when the control socket cannot be bound.
 pub fn snapshot_path(state_dir: &Path) -> PathBuf {
     state_dir.join("status.json")

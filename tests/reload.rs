@@ -8,21 +8,8 @@ mod common;
 use common::*;
 use std::fs;
 
-fn hup(daemon: &Daemon) {
-    // SAFETY: kill(2) with a child pid we own.
-    unsafe {
-        libc::kill(daemon.pid as i32, libc::SIGHUP);
-    }
-}
-
-fn count(daemon: &Daemon, needle: &str) -> usize {
-    daemon.stderr().matches(needle).count()
-}
-
 fn reload_and_wait(daemon: &Daemon, outcome: &str) {
-    let before = count(daemon, outcome);
-    hup(daemon);
-    wait_until(LONG, outcome, || count(daemon, outcome) > before);
+    daemon.reload_and_wait(outcome);
 }
 
 #[test]

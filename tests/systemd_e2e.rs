@@ -155,8 +155,7 @@ fn wait_uploaded(s3: &S3Server, rel: &str, bytes: &[u8]) {
 
 #[test]
 fn offloadd_under_real_systemd() {
-    if unsafe { libc::geteuid() } != 0 {
-        println!("SKIP: needs root (systemd-nspawn, nsenter)");
+    if !require(is_root(), "root (systemd-nspawn, nsenter)") {
         return;
     }
     let t0 = Instant::now();

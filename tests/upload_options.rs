@@ -71,6 +71,18 @@ fn storage_class_cache_control_aes256_and_content_type() {
         etag.trim_matches('"').ends_with("-3"),
         "b.mp4 went up in 3 parts: ETag {etag}"
     );
+    // Its part size is recorded, so the ETag can be recomputed later.
+    let meta = heads[1].1.metadata.clone().unwrap_or_default();
+    assert_eq!(
+        meta.get("offloadd-part-size").map(String::as_str),
+        Some("5242880"),
+        "{meta:?}"
+    );
+    assert_eq!(
+        multipart_etag(&env.path("vid/b.mp4"), 5 * 1024 * 1024),
+        etag.trim_matches('"'),
+        "the composite ETag follows from the file and the recorded part size"
+    );
 }
 
 #[test]

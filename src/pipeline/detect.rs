@@ -156,6 +156,26 @@ impl Watcher {
 /// Directories with a watch, and which directory (device, inode) each was.
 type Watched = Arc<Mutex<HashMap<PathBuf, (u64, u64)>>>;
 
+/// What the watcher looks for.
+pub struct Watching {
+    pub rules: Rules,
+    pub rescan_interval: Option<Duration>,
+    /// The managed-since mark: older files are left alone.
+    pub min_changed_ns: i128,
+}
+
+/// What the watcher is connected to.
+pub struct Links {
+    /// Finished candidates, to the scheduler.
+    pub out: mpsc::Sender<Candidate>,
+    pub live: Arc<Live>,
+    /// The root's presence: when it returns, watches are re-added.
+    pub root: watch::Receiver<RootStatus>,
+    /// Each change asks for a full rescan.
+    pub rescans: watch::Receiver<u64>,
+    pub shutdown: Shutdown,
+}
+
 /// What the walker thread shares with the loop.
 struct WalkerShared {
     rules: Mutex<Rules>,
@@ -171,15 +191,19 @@ struct WalkerShared {
 /// Starts watching: the initial walk (which adds the watches) runs at once in
 /// the background, and reports files changed at or after `min_changed_ns` (the
 /// managed-since mark).
-pub fn start(
-    rules: Rules,
-    rescan_interval: Option<Duration>,
-    min_changed_ns: i128,
-    out: mpsc::Sender<Candidate>,
-    live: Arc<Live>,
-    root: watch::Receiver<RootStatus>,
-    shutdown: Shutdown,
-) -> notify::Result<(Watcher, JoinHandle<()>)> {
+pub fn start(what: Watching, links: Links) -> notify::Result<(Watcher, JoinHandle<()>)> {
+    let Watching {
+        rules,
+        rescan_interval,
+        min_changed_ns,
+    } = what;
+    let Links {
+        out,
+        live,
+        root,
+        rescans,
+        shutdown,
+    } = links;
     let (inputs_tx, inputs_rx) = mpsc::channel::<Input>(64);
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let dropped = Arc::new(AtomicBool::new(false));
@@ -221,7 +245,7 @@ pub fn start(
         last_publish: Instant::now(),
     };
     d.walk(d.rules.root.clone(), Why::Initial);
-    let task = tokio::spawn(d.run(events_rx, inputs_rx, root, shutdown));
+    let task = tokio::spawn(d.run(events_rx, inputs_rx, root, rescans, shutdown));
     Ok((Watcher { inputs: inputs_tx }, task))
 }
 
@@ -248,13 +272,14 @@ impl Detect {
         mut events: mpsc::Receiver<notify::Result<notify::Event>>,
         mut inputs: mpsc::Receiver<Input>,
         mut root: watch::Receiver<RootStatus>,
+        mut rescans: watch::Receiver<u64>,
         mut shutdown: Shutdown,
     ) {
         let tick =
             (self.rules.settle / 4).clamp(Duration::from_millis(25), Duration::from_millis(500));
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut root_open = true;
+        let (mut root_open, mut rescans_open) = (true, true);
         loop {
             tokio::select! {
                 Some(ev) = events.recv() => self.event(ev),
@@ -266,6 +291,13 @@ impl Detect {
                         }
                     }
                     Err(_) => root_open = false,
+                },
+                changed = rescans.changed(), if rescans_open => match changed {
+                    Ok(()) => {
+                        self.shared.live.metrics.rescan();
+                        self.walk(self.rules.root.clone(), Why::Requested);
+                    }
+                    Err(_) => rescans_open = false,
                 },
                 _ = ticker.tick() => self.tick(),
                 _ = shutdown.recv() => break,

@@ -45,7 +45,12 @@ pub struct Health {
     backoff: Backoff,
     /// When an upload last succeeded.
     last_success: Option<Instant>,
+    /// Throttling answers (429, 503 SlowDown) since the last success.
+    throttled: u32,
 }
+
+/// Throttling answers in a row after which the provider is suspect.
+pub const THROTTLED_SUSPECT_AFTER: u32 = 3;
 
 impl Health {
     pub fn new(backoff: Backoff) -> Health {
@@ -54,7 +59,16 @@ impl Health {
             probing: false,
             backoff,
             last_success: None,
+            throttled: 0,
         }
+    }
+
+    /// The provider answered "slow down" to an item. Returns whether that
+    /// has happened often enough in a row (with no success between) that
+    /// the provider itself is suspect; until then, no probe adds to the load.
+    pub fn throttled(&mut self) -> bool {
+        self.throttled += 1;
+        self.throttled >= THROTTLED_SUSPECT_AFTER
     }
 
     pub fn set_backoff(&mut self, backoff: Backoff) {
@@ -107,6 +121,7 @@ impl Health {
     /// An upload succeeded: the provider works.
     pub fn upload_succeeded(&mut self, now: Instant) -> Option<Change> {
         self.last_success = Some(now);
+        self.throttled = 0;
         self.healthy(now)
     }
 
@@ -250,6 +265,17 @@ mod tests {
         assert!(h.uploads_allowed());
         tokio::time::advance(Duration::from_millis(10)).await;
         assert_eq!(h.item_failed(Instant::now()), None);
+    }
+
+    #[test]
+    fn only_a_run_of_throttling_makes_the_provider_suspect() {
+        let mut h = health();
+        assert!(!h.throttled());
+        assert!(!h.throttled());
+        h.upload_succeeded(Instant::now());
+        assert!(!h.throttled());
+        assert!(!h.throttled());
+        assert!(h.throttled(), "the third in a row");
     }
 
     #[tokio::test(start_paused = true)]

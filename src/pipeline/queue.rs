@@ -365,7 +365,31 @@ impl Queue {
             commit: GroupCommit::new(),
             failure: Mutex::new(None),
         };
+        // sled recovers a damaged log by dropping what follows the damage:
+        // fewer records than it held before means records were lost.
+        let held = statedir::record_count::read(state_dir);
+        let (now, _) = queue.uploaded();
+        let opened = match held {
+            Some(before) if opened == Opened::Intact && now < before => {
+                tracing::warn!(
+                    records = now,
+                    before,
+                    "the state database holds fewer location records than it did ({now} < {before}): it was damaged; rebuilding the records from the bucket"
+                );
+                Opened::Lost
+            }
+            _ => opened,
+        };
         Ok((queue, opened))
+    }
+
+    /// Notes how many records the database holds, beside it (after a flush):
+    /// a later start that finds fewer knows records were lost.
+    fn note_record_count(&self) {
+        let (count, _) = self.uploaded();
+        if let Err(e) = statedir::record_count::write(&self.dir, count) {
+            tracing::debug!(error = %e, "cannot note the record count");
+        }
     }
 
     /// Why the state cannot be written right now, if it cannot.
@@ -434,9 +458,9 @@ impl Queue {
     /// clears it; otherwise the database is closed and opened again (sled's
     /// errors are sticky). Unflushed writes may be lost; the caller reloads
     /// its view of the queue.
-    pub fn recover(&self) -> Result<(), StateError> {
+    pub fn recover(&self) -> Result<Recovered, StateError> {
         let Some(message) = self.failure() else {
-            return Ok(());
+            return Ok(Recovered::Flushed);
         };
         let mut guard = self.trees.write().expect("trees lock");
         if let Some(t) = guard.as_ref() {
@@ -447,7 +471,7 @@ impl Queue {
             if probe.is_ok() {
                 *self.failure.lock().expect("failure lock") = None;
                 tracing::info!(state_dir = %self.dir.display(), "state_dir is writable again; uploads and deletes resume");
-                return Ok(());
+                return Ok(Recovered::Flushed);
             }
         }
         *guard = None;
@@ -462,8 +486,8 @@ impl Queue {
                     Ok(_) => {
                         *self.failure.lock().expect("failure lock") = None;
                         self.commit.reset();
-                        tracing::info!(state_dir = %self.dir.display(), "state database reopened; uploads and deletes resume");
-                        Ok(())
+                        tracing::info!(state_dir = %self.dir.display(), "state database reopened; uploads and deletes resume, and the tree is rescanned for what was not written");
+                        Ok(Recovered::Reopened)
                     }
                     Err(e) => Err(self.failed(format!("{message} (still: {e})"))),
                 }
@@ -718,7 +742,10 @@ impl Queue {
             return Err(self.failed(message));
         }
         let db = self.read(|t| Ok(t.db.clone()))?;
-        self.commit.wait(&db).await.map_err(|e| self.fail(e))
+        if self.commit.wait(&db).await.map_err(|e| self.fail(e))? {
+            self.note_record_count();
+        }
+        Ok(())
     }
 
     /// The permission to delete a file's local copy: the item waits for it,
@@ -828,8 +855,20 @@ impl Queue {
 
     /// Flushes everything to disk (at exit).
     pub fn flush(&self) -> Result<(), StateError> {
-        self.read(|t| t.db.flush().map(|_| ()))
+        self.read(|t| t.db.flush().map(|_| ()))?;
+        self.note_record_count();
+        Ok(())
     }
+}
+
+/// How [`Queue::recover`] made the state writable again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovered {
+    /// Everything written so far is on disk.
+    Flushed,
+    /// The database was opened again: writes since the last successful
+    /// flush are lost (the caller rescans).
+    Reopened,
 }
 
 /// Whom a failed attempt is blamed on.
@@ -847,7 +886,12 @@ struct GroupCommit {
     written: AtomicU64,
     flushed: watch::Sender<u64>,
     flushing: tokio::sync::Mutex<()>,
+    /// When the record count was last noted beside the database.
+    noted: Mutex<Option<std::time::Instant>>,
 }
+
+/// How often the record count is noted beside the database.
+const NOTE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl GroupCommit {
     fn new() -> Self {
@@ -855,6 +899,7 @@ impl GroupCommit {
             written: AtomicU64::new(0),
             flushed: watch::channel(0).0,
             flushing: tokio::sync::Mutex::new(()),
+            noted: Mutex::new(None),
         }
     }
 
@@ -868,19 +913,26 @@ impl GroupCommit {
         self.written.fetch_add(1, Ordering::SeqCst);
     }
 
-    async fn wait(&self, db: &sled::Db) -> sled::Result<()> {
+    /// Waits until everything written is flushed; true when this flush is
+    /// the one to note the record count (at most every [`NOTE_EVERY`]).
+    async fn wait(&self, db: &sled::Db) -> sled::Result<bool> {
         let target = self.written.load(Ordering::SeqCst);
         if *self.flushed.borrow() >= target {
-            return Ok(());
+            return Ok(false);
         }
         let _guard = self.flushing.lock().await;
         if *self.flushed.borrow() >= target {
-            return Ok(());
+            return Ok(false);
         }
         let upto = self.written.load(Ordering::SeqCst);
         db.flush_async().await?;
         self.flushed.send_replace(upto);
-        Ok(())
+        let mut noted = self.noted.lock().expect("noted lock");
+        let due = noted.is_none_or(|t| t.elapsed() >= NOTE_EVERY);
+        if due {
+            *noted = Some(std::time::Instant::now());
+        }
+        Ok(due)
     }
 }
 

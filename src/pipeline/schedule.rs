@@ -20,7 +20,7 @@ use crate::pipeline::finished::FileIdentity;
 use crate::pipeline::health::{Change, Health};
 use crate::pipeline::live::Live;
 use crate::pipeline::plan::{Deletion, Plan};
-use crate::pipeline::queue::{Admission, Admit, Blame, PausedInfo, Queue, Stage};
+use crate::pipeline::queue::{Admission, Admit, Blame, PausedInfo, Queue, Recovered, Stage};
 use crate::pipeline::root::{RootGuard, RootStatus};
 use crate::pipeline::upload::Uploader;
 use crate::pipeline::worker::{Lane, Outcome, Worker};
@@ -73,6 +73,7 @@ pub enum Command {
     Replan {
         plan: Arc<Plan>,
         resources: (Budget, Pacer),
+        applied: oneshot::Sender<()>,
     },
 }
 
@@ -203,6 +204,12 @@ pub struct Scheduler {
     paused: Option<String>,
     /// The state_dir failed; recovery is tried at `next_recover`.
     state_paused: bool,
+    /// Candidates that came while the state_dir could not be written (at
+    /// most one batch: no more are taken from the watcher meanwhile).
+    deferred: Vec<Candidate>,
+    /// Asks the watcher for a full rescan (bumped after the database was
+    /// reopened).
+    rescans: watch::Sender<u64>,
     next_recover: Instant,
     clock: Clock,
 }
@@ -222,6 +229,7 @@ impl Scheduler {
         queue: Arc<Queue>,
         root: Arc<RootGuard>,
         live: Arc<Live>,
+        rescans: watch::Sender<u64>,
     ) -> Scheduler {
         let uploader = Arc::new(Uploader {
             budget,
@@ -246,6 +254,8 @@ impl Scheduler {
             health,
             paused: None,
             state_paused: false,
+            deferred: Vec::new(),
+            rescans,
             next_recover: Instant::now(),
             clock: Clock::new(),
         };
@@ -353,10 +363,15 @@ impl Scheduler {
             self.dispatch();
             let wake = self.next_wake();
             tokio::select! {
-                c = candidates.recv() => match c {
+                // While paused, candidates wait in the channel (the watcher
+                // drops and rescans when it is full).
+                c = candidates.recv(), if self.paused.is_none() => match c {
                     Some(c) => {
                         self.admit(c);
                         for _ in 0..ADMIT_BATCH {
+                            if !self.deferred.is_empty() {
+                                break;
+                            }
                             match candidates.try_recv() {
                                 Ok(c) => self.admit(c),
                                 Err(_) => break,
@@ -416,14 +431,18 @@ impl Scheduler {
                 self.next_recover = now + RECOVER_EVERY;
             } else if now >= self.next_recover {
                 self.next_recover = now + RECOVER_EVERY;
-                if self.queue.recover().is_ok() {
+                if let Ok(recovered) = self.queue.recover() {
                     self.state_paused = false;
-                    self.load_queue();
+                    if recovered == Recovered::Reopened {
+                        // Admissions not yet on disk are gone: look again.
+                        self.rescans.send_modify(|n| *n += 1);
+                    }
+                    self.resume_after_state_failure();
                 }
             }
         } else if self.state_paused {
             self.state_paused = false;
-            self.load_queue();
+            self.resume_after_state_failure();
         }
         let paused = match (self.queue.failed_state(), self.root.status()) {
             (Some(e), _) => Some(e.to_string()),
@@ -436,6 +455,15 @@ impl Scheduler {
                 self.live.update(|s| s.last_error = Some(why.clone()));
             }
             self.paused = paused;
+        }
+    }
+
+    /// The state_dir works again: the queue as it is on disk, then the
+    /// candidates that waited.
+    fn resume_after_state_failure(&mut self) {
+        self.load_queue();
+        for c in std::mem::take(&mut self.deferred) {
+            self.admit(c);
         }
     }
 
@@ -607,6 +635,11 @@ impl Scheduler {
                 tracing::warn!(path = %key, error = %err.message, "restarting the upload");
                 self.blame_item(key, err);
             }
+            // The server asked us to slow down: this item backs off, and only
+            // a run of such answers makes the provider suspect.
+            ErrorClass::Transient if err.is_throttle() && !self.health.throttled() => {
+                self.blame_item(key, err)
+            }
             ErrorClass::Transient | ErrorClass::ProviderWide => {
                 match self.health.item_failed(started) {
                     Some(true) => self.blame_item(key, err),
@@ -644,7 +677,7 @@ impl Scheduler {
             Ok(strikes) if strikes >= MAX_STRIKES => {
                 let reason = format!(
                     "{} (it failed {strikes} times while the provider accepted other requests; fix the cause, then run `offloadd retry`)",
-                    err.message
+                    err.message.trim_end_matches("; will retry")
                 );
                 self.park(key, reason);
             }
@@ -698,7 +731,8 @@ impl Scheduler {
                 self.set_paused_info(&provider, Some(reason));
             }
             Change::Reason(reason) => {
-                tracing::warn!(provider = %provider, error = %reason, "provider {provider} is still paused: {reason}");
+                // Shown in status; one log line per outage, not per probe.
+                tracing::debug!(provider = %provider, error = %reason, "provider {provider} is still paused: {reason}");
                 self.set_paused_info(&provider, Some(reason));
             }
             Change::Resumed { reason, paused_s } => {
@@ -768,6 +802,11 @@ impl Scheduler {
 
     /// Decides whether a candidate path goes into the queue.
     fn admit(&mut self, c: Candidate) {
+        if self.queue.failure().is_some() {
+            // Admitted once the state_dir is writable again.
+            self.deferred.push(c);
+            return;
+        }
         let plan = self.current();
         let Some(store) = plan.target.store() else {
             return;
@@ -810,6 +849,7 @@ impl Scheduler {
             Trigger::Scan => Admit::Scan,
             Trigger::Event | Trigger::Backfill => Admit::Event,
         };
+        let abs = c.abs.clone();
         match self.queue.admit(&key, &identity, why) {
             Ok(Admission::Queued(item)) => {
                 self.live.update(|s| s.failed.remove(&key));
@@ -818,9 +858,10 @@ impl Scheduler {
                 }
             }
             Ok(Admission::AlreadyOffloaded | Admission::StillParked) => {}
-            Err(e) => {
-                tracing::error!(path = %key, error = %e, "cannot queue {key}: {e}; it is found again by the next scan")
-            }
+            Err(_) => self.deferred.push(Candidate {
+                abs,
+                trigger: c.trigger,
+            }),
         }
     }
 
@@ -900,7 +941,11 @@ impl Scheduler {
             Command::Replan {
                 plan,
                 resources: (budget, pacer),
-            } => self.replan(plan, budget, pacer),
+                applied,
+            } => {
+                self.replan(plan, budget, pacer);
+                let _ = applied.send(());
+            }
         }
         self.publish();
     }

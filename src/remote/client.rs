@@ -155,7 +155,7 @@ impl Client {
         content_type: &str,
         part_size: u64,
     ) -> Result<String, StorageError> {
-        let mut headers = http::HeaderMap::new();
+        let mut headers = self.upload_bucket.extra_headers.clone();
         headers.insert(
             http::HeaderName::from_static("x-amz-meta-offloadd-part-size"),
             http::HeaderValue::from(part_size),

@@ -70,6 +70,26 @@ fn s3s_fs_path() -> PathBuf {
     p
 }
 
+/// Whether the test may use what it needs (root, a tool). Outside CI a test
+/// without it prints SKIP and returns early; under CI (`CI` set, as
+/// `.ci/run` does) it fails: no silent skips.
+pub fn require(available: bool, what: &str) -> bool {
+    if available {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("this test needs {what}, which CI must provide");
+    }
+    eprintln!("SKIP: needs {what}");
+    false
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -970,6 +990,21 @@ impl Daemon {
         }
         // Give the watcher a moment to add its watches after the ready line.
         thread::sleep(Duration::from_millis(500));
+    }
+
+    /// Sends `sig` to the daemon.
+    pub fn signal(&self, sig: i32) {
+        send_signal(self.pid, sig);
+    }
+
+    /// SIGHUP, then waits until the log shows `outcome` once more (e.g.
+    /// "configuration reloaded" or "reload refused").
+    pub fn reload_and_wait(&self, outcome: &str) {
+        let before = self.stderr().matches(outcome).count();
+        self.signal(libc::SIGHUP);
+        wait_until(LONG, outcome, || {
+            self.stderr().matches(outcome).count() > before
+        });
     }
 
     pub fn stderr(&self) -> String {

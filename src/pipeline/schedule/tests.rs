@@ -90,6 +90,7 @@ impl Harness {
             self.queue.clone(),
             self.guard.clone(),
             self.live.clone(),
+            watch::channel(0).0,
         );
         self.task = Some(tokio::spawn(s.run(
             cand_rx,
@@ -352,6 +353,7 @@ async fn turning_deletion_off_cancels_pending_deletes() {
         .send(Command::Replan {
             plan: p,
             resources: resources(),
+            applied: oneshot::channel().0,
         })
         .await
         .unwrap();
