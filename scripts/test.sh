@@ -21,7 +21,9 @@ say() { echo "test.sh: $*" >&2; }
 # systemd: systemd-analyze for tests/packaging.rs (the unit's exposure score).
 # tests/systemd_e2e.rs installs systemd-container and debootstrap itself
 # (tests/systemd-testbed/up.sh) and caches the container root in $SDLAB.
-APT_PACKAGES=(nginx systemd)
+# prometheus: promtool for tests/dashboards.rs (checks and unit-tests the alert
+# rules); installing it starts no service where systemd is not running.
+APT_PACKAGES=(nginx systemd prometheus)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
@@ -45,6 +47,13 @@ CARGO_DEB_VERSION=3.8.0
 if ! cargo deb --version 2>/dev/null | grep -qF "$CARGO_DEB_VERSION"; then
     say "installing cargo-deb $CARGO_DEB_VERSION"
     cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked
+fi
+
+# cargo-deny checks the dependency tree (deny.toml).
+CARGO_DENY_VERSION=0.20.2
+if ! cargo deny --version 2>/dev/null | grep -qF "$CARGO_DENY_VERSION"; then
+    say "installing cargo-deny $CARGO_DENY_VERSION"
+    cargo install cargo-deny --version "$CARGO_DENY_VERSION" --locked
 fi
 
 # --- S3-compatible servers the tests start ----------------------------------------
@@ -72,5 +81,21 @@ say "cargo fmt --check"
 cargo fmt --check
 say "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
+say "cargo deny check"
+if ! cargo deny check --hide-inclusion-graph bans licenses sources; then
+    say "cargo deny: the dependency tree breaks deny.toml"
+    exit 1
+fi
+# Advisories need the RustSec database from GitHub; a machine that cannot
+# reach it says so on every run instead of passing in silence.
+if ! advisories=$(cargo deny check --hide-inclusion-graph advisories 2>&1); then
+    if grep -qiE "failed to fetch|unable to|could not resolve|network|clone" <<<"$advisories"; then
+        say "WARNING: the RustSec advisory database is unreachable from this machine; advisories NOT checked"
+    else
+        printf '%s\n' "$advisories" >&2
+        say "cargo deny: an advisory affects the dependency tree"
+        exit 1
+    fi
+fi
 say "cargo test --release $*"
 cargo test --release "$@"

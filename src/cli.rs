@@ -29,7 +29,12 @@ pub enum Command {
     Run,
     /// Validate the configuration and print the effective settings per provider,
     /// secrets masked; exits 78 if it cannot offload.
-    CheckConfig,
+    CheckConfig {
+        /// A path relative to the root to show the object rule it hits (repeatable;
+        /// default: a few files found in the root).
+        #[arg(long = "sample", value_name = "REL_PATH")]
+        samples: Vec<String>,
+    },
     /// Show queue depth, uploads in flight, paused providers, failed items and totals.
     Status {
         /// Print one JSON object instead of text.

@@ -413,9 +413,11 @@ async fn publish_status(
     mut stopped: Shutdown,
 ) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let started = statedir::now_ms();
     loop {
         let cur = settings::current(&shared);
         let report = control::status::live(&queue, &live, &cur);
+        publish_gauges(&live, &report, &cur, started);
         systemd::status(&status_line(&report));
         if !socket_bound {
             let json = serde_json::to_vec_pretty(&report).expect("report serializes");
@@ -428,6 +430,25 @@ async fn publish_status(
             _ = stopped.recv() => break,
         }
     }
+}
+
+/// The gauges `/metrics` reads once a second.
+fn publish_gauges(live: &Live, report: &Report, cur: &Settings, started_ms: u64) {
+    let m = &live.metrics;
+    let now_ms = statedir::now_ms();
+    m.set_pipeline_paused(report.pipeline_paused.is_some());
+    let root_ok = !report
+        .pipeline_paused
+        .as_deref()
+        .is_some_and(|p| p.contains("watch root"));
+    m.set_root_available(root_ok);
+    m.set_waiting_for_writer(report.waiting_for_writer);
+    if let Some(free) = statedir::free_bytes(&cur.config.state_dir) {
+        m.set_state_dir_free(free);
+    }
+    let last_ms = (m.last_success_secs() * 1000.0) as u64;
+    let since = if last_ms == 0 { started_ms } else { last_ms };
+    m.set_last_success_age(now_ms.saturating_sub(since) / 1000);
 }
 
 /// The one-line `STATUS=` systemd shows.

@@ -1,9 +1,13 @@
 //! Named crash points for tests: `OFFLOADD_FAILPOINTS=name[,name…]` makes the
 //! process SIGKILL itself when it reaches one of them, exactly like a crash.
 //!
-//! Always compiled in; without the variable a check is one load of a cached set.
+//! Only builds with the `failpoints` cargo feature have them (the tests turn
+//! it on); in any other build, the Debian package's included, [`hit`] does
+//! nothing and the variable is ignored entirely.
 
+#[cfg(feature = "failpoints")]
 use std::collections::HashSet;
+#[cfg(feature = "failpoints")]
 use std::sync::OnceLock;
 
 /// After the object is uploaded and verified, before its location record is written.
@@ -17,6 +21,10 @@ pub const AFTER_FIRST_PART: &str = "after_first_part";
 
 pub const ENV: &str = "OFFLOADD_FAILPOINTS";
 
+/// Whether this build has failpoints at all.
+pub const COMPILED: bool = cfg!(feature = "failpoints");
+
+#[cfg(feature = "failpoints")]
 fn enabled() -> &'static HashSet<String> {
     static SET: OnceLock<HashSet<String>> = OnceLock::new();
     SET.get_or_init(|| {
@@ -30,6 +38,7 @@ fn enabled() -> &'static HashSet<String> {
 }
 
 /// Kills the process with SIGKILL if the failpoint `name` is switched on.
+#[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
     if enabled().contains(name) {
         eprintln!("failpoint {name} reached: killing the process");
@@ -39,3 +48,8 @@ pub fn hit(name: &str) {
         }
     }
 }
+
+/// Without the `failpoints` feature: nothing.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn hit(_name: &str) {}

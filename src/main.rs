@@ -79,7 +79,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::CheckConfig => {
+        Command::CheckConfig { samples } => {
             for w in &loaded.warnings {
                 eprintln!("offloadd: warning: {w}");
             }
@@ -94,6 +94,26 @@ fn main() -> ExitCode {
                     println!("{}", p.line);
                 } else {
                     eprintln!("offloadd: {}", p.line);
+                }
+            }
+            if !config.rules.is_empty() || !samples.is_empty() {
+                let samples = if samples.is_empty() {
+                    preflight::sample_files(&config.watch.root, 5)
+                } else {
+                    let mut parsed = Vec::new();
+                    for s in &samples {
+                        match offloadd::keys::RelPath::parse(s) {
+                            Ok(r) => parsed.push(r),
+                            Err(e) => {
+                                eprintln!("offloadd: --sample {s}: {e}");
+                                return ExitCode::from(exit::USAGE);
+                            }
+                        }
+                    }
+                    parsed
+                };
+                for line in preflight::rule_lines(&config, &samples) {
+                    println!("{line}");
                 }
             }
             match config.active() {

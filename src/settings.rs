@@ -76,6 +76,10 @@ impl Settings {
             },
             retry: Backoff::new(up.retry.initial_backoff, up.retry.max_backoff),
             mark_ns,
+            object_rules: Arc::new(
+                crate::remote::object_options::Rules::new(&config.rules)
+                    .map_err(|e| e.to_string())?,
+            ),
         };
         let (local_reason, predictable) = match &target {
             Target::Provider(s) => {

@@ -199,6 +199,18 @@ pub mod record_count {
     }
 }
 
+/// Free bytes on the filesystem of `dir` (for unprivileged users).
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the zeroed struct we pass; `c` is a valid C string.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return None;
+    }
+    Some(s.f_bavail as u64 * s.f_frsize as u64)
+}
+
 /// Where the status snapshot goes when the control socket cannot be bound.
 pub fn snapshot_path(state_dir: &Path) -> PathBuf {
     state_dir.join("status.json")

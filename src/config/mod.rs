@@ -22,6 +22,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::remote::object_options::RuleSection;
 pub use crate::remote::provider::{Incomplete, ProviderSection};
 
 const MIB: u64 = 1 << 20;
@@ -46,6 +47,9 @@ pub struct Config {
     pub http: Http,
     #[serde(default)]
     pub log: Log,
+    /// Per-pattern object options, first match wins.
+    #[serde(default)]
+    pub rules: Vec<RuleSection>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -413,7 +417,31 @@ impl Config {
                 format!("`log.level` `{}` is not a level ({e}); write error, warn, info, debug or trace", self.log.level),
             ));
         }
+        self.validate_rules()?;
         self.validate_storage()
+    }
+
+    fn validate_rules(&self) -> Result<(), (KeyPath, String)> {
+        crate::remote::object_options::Rules::new(&self.rules)
+            .map_err(|e| (key(&["rules"]), format!("{e}")))?;
+        for (index, rule) in self.rules.iter().enumerate() {
+            if rule.storage_class.is_none() {
+                continue;
+            }
+            let active = &self.storage.active;
+            if let Some((name, p)) = self.storage.providers.get_key_value(active) {
+                if !p.kind.supports_storage_class() {
+                    return Err((
+                        key(&["rules"]),
+                        format!(
+                            "`rules[{index}]` sets `storage_class`, which provider `{name}` (kind {}) does not support; remove it or limit the rule to providers that have storage classes",
+                            p.kind
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn validate_upload(&self) -> Result<(), (KeyPath, String)> {

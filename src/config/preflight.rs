@@ -46,6 +46,50 @@ fn probe_dir(dir: &Path, what: &str, fix: &str) -> Probe {
 /// How many existing files the probe samples.
 const SAMPLE: usize = 50;
 
+/// Up to `n` files under `root`, as paths relative to it (a sample for
+/// check-config).
+pub fn sample_files(root: &Path, n: usize) -> Vec<crate::keys::RelPath> {
+    walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| crate::keys::RelPath::from_fs(root, e.path()).ok())
+        .take(n)
+        .collect()
+}
+
+/// What the object rules give each sample path, one line each.
+pub fn rule_lines(config: &crate::config::Config, samples: &[crate::keys::RelPath]) -> Vec<String> {
+    let Ok(rules) = crate::remote::object_options::Rules::new(&config.rules) else {
+        return Vec::new();
+    };
+    let provider = config.storage.providers.get(&config.storage.active);
+    let cache = provider.and_then(|p| p.cache_control.as_deref());
+    let class = provider.and_then(|p| p.storage_class.as_deref());
+    samples
+        .iter()
+        .map(|rel| {
+            let o = rules.options_for(rel, cache, class);
+            let which = match o.rule {
+                Some(i) => format!("rules[{i}] (`{}`)", config.rules[i].pattern),
+                None => "no rule (provider defaults)".to_string(),
+            };
+            let mut line = format!("rule: {rel} -> {which}: content_type={}", o.content_type);
+            for (name, v) in [
+                ("cache_control", &o.cache_control),
+                ("storage_class", &o.storage_class),
+                ("content_disposition", &o.content_disposition),
+            ] {
+                if let Some(v) = v {
+                    line.push_str(&format!(", {name}={v}"));
+                }
+            }
+            line
+        })
+        .collect()
+}
+
 /// Opens up to [`SAMPLE`] files the application wrote, and checks their
 /// directories are writable (deleting a file needs that) when `delete_local`.
 fn probe_existing(root: &Path, delete_local: bool) -> Probe {

@@ -27,6 +27,7 @@ pub const RESULTS: &[&str] = &[
 ];
 
 type ResultLabel = [(&'static str, String); 1];
+type ProviderLabel = [(&'static str, String); 1];
 
 struct Inner {
     registry: Registry,
@@ -40,6 +41,14 @@ struct Inner {
     paused_providers: Gauge,
     last_success: Gauge<f64, AtomicU64>,
     rescans: Counter,
+    oldest_pending_age: Gauge,
+    last_success_age: Gauge,
+    provider_paused: Family<ProviderLabel, Gauge>,
+    pipeline_paused: Gauge,
+    root_available: Gauge,
+    state_dir_free: Gauge,
+    waiting_for_writer: Gauge,
+    bandwidth_limit: Gauge,
 }
 
 /// Cheap to clone; every clone updates the same metrics.
@@ -72,6 +81,14 @@ impl Metrics {
         let paused_providers = Gauge::default();
         let last_success = Gauge::<f64, AtomicU64>::default();
         let rescans = Counter::default();
+        let oldest_pending_age = Gauge::default();
+        let last_success_age = Gauge::default();
+        let provider_paused = Family::<ProviderLabel, Gauge>::default();
+        let pipeline_paused = Gauge::default();
+        let root_available = Gauge::default();
+        let state_dir_free = Gauge::default();
+        let waiting_for_writer = Gauge::default();
+        let bandwidth_limit = Gauge::default();
         for r in RESULTS {
             // Every result shows up (at 0) from the first scrape.
             let _ = uploads.get_or_create(&[("result", (*r).to_owned())]);
@@ -125,6 +142,49 @@ impl Metrics {
             "Rescans of the watched tree (periodic, overflow or root return)",
             rescans.clone(),
         );
+        registry.register_with_unit(
+            "oldest_pending_age",
+            "Age of the oldest file waiting in the queue (0 when it is empty)",
+            Unit::Seconds,
+            oldest_pending_age.clone(),
+        );
+        registry.register_with_unit(
+            "last_success_age",
+            "Time since the last successful upload (or since start, if none yet)",
+            Unit::Seconds,
+            last_success_age.clone(),
+        );
+        registry.register(
+            "provider_paused",
+            "1 while a provider is paused after a provider-wide error (label provider)",
+            provider_paused.clone(),
+        );
+        registry.register(
+            "pipeline_paused",
+            "1 while nothing leaves the queue because the root or state_dir is unavailable",
+            pipeline_paused.clone(),
+        );
+        registry.register(
+            "root_available",
+            "1 while the watch root is present and the same filesystem",
+            root_available.clone(),
+        );
+        registry.register_with_unit(
+            "state_dir_free",
+            "Free space in state_dir",
+            Unit::Bytes,
+            state_dir_free.clone(),
+        );
+        registry.register(
+            "waiting_for_writer",
+            "Files seen being written whose writer has not closed them",
+            waiting_for_writer.clone(),
+        );
+        registry.register(
+            "bandwidth_limit_bytes_per_second",
+            "Upload bandwidth limit in force now (0 = unlimited)",
+            bandwidth_limit.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -138,6 +198,14 @@ impl Metrics {
                 paused_providers,
                 last_success,
                 rescans,
+                oldest_pending_age,
+                last_success_age,
+                provider_paused,
+                pipeline_paused,
+                root_available,
+                state_dir_free,
+                waiting_for_writer,
+                bandwidth_limit,
             }),
         }
     }
@@ -187,6 +255,47 @@ impl Metrics {
         self.inner.paused_providers.set(gauge(n));
     }
 
+    /// Unix time of the last successful upload (0: none since start).
+    pub fn last_success_secs(&self) -> f64 {
+        self.inner.last_success.get()
+    }
+
+    pub fn set_oldest_pending_age(&self, seconds: u64) {
+        self.inner.oldest_pending_age.set(gauge(seconds));
+    }
+
+    pub fn set_last_success_age(&self, seconds: u64) {
+        self.inner.last_success_age.set(gauge(seconds));
+    }
+
+    /// Whether `provider` is paused now.
+    pub fn set_provider_paused(&self, provider: &str, paused: bool) {
+        self.inner
+            .provider_paused
+            .get_or_create(&[("provider", provider.to_owned())])
+            .set(paused as i64);
+    }
+
+    pub fn set_pipeline_paused(&self, paused: bool) {
+        self.inner.pipeline_paused.set(paused as i64);
+    }
+
+    pub fn set_root_available(&self, available: bool) {
+        self.inner.root_available.set(available as i64);
+    }
+
+    pub fn set_state_dir_free(&self, bytes: u64) {
+        self.inner.state_dir_free.set(gauge(bytes));
+    }
+
+    pub fn set_waiting_for_writer(&self, n: u64) {
+        self.inner.waiting_for_writer.set(gauge(n));
+    }
+
+    pub fn set_bandwidth_limit(&self, bytes_per_sec: u64) {
+        self.inner.bandwidth_limit.set(gauge(bytes_per_sec));
+    }
+
     /// One rescan of the tree (periodic, overflow or root return).
     pub fn rescan(&self) {
         self.inner.rescans.inc();
@@ -227,6 +336,13 @@ mod tests {
             "offloadd_paused_providers",
             "offloadd_last_success_timestamp_seconds",
             "offloadd_rescans_total",
+            "offloadd_oldest_pending_age_seconds",
+            "offloadd_last_success_age_seconds",
+            "offloadd_pipeline_paused",
+            "offloadd_root_available",
+            "offloadd_state_dir_free_bytes",
+            "offloadd_waiting_for_writer",
+            "offloadd_bandwidth_limit_bytes_per_second",
         ] {
             assert_eq!(value(&text, series), 0.0, "{series}");
         }
@@ -258,7 +374,19 @@ mod tests {
         m.set_in_flight(3);
         m.set_failed_items(2);
         m.set_paused_providers(1);
+        m.set_provider_paused("r2", true);
+        m.set_provider_paused("s3", false);
+        m.set_oldest_pending_age(42);
         let text = c.encode();
+        assert_eq!(
+            value(&text, "offloadd_provider_paused{provider=\"r2\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(&text, "offloadd_provider_paused{provider=\"s3\"}"),
+            0.0
+        );
+        assert_eq!(value(&text, "offloadd_oldest_pending_age_seconds"), 42.0);
         assert_eq!(
             value(&text, "offloadd_uploads_total{result=\"success\"}"),
             2.0

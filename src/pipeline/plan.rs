@@ -5,6 +5,7 @@
 
 use crate::pipeline::backoff::Backoff;
 use crate::pipeline::upload;
+use crate::remote::object_options::Rules as ObjectRules;
 use crate::remote::store::Store;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -55,6 +56,8 @@ pub struct Options {
     pub retry: Backoff,
     /// The managed-since mark (ns); files changed before it are left alone.
     pub mark_ns: i128,
+    /// Per-pattern object options (`rules:`).
+    pub object_rules: Arc<ObjectRules>,
 }
 
 /// The options and the target together.

@@ -106,6 +106,9 @@ pub struct QueueItem {
     pub strikes: u32,
     pub next_attempt_ms: u64,
     pub last_error: Option<String>,
+    /// Unix ms when the file was queued for upload (0: unknown).
+    #[serde(default)]
+    pub queued_ms: u64,
 }
 
 impl QueueItem {
@@ -116,6 +119,7 @@ impl QueueItem {
             strikes: 0,
             next_attempt_ms: 0,
             last_error: None,
+            queued_ms: statedir::now_ms(),
         }
     }
 
@@ -128,6 +132,7 @@ impl QueueItem {
             strikes: 0,
             next_attempt_ms: 0,
             last_error: Some(reason),
+            queued_ms: 0,
         }
     }
 
@@ -138,6 +143,7 @@ impl QueueItem {
             strikes: 0,
             next_attempt_ms: 0,
             last_error: None,
+            queued_ms: 0,
         }
     }
 

@@ -169,6 +169,14 @@ impl Clock {
     }
 }
 
+/// When an item was queued; now for items written before this was kept.
+fn queued_or_now(item: &crate::pipeline::queue::QueueItem) -> u64 {
+    match item.queued_ms {
+        0 => statedir::now_ms(),
+        t => t,
+    }
+}
+
 /// What a finished task reports.
 enum Done {
     Item {
@@ -199,6 +207,10 @@ pub struct Scheduler {
     held: HashSet<ItemKey>,
     /// Items whose failure waits for the probe's verdict.
     awaiting: Vec<(ItemKey, StorageError)>,
+    /// When each item waiting for its upload was queued (Unix ms), for the
+    /// age of the oldest.
+    queued_at: HashMap<ItemKey, u64>,
+    next_age: Instant,
     health: Health,
     /// Why nothing leaves the queue (root or state_dir), as published.
     paused: Option<String>,
@@ -251,6 +263,8 @@ impl Scheduler {
             recheck: HashSet::new(),
             held: HashSet::new(),
             awaiting: Vec::new(),
+            queued_at: HashMap::new(),
+            next_age: Instant::now(),
             health,
             paused: None,
             state_paused: false,
@@ -260,6 +274,11 @@ impl Scheduler {
             clock: Clock::new(),
         };
         s.load_queue();
+        if let Some(store) = s.current().target.store() {
+            s.live
+                .metrics
+                .set_provider_paused(&store.provider().name, false);
+        }
         s
     }
 
@@ -282,6 +301,7 @@ impl Scheduler {
             }
         };
         self.lanes = Lanes::default();
+        self.queued_at.clear();
         let mut failed = std::collections::BTreeMap::new();
         for (key, item) in items {
             if self.in_flight.contains_key(&key) || self.held.contains(&key) {
@@ -291,7 +311,12 @@ impl Scheduler {
                 (Stage::Parked { reason }, _) => {
                     failed.insert(key, reason.clone());
                 }
-                (_, Some(lane)) => self.lanes.insert(key, item.next_attempt_ms, lane),
+                (_, Some(lane)) => {
+                    if lane == Lane::Upload {
+                        self.queued_at.insert(key.clone(), queued_or_now(&item));
+                    }
+                    self.lanes.insert(key, item.next_attempt_ms, lane)
+                }
                 (_, None) => {}
             }
         }
@@ -348,6 +373,22 @@ impl Scheduler {
         m.set_paused_providers(paused as u64);
     }
 
+    /// The age of the oldest item waiting for its upload, for `/metrics`
+    /// (a scan of all of them, so at most every few seconds).
+    fn publish_age(&mut self) {
+        if Instant::now() < self.next_age {
+            return;
+        }
+        self.next_age = Instant::now() + Duration::from_secs(5);
+        let now = self.clock.now_ms();
+        let age = self
+            .queued_at
+            .values()
+            .min()
+            .map_or(0, |t| now.saturating_sub(*t) / 1000);
+        self.metrics().set_oldest_pending_age(age);
+    }
+
     /// Runs until `shutdown` fires, then lets work in flight finish for up to
     /// `grace`; what is left stays queued (multipart uploads resumable).
     pub async fn run(
@@ -361,6 +402,7 @@ impl Scheduler {
         loop {
             self.maintain();
             self.dispatch();
+            self.publish_age();
             let wake = self.next_wake();
             tokio::select! {
                 // While paused, candidates wait in the channel (the watcher
@@ -578,6 +620,7 @@ impl Scheduler {
     fn complete(&mut self, key: ItemKey, outcome: Outcome, started: Instant) {
         match outcome {
             Outcome::Uploaded { delete_due } => {
+                self.queued_at.remove(&key);
                 self.live.update(|s| s.failed.remove(&key));
                 let change = self.health.upload_succeeded(Instant::now());
                 self.health_changed(change);
@@ -586,9 +629,17 @@ impl Scheduler {
                 }
             }
             Outcome::Settled => {
+                self.queued_at.remove(&key);
                 self.live.update(|s| s.failed.remove(&key));
             }
-            Outcome::Later { due_ms, lane } => self.lanes.insert(key.clone(), due_ms, lane),
+            Outcome::Later { due_ms, lane } => {
+                if lane == Lane::Upload {
+                    self.queued_at
+                        .entry(key.clone())
+                        .or_insert_with(|| self.clock.now_ms());
+                }
+                self.lanes.insert(key.clone(), due_ms, lane)
+            }
             Outcome::Parked(reason) => self.park_noted(&key, reason),
             Outcome::Failed(err) => self.failed(key.clone(), err, started),
             Outcome::State(e) => {
@@ -767,12 +818,14 @@ impl Scheduler {
             s.paused = info.clone();
             info
         });
+        self.metrics().set_provider_paused(provider, info.is_some());
         if let Err(e) = self.queue.set_paused(provider, info.as_ref()) {
             tracing::debug!(error = %e, "cannot remember the provider pause");
         }
     }
 
     fn park_noted(&mut self, key: &ItemKey, reason: String) {
+        self.queued_at.remove(key);
         self.live.update(|s| {
             if s.failed.get(key) != Some(&reason) {
                 tracing::warn!(path = %key, error = %reason, "not uploading {key}: {reason}");
@@ -854,6 +907,11 @@ impl Scheduler {
             Ok(Admission::Queued(item)) => {
                 self.live.update(|s| s.failed.remove(&key));
                 if let (false, Some(lane)) = (self.lanes.contains(&key), Lane::of(&item.stage)) {
+                    if lane == Lane::Upload {
+                        self.queued_at
+                            .entry(key.clone())
+                            .or_insert_with(|| queued_or_now(&item));
+                    }
                     self.lanes.insert(key, item.next_attempt_ms, lane);
                 }
             }
@@ -894,6 +952,7 @@ impl Scheduler {
                     match self.queue.unpark(&key) {
                         Ok(true) => {
                             self.live.update(|s| s.failed.remove(&key));
+                            self.queued_at.insert(key.clone(), self.clock.now_ms());
                             self.lanes.insert(key, 0, Lane::Upload);
                             n += 1;
                         }
@@ -929,6 +988,7 @@ impl Scheduler {
                     )));
                 } else {
                     self.lanes.remove(&key);
+                    self.queued_at.remove(&key);
                     self.live.update(|s| s.failed.remove(&key));
                     self.held.insert(key);
                     let _ = reply.send(Ok(()));
@@ -965,6 +1025,11 @@ impl Scheduler {
             self.health.probe_now(Instant::now());
         }
         self.health.set_backoff(plan.options.retry);
+        if let Some(store) = plan.target.store() {
+            let paused = self.live.update(|s| s.paused.is_some());
+            self.metrics()
+                .set_provider_paused(&store.provider().name, paused);
+        }
         self.plan.send_replace(plan);
         self.uploader = Arc::new(Uploader {
             budget,

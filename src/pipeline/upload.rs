@@ -17,6 +17,7 @@ use crate::pipeline::budget::{Budget, Pacer};
 use crate::pipeline::finished::FileIdentity;
 use crate::pipeline::queue::{MultipartProgress, PartDone, Queue, StateError};
 use crate::remote::error::{ErrorClass, StorageError};
+use crate::remote::object_options::ObjectOptions;
 use crate::remote::store::Store;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
@@ -142,7 +143,8 @@ pub struct Job<'a> {
     pub key: &'a ObjectKey,
     pub abs: &'a Path,
     pub item_key: &'a ItemKey,
-    pub content_type: &'a str,
+    /// The headers the object gets (content type, rules).
+    pub options: &'a ObjectOptions,
     /// The multipart upload recorded for this item, if any.
     pub previous: Option<&'a MultipartProgress>,
 }
@@ -184,7 +186,7 @@ impl Uploader {
         .await
         .expect("reading task never panics")?;
         self.pacer.take(len).await;
-        let sent = job.store.put(job.key, &body, job.content_type).await;
+        let sent = job.store.put(job.key, &body, job.options).await;
         self.progressed();
         sent?;
         Ok(Sent {
@@ -239,10 +241,7 @@ impl Uploader {
                 self.abandon(job, p).await?;
             }
         }
-        let upload_id = job
-            .store
-            .initiate(job.key, job.content_type, part_size)
-            .await?;
+        let upload_id = job.store.initiate(job.key, job.options, part_size).await?;
         let progress = MultipartProgress {
             provider: job.store.provider().name.clone(),
             key: job.key.as_str().to_string(),

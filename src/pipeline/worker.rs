@@ -174,17 +174,19 @@ impl Worker {
             Ok(k) => k,
             Err(e) => return self.park(key, e.to_string()),
         };
-        let content_type = mime_guess::from_path(&abs)
-            .first_or_octet_stream()
-            .essence_str()
-            .to_string();
+        let provider = store.provider();
+        let options = opts.object_rules.options_for(
+            &rel,
+            provider.cache_control.as_deref(),
+            provider.storage_class.as_deref(),
+        );
         let started = Instant::now();
         let job = Job {
             store,
             key: &object,
             abs: &abs,
             item_key: key,
-            content_type: &content_type,
+            options: &options,
             previous: item.multipart(),
         };
         let sent = match self.uploader.send(&job, opts.upload).await {
@@ -216,7 +218,7 @@ impl Worker {
             Deletion::Keep => AfterUpload::Finish,
             Deletion::After(_) => AfterUpload::DeleteLocal,
         };
-        let provider = &store.provider().name;
+        let provider = &provider.name;
         state!(record::commit(&self.queue, key, provider, &object, &sent, etag, after).await);
         let size = sent.identity.size;
         self.metrics

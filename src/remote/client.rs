@@ -11,6 +11,7 @@ use crate::remote::error::{
     classify, error_chain, region_from_error, root_cause, transport_of, valid_region, xml_field,
     ErrorClass, Fault, StorageError,
 };
+use crate::remote::object_options::ObjectOptions;
 use crate::remote::provider::{Addressing, Resolved, Sse};
 use crate::remote::store::{self, Head, Listed, PendingUpload, Reply, Store, PART_SIZE_META};
 use s3::creds::Credentials;
@@ -133,15 +134,57 @@ impl Client {
         b
     }
 
+    /// The bucket to create an object with: the provider's upload headers,
+    /// with what `options` sets over them (and `extra`).
+    fn object_bucket(
+        &self,
+        options: &ObjectOptions,
+        extra: &[(&'static str, String)],
+    ) -> Result<Bucket, StorageError> {
+        let overrides = [
+            ("cache-control", options.cache_control.clone()),
+            ("x-amz-storage-class", options.storage_class.clone()),
+            ("content-disposition", options.content_disposition.clone()),
+        ];
+        let same = |name: &str, v: &Option<String>| {
+            self.upload_bucket
+                .extra_headers
+                .get(name)
+                .map(|h| h.as_bytes())
+                == v.as_deref().map(str::as_bytes)
+        };
+        if extra.is_empty() && overrides.iter().all(|(n, v)| same(n, v)) {
+            return Ok(self.upload_bucket.clone());
+        }
+        let mut headers = self.upload_bucket.extra_headers.clone();
+        let values = overrides
+            .into_iter()
+            .filter_map(|(n, v)| v.map(|v| (n, v)))
+            .chain(extra.iter().cloned());
+        for (name, value) in values {
+            let v = http::HeaderValue::from_str(&value).map_err(|_| {
+                StorageError::new(
+                    ErrorClass::Item,
+                    format!("`{name}` value `{value}` is not a valid HTTP header value; fix the rule that sets it"),
+                )
+            })?;
+            headers.insert(http::HeaderName::from_static(name), v);
+        }
+        self.upload_bucket
+            .with_extra_headers(headers)
+            .map_err(|e| self.err(e))
+    }
+
     /// Uploads a whole object in one PUT.
     pub async fn put(
         &self,
         key: &ObjectKey,
         body: &[u8],
-        content_type: &str,
+        options: &ObjectOptions,
     ) -> Result<(), StorageError> {
-        let b = Self::with_timeout(&self.upload_bucket, body.len() as u64);
-        b.put_object_with_content_type(key.as_str(), body, content_type)
+        let mut b = self.object_bucket(options, &[])?;
+        b.set_request_timeout(Some(request_timeout(body.len() as u64)));
+        b.put_object_with_content_type(key.as_str(), body, &options.content_type)
             .await
             .map_err(|e| self.err(e))?;
         Ok(())
@@ -152,20 +195,15 @@ impl Client {
     pub async fn initiate_multipart(
         &self,
         key: &ObjectKey,
-        content_type: &str,
+        options: &ObjectOptions,
         part_size: u64,
     ) -> Result<String, StorageError> {
-        let mut headers = self.upload_bucket.extra_headers.clone();
-        headers.insert(
-            http::HeaderName::from_static("x-amz-meta-offloadd-part-size"),
-            http::HeaderValue::from(part_size),
-        );
-        let bucket = self
-            .upload_bucket
-            .with_extra_headers(headers)
-            .map_err(|e| self.err(e))?;
+        let bucket = self.object_bucket(
+            options,
+            &[("x-amz-meta-offloadd-part-size", part_size.to_string())],
+        )?;
         let r = bucket
-            .initiate_multipart_upload(key.as_str(), content_type)
+            .initiate_multipart_upload(key.as_str(), &options.content_type)
             .await
             .map_err(|e| self.err(e))?;
         Ok(r.upload_id)
@@ -326,18 +364,18 @@ impl Store for Client {
         &'a self,
         key: &'a ObjectKey,
         body: &'a [u8],
-        content_type: &'a str,
+        options: &'a ObjectOptions,
     ) -> Reply<'a, ()> {
-        Box::pin(Client::put(self, key, body, content_type))
+        Box::pin(Client::put(self, key, body, options))
     }
 
     fn initiate<'a>(
         &'a self,
         key: &'a ObjectKey,
-        content_type: &'a str,
+        options: &'a ObjectOptions,
         part_size: u64,
     ) -> Reply<'a, String> {
-        Box::pin(self.initiate_multipart(key, content_type, part_size))
+        Box::pin(self.initiate_multipart(key, options, part_size))
     }
 
     fn put_part<'a>(

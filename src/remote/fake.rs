@@ -4,6 +4,7 @@
 
 use crate::keys::ObjectKey;
 use crate::remote::error::{classify, ErrorClass, StorageError};
+use crate::remote::object_options::ObjectOptions;
 use crate::remote::provider::{Addressing, Kind, Resolved, Secret};
 use crate::remote::store::{Head, Listed, PendingUpload, Reply, Store};
 use md5::{Digest, Md5};
@@ -140,7 +141,12 @@ impl Store for FakeStore {
         &self.provider
     }
 
-    fn put<'a>(&'a self, key: &'a ObjectKey, body: &'a [u8], _: &'a str) -> Reply<'a, ()> {
+    fn put<'a>(
+        &'a self,
+        key: &'a ObjectKey,
+        body: &'a [u8],
+        _: &'a ObjectOptions,
+    ) -> Reply<'a, ()> {
         Box::pin(async move {
             self.enter(Op::Put, key.as_str())?;
             self.objects
@@ -151,7 +157,12 @@ impl Store for FakeStore {
         })
     }
 
-    fn initiate<'a>(&'a self, key: &'a ObjectKey, _: &'a str, part_size: u64) -> Reply<'a, String> {
+    fn initiate<'a>(
+        &'a self,
+        key: &'a ObjectKey,
+        _: &'a ObjectOptions,
+        part_size: u64,
+    ) -> Reply<'a, String> {
         Box::pin(async move {
             self.enter(Op::Initiate, key.as_str())?;
             let mut n = self.next_id.lock().unwrap();

@@ -31,7 +31,7 @@ impl Kind {
         matches!(self, Kind::S3 | Kind::Minio | Kind::Custom)
     }
 
-    fn supports_storage_class(self) -> bool {
+    pub fn supports_storage_class(self) -> bool {
         !matches!(self, Kind::Wasabi | Kind::Spaces)
     }
 }

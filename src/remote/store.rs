@@ -5,6 +5,7 @@
 
 use crate::keys::ObjectKey;
 use crate::remote::error::StorageError;
+use crate::remote::object_options::ObjectOptions;
 use crate::remote::provider::Resolved;
 use futures::future::BoxFuture;
 
@@ -54,7 +55,7 @@ pub trait Store: Send + Sync {
         &'a self,
         key: &'a ObjectKey,
         body: &'a [u8],
-        content_type: &'a str,
+        options: &'a ObjectOptions,
     ) -> Reply<'a, ()>;
 
     /// Starts a multipart upload whose parts are `part_size` bytes (recorded
@@ -62,7 +63,7 @@ pub trait Store: Send + Sync {
     fn initiate<'a>(
         &'a self,
         key: &'a ObjectKey,
-        content_type: &'a str,
+        options: &'a ObjectOptions,
         part_size: u64,
     ) -> Reply<'a, String>;
 

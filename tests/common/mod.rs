@@ -918,7 +918,12 @@ const READY_FALLBACK: Duration = Duration::from_secs(10);
 impl Daemon {
     /// Spawn `offloadd run` and return at once.
     pub fn spawn(env: &TestEnv, extra_env: &[(&str, &str)]) -> Daemon {
-        let mut cmd = Command::new(bin_path());
+        Daemon::spawn_bin(&bin_path(), env, extra_env)
+    }
+
+    /// Spawn `BIN run` (another build of offloadd) and return at once.
+    pub fn spawn_bin(bin: &Path, env: &TestEnv, extra_env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(bin);
         cmd.arg("--config").arg(&env.config_path).arg("run");
         scrub_env(&mut cmd);
         for (k, v) in extra_env {

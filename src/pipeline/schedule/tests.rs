@@ -42,6 +42,7 @@ fn plan(root: &std::path::Path, store: &Arc<FakeStore>, deletion: Deletion) -> A
             },
             retry: Backoff::new(Duration::from_secs(1), Duration::from_secs(8)),
             mark_ns: 0,
+            object_rules: Arc::new(Default::default()),
         },
         target: Target::Provider(store.clone()),
     })
