@@ -82,13 +82,13 @@ cargo fmt --check
 say "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 say "cargo deny check"
-if ! cargo deny check --hide-inclusion-graph bans licenses sources; then
+if ! cargo deny -L error check --hide-inclusion-graph bans licenses sources; then
     say "cargo deny: the dependency tree breaks deny.toml"
     exit 1
 fi
 # Advisories need the RustSec database from GitHub; a machine that cannot
 # reach it says so on every run instead of passing in silence.
-if ! advisories=$(cargo deny check --hide-inclusion-graph advisories 2>&1); then
+if ! advisories=$(cargo deny -L error check --hide-inclusion-graph advisories 2>&1); then
     if grep -qiE "failed to fetch|unable to|could not resolve|network|clone" <<<"$advisories"; then
         say "WARNING: the RustSec advisory database is unreachable from this machine; advisories NOT checked"
     else

@@ -17,6 +17,7 @@
 use crate::config::{self, Config};
 use crate::control::{self, status::Report};
 use crate::observe::{http, logging, systemd};
+use crate::pipeline::budget::Pacer;
 use crate::pipeline::detect::{self, Candidate};
 use crate::pipeline::live::Live;
 use crate::pipeline::plan::Target;
@@ -186,6 +187,7 @@ pub async fn run(
         candidates: cand_tx,
         watcher: None,
         rescans: rescan_rx,
+        reloaded: None,
         stopped: stopped.clone(),
     };
     if let Target::Provider(_) = settings.plan.target {
@@ -193,9 +195,22 @@ pub async fn run(
             tasks.push(("watcher", task));
         }
     }
+    let pacer = Pacer::new(settings.bandwidth_now().limit.bytes_per_sec());
+    let (reloaded_tx, reloaded_rx) = tokio::sync::watch::channel(0u64);
+    tasks.push((
+        "bandwidth",
+        tokio::spawn(follow_bandwidth(
+            shared.clone(),
+            pacer.clone(),
+            live.clone(),
+            reloaded_rx,
+            stopped.clone(),
+        )),
+    ));
+    reloader.reloaded = Some(reloaded_tx);
     let scheduler = Scheduler::new(
         settings.plan.clone(),
-        settings.resources(),
+        (settings.budget(), pacer),
         queue.clone(),
         root.clone(),
         live.clone(),
@@ -275,6 +290,8 @@ struct Reloader {
     candidates: mpsc::Sender<Candidate>,
     watcher: Option<detect::Watcher>,
     rescans: tokio::sync::watch::Receiver<u64>,
+    /// Bumped after every applied reload.
+    reloaded: Option<tokio::sync::watch::Sender<u64>>,
     stopped: Shutdown,
 }
 
@@ -360,7 +377,7 @@ impl Reloader {
         self.commands
             .send(Command::Replan {
                 plan: cur.plan.clone(),
-                resources: cur.resources(),
+                budget: cur.budget(),
                 applied,
             })
             .await
@@ -385,7 +402,7 @@ impl Reloader {
                         .commands
                         .send(Command::Replan {
                             plan: old.plan.clone(),
-                            resources: old.resources(),
+                            budget: old.budget(),
                             applied,
                         })
                         .await;
@@ -399,7 +416,46 @@ impl Reloader {
         }
         logging::set_level(&cur.config.log.level);
         *self.shared.write().expect("settings lock") = cur;
+        if let Some(r) = &self.reloaded {
+            r.send_modify(|n| *n += 1);
+        }
         Ok(started)
+    }
+}
+
+/// Keeps the pacer at the bandwidth limit in force (the flat limit, or the
+/// weekly schedule), and says so in the log, `status` and `/metrics`.
+async fn follow_bandwidth(
+    shared: Shared,
+    pacer: Pacer,
+    live: Arc<Live>,
+    mut reloaded: tokio::sync::watch::Receiver<u64>,
+    mut stopped: Shutdown,
+) {
+    let mut shown = String::new();
+    loop {
+        let bw = settings::current(&shared).bandwidth_now();
+        pacer.set_rate(bw.limit.bytes_per_sec());
+        live.metrics.set_bandwidth_limit(bw.limit.bytes_per_sec());
+        let text = bw.to_string();
+        if text != shown {
+            if !shown.is_empty() || bw.scheduled {
+                tracing::info!(limit = %text, "upload bandwidth limit now {text}");
+            }
+            live.update(|s| s.bandwidth = text.clone());
+            shown = text;
+        }
+        // Look again at the next change, and at least every minute (the
+        // clock or the time zone may change meanwhile).
+        let wait = bw
+            .next_change
+            .map_or(Duration::from_secs(60), |d| d.min(Duration::from_secs(60)))
+            .max(Duration::from_millis(200));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            changed = reloaded.changed() => if changed.is_err() { return },
+            _ = stopped.recv() => return,
+        }
     }
 }
 

@@ -6,9 +6,10 @@
 
 use crate::config::{Active, Config};
 use crate::pipeline::backoff::Backoff;
-use crate::pipeline::budget::{Budget, Pacer};
+use crate::pipeline::budget::Budget;
 use crate::pipeline::filter::Rules;
 use crate::pipeline::plan::{Deletion, Options, Plan, Target};
+use crate::pipeline::timetable::{Limit, Timetable};
 use crate::pipeline::upload;
 use crate::remote::client::Client;
 use crate::statedir;
@@ -24,6 +25,34 @@ pub struct Settings {
     /// Public URL base and prefix of the active provider, for `/r/` of paths
     /// without a record.
     pub predictable: Option<(String, String)>,
+    bandwidth: BandwidthRule,
+}
+
+/// Where the bandwidth limit comes from.
+enum BandwidthRule {
+    /// `upload.bandwidth_limit` (0: unlimited).
+    Flat(u64),
+    /// `upload.bandwidth_schedule`.
+    Schedule(Timetable),
+}
+
+/// The bandwidth limit in force, for the pacer, `status` and `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bandwidth {
+    pub limit: Limit,
+    /// From the weekly schedule (else the flat limit).
+    pub scheduled: bool,
+    /// When the schedule changes the limit next.
+    pub next_change: Option<std::time::Duration>,
+}
+
+impl std::fmt::Display for Bandwidth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.scheduled {
+            true => write!(f, "{} (bandwidth_schedule)", self.limit),
+            false => write!(f, "{}", self.limit),
+        }
+    }
 }
 
 /// The settings in force, shared by the daemon's tasks.
@@ -93,7 +122,14 @@ impl Settings {
             }
             Target::Local { reason } => (Some(reason.clone()), None),
         };
+        let schedule = Timetable::parse(&up.bandwidth_schedule).map_err(|e| e.to_string())?;
+        let bandwidth = if schedule.is_empty() {
+            BandwidthRule::Flat(up.bandwidth_limit)
+        } else {
+            BandwidthRule::Schedule(schedule)
+        };
         Ok(Settings {
+            bandwidth,
             plan: Arc::new(Plan { options, target }),
             rules,
             local_reason,
@@ -107,8 +143,30 @@ impl Settings {
         self.plan.target.name()
     }
 
-    pub fn resources(&self) -> (Budget, Pacer) {
-        let up = &self.config.upload;
-        (Budget::new(up.memory_limit), Pacer::new(up.bandwidth_limit))
+    /// The memory budget for buffered file bytes.
+    pub fn budget(&self) -> Budget {
+        Budget::new(self.config.upload.memory_limit)
+    }
+
+    /// The bandwidth limit in force now.
+    pub fn bandwidth_now(&self) -> Bandwidth {
+        match &self.bandwidth {
+            BandwidthRule::Flat(bps) => Bandwidth {
+                limit: Limit::from_bytes_per_sec(*bps),
+                scheduled: false,
+                next_change: None,
+            },
+            BandwidthRule::Schedule(t) => {
+                let now = jiff::ZonedDateTime::now();
+                Bandwidth {
+                    limit: t.limit_at(&now),
+                    scheduled: true,
+                    next_change: t.next_change_after(&now).map(|z| {
+                        let secs = z.timestamp().as_second() - now.timestamp().as_second();
+                        std::time::Duration::from_secs(secs.max(0) as u64)
+                    }),
+                }
+            }
+        }
     }
 }

@@ -95,6 +95,9 @@ pub struct Upload {
     /// Bytes per second; 0 is unlimited.
     #[serde(with = "crate::config::units::serde_size")]
     pub bandwidth_limit: u64,
+    /// A weekly timetable of limits (`"Mon-Fri 08:00 10MiB"`, `"19:00 off"`);
+    /// when set, it replaces `bandwidth_limit`.
+    pub bandwidth_schedule: Vec<String>,
     pub retry: Retry,
 }
 
@@ -210,6 +213,7 @@ impl Default for Upload {
             part_concurrency: 4,
             memory_limit: 64 * MIB,
             bandwidth_limit: 0,
+            bandwidth_schedule: Vec::new(),
             retry: Retry::default(),
         }
     }
@@ -489,6 +493,9 @@ impl Config {
                 retry("max_backoff"),
                 "`upload.retry.max_backoff` is shorter than `initial_backoff`; make it at least as long".into(),
             ));
+        }
+        if let Err(e) = crate::pipeline::timetable::Timetable::parse(&u.bandwidth_schedule) {
+            return fail("bandwidth_schedule", format!("upload.{e}"));
         }
         Ok(())
     }

@@ -50,6 +50,10 @@ pub struct Report {
     /// One-time notices, e.g. old files moved in that wait for `backfill`.
     #[serde(default)]
     pub notices: Vec<String>,
+    /// The upload bandwidth limit in force (`unlimited`, `10 MiB/s`, with
+    /// `(bandwidth_schedule)` when the weekly schedule sets it).
+    #[serde(default)]
+    pub bandwidth_limit: String,
     pub updated: String,
 }
 
@@ -95,6 +99,7 @@ pub fn live(queue: &Queue, live: &Live, settings: &Settings) -> Report {
         waiting_for_writer: shown.writers_waiting,
         waiting_for_writer_sample: shown.writers_sample,
         notices: shown.notices,
+        bandwidth_limit: shown.bandwidth,
         updated: statedir::rfc3339(statedir::now_ms()),
     }
 }
@@ -147,6 +152,7 @@ pub fn report(config: &Config) -> anyhow::Result<Report> {
         waiting_for_writer: 0,
         waiting_for_writer_sample: Vec::new(),
         notices: Vec::new(),
+        bandwidth_limit: String::new(),
         updated: statedir::rfc3339(statedir::now_ms()),
     })
 }
@@ -177,6 +183,9 @@ pub fn render(r: &Report) -> String {
         "uploaded: {} files, {} bytes",
         r.uploaded_count, r.uploaded_bytes
     ));
+    if !r.bandwidth_limit.is_empty() {
+        line(format!("bandwidth limit: {}", r.bandwidth_limit));
+    }
     for p in &r.paused {
         line(format!(
             "PAUSED provider {} since {}: {}",

@@ -84,7 +84,8 @@ pub fn return_large_buffers_to_os() {
 /// sent. A body waits until the bodies before it would have been sent at that rate.
 #[derive(Clone)]
 pub struct Pacer {
-    bytes_per_sec: u64,
+    /// Bytes per second; 0 is unlimited. Changed by the bandwidth schedule.
+    bytes_per_sec: Arc<std::sync::atomic::AtomicU64>,
     next_free: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
 
@@ -92,17 +93,35 @@ impl Pacer {
     /// `0` means unlimited.
     pub fn new(bytes_per_sec: u64) -> Self {
         Pacer {
-            bytes_per_sec,
+            bytes_per_sec: Arc::new(std::sync::atomic::AtomicU64::new(bytes_per_sec)),
             next_free: Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
+    /// Changes the rate for the bodies that start from now on (every clone).
+    pub fn set_rate(&self, bytes_per_sec: u64) {
+        let old = self
+            .bytes_per_sec
+            .swap(bytes_per_sec, std::sync::atomic::Ordering::Relaxed);
+        if old != bytes_per_sec {
+            // Bodies already spaced out at the old rate keep their turn; the
+            // next one waits no longer than the new rate asks.
+            *self.next_free.lock().expect("pacer lock") = None;
+        }
+    }
+
+    pub fn rate(&self) -> u64 {
+        self.bytes_per_sec
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Waits for this body's turn.
     pub async fn take(&self, bytes: u64) {
-        if self.bytes_per_sec == 0 || bytes == 0 {
+        let rate = self.rate();
+        if rate == 0 || bytes == 0 {
             return;
         }
-        let cost = std::time::Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64);
+        let cost = std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
         let start = {
             let mut next = self.next_free.lock().expect("pacer lock");
             let now = tokio::time::Instant::now();
@@ -129,6 +148,28 @@ mod tests {
         p.take(10).await;
         assert_eq!(t0.elapsed(), std::time::Duration::from_millis(1500));
         Pacer::new(0).take(u64::MAX).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_rate_applies_to_the_next_body() {
+        let p = Pacer::new(1000);
+        let t0 = tokio::time::Instant::now();
+        p.take(1000).await;
+        p.take(1000).await;
+        assert_eq!(t0.elapsed(), std::time::Duration::from_secs(1));
+        p.clone().set_rate(0);
+        p.take(1_000_000).await;
+        p.take(1_000_000).await;
+        assert_eq!(
+            t0.elapsed(),
+            std::time::Duration::from_secs(1),
+            "unlimited now"
+        );
+        p.set_rate(500);
+        assert_eq!(p.rate(), 500);
+        p.take(500).await;
+        p.take(500).await;
+        assert_eq!(t0.elapsed(), std::time::Duration::from_secs(2));
     }
 
     #[tokio::test]

@@ -29,6 +29,8 @@ pub struct Shown {
     pub writers_sample: Vec<String>,
     /// One-time notices for operators, e.g. old files moved in (watcher).
     pub notices: Vec<String>,
+    /// The upload bandwidth limit in force, as text (daemon).
+    pub bandwidth: String,
     /// Set while location records are rebuilt from the bucket (daemon).
     pub rebuild: Option<Arc<rebuild::Progress>>,
 }

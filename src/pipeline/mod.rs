@@ -17,8 +17,8 @@
 //! - Rules it rests on: [`finished`] (the finished-file rule, checked again at
 //!   every attempt), [`root`] (the watch root is present and the same).
 //! - Around it: [`rebuild`] (records from the bucket after state loss),
-//!   [`budget`] (memory and bandwidth), [`backoff`], [`live`] (figures for
-//!   `status`).
+//!   [`budget`] (memory and bandwidth), [`timetable`] (the weekly bandwidth
+//!   schedule), [`backoff`], [`live`] (figures for `status`).
 //!
 //! The rules that hold on every path: nothing leaves the queue unless its file
 //! is uploaded, verified and durably recorded, or proven gone while the root
@@ -42,6 +42,7 @@ pub mod rebuild;
 pub mod record;
 pub mod root;
 pub mod schedule;
+pub mod timetable;
 pub mod upload;
 pub mod verify;
 pub mod worker;

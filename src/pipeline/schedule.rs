@@ -68,11 +68,12 @@ pub enum Command {
         key: ItemKey,
         reply: oneshot::Sender<()>,
     },
-    /// A reload: the new plan and upload resources, for items that start from
-    /// now on; items in flight finish as they started.
+    /// A reload: the new plan and memory budget, for items that start from
+    /// now on; items in flight finish as they started. (The bandwidth pacer
+    /// stays; its rate follows the settings.)
     Replan {
         plan: Arc<Plan>,
-        resources: (Budget, Pacer),
+        budget: Budget,
         applied: oneshot::Sender<()>,
     },
 }
@@ -1000,17 +1001,17 @@ impl Scheduler {
             }
             Command::Replan {
                 plan,
-                resources: (budget, pacer),
+                budget,
                 applied,
             } => {
-                self.replan(plan, budget, pacer);
+                self.replan(plan, budget);
                 let _ = applied.send(());
             }
         }
         self.publish();
     }
 
-    fn replan(&mut self, plan: Arc<Plan>, budget: Budget, pacer: Pacer) {
+    fn replan(&mut self, plan: Arc<Plan>, budget: Budget) {
         let old = self.current();
         if old.target.name() != plan.target.name() {
             let change = self.health.reset();
@@ -1033,7 +1034,7 @@ impl Scheduler {
         self.plan.send_replace(plan);
         self.uploader = Arc::new(Uploader {
             budget,
-            pacer,
+            pacer: self.uploader.pacer.clone(),
             progress: self.live.last_progress_ms.clone(),
             queue: self.queue.clone(),
         });

@@ -353,7 +353,7 @@ async fn turning_deletion_off_cancels_pending_deletes() {
     h.commands
         .send(Command::Replan {
             plan: p,
-            resources: resources(),
+            budget: resources().0,
             applied: oneshot::channel().0,
         })
         .await
