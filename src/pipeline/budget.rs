@@ -1,16 +1,16 @@
 //! Shared upload resources: the byte budget for buffered file contents and the
 //! bandwidth pacer.
 //!
-//! Guarantees that the file bytes held in memory for uploads (including rust-s3's
-//! copy of each request body) never exceed `upload.memory_limit`, and that bodies
+//! Guarantees that the file bytes held in memory for uploads never exceed
+//! `upload.memory_limit`, and that bodies
 //! start no faster than `upload.bandwidth_limit` allows on average.
 
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// rust-s3 copies each request body once (`Vec::from(content)`) while sending,
-/// so a buffer of `n` bytes costs `n * BODY_COPIES` while in flight.
-pub const BODY_COPIES: u64 = 2;
+/// Copies of a body in memory while it is sent: the data path hands the
+/// buffer itself to the HTTP client, so a buffer of `n` bytes costs `n`.
+pub const BODY_COPIES: u64 = 1;
 
 const UNIT: u64 = 1024;
 
@@ -175,16 +175,17 @@ mod tests {
     #[tokio::test]
     async fn reservations_block_until_released() {
         let b = Budget::new(64 * 1024 * 1024);
-        assert_eq!(b.max_buffer(), 32 * 1024 * 1024);
-        let r1 = b.reserve(16 * 1024 * 1024).await;
-        let _r2 = b.reserve(16 * 1024 * 1024).await;
+        let half = b.max_buffer() / 2;
+        assert_eq!(b.max_buffer(), 64 * 1024 * 1024 / BODY_COPIES);
+        let r1 = b.reserve(half).await;
+        let _r2 = b.reserve(half).await;
         assert_eq!(b.in_use(), 64 * 1024 * 1024);
         let b2 = b.clone();
         let waiter = tokio::spawn(async move { b2.reserve(1024).await.bytes });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!waiter.is_finished());
         drop(r1);
-        assert_eq!(waiter.await.unwrap(), 2048);
+        assert_eq!(waiter.await.unwrap(), 1024 * BODY_COPIES);
     }
 
     #[tokio::test]

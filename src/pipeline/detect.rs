@@ -51,6 +51,8 @@ const WALK_BATCH: usize = 512;
 const WRITER_PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Files probed per tick at most.
 const PROBES_PER_TICK: usize = 512;
+/// How often the tree is rescanned while some directories have no watch.
+const LIMITED_RESCAN: Duration = Duration::from_secs(60);
 
 /// How a candidate was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,6 +188,10 @@ struct WalkerShared {
     inputs: mpsc::Sender<Input>,
     stop: AtomicBool,
     live: Arc<Live>,
+    /// Directories a watch could not be added to (they need rescans).
+    unwatched: std::sync::atomic::AtomicU64,
+    /// The watch limit was reported.
+    limit_warned: AtomicBool,
 }
 
 /// Starts watching: the initial walk (which adds the watches) runs at once in
@@ -222,6 +228,8 @@ pub fn start(what: Watching, links: Links) -> notify::Result<(Watcher, JoinHandl
         inputs: inputs_tx.clone(),
         stop: AtomicBool::new(false),
         live: live.clone(),
+        unwatched: std::sync::atomic::AtomicU64::new(0),
+        limit_warned: AtomicBool::new(false),
     });
     let (walks_tx, walks_rx) = std::sync::mpsc::sync_channel::<(PathBuf, Why)>(WALK_QUEUE);
     let walker_shared = shared.clone();
@@ -507,8 +515,23 @@ impl Detect {
             self.shared.live.metrics.rescan();
             self.walk(self.rules.root.clone(), Why::Overflow);
         }
+        // Directories without a watch are covered by rescans at least every
+        // LIMITED_RESCAN.
+        let every = match (
+            self.rescan_every,
+            self.shared.unwatched.load(Ordering::Relaxed) > 0,
+        ) {
+            (Some(d), true) => Some(d.min(LIMITED_RESCAN)),
+            (None, true) => Some(LIMITED_RESCAN),
+            (d, false) => d,
+        };
+        if self.next_rescan.is_none() {
+            self.next_rescan = every.map(|d| Instant::now() + d);
+        }
         if self.next_rescan.is_some_and(|t| Instant::now() >= t) {
-            self.next_rescan = self.rescan_every.map(|d| Instant::now() + d);
+            self.next_rescan = every.map(|d| Instant::now() + d);
+            // The rescan counts the directories still without a watch afresh.
+            self.shared.unwatched.store(0, Ordering::Relaxed);
             self.shared.live.metrics.rescan();
             self.walk(self.rules.root.clone(), Why::Periodic);
         }
@@ -743,7 +766,23 @@ fn watch_dir(shared: &WalkerShared, dir: &Path) {
                 .insert(dir.to_path_buf(), id);
         }
         Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; its files are found by rescans only (raise fs.inotify.max_user_watches if the limit is reached)");
+            let n = shared.unwatched.fetch_add(1, Ordering::Relaxed);
+            let at_limit = matches!(e.kind, notify::ErrorKind::MaxFilesWatch);
+            if at_limit && !shared.limit_warned.swap(true, Ordering::Relaxed) {
+                let limit = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_else(|_| "?".into());
+                let text = format!(
+                    "the inotify watch limit is reached (fs.inotify.max_user_watches = {limit}): directories beyond it are not watched, and their new files are found by a rescan every {} s instead of at once; raise the limit (sysctl fs.inotify.max_user_watches=…, see README)",
+                    LIMITED_RESCAN.as_secs()
+                );
+                tracing::warn!(dir = %dir.display(), "{text}");
+                shared.live.notice(text);
+            } else if !at_limit && n < 10 {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory {}: {e}; its files are found by rescans only", dir.display());
+            } else {
+                tracing::debug!(dir = %dir.display(), error = %e, "cannot watch directory");
+            }
         }
     }
 }
@@ -768,6 +807,8 @@ mod tests {
             inputs,
             stop: AtomicBool::new(false),
             live: live.clone(),
+            unwatched: std::sync::atomic::AtomicU64::new(0),
+            limit_warned: AtomicBool::new(false),
         });
         let (walks, _wrx) = std::sync::mpsc::sync_channel(4);
         let d = Detect {

@@ -186,7 +186,7 @@ impl Uploader {
         .await
         .expect("reading task never panics")?;
         self.pacer.take(len).await;
-        let sent = job.store.put(job.key, &body, job.options).await;
+        let sent = job.store.put(job.key, body, md5, job.options).await;
         self.progressed();
         sent?;
         Ok(Sent {
@@ -294,7 +294,10 @@ impl Uploader {
                 .expect("reading task never panics")
                 .map_err(|_| UploadError::Changed)?;
                 self.pacer.take(len).await;
-                let etag = job.store.put_part(job.key, &upload_id, number, body).await;
+                let etag = job
+                    .store
+                    .put_part(job.key, &upload_id, number, body, md5)
+                    .await;
                 self.progressed();
                 let etag = etag?;
                 let snapshot = {

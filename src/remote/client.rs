@@ -2,9 +2,11 @@
 //! else. It implements [`Store`], the seam the pipeline talks to.
 //!
 //! Owns request building (headers for storage class, encryption, cache control,
-//! Content-Type, the part-size metadata of multipart uploads; Content-MD5 is
-//! added by rust-s3 for every PUT and part) and turns every failure into a
-//! classified [`StorageError`].
+//! Content-Type, the part-size metadata of multipart uploads) and turns every
+//! failure into a classified [`StorageError`]. Bodies (PUT and UploadPart) go
+//! on a data path of their own: rust-s3 presigns the request over our headers,
+//! including our Content-MD5, and its HTTP client sends the buffer as is, so a
+//! byte is hashed once (our MD5, which the server checks) and never copied.
 
 use crate::keys::ObjectKey;
 use crate::remote::error::{
@@ -37,6 +39,8 @@ pub fn request_timeout(len: u64) -> Duration {
 }
 
 const SMALL_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a presigned data-path URL is valid (it is used at once).
+const PRESIGN_EXPIRY_SECS: u32 = 3600;
 /// The slowest throughput a body upload is allowed before it counts as stalled.
 const MIN_BYTES_PER_SEC: u64 = 256 * 1024;
 
@@ -134,33 +138,22 @@ impl Client {
         b
     }
 
-    /// The bucket to create an object with: the provider's upload headers,
-    /// with what `options` sets over them (and `extra`).
-    fn object_bucket(
+    /// The headers an object is created with: the provider's upload headers,
+    /// with what `options` sets over them, then `extra`.
+    fn object_headers(
         &self,
         options: &ObjectOptions,
         extra: &[(&'static str, String)],
-    ) -> Result<Bucket, StorageError> {
-        let overrides = [
+    ) -> Result<http::HeaderMap, StorageError> {
+        let mut headers = self.upload_bucket.extra_headers.clone();
+        let values = [
             ("cache-control", options.cache_control.clone()),
             ("x-amz-storage-class", options.storage_class.clone()),
             ("content-disposition", options.content_disposition.clone()),
-        ];
-        let same = |name: &str, v: &Option<String>| {
-            self.upload_bucket
-                .extra_headers
-                .get(name)
-                .map(|h| h.as_bytes())
-                == v.as_deref().map(str::as_bytes)
-        };
-        if extra.is_empty() && overrides.iter().all(|(n, v)| same(n, v)) {
-            return Ok(self.upload_bucket.clone());
-        }
-        let mut headers = self.upload_bucket.extra_headers.clone();
-        let values = overrides
-            .into_iter()
-            .filter_map(|(n, v)| v.map(|v| (n, v)))
-            .chain(extra.iter().cloned());
+        ]
+        .into_iter()
+        .filter_map(|(n, v)| v.map(|v| (n, v)))
+        .chain(extra.iter().cloned());
         for (name, value) in values {
             let v = http::HeaderValue::from_str(&value).map_err(|_| {
                 StorageError::new(
@@ -170,23 +163,68 @@ impl Client {
             })?;
             headers.insert(http::HeaderName::from_static(name), v);
         }
-        self.upload_bucket
-            .with_extra_headers(headers)
-            .map_err(|e| self.err(e))
+        Ok(headers)
+    }
+
+    /// The data path: a PUT of `body` to a URL presigned by rust-s3 over
+    /// `headers` (the payload is not hashed again: the server checks our
+    /// Content-MD5), sent by the bucket's own HTTP client without copying the
+    /// body. Returns the response's ETag, quotes stripped.
+    async fn put_presigned(
+        &self,
+        key: &str,
+        mut headers: http::HeaderMap,
+        queries: Option<std::collections::HashMap<String, String>>,
+        body: Vec<u8>,
+        md5: [u8; 16],
+    ) -> Result<Option<String>, StorageError> {
+        use base64::Engine as _;
+        let md5 = base64::engine::general_purpose::STANDARD.encode(md5);
+        headers.insert(
+            http::HeaderName::from_static("content-md5"),
+            http::HeaderValue::from_str(&md5).expect("base64 is a valid header value"),
+        );
+        let url = self
+            .plain_bucket
+            .presign_put(key, PRESIGN_EXPIRY_SECS, Some(headers.clone()), queries)
+            .await
+            .map_err(|e| self.err(e))?;
+        let timeout = request_timeout(body.len() as u64);
+        let sent = self
+            .plain_bucket
+            .http_client()
+            .put(url)
+            .headers(headers)
+            .timeout(timeout)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.err(S3Error::Reqwest(e)))?;
+        let status = sent.status().as_u16();
+        let etag = sent
+            .headers()
+            .get(http::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(|e| e.trim_matches('"').to_ascii_lowercase());
+        if (200..300).contains(&status) {
+            return Ok(etag);
+        }
+        let text = sent.text().await.unwrap_or_default();
+        Err(self.err(S3Error::HttpFailWithBody(status, text)))
     }
 
     /// Uploads a whole object in one PUT.
     pub async fn put(
         &self,
         key: &ObjectKey,
-        body: &[u8],
+        body: Vec<u8>,
+        md5: [u8; 16],
         options: &ObjectOptions,
     ) -> Result<(), StorageError> {
-        let mut b = self.object_bucket(options, &[])?;
-        b.set_request_timeout(Some(request_timeout(body.len() as u64)));
-        b.put_object_with_content_type(key.as_str(), body, &options.content_type)
-            .await
-            .map_err(|e| self.err(e))?;
+        let headers =
+            self.object_headers(options, &[("content-type", options.content_type.clone())])?;
+        self.put_presigned(key.as_str(), headers, None, body, md5)
+            .await?;
         Ok(())
     }
 
@@ -198,10 +236,14 @@ impl Client {
         options: &ObjectOptions,
         part_size: u64,
     ) -> Result<String, StorageError> {
-        let bucket = self.object_bucket(
+        let headers = self.object_headers(
             options,
             &[("x-amz-meta-offloadd-part-size", part_size.to_string())],
         )?;
+        let bucket = self
+            .plain_bucket
+            .with_extra_headers(headers)
+            .map_err(|e| self.err(e))?;
         let r = bucket
             .initiate_multipart_upload(key.as_str(), &options.content_type)
             .await
@@ -216,14 +258,32 @@ impl Client {
         upload_id: &str,
         number: u32,
         body: Vec<u8>,
-        content_type: &str,
+        md5: [u8; 16],
     ) -> Result<String, StorageError> {
-        let b = Self::with_timeout(&self.plain_bucket, body.len() as u64);
-        let part = b
-            .put_multipart_chunk(body, key.as_str(), number, upload_id, content_type)
-            .await
-            .map_err(|e| self.err(e))?;
-        Ok(part.etag)
+        let queries = [
+            ("partNumber".to_string(), number.to_string()),
+            ("uploadId".to_string(), upload_id.to_string()),
+        ]
+        .into_iter()
+        .collect();
+        let etag = self
+            .put_presigned(
+                key.as_str(),
+                http::HeaderMap::new(),
+                Some(queries),
+                body,
+                md5,
+            )
+            .await?;
+        etag.ok_or_else(|| {
+            StorageError::new(
+                ErrorClass::RestartUpload,
+                format!(
+                    "provider `{}` accepted part {number} without an ETag; starting the upload again",
+                    self.provider.name
+                ),
+            )
+        })
     }
 
     pub async fn complete_multipart(
@@ -363,10 +423,11 @@ impl Store for Client {
     fn put<'a>(
         &'a self,
         key: &'a ObjectKey,
-        body: &'a [u8],
+        body: Vec<u8>,
+        md5: [u8; 16],
         options: &'a ObjectOptions,
     ) -> Reply<'a, ()> {
-        Box::pin(Client::put(self, key, body, options))
+        Box::pin(Client::put(self, key, body, md5, options))
     }
 
     fn initiate<'a>(
@@ -384,15 +445,9 @@ impl Store for Client {
         upload_id: &'a str,
         number: u32,
         body: Vec<u8>,
+        md5: [u8; 16],
     ) -> Reply<'a, String> {
-        Box::pin(Client::put_part(
-            self,
-            key,
-            upload_id,
-            number,
-            body,
-            "application/octet-stream",
-        ))
+        Box::pin(Client::put_part(self, key, upload_id, number, body, md5))
     }
 
     fn complete<'a>(

@@ -144,15 +144,20 @@ impl Store for FakeStore {
     fn put<'a>(
         &'a self,
         key: &'a ObjectKey,
-        body: &'a [u8],
+        body: Vec<u8>,
+        md5: [u8; 16],
         _: &'a ObjectOptions,
     ) -> Reply<'a, ()> {
         Box::pin(async move {
             self.enter(Op::Put, key.as_str())?;
+            if md5_hex(&body) != hex::encode(md5) {
+                return Err(http_error(400, "BadDigest"));
+            }
+            let etag = md5_hex(&body);
             self.objects
                 .lock()
                 .unwrap()
-                .insert(key.as_str().into(), (body.to_vec(), md5_hex(body), None));
+                .insert(key.as_str().into(), (body, etag, None));
             Ok(())
         })
     }
@@ -185,9 +190,13 @@ impl Store for FakeStore {
         upload_id: &'a str,
         number: u32,
         body: Vec<u8>,
+        md5: [u8; 16],
     ) -> Reply<'a, String> {
         Box::pin(async move {
             self.enter(Op::Part, key.as_str())?;
+            if md5_hex(&body) != hex::encode(md5) {
+                return Err(http_error(400, "BadDigest"));
+            }
             let etag = md5_hex(&body);
             let mut u = self.uploads.lock().unwrap();
             let up = u

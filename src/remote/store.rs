@@ -50,11 +50,13 @@ pub trait Store: Send + Sync {
     /// The provider this store talks to.
     fn provider(&self) -> &Resolved;
 
-    /// Uploads a whole object in one PUT (with Content-MD5).
+    /// Uploads a whole object in one PUT; `md5` (the body's) goes as
+    /// Content-MD5, which the server checks.
     fn put<'a>(
         &'a self,
         key: &'a ObjectKey,
-        body: &'a [u8],
+        body: Vec<u8>,
+        md5: [u8; 16],
         options: &'a ObjectOptions,
     ) -> Reply<'a, ()>;
 
@@ -67,13 +69,14 @@ pub trait Store: Send + Sync {
         part_size: u64,
     ) -> Reply<'a, String>;
 
-    /// Uploads one part (with Content-MD5); returns its ETag.
+    /// Uploads one part (`md5` as Content-MD5); returns its ETag.
     fn put_part<'a>(
         &'a self,
         key: &'a ObjectKey,
         upload_id: &'a str,
         number: u32,
         body: Vec<u8>,
+        md5: [u8; 16],
     ) -> Reply<'a, String>;
 
     fn complete<'a>(
