@@ -296,12 +296,21 @@ pub struct Queue {
     failure: Mutex<Option<String>>,
 }
 
+/// The first byte of a value in the compact encoding (postcard); values
+/// written before it are JSON and start with `{`.
+const COMPACT: u8 = 1;
+
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).expect("state values always serialize")
+    let mut out = vec![COMPACT];
+    postcard::to_io(v, &mut out).expect("state values always serialize");
+    out
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
-    serde_json::from_slice(bytes).ok()
+    match bytes.split_first() {
+        Some((&COMPACT, rest)) => postcard::from_bytes(rest).ok(),
+        _ => serde_json::from_slice(bytes).ok(),
+    }
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<()>>;
@@ -980,6 +989,29 @@ mod tests {
     }
 
     #[test]
+    fn values_are_compact_and_json_written_by_older_versions_still_reads() {
+        let r = record(id(2, 10));
+        let compact = encode(&r);
+        assert_eq!(compact[0], COMPACT);
+        assert_eq!(decode::<Record>(&compact), Some(r.clone()));
+        let json = serde_json::to_vec(&r).unwrap();
+        assert!(
+            compact.len() * 2 < json.len(),
+            "{} vs {}",
+            compact.len(),
+            json.len()
+        );
+        assert_eq!(decode::<Record>(&json), Some(r));
+        let item = QueueItem::upload_now();
+        assert_eq!(
+            decode::<QueueItem>(&serde_json::to_vec(&item).unwrap()),
+            Some(item.clone())
+        );
+        assert_eq!(decode::<QueueItem>(&encode(&item)), Some(item));
+        assert_eq!(decode::<Record>(&[COMPACT, 0xff]), None);
+    }
+
+    #[test]
     fn record_transaction_updates_totals_once_per_path() {
         let (_d, q) = open();
         let a = key("a");
@@ -1063,5 +1095,61 @@ mod tests {
         q.recover().unwrap();
         assert!(q.failure().is_none());
         assert!(q.admit(&a, &id(2, 1), Admit::Event).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod size {
+    use super::*;
+
+    fn du(dir: &Path) -> u64 {
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let m = e.metadata().unwrap();
+            n += if m.is_dir() { du(&e.path()) } else { m.len() };
+        }
+        n
+    }
+
+    /// `cargo test --release --lib queue::size -- --ignored --nocapture`
+    #[tokio::test(flavor = "multi_thread")]
+    #[ignore]
+    async fn bytes_per_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (q, _) = Queue::open(dir.path()).unwrap();
+        let n = 100_000u64;
+        for i in 0..n {
+            let key =
+                ItemKey::from_bytes(format!("images/2026/11/26/{i:08}-result.png").into_bytes())
+                    .unwrap();
+            let id = FileIdentity {
+                dev: 65024,
+                ino: 10_000_000 + i,
+                size: 65536,
+                mtime_ns: 1_795_691_565_690_842_672,
+                ctime_ns: 1_795_691_565_690_842_672,
+            };
+            q.admit(&key, &id, Admit::Event).unwrap();
+            let record = Record {
+                provider: "r2-media".into(),
+                key: format!("magicads/images/2026/11/26/{i:08}-result.png"),
+                size: 65536,
+                etag: "d41d8cd98f00b204e9800998ecf8427e".into(),
+                uploaded_ms: 1_795_691_565_690,
+                identity: id,
+                local: Local::Present,
+            };
+            q.record_uploaded(&key, &record, AfterUpload::Finish)
+                .unwrap();
+            if i % 1000 == 0 {
+                q.durable().await.unwrap();
+            }
+        }
+        q.flush().unwrap();
+        println!(
+            "records {n}: size_on_disk {} MiB, du {} MiB",
+            q.size_on_disk() >> 20,
+            du(dir.path()) >> 20
+        );
     }
 }
