@@ -29,7 +29,7 @@ use crate::settings::{self, Settings, Shared};
 use crate::shutdown::{Shutdown, Stop};
 use crate::statedir::{self, Lock};
 use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -233,11 +233,25 @@ pub async fn run(
     let stall_after =
         3 * crate::remote::client::request_timeout(up.multipart_threshold.max(up.part_size))
             .as_millis() as u64;
+    let state_answered = Arc::new(AtomicU64::new(statedir::now_ms()));
+    let answered = state_answered.clone();
     if let Some(task) = systemd::spawn_watchdog(stopped.clone(), move || {
-        live_w.in_flight.load(Ordering::Relaxed) > 0
-            && statedir::now_ms().saturating_sub(progress.load(Ordering::Relaxed)) > stall_after
+        let now = statedir::now_ms();
+        if now.saturating_sub(answered.load(Ordering::Relaxed)) > STATE_HUNG_AFTER_MS {
+            Some("the state database stopped answering")
+        } else if live_w.in_flight.load(Ordering::Relaxed) > 0
+            && now.saturating_sub(progress.load(Ordering::Relaxed)) > stall_after
+        {
+            Some("uploads in flight made no progress")
+        } else {
+            None
+        }
     }) {
         tasks.push(("watchdog", task));
+        tasks.push((
+            "state probe",
+            tokio::spawn(probe_state(queue.clone(), state_answered, stopped.clone())),
+        ));
     }
 
     loop {
@@ -454,6 +468,30 @@ async fn follow_bandwidth(
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             changed = reloaded.changed() => if changed.is_err() { return },
+            _ = stopped.recv() => return,
+        }
+    }
+}
+
+/// How long the state database may take to answer [`probe_state`] before
+/// the watchdog lets systemd restart the daemon.
+const STATE_HUNG_AFTER_MS: u64 = 60_000;
+
+/// Asks the state database for one small write every few seconds, off the
+/// runtime, and notes when it answered (an error is an answer). A database
+/// that hangs (sled can, under load) leaves `answered` stale, and the watchdog
+/// stops its pings. Only one probe is outstanding at a time.
+async fn probe_state(queue: Arc<Queue>, answered: Arc<AtomicU64>, mut stopped: Shutdown) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.recv() => return,
+        }
+        let q = queue.clone();
+        let probe = tokio::task::spawn_blocking(move || q.ping());
+        tokio::select! {
+            _ = probe => answered.store(statedir::now_ms(), Ordering::Relaxed),
             _ = stopped.recv() => return,
         }
     }

@@ -42,6 +42,7 @@ fn pings_only_while_the_event_loop_runs() {
         let (stop, shutdown) = offloadd::shutdown::Stop::new();
         let heartbeat = offloadd::observe::systemd::spawn_watchdog(shutdown, move || {
             flag.load(std::sync::atomic::Ordering::Relaxed)
+                .then_some("uploads in flight made no progress")
         });
         assert!(
             heartbeat.is_some(),

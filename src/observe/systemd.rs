@@ -7,8 +7,9 @@
 //! it) sends `WATCHDOG=1` every half interval, but only while a heartbeat that
 //! a small tokio task bumps every 200 ms is fresh. If the event loop wedges,
 //! the heartbeat goes stale, the pings stop and systemd restarts the service.
-//! The pings also stop when uploads are in flight but none has finished a
-//! request for several request timeouts (the caller's `stalled` predicate).
+//! The pings also stop when the caller's `stalled` check names a reason (for
+//! the daemon: uploads in flight but no request finished for several request
+//! timeouts, or a state database that stopped answering).
 
 use crate::shutdown::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -85,7 +86,7 @@ pub fn heartbeat_fresh(last_beat_ms: u64, now_ms: u64, interval: Duration) -> bo
 /// keeps pinging while the process stops (bounded by `TimeoutStopSec=`).
 pub fn spawn_watchdog(
     mut shutdown: Shutdown,
-    stalled: impl Fn() -> bool + Send + 'static,
+    stalled: impl Fn() -> Option<&'static str> + Send + 'static,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let interval = watchdog_interval()?;
     let epoch = Instant::now();
@@ -115,15 +116,21 @@ pub fn spawn_watchdog(
             let mut stale_logged = false;
             loop {
                 let last = beat.load(Ordering::Relaxed);
-                let alive = heartbeat_fresh(last, ms_since(epoch), interval) && !stalled();
-                if alive || stopping.load(Ordering::Relaxed) {
+                let beating = heartbeat_fresh(last, ms_since(epoch), interval);
+                let why = if beating {
+                    stalled()
+                } else {
+                    Some("event loop unresponsive")
+                };
+                if why.is_none() || stopping.load(Ordering::Relaxed) {
                     send(&[NotifyState::Watchdog]);
                     stale_logged = false;
                 } else if !stale_logged {
                     // Logging may itself be stuck; best effort.
                     tracing::error!(
                         since_ms = ms_since(epoch).saturating_sub(last),
-                        "event loop unresponsive: watchdog pings stopped; systemd will restart offloadd"
+                        "{}: watchdog pings stopped; systemd will restart offloadd",
+                        why.unwrap_or_default()
                     );
                     stale_logged = true;
                 }

@@ -35,6 +35,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use tokio::sync::watch;
 
+mod encoding;
+
+use encoding::{decode, decode_record, encode, encode_record};
+
 /// Errors opening or using the state directory.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StateError {
@@ -254,6 +258,7 @@ const META_INITIALIZED: &[u8] = b"initialized";
 const META_UPLOADED_COUNT: &[u8] = b"uploaded_count";
 const META_UPLOADED_BYTES: &[u8] = b"uploaded_bytes";
 const META_PAUSED_PREFIX: &str = "paused/";
+const META_ALIVE: &[u8] = b"alive";
 
 struct Trees {
     db: sled::Db,
@@ -294,23 +299,6 @@ pub struct Queue {
     trees: RwLock<Option<Trees>>,
     commit: GroupCommit,
     failure: Mutex<Option<String>>,
-}
-
-/// The first byte of a value in the compact encoding (postcard); values
-/// written before it are JSON and start with `{`.
-const COMPACT: u8 = 1;
-
-fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    let mut out = vec![COMPACT];
-    postcard::to_io(v, &mut out).expect("state values always serialize");
-    out
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
-    match bytes.split_first() {
-        Some((&COMPACT, rest)) => postcard::from_bytes(rest).ok(),
-        _ => serde_json::from_slice(bytes).ok(),
-    }
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<()>>;
@@ -522,6 +510,15 @@ impl Queue {
         })
     }
 
+    /// One small write (no flush), to learn whether the database still
+    /// answers: sled can hang under load (spacejam/sled#1412), and a hung
+    /// database must be noticed (see `daemon`'s state probe). An error is an
+    /// answer too.
+    pub fn ping(&self) -> Result<(), StateError> {
+        let now = statedir::now_ms().to_be_bytes();
+        self.write(|t| t.meta.insert(META_ALIVE, now.as_slice()).map(|_| ()))
+    }
+
     // --- reads ----------------------------------------------------------------
 
     pub fn item(&self, key: &ItemKey) -> Result<Option<QueueItem>, StateError> {
@@ -529,7 +526,11 @@ impl Queue {
     }
 
     pub fn record(&self, key: &ItemKey) -> Result<Option<Record>, StateError> {
-        self.read(|t| Ok(t.records.get(key.as_bytes())?.and_then(|v| decode(&v))))
+        self.read(|t| {
+            Ok(t.records
+                .get(key.as_bytes())?
+                .and_then(|v| decode_record(key.as_bytes(), &v)))
+        })
     }
 
     /// Every queue item, in path order.
@@ -708,7 +709,7 @@ impl Queue {
         record: &Record,
         after: AfterUpload,
     ) -> Result<(), StateError> {
-        let rec = encode(record);
+        let rec = encode_record(key.as_bytes(), record);
         let next = match after {
             AfterUpload::DeleteLocal => Some(encode(&QueueItem::delete(record.identity))),
             AfterUpload::Finish => None,
@@ -717,7 +718,7 @@ impl Queue {
         self.write(|t| {
             (&t.records, &t.queue, &t.meta)
                 .transaction(|(records, queue, meta)| {
-                    let old: Option<Record> = records.get(k)?.and_then(|v| decode(&v));
+                    let old = records.get(k)?.and_then(|v| decode_record(k, &v));
                     records.insert(k, rec.as_slice())?;
                     match &next {
                         Some(item) => queue.insert(k, item.as_slice())?,
@@ -820,9 +821,9 @@ impl Queue {
         self.write(|t| {
             (&t.records, &t.queue)
                 .transaction(|(records, queue)| {
-                    if let Some(mut r) = records.get(k)?.and_then(|v| decode::<Record>(&v)) {
+                    if let Some(mut r) = records.get(k)?.and_then(|v| decode_record(k, &v)) {
                         r.local = local.clone();
-                        records.insert(k, encode(&r))?;
+                        records.insert(k, encode_record(k, &r))?;
                     }
                     queue.remove(k)?;
                     Ok(())
@@ -844,7 +845,7 @@ impl Queue {
         self.write(|t| {
             (&t.records, &t.queue, &t.meta)
                 .transaction(|(records, queue, meta)| {
-                    if let Some(old) = records.remove(k)?.and_then(|v| decode::<Record>(&v)) {
+                    if let Some(old) = records.remove(k)?.and_then(|v| decode_record(k, &v)) {
                         add_u64(meta, META_UPLOADED_COUNT, -1)?;
                         add_u64(meta, META_UPLOADED_BYTES, -(old.size as i128))?;
                     }
@@ -989,26 +990,18 @@ mod tests {
     }
 
     #[test]
-    fn values_are_compact_and_json_written_by_older_versions_still_reads() {
-        let r = record(id(2, 10));
-        let compact = encode(&r);
-        assert_eq!(compact[0], COMPACT);
-        assert_eq!(decode::<Record>(&compact), Some(r.clone()));
-        let json = serde_json::to_vec(&r).unwrap();
+    fn queue_items_are_compact_and_json_written_by_older_versions_still_reads() {
+        let item = QueueItem::delete(id(2, 10));
+        let compact = encode(&item);
+        let json = serde_json::to_vec(&item).unwrap();
         assert!(
             compact.len() * 2 < json.len(),
             "{} vs {}",
             compact.len(),
             json.len()
         );
-        assert_eq!(decode::<Record>(&json), Some(r));
-        let item = QueueItem::upload_now();
-        assert_eq!(
-            decode::<QueueItem>(&serde_json::to_vec(&item).unwrap()),
-            Some(item.clone())
-        );
-        assert_eq!(decode::<QueueItem>(&encode(&item)), Some(item));
-        assert_eq!(decode::<Record>(&[COMPACT, 0xff]), None);
+        assert_eq!(decode::<QueueItem>(&compact), Some(item.clone()));
+        assert_eq!(decode::<QueueItem>(&json), Some(item));
     }
 
     #[test]
