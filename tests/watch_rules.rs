@@ -222,3 +222,62 @@ fn slow_writer_in_a_new_directory_ends_with_final_content() {
     });
     daemon.stop();
 }
+
+/// A results directory is read all the time (a web server serving it): the
+/// readers' open and close events must not fill the event channel (that
+/// would drop events and force rescans); a file finished meanwhile is found
+/// by its own event.
+#[test]
+fn a_read_storm_drops_no_events() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    let mut daemon = Daemon::start(&env, &[]);
+    let served: Vec<_> = (0..20)
+        .map(|i| {
+            let p = env.path(&format!("served/{i}.jpg"));
+            write_file(&p, &file_content(&format!("served {i}"), 1024, 4096));
+            p
+        })
+        .collect();
+    wait_until(Duration::from_secs(20), "the served files uploaded", || {
+        (0..20).all(|i| s3.has(&format!("served/{i}.jpg")))
+    });
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, served) = (stop.clone(), served.clone());
+            std::thread::spawn(move || {
+                let mut opens = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for p in &served {
+                        drop(fs::File::open(p).unwrap());
+                        opens += 1;
+                    }
+                }
+                opens
+            })
+        })
+        .collect();
+    sleep(Duration::from_secs(2));
+    write_file(
+        &env.path("new/during-storm.png"),
+        b"written during the storm",
+    );
+    sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let opens: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert!(opens > 20_000, "only {opens} opens: not a storm");
+    wait_until(
+        Duration::from_secs(20),
+        "the file written during the storm",
+        || s3.has("new/during-storm.png"),
+    );
+    daemon.signal(libc::SIGTERM);
+    daemon.wait_exit(Duration::from_secs(20));
+    let log = daemon.stderr();
+    assert!(
+        !log.contains("some were dropped") && !log.contains("rescan"),
+        "{opens} opens by readers made the daemon drop events or rescan:\n{log}"
+    );
+}

@@ -214,7 +214,10 @@ pub fn start(what: Watching, links: Links) -> notify::Result<(Watcher, JoinHandl
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let dropped = Arc::new(AtomicBool::new(false));
     let dropped_cb = dropped.clone();
-    let notify = notify::recommended_watcher(move |ev| {
+    let notify = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.as_ref().is_ok_and(|e| is_a_read(&e.kind)) {
+            return;
+        }
         if events_tx.try_send(ev).is_err() {
             dropped_cb.store(true, Ordering::Relaxed);
         }
@@ -787,9 +790,40 @@ fn watch_dir(shared: &WalkerShared, dir: &Path) {
     }
 }
 
+/// Events of readers (opens, closes after reading): notify subscribes to them
+/// and cannot be told not to, and a results directory served by a web server
+/// sees thousands a second. Dropped in notify's thread, before the bounded
+/// channel, so they cost no wakeup and can never fill it (which would force
+/// a rescan).
+fn is_a_read(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Open(_))
+            | EventKind::Access(AccessKind::Read)
+            | EventKind::Access(AccessKind::Close(AccessMode::Read))
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_are_dropped_and_writes_kept() {
+        assert!(is_a_read(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(is_a_read(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(!is_a_read(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(!is_a_read(&EventKind::Create(CreateKind::File)));
+        assert!(!is_a_read(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        ))));
+    }
 
     fn detect() -> (Detect, mpsc::Receiver<Candidate>) {
         let (out, rx) = mpsc::channel(16);
