@@ -48,14 +48,15 @@ pub enum KeyError {
 /// A file's path relative to the watch root as raw bytes, exactly as the
 /// filesystem spells it: the key of its queue item and location record. It may
 /// hold names that are not UTF-8 (those are parked with a reason); it is never
-/// empty and never starts with `/`.
+/// empty and never starts with `/`. Clones share the bytes: the scheduler
+/// indexes every queued item several ways.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ItemKey(Vec<u8>);
+pub struct ItemKey(std::sync::Arc<[u8]>);
 
 impl ItemKey {
     /// Raw bytes as stored; `None` for an empty or absolute path.
     pub fn from_bytes(bytes: Vec<u8>) -> Option<ItemKey> {
-        (!bytes.is_empty() && bytes[0] != b'/').then_some(ItemKey(bytes))
+        (!bytes.is_empty() && bytes[0] != b'/').then(|| ItemKey(bytes.into()))
     }
 
     /// The key of `abs`, which must lie under `root` (and not be the root).
@@ -66,7 +67,7 @@ impl ItemKey {
     }
 
     pub fn from_rel(rel: &RelPath) -> ItemKey {
-        ItemKey(rel.0.as_bytes().to_vec())
+        ItemKey(rel.0.as_bytes().into())
     }
 
     pub fn as_bytes(&self) -> &[u8] {

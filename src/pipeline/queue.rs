@@ -535,15 +535,22 @@ impl Queue {
 
     /// Every queue item, in path order.
     pub fn items(&self) -> Result<Vec<(ItemKey, QueueItem)>, StateError> {
+        let mut out = Vec::new();
+        self.for_each_item(|key, item| out.push((key, item)))?;
+        Ok(out)
+    }
+
+    /// Every queue item, in path order, one at a time (a queue of a million
+    /// items is never all in memory at once).
+    pub fn for_each_item(&self, mut f: impl FnMut(ItemKey, QueueItem)) -> Result<(), StateError> {
         self.read(|t| {
-            let mut out = Vec::new();
             for r in t.queue.iter() {
                 let (k, v) = r?;
                 if let (Some(key), Some(item)) = (ItemKey::from_bytes(k.to_vec()), decode(&v)) {
-                    out.push((key, item));
+                    f(key, item);
                 }
             }
-            Ok(out)
+            Ok(())
         })
     }
 

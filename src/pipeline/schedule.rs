@@ -294,19 +294,11 @@ impl Scheduler {
     /// Schedules everything the queue holds; items in flight when the last run
     /// ended are simply pending again.
     fn load_queue(&mut self) {
-        let items = match self.queue.items() {
-            Ok(items) => items,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the queue: {e}");
-                return;
-            }
-        };
-        self.lanes = Lanes::default();
-        self.queued_at.clear();
+        let (mut lanes, mut queued_at) = (Lanes::default(), HashMap::new());
         let mut failed = std::collections::BTreeMap::new();
-        for (key, item) in items {
+        let loaded = self.queue.for_each_item(|key, item| {
             if self.in_flight.contains_key(&key) || self.held.contains(&key) {
-                continue;
+                return;
             }
             match (&item.stage, Lane::of(&item.stage)) {
                 (Stage::Parked { reason }, _) => {
@@ -314,13 +306,18 @@ impl Scheduler {
                 }
                 (_, Some(lane)) => {
                     if lane == Lane::Upload {
-                        self.queued_at.insert(key.clone(), queued_or_now(&item));
+                        queued_at.insert(key.clone(), queued_or_now(&item));
                     }
-                    self.lanes.insert(key, item.next_attempt_ms, lane)
+                    lanes.insert(key, item.next_attempt_ms, lane)
                 }
                 (_, None) => {}
             }
+        });
+        if let Err(e) = loaded {
+            tracing::error!(error = %e, "cannot read the queue: {e}");
+            return;
         }
+        (self.lanes, self.queued_at) = (lanes, queued_at);
         if self.lanes.len() > 0 || !failed.is_empty() {
             tracing::info!(
                 pending = self.lanes.len(),

@@ -41,7 +41,7 @@ pub const LONG: Duration = Duration::from_secs(120);
 // small helpers
 
 /// Path of the binary under test. In the real crate cargo sets
-/// `CARGO_BIN_EXE_offloadd`; `OFFLOADD_BIN` overrides it.
+/// `CARGO_BIN_EXE_offloadd`; `OFFLOADD_TEST_BIN` overrides it.
 pub fn bin_path() -> PathBuf {
     if let Ok(p) = std::env::var("OFFLOADD_TEST_BIN") {
         return PathBuf::from(p);

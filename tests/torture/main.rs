@@ -9,7 +9,7 @@
 //! - `defects`: one test per defect of the safety-core issue, each a path on
 //!   which a file was lost or deleted too early;
 //! - `kill_loop`: random SIGKILLs during a mixed burst, with a monitor that
-//!   checks every 50 ms that no local file goes before its object is in the
+//!   checks every 10 ms that no local file goes before its object is in the
 //!   bucket with equal bytes;
 //! - `faults`: a fault-injecting HTTP proxy in front of a real server;
 //! - `privileged`: a full state_dir (tmpfs), an unmounted root (bind mount),
