@@ -65,7 +65,6 @@ pub async fn run(
 ) -> Result<(), Fatal> {
     let _lock = Lock::acquire(&config.state_dir)?;
     crate::pipeline::finished::ignore_lease_signals();
-    crate::pipeline::budget::return_large_buffers_to_os();
     let (queue, opened) = Queue::open(&config.state_dir)?;
     let queue = Arc::new(queue);
     for info in queue.paused() {

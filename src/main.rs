@@ -41,19 +41,6 @@ async fn run_with_signals(config: config::Config) -> Result<(), daemon::Fatal> {
     result
 }
 
-/// glibc gives threads that allocate at once arenas of their own (up to 8 per
-/// core), and memory freed in one is not reused by another: with dozens of
-/// upload tasks moving between runtime threads, peak RSS grows far beyond
-/// the bytes in use. Two arenas keep it close (DESIGN: peak RSS ≤ 64 MiB).
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator tunable; called before any
-    // thread of ours is started.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let loaded = match config::load(&cli.config) {
@@ -66,7 +53,7 @@ fn main() -> ExitCode {
     let config = loaded.config;
     match cli.command {
         Command::Run => {
-            limit_malloc_arenas();
+            offloadd::pipeline::budget::tune_allocator();
             logging::init(config.log.format, &config.log.level);
             for w in &loaded.warnings {
                 tracing::warn!("{w}");

@@ -69,14 +69,21 @@ impl Budget {
     }
 }
 
-/// Makes the allocator hand every buffer of 1 MiB or more straight back to the
-/// OS when freed (glibc otherwise raises its mmap threshold after the first large
-/// free and keeps later part buffers in the heap), so resident memory follows the
-/// budget instead of its high-water mark.
-pub fn return_large_buffers_to_os() {
+/// Tunes glibc's allocator so that resident memory follows the budget
+/// instead of its high-water mark; call it once, before the runtime starts.
+/// - Every buffer of 1 MiB or more goes straight back to the OS when freed
+///   (glibc otherwise raises its mmap threshold after the first large free and
+///   keeps later part buffers in the heap).
+/// - At most two arenas: glibc gives threads that allocate at once arenas of
+///   their own (up to 8 per core), and memory freed in one is not reused by
+///   another; with dozens of upload tasks moving between runtime threads, peak
+///   RSS grew far beyond the bytes in use (bench/RESULTS.md).
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning; called once at start.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1024 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 
