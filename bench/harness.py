@@ -884,11 +884,15 @@ class Harness:
         shutil.rmtree(os.path.dirname(src))
         self.small_rows(wl, res, delay)
 
+    def offloadd_row(self, wl, od, unit):
+        """offloadd's row of a throughput workload: (figure, RSS) per run; PASS when every run finished within 64 MiB."""
+        rss = [x[1] for x in od if x[1] is not None]
+        self.row(wl, "offloadd", [x[0] for x in od], unit, rss=rss, target="RSS ≤ 64 MiB",
+                 ok=bool(rss) and max(rss) <= 64 and None not in [x[0] for x in od])
+
     def small_rows(self, wl, res, delay):
         od = res["offloadd"]
-        rss = [x[1] for x in od if x[1] is not None]
-        self.row(wl, "offloadd", [x[0] for x in od], "files/s", rss=rss, target="RSS ≤ 64 MiB",
-                 ok=bool(rss) and max(rss) <= 64 and None not in [x[0] for x in od])
+        self.offloadd_row(wl, od, "files/s")
         targets = {"s5cmd": 1.0, "rclone": 3.0 if delay else 1.5}
         for tool in self.k.PEERS:
             ratios = [o[0] / p[0] if o[0] and p[0] else None for o, p in zip(od, res[tool])]
@@ -950,9 +954,7 @@ class Harness:
         self.wipe_bucket()
         shutil.rmtree(os.path.dirname(src))
         od = res["offloadd"]
-        rss = [x[1] for x in od if x[1] is not None]
-        self.row(wl, "offloadd", [x[0] for x in od], "MB/s", rss=rss, target="RSS ≤ 64 MiB",
-                 ok=bool(rss) and max(rss) <= 64 and None not in [x[0] for x in od])
+        self.offloadd_row(wl, od, "MB/s")
         best = []
         for i in range(k.RUNS):
             vals = [res[p][i][0] for p in k.PEERS if res[p][i][0]]

@@ -35,7 +35,7 @@ use notify::{RecursiveMode, Watcher as _};
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -189,7 +189,7 @@ struct WalkerShared {
     stop: AtomicBool,
     live: Arc<Live>,
     /// Directories a watch could not be added to (they need rescans).
-    unwatched: std::sync::atomic::AtomicU64,
+    unwatched: AtomicU64,
     /// The watch limit was reported.
     limit_warned: AtomicBool,
 }
@@ -231,7 +231,7 @@ pub fn start(what: Watching, links: Links) -> notify::Result<(Watcher, JoinHandl
         inputs: inputs_tx.clone(),
         stop: AtomicBool::new(false),
         live: live.clone(),
-        unwatched: std::sync::atomic::AtomicU64::new(0),
+        unwatched: AtomicU64::new(0),
         limit_warned: AtomicBool::new(false),
     });
     let (walks_tx, walks_rx) = std::sync::mpsc::sync_channel::<(PathBuf, Why)>(WALK_QUEUE);
@@ -841,7 +841,7 @@ mod tests {
             inputs,
             stop: AtomicBool::new(false),
             live: live.clone(),
-            unwatched: std::sync::atomic::AtomicU64::new(0),
+            unwatched: AtomicU64::new(0),
             limit_warned: AtomicBool::new(false),
         });
         let (walks, _wrx) = std::sync::mpsc::sync_channel(4);

@@ -92,6 +92,16 @@ fn md5_hex(b: &[u8]) -> String {
     hex::encode(Md5::digest(b))
 }
 
+/// The ETag a server gives `body`, if `md5` (sent as Content-MD5) is its MD5;
+/// BadDigest otherwise, as S3 answers.
+fn checked_etag(body: &[u8], md5: [u8; 16]) -> Result<String, StorageError> {
+    let etag = md5_hex(body);
+    if etag != hex::encode(md5) {
+        return Err(http_error(400, "BadDigest"));
+    }
+    Ok(etag)
+}
+
 impl FakeStore {
     pub fn new() -> FakeStore {
         FakeStore {
@@ -150,10 +160,7 @@ impl Store for FakeStore {
     ) -> Reply<'a, ()> {
         Box::pin(async move {
             self.enter(Op::Put, key.as_str())?;
-            if md5_hex(&body) != hex::encode(md5) {
-                return Err(http_error(400, "BadDigest"));
-            }
-            let etag = md5_hex(&body);
+            let etag = checked_etag(&body, md5)?;
             self.objects
                 .lock()
                 .unwrap()
@@ -194,10 +201,7 @@ impl Store for FakeStore {
     ) -> Reply<'a, String> {
         Box::pin(async move {
             self.enter(Op::Part, key.as_str())?;
-            if md5_hex(&body) != hex::encode(md5) {
-                return Err(http_error(400, "BadDigest"));
-            }
-            let etag = md5_hex(&body);
+            let etag = checked_etag(&body, md5)?;
             let mut u = self.uploads.lock().unwrap();
             let up = u
                 .get_mut(upload_id)
