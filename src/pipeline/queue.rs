@@ -30,6 +30,7 @@ use crate::pipeline::root::RootPresent;
 use crate::statedir;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -208,12 +209,23 @@ pub enum Admit {
 /// What [`Queue::admit`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
-    /// Queued now, or already queued (the item is returned).
+    /// Queued now.
     Queued(Box<QueueItem>),
+    /// It was queued already and stays as it is.
+    AlreadyQueued(Box<QueueItem>),
     /// Its record shows it offloaded exactly as it is now.
     AlreadyOffloaded,
     /// Parked; a scan does not retry it.
     StillParked,
+}
+
+/// How far [`Queue::scan_ring`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ring {
+    /// Every item was read.
+    Whole,
+    /// The reader stopped early.
+    Stopped,
 }
 
 /// Proof that a file's location record is durable and names this very file;
@@ -543,14 +555,31 @@ impl Queue {
     /// Every queue item, in path order, one at a time (a queue of a million
     /// items is never all in memory at once).
     pub fn for_each_item(&self, mut f: impl FnMut(ItemKey, QueueItem)) -> Result<(), StateError> {
+        self.scan_ring(&[], |key, item| {
+            f(key, item);
+            ControlFlow::Continue(())
+        })
+        .map(|_| ())
+    }
+
+    /// Queue items one at a time in path order from `from` (inclusive) to the
+    /// end, then from the start up to `from`, until `f` breaks. Returns
+    /// whether the whole ring was read. `f` must not call the queue.
+    pub fn scan_ring(
+        &self,
+        from: &[u8],
+        mut f: impl FnMut(ItemKey, QueueItem) -> ControlFlow<()>,
+    ) -> Result<Ring, StateError> {
         self.read(|t| {
-            for r in t.queue.iter() {
+            for r in t.queue.range(from..).chain(t.queue.range(..from)) {
                 let (k, v) = r?;
                 if let (Some(key), Some(item)) = (ItemKey::from_bytes(k.to_vec()), decode(&v)) {
-                    f(key, item);
+                    if f(key, item).is_break() {
+                        return Ok(Ring::Stopped);
+                    }
                 }
             }
-            Ok(())
+            Ok(Ring::Whole)
         })
     }
 
@@ -608,9 +637,9 @@ impl Queue {
         }
         if let Some(item) = self.item(key)? {
             match &item.stage {
-                Stage::Upload { .. } => return Ok(Admission::Queued(Box::new(item))),
+                Stage::Upload { .. } => return Ok(Admission::AlreadyQueued(Box::new(item))),
                 Stage::Delete { identity: id } if id == identity => {
-                    return Ok(Admission::Queued(Box::new(item)))
+                    return Ok(Admission::AlreadyQueued(Box::new(item)))
                 }
                 Stage::Parked { .. } if why == Admit::Scan => return Ok(Admission::StillParked),
                 _ => {}

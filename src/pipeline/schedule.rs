@@ -20,14 +20,18 @@ use crate::pipeline::finished::FileIdentity;
 use crate::pipeline::health::{Change, Health};
 use crate::pipeline::live::Live;
 use crate::pipeline::plan::{Deletion, Plan};
-use crate::pipeline::queue::{Admission, Admit, Blame, PausedInfo, Queue, Recovered, Stage};
+use crate::pipeline::queue::{
+    Admission, Admit, Blame, PausedInfo, Queue, QueueItem, Recovered, Ring, Stage,
+};
 use crate::pipeline::root::{RootGuard, RootStatus};
 use crate::pipeline::upload::Uploader;
-use crate::pipeline::worker::{Lane, Outcome, Worker};
+use crate::pipeline::worker::{delete_due_ms, Lane, Outcome, Worker};
 use crate::remote::error::{ErrorClass, StorageError};
 use crate::shutdown::Shutdown;
 use crate::statedir;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use lanes::{Entry, Lanes};
+use std::collections::{HashMap, HashSet};
+use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,6 +47,12 @@ const RECOVER_EVERY: Duration = Duration::from_secs(5);
 
 /// Candidates taken from the watcher per turn of the loop.
 const ADMIT_BATCH: usize = 1024;
+
+/// How often a lane whose items in memory are none of them due may read its
+/// backlog for items due sooner.
+const ROTATE_EVERY: Duration = Duration::from_secs(5);
+
+mod lanes;
 
 /// Requests from the control socket.
 pub enum Command {
@@ -86,69 +96,6 @@ pub enum BackfillMode {
     Queue,
 }
 
-/// Due items (Unix ms) in their lanes.
-#[derive(Default)]
-struct Lanes {
-    uploads: BTreeSet<(u64, ItemKey)>,
-    deletes: BTreeSet<(u64, ItemKey)>,
-    index: HashMap<ItemKey, (Lane, u64)>,
-}
-
-impl Lanes {
-    fn lane(&mut self, lane: Lane) -> &mut BTreeSet<(u64, ItemKey)> {
-        match lane {
-            Lane::Upload => &mut self.uploads,
-            Lane::Delete => &mut self.deletes,
-        }
-    }
-
-    fn insert(&mut self, key: ItemKey, due_ms: u64, lane: Lane) {
-        self.remove(&key);
-        self.lane(lane).insert((due_ms, key.clone()));
-        self.index.insert(key, (lane, due_ms));
-    }
-
-    fn remove(&mut self, key: &ItemKey) -> Option<Lane> {
-        let (lane, due) = self.index.remove(key)?;
-        self.lane(lane).remove(&(due, key.clone()));
-        Some(lane)
-    }
-
-    fn first_due(&self, lane: Lane) -> Option<u64> {
-        let set = match lane {
-            Lane::Upload => &self.uploads,
-            Lane::Delete => &self.deletes,
-        };
-        set.first().map(|(due, _)| *due)
-    }
-
-    fn pop_due(&mut self, lane: Lane, now_ms: u64) -> Option<ItemKey> {
-        let set = self.lane(lane);
-        if set.first()?.0 > now_ms {
-            return None;
-        }
-        let (_, key) = set.pop_first()?;
-        self.index.remove(&key);
-        Some(key)
-    }
-
-    fn keys(&self, lane: Lane) -> Vec<ItemKey> {
-        let set = match lane {
-            Lane::Upload => &self.uploads,
-            Lane::Delete => &self.deletes,
-        };
-        set.iter().map(|(_, k)| k.clone()).collect()
-    }
-
-    fn contains(&self, key: &ItemKey) -> bool {
-        self.index.contains_key(key)
-    }
-
-    fn len(&self) -> usize {
-        self.index.len()
-    }
-}
-
 /// The scheduler's clock in Unix ms: anchored to the wall clock at start and
 /// advanced by tokio's monotonic clock, so due times and backoffs follow
 /// tokio's (pausable) time.
@@ -171,11 +118,37 @@ impl Clock {
 }
 
 /// When an item was queued; now for items written before this was kept.
-fn queued_or_now(item: &crate::pipeline::queue::QueueItem) -> u64 {
+fn queued_or_now(item: &QueueItem) -> u64 {
     match item.queued_ms {
         0 => statedir::now_ms(),
         t => t,
     }
+}
+
+/// How a queue item read from disk is scheduled: a pending delete is not
+/// due before its file is `delete_after` old.
+fn entry_of(item: &QueueItem, deletion: Deletion) -> Option<Entry> {
+    let lane = Lane::of(&item.stage)?;
+    let due_ms = match (&item.stage, deletion) {
+        (Stage::Delete { identity }, Deletion::After(min_age)) => {
+            item.next_attempt_ms.max(delete_due_ms(identity, min_age))
+        }
+        _ => item.next_attempt_ms,
+    };
+    Some(Entry {
+        lane,
+        due_ms,
+        queued_ms: (lane == Lane::Upload).then(|| queued_or_now(item)),
+    })
+}
+
+/// An item being worked on.
+#[derive(Clone, Copy)]
+struct Flight {
+    started: Instant,
+    /// When it was queued for its upload (Unix ms), kept for the age of the
+    /// oldest when it comes back.
+    queued_ms: Option<u64>,
 }
 
 /// What a finished task reports.
@@ -197,9 +170,14 @@ pub struct Scheduler {
     live: Arc<Live>,
     plan: watch::Sender<Arc<Plan>>,
     uploader: Arc<Uploader>,
+    /// Due items in memory, and how many more wait on disk only.
     lanes: Lanes,
-    /// Items being worked on, and when each started.
-    in_flight: HashMap<ItemKey, Instant>,
+    /// Where the next read of the backlog starts (path order, wrapping).
+    backlog_cursor: Vec<u8>,
+    /// When a lane with nothing due may next read its backlog.
+    next_rotate: Instant,
+    /// Items being worked on.
+    in_flight: HashMap<ItemKey, Flight>,
     tasks: JoinSet<Done>,
     task_keys: HashMap<Id, ItemKey>,
     /// Paths seen again while in flight: admitted again when they finish.
@@ -207,10 +185,7 @@ pub struct Scheduler {
     /// Paths being deleted through: out of the pipeline.
     held: HashSet<ItemKey>,
     /// Items whose failure waits for the probe's verdict.
-    awaiting: Vec<(ItemKey, StorageError)>,
-    /// When each item waiting for its upload was queued (Unix ms), for the
-    /// age of the oldest.
-    queued_at: HashMap<ItemKey, u64>,
+    awaiting: Vec<(ItemKey, StorageError, Flight)>,
     next_age: Instant,
     health: Health,
     /// Why nothing leaves the queue (root or state_dir), as published.
@@ -258,13 +233,14 @@ impl Scheduler {
             plan: watch::channel(plan).0,
             uploader,
             lanes: Lanes::default(),
+            backlog_cursor: Vec::new(),
+            next_rotate: Instant::now(),
             in_flight: HashMap::new(),
             tasks: JoinSet::new(),
             task_keys: HashMap::new(),
             recheck: HashSet::new(),
             held: HashSet::new(),
             awaiting: Vec::new(),
-            queued_at: HashMap::new(),
             next_age: Instant::now(),
             health,
             paused: None,
@@ -291,33 +267,29 @@ impl Scheduler {
         &self.live.metrics
     }
 
-    /// Schedules everything the queue holds; items in flight when the last run
+    /// Schedules everything the queue holds (the items due first in memory,
+    /// the rest counted in the backlogs); items in flight when the last run
     /// ended are simply pending again.
     fn load_queue(&mut self) {
-        let (mut lanes, mut queued_at) = (Lanes::default(), HashMap::new());
+        let mut lanes = Lanes::with_window(self.lanes.window());
+        let deletion = self.current().deletion();
         let mut failed = std::collections::BTreeMap::new();
         let loaded = self.queue.for_each_item(|key, item| {
             if self.in_flight.contains_key(&key) || self.held.contains(&key) {
                 return;
             }
-            match (&item.stage, Lane::of(&item.stage)) {
-                (Stage::Parked { reason }, _) => {
-                    failed.insert(key, reason.clone());
-                }
-                (_, Some(lane)) => {
-                    if lane == Lane::Upload {
-                        queued_at.insert(key.clone(), queued_or_now(&item));
-                    }
-                    lanes.insert(key, item.next_attempt_ms, lane)
-                }
-                (_, None) => {}
+            if let Stage::Parked { reason } = &item.stage {
+                failed.insert(key, reason.clone());
+            } else if let Some(entry) = entry_of(&item, deletion) {
+                lanes.insert(key, entry);
             }
         });
         if let Err(e) = loaded {
             tracing::error!(error = %e, "cannot read the queue: {e}");
             return;
         }
-        (self.lanes, self.queued_at) = (lanes, queued_at);
+        self.lanes = lanes;
+        self.backlog_cursor.clear();
         if self.lanes.len() > 0 || !failed.is_empty() {
             tracing::info!(
                 pending = self.lanes.len(),
@@ -330,27 +302,45 @@ impl Scheduler {
         self.publish();
     }
 
-    /// With deletion off (or in local mode), pending deletes are dropped.
+    /// With deletion off (or in local mode), pending deletes are dropped, in
+    /// memory and in the backlog (read from disk a window at a time).
     fn cancel_deletes_if_off(&mut self) {
-        if self.current().deletion() != Deletion::Keep {
-            return;
-        }
-        let keys = self.lanes.keys(Lane::Delete);
-        if keys.is_empty() {
+        if self.current().deletion() != Deletion::Keep || self.lanes.pending(Lane::Delete) == 0 {
             return;
         }
         let mut n = 0;
-        for key in keys {
-            match self.queue.cancel_delete(&key) {
-                Ok(()) => {
-                    self.lanes.remove(&key);
-                    n += 1;
+        'rounds: loop {
+            let mut keys = Vec::new();
+            let read = self.queue.scan_ring(&[], |key, item| {
+                let idle = !self.in_flight.contains_key(&key) && !self.held.contains(&key);
+                if idle && matches!(item.stage, Stage::Delete { .. }) {
+                    keys.push(key);
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot cancel pending deletes: {e}");
-                    break;
+                if keys.len() < self.lanes.window() {
+                    ControlFlow::Continue(())
+                } else {
+                    ControlFlow::Break(())
                 }
+            });
+            if let Err(e) = read {
+                tracing::error!(error = %e, "cannot cancel pending deletes: {e}");
+                break;
             }
+            if keys.is_empty() {
+                self.lanes.set_backlog(Lane::Delete, 0);
+                break;
+            }
+            for key in keys {
+                if let Err(e) = self.queue.cancel_delete(&key) {
+                    tracing::error!(error = %e, "cannot cancel pending deletes: {e}");
+                    break 'rounds;
+                }
+                self.lanes.remove(&key);
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return;
         }
         tracing::info!(
             cancelled = n,
@@ -379,11 +369,15 @@ impl Scheduler {
         }
         self.next_age = Instant::now() + Duration::from_secs(5);
         let now = self.clock.now_ms();
-        let age = self
-            .queued_at
+        let flights = self
+            .in_flight
             .values()
+            .chain(self.awaiting.iter().map(|a| &a.2));
+        let age = flights
+            .filter_map(|f| f.queued_ms)
+            .chain(self.lanes.oldest_queued_ms())
             .min()
-            .map_or(0, |t| now.saturating_sub(*t) / 1000);
+            .map_or(0, |t| now.saturating_sub(t) / 1000);
         self.metrics().set_oldest_pending_age(age);
     }
 
@@ -399,6 +393,7 @@ impl Scheduler {
         let mut commands_open = true;
         loop {
             self.maintain();
+            self.read_backlog();
             self.dispatch();
             self.publish_age();
             let wake = self.next_wake();
@@ -528,6 +523,74 @@ impl Scheduler {
         wake.max(Duration::from_millis(5))
     }
 
+    /// Reads items that wait on disk into the lanes that want them (see
+    /// [`Lanes::wants_items`]), at most a window's worth, from where the last
+    /// read stopped. A read round the whole queue also recounts the backlogs.
+    fn read_backlog(&mut self) {
+        if self.paused.is_some() {
+            return;
+        }
+        let now_ms = self.clock.now_ms();
+        let rotate = Instant::now() >= self.next_rotate;
+        let want = [Lane::Upload, Lane::Delete].map(|l| self.lanes.wants_items(l, now_ms, rotate));
+        if want == [false, false] {
+            return;
+        }
+        if rotate {
+            self.next_rotate = Instant::now() + ROTATE_EVERY;
+        }
+        let slot = |lane| (lane == Lane::Delete) as usize;
+        let deletion = self.current().deletion();
+        let Scheduler {
+            queue,
+            lanes,
+            in_flight,
+            held,
+            awaiting,
+            backlog_cursor,
+            ..
+        } = self;
+        // Per lane: its items on disk that are in no other hands.
+        let mut on_disk = [0usize; 2];
+        let (mut taken, mut stopped_at) = (0, None);
+        let read = queue.scan_ring(backlog_cursor, |key, item| {
+            let Some(entry) = entry_of(&item, deletion) else {
+                return ControlFlow::Continue(());
+            };
+            if in_flight.contains_key(&key)
+                || held.contains(&key)
+                || awaiting.iter().any(|a| a.0 == key)
+            {
+                return ControlFlow::Continue(());
+            }
+            on_disk[slot(entry.lane)] += 1;
+            if lanes.contains(&key) || !want[slot(entry.lane)] {
+                return ControlFlow::Continue(());
+            }
+            if taken == lanes.window() {
+                stopped_at = Some(key);
+                return ControlFlow::Break(());
+            }
+            lanes.take_from_backlog(key, entry);
+            taken += 1;
+            ControlFlow::Continue(())
+        });
+        match read {
+            Ok(Ring::Whole) => {
+                for lane in [Lane::Upload, Lane::Delete] {
+                    let in_memory = lanes.pending(lane) - lanes.backlog(lane);
+                    lanes.set_backlog(lane, on_disk[slot(lane)].saturating_sub(in_memory));
+                }
+            }
+            Ok(Ring::Stopped) => {
+                if let Some(key) = stopped_at {
+                    *backlog_cursor = key.as_bytes().to_vec();
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the queue: {e}"),
+        }
+    }
+
     fn dispatch(&mut self) {
         self.maybe_probe();
         if self.paused.is_some() {
@@ -537,28 +600,32 @@ impl Scheduler {
         let workers = plan.options.workers.max(1);
         let now = self.clock.now_ms();
         while self.in_flight.len() < workers {
-            if let Some(key) = self.lanes.pop_due(Lane::Delete, now) {
-                self.spawn(key, &plan);
+            if let Some((key, entry)) = self.lanes.pop_due(Lane::Delete, now) {
+                self.spawn(key, entry, &plan);
                 continue;
             }
             if plan.target.store().is_none() || !self.health.uploads_allowed() {
                 break;
             }
             match self.lanes.pop_due(Lane::Upload, now) {
-                Some(key) => self.spawn(key, &plan),
+                Some((key, entry)) => self.spawn(key, entry, &plan),
                 None => break,
             }
         }
         self.publish();
     }
 
-    fn spawn(&mut self, key: ItemKey, plan: &Arc<Plan>) {
+    fn spawn(&mut self, key: ItemKey, entry: Entry, plan: &Arc<Plan>) {
         if self.in_flight.is_empty() {
             self.live
                 .last_progress_ms
                 .store(statedir::now_ms(), Ordering::Relaxed);
         }
-        self.in_flight.insert(key.clone(), Instant::now());
+        let flight = Flight {
+            started: Instant::now(),
+            queued_ms: entry.queued_ms,
+        };
+        self.in_flight.insert(key.clone(), flight);
         let worker = Worker {
             queue: self.queue.clone(),
             root: self.root.clone(),
@@ -596,17 +663,20 @@ impl Scheduler {
         match done {
             Ok((id, Done::Item { key, outcome })) => {
                 self.task_keys.remove(&id);
-                let started = self.in_flight.remove(&key);
-                self.complete(key, outcome, started.unwrap_or_else(Instant::now));
+                let flight = self.in_flight.remove(&key).unwrap_or(Flight {
+                    started: Instant::now(),
+                    queued_ms: None,
+                });
+                self.complete(key, outcome, flight);
             }
             Ok((_, Done::Probe { provider, result })) => self.probed(&provider, result),
             Err(e) => {
                 // A worker that panicked: its item stays queued as it was.
                 if let Some(key) = self.task_keys.remove(&e.id()) {
-                    self.in_flight.remove(&key);
+                    let flight = self.in_flight.remove(&key);
                     tracing::error!(path = %key, error = %e, "an upload task failed; the item stays queued");
-                    self.lanes
-                        .insert(key, self.clock.now_ms() + 60_000, Lane::Upload);
+                    let due = self.clock.now_ms() + 60_000;
+                    self.requeue(key, Lane::Upload, due, flight);
                 } else if !e.is_cancelled() {
                     self.health.probe_abandoned();
                 }
@@ -615,36 +685,48 @@ impl Scheduler {
         self.publish();
     }
 
-    fn complete(&mut self, key: ItemKey, outcome: Outcome, started: Instant) {
+    /// Schedules an item that is back from a worker (or never left) in
+    /// `lane`; an upload keeps the time it was first queued.
+    fn requeue(&mut self, key: ItemKey, lane: Lane, due_ms: u64, flight: Option<Flight>) {
+        let queued_ms = match lane {
+            Lane::Upload => Some(
+                flight
+                    .and_then(|f| f.queued_ms)
+                    .unwrap_or_else(|| self.clock.now_ms()),
+            ),
+            Lane::Delete => None,
+        };
+        let entry = Entry {
+            lane,
+            due_ms,
+            queued_ms,
+        };
+        self.lanes.insert(key, entry);
+    }
+
+    fn complete(&mut self, key: ItemKey, outcome: Outcome, flight: Flight) {
         match outcome {
             Outcome::Uploaded { delete_due } => {
-                self.queued_at.remove(&key);
                 self.live.update(|s| s.failed.remove(&key));
                 let change = self.health.upload_succeeded(Instant::now());
                 self.health_changed(change);
                 if let Some(due) = delete_due {
-                    self.lanes.insert(key.clone(), due, Lane::Delete);
+                    self.requeue(key.clone(), Lane::Delete, due, None);
                 }
             }
             Outcome::Settled => {
-                self.queued_at.remove(&key);
                 self.live.update(|s| s.failed.remove(&key));
             }
             Outcome::Later { due_ms, lane } => {
-                if lane == Lane::Upload {
-                    self.queued_at
-                        .entry(key.clone())
-                        .or_insert_with(|| self.clock.now_ms());
-                }
-                self.lanes.insert(key.clone(), due_ms, lane)
+                self.requeue(key.clone(), lane, due_ms, Some(flight))
             }
             Outcome::Parked(reason) => self.park_noted(&key, reason),
-            Outcome::Failed(err) => self.failed(key.clone(), err, started),
+            Outcome::Failed(err) => self.failed(key.clone(), err, flight),
             Outcome::State(e) => {
                 self.live.update(|s| s.last_error = Some(e.to_string()));
                 // The queue is failed now; it is reloaded once it recovers.
-                self.lanes
-                    .insert(key.clone(), self.clock.now_ms() + 1_000, Lane::Upload);
+                let due = self.clock.now_ms() + 1_000;
+                self.requeue(key.clone(), Lane::Upload, due, Some(flight));
             }
             Outcome::RootGone(why) => {
                 self.live.update(|s| s.last_error = Some(why));
@@ -663,15 +745,15 @@ impl Scheduler {
     /// Puts an item back into its lane as the queue has it.
     fn reinsert_from_queue(&mut self, key: &ItemKey) {
         if let Ok(Some(item)) = self.queue.item(key) {
-            if let Some(lane) = Lane::of(&item.stage) {
-                self.lanes
-                    .insert(key.clone(), self.clock.now_ms() + 1_000, lane);
+            if let Some(entry) = entry_of(&item, self.current().deletion()) {
+                let due_ms = self.clock.now_ms() + 1_000;
+                self.lanes.insert(key.clone(), Entry { due_ms, ..entry });
             }
         }
     }
 
     /// The policy for a failed storage request (see the module docs).
-    fn failed(&mut self, key: ItemKey, err: StorageError, started: Instant) {
+    fn failed(&mut self, key: ItemKey, err: StorageError, flight: Flight) {
         self.metrics().upload_failed(metrics_label(err.class));
         self.live
             .update(|s| s.last_error = Some(err.message.clone()));
@@ -682,19 +764,22 @@ impl Scheduler {
                     tracing::error!(error = %e, "{e}");
                 }
                 tracing::warn!(path = %key, error = %err.message, "restarting the upload");
-                self.blame_item(key, err);
+                self.blame_item(key, err, flight);
             }
             // The server asked us to slow down: this item backs off, and only
             // a run of such answers makes the provider suspect.
             ErrorClass::Transient if err.is_throttle() && !self.health.throttled() => {
-                self.blame_item(key, err)
+                self.blame_item(key, err, flight)
             }
             ErrorClass::Transient | ErrorClass::ProviderWide => {
-                match self.health.item_failed(started) {
-                    Some(true) => self.blame_item(key, err),
-                    Some(false) => self.lanes.insert(key, self.clock.now_ms(), Lane::Upload),
+                match self.health.item_failed(flight.started) {
+                    Some(true) => self.blame_item(key, err, flight),
+                    Some(false) => {
+                        let now = self.clock.now_ms();
+                        self.requeue(key, Lane::Upload, now, Some(flight))
+                    }
                     None => {
-                        self.awaiting.push((key, err));
+                        self.awaiting.push((key, err, flight));
                         self.maybe_probe();
                     }
                 }
@@ -703,16 +788,13 @@ impl Scheduler {
     }
 
     /// The provider answered other requests: the failure was this item's.
-    fn blame_item(&mut self, key: ItemKey, err: StorageError) {
+    fn blame_item(&mut self, key: ItemKey, err: StorageError, flight: Flight) {
         let retry = self.current().options.retry;
+        let soon = self.clock.now_ms() + 1_000;
         let item = match self.queue.item(&key) {
             Ok(Some(i)) => i,
             Ok(None) => return,
-            Err(_) => {
-                self.lanes
-                    .insert(key, self.clock.now_ms() + 1_000, Lane::Upload);
-                return;
-            }
+            Err(_) => return self.requeue(key, Lane::Upload, soon, Some(flight)),
         };
         let due = self.clock.now_ms() + retry.jittered(item.attempts + 1).as_millis() as u64;
         // Throttling and connection failures are never the item's fault.
@@ -732,11 +814,9 @@ impl Scheduler {
             }
             Ok(_) => {
                 tracing::warn!(path = %key, attempt = item.attempts + 1, error = %err.message, "upload of {key} failed: {}", err.message);
-                self.lanes.insert(key, due, Lane::Upload);
+                self.requeue(key, Lane::Upload, due, Some(flight));
             }
-            Err(_) => self
-                .lanes
-                .insert(key, self.clock.now_ms() + 1_000, Lane::Upload),
+            Err(_) => self.requeue(key, Lane::Upload, soon, Some(flight)),
         }
     }
 
@@ -750,16 +830,17 @@ impl Scheduler {
             Ok(()) => {
                 let change = self.health.probe_succeeded(Instant::now());
                 self.health_changed(change);
-                for (key, err) in awaiting {
-                    self.blame_item(key, err);
+                for (key, err, flight) in awaiting {
+                    self.blame_item(key, err, flight);
                 }
             }
             Err(e) => {
                 let change = self.health.probe_failed(&e.message, Instant::now());
                 self.live.update(|s| s.last_error = Some(e.message.clone()));
                 self.health_changed(change);
-                for (key, _) in awaiting {
-                    self.lanes.insert(key, self.clock.now_ms(), Lane::Upload);
+                let now = self.clock.now_ms();
+                for (key, _, flight) in awaiting {
+                    self.requeue(key, Lane::Upload, now, Some(flight));
                 }
             }
         }
@@ -768,7 +849,7 @@ impl Scheduler {
     fn health_changed(&mut self, change: Option<Change>) {
         let Some(change) = change else { return };
         let provider = self.current().target.name().to_string();
-        let waiting = self.lanes.uploads.len() + self.awaiting.len();
+        let waiting = self.lanes.pending(Lane::Upload) + self.awaiting.len();
         match change {
             Change::Paused(reason) => {
                 tracing::error!(
@@ -823,7 +904,6 @@ impl Scheduler {
     }
 
     fn park_noted(&mut self, key: &ItemKey, reason: String) {
-        self.queued_at.remove(key);
         self.live.update(|s| {
             if s.failed.get(key) != Some(&reason) {
                 tracing::warn!(path = %key, error = %reason, "not uploading {key}: {reason}");
@@ -904,13 +984,16 @@ impl Scheduler {
         match self.queue.admit(&key, &identity, why) {
             Ok(Admission::Queued(item)) => {
                 self.live.update(|s| s.failed.remove(&key));
-                if let (false, Some(lane)) = (self.lanes.contains(&key), Lane::of(&item.stage)) {
-                    if lane == Lane::Upload {
-                        self.queued_at
-                            .entry(key.clone())
-                            .or_insert_with(|| queued_or_now(&item));
-                    }
-                    self.lanes.insert(key, item.next_attempt_ms, lane);
+                if let Some(entry) = entry_of(&item, plan.deletion()) {
+                    self.lanes.insert(key, entry);
+                }
+            }
+            Ok(Admission::AlreadyQueued(item)) => {
+                let scheduled =
+                    self.lanes.contains(&key) || self.awaiting.iter().any(|a| a.0 == key);
+                if let (false, Some(entry)) = (scheduled, entry_of(&item, plan.deletion())) {
+                    // It waited on disk only: now it is due to be looked at.
+                    self.lanes.take_from_backlog(key, entry);
                 }
             }
             Ok(Admission::AlreadyOffloaded | Admission::StillParked) => {}
@@ -928,7 +1011,11 @@ impl Scheduler {
         let Ok(meta) = std::fs::symlink_metadata(key.to_local(root)) else {
             return false;
         };
-        if !meta.is_file() || self.in_flight.contains_key(key) || self.lanes.contains(key) {
+        let queued = |i: QueueItem| Lane::of(&i.stage).is_some();
+        if !meta.is_file()
+            || self.in_flight.contains_key(key)
+            || self.queue.item(key).ok().flatten().is_some_and(queued)
+        {
             return false;
         }
         let identity = FileIdentity::of(&meta);
@@ -950,8 +1037,7 @@ impl Scheduler {
                     match self.queue.unpark(&key) {
                         Ok(true) => {
                             self.live.update(|s| s.failed.remove(&key));
-                            self.queued_at.insert(key.clone(), self.clock.now_ms());
-                            self.lanes.insert(key, 0, Lane::Upload);
+                            self.requeue(key, Lane::Upload, 0, None);
                             n += 1;
                         }
                         Ok(false) => {}
@@ -986,7 +1072,6 @@ impl Scheduler {
                     )));
                 } else {
                     self.lanes.remove(&key);
-                    self.queued_at.remove(&key);
                     self.live.update(|s| s.failed.remove(&key));
                     self.held.insert(key);
                     let _ = reply.send(Ok(()));
@@ -994,6 +1079,8 @@ impl Scheduler {
             }
             Command::Release { key, reply } => {
                 self.held.remove(&key);
+                // Still queued (the delete-through did not finish): resume it.
+                self.reinsert_from_queue(&key);
                 let _ = reply.send(());
             }
             Command::Replan {
@@ -1015,8 +1102,9 @@ impl Scheduler {
             if change.is_some() {
                 self.set_paused_info(old.target.name(), None);
             }
-            for (key, _) in std::mem::take(&mut self.awaiting) {
-                self.lanes.insert(key, self.clock.now_ms(), Lane::Upload);
+            let now = self.clock.now_ms();
+            for (key, _, flight) in std::mem::take(&mut self.awaiting) {
+                self.requeue(key, Lane::Upload, now, Some(flight));
             }
         } else {
             // A reload may have fixed the cause: probe at once.

@@ -7,7 +7,7 @@ use crate::failpoint;
 use crate::keys::ItemKey;
 use crate::observe::metrics::Metrics;
 use crate::pipeline::delete::{self, LocalOutcome};
-use crate::pipeline::finished::{self, Readiness};
+use crate::pipeline::finished::{self, FileIdentity, Readiness};
 use crate::pipeline::plan::{Deletion, Plan};
 use crate::pipeline::queue::{AfterUpload, Queue, QueueItem, Stage, StateError};
 use crate::pipeline::root::RootGuard;
@@ -38,6 +38,11 @@ impl Lane {
             Stage::Parked { .. } => None,
         }
     }
+}
+
+/// When a file may be deleted locally: once it is `min_age` old (Unix ms).
+pub fn delete_due_ms(identity: &FileIdentity, min_age: Duration) -> u64 {
+    (identity.mtime_ns / 1_000_000).max(0) as u64 + min_age.as_millis() as u64
 }
 
 /// What became of one dispatched item.
@@ -253,8 +258,7 @@ impl Worker {
         let Some(permit) = state!(self.queue.delete_permit(key).await) else {
             return Outcome::Settled;
         };
-        let due_ms =
-            (permit.identity().mtime_ns / 1_000_000).max(0) as u64 + min_age.as_millis() as u64;
+        let due_ms = delete_due_ms(permit.identity(), min_age);
         if now_ms() < due_ms {
             return Outcome::Later {
                 due_ms,

@@ -26,6 +26,8 @@ struct Harness {
     commands: mpsc::Sender<Command>,
     stop: Stop,
     task: Option<JoinHandle<()>>,
+    /// Items each lane holds in memory (the scheduler's default unless set).
+    window: usize,
 }
 
 fn plan(root: &std::path::Path, store: &Arc<FakeStore>, deletion: Deletion) -> Arc<Plan> {
@@ -76,6 +78,7 @@ impl Harness {
             commands,
             stop,
             task: None,
+            window: lanes::WINDOW,
         };
         h.start(deletion);
         h
@@ -85,7 +88,7 @@ impl Harness {
         let (cand_tx, cand_rx) = mpsc::channel(64);
         let (cmd_tx, cmd_rx) = mpsc::channel(8);
         let (stop, shutdown) = Stop::new();
-        let s = Scheduler::new(
+        let mut s = Scheduler::new(
             plan(&self.root, &self.store, deletion),
             resources(),
             self.queue.clone(),
@@ -93,6 +96,10 @@ impl Harness {
             self.live.clone(),
             watch::channel(0).0,
         );
+        if self.window != lanes::WINDOW {
+            s.lanes = Lanes::with_window(self.window);
+            s.load_queue();
+        }
         self.task = Some(tokio::spawn(s.run(
             cand_rx,
             cmd_rx,
@@ -449,5 +456,114 @@ async fn a_missing_root_pauses_and_keeps_the_queue() {
         h.store.object("pre/kept.png").is_some()
     })
     .await;
+    h.stop().await;
+}
+
+/// Files put into the root and queued on disk (as a previous run left them),
+/// without a scheduler running.
+fn queue_on_disk(h: &Harness, n: usize) -> Vec<PathBuf> {
+    (0..n)
+        .map(|i| {
+            let rel = format!("q/{i:03}.png");
+            let abs = h.root.join(&rel);
+            std::fs::create_dir_all(abs.parent().unwrap()).unwrap();
+            std::fs::write(&abs, format!("file {i}")).unwrap();
+            let identity = FileIdentity::of(&std::fs::symlink_metadata(&abs).unwrap());
+            let admitted = h.queue.admit(&Harness::key(&rel), &identity, Admit::Event);
+            assert!(matches!(admitted, Ok(Admission::Queued(_))));
+            abs
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_queue_longer_than_the_window_is_counted_and_drains_completely() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    let files = queue_on_disk(&h, 40);
+    h.window = 4;
+    // The provider is down: nothing leaves the queue, all of it is counted.
+    h.store.script(|_| Some(refused()));
+    h.start(Deletion::Keep);
+    until(60, "paused", || h.live.shown().paused.is_some()).await;
+    assert_eq!(h.live.queue_depth.load(Ordering::Relaxed), 40);
+    // New files while the window is full go to the backlog on disk.
+    h.write("q/new.png", b"new").await;
+    until(5, "the new file counted", || {
+        h.live.queue_depth.load(Ordering::Relaxed) == 41
+    })
+    .await;
+    let failed_puts = h.count(Op::Put);
+    h.store.script(|_| None);
+    until(600, "every file uploaded", || {
+        h.queue.items().unwrap().is_empty()
+    })
+    .await;
+    for (i, abs) in files.iter().enumerate() {
+        let object = h.store.object(&format!("pre/q/{i:03}.png"));
+        assert_eq!(object.unwrap(), std::fs::read(abs).unwrap());
+    }
+    assert_eq!(h.store.object("pre/q/new.png").unwrap(), b"new");
+    until(5, "depth 0", || {
+        h.live.queue_depth.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    // Each file was sent once: the backlog never hands out an item twice.
+    assert_eq!(h.count(Op::Put) - failed_puts, 41);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn deletes_beyond_the_window_are_done_and_cancelled_too() {
+    let mut h = Harness::new(Deletion::After(Duration::ZERO));
+    h.stop().await;
+    h.window = 2;
+    let files = queue_on_disk(&h, 12);
+    h.start(Deletion::After(Duration::from_secs(3600)));
+    until(120, "all uploaded and waiting for their deletes", || {
+        let items = h.queue.items().unwrap();
+        items.len() == 12
+            && items
+                .iter()
+                .all(|(_, i)| matches!(i.stage, Stage::Delete { .. }))
+    })
+    .await;
+    until(5, "all counted, none in flight", || {
+        h.live.queue_depth.load(Ordering::Relaxed) == 12
+            && h.live.in_flight.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    // Turning deletion off cancels those on disk only as well.
+    let p = plan(&h.root, &h.store, Deletion::Keep);
+    let (applied, done) = oneshot::channel();
+    h.commands
+        .send(Command::Replan {
+            plan: p,
+            budget: resources().0,
+            applied,
+        })
+        .await
+        .unwrap();
+    done.await.unwrap();
+    let left = h.queue.items().unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(files.iter().all(|f| f.exists()));
+    until(5, "depth 0", || {
+        h.live.queue_depth.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    h.stop().await;
+
+    // And with deletion on, the ones beyond the window are deleted.
+    let files = queue_on_disk(&h, 12);
+    h.start(Deletion::After(Duration::ZERO));
+    until(120, "every local copy deleted", || {
+        files.iter().all(|f| !f.exists())
+    })
+    .await;
+    for i in 0..12 {
+        let key = Harness::key(&format!("q/{i:03}.png"));
+        assert_eq!(h.queue.record(&key).unwrap().unwrap().local, Local::Deleted);
+    }
     h.stop().await;
 }
