@@ -64,7 +64,7 @@ KNOBS = {
     "STORM_EXISTING": (1000, 200),
     "STORM_KIB": (64, 64),
     "SETTLE_MS": (200, 200),
-    "PEERS": ("s5cmd,rclone,aws", "s5cmd,rclone,aws"),
+    "PEERS": ("s5cmd,rclone,rclone-32,aws", "s5cmd,rclone,rclone-32,aws"),
 }
 
 
@@ -560,7 +560,10 @@ class Harness:
         wait_port(self.s3port)
         self.direct = f"http://127.0.0.1:{self.s3port}"
         log(f"s3s-fs on {self.direct}, data dir {self.s3dir} (pid {self.server.pid})")
-        self.tools = {"s5cmd": resolve_tool("s5cmd"), "rclone": shutil.which("rclone"), "aws": resolve_tool("aws"),
+        # rclone: its defaults (4 transfers, 8 checkers), as a new user runs it and as the targets were set;
+        # rclone-32: 32 transfers and checkers, shown for comparison (no target).
+        self.tools = {"s5cmd": resolve_tool("s5cmd"), "rclone": shutil.which("rclone"),
+                      "rclone-32": shutil.which("rclone"), "aws": resolve_tool("aws"),
                       "curl": shutil.which("curl")}
         self.awscfg = os.path.join(self.W, "aws.config")
         with open(self.awscfg, "w") as f:
@@ -620,7 +623,7 @@ class Harness:
         env = dict(os.environ, AWS_ACCESS_KEY_ID=self.ak, AWS_SECRET_ACCESS_KEY=self.sk, AWS_REGION="us-east-1",
                    AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=self.awscfg,
                    AWS_SHARED_CREDENTIALS_FILE=os.path.join(self.W, "no-credentials"))
-        if tool == "rclone":
+        if tool.startswith("rclone"):
             env.pop("AWS_CA_BUNDLE", None)
             env.update(RCLONE_CONFIG=os.path.join(self.W, "rclone.conf"), RCLONE_CONFIG_BENCH_TYPE="s3",
                        RCLONE_CONFIG_BENCH_PROVIDER="Other", RCLONE_CONFIG_BENCH_ACCESS_KEY_ID=self.ak,
@@ -632,9 +635,10 @@ class Harness:
         if tool == "s5cmd":
             return [self.tools["s5cmd"], "--endpoint-url", endpoint, "--log", "error", "--numworkers", "256",
                     "cp", src + "/*", f"s3://bench/{prefix}/"]
-        if tool == "rclone":
-            return ["rclone", "copy", src, f"bench:bench/{prefix}", "--s3-endpoint", endpoint, "--transfers", "32",
-                    "--checkers", "32", "--s3-no-check-bucket", "-q"]
+        if tool.startswith("rclone"):
+            tuned = ["--transfers", "32", "--checkers", "32"] if tool == "rclone-32" else []
+            return ["rclone", "copy", src, f"bench:bench/{prefix}", "--s3-endpoint", endpoint, *tuned,
+                    "--s3-no-check-bucket", "-q"]
         if tool == "aws":
             return [self.tools["aws"], "s3", "cp", "--recursive", "--only-show-errors", "--endpoint-url", endpoint,
                     src, f"s3://bench/{prefix}/"]

@@ -15,7 +15,7 @@
 #   LAT_FILES=200, LAT_GAP_MS=100, LAT_DELAY_MS=0, STATE_FILES=100000,
 #   STATE_CYCLES=200000 (1000000: the full flatness check), STATE_RUNS=1,
 #   TREE_FILES=200000, TREE_DIRS=20000, TREE_NEW=2000, TREE_RESCAN_S=5,
-#   TREE_RUNS=$RUNS, STORM_RATE=5000, SETTLE_MS=200, PEERS=s5cmd,rclone,aws,
+#   TREE_RUNS=$RUNS, STORM_RATE=5000, SETTLE_MS=200, PEERS=s5cmd,rclone,rclone-32,aws,
 #   WAN_DELAYS=10,40, KEEP=1 (keep the work dir), BENCH_DIR (its parent),
 #   OFFLOADD_UPLOAD='workers: 32, part_concurrency: 8' (upload: keys for
 #   every daemon), and which offloadd to measure:
