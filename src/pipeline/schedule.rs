@@ -1,9 +1,11 @@
 //! The scheduler: between the watcher, the durable queue and the workers.
 //!
 //! Owns: admitting candidates into the queue, the due times of queued items
-//! (two lanes: uploads need a healthy provider, deletes do not), dispatching
-//! at most `upload.workers` items, the provider's [`Health`], and the pause of
-//! the whole pipeline while the root or the state_dir is unavailable.
+//! (two lanes: uploads need a healthy provider, deletes do not; a window of
+//! each in memory, the rest read from disk as room frees, see `lanes`),
+//! dispatching at most `upload.workers` items, the provider's [`Health`], and
+//! the pause of the whole pipeline while the root or the state_dir is
+//! unavailable.
 //!
 //! Policy for a failed upload: an error only this item can have parks it; any
 //! other error is the provider's only if a request that involves no item fails
