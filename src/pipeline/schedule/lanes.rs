@@ -204,7 +204,8 @@ impl Lanes {
         min_some(in_memory, self.uploads.backlog_queued_ms)
     }
 
-    /// How many items a read of the backlog takes at most.
+    /// Items each lane holds in memory at most (also the most one read of
+    /// the backlog takes).
     pub fn window(&self) -> usize {
         self.window
     }
