@@ -2,70 +2,219 @@
 //! bandwidth pacer.
 //!
 //! Guarantees that the file bytes held in memory for uploads never exceed
-//! `upload.memory_limit`, and that bodies
-//! start no faster than `upload.bandwidth_limit` allows on average.
+//! `upload.memory_limit`; that buffers are handed out by [`Turn`]: whole files
+//! (single PUTs, small) before parts, and among parts an earlier file's before
+//! a later file's, so big files finish one after another (the server's work
+//! completing one overlaps the next one's parts) while small results never
+//! wait for a video; and that bodies start no faster than
+//! `upload.bandwidth_limit` allows on average.
 
-use std::sync::Arc;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
 
 /// Copies of a body in memory while it is sent: the data path hands the
 /// buffer itself to the HTTP client, so a buffer of `n` bytes costs `n`.
 pub const BODY_COPIES: u64 = 1;
 
-const UNIT: u64 = 1024;
-
-/// A counting budget in KiB units (a tokio semaphore holds at most `u32::MAX` permits).
+/// The bytes all uploads may hold in memory at once, served in file order.
 #[derive(Clone)]
 pub struct Budget {
-    sem: Arc<Semaphore>,
-    total_units: u32,
+    inner: Arc<Inner>,
+}
+
+/// A file's place in line for the budget: every buffer of an earlier turn is
+/// served before any of a later one; within a turn, first come first served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Turn {
+    // Field order is the order of service.
+    kind: BufferKind,
+    seq: u64,
+}
+
+/// What a file's buffers hold; whole files are served before parts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BufferKind {
+    /// The whole file, for one PUT.
+    WholeFile,
+    /// One part of a multipart upload.
+    Part,
+}
+
+struct Inner {
+    total: u64,
+    next_turn: AtomicU64,
+    // A std Mutex: it is held only to move counts and wake a waiter, never
+    // across an await.
+    line: Mutex<Line>,
+}
+
+/// The free bytes and who waits for them.
+struct Line {
+    free: u64,
+    /// Keyed by (turn, arrival): the first entry is served first, and nobody
+    /// behind it is served while it does not fit (no buffer starves).
+    waiting: BTreeMap<(Turn, u64), Waiter>,
+    arrivals: u64,
+}
+
+struct Waiter {
+    bytes: u64,
+    wake: oneshot::Sender<()>,
+}
+
+impl Line {
+    /// Hands free bytes to the waiters at the front of the line.
+    fn serve(&mut self) {
+        while let Some(first) = self.waiting.first_entry() {
+            if first.get().bytes > self.free {
+                break;
+            }
+            let w = first.remove();
+            self.free -= w.bytes;
+            if w.wake.send(()).is_err() {
+                // Unreachable: a waiter that goes away leaves the line first.
+                self.free += w.bytes;
+            }
+        }
+    }
 }
 
 /// Bytes reserved from the budget; released when dropped.
 pub struct Reservation {
-    _permit: Option<OwnedSemaphorePermit>,
+    budget: Option<Arc<Inner>>,
     pub bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(inner) = self.budget.take() {
+            let mut line = inner.line.lock().expect("budget lock");
+            line.free += self.bytes;
+            line.serve();
+        }
+    }
+}
+
+/// A reservation waiting in line; if the wait is abandoned (the upload was
+/// cancelled), it leaves the line, or gives back what it was just granted.
+struct InLine {
+    inner: Arc<Inner>,
+    key: (Turn, u64),
+    bytes: u64,
+    granted: bool,
+}
+
+impl Drop for InLine {
+    fn drop(&mut self) {
+        if self.granted {
+            return;
+        }
+        let mut line = self.inner.line.lock().expect("budget lock");
+        if line.waiting.remove(&self.key).is_none() {
+            line.free += self.bytes;
+        }
+        // Whoever waited behind this one may fit now.
+        line.serve();
+    }
 }
 
 impl Budget {
     pub fn new(limit_bytes: u64) -> Self {
-        let units = (limit_bytes / UNIT).clamp(1, u32::MAX as u64 >> 4) as u32;
+        let total = limit_bytes.max(1);
         Budget {
-            sem: Arc::new(Semaphore::new(units as usize)),
-            total_units: units,
+            inner: Arc::new(Inner {
+                total,
+                next_turn: AtomicU64::new(0),
+                line: Mutex::new(Line {
+                    free: total,
+                    waiting: BTreeMap::new(),
+                    arrivals: 0,
+                }),
+            }),
         }
     }
 
     /// The largest buffer that can ever be reserved, taking the body copy into account.
     pub fn max_buffer(&self) -> u64 {
-        self.total_units as u64 * UNIT / BODY_COPIES
+        self.inner.total / BODY_COPIES
     }
 
-    /// Waits until a buffer of `buffer_len` bytes (plus its in-flight copy) fits.
-    /// Buffers larger than [`Budget::max_buffer`] take the whole budget.
-    pub async fn reserve(&self, buffer_len: u64) -> Reservation {
-        let bytes = buffer_len.saturating_mul(BODY_COPIES);
-        let units = bytes.div_ceil(UNIT).clamp(0, self.total_units as u64) as u32;
-        let permit = if units == 0 {
-            None
+    /// A new place in line for a file's buffers of `kind`, after every turn
+    /// of that kind given out before.
+    pub fn turn(&self, kind: BufferKind) -> Turn {
+        Turn {
+            kind,
+            seq: self.inner.next_turn.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// A buffer of `buffer_len` bytes (plus its in-flight copy), once it fits
+    /// and every earlier turn that waits has been served. Buffers larger than
+    /// [`Budget::max_buffer`] take the whole budget.
+    ///
+    /// The place in line is taken when this is called, not when the future is
+    /// first polled: a part that asks for the next part's buffer before
+    /// dropping its own keeps its file ahead of later files.
+    pub fn reserve(
+        &self,
+        turn: Turn,
+        buffer_len: u64,
+    ) -> impl std::future::Future<Output = Reservation> + Send + 'static {
+        let bytes = buffer_len.saturating_mul(BODY_COPIES).min(self.inner.total);
+        let inner = self.inner.clone();
+        let place = if bytes == 0 {
+            Ok(Reservation {
+                budget: None,
+                bytes,
+            })
         } else {
-            Some(
-                self.sem
-                    .clone()
-                    .acquire_many_owned(units)
-                    .await
-                    .expect("budget semaphore is never closed"),
-            )
+            let mut line = inner.line.lock().expect("budget lock");
+            let behind = line
+                .waiting
+                .first_key_value()
+                .is_some_and(|(k, _)| k.0 <= turn);
+            if !behind && line.free >= bytes {
+                line.free -= bytes;
+                Ok(Reservation {
+                    budget: Some(inner.clone()),
+                    bytes,
+                })
+            } else {
+                let key = (turn, line.arrivals);
+                line.arrivals += 1;
+                let (wake, granted) = oneshot::channel();
+                line.waiting.insert(key, Waiter { bytes, wake });
+                let in_line = InLine {
+                    inner: inner.clone(),
+                    key,
+                    bytes,
+                    granted: false,
+                };
+                Err((in_line, granted))
+            }
         };
-        Reservation {
-            _permit: permit,
-            bytes,
+        async move {
+            match place {
+                Ok(reservation) => reservation,
+                Err((mut in_line, granted)) => {
+                    granted
+                        .await
+                        .expect("a waiter is woken before it leaves the line");
+                    in_line.granted = true;
+                    Reservation {
+                        budget: Some(in_line.inner.clone()),
+                        bytes: in_line.bytes,
+                    }
+                }
+            }
         }
     }
 
     /// Bytes currently reserved.
     pub fn in_use(&self) -> u64 {
-        (self.total_units as u64 - self.sem.available_permits() as u64) * UNIT
+        self.inner.total - self.inner.line.lock().expect("budget lock").free
     }
 }
 
@@ -184,21 +333,142 @@ mod tests {
         let b = Budget::new(64 * 1024 * 1024);
         let half = b.max_buffer() / 2;
         assert_eq!(b.max_buffer(), 64 * 1024 * 1024 / BODY_COPIES);
-        let r1 = b.reserve(half).await;
-        let _r2 = b.reserve(half).await;
+        let t = b.turn(BufferKind::Part);
+        let r1 = b.reserve(t, half).await;
+        let _r2 = b.reserve(t, half).await;
         assert_eq!(b.in_use(), 64 * 1024 * 1024);
         let b2 = b.clone();
-        let waiter = tokio::spawn(async move { b2.reserve(1024).await.bytes });
+        let waiter = tokio::spawn(async move { b2.reserve(t, 1024).await.bytes });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!waiter.is_finished());
         drop(r1);
         assert_eq!(waiter.await.unwrap(), 1024 * BODY_COPIES);
+        assert_eq!(b.in_use(), half);
     }
 
     #[tokio::test]
     async fn zero_bytes_reserve_nothing() {
         let b = Budget::new(1024 * 1024);
-        let _r = b.reserve(0).await;
+        let _r = b.reserve(b.turn(BufferKind::WholeFile), 0).await;
         assert_eq!(b.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_buffer_larger_than_the_budget_takes_all_of_it() {
+        let b = Budget::new(1000);
+        let r = b.reserve(b.turn(BufferKind::WholeFile), 5000).await;
+        assert_eq!((r.bytes, b.in_use()), (1000, 1000));
+        drop(r);
+        assert_eq!(b.in_use(), 0);
+    }
+
+    /// Waits until `n` reservations wait in line.
+    async fn until_waiting(b: &Budget, n: usize) {
+        while b.inner.line.lock().unwrap().waiting.len() < n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_earlier_file_is_served_before_a_later_one_that_waited_longer() {
+        let b = Budget::new(100);
+        let (first, second) = (b.turn(BufferKind::Part), b.turn(BufferKind::Part));
+        let held = b.reserve(first, 100).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let spawn = |turn: Turn, name: &'static str| {
+            let (b, order) = (b.clone(), order.clone());
+            tokio::spawn(async move {
+                let r = b.reserve(turn, 60).await;
+                order.lock().unwrap().push(name);
+                tokio::task::yield_now().await;
+                drop(r);
+            })
+        };
+        let late = spawn(second, "second file");
+        until_waiting(&b, 1).await;
+        let early = spawn(first, "first file, next part");
+        until_waiting(&b, 2).await;
+        drop(held);
+        early.await.unwrap();
+        late.await.unwrap();
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["first file, next part", "second file"]
+        );
+        assert_eq!(b.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_later_file_does_not_jump_a_waiting_earlier_one() {
+        let b = Budget::new(100);
+        let (first, second) = (b.turn(BufferKind::Part), b.turn(BufferKind::Part));
+        let held = b.reserve(first, 50).await;
+        let b2 = b.clone();
+        let big = tokio::spawn(async move { b2.reserve(first, 100).await.bytes });
+        until_waiting(&b, 1).await;
+        // 50 bytes are free, but the earlier file waits for 100: the later
+        // one queues behind it instead of starving it.
+        let b3 = b.clone();
+        let small = tokio::spawn(async move { b3.reserve(second, 10).await.bytes });
+        until_waiting(&b, 2).await;
+        assert_eq!(b.in_use(), 50);
+        drop(held);
+        assert_eq!(big.await.unwrap(), 100);
+        assert_eq!(small.await.unwrap(), 10);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_wait_leaves_the_line_and_lets_the_next_in() {
+        let b = Budget::new(100);
+        let (first, second) = (b.turn(BufferKind::Part), b.turn(BufferKind::Part));
+        let held = b.reserve(first, 50).await;
+        let b2 = b.clone();
+        let blocked = tokio::spawn(async move { b2.reserve(first, 100).await.bytes });
+        until_waiting(&b, 1).await;
+        let b3 = b.clone();
+        let behind = tokio::spawn(async move { b3.reserve(second, 50).await.bytes });
+        until_waiting(&b, 2).await;
+        blocked.abort();
+        assert!(blocked.await.unwrap_err().is_cancelled());
+        assert_eq!(behind.await.unwrap(), 50, "served once the head left");
+        drop(held);
+        assert_eq!(b.in_use(), 0, "nothing leaked by the cancelled wait");
+    }
+
+    #[tokio::test]
+    async fn a_whole_file_goes_before_parts_of_an_earlier_file() {
+        let b = Budget::new(100);
+        let video = b.turn(BufferKind::Part);
+        let image = b.turn(BufferKind::WholeFile);
+        assert!(image < video);
+        let held = b.reserve(video, 100).await;
+        let next_part = b.reserve(video, 100);
+        let small = b.reserve(image, 10);
+        drop(held);
+        let small = small.await;
+        assert_eq!(b.in_use(), 10, "the image first; the part waits for room");
+        drop(small);
+        assert_eq!(next_part.await.bytes, 100);
+    }
+
+    #[tokio::test]
+    async fn the_place_in_line_is_taken_at_the_call() {
+        let b = Budget::new(100);
+        let (first, second) = (b.turn(BufferKind::Part), b.turn(BufferKind::Part));
+        let held = b.reserve(first, 100).await;
+        let other_file = b.reserve(second, 100);
+        // The first file asks for its next part's buffer, then gives back the
+        // one it holds: its next part is served, not the later file.
+        let next = b.reserve(first, 100);
+        drop(held);
+        let next = next.await;
+        drop(other_file);
+        assert_eq!(b.in_use(), 100);
+        drop(next);
+        assert_eq!(
+            b.in_use(),
+            0,
+            "the dropped, never polled wait left the line"
+        );
     }
 }

@@ -13,13 +13,12 @@
 
 use crate::failpoint;
 use crate::keys::{ItemKey, ObjectKey};
-use crate::pipeline::budget::{Budget, Pacer};
+use crate::pipeline::budget::{Budget, BufferKind, Pacer, Turn};
 use crate::pipeline::finished::FileIdentity;
 use crate::pipeline::queue::{MultipartProgress, PartDone, Queue, StateError};
 use crate::remote::error::{ErrorClass, StorageError};
 use crate::remote::object_options::ObjectOptions;
 use crate::remote::store::Store;
-use futures::stream::{self, StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -159,13 +158,18 @@ impl Uploader {
                 identity.size
             )));
         }
+        // This file's buffers come before those of every file of its kind
+        // started later (whole files before parts: budget.rs).
         if identity.size <= settings.multipart_threshold {
             if let Some(p) = job.previous {
                 self.abandon(job, p).await?;
             }
-            self.send_single(job, file, identity).await
+            let turn = self.budget.turn(BufferKind::WholeFile);
+            self.send_single(job, file, identity, turn).await
         } else {
-            self.send_multipart(job, file, identity, settings).await
+            let turn = self.budget.turn(BufferKind::Part);
+            self.send_multipart(job, file, identity, settings, turn)
+                .await
         }
     }
 
@@ -174,9 +178,10 @@ impl Uploader {
         job: &Job<'_>,
         file: File,
         identity: FileIdentity,
+        turn: Turn,
     ) -> Result<Sent, UploadError> {
         let len = identity.size;
-        let _reserved = self.budget.reserve(len).await;
+        let _reserved = self.budget.reserve(turn, len).await;
         let (body, md5) = tokio::task::spawn_blocking(move || {
             let body = read_at(&file, 0, len as usize).map_err(|_| UploadError::Changed)?;
             unchanged(&file, &identity)?;
@@ -202,6 +207,7 @@ impl Uploader {
         file: File,
         identity: FileIdentity,
         settings: Settings,
+        turn: Turn,
     ) -> Result<Sent, UploadError> {
         let size = identity.size;
         let part_size = part_size_for(size, settings.part_size);
@@ -222,7 +228,7 @@ impl Uploader {
                 && p.part_size == part_size;
             if same {
                 tracing::info!(path = %job.abs.display(), parts_done = p.parts.len(), "resuming multipart upload");
-                match self.send_parts(job, &file, p.clone(), settings).await {
+                match self.send_parts(job, &file, p.clone(), settings, turn).await {
                     Err(UploadError::Storage(e)) if e.status.is_some() && !e.is_throttle() => {
                         // The server may no longer know the upload id, e.g. because
                         // it completed just before a crash: is the object there?
@@ -257,7 +263,7 @@ impl Uploader {
             let _ = job.store.abort(job.key.as_str(), &progress.upload_id).await;
             return Err(e.into());
         }
-        self.send_parts(job, &file, progress, settings).await
+        self.send_parts(job, &file, progress, settings, turn).await
     }
 
     /// Sends the parts not yet done and completes the upload.
@@ -267,6 +273,7 @@ impl Uploader {
         file: &Arc<File>,
         progress: MultipartProgress,
         settings: Settings,
+        turn: Turn,
     ) -> Result<Sent, UploadError> {
         let identity = progress.identity;
         let (size, part_size) = (identity.size, progress.part_size);
@@ -274,53 +281,50 @@ impl Uploader {
         let upload_id = progress.upload_id.clone();
         let done: std::collections::HashSet<u32> =
             progress.parts.iter().map(|p| p.number).collect();
-        let progress = Arc::new(Mutex::new(progress));
+        let progress = Mutex::new(progress);
         let save_every = (parts_total / 100).max(1);
-        let todo: Vec<u32> = (1..=parts_total).filter(|n| !done.contains(n)).collect();
-        let result = stream::iter(todo.into_iter().map(|number| {
-            let file = file.clone();
-            let progress = progress.clone();
-            let upload_id = upload_id.clone();
-            async move {
-                let offset = (number as u64 - 1) * part_size;
-                let len = part_size.min(size - offset);
-                let _reserved = self.budget.reserve(len).await;
-                let (body, md5) = tokio::task::spawn_blocking(move || {
-                    let body = read_at(&file, offset, len as usize)?;
-                    let md5: [u8; 16] = Md5::digest(&body).into();
-                    Ok::<_, std::io::Error>((body, md5))
-                })
-                .await
-                .expect("reading task never panics")
-                .map_err(|_| UploadError::Changed)?;
-                self.pacer.take(len).await;
-                let etag = job
-                    .store
-                    .put_part(job.key, &upload_id, number, body, md5)
-                    .await;
-                self.progressed();
-                let etag = etag?;
-                let snapshot = {
-                    let mut p = progress.lock().expect("progress lock");
-                    p.parts.push(PartDone { number, etag, md5 });
-                    (p.parts.len() as u32)
-                        .is_multiple_of(save_every)
-                        .then(|| p.clone())
+        let len_of = |number: u32| part_size.min(size - (number as u64 - 1) * part_size);
+        let todo: Mutex<std::vec::IntoIter<u32>> = Mutex::new(
+            (1..=parts_total)
+                .filter(|n| !done.contains(n))
+                .collect::<Vec<_>>()
+                .into_iter(),
+        );
+        let next = || todo.lock().expect("parts lock").next();
+        // `part_concurrency` lanes, each sending one part after another. A lane
+        // asks for its next part's buffer before it gives back the last one,
+        // so this file's parts stay ahead of those of files started later.
+        let lane = || async {
+            let Some(mut number) = next() else {
+                return Ok::<_, UploadError>(());
+            };
+            let mut reserved = self.budget.reserve(turn, len_of(number)).await;
+            loop {
+                self.send_part(
+                    job,
+                    file,
+                    &upload_id,
+                    number,
+                    part_size,
+                    len_of(number),
+                    &progress,
+                    save_every,
+                )
+                .await?;
+                let Some(n) = next() else {
+                    return Ok(());
                 };
-                if progress.lock().expect("progress lock").parts.len() == 1 {
-                    failpoint::hit(failpoint::AFTER_FIRST_PART);
-                }
-                if let Some(p) = snapshot {
-                    self.queue.note_multipart(job.item_key, &p)?;
-                }
-                Ok::<_, UploadError>(())
+                let next_buffer = self.budget.reserve(turn, len_of(n));
+                drop(reserved);
+                reserved = next_buffer.await;
+                number = n;
             }
-        }))
-        .buffer_unordered(settings.part_concurrency.max(1))
-        .try_collect::<()>()
-        .await;
+        };
+        let result =
+            futures::future::try_join_all((0..settings.part_concurrency.max(1)).map(|_| lane()))
+                .await;
 
-        let snapshot = progress.lock().expect("progress lock").clone();
+        let snapshot = progress.into_inner().expect("progress lock");
         if let Err(e) = result {
             let restart = matches!(e, UploadError::Changed)
                 || matches!(&e, UploadError::Storage(s) if s.class == ErrorClass::RestartUpload);
@@ -351,6 +355,52 @@ impl Uploader {
             expected_etag: multipart_etag(&md5s),
             multipart: true,
         })
+    }
+
+    /// Reads, hashes and sends one part (its buffer already reserved) and
+    /// records it as done.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_part(
+        &self,
+        job: &Job<'_>,
+        file: &Arc<File>,
+        upload_id: &str,
+        number: u32,
+        part_size: u64,
+        len: u64,
+        progress: &Mutex<MultipartProgress>,
+        save_every: u32,
+    ) -> Result<(), UploadError> {
+        let offset = (number as u64 - 1) * part_size;
+        let reader = file.clone();
+        let (body, md5) = tokio::task::spawn_blocking(move || {
+            let body = read_at(&reader, offset, len as usize)?;
+            let md5: [u8; 16] = Md5::digest(&body).into();
+            Ok::<_, std::io::Error>((body, md5))
+        })
+        .await
+        .expect("reading task never panics")
+        .map_err(|_| UploadError::Changed)?;
+        self.pacer.take(len).await;
+        let etag = job
+            .store
+            .put_part(job.key, upload_id, number, body, md5)
+            .await;
+        self.progressed();
+        let etag = etag?;
+        let (first, snapshot) = {
+            let mut p = progress.lock().expect("progress lock");
+            p.parts.push(PartDone { number, etag, md5 });
+            let n = p.parts.len() as u32;
+            (n == 1, n.is_multiple_of(save_every).then(|| p.clone()))
+        };
+        if first {
+            failpoint::hit(failpoint::AFTER_FIRST_PART);
+        }
+        if let Some(p) = snapshot {
+            self.queue.note_multipart(job.item_key, &p)?;
+        }
+        Ok(())
     }
 
     /// Whether the object in the bucket already is this file (size and the

@@ -28,6 +28,8 @@ struct Harness {
     task: Option<JoinHandle<()>>,
     /// Items each lane holds in memory (the scheduler's default unless set).
     window: usize,
+    /// `upload.memory_limit` (64 MiB unless set).
+    memory_limit: u64,
 }
 
 fn plan(root: &std::path::Path, store: &Arc<FakeStore>, deletion: Deletion) -> Arc<Plan> {
@@ -79,6 +81,7 @@ impl Harness {
             stop,
             task: None,
             window: lanes::WINDOW,
+            memory_limit: 64 * MIB,
         };
         h.start(deletion);
         h
@@ -90,7 +93,7 @@ impl Harness {
         let (stop, shutdown) = Stop::new();
         let mut s = Scheduler::new(
             plan(&self.root, &self.store, deletion),
-            resources(),
+            (Budget::new(self.memory_limit), Pacer::new(0)),
             self.queue.clone(),
             self.guard.clone(),
             self.live.clone(),
@@ -183,6 +186,44 @@ async fn uploads_verifies_and_records() {
     .await;
     assert_eq!(h.store.object("pre/a/1.png").unwrap(), b"file 1");
     assert!(h.queue.items().unwrap().is_empty());
+    h.stop().await;
+}
+
+/// With the budget full, big files are sent one after another (the first
+/// completes while the second's parts go), not all interleaved to complete
+/// together at the end; a small file written meanwhile does not wait for them.
+#[tokio::test(start_paused = true)]
+async fn big_files_take_the_budget_in_turn_and_small_files_go_first() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    h.memory_limit = 10 * MIB; // two 5 MiB parts: what one file's two lanes use
+    h.start(Deletion::Keep);
+    let body = |seed: u8| -> Vec<u8> { (0..30 * MIB).map(|i| (i % 251) as u8 ^ seed).collect() };
+    h.write("v/a.mp4", &body(1)).await;
+    h.write("v/b.mp4", &body(2)).await;
+    h.write("small.png", b"image").await;
+    until(60, "both videos uploaded", || {
+        ["pre/v/a.mp4", "pre/v/b.mp4"]
+            .iter()
+            .all(|k| h.store.object(k).is_some())
+    })
+    .await;
+    assert_eq!(h.store.object("pre/v/a.mp4").unwrap(), body(1));
+    assert_eq!(h.store.object("pre/v/b.mp4").unwrap(), body(2));
+    let log = h.store.requests();
+    let first_complete = log.iter().position(|r| r.op == Op::Complete).unwrap();
+    let finished = &log[first_complete].key;
+    let other_parts_before = log[..first_complete]
+        .iter()
+        .filter(|r| r.op == Op::Part && &r.key != finished)
+        .count();
+    assert!(
+        other_parts_before <= 2,
+        "{other_parts_before} of the other file's 6 parts went before {finished} completed"
+    );
+    let small = log.iter().position(|r| r.key == "pre/small.png").unwrap();
+    let last_part = log.iter().rposition(|r| r.op == Op::Part).unwrap();
+    assert!(small < last_part, "the small file waited for the videos");
     h.stop().await;
 }
 
