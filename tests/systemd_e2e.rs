@@ -181,7 +181,7 @@ fn offloadd_under_real_systemd() {
         systemctl daemon-reload",
     );
 
-    // Install; apt resolves Depends (libssl3) from the mirror.
+    // Install; apt resolves Depends from the mirror.
     put(&std::fs::read(&deb).unwrap(), "/tmp/offloadd.deb");
     let (rc, out, err) = sd(&[
         "sh",

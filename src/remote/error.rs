@@ -168,9 +168,19 @@ pub fn transport_of(timeout: bool, chain: &[String]) -> Transport {
         || all.contains("no address associated")
     {
         Transport::Dns
-    } else if ["tls", "ssl", "certificate", "handshake"]
-        .iter()
-        .any(|w| all.contains(w))
+    } else if [
+        "tls",
+        "ssl",
+        "certificate",
+        "handshake",
+        // rustls' own wording (its errors do not say "TLS").
+        "received corrupt message",
+        "peer is incompatible",
+        "peer misbehaved",
+        "received fatal alert",
+    ]
+    .iter()
+    .any(|w| all.contains(w))
     {
         Transport::Tls(chain.last().cloned().unwrap_or_default())
     } else if all.contains("timed out") {
@@ -299,5 +309,20 @@ mod tests {
             ),
             Transport::Tls("error:0A000086:SSL routines::certificate verify failed".into())
         );
+        for rustls in [
+            "invalid peer certificate: UnknownIssuer",
+            "received corrupt message of type InvalidContentType",
+            "received fatal alert: HandshakeFailure",
+            "peer is incompatible: Tls12NotOffered",
+        ] {
+            assert_eq!(
+                transport_of(
+                    false,
+                    &c(&["error sending request", "client error (Connect)", rustls])
+                ),
+                Transport::Tls(rustls.into()),
+                "{rustls}"
+            );
+        }
     }
 }
