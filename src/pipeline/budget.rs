@@ -337,8 +337,7 @@ mod tests {
         let r1 = b.reserve(t, half).await;
         let _r2 = b.reserve(t, half).await;
         assert_eq!(b.in_use(), 64 * 1024 * 1024);
-        let b2 = b.clone();
-        let waiter = tokio::spawn(async move { b2.reserve(t, 1024).await.bytes });
+        let waiter = reserved_bytes(&b, t, 1024);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(!waiter.is_finished());
         drop(r1);
@@ -360,6 +359,13 @@ mod tests {
         assert_eq!((r.bytes, b.in_use()), (1000, 1000));
         drop(r);
         assert_eq!(b.in_use(), 0);
+    }
+
+    /// A task that reserves `len` bytes in `turn` (asking when it first
+    /// runs), then gives them back; its output is the bytes it was granted.
+    fn reserved_bytes(b: &Budget, turn: Turn, len: u64) -> tokio::task::JoinHandle<u64> {
+        let b = b.clone();
+        tokio::spawn(async move { b.reserve(turn, len).await.bytes })
     }
 
     /// Waits until `n` reservations wait in line.
@@ -403,13 +409,11 @@ mod tests {
         let b = Budget::new(100);
         let (first, second) = (b.turn(BufferKind::Part), b.turn(BufferKind::Part));
         let held = b.reserve(first, 50).await;
-        let b2 = b.clone();
-        let big = tokio::spawn(async move { b2.reserve(first, 100).await.bytes });
+        let big = reserved_bytes(&b, first, 100);
         until_waiting(&b, 1).await;
         // 50 bytes are free, but the earlier file waits for 100: the later
         // one queues behind it instead of starving it.
-        let b3 = b.clone();
-        let small = tokio::spawn(async move { b3.reserve(second, 10).await.bytes });
+        let small = reserved_bytes(&b, second, 10);
         until_waiting(&b, 2).await;
         assert_eq!(b.in_use(), 50);
         drop(held);
@@ -422,11 +426,9 @@ mod tests {
         let b = Budget::new(100);
         let (first, second) = (b.turn(BufferKind::Part), b.turn(BufferKind::Part));
         let held = b.reserve(first, 50).await;
-        let b2 = b.clone();
-        let blocked = tokio::spawn(async move { b2.reserve(first, 100).await.bytes });
+        let blocked = reserved_bytes(&b, first, 100);
         until_waiting(&b, 1).await;
-        let b3 = b.clone();
-        let behind = tokio::spawn(async move { b3.reserve(second, 50).await.bytes });
+        let behind = reserved_bytes(&b, second, 50);
         until_waiting(&b, 2).await;
         blocked.abort();
         assert!(blocked.await.unwrap_err().is_cancelled());

@@ -28,7 +28,7 @@ struct Harness {
     task: Option<JoinHandle<()>>,
     /// Items each lane holds in memory (the scheduler's default unless set).
     window: usize,
-    /// `upload.memory_limit` (64 MiB unless set).
+    /// `upload.memory_limit` ([`MEMORY_LIMIT`] unless set).
     memory_limit: u64,
 }
 
@@ -52,8 +52,11 @@ fn plan(root: &std::path::Path, store: &Arc<FakeStore>, deletion: Deletion) -> A
     })
 }
 
-fn resources() -> (Budget, Pacer) {
-    (Budget::new(64 * MIB), Pacer::new(0))
+/// `upload.memory_limit` of the tests that do not set their own.
+const MEMORY_LIMIT: u64 = 64 * MIB;
+
+fn resources(memory_limit: u64) -> (Budget, Pacer) {
+    (Budget::new(memory_limit), Pacer::new(0))
 }
 
 impl Harness {
@@ -81,7 +84,7 @@ impl Harness {
             stop,
             task: None,
             window: lanes::WINDOW,
-            memory_limit: 64 * MIB,
+            memory_limit: MEMORY_LIMIT,
         };
         h.start(deletion);
         h
@@ -93,7 +96,7 @@ impl Harness {
         let (stop, shutdown) = Stop::new();
         let mut s = Scheduler::new(
             plan(&self.root, &self.store, deletion),
-            (Budget::new(self.memory_limit), Pacer::new(0)),
+            resources(self.memory_limit),
             self.queue.clone(),
             self.guard.clone(),
             self.live.clone(),
@@ -401,7 +404,7 @@ async fn turning_deletion_off_cancels_pending_deletes() {
     h.commands
         .send(Command::Replan {
             plan: p,
-            budget: resources().0,
+            budget: resources(MEMORY_LIMIT).0,
             applied: oneshot::channel().0,
         })
         .await
@@ -580,7 +583,7 @@ async fn deletes_beyond_the_window_are_done_and_cancelled_too() {
     h.commands
         .send(Command::Replan {
             plan: p,
-            budget: resources().0,
+            budget: resources(MEMORY_LIMIT).0,
             applied,
         })
         .await
