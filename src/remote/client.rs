@@ -11,7 +11,7 @@
 use crate::keys::ObjectKey;
 use crate::remote::error::{
     classify, error_chain, region_from_error, root_cause, transport_of, valid_region, xml_field,
-    ErrorClass, Fault, StorageError,
+    ErrorClass, Fault, StorageError, Transport,
 };
 use crate::remote::object_options::ObjectOptions;
 use crate::remote::provider::{Addressing, Resolved, Sse};
@@ -105,6 +105,15 @@ impl Client {
                 )
             }
             S3Error::Reqwest(e) => {
+                if let Transport::Tls(cause) = transport_of(e.is_timeout(), &error_chain(&e)) {
+                    return StorageError::new(
+                        ErrorClass::Transient,
+                        format!(
+                            "the TLS connection to provider `{}` ({}) failed ({cause}); check that it speaks HTTPS with a certificate this machine trusts (system store, or SSL_CERT_FILE); will retry",
+                            self.provider.name, self.provider.endpoint
+                        ),
+                    );
+                }
                 let what = if e.is_timeout() {
                     "timed out"
                 } else if e.is_connect() {

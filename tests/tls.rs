@@ -1,0 +1,232 @@
+//! Proof that offloadd speaks HTTPS to a provider and trusts what DESIGN
+//! says it trusts: the system store, which `SSL_CERT_FILE` replaces. An
+//! HTTPS front (tokio-rustls, a leaf certificate for 127.0.0.1 signed by a
+//! private CA that rcgen makes per test) forwards to a real s3s-fs, which
+//! checks every signature. With the CA in `SSL_CERT_FILE`, `test-connection`
+//! passes and files land byte for byte (single PUT and multipart); with
+//! another CA, the handshake fails, the sentence says TLS and names the
+//! endpoint, nothing leaves the disk, and a restart with the right CA drains
+//! the queue.
+
+mod common;
+use common::*;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_rustls::rustls;
+
+/// A private certificate authority, written as PEM for `SSL_CERT_FILE`.
+struct TestCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        TestCa { cert, key }
+    }
+
+    /// Writes the CA certificate to `dir/{file}`; its path.
+    fn write_pem(&self, dir: &Path, file: &str) -> PathBuf {
+        let path = dir.join(file);
+        std::fs::write(&path, self.cert.pem()).unwrap();
+        path
+    }
+
+    /// A server certificate for 127.0.0.1 and localhost, with its key.
+    fn leaf(&self) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert, key)
+    }
+}
+
+/// TLS on 127.0.0.1 in front of `upstream`: each connection is decrypted and
+/// its bytes forwarded as they are, so s3s-fs sees the daemon's requests.
+struct HttpsFront {
+    port: u16,
+    handshakes: Arc<AtomicUsize>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl HttpsFront {
+    fn start(upstream: SocketAddr, ca: &TestCa) -> HttpsFront {
+        let (leaf, key) = ca.leaf();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone(), ca.cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let counted = handshakes.clone();
+        runtime.spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    // A failed handshake (the daemon distrusting us) just ends.
+                    let Ok(mut tls) = acceptor.accept(client).await else {
+                        return;
+                    };
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
+                });
+            }
+        });
+        HttpsFront {
+            port,
+            handshakes,
+            _runtime: runtime,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    fn handshakes(&self) -> usize {
+        self.handshakes.load(Ordering::SeqCst)
+    }
+}
+
+/// The trust settings a process gets: `SSL_CERT_FILE` naming `ca_pem` and
+/// `SSL_CERT_DIR` naming an empty directory, so only that CA is trusted,
+/// whatever this machine's own store holds.
+fn trusting(env: &TestEnv, ca_pem: &Path) -> Vec<(&'static str, String)> {
+    let empty = env.dir.path().join("no-certs");
+    std::fs::create_dir_all(&empty).unwrap();
+    vec![
+        ("SSL_CERT_FILE", ca_pem.display().to_string()),
+        ("SSL_CERT_DIR", empty.display().to_string()),
+    ]
+}
+
+fn as_env<'a>(vars: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    vars.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+fn test_connection(env: &TestEnv, trust: &[(&'static str, String)]) -> (i32, String, String) {
+    env.cli_os_env(&[std::ffi::OsStr::new("test-connection")], &as_env(trust))
+}
+
+#[test]
+fn https_with_a_private_ca_in_ssl_cert_file_uploads_byte_for_byte() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let ca = TestCa::new("offloadd test CA");
+    let front = HttpsFront::start(s3.addr(), &ca);
+    let mut cfg = Cfg::new(&front.endpoint());
+    cfg.multipart_threshold = Some("5MiB".into());
+    cfg.part_size = Some("5MiB".into());
+    env.write_config(&cfg);
+    let trust = trusting(&env, &ca.write_pem(env.dir.path(), "ca.pem"));
+
+    let (code, out, err) = test_connection(&env, &trust);
+    assert_eq!(code, 0, "stdout={out} stderr={err}");
+    assert!(out.contains("passed:"), "{out}");
+    assert!(front.handshakes() >= 1, "the probe went through TLS");
+
+    let _daemon = Daemon::start(&env, &as_env(&trust));
+    let files: Expected = vec![
+        ("small.jpg".into(), file_content("small.jpg", 1_000, 50_000)),
+        ("videos/big.mp4".into(), random_bytes(11 * 1024 * 1024)),
+    ];
+    for (rel, bytes) in &files {
+        write_file(&env.path(rel), bytes);
+    }
+    wait_all_uploaded(&s3, &files, LONG);
+    assert_eq!(
+        s3.head(BUCKET, &format!("{PREFIX}/videos/big.mp4")).1,
+        Some(multipart_etag(&env.path("videos/big.mp4"), 5 * 1024 * 1024)),
+        "the big file went multipart over TLS"
+    );
+}
+
+#[test]
+fn an_untrusted_certificate_keeps_files_local_until_the_ca_is_trusted() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let ca = TestCa::new("offloadd test CA");
+    let front = HttpsFront::start(s3.addr(), &ca);
+    env.write_config(&Cfg::new(&front.endpoint()));
+    let stranger = TestCa::new("some other CA");
+    let wrong = trusting(&env, &stranger.write_pem(env.dir.path(), "other-ca.pem"));
+
+    let (code, out, err) = test_connection(&env, &wrong);
+    assert_eq!(code, 1, "stdout={out} stderr={err}");
+    let err = err.trim();
+    let endpoint = front.endpoint();
+    assert!(
+        err.starts_with(&format!(
+            "offloadd: the TLS connection to {endpoint} failed (invalid peer certificate: UnknownIssuer"
+        )) && err.ends_with(&format!(
+            "; check that `endpoint` of provider `{PROVIDER}` speaks HTTPS with a certificate this machine trusts (system store, or SSL_CERT_FILE)"
+        )),
+        "{err}"
+    );
+
+    // The daemon: the file stays where it is, the reason says TLS.
+    let daemon = Daemon::start(&env, &as_env(&wrong));
+    let bytes = file_content("waiting.jpg", 1_000, 50_000);
+    write_file(&env.path("waiting.jpg"), &bytes);
+    wait_until(LONG, "the provider paused for the certificate", || {
+        json_array(&env.status(), "paused").iter().any(|p| {
+            p.get("reason")
+                .and_then(|r| r.as_str())
+                .is_some_and(|r| r.contains("TLS") && r.contains("UnknownIssuer"))
+        })
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !s3.has("waiting.jpg"),
+        "nothing can pass an untrusted TLS front"
+    );
+    assert_eq!(std::fs::read(env.path("waiting.jpg")).unwrap(), bytes);
+    assert_eq!(front.handshakes(), 0, "no handshake completed");
+    let log = daemon.stop();
+    assert!(
+        log.contains(&format!(
+            "the TLS connection to provider `{PROVIDER}` ({endpoint}) failed"
+        )),
+        "the log says TLS: {log}"
+    );
+
+    // Restarted with the right CA: the queue drains.
+    let right = trusting(&env, &ca.write_pem(env.dir.path(), "ca.pem"));
+    let _daemon = Daemon::start(&env, &as_env(&right));
+    wait_all_uploaded(&s3, &[("waiting.jpg".into(), bytes)], LONG);
+}
