@@ -207,8 +207,8 @@ impl Default for Storage {
 impl Default for Upload {
     fn default() -> Self {
         Upload {
-            // Small files are latency-bound (a PUT and a HEAD each, 20-100 ms
-            // away); files in flight cost little beyond their buffer, which
+            // Small files are latency-bound (a PUT, and a HEAD before a
+            // delete, each 20-100 ms away); files in flight cost little beyond their buffer, which
             // memory_limit bounds.
             workers: 64,
             multipart_threshold: 16 * MIB,

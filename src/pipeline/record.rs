@@ -1,11 +1,13 @@
 //! Recording a verified upload: the location record (provider name and key,
 //! size, ETag, the identity of the file that was read) and the item's next
 //! stage, written in one transaction and made durable before anything acts on
-//! them (guarantee 2: no delete without a durable record).
+//! them (guarantee 2: no delete without a durable record). The next stage is
+//! the one [`Verified`] allows: a local delete only after a HEAD.
 
 use crate::keys::{ItemKey, ObjectKey};
-use crate::pipeline::queue::{AfterUpload, Local, Queue, Record, StateError};
+use crate::pipeline::queue::{Local, Queue, Record, StateError};
 use crate::pipeline::upload::Sent;
+use crate::pipeline::verify::Verified;
 
 /// Writes the record of `sent` and waits until it is on disk.
 pub async fn commit(
@@ -14,24 +16,17 @@ pub async fn commit(
     provider: &str,
     object: &ObjectKey,
     sent: &Sent,
-    etag: String,
-    after: AfterUpload,
+    verified: &Verified,
 ) -> Result<(), StateError> {
     let record = Record {
         provider: provider.to_string(),
         key: object.as_str().to_string(),
         size: sent.identity.size,
-        etag,
+        etag: verified.etag().to_string(),
         uploaded_ms: crate::statedir::now_ms(),
         identity: sent.identity,
         local: Local::Present,
     };
-    // Zero-byte files are never deleted locally.
-    let after = if sent.identity.size == 0 {
-        AfterUpload::Finish
-    } else {
-        after
-    };
-    queue.record_uploaded(key, &record, after)?;
+    queue.record_uploaded(key, &record, verified.next())?;
     queue.durable().await
 }

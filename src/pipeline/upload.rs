@@ -45,6 +45,9 @@ pub struct Sent {
     pub identity: FileIdentity,
     /// The ETag an S3-compatible server computes for these bytes (quotes stripped).
     pub expected_etag: String,
+    /// The ETag the server answered the PUT or the completion with (or
+    /// showed on the HEAD that found the object already there), if any.
+    pub answered_etag: Option<String>,
     pub multipart: bool,
 }
 
@@ -191,12 +194,12 @@ impl Uploader {
         .await
         .expect("reading task never panics")?;
         self.pacer.take(len).await;
-        let sent = job.store.put(job.key, body, md5, job.options).await;
+        let answered = job.store.put(job.key, body, md5, job.options).await;
         self.progressed();
-        sent?;
         Ok(Sent {
             identity,
             expected_etag: hex::encode(md5),
+            answered_etag: answered?,
             multipart: false,
         })
     }
@@ -344,15 +347,19 @@ impl Uploader {
         parts.sort_by_key(|p| p.number);
         let md5s: Vec<[u8; 16]> = parts.iter().map(|p| p.md5).collect();
         let list = parts.into_iter().map(|p| (p.number, p.etag)).collect();
-        if let Err(e) = job.store.complete(job.key, &upload_id, list).await {
-            if e.class == ErrorClass::RestartUpload {
-                self.queue.clear_multipart(job.item_key)?;
+        let answered = match job.store.complete(job.key, &upload_id, list).await {
+            Ok(etag) => etag,
+            Err(e) => {
+                if e.class == ErrorClass::RestartUpload {
+                    self.queue.clear_multipart(job.item_key)?;
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
+        };
         Ok(Sent {
             identity,
             expected_etag: multipart_etag(&md5s),
+            answered_etag: answered,
             multipart: true,
         })
     }
@@ -429,6 +436,7 @@ impl Uploader {
         Ok((computed == etag).then_some(Sent {
             identity,
             expected_etag: computed,
+            answered_etag: Some(etag),
             multipart: true,
         }))
     }

@@ -214,17 +214,16 @@ impl Worker {
             Err(UploadError::Storage(e)) => return Outcome::Failed(e),
             Err(UploadError::State(e)) => return Outcome::State(e),
         };
-        let etag = match verify::remote(store, &object, &sent).await {
-            Ok(e) => e,
+        // Read once: a delete follows only if deletion is on now, and then
+        // only after the HEAD that verification makes for it.
+        let deletion = self.plan.borrow().deletion();
+        let verified = match verify::upload(store, &object, &sent, deletion).await {
+            Ok(v) => v,
             Err(e) => return Outcome::Failed(e),
         };
         failpoint::hit(failpoint::AFTER_UPLOAD_BEFORE_RECORD);
-        let after = match self.plan.borrow().deletion() {
-            Deletion::Keep => AfterUpload::Finish,
-            Deletion::After(_) => AfterUpload::DeleteLocal,
-        };
         let provider = &provider.name;
-        state!(record::commit(&self.queue, key, provider, &object, &sent, etag, after).await);
+        state!(record::commit(&self.queue, key, provider, &object, &sent, &verified).await);
         let size = sent.identity.size;
         self.metrics
             .upload_succeeded(size, started.elapsed().as_secs_f64());
@@ -237,7 +236,7 @@ impl Worker {
             "uploaded {rel}"
         );
         failpoint::hit(failpoint::AFTER_RECORD_BEFORE_DELETE);
-        if after == AfterUpload::Finish || size == 0 {
+        if verified.next() == AfterUpload::Finish {
             return Outcome::Uploaded { delete_due: None };
         }
         let delete_due = match self.delete(key).await {

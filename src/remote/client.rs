@@ -15,7 +15,9 @@ use crate::remote::error::{
 };
 use crate::remote::object_options::ObjectOptions;
 use crate::remote::provider::{Addressing, Resolved, Sse};
-use crate::remote::store::{self, Head, Listed, PendingUpload, Reply, Store, PART_SIZE_META};
+use crate::remote::store::{
+    self, normal_etag, Head, Listed, PendingUpload, Reply, Store, PART_SIZE_META,
+};
 use s3::creds::Credentials;
 use s3::error::S3Error;
 use s3::serde_types::Part;
@@ -214,7 +216,7 @@ impl Client {
             .headers()
             .get(http::header::ETAG)
             .and_then(|v| v.to_str().ok())
-            .map(|e| e.trim_matches('"').to_ascii_lowercase());
+            .map(normal_etag);
         if (200..300).contains(&status) {
             return Ok(etag);
         }
@@ -222,19 +224,18 @@ impl Client {
         Err(self.err(S3Error::HttpFailWithBody(status, text)))
     }
 
-    /// Uploads a whole object in one PUT.
+    /// Uploads a whole object in one PUT; the ETag of the answer.
     pub async fn put(
         &self,
         key: &ObjectKey,
         body: Vec<u8>,
         md5: [u8; 16],
         options: &ObjectOptions,
-    ) -> Result<(), StorageError> {
+    ) -> Result<Option<String>, StorageError> {
         let headers =
             self.object_headers(options, &[("content-type", options.content_type.clone())])?;
         self.put_presigned(key.as_str(), headers, None, body, md5)
-            .await?;
-        Ok(())
+            .await
     }
 
     /// Starts a multipart upload; the object will carry its part size in
@@ -295,21 +296,24 @@ impl Client {
         })
     }
 
+    /// Completes a multipart upload; the object's ETag from the answer.
     pub async fn complete_multipart(
         &self,
         key: &ObjectKey,
         upload_id: &str,
         parts: Vec<(u32, String)>,
-    ) -> Result<(), StorageError> {
+    ) -> Result<Option<String>, StorageError> {
         let parts = parts
             .into_iter()
             .map(|(part_number, etag)| Part { part_number, etag })
             .collect();
         let b = Self::with_timeout(&self.plain_bucket, 64 * 1024 * 1024);
-        b.complete_multipart_upload(key.as_str(), upload_id, parts)
+        let answer = b
+            .complete_multipart_upload(key.as_str(), upload_id, parts)
             .await
             .map_err(|e| self.err(e))?;
-        Ok(())
+        let body = String::from_utf8_lossy(answer.as_slice());
+        Ok(xml_field(&body, "ETag").map(|e| normal_etag(&e)))
     }
 
     pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
@@ -324,7 +328,7 @@ impl Client {
         match self.plain_bucket.head_object(key.as_str()).await {
             Ok((h, status)) if (200..300).contains(&status) => Ok(Some(Head {
                 size: h.content_length.map(|l| l.max(0) as u64),
-                etag: h.e_tag.map(|e| e.trim_matches('"').to_ascii_lowercase()),
+                etag: h.e_tag.as_deref().map(normal_etag),
                 content_type: h.content_type,
                 part_size: h
                     .metadata
@@ -367,7 +371,7 @@ impl Client {
             .map(|o| Listed {
                 key: o.key,
                 size: o.size,
-                etag: o.e_tag.map(|e| e.trim_matches('"').to_ascii_lowercase()),
+                etag: o.e_tag.as_deref().map(normal_etag),
             })
             .collect();
         Ok((objects, next))
@@ -435,7 +439,7 @@ impl Store for Client {
         body: Vec<u8>,
         md5: [u8; 16],
         options: &'a ObjectOptions,
-    ) -> Reply<'a, ()> {
+    ) -> Reply<'a, Option<String>> {
         Box::pin(Client::put(self, key, body, md5, options))
     }
 
@@ -464,7 +468,7 @@ impl Store for Client {
         key: &'a ObjectKey,
         upload_id: &'a str,
         parts: Vec<(u32, String)>,
-    ) -> Reply<'a, ()> {
+    ) -> Reply<'a, Option<String>> {
         Box::pin(self.complete_multipart(key, upload_id, parts))
     }
 

@@ -1,6 +1,6 @@
 //! An in-memory [`Store`] for the pipeline's unit tests: objects in a map,
-//! MD5 ETags as S3 computes them, every request logged, and a script that
-//! can fail any request.
+//! MD5 ETags as S3 computes them, every request logged, a script that can
+//! fail any request, and answers that can misreport an object's ETag.
 
 use crate::keys::ObjectKey;
 use crate::remote::error::{classify, ErrorClass, StorageError};
@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 /// Which request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     Put,
     Initiate,
@@ -51,7 +51,12 @@ pub struct FakeStore {
     log: Mutex<Vec<Req>>,
     script: Mutex<Script>,
     next_id: Mutex<u64>,
+    /// How many more answers of each op carry a wrong ETag.
+    misreports: Mutex<HashMap<Op, usize>>,
 }
+
+/// The ETag a misreporting answer carries.
+pub const WRONG_ETAG: &str = "00000000000000000000000000000000";
 
 /// A provider named `fake` with MD5 ETags.
 pub fn provider() -> Resolved {
@@ -111,6 +116,29 @@ impl FakeStore {
             log: Mutex::new(Vec::new()),
             script: Mutex::new(Box::new(|_| None)),
             next_id: Mutex::new(0),
+            misreports: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The next `n` answers of `op` (PUT, complete or HEAD) report the ETag
+    /// [`WRONG_ETAG`] (with the part count of a multipart ETag) while the
+    /// object is stored as sent.
+    pub fn misreport(&self, op: Op, n: usize) {
+        self.misreports.lock().unwrap().insert(op, n);
+    }
+
+    /// `etag`, or [`WRONG_ETAG`] while `op`'s answers misreport.
+    fn answer(&self, op: Op, etag: &str) -> String {
+        let mut m = self.misreports.lock().unwrap();
+        match m.get_mut(&op) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                match etag.split_once('-') {
+                    Some((_, parts)) => format!("{WRONG_ETAG}-{parts}"),
+                    None => WRONG_ETAG.to_string(),
+                }
+            }
+            _ => etag.to_string(),
         }
     }
 
@@ -157,15 +185,16 @@ impl Store for FakeStore {
         body: Vec<u8>,
         md5: [u8; 16],
         _: &'a ObjectOptions,
-    ) -> Reply<'a, ()> {
+    ) -> Reply<'a, Option<String>> {
         Box::pin(async move {
             self.enter(Op::Put, key.as_str())?;
             let etag = checked_etag(&body, md5)?;
+            let answer = self.answer(Op::Put, &etag);
             self.objects
                 .lock()
                 .unwrap()
                 .insert(key.as_str().into(), (body, etag, None));
-            Ok(())
+            Ok(Some(answer))
         })
     }
 
@@ -216,7 +245,7 @@ impl Store for FakeStore {
         key: &'a ObjectKey,
         upload_id: &'a str,
         _: Vec<(u32, String)>,
-    ) -> Reply<'a, ()> {
+    ) -> Reply<'a, Option<String>> {
         Box::pin(async move {
             self.enter(Op::Complete, key.as_str())?;
             let up = self
@@ -233,11 +262,12 @@ impl Store for FakeStore {
                 all.extend_from_slice(p);
             }
             let etag = format!("{}-{}", hex::encode(h.finalize()), up.parts.len());
+            let answer = self.answer(Op::Complete, &etag);
             self.objects
                 .lock()
                 .unwrap()
                 .insert(up.key, (all, etag, part_size));
-            Ok(())
+            Ok(Some(answer))
         })
     }
 
@@ -259,7 +289,7 @@ impl Store for FakeStore {
                 .get(key.as_str())
                 .map(|(b, etag, part_size)| Head {
                     size: Some(b.len() as u64),
-                    etag: Some(etag.clone()),
+                    etag: Some(self.answer(Op::Head, etag)),
                     content_type: None,
                     part_size: *part_size,
                 }))

@@ -16,6 +16,16 @@ pub type Reply<'a, T> = BoxFuture<'a, Result<T, StorageError>>;
 /// part size, so its composite ETag can be recomputed from the local file.
 pub const PART_SIZE_META: &str = "offloadd-part-size";
 
+/// An ETag as offloadd compares it: quotes (plain or as the XML entity
+/// `&quot;`) stripped, lower case.
+pub fn normal_etag(raw: &str) -> String {
+    raw.trim()
+        .trim_start_matches("&quot;")
+        .trim_end_matches("&quot;")
+        .trim_matches('"')
+        .to_ascii_lowercase()
+}
+
 /// The result of a HEAD request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
@@ -51,14 +61,15 @@ pub trait Store: Send + Sync {
     fn provider(&self) -> &Resolved;
 
     /// Uploads a whole object in one PUT; `md5` (the body's) goes as
-    /// Content-MD5, which the server checks.
+    /// Content-MD5, which the server checks. Returns the ETag the server
+    /// answered with, if any.
     fn put<'a>(
         &'a self,
         key: &'a ObjectKey,
         body: Vec<u8>,
         md5: [u8; 16],
         options: &'a ObjectOptions,
-    ) -> Reply<'a, ()>;
+    ) -> Reply<'a, Option<String>>;
 
     /// Starts a multipart upload whose parts are `part_size` bytes (recorded
     /// in the object's metadata); returns the upload id.
@@ -79,12 +90,14 @@ pub trait Store: Send + Sync {
         md5: [u8; 16],
     ) -> Reply<'a, String>;
 
+    /// Completes a multipart upload; returns the object's ETag as the server
+    /// answered it, if it did.
     fn complete<'a>(
         &'a self,
         key: &'a ObjectKey,
         upload_id: &'a str,
         parts: Vec<(u32, String)>,
-    ) -> Reply<'a, ()>;
+    ) -> Reply<'a, Option<String>>;
 
     fn abort<'a>(&'a self, key: &'a str, upload_id: &'a str) -> Reply<'a, ()>;
 
@@ -158,6 +171,13 @@ mod tests {
             "2024-02-29T23:59:59Z"
         );
         assert_eq!(parse_time_ms("yesterday"), None);
+    }
+
+    #[test]
+    fn etags_lose_their_quotes_and_case() {
+        assert_eq!(normal_etag("\"ABC-2\""), "abc-2");
+        assert_eq!(normal_etag("&quot;abc&quot;"), "abc");
+        assert_eq!(normal_etag(" abc "), "abc");
     }
 
     #[test]

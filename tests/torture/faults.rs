@@ -1,7 +1,7 @@
 //! Faults between the daemon and a real bucket (DESIGN.md guarantees 1, 2
 //! and 4): throttling, connections reset mid-body (single PUTs and parts of a
-//! multipart upload), a hung request, clock skew, an outage, and one object
-//! the server always fails.
+//! multipart upload), a hung request, clock skew, an outage, one object
+//! the server always fails, and the requests each file costs.
 //!
 //! Each test runs s3s-fs (a real server that checks signatures and keeps its
 //! objects on disk), the fault proxy of `fault_proxy.rs` in front of it, and
@@ -643,4 +643,46 @@ fn poisoned_object_is_parked_after_bounded_attempts() {
         ],
     );
     rig.stop();
+}
+
+/// What each file costs the bucket, counted at the proxy: with the local
+/// copy kept, one PUT and nothing else (the server checked our Content-MD5
+/// and its answer's ETag is checked); with the local copy deleted, a PUT and
+/// then the HEAD that guarantee 2 asks for before the delete.
+#[test]
+fn a_kept_file_costs_one_put_and_a_deleted_one_a_put_and_a_head() {
+    for delete_local in [false, true] {
+        let mut rig = Rig::start(|c| c.delete_local = delete_local);
+        let files = rig.add_many("cost", 12, 50_000);
+        if delete_local {
+            rig.finish(&[]);
+        } else {
+            wait_all_uploaded(&rig.s3, &files, LONG);
+            wait_until(LONG, "every upload recorded", || {
+                json_u64(&rig.env.status(), "uploaded_count") == files.len() as u64
+            });
+        }
+        let log = rig.proxy.log();
+        for (rel, bytes) in &files {
+            let object = format!("/{BUCKET}/{PREFIX}/{rel}");
+            let methods: Vec<&str> = log
+                .iter()
+                .filter(|s| s.path.split('?').next() == Some(object.as_str()))
+                .map(|s| s.method.as_str())
+                .collect();
+            let expected = if delete_local {
+                vec!["PUT", "HEAD"]
+            } else {
+                vec!["PUT"]
+            };
+            assert_eq!(methods, expected, "{rel} (delete_local: {delete_local})");
+            let local = std::fs::read(rig.env.path(rel)).ok();
+            assert_eq!(
+                local.as_deref(),
+                (!delete_local).then_some(bytes.as_slice()),
+                "{rel}: the local copy stays exactly when it is kept"
+            );
+        }
+        rig.stop();
+    }
 }

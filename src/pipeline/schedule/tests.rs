@@ -432,6 +432,107 @@ async fn deletes_only_after_the_durable_record() {
     h.stop().await;
 }
 
+fn md5_hex(bytes: &[u8]) -> String {
+    use md5::{Digest, Md5};
+    hex::encode(Md5::digest(bytes))
+}
+
+/// A local copy that stays is verified by the server's answers: no HEAD, and
+/// the record carries the ETag the PUT or the completion answered.
+#[tokio::test(start_paused = true)]
+async fn a_kept_local_copy_is_verified_by_the_answer_without_a_head() {
+    let mut h = Harness::new(Deletion::Keep);
+    let big: Vec<u8> = (0..9 * MIB).map(|i| (i % 251) as u8).collect();
+    h.write("small.png", b"small").await;
+    let big_path = h.write("big.mp4", &big).await;
+    until(60, "both recorded", || {
+        ["small.png", "big.mp4"]
+            .iter()
+            .all(|r| h.queue.record(&Harness::key(r)).unwrap().is_some())
+    })
+    .await;
+    assert_eq!(h.count(Op::Head), 0, "{:?}", h.store.requests());
+    let small = h.queue.record(&Harness::key("small.png")).unwrap().unwrap();
+    assert_eq!(small.etag, md5_hex(b"small"));
+    let big_etag = h
+        .queue
+        .record(&Harness::key("big.mp4"))
+        .unwrap()
+        .unwrap()
+        .etag;
+    let file = std::fs::File::open(&big_path).unwrap();
+    assert_eq!(
+        big_etag,
+        upload::composite_etag(&file, 9 * MIB, 5 * MIB).unwrap()
+    );
+    assert_eq!(h.store.object("pre/big.mp4").unwrap(), big);
+    h.stop().await;
+}
+
+/// An answer whose ETag is not the one computed from what was sent is never
+/// recorded: the file is sent again, single PUT or multipart.
+#[tokio::test(start_paused = true)]
+async fn a_misreported_answer_is_never_recorded_and_the_file_goes_again() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.store.misreport(Op::Put, 1);
+    h.store.misreport(Op::Complete, 1);
+    let big: Vec<u8> = (0..9 * MIB).map(|i| (i % 241) as u8).collect();
+    h.write("small.png", b"small").await;
+    h.write("big.mp4", &big).await;
+    until(120, "both recorded", || {
+        ["small.png", "big.mp4"]
+            .iter()
+            .all(|r| h.queue.record(&Harness::key(r)).unwrap().is_some())
+    })
+    .await;
+    let ops: Vec<Op> = h.store.requests().iter().map(|r| r.op).collect();
+    assert_eq!(ops.iter().filter(|o| **o == Op::Put).count(), 2, "{ops:?}");
+    // The multipart upload was completed (under the misreport) before: the
+    // next attempt finds it so by a HEAD and recomputing from the file, or
+    // sends it again.
+    assert!(
+        ops.contains(&Op::Head) || ops.iter().filter(|o| **o == Op::Complete).count() == 2,
+        "{ops:?}"
+    );
+    let small = h.queue.record(&Harness::key("small.png")).unwrap().unwrap();
+    assert_eq!(small.etag, md5_hex(b"small"));
+    let big_rec = h.queue.record(&Harness::key("big.mp4")).unwrap().unwrap();
+    let file = std::fs::File::open(h.root.join("big.mp4")).unwrap();
+    assert_eq!(
+        big_rec.etag,
+        upload::composite_etag(&file, 9 * MIB, 5 * MIB).unwrap()
+    );
+    h.stop().await;
+}
+
+/// A local copy to be deleted needs a HEAD that shows the object as sent,
+/// whatever the PUT answered: a HEAD that misreports it means no delete and
+/// the file goes again.
+#[tokio::test(start_paused = true)]
+async fn a_delete_waits_for_a_head_that_shows_the_object_as_sent() {
+    let mut h = Harness::new(Deletion::After(Duration::ZERO));
+    h.store.misreport(Op::Head, 1);
+    let abs = h.write("gone.png", b"bytes").await;
+    let key = Harness::key("gone.png");
+    until(60, "deleted", || !abs.exists()).await;
+    let ops: Vec<Op> = h.store.requests().iter().map(|r| r.op).collect();
+    assert_eq!(
+        ops.iter().filter(|o| **o == Op::Put).count(),
+        2,
+        "sent again after the misreporting HEAD: {ops:?}"
+    );
+    assert_eq!(
+        ops.last(),
+        Some(&Op::Head),
+        "the delete followed a HEAD: {ops:?}"
+    );
+    assert_eq!(
+        h.queue.record(&key).unwrap().unwrap().etag,
+        md5_hex(b"bytes")
+    );
+    h.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_state_failure_pauses_everything_until_it_recovers() {
     let mut h = Harness::new(Deletion::Keep);
