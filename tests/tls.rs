@@ -1,12 +1,15 @@
 //! Proof that offloadd speaks HTTPS to a provider and trusts what DESIGN
-//! says it trusts: the system store, which `SSL_CERT_FILE` replaces. An
+//! says it trusts: the system store, which `SSL_CERT_FILE` replaces, plus
+//! the provider's `ca_file`. An
 //! HTTPS front (tokio-rustls, a leaf certificate for 127.0.0.1 signed by a
 //! private CA that rcgen makes per test) forwards to a real s3s-fs, which
 //! checks every signature. With the CA in `SSL_CERT_FILE`, `test-connection`
 //! passes and files land byte for byte (single PUT and multipart); with
 //! another CA, the handshake fails, the sentence says TLS and names the
 //! endpoint, nothing leaves the disk, and a restart with the right CA drains
-//! the queue.
+//! the queue. A `ca_file` naming the CA works while the system store does
+//! not know it; one without a certificate is a sentence (check-config exits
+//! 78, the daemon stays local).
 
 mod common;
 use common::*;
@@ -229,4 +232,63 @@ fn an_untrusted_certificate_keeps_files_local_until_the_ca_is_trusted() {
     let right = trusting(&env, &ca.write_pem(env.dir.path(), "ca.pem"));
     let _daemon = Daemon::start(&env, &as_env(&right));
     wait_all_uploaded(&s3, &[("waiting.jpg".into(), bytes)], LONG);
+}
+
+/// `ca_file` makes one provider trust a private CA beside the system store
+/// (which here, by `SSL_CERT_FILE`, holds only another CA): test-connection
+/// passes and files land. A `ca_file` without a certificate is one sentence
+/// from check-config (exit 78), and the daemon keeps the files local.
+#[test]
+fn ca_file_trusts_a_private_ca_beside_the_system_store() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let ca = TestCa::new("offloadd test CA");
+    let front = HttpsFront::start(s3.addr(), &ca);
+    let stranger = TestCa::new("some other CA");
+    let system = trusting(&env, &stranger.write_pem(env.dir.path(), "system.pem"));
+    let with_ca_file = |path: &Path| {
+        let prefix = format!("      prefix: {PREFIX}\n");
+        let yaml = env.config_yaml(&Cfg::new(&front.endpoint()));
+        assert!(yaml.contains(&prefix));
+        yaml.replace(
+            &prefix,
+            &format!("{prefix}      ca_file: {}\n", path.display()),
+        )
+    };
+
+    let junk = env.dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    env.write_raw_config(&with_ca_file(&junk));
+    let (code, out, err) =
+        env.cli_os_env(&[std::ffi::OsStr::new("check-config")], &as_env(&system));
+    assert_eq!(code, 78, "stdout={out} stderr={err}");
+    let sentence = format!(
+        "the CA file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----); fix `ca_file`",
+        junk.display()
+    );
+    assert!(
+        out.contains(&sentence) || err.contains(&sentence),
+        "stdout={out} stderr={err}"
+    );
+    let daemon = Daemon::start(&env, &as_env(&system));
+    let early = file_content("early.jpg", 1_000, 20_000);
+    write_file(&env.path("early.jpg"), &early);
+    wait_until(LONG, "local mode, saying why", || {
+        env.status()
+            .to_string()
+            .contains("holds no PEM certificate")
+    });
+    assert!(!s3.has("early.jpg"));
+    daemon.stop();
+    assert_eq!(std::fs::read(env.path("early.jpg")).unwrap(), early);
+
+    env.write_raw_config(&with_ca_file(&ca.write_pem(env.dir.path(), "ca.pem")));
+    let (code, out, err) = test_connection(&env, &system);
+    assert_eq!(code, 0, "stdout={out} stderr={err}");
+    assert!(out.contains("passed:"), "{out}");
+    let _daemon = Daemon::start(&env, &as_env(&system));
+    let files: Expected = vec![("late.jpg".into(), file_content("late.jpg", 1_000, 50_000))];
+    write_file(&env.path("late.jpg"), &files[0].1);
+    wait_all_uploaded(&s3, &files, LONG);
+    assert!(front.handshakes() >= 1, "the uploads went through TLS");
 }

@@ -1,12 +1,17 @@
-//! The S3 client for one provider (rust-s3 underneath): requests and nothing
-//! else. It implements [`Store`], the seam the pipeline talks to.
+//! The S3 client for one provider: requests and nothing else. It implements
+//! [`Store`], the seam the pipeline talks to.
+//!
+//! rust-s3 builds and signs every request (URL, SigV4 headers, XML bodies);
+//! this client sends them over an HTTP client of its own, one connection pool
+//! per provider, which trusts the system store (`SSL_CERT_FILE` honoured)
+//! plus the provider's `ca_file`, and honours `HTTPS_PROXY`/`NO_PROXY`.
 //!
 //! Owns request building (headers for storage class, encryption, cache control,
 //! Content-Type, the part-size metadata of multipart uploads) and turns every
 //! failure into a classified [`StorageError`]. Bodies (PUT and UploadPart) go
-//! on a data path of their own: rust-s3 presigns the request over our headers,
-//! including our Content-MD5, and its HTTP client sends the buffer as is, so a
-//! byte is hashed once (our MD5, which the server checks) and never copied.
+//! as presigned requests over our headers, including our Content-MD5, with
+//! the buffer sent as is, so a byte is hashed once (our MD5, which the server
+//! checks) and never copied.
 
 use crate::keys::ObjectKey;
 use crate::remote::error::{
@@ -18,9 +23,15 @@ use crate::remote::provider::{Addressing, Resolved, Sse};
 use crate::remote::store::{
     self, normal_etag, Head, Listed, PendingUpload, Reply, Store, PART_SIZE_META,
 };
+use s3::command::{Command, HttpMethod};
 use s3::creds::Credentials;
 use s3::error::S3Error;
-use s3::serde_types::Part;
+use s3::request::tokio_backend::ReqwestRequest;
+use s3::request::Request as _;
+use s3::serde_types::{
+    CompleteMultipartUploadData, InitiateMultipartUploadResponse, ListBucketResult,
+    ListMultipartUploadsResult, Part,
+};
 use s3::{Bucket, Region};
 use std::time::Duration;
 
@@ -28,10 +39,14 @@ use std::time::Duration;
 #[derive(Clone)]
 pub struct Client {
     pub provider: Resolved,
-    /// For PUT and multipart initiation: carries the upload options as headers.
-    upload_bucket: Bucket,
-    /// For parts, completion, HEAD, GET and DELETE.
-    plain_bucket: Bucket,
+    /// Signs requests for the bucket (rust-s3); never sends them.
+    signer: Bucket,
+    /// Sends every request.
+    http: reqwest::Client,
+    /// The provider's headers for every object (class, encryption, cache).
+    upload_headers: http::HeaderMap,
+    /// The time allowed for a request without a body.
+    timeout: Duration,
 }
 
 /// The timeout of a request carrying a body of `len` bytes: long enough for a
@@ -45,20 +60,13 @@ const SMALL_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const PRESIGN_EXPIRY_SECS: u32 = 3600;
 /// The slowest throughput a body upload is allowed before it counts as stalled.
 const MIN_BYTES_PER_SEC: u64 = 256 * 1024;
+/// The completion of a multipart upload may take the server a while: it
+/// assembles the object. Allowed as long as a 64 MiB body.
+const COMPLETE_TIMEOUT_AS_BYTES: u64 = 64 * 1024 * 1024;
 
 impl Client {
     pub fn new(provider: &Resolved) -> Result<Client, StorageError> {
-        // Retries and their pacing belong to the pipeline, not to rust-s3.
-        s3::set_retries(0);
-        let bad = |e: S3Error| {
-            StorageError::new(
-                ErrorClass::ProviderWide,
-                format!(
-                    "cannot set up the client for provider `{}`: {e}",
-                    provider.name
-                ),
-            )
-        };
+        let provider_wide = |what: String| StorageError::new(ErrorClass::ProviderWide, what);
         let region = Region::Custom {
             region: provider.region.clone(),
             endpoint: provider.endpoint.clone(),
@@ -71,28 +79,106 @@ impl Client {
             None,
         )
         .map_err(|e| {
-            StorageError::new(
-                ErrorClass::ProviderWide,
-                format!("invalid credentials for provider `{}`: {e}", provider.name),
-            )
+            provider_wide(format!(
+                "invalid credentials for provider `{}`: {e}",
+                provider.name
+            ))
         })?;
-        let mut bucket = Bucket::new(&provider.bucket, region, creds).map_err(bad)?;
+        let mut signer = *Bucket::new(&provider.bucket, region, creds).map_err(|e| {
+            provider_wide(format!(
+                "cannot set up the client for provider `{}`: {e}",
+                provider.name
+            ))
+        })?;
         if provider.addressing == Addressing::Path {
-            bucket = bucket.with_path_style();
+            signer = *signer.with_path_style();
         }
-        bucket.set_request_timeout(Some(SMALL_REQUEST_TIMEOUT));
-        let plain_bucket = *bucket;
-        let upload_bucket = plain_bucket
-            .with_extra_headers(
-                upload_headers(provider)
-                    .map_err(|m| StorageError::new(ErrorClass::ProviderWide, m))?,
-            )
-            .map_err(bad)?;
+        // rust-s3's own client is reqwest's default one (system store,
+        // proxies from the environment): used as it is unless the provider
+        // adds a CA, so the system store is held in memory once.
+        let http = match &provider.ca {
+            None => signer.http_client(),
+            Some(ca) => ca
+                .certificates()
+                .into_iter()
+                .fold(reqwest::Client::builder(), |b, cert| {
+                    b.add_root_certificate(cert)
+                })
+                .build()
+                .map_err(|e| {
+                    provider_wide(format!(
+                        "cannot set up the HTTP client for provider `{}`: {}",
+                        provider.name,
+                        root_cause(&e)
+                    ))
+                })?,
+        };
         Ok(Client {
             provider: provider.clone(),
-            upload_bucket,
-            plain_bucket,
+            signer,
+            http,
+            upload_headers: upload_headers(provider).map_err(provider_wide)?,
+            timeout: SMALL_REQUEST_TIMEOUT,
         })
+    }
+
+    /// Sets the time allowed for each request without a body (HEAD, GET,
+    /// DELETE, the probe's PUT); bodies still get extra time for their size.
+    pub fn set_request_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// One request: rust-s3 builds and signs it over `signer`'s headers, our
+    /// HTTP client sends it. A status outside 2xx is
+    /// [`S3Error::HttpFailWithBody`], with the body the server sent.
+    async fn send(
+        &self,
+        signer: &Bucket,
+        path: &str,
+        command: Command<'_>,
+        timeout: Duration,
+    ) -> Result<reqwest::Response, S3Error> {
+        let request = ReqwestRequest::new(signer, path, command).await?;
+        let method = match request.command.http_verb() {
+            HttpMethod::Get => reqwest::Method::GET,
+            HttpMethod::Put => reqwest::Method::PUT,
+            HttpMethod::Post => reqwest::Method::POST,
+            HttpMethod::Delete => reqwest::Method::DELETE,
+            HttpMethod::Head => reqwest::Method::HEAD,
+        };
+        let answer = self
+            .http
+            .request(method, request.url()?.as_str())
+            .headers(request.headers().await?)
+            .body(request.request_body()?)
+            .timeout(timeout)
+            .send()
+            .await?;
+        let status = answer.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(answer);
+        }
+        let body = answer.text().await.unwrap_or_default();
+        Err(S3Error::HttpFailWithBody(status, body))
+    }
+
+    /// [`Client::send`] with the default timeout; the answer's body as text.
+    /// An S3 error document answered with a 2xx status (as S3 may answer a
+    /// completion) is an error all the same.
+    async fn send_for_text(
+        &self,
+        signer: &Bucket,
+        path: &str,
+        command: Command<'_>,
+        timeout: Duration,
+    ) -> Result<String, S3Error> {
+        let answer = self.send(signer, path, command, timeout).await?;
+        let status = answer.status().as_u16();
+        let text = answer.text().await?;
+        if xml_field(&text, "Code").is_some() && text.contains("<Error>") {
+            return Err(S3Error::HttpFailWithBody(status.max(500), text));
+        }
+        Ok(text)
     }
 
     fn err(&self, e: S3Error) -> StorageError {
@@ -111,7 +197,7 @@ impl Client {
                     return StorageError::new(
                         ErrorClass::Transient,
                         format!(
-                            "the TLS connection to provider `{}` ({}) failed ({cause}); check that it speaks HTTPS with a certificate this machine trusts (system store, or SSL_CERT_FILE); will retry",
+                            "the TLS connection to provider `{}` ({}) failed ({cause}); check that it speaks HTTPS with a certificate this machine trusts (system store, SSL_CERT_FILE, or `ca_file`); will retry",
                             self.provider.name, self.provider.endpoint
                         ),
                     );
@@ -143,10 +229,11 @@ impl Client {
         }
     }
 
-    fn with_timeout(bucket: &Bucket, len: u64) -> Bucket {
-        let mut b = bucket.clone();
-        b.set_request_timeout(Some(request_timeout(len)));
-        b
+    /// The signer with `headers` on every request it signs.
+    fn signer_with(&self, headers: http::HeaderMap) -> Bucket {
+        let mut signer = self.signer.clone();
+        signer.extra_headers = headers;
+        signer
     }
 
     /// The headers an object is created with: the provider's upload headers,
@@ -156,7 +243,7 @@ impl Client {
         options: &ObjectOptions,
         extra: &[(&'static str, String)],
     ) -> Result<http::HeaderMap, StorageError> {
-        let mut headers = self.upload_bucket.extra_headers.clone();
+        let mut headers = self.upload_headers.clone();
         let values = [
             ("cache-control", options.cache_control.clone()),
             ("x-amz-storage-class", options.storage_class.clone()),
@@ -179,8 +266,8 @@ impl Client {
 
     /// The data path: a PUT of `body` to a URL presigned by rust-s3 over
     /// `headers` (the payload is not hashed again: the server checks our
-    /// Content-MD5), sent by the bucket's own HTTP client without copying the
-    /// body. Returns the response's ETag, quotes stripped.
+    /// Content-MD5), sent without copying the body. Returns the answer's
+    /// ETag, quotes stripped.
     async fn put_presigned(
         &self,
         key: &str,
@@ -196,14 +283,13 @@ impl Client {
             http::HeaderValue::from_str(&md5).expect("base64 is a valid header value"),
         );
         let url = self
-            .plain_bucket
+            .signer
             .presign_put(key, PRESIGN_EXPIRY_SECS, Some(headers.clone()), queries)
             .await
             .map_err(|e| self.err(e))?;
-        let timeout = request_timeout(body.len() as u64);
+        let timeout = self.timeout.max(request_timeout(body.len() as u64));
         let sent = self
-            .plain_bucket
-            .http_client()
+            .http
             .put(url)
             .headers(headers)
             .timeout(timeout)
@@ -250,15 +336,21 @@ impl Client {
             options,
             &[("x-amz-meta-offloadd-part-size", part_size.to_string())],
         )?;
-        let bucket = self
-            .plain_bucket
-            .with_extra_headers(headers)
-            .map_err(|e| self.err(e))?;
-        let r = bucket
-            .initiate_multipart_upload(key.as_str(), &options.content_type)
+        let command = Command::InitiateMultipartUpload {
+            content_type: &options.content_type,
+        };
+        let text = self
+            .send_for_text(
+                &self.signer_with(headers),
+                key.as_str(),
+                command,
+                self.timeout,
+            )
             .await
             .map_err(|e| self.err(e))?;
-        Ok(r.upload_id)
+        let answer: InitiateMultipartUploadResponse =
+            quick_xml::de::from_str(&text).map_err(|e| self.err(e.into()))?;
+        Ok(answer.upload_id)
     }
 
     /// Uploads one part; returns its ETag.
@@ -307,45 +399,51 @@ impl Client {
             .into_iter()
             .map(|(part_number, etag)| Part { part_number, etag })
             .collect();
-        let b = Self::with_timeout(&self.plain_bucket, 64 * 1024 * 1024);
-        let answer = b
-            .complete_multipart_upload(key.as_str(), upload_id, parts)
+        let command = Command::CompleteMultipartUpload {
+            upload_id,
+            data: CompleteMultipartUploadData { parts },
+        };
+        let timeout = self.timeout.max(request_timeout(COMPLETE_TIMEOUT_AS_BYTES));
+        let text = self
+            .send_for_text(&self.signer, key.as_str(), command, timeout)
             .await
             .map_err(|e| self.err(e))?;
-        let body = String::from_utf8_lossy(answer.as_slice());
-        Ok(xml_field(&body, "ETag").map(|e| normal_etag(&e)))
+        Ok(xml_field(&text, "ETag").map(|e| normal_etag(&e)))
     }
 
     pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
-        self.plain_bucket
-            .abort_upload(key, upload_id)
+        let command = Command::AbortMultipartUpload { upload_id };
+        self.send(&self.signer, key, command, self.timeout)
             .await
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// HEAD of an object; `Ok(None)` when it does not exist.
     pub async fn head(&self, key: &ObjectKey) -> Result<Option<Head>, StorageError> {
-        match self.plain_bucket.head_object(key.as_str()).await {
-            Ok((h, status)) if (200..300).contains(&status) => Ok(Some(Head {
-                size: h.content_length.map(|l| l.max(0) as u64),
-                etag: h.e_tag.as_deref().map(normal_etag),
-                content_type: h.content_type,
-                part_size: h
-                    .metadata
-                    .as_ref()
-                    .and_then(|m| m.get(PART_SIZE_META))
-                    .and_then(|v| v.trim().parse().ok()),
-            })),
-            Ok((_, 404)) => Ok(None),
-            Ok((_, status)) => Err(classify(
-                status,
-                None,
-                &self.provider.name,
-                &self.provider.bucket,
-            )),
-            Err(S3Error::HttpFailWithBody(404, _)) => Ok(None),
-            Err(e) => Err(self.err(e)),
-        }
+        let answer = match self
+            .send(
+                &self.signer,
+                key.as_str(),
+                Command::HeadObject,
+                self.timeout,
+            )
+            .await
+        {
+            Ok(a) => a,
+            Err(S3Error::HttpFailWithBody(404, _)) => return Ok(None),
+            Err(e) => return Err(self.err(e)),
+        };
+        let h = answer.headers();
+        let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
+        Ok(Some(Head {
+            // The header, not the body's length: a HEAD answer has no body.
+            size: text(http::header::CONTENT_LENGTH.as_str()).and_then(|v| v.trim().parse().ok()),
+            etag: text(http::header::ETAG.as_str()).map(normal_etag),
+            content_type: text(http::header::CONTENT_TYPE.as_str()).map(str::to_string),
+            part_size: text(&format!("x-amz-meta-{PART_SIZE_META}"))
+                .and_then(|v| v.trim().parse().ok()),
+        }))
     }
 
     /// One page (up to 1,000 objects) of the objects under `prefix`, and the token
@@ -355,11 +453,19 @@ impl Client {
         prefix: &str,
         token: Option<String>,
     ) -> Result<(Vec<Listed>, Option<String>), StorageError> {
-        let (page, _) = self
-            .plain_bucket
-            .list_page(prefix.to_string(), None, token, None, Some(1000))
+        let command = Command::ListObjectsV2 {
+            prefix: prefix.to_string(),
+            delimiter: None,
+            continuation_token: token,
+            start_after: None,
+            max_keys: Some(1000),
+        };
+        let text = self
+            .send_for_text(&self.signer, "/", command, self.timeout)
             .await
             .map_err(|e| self.err(e))?;
+        let page: ListBucketResult =
+            quick_xml::de::from_str(&text).map_err(|e| self.err(e.into()))?;
         let next = if page.is_truncated {
             page.next_continuation_token
         } else {
@@ -378,52 +484,82 @@ impl Client {
     }
 
     pub async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
-        self.plain_bucket
-            .delete_object(key.as_str())
-            .await
-            .map_err(|e| self.err(e))?;
+        self.send(
+            &self.signer,
+            key.as_str(),
+            Command::DeleteObject,
+            self.timeout,
+        )
+        .await
+        .map_err(|e| self.err(e))?;
         Ok(())
     }
 
-    /// The multipart uploads in progress under `prefix`; `None` where the
-    /// provider does not implement the listing.
+    /// The multipart uploads in progress under `prefix`, every page; `None`
+    /// where the provider does not implement the listing.
     pub async fn list_uploads(
         &self,
         prefix: &str,
     ) -> Result<Option<Vec<PendingUpload>>, StorageError> {
-        let pages = match self
-            .plain_bucket
-            .list_multiparts_uploads(Some(prefix), None)
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => {
-                let e = self.err(e);
-                let unsupported = matches!(e.status, Some(400 | 404 | 405 | 501))
-                    || matches!(e.code.as_deref(), Some("NotImplemented"));
-                return if unsupported { Ok(None) } else { Err(e) };
+        let mut uploads = Vec::new();
+        let mut markers: (Option<String>, Option<String>) = (None, None);
+        loop {
+            let command = Command::ListMultipartUploads {
+                prefix: Some(prefix),
+                delimiter: None,
+                key_marker: markers.0.clone(),
+                upload_id_marker: markers.1.clone(),
+                max_uploads: Some(1000),
+            };
+            let page: ListMultipartUploadsResult = match self
+                .send_for_text(&self.signer, "/", command, self.timeout)
+                .await
+            {
+                Ok(text) => quick_xml::de::from_str(&text).map_err(|e| self.err(e.into()))?,
+                Err(e) => {
+                    let e = self.err(e);
+                    let unsupported = matches!(e.status, Some(400 | 404 | 405 | 501))
+                        || matches!(e.code.as_deref(), Some("NotImplemented"));
+                    return if unsupported { Ok(None) } else { Err(e) };
+                }
+            };
+            uploads.extend(page.uploads.into_iter().map(|u| PendingUpload {
+                initiated_ms: store::parse_time_ms(&u.initiated),
+                key: u.key,
+                upload_id: u.id,
+            }));
+            let next = (page.next_marker, page.next_upload_id_marker);
+            // A truncated page without a new cursor would repeat for ever.
+            if !page.is_truncated || next.0.is_none() || next == markers {
+                return Ok(Some(uploads));
             }
-        };
-        Ok(Some(
-            pages
-                .into_iter()
-                .flat_map(|p| p.uploads)
-                .map(|u| PendingUpload {
-                    initiated_ms: store::parse_time_ms(&u.initiated),
-                    key: u.key,
-                    upload_id: u.id,
-                })
-                .collect(),
-        ))
+            markers = next;
+        }
     }
 
     /// A zero-byte PUT of the health object, with the upload options.
     pub async fn probe(&self) -> Result<(), StorageError> {
         let key = store::health_key(&self.provider.prefix);
-        self.upload_bucket
-            .put_object_with_content_type(key.as_str(), b"", "application/octet-stream")
+        self.put_small_raw(key.as_str(), b"", "application/octet-stream")
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err(e))
+    }
+
+    /// A small signed PUT with the provider's upload headers.
+    async fn put_small_raw(
+        &self,
+        key: &str,
+        body: &[u8],
+        content_type: &str,
+    ) -> Result<(), S3Error> {
+        let command = Command::PutObject {
+            content: body,
+            content_type,
+            custom_headers: None,
+            multipart: None,
+        };
+        let signer = self.signer_with(self.upload_headers.clone());
+        self.send(&signer, key, command, self.timeout).await?;
         Ok(())
     }
 }
@@ -497,14 +633,8 @@ impl Store for Client {
     }
 }
 
+/// What `test-connection` needs beyond the [`Store`].
 impl Client {
-    /// Sets the time allowed for each small request (HEAD, GET, DELETE, the
-    /// probe's PUT); bodies still get extra time for their size.
-    pub fn set_request_timeout(&mut self, timeout: Duration) {
-        self.plain_bucket.set_request_timeout(Some(timeout));
-        self.upload_bucket.set_request_timeout(Some(timeout));
-    }
-
     fn fault(&self, e: S3Error) -> Fault {
         let (transport, region) = match &e {
             S3Error::HttpFailWithBody(_, body) => (None, region_from_error(body)),
@@ -522,10 +652,9 @@ impl Client {
     /// `x-amz-bucket-region` header S3 sends even on 301 and 403).
     pub async fn bucket_region(&self) -> Option<String> {
         let resp = self
-            .plain_bucket
-            .http_client()
-            .head(self.plain_bucket.url())
-            .timeout(SMALL_REQUEST_TIMEOUT)
+            .http
+            .head(self.signer.url())
+            .timeout(self.timeout)
             .send()
             .await
             .ok()?;
@@ -535,27 +664,27 @@ impl Client {
 
     /// Uploads a small object in one PUT with the upload options; for probes.
     pub async fn put_small(&self, key: &str, body: &[u8], content_type: &str) -> Result<(), Fault> {
-        self.upload_bucket
-            .put_object_with_content_type(key, body, content_type)
+        self.put_small_raw(key, body, content_type)
             .await
-            .map_err(|e| self.fault(e))?;
-        Ok(())
+            .map_err(|e| self.fault(e))
     }
 
     /// The bytes of an object.
     pub async fn get(&self, key: &str) -> Result<Vec<u8>, Fault> {
-        let r = self
-            .plain_bucket
-            .get_object(key)
+        let answer = self
+            .send(&self.signer, key, Command::GetObject, self.timeout)
             .await
             .map_err(|e| self.fault(e))?;
-        Ok(r.to_vec())
+        let bytes = answer
+            .bytes()
+            .await
+            .map_err(|e| self.fault(S3Error::Reqwest(e)))?;
+        Ok(bytes.to_vec())
     }
 
     /// Deletes an object by its raw key; for probes.
     pub async fn delete_key(&self, key: &str) -> Result<(), Fault> {
-        self.plain_bucket
-            .delete_object(key)
+        self.send(&self.signer, key, Command::DeleteObject, self.timeout)
             .await
             .map_err(|e| self.fault(e))?;
         Ok(())

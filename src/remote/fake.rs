@@ -74,7 +74,7 @@ pub fn provider() -> Resolved {
         storage_class: None,
         server_side_encryption: None,
         cache_control: None,
-        ca_file: None,
+        ca: None,
         allow_insecure: false,
         etag_is_md5: true,
     }

@@ -215,7 +215,8 @@ pub struct Resolved {
     pub storage_class: Option<String>,
     pub server_side_encryption: Option<Sse>,
     pub cache_control: Option<String>,
-    pub ca_file: Option<PathBuf>,
+    /// Certificates of `ca_file`, trusted beside the system store.
+    pub ca: Option<TrustedCa>,
     pub allow_insecure: bool,
     /// Whether a single-part ETag is the MD5 of the body (not under SSE-KMS).
     pub etag_is_md5: bool,
@@ -300,14 +301,6 @@ pub fn validate(s: &ProviderSection) -> Result<(), SectionError> {
                 format!("`{key}` is a relative path; give an absolute path"),
             ));
         }
-    }
-    if s.ca_file.is_some() {
-        // rust-s3 0.38 builds its own HTTP client and offers no way to add a
-        // trust anchor, so the option would be a silent no-op.
-        return Err(section_err(
-            "ca_file",
-            "`ca_file` is not supported yet (the S3 client cannot add a CA); add the CA to the system trust store, or point SSL_CERT_FILE at a bundle that includes it, and remove `ca_file`".into(),
-        ));
     }
     if let Some(bucket) = s.bucket.as_deref().filter(|b| b.contains('/')) {
         return Err(section_err(
@@ -490,9 +483,60 @@ pub fn resolve(
         etag_is_md5: !matches!(server_side_encryption, Some(Sse::AwsKms { .. })),
         server_side_encryption,
         cache_control: s.cache_control.clone(),
-        ca_file: s.ca_file.clone(),
+        ca: match &s.ca_file {
+            Some(path) => Some(TrustedCa::load(path).map_err(|e| incomplete(&e))?),
+            None => None,
+        },
         allow_insecure: s.allow_insecure,
     })
+}
+
+/// The certificates of a provider's `ca_file` (PEM), which its client trusts
+/// beside the system store; read when the configuration is resolved, so a
+/// reload picks up a changed file.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TrustedCa {
+    pub path: PathBuf,
+    pem: Vec<u8>,
+}
+
+impl TrustedCa {
+    /// Reads `path`; an error says what is wrong with it, for "provider … is
+    /// incomplete: …".
+    pub fn load(path: &std::path::Path) -> Result<TrustedCa, String> {
+        let pem = std::fs::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => format!(
+                "the CA file {} does not exist; create it or fix `ca_file`",
+                path.display()
+            ),
+            kind => format!(
+                "cannot read the CA file {} ({kind}); make it readable by the service user",
+                path.display()
+            ),
+        })?;
+        let ca = TrustedCa {
+            path: path.to_path_buf(),
+            pem,
+        };
+        if ca.certificates().is_empty() {
+            return Err(format!(
+                "the CA file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----); fix `ca_file`",
+                path.display()
+            ));
+        }
+        Ok(ca)
+    }
+
+    /// The certificates, for the HTTP client.
+    pub fn certificates(&self) -> Vec<reqwest::Certificate> {
+        reqwest::Certificate::from_pem_bundle(&self.pem).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for TrustedCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TrustedCa({})", self.path.display())
+    }
 }
 
 /// `OFFLOADD_{NAME}_SECRET_ACCESS_KEY`, the name upper-cased and every other
@@ -671,6 +715,48 @@ mod tests {
     }
 
     #[test]
+    fn ca_file_is_read_and_must_hold_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |path: &std::path::Path| {
+            let s = section(&format!(
+                "kind: minio\nendpoint: https://minio.lan\nbucket: media\naccess_key_id: AKID\nca_file: {}",
+                path.display()
+            ));
+            validate(&s).unwrap();
+            resolve("p", &s, Some(Secret::new("sekrit".into())))
+        };
+        let missing = dir.path().join("missing.pem");
+        assert_eq!(
+            with(&missing).unwrap_err().reason,
+            format!(
+                "provider `p` is incomplete: the CA file {} does not exist; create it or fix `ca_file`",
+                missing.display()
+            )
+        );
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        assert_eq!(
+            with(&junk).unwrap_err().reason,
+            format!(
+                "provider `p` is incomplete: the CA file {} holds no PEM certificate (-----BEGIN CERTIFICATE-----); fix `ca_file`",
+                junk.display()
+            )
+        );
+        let good = dir.path().join("ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["ca.test".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(&good, cert.pem()).unwrap();
+        let r = with(&good).unwrap();
+        let ca = r.ca.expect("the CA is kept");
+        assert_eq!(ca.path, good);
+        assert_eq!(ca.certificates().len(), 1);
+        assert_eq!(format!("{ca:?}"), format!("TrustedCa({})", good.display()));
+    }
+
+    #[test]
     fn unsupported_options_name_the_key() {
         let cases = [
             (
@@ -701,7 +787,7 @@ mod tests {
                 "secret_access_key_file",
             ),
             ("kind: s3\nbucket: a/b", "bucket"),
-            ("kind: minio\nca_file: /etc/offloadd/ca.pem", "ca_file"),
+            ("kind: minio\nca_file: etc/ca.pem", "ca_file"),
             ("kind: s3\nprefix: a//b", "prefix"),
             ("kind: s3\npublic_url: cdn.example", "public_url"),
         ];
