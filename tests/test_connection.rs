@@ -293,7 +293,7 @@ fn tls_failure() {
         err.starts_with(&format!(
             "offloadd: the TLS connection to {endpoint} failed ("
         )) && err.ends_with(&format!(
-            "); check that `endpoint` of provider `{PROVIDER}` speaks HTTPS with a certificate this machine trusts (system store, or SSL_CERT_FILE)"
+            "); check that `endpoint` of provider `{PROVIDER}` speaks HTTPS with a certificate this machine trusts (system store, SSL_CERT_FILE, or `ca_file`)"
         )),
         "{err}"
     );

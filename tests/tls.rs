@@ -142,16 +142,22 @@ fn as_env<'a>(vars: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)
     vars.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
+/// s3s-fs behind an HTTPS front whose certificate a fresh private CA signed.
+fn https_s3() -> (TestEnv, S3Server, TestCa, HttpsFront) {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let ca = TestCa::new("offloadd test CA");
+    let front = HttpsFront::start(s3.addr(), &ca);
+    (env, s3, ca, front)
+}
+
 fn test_connection(env: &TestEnv, trust: &[(&'static str, String)]) -> (i32, String, String) {
     env.cli_os_env(&[std::ffi::OsStr::new("test-connection")], &as_env(trust))
 }
 
 #[test]
 fn https_with_a_private_ca_in_ssl_cert_file_uploads_byte_for_byte() {
-    let env = TestEnv::new();
-    let s3 = S3Server::start_for(&env);
-    let ca = TestCa::new("offloadd test CA");
-    let front = HttpsFront::start(s3.addr(), &ca);
+    let (env, s3, ca, front) = https_s3();
     let mut cfg = Cfg::new(&front.endpoint());
     cfg.multipart_threshold = Some("5MiB".into());
     cfg.part_size = Some("5MiB".into());
@@ -181,10 +187,7 @@ fn https_with_a_private_ca_in_ssl_cert_file_uploads_byte_for_byte() {
 
 #[test]
 fn an_untrusted_certificate_keeps_files_local_until_the_ca_is_trusted() {
-    let env = TestEnv::new();
-    let s3 = S3Server::start_for(&env);
-    let ca = TestCa::new("offloadd test CA");
-    let front = HttpsFront::start(s3.addr(), &ca);
+    let (env, s3, ca, front) = https_s3();
     env.write_config(&Cfg::new(&front.endpoint()));
     let stranger = TestCa::new("some other CA");
     let wrong = trusting(&env, &stranger.write_pem(env.dir.path(), "other-ca.pem"));
@@ -197,7 +200,7 @@ fn an_untrusted_certificate_keeps_files_local_until_the_ca_is_trusted() {
         err.starts_with(&format!(
             "offloadd: the TLS connection to {endpoint} failed (invalid peer certificate: UnknownIssuer"
         )) && err.ends_with(&format!(
-            "; check that `endpoint` of provider `{PROVIDER}` speaks HTTPS with a certificate this machine trusts (system store, or SSL_CERT_FILE)"
+            "; check that `endpoint` of provider `{PROVIDER}` speaks HTTPS with a certificate this machine trusts (system store, SSL_CERT_FILE, or `ca_file`)"
         )),
         "{err}"
     );
@@ -240,10 +243,7 @@ fn an_untrusted_certificate_keeps_files_local_until_the_ca_is_trusted() {
 /// from check-config (exit 78), and the daemon keeps the files local.
 #[test]
 fn ca_file_trusts_a_private_ca_beside_the_system_store() {
-    let env = TestEnv::new();
-    let s3 = S3Server::start_for(&env);
-    let ca = TestCa::new("offloadd test CA");
-    let front = HttpsFront::start(s3.addr(), &ca);
+    let (env, s3, ca, front) = https_s3();
     let stranger = TestCa::new("some other CA");
     let system = trusting(&env, &stranger.write_pem(env.dir.path(), "system.pem"));
     let with_ca_file = |path: &Path| {

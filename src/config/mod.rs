@@ -208,9 +208,10 @@ impl Default for Upload {
     fn default() -> Self {
         Upload {
             // Small files are latency-bound (a PUT, and a HEAD before a
-            // delete, each 20-100 ms away); files in flight cost little beyond their buffer, which
-            // memory_limit bounds.
-            workers: 64,
+            // delete, each 20-100 ms away): 128 in flight keep up with
+            // s5cmd at 80 ms (bench/RESULTS.md). A file in flight costs
+            // little beyond its buffer, which memory_limit bounds.
+            workers: 128,
             multipart_threshold: 16 * MIB,
             part_size: 8 * MIB,
             part_concurrency: 4,
@@ -1004,7 +1005,7 @@ mod tests {
         assert_eq!(c.storage, Storage::default());
         assert_eq!(c.storage.active, "local");
         assert_eq!(c.upload, Upload::default());
-        assert_eq!((c.upload.workers, c.upload.part_concurrency), (64, 4));
+        assert_eq!((c.upload.workers, c.upload.part_concurrency), (128, 4));
         assert_eq!(
             (
                 c.upload.multipart_threshold,

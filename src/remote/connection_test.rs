@@ -115,7 +115,7 @@ pub fn diagnose(
         return match t {
             Transport::Refused => format!("cannot connect to {endpoint} (connection refused): nothing accepts connections there; check `endpoint` of provider `{provider}` and that the server is running and reachable"),
             Transport::Dns => format!("cannot resolve the host of {endpoint} (DNS failure); check `endpoint` (or what it is derived from: `region`, `account_id`) of provider `{provider}` and this machine's DNS"),
-            Transport::Tls(cause) => format!("the TLS connection to {endpoint} failed ({cause}); check that `endpoint` of provider `{provider}` speaks HTTPS with a certificate this machine trusts (system store, or SSL_CERT_FILE)"),
+            Transport::Tls(cause) => format!("the TLS connection to {endpoint} failed ({cause}); check that `endpoint` of provider `{provider}` speaks HTTPS with a certificate this machine trusts (system store, SSL_CERT_FILE, or `ca_file`)"),
             Transport::Timeout => format!("{endpoint} did not answer within {}s (timeout); check the network, firewalls and HTTPS_PROXY/NO_PROXY for provider `{provider}`", PROBE_TIMEOUT.as_secs()),
             Transport::Other(cause) => format!("the connection to {endpoint} failed ({cause}); check `endpoint` of provider `{provider}` and the network"),
         };
