@@ -288,15 +288,7 @@ fn tls_failure() {
     env.write_config(&Cfg::new(&endpoint));
     let (code, out, err) = probe(&env);
     assert_eq!(code, 1, "stdout={out} stderr={err}");
-    let err = err.trim();
-    assert!(
-        err.starts_with(&format!(
-            "offloadd: the TLS connection to {endpoint} failed ("
-        )) && err.ends_with(&format!(
-            "); check that `endpoint` of provider `{PROVIDER}` speaks HTTPS with a certificate this machine trusts (system store, SSL_CERT_FILE, or `ca_file`)"
-        )),
-        "{err}"
-    );
+    assert_tls_sentence(&err, &endpoint, "");
 }
 
 #[test]

@@ -194,16 +194,8 @@ fn an_untrusted_certificate_keeps_files_local_until_the_ca_is_trusted() {
 
     let (code, out, err) = test_connection(&env, &wrong);
     assert_eq!(code, 1, "stdout={out} stderr={err}");
-    let err = err.trim();
     let endpoint = front.endpoint();
-    assert!(
-        err.starts_with(&format!(
-            "offloadd: the TLS connection to {endpoint} failed (invalid peer certificate: UnknownIssuer"
-        )) && err.ends_with(&format!(
-            "; check that `endpoint` of provider `{PROVIDER}` speaks HTTPS with a certificate this machine trusts (system store, SSL_CERT_FILE, or `ca_file`)"
-        )),
-        "{err}"
-    );
+    assert_tls_sentence(&err, &endpoint, "invalid peer certificate: UnknownIssuer");
 
     // The daemon: the file stays where it is, the reason says TLS.
     let daemon = Daemon::start(&env, &as_env(&wrong));

@@ -1795,3 +1795,17 @@ impl Drop for MotoServer {
         let _ = self.child.wait();
     }
 }
+
+/// Asserts that `err` is test-connection's one sentence for a TLS handshake
+/// with `endpoint` that failed, its cause starting with `cause`.
+pub fn assert_tls_sentence(err: &str, endpoint: &str, cause: &str) {
+    let err = err.trim();
+    assert!(
+        err.starts_with(&format!(
+            "offloadd: the TLS connection to {endpoint} failed ({cause}"
+        )) && err.ends_with(&format!(
+            "); check that `endpoint` of provider `{PROVIDER}` speaks HTTPS with a certificate this machine trusts (system store, SSL_CERT_FILE, or `ca_file`)"
+        )),
+        "{err}"
+    );
+}
