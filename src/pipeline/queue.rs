@@ -20,7 +20,14 @@
 //! succeeds, which reopens the database when sled's error is sticky.
 //!
 //! Finished items leave nothing behind; a record holds a provider name and a
-//! key (bounded size), never a full URL. The locks are std locks: every
+//! key (bounded size), never a full URL.
+//!
+//! A file's record and its queue item share one value under the file's path
+//! (one tree, `files`): a burst of uploads rewrites values in place instead of
+//! swelling a tree of its own and emptying it again, which sled's log never
+//! fully reclaims (a database with a separate queue tree tripled in size over
+//! ten bursts of 100,000 files). Databases in the older layout (trees `queue`
+//! and `records`) are moved over when opened. The locks are std locks: every
 //! critical section is a few synchronous sled calls and never awaits (the
 //! reasoning of mini-redis' `db.rs`).
 
@@ -38,7 +45,7 @@ use tokio::sync::watch;
 
 mod encoding;
 
-use encoding::{decode, decode_record, encode, encode_record};
+use encoding::{decode, decode_record, encode, encode_record, Entry};
 
 /// Errors opening or using the state directory.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -274,9 +281,19 @@ const META_ALIVE: &[u8] = b"alive";
 
 struct Trees {
     db: sled::Db,
-    queue: sled::Tree,
-    records: sled::Tree,
+    /// Per file (keyed by its path): an [`Entry`] of its record and queue item.
+    files: sled::Tree,
     meta: sled::Tree,
+}
+
+/// The trees of the layout before `files`, and which half of an entry each
+/// value becomes.
+const OLD_TREES: [(&str, Half); 2] = [("records", Half::Record), ("queue", Half::Item)];
+
+#[derive(Debug, Clone, Copy)]
+enum Half {
+    Record,
+    Item,
 }
 
 fn open_trees(db_path: &Path) -> sled::Result<Trees> {
@@ -285,12 +302,62 @@ fn open_trees(db_path: &Path) -> sled::Result<Trees> {
         .flush_every_ms(Some(500))
         .cache_capacity(SLED_CACHE_BYTES)
         .open()?;
+    let files = db.open_tree("files")?;
+    move_old_trees(&db, &files)?;
     Ok(Trees {
-        queue: db.open_tree("queue")?,
-        records: db.open_tree("records")?,
         meta: db.open_tree("meta")?,
+        files,
         db,
     })
+}
+
+/// Moves the records and queue items of the older layout into `files`. It
+/// runs before anything else writes, and the old trees go only once the
+/// moved entries are on disk, so an interrupted move is simply done again.
+fn move_old_trees(db: &sled::Db, files: &sled::Tree) -> sled::Result<()> {
+    let names = db.tree_names();
+    let old: Vec<(&str, Half)> = OLD_TREES
+        .into_iter()
+        .filter(|(n, _)| names.iter().any(|t| t == n.as_bytes()))
+        .collect();
+    if old.is_empty() {
+        return Ok(());
+    }
+    let mut moved = 0u64;
+    for &(name, half) in &old {
+        for r in db.open_tree(name)?.iter() {
+            let (k, v) = r?;
+            files.fetch_and_update(&k, |current| {
+                let mut e = current.and_then(Entry::split).unwrap_or_default();
+                match half {
+                    Half::Record => e.record = Some(&v),
+                    Half::Item => e.item = Some(&v),
+                }
+                e.join()
+            })?;
+            moved += 1;
+        }
+    }
+    db.flush()?;
+    for (name, _) in &old {
+        db.drop_tree(name)?;
+    }
+    db.flush()?;
+    tracing::info!(
+        values = moved,
+        "the state database was moved to the one-entry-per-file layout"
+    );
+    Ok(())
+}
+
+/// The queue item half of a stored entry.
+fn item_of(value: &[u8]) -> Option<QueueItem> {
+    decode(Entry::split(value)?.item?)
+}
+
+/// The record half of a stored entry under `key`.
+fn record_of(key: &[u8], value: &[u8]) -> Option<Record> {
+    decode_record(key, Entry::split(value)?.record?)
 }
 
 /// How the database was found when it was opened.
@@ -534,14 +601,20 @@ impl Queue {
     // --- reads ----------------------------------------------------------------
 
     pub fn item(&self, key: &ItemKey) -> Result<Option<QueueItem>, StateError> {
-        self.read(|t| Ok(t.queue.get(key.as_bytes())?.and_then(|v| decode(&v))))
+        self.entry(key).map(|(_, item)| item)
     }
 
     pub fn record(&self, key: &ItemKey) -> Result<Option<Record>, StateError> {
+        self.entry(key).map(|(record, _)| record)
+    }
+
+    /// A file's record and queue item, read together.
+    fn entry(&self, key: &ItemKey) -> Result<(Option<Record>, Option<QueueItem>), StateError> {
+        let k = key.as_bytes();
         self.read(|t| {
-            Ok(t.records
-                .get(key.as_bytes())?
-                .and_then(|v| decode_record(key.as_bytes(), &v)))
+            Ok(t.files
+                .get(k)?
+                .map_or((None, None), |v| (record_of(k, &v), item_of(&v))))
         })
     }
 
@@ -564,16 +637,21 @@ impl Queue {
 
     /// Queue items one at a time in path order from `from` (inclusive) to the
     /// end, then from the start up to `from`, until `f` breaks. Returns
-    /// whether the whole ring was read. `f` must not call the queue.
+    /// whether the whole ring was read. `f` must not call the queue. Entries
+    /// with a record only are passed over (a read of the whole ring reads
+    /// every record: it happens at start and while a backlog waits on disk).
     pub fn scan_ring(
         &self,
         from: &[u8],
         mut f: impl FnMut(ItemKey, QueueItem) -> ControlFlow<()>,
     ) -> Result<Ring, StateError> {
         self.read(|t| {
-            for r in t.queue.range(from..).chain(t.queue.range(..from)) {
+            for r in t.files.range(from..).chain(t.files.range(..from)) {
                 let (k, v) = r?;
-                if let (Some(key), Some(item)) = (ItemKey::from_bytes(k.to_vec()), decode(&v)) {
+                let Some(item) = item_of(&v) else {
+                    continue;
+                };
+                if let Some(key) = ItemKey::from_bytes(k.to_vec()) {
                     if f(key, item).is_break() {
                         return Ok(Ring::Stopped);
                     }
@@ -632,10 +710,11 @@ impl Queue {
         identity: &FileIdentity,
         why: Admit,
     ) -> Result<Admission, StateError> {
-        if self.record(key)?.is_some_and(|r| r.identity == *identity) && self.item(key)?.is_none() {
+        let (record, queued) = self.entry(key)?;
+        if record.is_some_and(|r| r.identity == *identity) && queued.is_none() {
             return Ok(Admission::AlreadyOffloaded);
         }
-        if let Some(item) = self.item(key)? {
+        if let Some(item) = queued {
             match &item.stage {
                 Stage::Upload { .. } => return Ok(Admission::AlreadyQueued(Box::new(item))),
                 Stage::Delete { identity: id } if id == identity => {
@@ -646,7 +725,7 @@ impl Queue {
             }
         }
         let item = QueueItem::upload_now();
-        self.write(|t| t.queue.insert(key.as_bytes(), encode(&item)).map(|_| ()))?;
+        self.set_item(key, Some(&item))?;
         Ok(Admission::Queued(Box::new(item)))
     }
 
@@ -688,7 +767,7 @@ impl Queue {
             return Ok(());
         }
         item.stage = Stage::Upload { multipart };
-        self.write(|t| t.queue.insert(key.as_bytes(), encode(&item)).map(|_| ()))
+        self.set_item(key, Some(&item))
     }
 
     /// A failed attempt: backs the item off until `due_ms`. With
@@ -710,14 +789,13 @@ impl Queue {
         }
         item.next_attempt_ms = due_ms;
         item.last_error = Some(error.to_string());
-        self.write(|t| t.queue.insert(key.as_bytes(), encode(&item)).map(|_| ()))?;
+        self.set_item(key, Some(&item))?;
         Ok(item.strikes)
     }
 
     /// Parks an item with its reason until an operator retries it.
     pub fn park(&self, key: &ItemKey, reason: &str) -> Result<(), StateError> {
-        let item = QueueItem::parked(reason.to_string());
-        self.write(|t| t.queue.insert(key.as_bytes(), encode(&item)).map(|_| ()))
+        self.set_item(key, Some(&QueueItem::parked(reason.to_string())))
     }
 
     /// Queues a parked item again (`retry`); false if it was not parked.
@@ -725,15 +803,31 @@ impl Queue {
         if !self.item(key)?.is_some_and(|i| i.is_parked()) {
             return Ok(false);
         }
-        let item = QueueItem::upload_now();
-        self.write(|t| t.queue.insert(key.as_bytes(), encode(&item)).map(|_| ()))?;
+        self.set_item(key, Some(&QueueItem::upload_now()))?;
         Ok(true)
     }
 
     /// Drops an item whose file is gone before it was uploaded. Needs proof
     /// that the root was present after the file was found missing.
     pub fn drop_vanished(&self, key: &ItemKey, _root: &RootPresent) -> Result<(), StateError> {
-        self.write(|t| t.queue.remove(key.as_bytes()).map(|_| ()))
+        self.set_item(key, None)
+    }
+
+    /// Replaces (or, with `None`, removes) a file's queue item and keeps its
+    /// record: one atomic update of the file's entry.
+    fn set_item(&self, key: &ItemKey, item: Option<&QueueItem>) -> Result<(), StateError> {
+        let item = item.map(encode);
+        self.write(|t| {
+            t.files
+                .fetch_and_update(key.as_bytes(), |current| {
+                    Entry {
+                        record: current.and_then(Entry::split).and_then(|e| e.record),
+                        item: item.as_deref(),
+                    }
+                    .join()
+                })
+                .map(|_| ())
+        })
     }
 
     /// Writes the location record and the item's next stage (or removes the
@@ -751,15 +845,17 @@ impl Queue {
             AfterUpload::Finish => None,
         };
         let k = key.as_bytes();
+        let entry = Entry {
+            record: Some(&rec),
+            item: next.as_deref(),
+        }
+        .join()
+        .expect("an entry with a record");
         self.write(|t| {
-            (&t.records, &t.queue, &t.meta)
-                .transaction(|(records, queue, meta)| {
-                    let old = records.get(k)?.and_then(|v| decode_record(k, &v));
-                    records.insert(k, rec.as_slice())?;
-                    match &next {
-                        Some(item) => queue.insert(k, item.as_slice())?,
-                        None => queue.remove(k)?,
-                    };
+            (&t.files, &t.meta)
+                .transaction(|(files, meta)| {
+                    let old = files.insert(k, entry.as_slice())?;
+                    let old = old.and_then(|v| record_of(k, &v));
                     let (dc, db) = match old {
                         Some(o) => (0, record.size as i128 - o.size as i128),
                         None => (1, record.size as i128),
@@ -805,14 +901,14 @@ impl Queue {
     /// durable write has succeeded. `Ok(None)` if the item is not waiting for a
     /// delete (any more).
     pub async fn delete_permit(&self, key: &ItemKey) -> Result<Option<DeletePermit>, StateError> {
-        let Some(QueueItem {
-            stage: Stage::Delete { identity },
-            ..
-        }) = self.item(key)?
+        let (
+            Some(record),
+            Some(QueueItem {
+                stage: Stage::Delete { identity },
+                ..
+            }),
+        ) = self.entry(key)?
         else {
-            return Ok(None);
-        };
-        let Some(record) = self.record(key)? else {
             return Ok(None);
         };
         if record.identity != identity || record.local != Local::Present {
@@ -855,37 +951,38 @@ impl Queue {
     fn finish_local(&self, key: &ItemKey, local: Local) -> Result<(), StateError> {
         let k = key.as_bytes();
         self.write(|t| {
-            (&t.records, &t.queue)
-                .transaction(|(records, queue)| {
-                    if let Some(mut r) = records.get(k)?.and_then(|v| decode_record(k, &v)) {
+            t.files
+                .fetch_and_update(k, |current| {
+                    let record = current.and_then(|v| record_of(k, v)).map(|mut r| {
                         r.local = local.clone();
-                        records.insert(k, encode_record(k, &r))?;
+                        encode_record(k, &r)
+                    });
+                    Entry {
+                        record: record.as_deref(),
+                        item: None,
                     }
-                    queue.remove(k)?;
-                    Ok(())
+                    .join()
                 })
-                .map_err(tx_err)
+                .map(|_| ())
         })
     }
 
     /// The file changed after its upload: it is to be uploaded again (its old
     /// record stays until the new one replaces it).
     pub fn reupload(&self, key: &ItemKey) -> Result<(), StateError> {
-        let item = QueueItem::upload_now();
-        self.write(|t| t.queue.insert(key.as_bytes(), encode(&item)).map(|_| ()))
+        self.set_item(key, Some(&QueueItem::upload_now()))
     }
 
     /// Removes a file's record and queue item (delete-through).
     pub fn forget(&self, key: &ItemKey) -> Result<(), StateError> {
         let k = key.as_bytes();
         self.write(|t| {
-            (&t.records, &t.queue, &t.meta)
-                .transaction(|(records, queue, meta)| {
-                    if let Some(old) = records.remove(k)?.and_then(|v| decode_record(k, &v)) {
+            (&t.files, &t.meta)
+                .transaction(|(files, meta)| {
+                    if let Some(old) = files.remove(k)?.and_then(|v| record_of(k, &v)) {
                         add_u64(meta, META_UPLOADED_COUNT, -1)?;
                         add_u64(meta, META_UPLOADED_BYTES, -(old.size as i128))?;
                     }
-                    queue.remove(k)?;
                     Ok(())
                 })
                 .map_err(tx_err)
@@ -1109,6 +1206,77 @@ mod tests {
         assert_eq!(q.back_off(&a, 5, "500", Blame::Item).unwrap(), 1);
         let item = q.item(&a).unwrap().unwrap();
         assert_eq!((item.attempts, item.strikes), (2, 1));
+    }
+
+    #[test]
+    fn a_database_in_the_older_layout_is_moved_over_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (key("a/uploaded"), key("b/waits-to-delete"), key("c/queued"));
+        let old_json = serde_json::to_vec(&record(id(1, 5))).unwrap();
+        {
+            let db = sled::open(dir.path().join("db")).unwrap();
+            let (records, queue) = (
+                db.open_tree("records").unwrap(),
+                db.open_tree("queue").unwrap(),
+            );
+            records.insert(a.as_bytes(), old_json).unwrap();
+            let rb = encode_record(b.as_bytes(), &record(id(2, 6)));
+            records.insert(b.as_bytes(), rb).unwrap();
+            queue
+                .insert(b.as_bytes(), encode(&QueueItem::delete(id(2, 6))))
+                .unwrap();
+            queue
+                .insert(c.as_bytes(), encode(&QueueItem::parked("why".into())))
+                .unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert(META_INITIALIZED, b"1".as_slice())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let (q, opened) = Queue::open(dir.path()).unwrap();
+        assert_eq!(opened, Opened::Intact);
+        assert_eq!(q.record(&a).unwrap(), Some(record(id(1, 5))));
+        assert_eq!(q.item(&a).unwrap(), None);
+        assert_eq!(q.record(&b).unwrap(), Some(record(id(2, 6))));
+        assert_eq!(q.item(&b).unwrap(), Some(QueueItem::delete(id(2, 6))));
+        assert_eq!(q.record(&c).unwrap(), None);
+        assert!(q.item(&c).unwrap().is_some_and(|i| i.is_parked()));
+        let keys: Vec<_> = q.items().unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, vec![b.clone(), c.clone()]);
+        let names = q.read(|t| Ok(t.db.tree_names())).unwrap();
+        assert!(
+            !names
+                .iter()
+                .any(|n| OLD_TREES.iter().any(|(o, _)| n == o.as_bytes())),
+            "the old trees are gone"
+        );
+        // Finishing the delete keeps the record and drops only the item.
+        q.cancel_delete(&b).unwrap();
+        assert_eq!(q.item(&b).unwrap(), None);
+        assert_eq!(q.record(&b).unwrap(), Some(record(id(2, 6))));
+    }
+
+    #[test]
+    fn queueing_a_recorded_file_keeps_its_record_until_the_new_one() {
+        let (_d, q) = open();
+        let a = key("a");
+        q.record_uploaded(&a, &record(id(2, 10)), AfterUpload::Finish)
+            .unwrap();
+        q.reupload(&a).unwrap();
+        q.back_off(&a, 5, "down", Blame::Provider).unwrap();
+        q.park(&a, "too long").unwrap();
+        assert_eq!(q.record(&a).unwrap(), Some(record(id(2, 10))));
+        assert!(q.item(&a).unwrap().is_some_and(|i| i.is_parked()));
+        q.forget(&a).unwrap();
+        assert_eq!(q.entry(&a).unwrap(), (None, None));
+        assert_eq!(q.totals().unwrap().uploaded_count, 0);
+        // A vanished file that was never uploaded leaves nothing behind.
+        q.admit(&a, &id(3, 1), Admit::Event).unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let guard = crate::pipeline::root::RootGuard::new(root.path(), _d.path()).unwrap();
+        q.drop_vanished(&a, &guard.check().unwrap()).unwrap();
+        assert_eq!(q.read(|t| Ok(t.files.len())).unwrap(), 0);
     }
 
     #[test]

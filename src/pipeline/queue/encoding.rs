@@ -2,6 +2,11 @@
 //! then postcard. Values written by older versions are JSON (they start with
 //! `{`) and still read.
 //!
+//! A file has one entry ([`ENTRY`]): its location record and its queue item
+//! side by side, either of them absent. Queueing a file that has a record,
+//! and finishing it, rewrite that one value; no key comes and goes per upload
+//! (see the module docs of `queue` for why).
+//!
 //! A location record, the one value kept per offloaded file, is stored
 //! smaller than it is held: its object key as the prefix in front of the
 //! item's path (the sled key) when that is what it is, and an MD5 ETag (with
@@ -25,6 +30,64 @@ pub(super) fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
     match bytes.split_first() {
         Some((&COMPACT, rest)) => postcard::from_bytes(rest).ok(),
         _ => serde_json::from_slice(bytes).ok(),
+    }
+}
+
+/// The first byte of a file's entry.
+pub(super) const ENTRY: u8 = 2;
+
+/// A file's entry, split into its halves (each still encoded).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Entry<'a> {
+    pub record: Option<&'a [u8]>,
+    pub item: Option<&'a [u8]>,
+}
+
+impl<'a> Entry<'a> {
+    /// `[ENTRY][record length, LEB128][record][item]`; an empty half is absent
+    /// (no encoded record or item is empty). `None` if it is not an entry.
+    pub(super) fn split(bytes: &'a [u8]) -> Option<Entry<'a>> {
+        let (&ENTRY, mut rest) = bytes.split_first()? else {
+            return None;
+        };
+        let (mut len, mut shift) = (0usize, 0u32);
+        loop {
+            let (&b, r) = rest.split_first()?;
+            rest = r;
+            len |= usize::from(b & 0x7f).checked_shl(shift)?;
+            if b & 0x80 == 0 {
+                break;
+            }
+            shift += 7;
+        }
+        let (record, item) = (rest.get(..len)?, rest.get(len..)?);
+        Some(Entry {
+            record: (!record.is_empty()).then_some(record),
+            item: (!item.is_empty()).then_some(item),
+        })
+    }
+
+    /// The stored value, or `None` when both halves are absent (the key goes).
+    pub(super) fn join(self) -> Option<Vec<u8>> {
+        if self.record.is_none() && self.item.is_none() {
+            return None;
+        }
+        let (record, item) = (self.record.unwrap_or(&[]), self.item.unwrap_or(&[]));
+        let mut out = Vec::with_capacity(1 + 3 + record.len() + item.len());
+        out.push(ENTRY);
+        let mut len = record.len();
+        loop {
+            let low = (len & 0x7f) as u8;
+            len >>= 7;
+            if len == 0 {
+                out.push(low);
+                break;
+            }
+            out.push(low | 0x80);
+        }
+        out.extend_from_slice(record);
+        out.extend_from_slice(item);
+        Some(out)
     }
 }
 
@@ -226,6 +289,22 @@ mod tests {
         let item = b"bad\xffname.png";
         let r = record("p/bad%FFname.png", "d41d8cd98f00b204e9800998ecf8427e-3");
         assert_eq!(decode_record(item, &encode_record(item, &r)), Some(r));
+    }
+
+    #[test]
+    fn entries_round_trip_with_either_half_absent() {
+        let long = vec![COMPACT; 300];
+        for record in [None, Some(&[COMPACT, 7][..]), Some(&long[..])] {
+            for item in [None, Some(&[COMPACT, 1, 2][..]), Some(&b"{}"[..])] {
+                let e = Entry { record, item };
+                match e.join() {
+                    None => assert_eq!((record, item), (None, None)),
+                    Some(bytes) => assert_eq!(Entry::split(&bytes), Some(e)),
+                }
+            }
+        }
+        assert_eq!(Entry::split(&[COMPACT, 1]), None, "not an entry");
+        assert_eq!(Entry::split(&[ENTRY, 5, COMPACT]), None, "cut short");
     }
 
     #[test]
