@@ -273,7 +273,12 @@ pub struct Totals {
 /// sled's page cache; its default (1 GiB) would let a large index eat memory.
 const SLED_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
-const META_INITIALIZED: &[u8] = b"initialized";
+/// The database holds this state_dir's records (in the one-entry-per-file
+/// layout: an older version, which knows only [`META_INITIALIZED_SPLIT`], takes
+/// a newer database for a lost one and rebuilds, instead of reading no records).
+const META_INITIALIZED: &[u8] = b"initialized/files";
+/// [`META_INITIALIZED`] of the layout with trees `records` and `queue`.
+const META_INITIALIZED_SPLIT: &[u8] = b"initialized";
 const META_UPLOADED_COUNT: &[u8] = b"uploaded_count";
 const META_UPLOADED_BYTES: &[u8] = b"uploaded_bytes";
 const META_PAUSED_PREFIX: &str = "paused/";
@@ -303,18 +308,15 @@ fn open_trees(db_path: &Path) -> sled::Result<Trees> {
         .cache_capacity(SLED_CACHE_BYTES)
         .open()?;
     let files = db.open_tree("files")?;
-    move_old_trees(&db, &files)?;
-    Ok(Trees {
-        meta: db.open_tree("meta")?,
-        files,
-        db,
-    })
+    let meta = db.open_tree("meta")?;
+    move_old_trees(&db, &files, &meta)?;
+    Ok(Trees { meta, files, db })
 }
 
 /// Moves the records and queue items of the older layout into `files`. It
 /// runs before anything else writes, and the old trees go only once the
 /// moved entries are on disk, so an interrupted move is simply done again.
-fn move_old_trees(db: &sled::Db, files: &sled::Tree) -> sled::Result<()> {
+fn move_old_trees(db: &sled::Db, files: &sled::Tree, meta: &sled::Tree) -> sled::Result<()> {
     let names = db.tree_names();
     let old: Vec<(&str, Half)> = OLD_TREES
         .into_iter()
@@ -338,10 +340,14 @@ fn move_old_trees(db: &sled::Db, files: &sled::Tree) -> sled::Result<()> {
             moved += 1;
         }
     }
+    if meta.get(META_INITIALIZED_SPLIT)?.is_some() {
+        meta.insert(META_INITIALIZED, b"1".as_slice())?;
+    }
     db.flush()?;
     for (name, _) in &old {
         db.drop_tree(name)?;
     }
+    meta.remove(META_INITIALIZED_SPLIT)?;
     db.flush()?;
     tracing::info!(
         values = moved,
@@ -1230,7 +1236,7 @@ mod tests {
                 .unwrap();
             db.open_tree("meta")
                 .unwrap()
-                .insert(META_INITIALIZED, b"1".as_slice())
+                .insert(META_INITIALIZED_SPLIT, b"1".as_slice())
                 .unwrap();
             db.flush().unwrap();
         }
@@ -1251,6 +1257,8 @@ mod tests {
                 .any(|n| OLD_TREES.iter().any(|(o, _)| n == o.as_bytes())),
             "the old trees are gone"
         );
+        let initialized = |k: &[u8]| q.read(|t| t.meta.get(k)).unwrap().is_some();
+        assert!(initialized(META_INITIALIZED) && !initialized(META_INITIALIZED_SPLIT));
         // Finishing the delete keeps the record and drops only the item.
         q.cancel_delete(&b).unwrap();
         assert_eq!(q.item(&b).unwrap(), None);
