@@ -223,16 +223,18 @@ impl Budget {
 /// - Every buffer of 1 MiB or more goes straight back to the OS when freed
 ///   (glibc otherwise raises its mmap threshold after the first large free and
 ///   keeps later part buffers in the heap).
-/// - At most two arenas: glibc gives threads that allocate at once arenas of
-///   their own (up to 8 per core), and memory freed in one is not reused by
-///   another; with dozens of upload tasks moving between runtime threads, peak
-///   RSS grew far beyond the bytes in use (bench/RESULTS.md).
+/// - One arena: glibc gives threads that allocate at once arenas of their own
+///   (up to 8 per core), and memory freed in one is not reused by another;
+///   with dozens of upload tasks moving between runtime threads and sled's
+///   own threads, peak RSS grew far beyond the bytes in use. Two arenas still
+///   cost 12 MiB in the state benchmark (bench/RESULTS.md), and small-file
+///   throughput did not change with one.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning; called once at start.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1024 * 1024);
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
