@@ -224,9 +224,10 @@ fn slow_writer_in_a_new_directory_ends_with_final_content() {
 }
 
 /// A results directory is read all the time (a web server serving it): the
-/// readers' open and close events must not fill the event channel (that
-/// would drop events and force rescans); a file finished meanwhile is found
-/// by its own event.
+/// readers' opens and closes must not even reach the daemon (its inotify
+/// watches do not ask for them), nor fill the event channel (that would drop
+/// events and force rescans); a file finished meanwhile is found by its own
+/// event.
 #[test]
 fn a_read_storm_drops_no_events() {
     let env = TestEnv::new();
@@ -243,6 +244,23 @@ fn a_read_storm_drops_no_events() {
     wait_until(Duration::from_secs(20), "the served files uploaded", || {
         (0..20).all(|i| s3.has(&format!("served/{i}.jpg")))
     });
+    let masks = inotify_masks(daemon.pid);
+    assert!(
+        masks.len() >= 2,
+        "expected watches on the root and served/, found {masks:x?}"
+    );
+    for mask in &masks {
+        assert_eq!(
+            mask & (IN_OPEN | IN_CLOSE_NOWRITE | IN_ACCESS),
+            0,
+            "an inotify watch asks for readers' events (mask {mask:#x})"
+        );
+        assert_ne!(
+            mask & IN_CLOSE_WRITE,
+            0,
+            "a watch misses closes after writing (mask {mask:#x})"
+        );
+    }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let readers: Vec<_> = (0..2)
         .map(|_| {
@@ -280,4 +298,28 @@ fn a_read_storm_drops_no_events() {
         !log.contains("some were dropped") && !log.contains("rescan"),
         "{opens} opens by readers made the daemon drop events or rescan:\n{log}"
     );
+}
+
+const IN_ACCESS: u32 = 0x1;
+const IN_CLOSE_WRITE: u32 = 0x8;
+const IN_CLOSE_NOWRITE: u32 = 0x10;
+const IN_OPEN: u32 = 0x20;
+
+/// The event masks of every inotify watch the process holds, as the kernel
+/// reports them in /proc/PID/fdinfo ("inotify wd:1 ino:... mask:fce ...").
+fn inotify_masks(pid: u32) -> Vec<u32> {
+    let mut masks = Vec::new();
+    for fd in fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let Ok(info) = fs::read_to_string(fd.unwrap().path()) else {
+            continue;
+        };
+        for line in info.lines().filter(|l| l.starts_with("inotify wd:")) {
+            let mask = line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("mask:"))
+                .unwrap_or_else(|| panic!("no mask in {line:?}"));
+            masks.push(u32::from_str_radix(mask, 16).unwrap());
+        }
+    }
+    masks
 }

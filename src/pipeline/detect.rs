@@ -30,7 +30,9 @@ use crate::pipeline::finished::{self, now_ns, FileIdentity};
 use crate::pipeline::live::{Live, SAMPLE};
 use crate::pipeline::root::RootStatus;
 use crate::shutdown::Shutdown;
-use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RenameMode};
+use notify::event::{
+    AccessKind, AccessMode, CreateKind, EventKind, EventKindMask, ModifyKind, RenameMode,
+};
 use notify::{RecursiveMode, Watcher as _};
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -214,14 +216,15 @@ pub fn start(what: Watching, links: Links) -> notify::Result<(Watcher, JoinHandl
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let dropped = Arc::new(AtomicBool::new(false));
     let dropped_cb = dropped.clone();
-    let notify = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+    let on_event = move |ev: notify::Result<notify::Event>| {
         if ev.as_ref().is_ok_and(|e| is_a_read(&e.kind)) {
             return;
         }
         if events_tx.try_send(ev).is_err() {
             dropped_cb.store(true, Ordering::Relaxed);
         }
-    })?;
+    };
+    let notify = notify::RecommendedWatcher::new(on_event, watcher_config())?;
     let shared = Arc::new(WalkerShared {
         rules: Mutex::new(rules.clone()),
         notify: Mutex::new(notify),
@@ -790,9 +793,17 @@ fn watch_dir(shared: &WalkerShared, dir: &Path) {
     }
 }
 
-/// Events of readers (opens, closes after reading): notify subscribes to them
-/// and cannot be told not to, and a results directory served by a web server
-/// sees thousands a second. Dropped in notify's thread, before the bounded
+/// The events asked of the kernel: creation, removal, changes and renames,
+/// and closes after writing (a finished file). Not opens, nor closes after
+/// reading: a results directory served by a web server sees thousands of
+/// those a second, and each would cross the kernel's event queue and wake
+/// notify's thread for nothing.
+fn watcher_config() -> notify::Config {
+    notify::Config::default().with_event_kinds(EventKindMask::CORE | EventKindMask::ACCESS_CLOSE)
+}
+
+/// Events of readers, should a backend deliver them anyway (the mask above
+/// keeps them out on Linux): dropped in notify's thread, before the bounded
 /// channel, so they cost no wakeup and can never fill it (which would force
 /// a rescan).
 fn is_a_read(kind: &EventKind) -> bool {
