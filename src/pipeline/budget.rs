@@ -8,6 +8,12 @@
 //! completing one overlaps the next one's parts) while small results never
 //! wait for a video; and that bodies start no faster than
 //! `upload.bandwidth_limit` allows on average.
+//!
+//! It also keeps big buffers for reuse ([`Buffer`]): a part's buffer, once
+//! sent, serves the next part of the same size instead of being unmapped and
+//! faulted in again (a tenth of the CPU of a big upload). Spare buffers and
+//! buffers in use together stay within the budget, and the spares are freed
+//! as soon as no upload holds a reservation, so an idle daemon keeps none.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,14 +56,23 @@ struct Inner {
     line: Mutex<Line>,
 }
 
-/// The free bytes and who waits for them.
+/// The free bytes and who waits for them; the big buffers in use and spare.
 struct Line {
     free: u64,
     /// Keyed by (turn, arrival): the first entry is served first, and nobody
     /// behind it is served while it does not fit (no buffer starves).
     waiting: BTreeMap<(Turn, u64), Waiter>,
     arrivals: u64,
+    /// Bytes of the [`Buffer`]s of at least [`REUSE_MIN`] bytes alive now.
+    buffers_live: u64,
+    /// Sent buffers kept for the next one of the same size.
+    spares: Vec<Vec<u8>>,
+    spare_bytes: u64,
 }
+
+/// Buffers from this size up are kept for reuse: glibc maps them on their
+/// own (`tune_allocator`), so each new one costs a page fault per 4 KiB.
+pub const REUSE_MIN: usize = 1024 * 1024;
 
 struct Waiter {
     bytes: u64,
@@ -90,10 +105,65 @@ pub struct Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(inner) = self.budget.take() {
-            let mut line = inner.line.lock().expect("budget lock");
-            line.free += self.bytes;
-            line.serve();
+            let idle_spares = {
+                let mut line = inner.line.lock().expect("budget lock");
+                line.free += self.bytes;
+                line.serve();
+                if line.free == inner.total {
+                    line.spare_bytes = 0;
+                    std::mem::take(&mut line.spares)
+                } else {
+                    Vec::new()
+                }
+            };
+            // Unmapped outside the lock.
+            drop(idle_spares);
         }
+    }
+}
+
+/// A buffer for one body, taken with [`Budget::buffer`] under a
+/// [`Reservation`]; a big one goes back to the budget's spares when the
+/// HTTP client drops it (see [`Buffer::into_bytes`]).
+pub struct Buffer {
+    data: Vec<u8>,
+    home: Option<Arc<Inner>>,
+}
+
+impl Buffer {
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+
+    /// The body for the HTTP client, without a copy; the buffer comes back
+    /// when the client drops the last handle on it.
+    pub fn into_bytes(self) -> bytes::Bytes {
+        bytes::Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for Buffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        let Some(inner) = self.home.take() else {
+            return;
+        };
+        let len = self.data.len() as u64;
+        let mut line = inner.line.lock().expect("budget lock");
+        line.buffers_live -= len;
+        // Kept only while an upload may want it, and only as long as spares
+        // and buffers in use fit the budget together.
+        let wanted = line.free < inner.total;
+        if wanted && line.spare_bytes + line.buffers_live + len <= inner.total {
+            line.spare_bytes += len;
+            line.spares.push(std::mem::take(&mut self.data));
+        }
+        drop(line);
     }
 }
 
@@ -131,6 +201,9 @@ impl Budget {
                     free: total,
                     waiting: BTreeMap::new(),
                     arrivals: 0,
+                    buffers_live: 0,
+                    spares: Vec::new(),
+                    spare_bytes: 0,
                 }),
             }),
         }
@@ -210,6 +283,48 @@ impl Budget {
                 }
             }
         }
+    }
+
+    /// A buffer of `len` bytes for a body, to be taken under a reservation
+    /// of at least `len`: a spare one of this very size if there is one
+    /// (its old contents are overwritten by the caller), else a new one, for
+    /// which spares that no longer fit the budget beside it are freed.
+    pub fn buffer(&self, len: usize) -> Buffer {
+        if len < REUSE_MIN {
+            return Buffer {
+                data: vec![0; len],
+                home: None,
+            };
+        }
+        let evicted = {
+            let mut line = self.inner.line.lock().expect("budget lock");
+            line.buffers_live += len as u64;
+            if let Some(i) = line.spares.iter().position(|b| b.len() == len) {
+                let data = line.spares.swap_remove(i);
+                line.spare_bytes -= len as u64;
+                return Buffer {
+                    data,
+                    home: Some(self.inner.clone()),
+                };
+            }
+            let mut evicted = Vec::new();
+            while line.spare_bytes + line.buffers_live > self.inner.total {
+                let Some(b) = line.spares.pop() else { break };
+                line.spare_bytes -= b.len() as u64;
+                evicted.push(b);
+            }
+            evicted
+        };
+        drop(evicted);
+        Buffer {
+            data: vec![0; len],
+            home: Some(self.inner.clone()),
+        }
+    }
+
+    /// Bytes of spare buffers held for reuse.
+    pub fn spare_bytes(&self) -> u64 {
+        self.inner.line.lock().expect("budget lock").spare_bytes
     }
 
     /// Bytes currently reserved.
@@ -474,5 +589,68 @@ mod tests {
             0,
             "the dropped, never polled wait left the line"
         );
+    }
+
+    const MIB: usize = 1024 * 1024;
+
+    fn turn(b: &Budget) -> Turn {
+        b.turn(BufferKind::Part)
+    }
+
+    #[tokio::test]
+    async fn a_sent_part_buffer_serves_the_next_part_of_its_size() {
+        let b = Budget::new(32 * MIB as u64);
+        let r1 = b.reserve(turn(&b), 8 * MIB as u64).await;
+        let mut first = b.buffer(8 * MIB);
+        first.as_mut_slice()[0] = 42;
+        let at = first.as_ref().as_ptr();
+        let sent = first.into_bytes();
+        let clone = sent.clone();
+        drop(sent);
+        assert_eq!(b.spare_bytes(), 0, "still held by the HTTP client");
+        drop(clone);
+        assert_eq!(b.spare_bytes(), 8 * MIB as u64);
+        let r2 = b.reserve(turn(&b), 8 * MIB as u64).await;
+        drop(r1);
+        let next = b.buffer(8 * MIB);
+        assert_eq!(next.as_ref().as_ptr(), at, "the same memory again");
+        assert_eq!(b.spare_bytes(), 0);
+        let other = b.buffer(2 * MIB);
+        assert_ne!(other.as_ref().as_ptr(), at, "another size is new");
+        drop((next, other, r2));
+    }
+
+    #[tokio::test]
+    async fn spares_and_buffers_in_use_fit_the_budget_together() {
+        let b = Budget::new(16 * MIB as u64);
+        let r = b.reserve(turn(&b), 16 * MIB as u64).await;
+        drop(b.buffer(8 * MIB));
+        drop(b.buffer(4 * MIB));
+        assert_eq!(b.spare_bytes(), 12 * MIB as u64);
+        // Two new 6 MiB buffers: the spares that no longer fit beside them go.
+        let x = b.buffer(6 * MIB);
+        assert_eq!(b.spare_bytes(), 8 * MIB as u64, "the 4 MiB spare went");
+        let y = b.buffer(6 * MIB);
+        assert_eq!(b.spare_bytes(), 0, "the 8 MiB spare went");
+        drop(x);
+        drop(y);
+        assert_eq!(b.spare_bytes(), 12 * MIB as u64);
+        // Small buffers come from the heap and are never kept.
+        drop(b.buffer(REUSE_MIN - 1));
+        assert_eq!(b.spare_bytes(), 12 * MIB as u64);
+        drop(r);
+    }
+
+    #[tokio::test]
+    async fn an_idle_budget_keeps_no_spares() {
+        let b = Budget::new(32 * MIB as u64);
+        let r = b.reserve(turn(&b), 8 * MIB as u64).await;
+        let held = b.buffer(8 * MIB).into_bytes();
+        drop(b.buffer(8 * MIB));
+        assert_eq!(b.spare_bytes(), 8 * MIB as u64);
+        drop(r);
+        assert_eq!(b.spare_bytes(), 0, "freed with the last reservation");
+        drop(held);
+        assert_eq!(b.spare_bytes(), 0, "a buffer sent after that is freed too");
     }
 }

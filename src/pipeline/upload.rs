@@ -13,7 +13,7 @@
 
 use crate::failpoint;
 use crate::keys::{ItemKey, ObjectKey};
-use crate::pipeline::budget::{Budget, BufferKind, Pacer, Turn};
+use crate::pipeline::budget::{Budget, Buffer, BufferKind, Pacer, Turn};
 use crate::pipeline::finished::FileIdentity;
 use crate::pipeline::queue::{MultipartProgress, PartDone, Queue, StateError};
 use crate::remote::error::{ErrorClass, StorageError};
@@ -115,10 +115,11 @@ pub fn multipart_etag(part_md5s: &[[u8; 16]]) -> String {
     format!("{}-{}", hex::encode(h.finalize()), part_md5s.len())
 }
 
-fn read_at(file: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, offset)?;
-    Ok(buf)
+/// Fills `buf` from the file at `offset` and hashes it.
+fn read_at(file: &File, offset: u64, mut buf: Buffer) -> std::io::Result<(Buffer, [u8; 16])> {
+    file.read_exact_at(buf.as_mut_slice(), offset)?;
+    let md5 = Md5::digest(buf.as_ref()).into();
+    Ok((buf, md5))
 }
 
 fn unchanged(file: &File, identity: &FileIdentity) -> Result<(), UploadError> {
@@ -185,16 +186,19 @@ impl Uploader {
     ) -> Result<Sent, UploadError> {
         let len = identity.size;
         let _reserved = self.budget.reserve(turn, len).await;
+        let buffer = self.budget.buffer(len as usize);
         let (body, md5) = tokio::task::spawn_blocking(move || {
-            let body = read_at(&file, 0, len as usize).map_err(|_| UploadError::Changed)?;
+            let (body, md5) = read_at(&file, 0, buffer).map_err(|_| UploadError::Changed)?;
             unchanged(&file, &identity)?;
-            let md5: [u8; 16] = Md5::digest(&body).into();
             Ok::<_, UploadError>((body, md5))
         })
         .await
         .expect("reading task never panics")?;
         self.pacer.take(len).await;
-        let answered = job.store.put(job.key, body, md5, job.options).await;
+        let answered = job
+            .store
+            .put(job.key, body.into_bytes(), md5, job.options)
+            .await;
         self.progressed();
         Ok(Sent {
             identity,
@@ -380,18 +384,15 @@ impl Uploader {
     ) -> Result<(), UploadError> {
         let offset = (number as u64 - 1) * part_size;
         let reader = file.clone();
-        let (body, md5) = tokio::task::spawn_blocking(move || {
-            let body = read_at(&reader, offset, len as usize)?;
-            let md5: [u8; 16] = Md5::digest(&body).into();
-            Ok::<_, std::io::Error>((body, md5))
-        })
-        .await
-        .expect("reading task never panics")
-        .map_err(|_| UploadError::Changed)?;
+        let buffer = self.budget.buffer(len as usize);
+        let (body, md5) = tokio::task::spawn_blocking(move || read_at(&reader, offset, buffer))
+            .await
+            .expect("reading task never panics")
+            .map_err(|_| UploadError::Changed)?;
         self.pacer.take(len).await;
         let etag = job
             .store
-            .put_part(job.key, upload_id, number, body, md5)
+            .put_part(job.key, upload_id, number, body.into_bytes(), md5)
             .await;
         self.progressed();
         let etag = etag?;

@@ -273,7 +273,7 @@ impl Client {
         key: &str,
         mut headers: http::HeaderMap,
         queries: Option<std::collections::HashMap<String, String>>,
-        body: Vec<u8>,
+        body: bytes::Bytes,
         md5: [u8; 16],
     ) -> Result<Option<String>, StorageError> {
         use base64::Engine as _;
@@ -314,7 +314,7 @@ impl Client {
     pub async fn put(
         &self,
         key: &ObjectKey,
-        body: Vec<u8>,
+        body: bytes::Bytes,
         md5: [u8; 16],
         options: &ObjectOptions,
     ) -> Result<Option<String>, StorageError> {
@@ -359,7 +359,7 @@ impl Client {
         key: &ObjectKey,
         upload_id: &str,
         number: u32,
-        body: Vec<u8>,
+        body: bytes::Bytes,
         md5: [u8; 16],
     ) -> Result<String, StorageError> {
         let queries = [
@@ -572,7 +572,7 @@ impl Store for Client {
     fn put<'a>(
         &'a self,
         key: &'a ObjectKey,
-        body: Vec<u8>,
+        body: bytes::Bytes,
         md5: [u8; 16],
         options: &'a ObjectOptions,
     ) -> Reply<'a, Option<String>> {
@@ -593,7 +593,7 @@ impl Store for Client {
         key: &'a ObjectKey,
         upload_id: &'a str,
         number: u32,
-        body: Vec<u8>,
+        body: bytes::Bytes,
         md5: [u8; 16],
     ) -> Reply<'a, String> {
         Box::pin(Client::put_part(self, key, upload_id, number, body, md5))

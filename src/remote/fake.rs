@@ -182,7 +182,7 @@ impl Store for FakeStore {
     fn put<'a>(
         &'a self,
         key: &'a ObjectKey,
-        body: Vec<u8>,
+        body: bytes::Bytes,
         md5: [u8; 16],
         _: &'a ObjectOptions,
     ) -> Reply<'a, Option<String>> {
@@ -193,7 +193,7 @@ impl Store for FakeStore {
             self.objects
                 .lock()
                 .unwrap()
-                .insert(key.as_str().into(), (body, etag, None));
+                .insert(key.as_str().into(), (body.to_vec(), etag, None));
             Ok(Some(answer))
         })
     }
@@ -225,7 +225,7 @@ impl Store for FakeStore {
         key: &'a ObjectKey,
         upload_id: &'a str,
         number: u32,
-        body: Vec<u8>,
+        body: bytes::Bytes,
         md5: [u8; 16],
     ) -> Reply<'a, String> {
         Box::pin(async move {
@@ -235,7 +235,7 @@ impl Store for FakeStore {
             let up = u
                 .get_mut(upload_id)
                 .ok_or_else(|| http_error(404, "NoSuchUpload"))?;
-            up.parts.insert(number, body);
+            up.parts.insert(number, body.to_vec());
             Ok(etag)
         })
     }

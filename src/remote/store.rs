@@ -66,7 +66,7 @@ pub trait Store: Send + Sync {
     fn put<'a>(
         &'a self,
         key: &'a ObjectKey,
-        body: Vec<u8>,
+        body: bytes::Bytes,
         md5: [u8; 16],
         options: &'a ObjectOptions,
     ) -> Reply<'a, Option<String>>;
@@ -86,7 +86,7 @@ pub trait Store: Send + Sync {
         key: &'a ObjectKey,
         upload_id: &'a str,
         number: u32,
-        body: Vec<u8>,
+        body: bytes::Bytes,
         md5: [u8; 16],
     ) -> Reply<'a, String>;
 
