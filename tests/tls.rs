@@ -9,7 +9,8 @@
 //! endpoint, nothing leaves the disk, and a restart with the right CA drains
 //! the queue. A `ca_file` naming the CA works while the system store does
 //! not know it; one without a certificate is a sentence (check-config exits
-//! 78, the daemon stays local).
+//! 78, the daemon stays local). `HTTPS_PROXY` carries the requests through a
+//! CONNECT proxy, and `NO_PROXY` naming the endpoint's host bypasses it.
 
 mod common;
 use common::*;
@@ -283,4 +284,131 @@ fn ca_file_trusts_a_private_ca_beside_the_system_store() {
     write_file(&env.path("late.jpg"), &files[0].1);
     wait_all_uploaded(&s3, &files, LONG);
     assert!(front.handshakes() >= 1, "the uploads went through TLS");
+}
+
+/// An HTTP proxy that only tunnels (CONNECT host:port), as HTTPS_PROXY
+/// names one; it counts the tunnels it opened.
+struct ConnectProxy {
+    port: u16,
+    tunnels: Arc<AtomicUsize>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl ConnectProxy {
+    fn start() -> ConnectProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tunnels = Arc::new(AtomicUsize::new(0));
+        let counted = tunnels.clone();
+        runtime.spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if client.read_exact(&mut byte).await.is_err() || head.len() > 8192 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let Some(target) = head
+                        .strip_prefix("CONNECT ")
+                        .and_then(|rest| rest.split_whitespace().next())
+                    else {
+                        let _ = client
+                            .write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+                            .await;
+                        return;
+                    };
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                        let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                        return;
+                    };
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    if client
+                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        });
+        ConnectProxy {
+            port,
+            tunnels,
+            _runtime: runtime,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn tunnels(&self) -> usize {
+        self.tunnels.load(Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn https_proxy_carries_the_uploads_and_no_proxy_bypasses_it() {
+    let (env, s3, ca, front) = https_s3();
+    env.write_config(&Cfg::new(&front.endpoint()));
+    let proxy = ConnectProxy::start();
+    let mut vars = trusting(&env, &ca.write_pem(env.dir.path(), "ca.pem"));
+    vars.push(("HTTPS_PROXY", proxy.url()));
+    // The harness exempts loopback from proxies (scrub_env); not here.
+    vars.push(("NO_PROXY", String::new()));
+    vars.push(("no_proxy", String::new()));
+
+    let (code, out, err) = test_connection(&env, &vars);
+    assert_eq!(code, 0, "stdout={out} stderr={err}");
+    assert!(
+        proxy.tunnels() >= 1,
+        "test-connection went through the proxy"
+    );
+    let daemon = Daemon::start(&env, &as_env(&vars));
+    let before = proxy.tunnels();
+    let files: Expected = vec![(
+        "proxied.jpg".into(),
+        file_content("proxied.jpg", 1_000, 50_000),
+    )];
+    write_file(&env.path("proxied.jpg"), &files[0].1);
+    wait_all_uploaded(&s3, &files, LONG);
+    assert!(
+        proxy.tunnels() > before,
+        "the daemon's upload went through the proxy"
+    );
+    daemon.stop();
+
+    vars.retain(|(k, _)| !k.eq_ignore_ascii_case("no_proxy"));
+    vars.push(("NO_PROXY", "127.0.0.1".into()));
+    vars.push(("no_proxy", String::new()));
+    let through_proxy = proxy.tunnels();
+    let handshakes = front.handshakes();
+    let _daemon = Daemon::start(&env, &as_env(&vars));
+    let direct: Expected = vec![(
+        "direct.jpg".into(),
+        file_content("direct.jpg", 1_000, 50_000),
+    )];
+    write_file(&env.path("direct.jpg"), &direct[0].1);
+    wait_all_uploaded(&s3, &direct, LONG);
+    assert!(front.handshakes() > handshakes, "the upload went over TLS");
+    assert_eq!(
+        proxy.tunnels(),
+        through_proxy,
+        "NO_PROXY bypassed the proxy"
+    );
 }
