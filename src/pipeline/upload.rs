@@ -236,9 +236,15 @@ impl Uploader {
             if same {
                 tracing::info!(path = %job.abs.display(), parts_done = p.parts.len(), "resuming multipart upload");
                 match self.send_parts(job, &file, p.clone(), settings, turn).await {
-                    Err(UploadError::Storage(e)) if e.status.is_some() && !e.is_throttle() => {
+                    Err(UploadError::Storage(e))
+                        if e.status.is_some()
+                            && e.class != ErrorClass::Transient
+                            && !e.is_throttle() =>
+                    {
                         // The server may no longer know the upload id, e.g. because
                         // it completed just before a crash: is the object there?
+                        // (A transient answer, a 500 say, keeps the upload and its
+                        // parts for the next attempt.)
                         if let Some(sent) =
                             self.already_there(job, &file, identity, part_size).await?
                         {

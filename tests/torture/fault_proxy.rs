@@ -39,6 +39,9 @@ pub enum Fault {
     Status500,
     /// HTTP 403 with an S3 `RequestTimeTooSkewed` error document.
     ClockSkew,
+    /// HTTP 200 with an S3 `InternalError` error document, as S3 may answer
+    /// CompleteMultipartUpload once it has started its answer.
+    Status200Error,
     /// Read about half the body, then close with SO_LINGER 0: the client sees
     /// a connection reset while sending.
     ResetMidBody,
@@ -78,6 +81,12 @@ impl Fault {
                 "Forbidden",
                 "RequestTimeTooSkewed",
                 "The difference between the request time and the current time is too large.",
+            )),
+            Fault::Status200Error => Some((
+                200,
+                "OK",
+                "InternalError",
+                "We encountered an internal error. Please try again.",
             )),
             Fault::ResetMidBody | Fault::Hang | Fault::Refuse => None,
         }
@@ -843,6 +852,7 @@ mod tests {
             Fault::Status429,
             Fault::Status500,
             Fault::ClockSkew,
+            Fault::Status200Error,
         ] {
             proxy.set_rule(move |_| Some(f));
             let (status, _, code, _) = f.answer().unwrap();
@@ -877,7 +887,11 @@ mod tests {
             "a fault never reaches the upstream"
         );
         let c = proxy.counts();
-        assert_eq!((c.requests, c.forwarded, c.connections), (8, 0, 8), "{c:?}");
+        assert_eq!(
+            (c.requests, c.forwarded, c.connections),
+            (10, 0, 10),
+            "{c:?}"
+        );
         proxy.clear_rule();
         let resp =
             raw_exchange(proxy.port, &put_request(proxy.port, "/media/y", b"hello")).unwrap();

@@ -49,6 +49,8 @@ struct Rig {
     env: TestEnv,
     files: Expected,
     started: Instant,
+    /// `delete_local` as configured: whether finished files leave the disk.
+    deletes: bool,
 }
 
 impl Rig {
@@ -76,6 +78,7 @@ impl Rig {
             env,
             files: Vec::new(),
             started,
+            deletes: cfg.delete_local,
         }
     }
 
@@ -141,9 +144,19 @@ impl Rig {
                 self.env.status()
             );
         }
-        wait_until(LONG, "local copies deleted after the upload", || {
-            uploaded.iter().all(|(r, _)| !self.env.path(r).exists())
-        });
+        if self.deletes {
+            wait_until(LONG, "local copies deleted after the upload", || {
+                uploaded.iter().all(|(r, _)| !self.env.path(r).exists())
+            });
+        } else {
+            for (rel, bytes) in &uploaded {
+                assert_eq!(
+                    std::fs::read(self.env.path(rel)).ok().as_deref(),
+                    Some(bytes.as_slice()),
+                    "{rel}: delete_local is off, its local copy stays"
+                );
+            }
+        }
         let mut st = Value::Null;
         let settled = poll_until(LONG, || {
             st = self.env.status();
@@ -309,6 +322,41 @@ fn throttled_puts_all_arrive() {
             ("too_many_429", s429.to_string()),
             ("seconds", rig.started.elapsed().as_secs().to_string()),
         ],
+    );
+    rig.stop();
+}
+
+/// A 200 answer to CompleteMultipartUpload that carries an error document
+/// (the first two completes): the upload is not taken as done, no record
+/// says the file is in the bucket while it is not, and the file arrives whole
+/// once a complete succeeds, without sending its parts again (the error is
+/// transient). Local copies are kept here, so nothing but the answer itself
+/// can tell the daemon the object is missing.
+#[test]
+fn an_error_document_in_a_200_answer_is_an_error() {
+    let mut rig = Rig::start(|c| {
+        c.delete_local = false;
+        c.multipart_threshold = Some("8MiB".into());
+        c.part_size = Some("5MiB".into());
+    });
+    let completes = AtomicUsize::new(0);
+    rig.proxy.set_rule(move |r: &RequestHead| {
+        let complete = r.method == "POST" && r.has_param("uploadId");
+        (complete && completes.fetch_add(1, Ordering::SeqCst) < 2).then_some(Fault::Status200Error)
+    });
+    rig.add("video/completed-late.mp4", random_bytes(11 * 1024 * 1024));
+    rig.finish(&[]);
+    let c = rig.proxy.counts();
+    assert_eq!(c.injected(Fault::Status200Error), 2, "{c:?}");
+    let parts = rig
+        .proxy
+        .log()
+        .iter()
+        .filter(|s| s.method == "PUT" && s.path.contains("partNumber="))
+        .count();
+    assert_eq!(
+        parts, 3,
+        "a transient answer keeps the upload: its 3 parts are sent once"
     );
     rig.stop();
 }
