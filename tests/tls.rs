@@ -83,32 +83,18 @@ impl HttpsFront {
         )
         .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let handshakes = Arc::new(AtomicUsize::new(0));
-        let counted = handshakes.clone();
-        runtime.spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let acceptor = acceptor.clone();
-                let counted = counted.clone();
-                tokio::spawn(async move {
-                    // A failed handshake (the daemon distrusting us) just ends.
-                    let Ok(mut tls) = acceptor.accept(client).await else {
-                        return;
-                    };
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
-                });
+        let (port, handshakes, runtime) = serve_loopback(move |client, counted| {
+            let acceptor = acceptor.clone();
+            async move {
+                // A failed handshake (the daemon distrusting us) just ends.
+                let Ok(mut tls) = acceptor.accept(client).await else {
+                    return;
+                };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
             }
         });
         HttpsFront {
@@ -125,6 +111,33 @@ impl HttpsFront {
     fn handshakes(&self) -> usize {
         self.handshakes.load(Ordering::SeqCst)
     }
+}
+
+/// A one-thread runtime that accepts on 127.0.0.1 and runs `handle` on each
+/// connection, with a counter the handler bumps for what it counts; the
+/// port, the counter, and the runtime (serving until dropped).
+fn serve_loopback<F, Fut>(handle: F) -> (u16, Arc<AtomicUsize>, tokio::runtime::Runtime)
+where
+    F: Fn(tokio::net::TcpStream, Arc<AtomicUsize>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = count.clone();
+    runtime.spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(handle(client, counted.clone()));
+        }
+    });
+    (port, count, runtime)
 }
 
 /// The trust settings a process gets: `SSL_CERT_FILE` naming `ca_pem` and
@@ -297,54 +310,38 @@ struct ConnectProxy {
 impl ConnectProxy {
     fn start() -> ConnectProxy {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let tunnels = Arc::new(AtomicUsize::new(0));
-        let counted = tunnels.clone();
-        runtime.spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let counted = counted.clone();
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if client.read_exact(&mut byte).await.is_err() || head.len() > 8192 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
-                    let head = String::from_utf8_lossy(&head).into_owned();
-                    let Some(target) = head
-                        .strip_prefix("CONNECT ")
-                        .and_then(|rest| rest.split_whitespace().next())
-                    else {
-                        let _ = client
-                            .write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
-                            .await;
-                        return;
-                    };
-                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
-                        let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
-                        return;
-                    };
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    if client
-                        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                });
+        let (port, tunnels, runtime) = serve_loopback(|mut client, counted| async move {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if client.read_exact(&mut byte).await.is_err() || head.len() > 8192 {
+                    return;
+                }
+                head.push(byte[0]);
             }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let Some(target) = head
+                .strip_prefix("CONNECT ")
+                .and_then(|rest| rest.split_whitespace().next())
+            else {
+                let _ = client
+                    .write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
+                    .await;
+                return;
+            };
+            let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                return;
+            };
+            counted.fetch_add(1, Ordering::SeqCst);
+            if client
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
         });
         ConnectProxy {
             port,
