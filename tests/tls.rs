@@ -10,7 +10,8 @@
 //! the queue. A `ca_file` naming the CA works while the system store does
 //! not know it; one without a certificate is a sentence (check-config exits
 //! 78, the daemon stays local). `HTTPS_PROXY` carries the requests through a
-//! CONNECT proxy, and `NO_PROXY` naming the endpoint's host bypasses it.
+//! CONNECT proxy (one that is not there is named in the sentence), and
+//! `NO_PROXY` naming the endpoint's host bypasses it.
 
 mod common;
 use common::*;
@@ -369,6 +370,29 @@ fn https_proxy_carries_the_uploads_and_no_proxy_bypasses_it() {
     // The harness exempts loopback from proxies (scrub_env); not here.
     vars.push(("NO_PROXY", String::new()));
     vars.push(("no_proxy", String::new()));
+
+    // A proxy that is not there is named, not the endpoint.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    let to_nowhere: Vec<_> = vars
+        .iter()
+        .map(|(k, v)| match *k {
+            "HTTPS_PROXY" => (*k, closed.clone()),
+            _ => (*k, v.clone()),
+        })
+        .collect();
+    let (code, out, err) = test_connection(&env, &to_nowhere);
+    assert_ne!(code, 0, "stdout={out} stderr={err}");
+    let sentence = format!(
+        "cannot reach {} through the proxy {closed} (connection refused)",
+        front.endpoint()
+    );
+    assert!(
+        out.contains(&sentence) || err.contains(&sentence),
+        "stdout={out} stderr={err}"
+    );
 
     let (code, out, err) = test_connection(&env, &vars);
     assert_eq!(code, 0, "stdout={out} stderr={err}");

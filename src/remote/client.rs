@@ -209,10 +209,13 @@ impl Client {
                 } else {
                     "failed"
                 };
+                let via = crate::remote::proxy::through(&self.provider.endpoint)
+                    .map(|p| format!(" through the proxy {p}"))
+                    .unwrap_or_default();
                 StorageError::new(
                     ErrorClass::Transient,
                     format!(
-                        "request to provider `{}` {what} ({}): {}; will retry",
+                        "request to provider `{}` {what} ({}{via}): {}; will retry",
                         self.provider.name,
                         self.provider.endpoint,
                         root_cause(&e)

@@ -110,16 +110,50 @@ pub fn diagnose(
     endpoint: &str,
     configured_region: &str,
 ) -> String {
-    let e = &fault.error;
     if let Some(t) = &fault.transport {
-        return match t {
+        let proxy = crate::remote::proxy::through(endpoint);
+        return transport_sentence(t, provider, endpoint, proxy.as_deref());
+    }
+    diagnose_answer(phase, fault, provider, bucket, endpoint, configured_region)
+}
+
+/// The sentence for a request that got no answer: through a proxy (from the
+/// environment), the proxy is the first suspect.
+fn transport_sentence(
+    t: &Transport,
+    provider: &str,
+    endpoint: &str,
+    proxy: Option<&str>,
+) -> String {
+    // A TLS failure is the endpoint's certificate, tunnel or not.
+    if let Some(proxy) = proxy.filter(|_| !matches!(t, Transport::Tls(_))) {
+        let what = match t {
+            Transport::Refused => "connection refused".to_string(),
+            Transport::Dns => "DNS failure".to_string(),
+            Transport::Timeout => format!("no answer within {}s", PROBE_TIMEOUT.as_secs()),
+            Transport::Tls(cause) | Transport::Other(cause) => cause.clone(),
+        };
+        return format!("cannot reach {endpoint} through the proxy {proxy} ({what}); check that proxy (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY), or exempt the host with NO_PROXY, for provider `{provider}`");
+    }
+    match t {
             Transport::Refused => format!("cannot connect to {endpoint} (connection refused): nothing accepts connections there; check `endpoint` of provider `{provider}` and that the server is running and reachable"),
             Transport::Dns => format!("cannot resolve the host of {endpoint} (DNS failure); check `endpoint` (or what it is derived from: `region`, `account_id`) of provider `{provider}` and this machine's DNS"),
             Transport::Tls(cause) => format!("the TLS connection to {endpoint} failed ({cause}); check that `endpoint` of provider `{provider}` speaks HTTPS with a certificate this machine trusts (system store, SSL_CERT_FILE, or `ca_file`)"),
             Transport::Timeout => format!("{endpoint} did not answer within {}s (timeout); check the network, firewalls and HTTPS_PROXY/NO_PROXY for provider `{provider}`", PROBE_TIMEOUT.as_secs()),
             Transport::Other(cause) => format!("the connection to {endpoint} failed ({cause}); check `endpoint` of provider `{provider}` and the network"),
-        };
     }
+}
+
+/// The sentence for an answer the server gave.
+fn diagnose_answer(
+    phase: Phase,
+    fault: &Fault,
+    provider: &str,
+    bucket: &str,
+    endpoint: &str,
+    configured_region: &str,
+) -> String {
+    let e = &fault.error;
     let code = e.code.as_deref();
     if error::is_wrong_region(e.status, code) {
         let what = code
@@ -415,6 +449,24 @@ mod tests {
             .starts_with("the TLS connection to https://s3.example failed (bad cert)"));
         assert!(d(Phase::Put, &net(Transport::Timeout))
             .starts_with("https://s3.example did not answer within 15s (timeout)"));
+    }
+
+    #[test]
+    fn through_a_proxy_the_proxy_is_named() {
+        let via = |t: Transport| {
+            transport_sentence(&t, "p", "https://s3.example", Some("http://proxy.lan:3128"))
+        };
+        assert_eq!(
+            via(Transport::Refused),
+            "cannot reach https://s3.example through the proxy http://proxy.lan:3128 (connection refused); check that proxy (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY), or exempt the host with NO_PROXY, for provider `p`"
+        );
+        assert!(via(Transport::Timeout)
+            .contains("through the proxy http://proxy.lan:3128 (no answer within 15s)"));
+        assert!(
+            via(Transport::Tls("bad cert".into()))
+                .starts_with("the TLS connection to https://s3.example failed (bad cert)"),
+            "a certificate is the endpoint's, proxy or not"
+        );
     }
 
     #[test]
