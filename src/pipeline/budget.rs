@@ -163,7 +163,7 @@ impl Drop for Buffer {
             line.spare_bytes += len;
             line.spares.push(std::mem::take(&mut self.data));
         }
-        drop(line);
+        // A buffer not kept is unmapped after this, outside the lock.
     }
 }
 

@@ -116,7 +116,7 @@ pub fn multipart_etag(part_md5s: &[[u8; 16]]) -> String {
 }
 
 /// Fills `buf` from the file at `offset` and hashes it.
-fn read_at(file: &File, offset: u64, mut buf: Buffer) -> std::io::Result<(Buffer, [u8; 16])> {
+fn read_and_hash(file: &File, offset: u64, mut buf: Buffer) -> std::io::Result<(Buffer, [u8; 16])> {
     file.read_exact_at(buf.as_mut_slice(), offset)?;
     let md5 = Md5::digest(buf.as_ref()).into();
     Ok((buf, md5))
@@ -188,7 +188,7 @@ impl Uploader {
         let _reserved = self.budget.reserve(turn, len).await;
         let buffer = self.budget.buffer(len as usize);
         let (body, md5) = tokio::task::spawn_blocking(move || {
-            let (body, md5) = read_at(&file, 0, buffer).map_err(|_| UploadError::Changed)?;
+            let (body, md5) = read_and_hash(&file, 0, buffer).map_err(|_| UploadError::Changed)?;
             unchanged(&file, &identity)?;
             Ok::<_, UploadError>((body, md5))
         })
@@ -391,10 +391,11 @@ impl Uploader {
         let offset = (number as u64 - 1) * part_size;
         let reader = file.clone();
         let buffer = self.budget.buffer(len as usize);
-        let (body, md5) = tokio::task::spawn_blocking(move || read_at(&reader, offset, buffer))
-            .await
-            .expect("reading task never panics")
-            .map_err(|_| UploadError::Changed)?;
+        let (body, md5) =
+            tokio::task::spawn_blocking(move || read_and_hash(&reader, offset, buffer))
+                .await
+                .expect("reading task never panics")
+                .map_err(|_| UploadError::Changed)?;
         self.pacer.take(len).await;
         let etag = job
             .store

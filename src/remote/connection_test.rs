@@ -114,45 +114,6 @@ pub fn diagnose(
         let proxy = crate::remote::proxy::through(endpoint);
         return transport_sentence(t, provider, endpoint, proxy.as_deref());
     }
-    diagnose_answer(phase, fault, provider, bucket, endpoint, configured_region)
-}
-
-/// The sentence for a request that got no answer: through a proxy (from the
-/// environment), the proxy is the first suspect.
-fn transport_sentence(
-    t: &Transport,
-    provider: &str,
-    endpoint: &str,
-    proxy: Option<&str>,
-) -> String {
-    // A TLS failure is the endpoint's certificate, tunnel or not.
-    if let Some(proxy) = proxy.filter(|_| !matches!(t, Transport::Tls(_))) {
-        let what = match t {
-            Transport::Refused => "connection refused".to_string(),
-            Transport::Dns => "DNS failure".to_string(),
-            Transport::Timeout => format!("no answer within {}s", PROBE_TIMEOUT.as_secs()),
-            Transport::Tls(cause) | Transport::Other(cause) => cause.clone(),
-        };
-        return format!("cannot reach {endpoint} through the proxy {proxy} ({what}); check that proxy (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY), or exempt the host with NO_PROXY, for provider `{provider}`");
-    }
-    match t {
-            Transport::Refused => format!("cannot connect to {endpoint} (connection refused): nothing accepts connections there; check `endpoint` of provider `{provider}` and that the server is running and reachable"),
-            Transport::Dns => format!("cannot resolve the host of {endpoint} (DNS failure); check `endpoint` (or what it is derived from: `region`, `account_id`) of provider `{provider}` and this machine's DNS"),
-            Transport::Tls(cause) => format!("the TLS connection to {endpoint} failed ({cause}); check that `endpoint` of provider `{provider}` speaks HTTPS with a certificate this machine trusts (system store, SSL_CERT_FILE, or `ca_file`)"),
-            Transport::Timeout => format!("{endpoint} did not answer within {}s (timeout); check the network, firewalls and HTTPS_PROXY/NO_PROXY for provider `{provider}`", PROBE_TIMEOUT.as_secs()),
-            Transport::Other(cause) => format!("the connection to {endpoint} failed ({cause}); check `endpoint` of provider `{provider}` and the network"),
-    }
-}
-
-/// The sentence for an answer the server gave.
-fn diagnose_answer(
-    phase: Phase,
-    fault: &Fault,
-    provider: &str,
-    bucket: &str,
-    endpoint: &str,
-    configured_region: &str,
-) -> String {
     let e = &fault.error;
     let code = e.code.as_deref();
     if error::is_wrong_region(e.status, code) {
@@ -188,6 +149,33 @@ fn diagnose_answer(
             let after = if e.class == ErrorClass::Transient { "; try again later" } else { "" };
             format!("{step} failed: {}{after}", e.message.trim_end_matches("; will retry"))
         }
+    }
+}
+
+/// The sentence for a request that got no answer: through a proxy (from the
+/// environment), the proxy is the first suspect.
+fn transport_sentence(
+    t: &Transport,
+    provider: &str,
+    endpoint: &str,
+    proxy: Option<&str>,
+) -> String {
+    // A TLS failure is the endpoint's certificate, tunnel or not.
+    if let Some(proxy) = proxy.filter(|_| !matches!(t, Transport::Tls(_))) {
+        let what = match t {
+            Transport::Refused => "connection refused".to_string(),
+            Transport::Dns => "DNS failure".to_string(),
+            Transport::Timeout => format!("no answer within {}s", PROBE_TIMEOUT.as_secs()),
+            Transport::Tls(cause) | Transport::Other(cause) => cause.clone(),
+        };
+        return format!("cannot reach {endpoint} through the proxy {proxy} ({what}); check that proxy (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY), or exempt the host with NO_PROXY, for provider `{provider}`");
+    }
+    match t {
+        Transport::Refused => format!("cannot connect to {endpoint} (connection refused): nothing accepts connections there; check `endpoint` of provider `{provider}` and that the server is running and reachable"),
+        Transport::Dns => format!("cannot resolve the host of {endpoint} (DNS failure); check `endpoint` (or what it is derived from: `region`, `account_id`) of provider `{provider}` and this machine's DNS"),
+        Transport::Tls(cause) => format!("the TLS connection to {endpoint} failed ({cause}); check that `endpoint` of provider `{provider}` speaks HTTPS with a certificate this machine trusts (system store, SSL_CERT_FILE, or `ca_file`)"),
+        Transport::Timeout => format!("{endpoint} did not answer within {}s (timeout); check the network, firewalls and HTTPS_PROXY/NO_PROXY for provider `{provider}`", PROBE_TIMEOUT.as_secs()),
+        Transport::Other(cause) => format!("the connection to {endpoint} failed ({cause}); check `endpoint` of provider `{provider}` and the network"),
     }
 }
 
