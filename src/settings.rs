@@ -99,7 +99,13 @@ impl Settings {
             },
             workers: up.workers.max(1),
             upload: upload::Settings {
-                multipart_threshold: up.multipart_threshold.min(upload::MAX_PART_SIZE),
+                // A single PUT holds its whole file, so no file larger than
+                // memory_limit goes as one (guarantee 9); config validation
+                // keeps part_size within memory_limit.
+                multipart_threshold: up
+                    .multipart_threshold
+                    .min(upload::MAX_PART_SIZE)
+                    .min(up.memory_limit),
                 part_size: up.part_size,
                 part_concurrency: up.part_concurrency,
             },

@@ -70,6 +70,37 @@ fn multipart_parts_are_equal_and_bytes_match() {
     );
 }
 
+/// A memory_limit under the multipart threshold caps the single PUT: a file
+/// larger than memory_limit goes in parts, so its bytes are never buffered
+/// whole (guarantee 9).
+#[test]
+fn a_file_over_memory_limit_goes_in_parts_whatever_the_threshold() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let mut cfg = Cfg::new(&s3.endpoint());
+    cfg.multipart_threshold = Some("64MiB".into());
+    cfg.part_size = Some("5MiB".into());
+    cfg.memory_limit = Some("8MiB".into());
+    env.write_config(&cfg);
+    let daemon = Daemon::start(&env, &[]);
+    let rel = "video/mid.mp4";
+    let size = 12 * MIB;
+    write_big_file(&env.path(rel), size);
+    wait_until(Duration::from_secs(120), "12 MiB file uploaded", || {
+        std::fs::metadata(s3.obj(rel))
+            .map(|m| m.len() == size)
+            .unwrap_or(false)
+    });
+    assert!(files_equal(&env.path(rel), &s3.obj(rel)));
+    let (_, etag, _) = s3.head(BUCKET, &format!("{PREFIX}/{rel}"));
+    assert_eq!(
+        etag,
+        Some(multipart_etag(&env.path(rel), 5 * MIB as usize)),
+        "a 12 MiB file under memory_limit 8MiB goes in 5 MiB parts"
+    );
+    daemon.stop();
+}
+
 /// Upload one file of `size` bytes with memory_limit 32MiB; return the
 /// daemon's peak RSS in KiB, read just before stopping it.
 fn peak_rss_for(size: u64) -> u64 {
