@@ -519,6 +519,27 @@ SupplementaryGroups=app\nWatchdogSec=3s\nTimeoutAbortSec=10s\nRestartSec=1s\n"
         status.contains(PROVIDER),
         "status of the instance:\n{status}"
     );
+    // Stopping the main unit leaves the instance's socket in place.
+    sd_ok(&["systemctl", "start", "offloadd"]);
+    sd_ok(&["systemctl", "stop", "offloadd"]);
+    sd_ok(&["test", "-S", "/run/offloadd/second/control.sock"]);
+    // An operator in the service's group only as a supplementary group is
+    // answered, although the unit hides other users' processes (/proc).
+    sh("getent passwd alice >/dev/null || useradd --create-home alice; usermod -aG offloadd alice");
+    let status = sd_ok(&[
+        "runuser",
+        "-u",
+        "alice",
+        "--",
+        "offloadd",
+        "--config",
+        "/etc/offloadd/second.yaml",
+        "status",
+    ]);
+    assert!(
+        status.contains(PROVIDER),
+        "status for a supplementary member of the group:\n{status}"
+    );
     sd_ok(&["test", "-d", "/var/lib/offloadd/second"]);
     sd_ok(&["systemctl", "stop", "offloadd@second"]);
     assert_eq!(prop("offloadd@second", "Result"), "success");

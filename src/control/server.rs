@@ -73,19 +73,40 @@ pub async fn serve(listener: UnixListener, handle: Handle, mut shutdown: Shutdow
     conns.shutdown().await;
 }
 
-/// The supplementary groups of a process, from `/proc/PID/status`.
-fn groups_of(pid: i32) -> Vec<u32> {
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+/// The supplementary groups of the process at the other end of `stream`, as
+/// the kernel recorded them at connect (`SO_PEERGROUPS`). Not read from
+/// `/proc/PID/status`: the unit's `ProtectProc=invisible` hides other users'
+/// processes from us.
+fn peer_groups(stream: &UnixStream) -> Vec<libc::gid_t> {
+    use std::os::fd::AsRawFd;
+    const GID: usize = std::mem::size_of::<libc::gid_t>();
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * GID) as libc::socklen_t;
+        // SAFETY: the buffer is `len` bytes we own; the fd is the stream's.
+        let rc = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let len = len as usize / GID;
+        if rc == 0 {
+            groups.truncate(len);
+            return groups;
+        }
+        // ERANGE: the kernel says how many there are; ask again with room.
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE)
+            && len > groups.len()
+        {
+            groups.resize(len, 0);
+            continue;
+        }
         return Vec::new();
-    };
-    text.lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    }
 }
 
 /// Root, our user, or a member (primary or supplementary) of our group.
@@ -98,7 +119,7 @@ fn allowed(stream: &UnixStream) -> bool {
     if cred.uid() == 0 || cred.uid() == uid || cred.gid() == gid {
         return true;
     }
-    cred.pid().is_some_and(|pid| groups_of(pid).contains(&gid))
+    peer_groups(stream).contains(&gid)
 }
 
 async fn serve_one(stream: UnixStream, h: Handle) {
