@@ -428,6 +428,9 @@ impl Reloader {
             tracing::warn!("local mode: nothing is offloaded because {reason}");
         }
         logging::set_level(&cur.config.log.level);
+        if cur.config.log.format != old.config.log.format {
+            logging::set_format(cur.config.log.format);
+        }
         *self.shared.write().expect("settings lock") = cur;
         if let Some(r) = &self.reloaded {
             r.send_modify(|n| *n += 1);
@@ -554,6 +557,9 @@ fn status_line(r: &Report) -> String {
         "; queued {}, in flight {}",
         r.queue_depth, r.in_flight
     ));
+    if let Some(n) = &r.rebuilding {
+        s.push_str(&format!("; rebuilding {n}"));
+    }
     if let Some(why) = &r.pipeline_paused {
         s.push_str(&format!("; PAUSED: {why}"));
     } else if let Some(p) = r.paused.first() {

@@ -36,6 +36,37 @@ fn good_reload_applies_live() {
 }
 
 #[test]
+fn log_format_and_level_apply_live() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let cfg = Cfg::new(&s3.endpoint());
+    let text = env.config_yaml(&cfg);
+    env.write_config(&cfg);
+    let daemon = Daemon::start(&env, &[]);
+    let json_lines = |err: &str| {
+        err.lines()
+            .filter(|l| l.starts_with('{') && l.contains("\"level\":"))
+            .count()
+    };
+    assert_eq!(json_lines(&daemon.stderr()), 0, "starts as text");
+
+    env.write_raw_config(&format!("{text}log:\n  format: json\n  level: debug\n"));
+    reload_and_wait(&daemon, "configuration reloaded");
+    write_file(&env.path("after.png"), b"logged as json");
+    wait_until(LONG, "after.png uploaded", || s3.has("after.png"));
+    wait_until(LONG, "JSON lines after the reload", || {
+        json_lines(&daemon.stderr()) >= 2
+    });
+    let err = daemon.stderr();
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with('{') && l.contains("\"level\":\"DEBUG\"")),
+        "debug level applied: {err}"
+    );
+    daemon.stop();
+}
+
+#[test]
 fn broken_config_and_root_change_are_refused_whole() {
     let env = TestEnv::new();
     let s3 = S3Server::start_for(&env);

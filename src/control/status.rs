@@ -211,7 +211,9 @@ pub fn render(r: &Report) -> String {
         line(format!("note: {n}"));
     }
     if let Some(n) = &r.rebuilding {
-        line(format!("rebuilding location records from the bucket: {n}"));
+        line(format!(
+            "rebuilding {n}: location records from the bucket listing"
+        ));
     }
     if let Some(e) = &r.last_error {
         line(format!("last error: {e}"));

@@ -1,12 +1,18 @@
 //! Log output: readable text on stderr (or JSON) for terminals, native journald
-//! records under systemd. The level can be changed live by a reload.
+//! records under systemd. A reload changes the level and the format live.
 
 use crate::config::LogFormat;
 use std::sync::OnceLock;
 use tracing_journald::{Priority, PriorityMappings};
-use tracing_subscriber::{fmt, prelude::*, reload, EnvFilter, Registry};
+use tracing_subscriber::{fmt, layer::Layered, prelude::*, reload, EnvFilter, Layer, Registry};
+
+/// The subscriber under the output: the registry and its level filter.
+type Filtered = Layered<reload::Layer<EnvFilter, Registry>, Registry>;
+/// One output (journald, JSON or text), swapped whole by a reload.
+type Output = Box<dyn Layer<Filtered> + Send + Sync>;
 
 static LEVEL: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+static OUTPUT: OnceLock<reload::Handle<Output, Filtered>> = OnceLock::new();
 
 fn filter(level: &str) -> EnvFilter {
     EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
@@ -19,15 +25,33 @@ pub fn set_level(level: &str) {
     }
 }
 
+/// Changes the output of the running subscriber (a reload that changed
+/// `log.format`); lines already written stay as they were.
+pub fn set_format(format: LogFormat) {
+    if let Some(h) = OUTPUT.get() {
+        let _ = h.reload(output(format));
+    }
+}
+
 /// Installs the global subscriber. `level` is a tracing filter such as `info` or
 /// `offloadd=debug`.
 pub fn init(format: LogFormat, level: &str) {
-    let (filter, handle) = reload::Layer::new(filter(level));
-    let _ = LEVEL.set(handle);
-    let under_systemd = stderr_is_journal();
+    let (filter, level_handle) = reload::Layer::new(filter(level));
+    let (output, output_handle) = reload::Layer::new(output(format));
+    let _ = LEVEL.set(level_handle);
+    let _ = OUTPUT.set(output_handle);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .init();
+}
+
+/// The output `format` asks for. `auto` is journald when stderr is the
+/// journal; journald falls back to text on stderr when its socket is absent.
+fn output(format: LogFormat) -> Output {
     let journald = match format {
         LogFormat::Journald => true,
-        LogFormat::Auto => under_systemd,
+        LogFormat::Auto => stderr_is_journal(),
         _ => false,
     };
     if journald {
@@ -36,33 +60,31 @@ pub fn init(format: LogFormat, level: &str) {
             // replaces tracing-journald's default `F`). Priorities follow
             // syslog use: info is 6 (not the crate's default 5, notice), so
             // `journalctl -p notice` shows warnings and errors only.
-            let layer = layer
-                .with_field_prefix(Some("OFFLOADD".into()))
-                .with_syslog_identifier("offloadd".into())
-                .with_priority_mappings(PriorityMappings {
-                    error: Priority::Error,
-                    warn: Priority::Warning,
-                    info: Priority::Informational,
-                    debug: Priority::Debug,
-                    trace: Priority::Debug,
-                });
-            tracing_subscriber::registry()
-                .with(filter)
-                .with(layer)
-                .init();
-            return;
+            return Box::new(
+                layer
+                    .with_field_prefix(Some("OFFLOADD".into()))
+                    .with_syslog_identifier("offloadd".into())
+                    .with_priority_mappings(PriorityMappings {
+                        error: Priority::Error,
+                        warn: Priority::Warning,
+                        info: Priority::Informational,
+                        debug: Priority::Debug,
+                        trace: Priority::Debug,
+                    }),
+            );
         }
     }
     if format == LogFormat::Json {
-        tracing_subscriber::registry()
-            .with(filter)
-            .with(fmt::layer().json().with_writer(std::io::stderr))
-            .init();
+        Box::new(fmt::layer().json().with_writer(std::io::stderr))
     } else {
-        tracing_subscriber::registry()
-            .with(filter)
-            .with(fmt::layer().with_target(false).with_writer(std::io::stderr))
-            .init();
+        // Colours only for a terminal, not in a file or a pipe.
+        use std::io::IsTerminal;
+        Box::new(
+            fmt::layer()
+                .with_target(false)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr),
+        )
     }
 }
 
