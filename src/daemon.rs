@@ -150,21 +150,41 @@ pub async fn run(
     tokio::pin!(shutdown);
     // Rebuild the records first when the database was lost; a stop meanwhile
     // ends it early.
+    let mut rebuild_outcome = rebuild::Outcome::Complete;
     if let (Opened::Lost, Target::Provider(store)) = (opened, &settings.plan.target) {
         let progress = Arc::new(rebuild::Progress::default());
         live.update(|s| s.rebuild = Some(progress.clone()));
         let mut sd = stopped.clone();
-        let rebuilt = rebuild::run(
-            store.as_ref(),
-            &settings.config.watch.root,
-            &queue,
-            settings.plan.deletion(),
-            settings.config.upload.part_size,
-            &progress,
-            &mut sd,
-        );
+        let config = &settings.config;
+        let rebuilt = async {
+            let active = rebuild::run(
+                store.as_ref(),
+                &root,
+                &queue,
+                rebuild::Listing::Active(settings.plan.deletion()),
+                config.upload.part_size,
+                &progress,
+                &mut sd,
+            )
+            .await;
+            // Another provider that cannot be listed does not hold up the
+            // active one's records; only its own are missing.
+            for other in other_providers(config, &store.provider().name) {
+                let _ = rebuild::run(
+                    &other,
+                    &root,
+                    &queue,
+                    rebuild::Listing::Other,
+                    config.upload.part_size,
+                    &progress,
+                    &mut sd,
+                )
+                .await;
+            }
+            active
+        };
         tokio::select! {
-            () = rebuilt => {}
+            outcome = rebuilt => rebuild_outcome = outcome,
             () = &mut shutdown => stop.fire(),
         }
         live.update(|s| s.rebuild = None);
@@ -172,7 +192,10 @@ pub async fn run(
     if stopped.is_shutdown() {
         return finish(stop, tasks, &queue, &settings).await;
     }
-    if let Target::Provider(_) = settings.plan.target {
+    // A rebuild that stopped early runs again at the next start.
+    if let (Target::Provider(_), rebuild::Outcome::Complete) =
+        (&settings.plan.target, rebuild_outcome)
+    {
         queue.set_initialized()?;
     }
 
@@ -545,6 +568,31 @@ fn publish_gauges(live: &Live, report: &Report, cur: &Settings, started_ms: u64)
     let last_ms = (m.last_success_secs() * 1000.0) as u64;
     let since = if last_ms == 0 { started_ms } else { last_ms };
     m.set_last_success_age(now_ms.saturating_sub(since) / 1000);
+}
+
+/// Clients for the enabled providers other than `active` that a rebuild
+/// lists too (their records keep their provider); one that cannot be used
+/// is left out with a warning.
+fn other_providers(config: &Config, active: &str) -> Vec<crate::remote::client::Client> {
+    config
+        .storage
+        .providers
+        .iter()
+        .filter(|(name, p)| name.as_str() != active && p.enabled)
+        .filter_map(|(name, _)| {
+            let client = config
+                .resolve_provider(name)
+                .map_err(|e| e.reason)
+                .and_then(|r| crate::remote::client::Client::new(&r).map_err(|e| e.to_string()));
+            match client {
+                Ok(c) => Some(c),
+                Err(why) => {
+                    tracing::warn!(provider = %name, "rebuild: provider `{name}` is not listed: {why}; records of files uploaded to it are not restored");
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 /// The one-line `STATUS=` systemd shows.

@@ -50,3 +50,98 @@ fn lost_database_is_rebuilt_from_the_bucket() {
     assert_eq!(stamps, again, "nothing was uploaded again");
     daemon.stop();
 }
+
+/// A rebuild that proves a local file equal to its object may delete it
+/// (`delete_local: true`), but never a zero-byte file. On moto: s3s-fs lists
+/// no ETags, so nothing could be proven equal there.
+#[test]
+fn a_rebuild_never_deletes_a_zero_byte_file() {
+    let env = TestEnv::new();
+    let moto = MotoServer::start();
+    moto.create_bucket(BUCKET);
+    let mut cfg = Cfg::new(&moto.endpoint());
+    env.write_config(&cfg);
+    let daemon = Daemon::start(&env, &[]);
+    let full = file_content("full.png", 100, 5_000);
+    write_file(&env.path("full.png"), &full);
+    write_file(&env.path("empty.png"), b"");
+    let head = |rel: &str| moto.head(BUCKET, &format!("{PREFIX}/{rel}"));
+    wait_until(LONG, "both uploaded", || {
+        head("full.png").is_some() && head("empty.png").is_some()
+    });
+    daemon.stop();
+
+    fs::remove_dir_all(env.state_dir.join("db")).unwrap();
+    cfg.delete_local = true;
+    env.write_config(&cfg);
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "the proven non-empty copy deleted", || {
+        !env.path("full.png").exists()
+    });
+    wait_until(LONG, "records rebuilt", || {
+        env.status()["uploaded_count"] == 2
+    });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let log = daemon.stop();
+    assert!(
+        log.contains("restored=2"),
+        "both proven by the rebuild: {log}"
+    );
+    assert!(
+        env.path("empty.png").exists(),
+        "a zero-byte file is never deleted locally: {log}"
+    );
+}
+
+/// Guarantee 8 with two providers: files offloaded to A (local copies
+/// deleted) before the active provider became B keep A's record after the
+/// database is lost: the rebuild lists every provider, not only the active.
+#[test]
+fn a_rebuild_restores_records_of_every_provider() {
+    let env = TestEnv::new();
+    let s3a = S3Server::start_for(&env);
+    let s3b = S3Server::start_for(&env);
+    let mut cfg = Cfg::new(&s3a.endpoint());
+    cfg.delete_local = true;
+    let second = ExtraProvider {
+        name: "second".into(),
+        kind: "minio".into(),
+        endpoint: s3b.endpoint(),
+        public_url: Some("https://cdn-b.example.test/media".into()),
+        extra: vec![],
+    };
+    let base = env.config_yaml(&cfg);
+    env.write_raw_config(&env.with_provider(&base, &second, PROVIDER));
+    let daemon = Daemon::start(&env, &[]);
+    let bytes = file_content("a.png", 100, 5_000);
+    write_file(&env.path("old/a.png"), &bytes);
+    wait_until(LONG, "a.png on A, deleted locally", || {
+        s3a.object_bytes("old/a.png").as_deref() == Some(bytes.as_slice())
+            && !env.path("old/a.png").exists()
+    });
+    daemon.stop();
+
+    env.write_raw_config(&env.with_provider(&base, &second, "second"));
+    let daemon = Daemon::start(&env, &[]);
+    write_file(&env.path("new/b.png"), b"to B");
+    wait_until(LONG, "b.png on B, deleted locally", || {
+        s3b.has("new/b.png") && !env.path("new/b.png").exists()
+    });
+    daemon.stop();
+
+    fs::remove_dir_all(env.state_dir.join("db")).unwrap();
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "records rebuilt", || {
+        env.status()["uploaded_count"] == 2
+    });
+    assert_eq!(env.locate("old/a.png"), (0, public_url("old/a.png")));
+    assert_eq!(
+        env.locate("new/b.png"),
+        (
+            0,
+            format!("https://cdn-b.example.test/media/{PREFIX}/new/b.png")
+        )
+    );
+    assert!(!s3b.has("old/a.png"), "nothing was uploaded again");
+    daemon.stop();
+}

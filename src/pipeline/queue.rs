@@ -849,9 +849,13 @@ impl Queue {
         after: AfterUpload,
     ) -> Result<(), StateError> {
         let rec = encode_record(key.as_bytes(), record);
+        // A zero-byte file is never deleted locally (DESIGN), on every path
+        // that records an upload: verify, a rebuild, a resumed multipart.
         let next = match after {
-            AfterUpload::DeleteLocal => Some(encode(&QueueItem::delete(record.identity))),
-            AfterUpload::Finish => None,
+            AfterUpload::DeleteLocal if record.identity.size > 0 => {
+                Some(encode(&QueueItem::delete(record.identity)))
+            }
+            AfterUpload::DeleteLocal | AfterUpload::Finish => None,
         };
         let k = key.as_bytes();
         let entry = Entry {

@@ -1,7 +1,8 @@
 //! Rebuilding the location records after the database was lost (guarantee
 //! 8): the directory and the bucket are the truth.
 //!
-//! Lists the active provider's prefix. For every object:
+//! Lists each provider's prefix, the active one first. For every object of
+//! the active provider:
 //! - no local file any more: its record is restored ("local copy deleted"),
 //!   so its URL keeps working;
 //! - a local file whose content is proven equal to the object (size, and the
@@ -12,6 +13,11 @@
 //! - anything else (changed, or an ETag that proves nothing, as under
 //!   SSE-KMS): no record, and the file is queued to be uploaded again.
 //!
+//! Every other enabled provider only gets back the records of what it holds
+//! and the local files no longer have (a file's record keeps the provider it
+//! was uploaded to), or that are proven equal; it never queues an upload or a
+//! delete. A key recorded by an earlier listing keeps that record.
+//!
 //! Then aborts our multipart uploads under the prefix that are older than 24 h,
 //! where the provider can list them. Errors end the rebuild early; the
 //! catch-up scan uploads whatever has no record.
@@ -20,6 +26,7 @@ use crate::keys::{ItemKey, RelPath};
 use crate::pipeline::finished::FileIdentity;
 use crate::pipeline::plan::Deletion;
 use crate::pipeline::queue::{Admit, AfterUpload, Local, Queue, Record};
+use crate::pipeline::root::RootGuard;
 use crate::pipeline::upload::{composite_etag, part_size_for};
 use crate::remote::store::{Listed, Store};
 use crate::shutdown::Shutdown;
@@ -92,6 +99,9 @@ fn judge(
     let meta = match std::fs::symlink_metadata(&local) {
         Ok(m) if m.is_file() => m,
         Ok(_) => return Verdict::Skip,
+        // Not readable now (permissions, I/O): no verdict; the catch-up scan
+        // finds the file if it is there.
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Verdict::Skip,
         Err(_) => {
             let gone = FileIdentity {
                 dev: 0,
@@ -125,37 +135,57 @@ fn judge(
     }
 }
 
+/// Which provider a rebuild lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    /// The active provider: what it cannot prove is uploaded again, and with
+    /// deletion on, proven local copies go through the delete step.
+    Active(Deletion),
+    /// Another provider: its records come back, nothing else.
+    Other,
+}
+
+/// Whether a listing went through to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Outcome {
+    Complete,
+    /// Stopped early (a stop, a listing error, the root gone, the state);
+    /// the next start rebuilds again.
+    Stopped,
+}
+
 /// Lists the provider's prefix and restores what is proven; see the module docs.
 pub async fn run(
     store: &dyn Store,
-    root: &Path,
+    root: &RootGuard,
     queue: &Queue,
-    deletion: Deletion,
+    listing: Listing,
     configured_part_size: u64,
     progress: &Progress,
     shutdown: &mut Shutdown,
-) {
+) -> Outcome {
     let p = store.provider();
     let prefix = match p.prefix.trim_matches('/') {
         "" => String::new(),
         x => format!("{x}/"),
     };
     tracing::warn!(provider = %p.name, prefix = %prefix, "rebuilding location records from the bucket listing");
-    let after = match deletion {
-        Deletion::Keep => AfterUpload::Finish,
-        Deletion::After(_) => AfterUpload::DeleteLocal,
+    let after = match listing {
+        Listing::Active(Deletion::After(_)) => AfterUpload::DeleteLocal,
+        Listing::Active(Deletion::Keep) | Listing::Other => AfterUpload::Finish,
     };
     let mut token = None;
     loop {
         let page = tokio::select! {
             page = store.list_page(&prefix, token) => page,
-            _ = shutdown.recv() => return,
+            _ = shutdown.recv() => return Outcome::Stopped,
         };
         let (objects, next) = match page {
             Ok(page) => page,
             Err(e) => {
-                tracing::error!(error = %e, "rebuild stopped: cannot list the bucket ({e}); files without a record are uploaded again");
-                return;
+                tracing::error!(error = %e, "rebuild stopped: cannot list the bucket ({e}); files without a record are uploaded again, and the rebuild runs again at the next start");
+                return Outcome::Stopped;
             }
         };
         progress
@@ -165,7 +195,7 @@ pub async fn run(
         crate::observe::systemd::extend_timeout(EXTEND_USEC);
         for o in objects {
             if shutdown.is_shutdown() {
-                return;
+                return Outcome::Stopped;
             }
             let Some(rel) = rel_of(&p.prefix, &o.key) else {
                 continue;
@@ -176,7 +206,7 @@ pub async fn run(
             }
             // A multipart object tells its part size on HEAD.
             let part_size = match o.etag.as_deref() {
-                Some(e) if e.contains('-') && rel.to_local(root).is_file() => {
+                Some(e) if e.contains('-') && rel.to_local(root.path()).is_file() => {
                     match store
                         .head(&crate::keys::ObjectKey::from_raw(o.key.clone()))
                         .await
@@ -189,12 +219,21 @@ pub async fn run(
                 }
                 _ => None,
             };
-            let (root, name, md5_etags) = (root.to_path_buf(), p.name.clone(), p.etag_is_md5);
+            let (path, name, md5_etags) =
+                (root.path().to_path_buf(), p.name.clone(), p.etag_is_md5);
             let verdict = tokio::task::spawn_blocking(move || {
-                judge(&root, &rel, &name, &o, md5_etags, part_size)
+                judge(&path, &rel, &name, &o, md5_etags, part_size)
             })
             .await
             .unwrap_or(Verdict::Skip);
+            // A missing file says "deleted" only if the root was there after
+            // the miss: a vanished root is not a tree of deleted files.
+            if matches!(&verdict, Verdict::Restore(r) if r.local == Local::Deleted) {
+                if let Err(why) = root.check() {
+                    tracing::error!("rebuild stopped: {why}; it runs again at the next start");
+                    return Outcome::Stopped;
+                }
+            }
             let done = match verdict {
                 Verdict::Restore(record) => {
                     let after = if record.local == Local::Present {
@@ -208,15 +247,16 @@ pub async fn run(
                         }
                     })
                 }
-                Verdict::Reupload(identity) => {
+                Verdict::Reupload(identity) if listing != Listing::Other => {
                     progress.reupload.fetch_add(1, Ordering::Relaxed);
                     queue.admit(&key, &identity, Admit::Event).map(|_| ())
                 }
+                Verdict::Reupload(_) => Ok(()),
                 Verdict::Skip => Ok(()),
             };
             if let Err(e) = done {
                 tracing::error!(error = %e, "rebuild stopped: {e}");
-                return;
+                return Outcome::Stopped;
             }
         }
         match next {
@@ -226,6 +266,7 @@ pub async fn run(
     }
     if let Err(e) = queue.durable().await {
         tracing::error!(error = %e, "rebuild: {e}");
+        return Outcome::Stopped;
     }
     abort_stale_uploads(store, &prefix).await;
     tracing::info!(
@@ -234,6 +275,7 @@ pub async fn run(
         reupload = progress.reupload.load(Ordering::Relaxed),
         "rebuild finished"
     );
+    Outcome::Complete
 }
 
 /// Aborts multipart uploads under our prefix older than 24 h: after state

@@ -99,6 +99,11 @@ impl RootGuard {
         Ok(guard)
     }
 
+    /// The root's path, as configured.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Checks the root now; publishes (and logs) a change.
     pub fn check(&self) -> Result<RootPresent, String> {
         let verdict = match look(&self.path) {
