@@ -1388,9 +1388,12 @@ class Harness:
             shutil.rmtree(d.dir, ignore_errors=True)
             self.wipe_bucket()
 
-    def wl_storm(self):
+    def wl_storm(self, delay=None):
+        """The small-file run while nginx serves the watched root; with
+        `delay`, uploads go through the latency proxy (a remote bucket)."""
         k = self.k
-        wl = "storm"
+        wl = f"storm{delay}" if delay else "storm"
+        endpoint = self.proxy(delay).endpoint if delay else self.direct
         root = os.path.join(self.W, "storm-root")
         existing = os.path.join(root, "existing")
         paths = []
@@ -1453,7 +1456,7 @@ end
         os.sync()
         # What the reads alone cost an idle daemon (no uploads): CPU share of one core.
         idle = []
-        d = Daemon("storm-idle", self.direct, root=root)
+        d = Daemon("storm-idle", endpoint, root=root)
         try:
             d.start()
             d.wait_ready()
@@ -1488,10 +1491,10 @@ end
                             time.sleep(1)
                         if tool == "offloadd":
                             d_name = f"storm-{mode}-r{run}"
-                            r = self.offloadd_mv_root(wl, run, src, k.FILES, root, d_name)
+                            r = self.offloadd_mv_root(wl, run, src, k.FILES, root, d_name, endpoint)
                             fs, rss = k.FILES / r["t"], r["rss"]
                         else:
-                            dt, rss, _ = self.run_peer(wl, tool, self.peer_argv(tool, src, f"s5/storm-{mode}-r{run}", self.direct),
+                            dt, rss, _ = self.run_peer(wl, tool, self.peer_argv(tool, src, f"s5/storm-{mode}-r{run}", endpoint),
                                                        self.peer_env(tool))
                             fs = k.FILES / dt
                         rate = None
@@ -1536,11 +1539,12 @@ end
                          rss=[x[1] for x in s if x[1]], note="control: what the CPU contention alone costs")
         shutil.rmtree(root, ignore_errors=True)
 
-    def offloadd_mv_root(self, wl, run, src, n_files, root, name):
+    def offloadd_mv_root(self, wl, run, src, n_files, root, name, endpoint):
         """offloadd_mv with a given (shared) root, for the storm workload."""
-        d = Daemon(name, self.direct, root=root)
+        d = Daemon(name, endpoint, root=root)
         if run == 1 and "storm-quiet" in name:
-            self.note_cmd(wl, "offloadd: config as above, endpoint $S3, root = the directory nginx serves")
+            where = "$S3" if endpoint == self.direct else f"$PROXY_{wl[5:]}MS"
+            self.note_cmd(wl, f"offloadd: config as above, endpoint {where}, root = the directory nginx serves")
         d.start()
         d.wait_ready()
         d.make_new(src)
@@ -1582,6 +1586,8 @@ end
                     self.wl_tree()
                 elif wl == "storm":
                     self.wl_storm()
+                elif wl.startswith("storm"):
+                    self.wl_storm(int(wl[5:]))
             except Exception as e:
                 log(f"{wl}: FAILED: {e}")
                 traceback.print_exc()
@@ -1651,7 +1657,7 @@ def main(argv):
             wls += WORKLOADS
         elif a == "wan":
             wls += [f"wan{d}" for d in os.environ.get("WAN_DELAYS", "10,40").split(",")]
-        elif a in WORKLOADS or re.fullmatch(r"wan\d+", a):
+        elif a in WORKLOADS or re.fullmatch(r"(wan|storm)\d+", a):
             wls.append(a)
         else:
             print(f"unknown workload {a!r}; choose from: all smoke wan wanN {' '.join(WORKLOADS)}", file=sys.stderr)

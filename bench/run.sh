@@ -8,7 +8,8 @@
 #   bench/run.sh [WORKLOAD...]      default: all
 #
 # Workloads: proxy loopback wan10 wan40 (wan = both, wanN = any delay) big
-#            memory latency state tree storm | all | smoke (all, tiny, RUNS=1)
+#            memory latency state tree storm (stormN: through the proxy at N ms)
+#            | all | smoke (all, tiny, RUNS=1)
 #
 # Knobs (environment): RUNS=3, FILES=2000, SMALL_KIB=64, BIG_FILES=4,
 #   BIG_MIB=256, MEM_REF_MIB=256, MEM_BIG_MIB=2048, MEM_LIMITS=16,64,256,
