@@ -4,15 +4,21 @@
 //! The caller holds a [`DeletePermit`] (the record is durable and names this
 //! file), has checked the running configuration (deletion on, not local mode)
 //! and the root, and the file is at least `delete_after` old. Here:
-//! 1. the path still shows the uploaded identity (device, inode, size, mtime,
-//!    ctime), else the file changed and is uploaded again;
-//! 2. it is renamed aside to a hidden name in the same directory (never over
-//!    anything), which pins the inode;
-//! 3. the inode under the hidden name is checked again (same contents), and a
-//!    read lease is taken on it: the kernel refuses one while any process has
-//!    it open for writing, and holds back new writers while we hold it;
-//! 4. only then is the hidden name unlinked. In every other case the file is
-//!    renamed back without overwriting anything.
+//! 1. the name is opened (never through a symlink) and a read lease is taken
+//!    on it: the kernel refuses one while any process has the file open for
+//!    writing, and holds back new writers while we hold it. A writer means
+//!    "later", and the name is left alone;
+//! 2. under the lease, the open inode still shows the uploaded identity
+//!    (device, inode, size, mtime, ctime), else the file changed and is
+//!    uploaded again;
+//! 3. it is renamed aside to a hidden name in the same directory (never over
+//!    anything), and the hidden name must lead to the inode we hold;
+//! 4. only then is the hidden name unlinked. If another file took the name
+//!    between 1 and 3, that one is renamed back without overwriting anything.
+//!
+//! A delete cut short by a crash after 3 leaves the uploaded inode under a
+//! hidden name; the next attempt finds the name gone, finds that inode among
+//! the hidden names and finishes the delete.
 
 use crate::pipeline::finished::{FileIdentity, Lease};
 use crate::pipeline::queue::DeletePermit;
@@ -111,43 +117,41 @@ pub fn delete_local(abs: &Path, permit: &DeletePermit) -> LocalOutcome {
 }
 
 fn delete_if_same(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
-    let meta = match std::fs::symlink_metadata(abs) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return LocalOutcome::Gone,
-        Err(e) => return kept(abs, &e),
-    };
-    if !meta.is_file() || FileIdentity::of(&meta) != *expected {
-        return LocalOutcome::Changed;
-    }
-    let aside = aside_path(abs);
-    if let Err(e) = rename_noreplace(abs, &aside) {
-        return match e.kind() {
-            std::io::ErrorKind::NotFound => LocalOutcome::Gone,
-            _ => kept(abs, &e),
-        };
-    }
-    let file = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&aside)
-    };
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(abs);
     let file = match file {
         Ok(f) => f,
-        // Not a regular file we can open: whatever it is, it is not ours.
-        Err(_) => return put_back(&aside, abs, LocalOutcome::Changed),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return gone(abs, expected),
+        // A symlink now stands at the name: not the uploaded file.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return LocalOutcome::Changed,
+        Err(e) => return kept(abs, &e),
     };
-    match file.metadata() {
-        Ok(m) if m.is_file() && FileIdentity::of(&m).same_contents(expected) => {}
-        _ => return put_back(&aside, abs, LocalOutcome::Changed),
-    }
     // Held until the unlink is done; `None` where the kernel cannot tell.
     let lease = match Lease::take(&file) {
-        Some(None) => return put_back(&aside, abs, LocalOutcome::WriterActive),
+        Some(None) => return LocalOutcome::WriterActive,
         Some(Some(lease)) => Some(lease),
         None => None,
     };
+    // Under the lease: a writer that closed just before it cannot hide.
+    let held = match file.metadata() {
+        Ok(m) if m.is_file() && FileIdentity::of(&m) == *expected => m,
+        _ => return LocalOutcome::Changed,
+    };
+    let aside = aside_path(abs);
+    if let Err(e) = rename_noreplace(abs, &aside) {
+        return match e.kind() {
+            std::io::ErrorKind::NotFound => gone(abs, expected),
+            _ => kept(abs, &e),
+        };
+    }
+    match std::fs::symlink_metadata(&aside) {
+        Ok(m) if (m.dev(), m.ino()) == (held.dev(), held.ino()) => {}
+        // Another file took the name after we opened it: put it back.
+        _ => return put_back(&aside, abs, LocalOutcome::Changed),
+    }
     let outcome = match std::fs::remove_file(&aside) {
         Ok(()) => LocalOutcome::Deleted,
         Err(e) => {
@@ -157,6 +161,36 @@ fn delete_if_same(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
     };
     drop(lease);
     outcome
+}
+
+/// The name is gone. If the uploaded inode waits under one of our hidden
+/// names (a delete cut short by a crash), the delete is finished now.
+fn gone(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
+    let dir = abs.parent().unwrap_or(Path::new("/"));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return LocalOutcome::Gone;
+    };
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .as_bytes()
+            .starts_with(ASIDE_PREFIX.as_bytes())
+        {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_file() && FileIdentity::of(&m).same_contents(expected) => {
+                tracing::info!(path = %abs.display(), "finishing a delete cut short before a restart");
+                return match std::fs::remove_file(&path) {
+                    Ok(()) => LocalOutcome::Deleted,
+                    Err(e) => kept(&path, &e),
+                };
+            }
+            _ => {}
+        }
+    }
+    LocalOutcome::Gone
 }
 
 #[cfg(test)]
@@ -216,6 +250,35 @@ mod tests {
         w.write_all(b" more").unwrap();
         drop(w);
         assert_eq!(std::fs::read(&f).unwrap(), b"one more");
+    }
+
+    #[test]
+    fn a_delete_cut_short_after_the_rename_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a");
+        std::fs::write(&f, b"uploaded").unwrap();
+        let id = identity(&f);
+        // Another hidden leftover that is not this file stays.
+        let other = dir.path().join(format!("{ASIDE_PREFIX}1-7"));
+        std::fs::write(&other, b"else").unwrap();
+        // The crash: set aside by a run that died before the unlink.
+        std::fs::rename(&f, dir.path().join(format!("{ASIDE_PREFIX}1-8"))).unwrap();
+        assert_eq!(delete_if_same(&f, &id), LocalOutcome::Deleted);
+        assert_eq!(listing(dir.path()), vec![format!("{ASIDE_PREFIX}1-7")]);
+        assert_eq!(delete_if_same(&f, &id), LocalOutcome::Gone);
+    }
+
+    #[test]
+    fn a_symlink_at_the_name_is_not_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a");
+        std::fs::write(&f, b"uploaded").unwrap();
+        let id = identity(&f);
+        let target = dir.path().join("t");
+        std::fs::rename(&f, &target).unwrap();
+        std::os::unix::fs::symlink(&target, &f).unwrap();
+        assert_eq!(delete_if_same(&f, &id), LocalOutcome::Changed);
+        assert!(target.exists() && f.symlink_metadata().is_ok());
     }
 
     #[test]
