@@ -169,9 +169,21 @@ pub async fn run(
             .await;
             // Another provider that cannot be listed does not hold up the
             // active one's records; only its own are missing.
-            for other in other_providers(config, &store.provider().name) {
+            for (name, p) in &config.storage.providers {
+                if p.enabled
+                    && name != store.provider().name.as_str()
+                    && !settings.plan.others.contains_key(name)
+                {
+                    let why = match config.resolve_provider(name) {
+                        Err(e) => e.reason,
+                        Ok(_) => "its client cannot be built".to_string(),
+                    };
+                    tracing::warn!(provider = %name, "rebuild: provider `{name}` is not listed ({why}); records of files uploaded to it are not restored");
+                }
+            }
+            for other in settings.plan.others.values() {
                 let _ = rebuild::run(
-                    &other,
+                    other.as_ref(),
                     &root,
                     &queue,
                     rebuild::Listing::Other,
@@ -568,31 +580,6 @@ fn publish_gauges(live: &Live, report: &Report, cur: &Settings, started_ms: u64)
     let last_ms = (m.last_success_secs() * 1000.0) as u64;
     let since = if last_ms == 0 { started_ms } else { last_ms };
     m.set_last_success_age(now_ms.saturating_sub(since) / 1000);
-}
-
-/// Clients for the enabled providers other than `active` that a rebuild
-/// lists too (their records keep their provider); one that cannot be used
-/// is left out with a warning.
-fn other_providers(config: &Config, active: &str) -> Vec<crate::remote::client::Client> {
-    config
-        .storage
-        .providers
-        .iter()
-        .filter(|(name, p)| name.as_str() != active && p.enabled)
-        .filter_map(|(name, _)| {
-            let client = config
-                .resolve_provider(name)
-                .map_err(|e| e.reason)
-                .and_then(|r| crate::remote::client::Client::new(&r).map_err(|e| e.to_string()));
-            match client {
-                Ok(c) => Some(c),
-                Err(why) => {
-                    tracing::warn!(provider = %name, "rebuild: provider `{name}` is not listed: {why}; records of files uploaded to it are not restored");
-                    None
-                }
-            }
-        })
-        .collect()
 }
 
 /// The one-line `STATUS=` systemd shows.

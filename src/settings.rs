@@ -75,6 +75,19 @@ impl Settings {
             },
             Active::Local { reason } => Target::Local { reason },
         };
+        let others = config
+            .storage
+            .providers
+            .iter()
+            .filter(|(name, p)| name.as_str() != target.name() && p.enabled)
+            .filter_map(|(name, _)| {
+                let client = Client::new(&config.resolve_provider(name).ok()?).ok()?;
+                Some((
+                    name.clone(),
+                    Arc::new(client) as Arc<dyn crate::remote::store::Store>,
+                ))
+            })
+            .collect();
         let dir = &config.state_dir;
         let mark_ns = match &target {
             Target::Provider(_) => statedir::mark::ensure(dir).map_err(|e| {
@@ -136,7 +149,11 @@ impl Settings {
         };
         Ok(Settings {
             bandwidth,
-            plan: Arc::new(Plan { options, target }),
+            plan: Arc::new(Plan {
+                options,
+                target,
+                others,
+            }),
             rules,
             local_reason,
             predictable,

@@ -7,6 +7,7 @@ use crate::pipeline::backoff::Backoff;
 use crate::pipeline::upload;
 use crate::remote::object_options::Rules as ObjectRules;
 use crate::remote::store::Store;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,9 +66,21 @@ pub struct Options {
 pub struct Plan {
     pub options: Options,
     pub target: Target,
+    /// The other enabled providers that can be reached, by name: where an
+    /// upload started before a switch is aborted, and what a rebuild lists.
+    /// Nothing is uploaded to them.
+    pub others: BTreeMap<String, Arc<dyn Store>>,
 }
 
 impl Plan {
+    /// The store of provider `name`: the target or one of the others.
+    pub fn store_named(&self, name: &str) -> Option<&dyn Store> {
+        match &self.target {
+            Target::Provider(s) if s.provider().name == name => Some(s.as_ref()),
+            _ => self.others.get(name).map(|s| s.as_ref()),
+        }
+    }
+
     /// Whether a local copy may be deleted now, and how old it must be.
     pub fn deletion(&self) -> Deletion {
         match self.target {

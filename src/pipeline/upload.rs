@@ -150,6 +150,8 @@ pub struct Job<'a> {
     pub options: &'a ObjectOptions,
     /// The multipart upload recorded for this item, if any.
     pub previous: Option<&'a MultipartProgress>,
+    /// The store of the provider `previous` was started on.
+    pub previous_store: Option<&'a dyn Store>,
 }
 
 impl Uploader {
@@ -451,7 +453,7 @@ impl Uploader {
 
     /// Aborts a recorded multipart upload and forgets it.
     async fn abandon(&self, job: &Job<'_>, p: &MultipartProgress) -> Result<(), StateError> {
-        abort_stale(job.store, p).await;
+        abort_stale(job.previous_store, p).await;
         self.queue.clear_multipart(job.item_key)
     }
 
@@ -485,12 +487,15 @@ pub fn composite_etag(file: &File, size: u64, part_size: u64) -> std::io::Result
     Ok(multipart_etag(&md5s))
 }
 
-/// Aborts a multipart upload we no longer continue; failures only leave parts
-/// that the bucket's lifecycle rules or a later rebuild clean up.
-pub async fn abort_stale(store: &dyn Store, p: &MultipartProgress) {
-    if p.provider != store.provider().name {
+/// Aborts a multipart upload we no longer continue, on the provider it was
+/// started on (`store`: that provider, `None` if it is no longer configured
+/// or reachable); failures only leave parts that the bucket's lifecycle rules
+/// or a later rebuild clean up.
+pub async fn abort_stale(store: Option<&dyn Store>, p: &MultipartProgress) {
+    let Some(store) = store.filter(|s| s.provider().name == p.provider) else {
+        tracing::warn!(key = %p.key, provider = %p.provider, "an abandoned multipart upload on provider `{}` is left to its bucket's lifecycle rules: that provider is no longer configured and enabled", p.provider);
         return;
-    }
+    };
     if let Err(e) = store.abort(&p.key, &p.upload_id).await {
         tracing::warn!(key = %p.key, error = %e, "could not abort an abandoned multipart upload");
     }

@@ -121,7 +121,7 @@ impl Worker {
     }
 
     /// The file is gone: the item is dropped, if the root is there to prove it.
-    async fn vanished(&self, key: &ItemKey, item: &QueueItem, store: &dyn Store) -> Outcome {
+    async fn vanished(&self, key: &ItemKey, item: &QueueItem) -> Outcome {
         let present = match self.root.check() {
             Ok(p) => p,
             Err(why) => return Outcome::RootGone(why),
@@ -134,7 +134,7 @@ impl Worker {
             };
         }
         if let Some(p) = item.multipart() {
-            upload::abort_stale(store, p).await;
+            upload::abort_stale(self.started.store_named(&p.provider), p).await;
         }
         state!(self.queue.drop_vanished(key, &present));
         self.metrics.upload_failed("vanished");
@@ -148,7 +148,7 @@ impl Worker {
         // Every attempt starts only when the finished-file rule holds now.
         match finished::check(&abs, opts.settle) {
             Readiness::Ready(_) => {}
-            Readiness::Gone | Readiness::NotAFile => return self.vanished(key, item, store).await,
+            Readiness::Gone | Readiness::NotAFile => return self.vanished(key, item).await,
             Readiness::Writing => {
                 return Outcome::Later {
                     due_ms: now_ms() + WRITER_RECHECK.max(opts.settle).as_millis() as u64,
@@ -193,10 +193,13 @@ impl Worker {
             item_key: key,
             options: &options,
             previous: item.multipart(),
+            previous_store: item
+                .multipart()
+                .and_then(|p| self.started.store_named(&p.provider)),
         };
         let sent = match self.uploader.send(&job, opts.upload).await {
             Ok(s) => s,
-            Err(UploadError::Vanished) => return self.vanished(key, item, store).await,
+            Err(UploadError::Vanished) => return self.vanished(key, item).await,
             Err(UploadError::Changed) => {
                 self.metrics.upload_failed("changed");
                 tracing::info!(path = %rel, "file changed while being read; it is uploaded once it is finished again");
@@ -207,7 +210,7 @@ impl Worker {
             }
             Err(UploadError::Park(reason)) => {
                 if let Some(p) = item.multipart() {
-                    upload::abort_stale(store, p).await;
+                    upload::abort_stale(self.started.store_named(&p.provider), p).await;
                 }
                 return self.park(key, reason);
             }

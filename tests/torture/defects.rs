@@ -336,6 +336,55 @@ fn a_kill_after_the_first_part_leaves_no_orphaned_upload() {
     );
 }
 
+/// An upload started on provider A and cut short is aborted on A when the
+/// active provider has become B meanwhile (it was forgotten, its parts left
+/// on A), and the file goes to B.
+#[test]
+fn an_upload_cut_short_before_a_switch_is_aborted_where_it_started() {
+    let env = TestEnv::new();
+    let s3a = S3Server::start_for(&env);
+    let s3b = S3Server::start_for(&env);
+    let second = ExtraProvider {
+        name: "second".into(),
+        kind: "minio".into(),
+        endpoint: s3b.endpoint(),
+        public_url: Some("https://cdn-b.example.test/media".into()),
+        extra: vec![],
+    };
+    let base = env.config_yaml(&multipart_cfg(&s3a.endpoint()));
+    env.write_raw_config(&env.with_provider(&base, &second, PROVIDER));
+    let mut daemon = Daemon::start(&env, &[("OFFLOADD_FAILPOINTS", "after_first_part")]);
+    let big = env.path("switched.mp4");
+    write_big_file(&big, 16 * 1024 * 1024 + 3);
+    daemon
+        .wait_exit(LONG)
+        .expect("the failpoint kills the daemon");
+    drop(daemon);
+    let pending_on_a = || -> Vec<String> {
+        fs::read_dir(&s3a.data_dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".upload-"))
+            .collect()
+    };
+    assert!(!pending_on_a().is_empty(), "the cut-short upload is on A");
+
+    env.write_raw_config(&env.with_provider(&base, &second, "second"));
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "uploaded to B", || {
+        s3b.object_bytes("switched.mp4")
+            .is_some_and(|b| b == fs::read(&big).unwrap())
+    });
+    daemon.stop();
+    assert!(!s3a.has("switched.mp4"));
+    assert!(
+        pending_on_a().is_empty(),
+        "orphaned multipart uploads on A: {:?}",
+        pending_on_a()
+    );
+}
+
 /// A TCP endpoint that accepts and never answers.
 struct Hang {
     port: u16,

@@ -49,6 +49,7 @@ fn plan(root: &std::path::Path, store: &Arc<FakeStore>, deletion: Deletion) -> A
             object_rules: Arc::new(Default::default()),
         },
         target: Target::Provider(store.clone()),
+        others: Default::default(),
     })
 }
 
