@@ -277,7 +277,12 @@ impl Scheduler {
         let deletion = self.current().deletion();
         let mut failed = std::collections::BTreeMap::new();
         let loaded = self.queue.for_each_item(|key, item| {
-            if self.in_flight.contains_key(&key) || self.held.contains(&key) {
+            // Items in flight, held, or awaiting a probe's verdict come back
+            // through their own path; loading them too would run one twice.
+            if self.in_flight.contains_key(&key)
+                || self.held.contains(&key)
+                || self.awaiting.iter().any(|a| a.0 == key)
+            {
                 return;
             }
             if let Stage::Parked { reason } = &item.stage {
