@@ -167,8 +167,6 @@ pub async fn run(
                 &mut sd,
             )
             .await;
-            // Another provider that cannot be listed does not hold up the
-            // active one's records; only its own are missing.
             for (name, p) in &config.storage.providers {
                 if p.enabled
                     && name != store.provider().name.as_str()
@@ -181,8 +179,11 @@ pub async fn run(
                     tracing::warn!(provider = %name, "rebuild: provider `{name}` is not listed ({why}); records of files uploaded to it are not restored");
                 }
             }
+            // Every listing must go through, or the next start rebuilds
+            // again (what was restored stays; restore skips recorded keys).
+            let mut outcome = active;
             for other in settings.plan.others.values() {
-                let _ = rebuild::run(
+                let listed = rebuild::run(
                     other.as_ref(),
                     &root,
                     &queue,
@@ -192,8 +193,11 @@ pub async fn run(
                     &mut sd,
                 )
                 .await;
+                if listed == rebuild::Outcome::Stopped {
+                    outcome = listed;
+                }
             }
-            active
+            outcome
         };
         tokio::select! {
             outcome = rebuilt => rebuild_outcome = outcome,

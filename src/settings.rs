@@ -81,11 +81,17 @@ impl Settings {
             .iter()
             .filter(|(name, p)| name.as_str() != target.name() && p.enabled)
             .filter_map(|(name, _)| {
-                let client = Client::new(&config.resolve_provider(name).ok()?).ok()?;
-                Some((
-                    name.clone(),
-                    Arc::new(client) as Arc<dyn crate::remote::store::Store>,
-                ))
+                let client = config
+                    .resolve_provider(name)
+                    .map_err(|e| e.reason)
+                    .and_then(|r| Client::new(&r).map_err(|e| e.to_string()));
+                match client {
+                    Ok(c) => Some((name.clone(), Arc::new(c) as Arc<dyn crate::remote::store::Store>)),
+                    Err(why) => {
+                        tracing::warn!(provider = %name, "provider `{name}` is enabled but cannot be used ({why}): uploads interrupted on it are left to its bucket's lifecycle rules, and a rebuild cannot list it");
+                        None
+                    }
+                }
             })
             .collect();
         let dir = &config.state_dir;

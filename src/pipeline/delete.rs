@@ -13,8 +13,10 @@
 //!    uploaded again;
 //! 3. it is renamed aside to a hidden name in the same directory (never over
 //!    anything), and the hidden name must lead to the inode we hold;
-//! 4. only then is the hidden name unlinked. If another file took the name
-//!    between 1 and 3, that one is renamed back without overwriting anything.
+//! 4. only then is the hidden name unlinked, unless a writer that found the
+//!    name before the rename is waiting on our lease: then the file goes back
+//!    under its name for it. If another file took the name between 1 and 3,
+//!    that one is renamed back without overwriting anything.
 //!
 //! A delete cut short by a crash after 3 leaves the uploaded inode under a
 //! hidden name; the next attempt finds the name gone, finds that inode among
@@ -22,10 +24,12 @@
 
 use crate::pipeline::finished::{FileIdentity, Lease};
 use crate::pipeline::queue::DeletePermit;
+use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 /// Names of files set aside for deletion start with this; the watcher never
 /// treats them as results.
@@ -69,11 +73,36 @@ fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
-fn aside_path(abs: &Path) -> PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let dir = abs.parent().unwrap_or(Path::new("/"));
-    dir.join(format!("{ASIDE_PREFIX}{}-{n}", std::process::id()))
+/// A hidden name this process is using for a delete; while it exists, no
+/// other delete takes the file under it (see [`gone`]).
+struct Aside {
+    path: PathBuf,
+}
+
+/// The hidden names in use by this process's deletes.
+static IN_USE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+impl Aside {
+    /// A new hidden name beside `abs`.
+    fn beside(abs: &Path) -> Aside {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = abs.parent().unwrap_or(Path::new("/"));
+        let path = dir.join(format!("{ASIDE_PREFIX}{}-{n}", std::process::id()));
+        Aside::claim(path).expect("a fresh hidden name is not in use")
+    }
+
+    /// Claims an existing hidden name, unless another delete uses it.
+    fn claim(path: PathBuf) -> Option<Aside> {
+        let fresh = IN_USE.lock().expect("aside lock").insert(path.clone());
+        fresh.then(|| Aside { path })
+    }
+}
+
+impl Drop for Aside {
+    fn drop(&mut self) {
+        IN_USE.lock().expect("aside lock").remove(&self.path);
+    }
 }
 
 fn kept(abs: &Path, e: &std::io::Error) -> LocalOutcome {
@@ -117,17 +146,11 @@ pub fn delete_local(abs: &Path, permit: &DeletePermit) -> LocalOutcome {
 }
 
 fn delete_if_same(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(abs);
-    let file = match file {
+    use std::os::unix::fs::MetadataExt;
+    let file = match open_held(abs) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return gone(abs, expected),
-        // A symlink now stands at the name: not the uploaded file.
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return LocalOutcome::Changed,
-        Err(e) => return kept(abs, &e),
+        Err(e) => return refused_open(abs, expected, &e),
     };
     // Held until the unlink is done; `None` where the kernel cannot tell.
     let lease = match Lease::take(&file) {
@@ -140,31 +163,63 @@ fn delete_if_same(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
         Ok(m) if m.is_file() && FileIdentity::of(&m) == *expected => m,
         _ => return LocalOutcome::Changed,
     };
-    let aside = aside_path(abs);
-    if let Err(e) = rename_noreplace(abs, &aside) {
+    let aside = Aside::beside(abs);
+    if let Err(e) = rename_noreplace(abs, &aside.path) {
         return match e.kind() {
             std::io::ErrorKind::NotFound => gone(abs, expected),
             _ => kept(abs, &e),
         };
     }
-    match std::fs::symlink_metadata(&aside) {
+    match std::fs::symlink_metadata(&aside.path) {
         Ok(m) if (m.dev(), m.ino()) == (held.dev(), held.ino()) => {}
         // Another file took the name after we opened it: put it back.
-        _ => return put_back(&aside, abs, LocalOutcome::Changed),
+        _ => return put_back(&aside.path, abs, LocalOutcome::Changed),
     }
-    let outcome = match std::fs::remove_file(&aside) {
+    // A writer that found the name before the rename waits on our lease; it
+    // gets the file back under its name instead of an unlinked inode.
+    if lease.as_ref().is_some_and(Lease::breaking) {
+        drop(lease);
+        return put_back(&aside.path, abs, LocalOutcome::WriterActive);
+    }
+    let outcome = match std::fs::remove_file(&aside.path) {
         Ok(()) => LocalOutcome::Deleted,
         Err(e) => {
             drop(lease);
-            return put_back(&aside, abs, kept(abs, &e));
+            return put_back(&aside.path, abs, kept(abs, &e));
         }
     };
     drop(lease);
     outcome
 }
 
-/// The name is gone. If the uploaded inode waits under one of our hidden
-/// names (a delete cut short by a crash), the delete is finished now.
+/// Opens `path` for reading, never through a symlink, without blocking.
+fn open_held(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// What a failed open of the name says.
+fn refused_open(abs: &Path, expected: &FileIdentity, e: &std::io::Error) -> LocalOutcome {
+    match e.raw_os_error() {
+        // A symlink now stands at the name: not the uploaded file.
+        Some(libc::ELOOP) => LocalOutcome::Changed,
+        // Another party holds a write lease (Samba, NFS): later.
+        Some(libc::EWOULDBLOCK) => LocalOutcome::WriterActive,
+        // No longer readable (its mode changed, say): changed unless it is
+        // still exactly the uploaded file.
+        _ => match std::fs::symlink_metadata(abs) {
+            Ok(m) if m.is_file() && FileIdentity::of(&m) == *expected => kept(abs, e),
+            _ => LocalOutcome::Changed,
+        },
+    }
+}
+
+/// The name is gone. If the uploaded inode waits under a hidden name no
+/// delete of this process is using (a delete cut short by a crash), the
+/// delete is finished now, with the same lease and checks.
 fn gone(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
     let dir = abs.parent().unwrap_or(Path::new("/"));
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -178,17 +233,35 @@ fn gone(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
         {
             continue;
         }
-        let path = entry.path();
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.is_file() && FileIdentity::of(&m).same_contents(expected) => {
-                tracing::info!(path = %abs.display(), "finishing a delete cut short before a restart");
-                return match std::fs::remove_file(&path) {
-                    Ok(()) => LocalOutcome::Deleted,
-                    Err(e) => kept(&path, &e),
-                };
-            }
-            _ => {}
+        match entry.metadata() {
+            Ok(m) if m.is_file() && FileIdentity::of(&m).same_contents(expected) => {}
+            _ => continue,
         }
+        let Some(aside) = Aside::claim(entry.path()) else {
+            continue;
+        };
+        let Ok(file) = open_held(&aside.path) else {
+            continue;
+        };
+        let lease = match Lease::take(&file) {
+            Some(None) => return LocalOutcome::WriterActive,
+            Some(Some(lease)) => Some(lease),
+            None => None,
+        };
+        match file.metadata() {
+            Ok(m) if FileIdentity::of(&m).same_contents(expected) => {}
+            _ => continue,
+        }
+        if lease.as_ref().is_some_and(Lease::breaking) {
+            return LocalOutcome::WriterActive;
+        }
+        tracing::info!(path = %abs.display(), "finishing a delete cut short before a restart");
+        let outcome = match std::fs::remove_file(&aside.path) {
+            Ok(()) => LocalOutcome::Deleted,
+            Err(e) => kept(&aside.path, &e),
+        };
+        drop(lease);
+        return outcome;
     }
     LocalOutcome::Gone
 }
@@ -266,6 +339,49 @@ mod tests {
         assert_eq!(delete_if_same(&f, &id), LocalOutcome::Deleted);
         assert_eq!(listing(dir.path()), vec![format!("{ASIDE_PREFIX}1-7")]);
         assert_eq!(delete_if_same(&f, &id), LocalOutcome::Gone);
+    }
+
+    #[test]
+    fn a_hidden_name_in_use_by_another_delete_is_left_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a");
+        std::fs::write(&f, b"uploaded").unwrap();
+        let id = identity(&f);
+        let hidden = dir.path().join(format!("{ASIDE_PREFIX}1-9"));
+        std::fs::rename(&f, &hidden).unwrap();
+        let in_use = Aside::claim(hidden.clone()).unwrap();
+        assert_eq!(delete_if_same(&f, &id), LocalOutcome::Gone);
+        assert!(hidden.exists());
+        drop(in_use);
+        assert_eq!(delete_if_same(&f, &id), LocalOutcome::Deleted);
+        assert!(!hidden.exists());
+    }
+
+    #[test]
+    fn a_writer_waiting_on_the_lease_is_seen() {
+        crate::pipeline::finished::ignore_lease_signals();
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a");
+        std::fs::write(&f, b"uploaded").unwrap();
+        let file = open_held(&f).unwrap();
+        let Some(Some(lease)) = Lease::take(&file) else {
+            panic!("no lease on our own file");
+        };
+        assert!(!lease.breaking());
+        let path = f.clone();
+        let writer = std::thread::spawn(move || {
+            std::fs::OpenOptions::new().append(true).open(path).unwrap();
+        });
+        let t = std::time::Instant::now();
+        while !lease.breaking() {
+            assert!(
+                t.elapsed().as_secs() < 10,
+                "the writer's open never broke the lease"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        drop(lease);
+        writer.join().unwrap();
     }
 
     #[test]

@@ -97,6 +97,17 @@ impl<'a> Lease<'a> {
     }
 }
 
+impl Lease<'_> {
+    /// Whether a process is waiting to open the file for writing: the
+    /// kernel is breaking the lease (it no longer reads as a read lease).
+    pub fn breaking(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        // SAFETY: as in `take`.
+        let kind = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_GETLEASE) };
+        kind != libc::F_RDLCK
+    }
+}
+
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         use std::os::fd::AsRawFd;

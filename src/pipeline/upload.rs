@@ -453,7 +453,14 @@ impl Uploader {
 
     /// Aborts a recorded multipart upload and forgets it.
     async fn abandon(&self, job: &Job<'_>, p: &MultipartProgress) -> Result<(), StateError> {
-        abort_stale(job.previous_store, p).await;
+        // An upload of this attempt is on this job's store; a recorded one
+        // on the provider it was started on.
+        let store = if p.provider == job.store.provider().name {
+            Some(job.store)
+        } else {
+            job.previous_store
+        };
+        abort_stale(store, p).await;
         self.queue.clear_multipart(job.item_key)
     }
 
