@@ -389,6 +389,25 @@ async fn a_resumed_upload_already_completed_is_recorded_without_sending_it_again
     h.stop().await;
 }
 
+/// A multipart upload the server lost (NoSuchUpload on a part) starts again
+/// from scratch, and the upload it gives up is aborted, not leaked.
+#[tokio::test(start_paused = true)]
+async fn a_restarted_multipart_upload_aborts_the_one_it_gives_up() {
+    let mut h = Harness::new(Deletion::Keep);
+    let mut once = true;
+    h.store.script(move |r| {
+        (r.op == Op::Part && std::mem::take(&mut once)).then(|| http_error(404, "NoSuchUpload"))
+    });
+    let data: Vec<u8> = (0..(12 * MIB) as u32).map(|i| (i % 241) as u8).collect();
+    h.write("lost.mp4", &data).await;
+    let key = Harness::key("lost.mp4");
+    until(60, "uploaded", || h.queue.record(&key).unwrap().is_some()).await;
+    assert_eq!(h.store.object("pre/lost.mp4").as_deref(), Some(&data[..]));
+    assert_eq!(h.count(Op::Initiate), 2, "started again from scratch");
+    assert_eq!(h.count(Op::Abort), 1, "the first upload is aborted");
+    h.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn turning_deletion_off_cancels_pending_deletes() {
     let mut h = Harness::new(Deletion::After(Duration::from_secs(3600)));
