@@ -278,7 +278,9 @@ impl Scheduler {
         let mut failed = std::collections::BTreeMap::new();
         let loaded = self.queue.for_each_item(|key, item| {
             // Items in flight, held, or awaiting a probe's verdict come back
-            // through their own path; loading them too would run one twice.
+            // through their own path. (Awaiting ones could not run twice
+            // today, since nothing is dispatched until the verdict; they are
+            // skipped so that this holds without that.)
             if self.in_flight.contains_key(&key)
                 || self.held.contains(&key)
                 || self.awaiting.iter().any(|a| a.0 == key)
