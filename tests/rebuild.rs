@@ -103,13 +103,7 @@ fn a_rebuild_restores_records_of_every_provider() {
     let s3b = S3Server::start_for(&env);
     let mut cfg = Cfg::new(&s3a.endpoint());
     cfg.delete_local = true;
-    let second = ExtraProvider {
-        name: "second".into(),
-        kind: "minio".into(),
-        endpoint: s3b.endpoint(),
-        public_url: Some("https://cdn-b.example.test/media".into()),
-        extra: vec![],
-    };
+    let second = ExtraProvider::second(s3b.endpoint());
     let base = env.config_yaml(&cfg);
     env.write_raw_config(&env.with_provider(&base, &second, PROVIDER));
     let daemon = Daemon::start(&env, &[]);
@@ -137,10 +131,7 @@ fn a_rebuild_restores_records_of_every_provider() {
     assert_eq!(env.locate("old/a.png"), (0, public_url("old/a.png")));
     assert_eq!(
         env.locate("new/b.png"),
-        (
-            0,
-            format!("https://cdn-b.example.test/media/{PREFIX}/new/b.png")
-        )
+        (0, format!("{SECOND_PUBLIC_URL}/{PREFIX}/new/b.png"))
     );
     assert!(!s3b.has("old/a.png"), "nothing was uploaded again");
     daemon.stop();

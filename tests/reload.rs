@@ -114,13 +114,7 @@ fn switching_the_active_provider_mid_queue() {
     let s3b = S3Server::start_for(&env);
     let mut cfg = Cfg::new(&s3a.endpoint());
     cfg.workers = 1;
-    let second = ExtraProvider {
-        name: "second".into(),
-        kind: "minio".into(),
-        endpoint: s3b.endpoint(),
-        public_url: Some("https://cdn-b.example.test/media".into()),
-        extra: vec![],
-    };
+    let second = ExtraProvider::second(s3b.endpoint());
     let base = env.config_yaml(&cfg);
     // Slow uploads to A so that a queue builds up behind the one in flight.
     let slow_a = env
@@ -173,7 +167,7 @@ fn switching_the_active_provider_mid_queue() {
     for r in &on_b {
         assert_eq!(
             env.locate(r),
-            (0, format!("https://cdn-b.example.test/media/{PREFIX}/{r}"))
+            (0, format!("{SECOND_PUBLIC_URL}/{PREFIX}/{r}"))
         );
     }
     write_file(&env.path("later.png"), b"new");

@@ -509,12 +509,20 @@ SupplementaryGroups=app\nWatchdogSec=3s\nTimeoutAbortSec=10s\nRestartSec=1s\n"
         s3.object_bytes(&rel2).as_deref() == Some(&bytes2[..])
     });
     assert!(ok, "offloadd@second did not upload:\n{}", inst_journal());
-    let status = sd_ok(&[
-        "offloadd",
-        "--config",
-        "/etc/offloadd/second.yaml",
-        "status",
-    ]);
+    // `offloadd status` of the instance, run inside by `user`.
+    let status_as = |user: &str| {
+        sd_ok(&[
+            "runuser",
+            "-u",
+            user,
+            "--",
+            "offloadd",
+            "--config",
+            "/etc/offloadd/second.yaml",
+            "status",
+        ])
+    };
+    let status = status_as("root");
     assert!(
         status.contains(PROVIDER),
         "status of the instance:\n{status}"
@@ -526,16 +534,7 @@ SupplementaryGroups=app\nWatchdogSec=3s\nTimeoutAbortSec=10s\nRestartSec=1s\n"
     // An operator in the service's group only as a supplementary group is
     // answered, although the unit hides other users' processes (/proc).
     sh("getent passwd alice >/dev/null || useradd --create-home alice; usermod -aG offloadd alice");
-    let status = sd_ok(&[
-        "runuser",
-        "-u",
-        "alice",
-        "--",
-        "offloadd",
-        "--config",
-        "/etc/offloadd/second.yaml",
-        "status",
-    ]);
+    let status = status_as("alice");
     assert!(
         status.contains(PROVIDER),
         "status for a supplementary member of the group:\n{status}"

@@ -1312,6 +1312,23 @@ pub struct ExtraProvider {
     pub extra: Vec<String>,
 }
 
+/// The public URL base of [`ExtraProvider::second`].
+pub const SECOND_PUBLIC_URL: &str = "https://cdn-b.example.test/media";
+
+impl ExtraProvider {
+    /// Provider `second` (kind minio) at `endpoint`, its public URL
+    /// [`SECOND_PUBLIC_URL`].
+    pub fn second(endpoint: String) -> ExtraProvider {
+        ExtraProvider {
+            name: "second".into(),
+            kind: "minio".into(),
+            endpoint,
+            public_url: Some(SECOND_PUBLIC_URL.into()),
+            extra: vec![],
+        }
+    }
+}
+
 impl TestEnv {
     /// [`TestEnv::config_yaml`] with `http.listen: 127.0.0.1:{port}` and the
     /// test provider's `public_url` replaced (`None` removes it).

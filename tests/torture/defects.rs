@@ -311,25 +311,14 @@ fn a_kill_after_the_first_part_leaves_no_orphaned_upload() {
     let env = TestEnv::new();
     let s3 = S3Server::start_for(&env);
     env.write_config(&multipart_cfg(&s3.endpoint()));
-    let mut daemon = Daemon::start(&env, &[("OFFLOADD_FAILPOINTS", "after_first_part")]);
-    let big = env.path("orphan.mp4");
-    write_big_file(&big, 16 * 1024 * 1024 + 3);
-    daemon
-        .wait_exit(LONG)
-        .expect("the failpoint kills the daemon");
-    drop(daemon);
+    let big = killed_after_the_first_part(&env, "orphan.mp4");
     let daemon = Daemon::start(&env, &[]);
     wait_until(LONG, "uploaded", || {
         s3.object_bytes("orphan.mp4")
             .is_some_and(|b| b == fs::read(&big).unwrap())
     });
     daemon.stop();
-    let pending: Vec<String> = fs::read_dir(&s3.data_dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".upload-"))
-        .collect();
+    let pending = pending_uploads(&s3);
     assert!(
         pending.is_empty(),
         "orphaned multipart uploads: {pending:?}"
@@ -344,31 +333,14 @@ fn an_upload_cut_short_before_a_switch_is_aborted_where_it_started() {
     let env = TestEnv::new();
     let s3a = S3Server::start_for(&env);
     let s3b = S3Server::start_for(&env);
-    let second = ExtraProvider {
-        name: "second".into(),
-        kind: "minio".into(),
-        endpoint: s3b.endpoint(),
-        public_url: Some("https://cdn-b.example.test/media".into()),
-        extra: vec![],
-    };
+    let second = ExtraProvider::second(s3b.endpoint());
     let base = env.config_yaml(&multipart_cfg(&s3a.endpoint()));
     env.write_raw_config(&env.with_provider(&base, &second, PROVIDER));
-    let mut daemon = Daemon::start(&env, &[("OFFLOADD_FAILPOINTS", "after_first_part")]);
-    let big = env.path("switched.mp4");
-    write_big_file(&big, 16 * 1024 * 1024 + 3);
-    daemon
-        .wait_exit(LONG)
-        .expect("the failpoint kills the daemon");
-    drop(daemon);
-    let pending_on_a = || -> Vec<String> {
-        fs::read_dir(&s3a.data_dir)
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(".upload-"))
-            .collect()
-    };
-    assert!(!pending_on_a().is_empty(), "the cut-short upload is on A");
+    let big = killed_after_the_first_part(&env, "switched.mp4");
+    assert!(
+        !pending_uploads(&s3a).is_empty(),
+        "the cut-short upload is on A"
+    );
 
     env.write_raw_config(&env.with_provider(&base, &second, "second"));
     let daemon = Daemon::start(&env, &[]);
@@ -378,11 +350,33 @@ fn an_upload_cut_short_before_a_switch_is_aborted_where_it_started() {
     });
     daemon.stop();
     assert!(!s3a.has("switched.mp4"));
+    let pending = pending_uploads(&s3a);
     assert!(
-        pending_on_a().is_empty(),
-        "orphaned multipart uploads on A: {:?}",
-        pending_on_a()
+        pending.is_empty(),
+        "orphaned multipart uploads on A: {pending:?}"
     );
+}
+
+/// Writes a 16 MiB + 3 file `rel` and runs the daemon until the failpoint
+/// kills it right after the first part; returns the file's path.
+fn killed_after_the_first_part(env: &TestEnv, rel: &str) -> std::path::PathBuf {
+    let mut daemon = Daemon::start(env, &[("OFFLOADD_FAILPOINTS", "after_first_part")]);
+    let big = env.path(rel);
+    write_big_file(&big, 16 * 1024 * 1024 + 3);
+    daemon
+        .wait_exit(LONG)
+        .expect("the failpoint kills the daemon");
+    big
+}
+
+/// The multipart uploads s3s-fs holds open (its `.upload-*` files).
+fn pending_uploads(s3: &S3Server) -> Vec<String> {
+    fs::read_dir(&s3.data_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".upload-"))
+        .collect()
 }
 
 /// A TCP endpoint that accepts and never answers.
