@@ -156,38 +156,26 @@ pub async fn run(
         live.update(|s| s.rebuild = Some(progress.clone()));
         let mut sd = stopped.clone();
         let config = &settings.config;
+        // The active provider first, then the others; every listing must go
+        // through, or the next start rebuilds again (what was restored
+        // stays; restore skips recorded keys). A provider that cannot be
+        // used was named when the settings were built.
+        let listings = std::iter::once((store, rebuild::Listing::Active(settings.plan.deletion())))
+            .chain(
+                settings
+                    .plan
+                    .others
+                    .values()
+                    .map(|s| (s, rebuild::Listing::Other)),
+            );
         let rebuilt = async {
-            let active = rebuild::run(
-                store.as_ref(),
-                &root,
-                &queue,
-                rebuild::Listing::Active(settings.plan.deletion()),
-                config.upload.part_size,
-                &progress,
-                &mut sd,
-            )
-            .await;
-            for (name, p) in &config.storage.providers {
-                if p.enabled
-                    && name != store.provider().name.as_str()
-                    && !settings.plan.others.contains_key(name)
-                {
-                    let why = match config.resolve_provider(name) {
-                        Err(e) => e.reason,
-                        Ok(_) => "its client cannot be built".to_string(),
-                    };
-                    tracing::warn!(provider = %name, "rebuild: provider `{name}` is not listed ({why}); records of files uploaded to it are not restored");
-                }
-            }
-            // Every listing must go through, or the next start rebuilds
-            // again (what was restored stays; restore skips recorded keys).
-            let mut outcome = active;
-            for other in settings.plan.others.values() {
+            let mut outcome = rebuild::Outcome::Complete;
+            for (store, listing) in listings {
                 let listed = rebuild::run(
-                    other.as_ref(),
+                    store.as_ref(),
                     &root,
                     &queue,
-                    rebuild::Listing::Other,
+                    listing,
                     config.upload.part_size,
                     &progress,
                     &mut sd,

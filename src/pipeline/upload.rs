@@ -15,6 +15,7 @@ use crate::failpoint;
 use crate::keys::{ItemKey, ObjectKey};
 use crate::pipeline::budget::{Budget, Buffer, BufferKind, Pacer, Turn};
 use crate::pipeline::finished::FileIdentity;
+use crate::pipeline::plan::Plan;
 use crate::pipeline::queue::{MultipartProgress, PartDone, Queue, StateError};
 use crate::remote::error::{ErrorClass, StorageError};
 use crate::remote::object_options::ObjectOptions;
@@ -150,8 +151,9 @@ pub struct Job<'a> {
     pub options: &'a ObjectOptions,
     /// The multipart upload recorded for this item, if any.
     pub previous: Option<&'a MultipartProgress>,
-    /// The store of the provider `previous` was started on.
-    pub previous_store: Option<&'a dyn Store>,
+    /// The plan the job started with: `store` is its target's, and an
+    /// upload given up is aborted through it on the provider it began on.
+    pub plan: &'a Plan,
 }
 
 impl Uploader {
@@ -453,14 +455,7 @@ impl Uploader {
 
     /// Aborts a recorded multipart upload and forgets it.
     async fn abandon(&self, job: &Job<'_>, p: &MultipartProgress) -> Result<(), StateError> {
-        // An upload of this attempt is on this job's store; a recorded one
-        // on the provider it was started on.
-        let store = if p.provider == job.store.provider().name {
-            Some(job.store)
-        } else {
-            job.previous_store
-        };
-        abort_stale(store, p).await;
+        abort_stale(job.plan, p).await;
         self.queue.clear_multipart(job.item_key)
     }
 
@@ -494,12 +489,12 @@ pub fn composite_etag(file: &File, size: u64, part_size: u64) -> std::io::Result
     Ok(multipart_etag(&md5s))
 }
 
-/// Aborts a multipart upload we no longer continue, on the provider it was
-/// started on (`store`: that provider, `None` if it is no longer configured
-/// or reachable); failures only leave parts that the bucket's lifecycle rules
-/// or a later rebuild clean up.
-pub async fn abort_stale(store: Option<&dyn Store>, p: &MultipartProgress) {
-    let Some(store) = store.filter(|s| s.provider().name == p.provider) else {
+/// Aborts a multipart upload we no longer continue, on the provider of `plan`
+/// it was started on (the target, or another one since a switch); failures,
+/// or a provider no longer configured, only leave parts that the bucket's
+/// lifecycle rules or a later rebuild clean up.
+pub async fn abort_stale(plan: &Plan, p: &MultipartProgress) {
+    let Some(store) = plan.store_named(&p.provider) else {
         tracing::warn!(key = %p.key, provider = %p.provider, "an abandoned multipart upload on provider `{}` is left to its bucket's lifecycle rules: that provider is no longer configured and enabled", p.provider);
         return;
     };

@@ -134,7 +134,7 @@ impl Worker {
             };
         }
         if let Some(p) = item.multipart() {
-            upload::abort_stale(self.started.store_named(&p.provider), p).await;
+            upload::abort_stale(&self.started, p).await;
         }
         state!(self.queue.drop_vanished(key, &present));
         self.metrics.upload_failed("vanished");
@@ -193,9 +193,7 @@ impl Worker {
             item_key: key,
             options: &options,
             previous: item.multipart(),
-            previous_store: item
-                .multipart()
-                .and_then(|p| self.started.store_named(&p.provider)),
+            plan: &self.started,
         };
         let sent = match self.uploader.send(&job, opts.upload).await {
             Ok(s) => s,
@@ -210,7 +208,7 @@ impl Worker {
             }
             Err(UploadError::Park(reason)) => {
                 if let Some(p) = item.multipart() {
-                    upload::abort_stale(self.started.store_named(&p.provider), p).await;
+                    upload::abort_stale(&self.started, p).await;
                 }
                 return self.park(key, reason);
             }
