@@ -95,9 +95,7 @@ impl<'a> Lease<'a> {
             _ => None,
         }
     }
-}
 
-impl Lease<'_> {
     /// Whether a process is waiting to open the file for writing: the
     /// kernel is breaking the lease (it no longer reads as a read lease).
     pub fn breaking(&self) -> bool {
