@@ -389,4 +389,51 @@ mod tests {
             Verdict::Reupload(_)
         ));
     }
+
+    /// A file missing because the whole root is gone says nothing: the
+    /// listing stops, restores no "deleted" record, and runs again later.
+    #[tokio::test]
+    async fn a_root_gone_during_the_listing_restores_nothing() {
+        use crate::keys::ObjectKey;
+        use crate::remote::fake::FakeStore;
+        use crate::remote::object_options::Rules;
+        let dir = tempfile::tempdir().unwrap();
+        let (root, state) = (dir.path().join("root"), dir.path().join("state"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        let guard = RootGuard::new(&root, &state).unwrap();
+        let (queue, _) = Queue::open(&state).unwrap();
+        let store = FakeStore::new();
+        let body = bytes::Bytes::from_static(b"offloaded");
+        let md5 = Md5::digest(&body).into();
+        let rel = RelPath::parse("a.txt").unwrap();
+        let options = Rules::default().options_for(&rel, None, None);
+        store
+            .put(
+                &ObjectKey::from_raw("pre/a.txt".into()),
+                body,
+                md5,
+                &options,
+            )
+            .await
+            .unwrap();
+        std::fs::remove_dir(&root).unwrap();
+        let (_stop, mut shutdown) = crate::shutdown::Stop::new();
+        let outcome = run(
+            &store,
+            &guard,
+            &queue,
+            Listing::Active(Deletion::Keep),
+            8 << 20,
+            &Progress::default(),
+            &mut shutdown,
+        )
+        .await;
+        assert_eq!(outcome, Outcome::Stopped);
+        let key = ItemKey::from_rel(&rel);
+        assert!(
+            queue.record(&key).unwrap().is_none(),
+            "no record says deleted"
+        );
+    }
 }
