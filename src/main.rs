@@ -36,7 +36,12 @@ async fn run_with_signals(config: config::Config) -> Result<(), daemon::Fatal> {
         let _ = stop_rx.await;
     })
     .await;
+    // The listener only forwards signals: end it rather than wait for the
+    // closed stream to say so (it can miss that wake-up when the daemon
+    // fails before the listener first ran, and `run` then hung instead of
+    // exiting 78).
     handle.close();
+    listener.abort();
     let _ = listener.await;
     result
 }
