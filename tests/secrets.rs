@@ -107,7 +107,7 @@ fn inline_secret_warns_only_when_the_config_is_readable_by_others() {
         &format!("      secret_access_key: \"{}\"\n", env.secret),
     ));
     let warning = format!(
-        "offloadd: warning: {} contains an inline secret and is readable by group or others; chmod 600 it or use secret_access_key_file",
+        "offloadd: warning: {} contains an inline secret and is readable by group or others; move the secret to secret_access_key_file or a systemd credential, or let only the service's user read the file (chown it to that user, then chmod 600)",
         env.config_path.display()
     );
     let (code, out, err) = env.cli(&["check-config"]);

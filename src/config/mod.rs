@@ -325,7 +325,7 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     let shared = std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o044 != 0);
     if inline && shared {
         warnings.push(format!(
-            "{} contains an inline secret and is readable by group or others; chmod 600 it or use secret_access_key_file",
+            "{} contains an inline secret and is readable by group or others; move the secret to secret_access_key_file or a systemd credential, or let only the service's user read the file (chown it to that user, then chmod 600)",
             path.display()
         ));
     }
@@ -870,10 +870,28 @@ fn describe(path: &str, msg: &str) -> (String, String) {
         };
         return (
             path.into(),
-            format!("`{path}` has the wrong type ({found}); write {expected}"),
+            format!(
+                "`{path}` has the wrong type ({}); write {expected}",
+                kind_of(found)
+            ),
         );
     }
     (path.into(), format!("`{path}`: {msg}"))
+}
+
+/// What serde found, without the value itself: a value in the wrong place
+/// may be a secret (`secret_access_key` indented one level too shallow).
+fn kind_of(found: &str) -> &'static str {
+    let word = found.split(['"', '`']).next().unwrap_or("").trim();
+    match word {
+        "string" | "char" => "a string",
+        "integer" | "floating point" => "a number",
+        "boolean" => "true or false",
+        "map" => "a block of `key: value` lines",
+        "sequence" => "a list",
+        "unit value" | "unit" => "an empty value",
+        _ => "another type",
+    }
 }
 
 /// Like [`locate`], falling back to the nearest enclosing key that is written.
@@ -1068,7 +1086,7 @@ mod tests {
     fn wrong_type_and_bad_values_name_line_column() {
         let fx = Fixture::new();
         let err = fx.error("upload:\n  workers: many\n");
-        assert!(err.ends_with(": line 4, column 12: `upload.workers` has the wrong type (string \"many\"); write a whole number"), "{err}");
+        assert!(err.ends_with(": line 4, column 12: `upload.workers` has the wrong type (a string); write a whole number"), "{err}");
         let err = fx.error("upload:\n  part_size: 64MB2\n");
         assert!(err.ends_with(": line 4, column 14: `upload.part_size`: `64MB2` is not a size; write bytes or a number with KiB, MiB, GiB (e.g. 64MiB)"), "{err}");
         let err = fx.error("storage:\n  providers:\n    a:\n      kind: azure\n");
@@ -1202,6 +1220,22 @@ mod tests {
             "{err}"
         );
         assert!(!err.contains("hunter2"));
+    }
+
+    #[test]
+    fn a_secret_in_the_wrong_place_or_of_the_wrong_type_is_never_quoted() {
+        let fx = Fixture::new();
+        // indented one level too shallow: YAML reads it as a provider
+        let err = fx.error("storage:\n  providers:\n    secret_access_key: wJalrXUtnFEMIK7MDENG\n");
+        assert!(err.contains("`storage.providers.secret_access_key` has the wrong type (a string); write a block of `key: value` lines"), "{err}");
+        assert!(!err.contains("wJalr"), "{err}");
+        // a number where a block belongs
+        let err = fx.error("storage:\n  providers:\n    m: 98765432\n");
+        assert!(
+            err.contains("`storage.providers.m` has the wrong type (a number)"),
+            "{err}"
+        );
+        assert!(!err.contains("98765432"), "{err}");
     }
 
     #[test]
@@ -1361,7 +1395,7 @@ mod tests {
         );
         let open = fx.write("open.yaml", &text, 0o644);
         let warnings = load(&open).unwrap().warnings;
-        assert_eq!(warnings, [format!("{} contains an inline secret and is readable by group or others; chmod 600 it or use secret_access_key_file", open.display())]);
+        assert_eq!(warnings, [format!("{} contains an inline secret and is readable by group or others; move the secret to secret_access_key_file or a systemd credential, or let only the service's user read the file (chown it to that user, then chmod 600)", open.display())]);
         let closed = fx.write("closed.yaml", &text, 0o600);
         assert!(load(&closed).unwrap().warnings.is_empty());
         let no_secret = fx.write(

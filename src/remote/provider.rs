@@ -323,8 +323,9 @@ pub fn validate(s: &ProviderSection) -> Result<(), SectionError> {
     }
     if let Some(url) = s.public_url.as_deref() {
         if parse_url(url).is_none() {
-            return Err(section_err(
+            return Err(not_a_url(
                 "public_url",
+                url,
                 format!("`public_url` is `{url}`, which is not an http(s) URL; write it like https://cdn.example.com"),
             ));
         }
@@ -348,6 +349,20 @@ fn parse_url(raw: &str) -> Option<(&str, &str, &str)> {
     Some((scheme, authority, path))
 }
 
+/// `message` for a URL that [`parse_url`] refused, unless the URL carries a
+/// user name or password: that is never quoted back (it may be a secret).
+fn not_a_url(key: &'static str, raw: &str, message: String) -> SectionError {
+    let authority = raw.split_once("://").map_or(raw, |(_, rest)| rest);
+    let authority = authority.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return section_err(
+            key,
+            format!("`{key}` holds a user name or password (`…@` before the host); remove that part: offloadd signs with the provider's access key and secret"),
+        );
+    }
+    section_err(key, message)
+}
+
 fn is_loopback(authority: &str) -> bool {
     let host = match authority.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or(""),
@@ -365,8 +380,9 @@ fn endpoint_base(
     allow_insecure: bool,
 ) -> Result<String, SectionError> {
     let (scheme, authority, path) = parse_url(raw).ok_or_else(|| {
-        section_err(
+        not_a_url(
             "endpoint",
+            raw,
             format!("endpoint `{raw}` is not an http(s) URL; write it like https://host:port"),
         )
     })?;
@@ -712,6 +728,25 @@ mod tests {
         ))
         .unwrap();
         assert!(validate(&section("kind: minio\nendpoint: ftp://x")).is_err());
+    }
+
+    #[test]
+    fn a_url_with_a_password_is_refused_without_quoting_it() {
+        for (key, yaml) in [
+            ("endpoint", "kind: minio\nendpoint: https://AKID:s3cr3tpw@minio.lan:9000"),
+            ("public_url", "kind: minio\nendpoint: https://minio.lan\npublic_url: https://u:s3cr3tpw@cdn.example.com/media"),
+        ] {
+            let err = validate(&section(yaml)).unwrap_err();
+            assert_eq!(err.key, key);
+            assert!(err.message.contains("holds a user name or password"), "{err}");
+            assert!(!err.message.contains("s3cr3tpw"), "{err}");
+        }
+        let err = validate(&section("kind: minio\nendpoint: https://minio.lan/a?b")).unwrap_err();
+        assert!(
+            err.message
+                .contains("`https://minio.lan/a?b` is not an http(s) URL"),
+            "{err}"
+        );
     }
 
     #[test]
