@@ -92,6 +92,19 @@ fn delete_through_removes_object_local_copy_and_record() {
     let (code, _, err) = env.cli(&["delete", "x/never.jpg"]);
     assert_eq!(code, 1);
     assert!(err.contains("is unknown"), "{err}");
+    // A folder inside the root that is a symlink to elsewhere is not followed.
+    let outside = env.dir.path().join("outside");
+    write_file(&outside.join("keep.jpg"), b"not ours");
+    std::os::unix::fs::symlink(&outside, env.path("linked")).unwrap();
+    let (code, _, err) = env.cli(&["delete", "linked/keep.jpg"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(
+            "a symlink, and offloadd does not follow symlinks inside the root; nothing was deleted"
+        ),
+        "{err}"
+    );
+    assert_eq!(fs::read(outside.join("keep.jpg")).unwrap(), b"not ours");
     daemon.stop();
 
     // Stopped: delete-through works on the state directly.

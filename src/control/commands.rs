@@ -7,10 +7,15 @@ use crate::control::status::{self, Location};
 use crate::keys::{ItemKey, RelPath};
 use crate::pipeline::queue::Queue;
 use crate::remote::client::Client;
+use std::path::{Path, PathBuf};
 
 /// `locate`: the public URL, the bucket and key, or the local path.
 pub fn locate(config: &Config, queue: &Queue, path: &str) -> Reply {
-    match status::locate_in(config, queue, path) {
+    let rel = match RelPath::parse(path) {
+        Ok(rel) => rel,
+        Err(e) => return Reply::fail(2, err_line(e)),
+    };
+    match status::locate_in(config, queue, &rel) {
         Ok(Some(Location::Remote(url))) => Reply::ok(line(url)),
         Ok(Some(Location::RemoteKey { provider, key })) => {
             Reply::ok(line(format!("{provider}:{key}")))
@@ -22,13 +27,22 @@ pub fn locate(config: &Config, queue: &Queue, path: &str) -> Reply {
                 "{path} is unknown: not offloaded and not in the watch root"
             )),
         ),
-        Err(e) => Reply::fail(2, err_line(e)),
+        Err(e) => Reply::fail(1, err_line(format!("cannot read the state: {e}"))),
     }
 }
 
 /// `delete`: removes the bucket object (if recorded), the local copy and the
 /// record, in that order; a failure stops before anything later is touched.
 pub async fn delete_through(config: &Config, queue: &Queue, rel: &RelPath) -> Reply {
+    if let Some(link) = symlinked_folder(&config.watch.root, rel) {
+        return Reply::fail(
+            1,
+            err_line(format!(
+                "{rel} is below {}, a symlink, and offloadd does not follow symlinks inside the root; nothing was deleted",
+                link.display()
+            )),
+        );
+    }
     let key = ItemKey::from_rel(rel);
     let record = match queue.record(&key) {
         Ok(r) => r,
@@ -108,6 +122,22 @@ pub async fn delete_through(config: &Config, queue: &Queue, rel: &RelPath) -> Re
         );
     }
     Reply::ok(out)
+}
+
+/// The first folder between `root` and `rel` that is a symlink: deleting
+/// through it would remove a file outside the tree offloadd manages.
+fn symlinked_folder(root: &Path, rel: &RelPath) -> Option<PathBuf> {
+    let local = rel.to_local(root);
+    let mut folders: Vec<&Path> = local
+        .ancestors()
+        .skip(1)
+        .take_while(|p| *p != root)
+        .collect();
+    folders.reverse();
+    folders
+        .into_iter()
+        .find(|f| std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_symlink()))
+        .map(Path::to_path_buf)
 }
 
 /// `test-connection`: put, read back, compare, delete.

@@ -8,7 +8,7 @@
 use crate::config::{Active, Config};
 use crate::keys::{ItemKey, ObjectKey, PublicUrl, RelPath};
 use crate::pipeline::live::Live;
-use crate::pipeline::queue::{PausedInfo, Queue, Stage};
+use crate::pipeline::queue::{PausedInfo, Queue, Stage, StateError};
 use crate::settings::Settings;
 use crate::statedir::{self, Lock};
 use serde::{Deserialize, Serialize};
@@ -252,9 +252,12 @@ pub fn public_url(
 }
 
 /// Answers `locate` from an open state.
-pub fn locate_in(config: &Config, queue: &Queue, rel: &str) -> anyhow::Result<Option<Location>> {
-    let rel = RelPath::parse(rel)?;
-    if let Some(rec) = queue.record(&ItemKey::from_rel(&rel))? {
+pub fn locate_in(
+    config: &Config,
+    queue: &Queue,
+    rel: &RelPath,
+) -> Result<Option<Location>, StateError> {
+    if let Some(rec) = queue.record(&ItemKey::from_rel(rel))? {
         let key = ObjectKey::from_raw(rec.key.clone());
         let url = config
             .public_url_base(&rec.provider)
