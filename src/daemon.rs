@@ -417,7 +417,7 @@ impl Reloader {
         self.commands
             .send(Command::Replan {
                 plan: cur.plan.clone(),
-                budget: cur.budget(),
+                memory_limit: cur.config.upload.memory_limit,
                 applied,
             })
             .await
@@ -442,7 +442,7 @@ impl Reloader {
                         .commands
                         .send(Command::Replan {
                             plan: old.plan.clone(),
-                            budget: old.budget(),
+                            memory_limit: old.config.upload.memory_limit,
                             applied,
                         })
                         .await;

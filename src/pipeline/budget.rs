@@ -49,16 +49,19 @@ pub enum BufferKind {
 }
 
 struct Inner {
-    total: u64,
     next_turn: AtomicU64,
     // A std Mutex: it is held only to move counts and wake a waiter, never
     // across an await.
     line: Mutex<Line>,
 }
 
-/// The free bytes and who waits for them; the big buffers in use and spare.
+/// The limit, the bytes reserved and who waits for them; the big buffers in
+/// use and spare.
 struct Line {
-    free: u64,
+    /// `upload.memory_limit`; a reload may change it ([`Budget::set_limit`]).
+    total: u64,
+    /// Bytes reserved now; above `total` only after the limit was lowered.
+    used: u64,
     /// Keyed by (turn, arrival): the first entry is served first, and nobody
     /// behind it is served while it does not fit (no buffer starves).
     waiting: BTreeMap<(Turn, u64), Waiter>,
@@ -80,17 +83,23 @@ struct Waiter {
 }
 
 impl Line {
+    /// Whether `bytes` more fit now. When nothing is reserved, anything fits:
+    /// a waiter sized under a larger limit is not stuck after a reload.
+    fn fits(&self, bytes: u64) -> bool {
+        self.used == 0 || self.used + bytes <= self.total
+    }
+
     /// Hands free bytes to the waiters at the front of the line.
     fn serve(&mut self) {
-        while let Some(first) = self.waiting.first_entry() {
-            if first.get().bytes > self.free {
+        while let Some((_, first)) = self.waiting.first_key_value() {
+            if !self.fits(first.bytes) {
                 break;
             }
-            let w = first.remove();
-            self.free -= w.bytes;
+            let (_, w) = self.waiting.pop_first().expect("the first waiter");
+            self.used += w.bytes;
             if w.wake.send(()).is_err() {
                 // Unreachable: a waiter that goes away leaves the line first.
-                self.free += w.bytes;
+                self.used -= w.bytes;
             }
         }
     }
@@ -107,9 +116,9 @@ impl Drop for Reservation {
         if let Some(inner) = self.budget.take() {
             let idle_spares = {
                 let mut line = inner.line.lock().expect("budget lock");
-                line.free += self.bytes;
+                line.used -= self.bytes;
                 line.serve();
-                if line.free == inner.total {
+                if line.used == 0 {
                     line.spare_bytes = 0;
                     std::mem::take(&mut line.spares)
                 } else {
@@ -158,8 +167,8 @@ impl Drop for Buffer {
         line.buffers_live -= len;
         // Kept only while an upload may want it, and only as long as spares
         // and buffers in use fit the budget together.
-        let wanted = line.free < inner.total;
-        if wanted && line.spare_bytes + line.buffers_live + len <= inner.total {
+        let wanted = line.used > 0;
+        if wanted && line.spare_bytes + line.buffers_live + len <= line.total {
             line.spare_bytes += len;
             line.spares.push(std::mem::take(&mut self.data));
         }
@@ -183,7 +192,7 @@ impl Drop for InLine {
         }
         let mut line = self.inner.line.lock().expect("budget lock");
         if line.waiting.remove(&self.key).is_none() {
-            line.free += self.bytes;
+            line.used -= self.bytes;
         }
         // Whoever waited behind this one may fit now.
         line.serve();
@@ -192,13 +201,12 @@ impl Drop for InLine {
 
 impl Budget {
     pub fn new(limit_bytes: u64) -> Self {
-        let total = limit_bytes.max(1);
         Budget {
             inner: Arc::new(Inner {
-                total,
                 next_turn: AtomicU64::new(0),
                 line: Mutex::new(Line {
-                    free: total,
+                    total: limit_bytes.max(1),
+                    used: 0,
                     waiting: BTreeMap::new(),
                     arrivals: 0,
                     buffers_live: 0,
@@ -209,9 +217,18 @@ impl Budget {
         }
     }
 
-    /// The largest buffer that can ever be reserved, taking the body copy into account.
+    /// The largest buffer that can be reserved, taking the body copy into account.
     pub fn max_buffer(&self) -> u64 {
-        self.inner.total / BODY_COPIES
+        self.inner.line.lock().expect("budget lock").total / BODY_COPIES
+    }
+
+    /// Changes the limit (a reload). Every upload, old and new, shares this
+    /// one budget, so the bytes held never exceed the limit in force; after a
+    /// lower limit, nothing more is handed out until the bytes held fit it.
+    pub fn set_limit(&self, limit_bytes: u64) {
+        let mut line = self.inner.line.lock().expect("budget lock");
+        line.total = limit_bytes.max(1);
+        line.serve();
     }
 
     /// A new place in line for a file's buffers of `kind`, after every turn
@@ -235,21 +252,21 @@ impl Budget {
         turn: Turn,
         buffer_len: u64,
     ) -> impl std::future::Future<Output = Reservation> + Send + 'static {
-        let bytes = buffer_len.saturating_mul(BODY_COPIES).min(self.inner.total);
         let inner = self.inner.clone();
+        let mut line = inner.line.lock().expect("budget lock");
+        let bytes = buffer_len.saturating_mul(BODY_COPIES).min(line.total);
         let place = if bytes == 0 {
             Ok(Reservation {
                 budget: None,
                 bytes,
             })
         } else {
-            let mut line = inner.line.lock().expect("budget lock");
             let behind = line
                 .waiting
                 .first_key_value()
                 .is_some_and(|(k, _)| k.0 <= turn);
-            if !behind && line.free >= bytes {
-                line.free -= bytes;
+            if !behind && line.fits(bytes) {
+                line.used += bytes;
                 Ok(Reservation {
                     budget: Some(inner.clone()),
                     bytes,
@@ -268,6 +285,7 @@ impl Budget {
                 Err((in_line, granted))
             }
         };
+        drop(line);
         async move {
             match place {
                 Ok(reservation) => reservation,
@@ -308,7 +326,7 @@ impl Budget {
                 };
             }
             let mut evicted = Vec::new();
-            while line.spare_bytes + line.buffers_live > self.inner.total {
+            while line.spare_bytes + line.buffers_live > line.total {
                 let Some(b) = line.spares.pop() else { break };
                 line.spare_bytes -= b.len() as u64;
                 evicted.push(b);
@@ -329,7 +347,7 @@ impl Budget {
 
     /// Bytes currently reserved.
     pub fn in_use(&self) -> u64 {
-        self.inner.total - self.inner.line.lock().expect("budget lock").free
+        self.inner.line.lock().expect("budget lock").used
     }
 }
 
@@ -475,6 +493,37 @@ mod tests {
         let r = b.reserve(b.turn(BufferKind::WholeFile), 5000).await;
         assert_eq!((r.bytes, b.in_use()), (1000, 1000));
         drop(r);
+        assert_eq!(b.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_lower_limit_holds_for_bytes_reserved_before_it() {
+        let b = Budget::new(100);
+        let t = b.turn(BufferKind::Part);
+        let old = b.reserve(t, 80).await;
+        b.set_limit(50);
+        // 80 held under the old limit: nothing more until they are back.
+        let small = reserved_bytes(&b, b.turn(BufferKind::WholeFile), 10);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!small.is_finished());
+        assert_eq!(b.max_buffer(), 50 / BODY_COPIES);
+        drop(old);
+        assert_eq!(small.await.unwrap(), 10);
+        // A waiter sized under the old limit is served once nothing is held.
+        let held = b.reserve(t, 50).await;
+        let big = reserved_bytes(&b, t, 80);
+        until_waiting(&b, 1).await;
+        b.set_limit(40);
+        drop(held);
+        assert_eq!(big.await.unwrap(), 50);
+        // A higher limit lets waiters in at once.
+        let held = b.reserve(t, 40).await;
+        let next = reserved_bytes(&b, t, 30);
+        until_waiting(&b, 1).await;
+        b.set_limit(70);
+        assert_eq!(next.await.unwrap(), 30);
+        assert_eq!(b.in_use(), 40);
+        drop(held);
         assert_eq!(b.in_use(), 0);
     }
 

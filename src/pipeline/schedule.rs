@@ -9,10 +9,11 @@
 //!
 //! Policy for a failed upload: an error only this item can have parks it; any
 //! other error is the provider's only if a request that involves no item fails
-//! too (a probe, or a success of another upload since). An item that keeps
-//! failing while the provider answers others is parked with its reason after
-//! [`MAX_STRIKES`] attempts. Throttling and connection failures never count
-//! against an item.
+//! too (a probe, or a success of another upload since). An item refused (a
+//! 4xx) again and again while the provider answers others is parked with its
+//! reason after [`MAX_STRIKES`] attempts. Transient errors (connection
+//! failures, timeouts, 5xx, throttling) never count against an item: it backs
+//! off up to `max_backoff` and tries again, however long that takes.
 
 use crate::keys::ItemKey;
 use crate::observe::metrics::Metrics;
@@ -41,8 +42,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{Id, JoinSet};
 use tokio::time::Instant;
 
-/// Failures of one item while the provider answered others, before it is parked.
+/// Refusals of one item while the provider answered others, before it is parked.
 pub const MAX_STRIKES: u32 = 5;
+
+/// How long a stop waits for the aborts of parked items' multipart uploads.
+const ABORT_GRACE: Duration = Duration::from_secs(5);
 
 /// How often a failed state_dir is tried again.
 const RECOVER_EVERY: Duration = Duration::from_secs(5);
@@ -80,12 +84,13 @@ pub enum Command {
         key: ItemKey,
         reply: oneshot::Sender<()>,
     },
-    /// A reload: the new plan and memory budget, for items that start from
-    /// now on; items in flight finish as they started. (The bandwidth pacer
-    /// stays; its rate follows the settings.)
+    /// A reload: the new plan, for items that start from now on (items in
+    /// flight finish as they started), and the new `memory_limit`, which
+    /// holds at once for every upload: all share one budget. (The bandwidth
+    /// pacer stays; its rate follows the settings.)
     Replan {
         plan: Arc<Plan>,
-        budget: Budget,
+        memory_limit: u64,
         applied: oneshot::Sender<()>,
     },
 }
@@ -182,6 +187,8 @@ pub struct Scheduler {
     in_flight: HashMap<ItemKey, Flight>,
     tasks: JoinSet<Done>,
     task_keys: HashMap<Id, ItemKey>,
+    /// Aborts of the multipart uploads of items parked (one request each).
+    aborts: JoinSet<()>,
     /// Paths seen again while in flight: admitted again when they finish.
     recheck: HashSet<ItemKey>,
     /// Paths being deleted through: out of the pipeline.
@@ -239,6 +246,7 @@ impl Scheduler {
             next_rotate: Instant::now(),
             in_flight: HashMap::new(),
             tasks: JoinSet::new(),
+            aborts: JoinSet::new(),
             task_keys: HashMap::new(),
             recheck: HashSet::new(),
             held: HashSet::new(),
@@ -401,6 +409,10 @@ impl Scheduler {
     ) {
         let mut commands_open = true;
         loop {
+            if shutdown.is_shutdown() {
+                // No new work once the stop is signalled.
+                break;
+            }
             self.maintain();
             self.read_backlog();
             self.dispatch();
@@ -429,6 +441,7 @@ impl Scheduler {
                     }
                 },
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => self.finished(done),
+                Some(_) = self.aborts.join_next(), if !self.aborts.is_empty() => {}
                 cmd = commands.recv(), if commands_open => match cmd {
                     Some(cmd) => self.command(cmd),
                     None => commands_open = false,
@@ -463,6 +476,9 @@ impl Scheduler {
             }
         }
         self.tasks.shutdown().await;
+        let deadline = Instant::now() + grace.min(ABORT_GRACE);
+        while let Ok(Some(_)) = tokio::time::timeout_at(deadline, self.aborts.join_next()).await {}
+        self.aborts.shutdown().await;
     }
 
     /// The pause of the whole pipeline (state_dir, root), and recovery: a
@@ -806,8 +822,8 @@ impl Scheduler {
             Err(_) => return self.requeue(key, Lane::Upload, soon, Some(flight)),
         };
         let due = self.clock.now_ms() + retry.jittered(item.attempts + 1).as_millis() as u64;
-        // Throttling and connection failures are never the item's fault.
-        let blame = if err.is_throttle() || err.status.is_none() {
+        // Transient errors are never the item's fault.
+        let blame = if err.class == ErrorClass::Transient || err.status.is_none() {
             Blame::Provider
         } else {
             Blame::Item
@@ -922,14 +938,19 @@ impl Scheduler {
         });
     }
 
+    /// Parks an item with its reason; a multipart upload it had started is
+    /// aborted, so that its parts do not stay billed in the bucket.
     fn park(&mut self, key: ItemKey, reason: String) {
-        let same = self
-            .queue
-            .item(&key)
-            .ok()
-            .flatten()
+        let item = self.queue.item(&key).ok().flatten();
+        let same = item
+            .as_ref()
             .is_some_and(|i| matches!(&i.stage, Stage::Parked { reason: r } if *r == reason));
         self.lanes.remove(&key);
+        if let Some(p) = item.as_ref().and_then(|i| i.multipart()).cloned() {
+            let plan = self.current();
+            self.aborts
+                .spawn(async move { crate::pipeline::upload::abort_stale(&plan, &p).await });
+        }
         if !same {
             if let Err(e) = self.queue.park(&key, &reason) {
                 tracing::error!(path = %key, error = %e, "cannot park {key}: {e}");
@@ -1094,17 +1115,17 @@ impl Scheduler {
             }
             Command::Replan {
                 plan,
-                budget,
+                memory_limit,
                 applied,
             } => {
-                self.replan(plan, budget);
+                self.replan(plan, memory_limit);
                 let _ = applied.send(());
             }
         }
         self.publish();
     }
 
-    fn replan(&mut self, plan: Arc<Plan>, budget: Budget) {
+    fn replan(&mut self, plan: Arc<Plan>, memory_limit: u64) {
         let old = self.current();
         if old.target.name() != plan.target.name() {
             let change = self.health.reset();
@@ -1126,6 +1147,8 @@ impl Scheduler {
                 .set_provider_paused(&store.provider().name, paused);
         }
         self.plan.send_replace(plan);
+        let budget = self.uploader.budget.clone();
+        budget.set_limit(memory_limit);
         self.uploader = Arc::new(Uploader {
             budget,
             pacer: self.uploader.pacer.clone(),

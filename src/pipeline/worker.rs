@@ -114,7 +114,11 @@ impl Worker {
         }
     }
 
-    fn park(&self, key: &ItemKey, reason: String) -> Outcome {
+    /// Parks the item; a multipart upload it had started is aborted first.
+    async fn park(&self, key: &ItemKey, item: &QueueItem, reason: String) -> Outcome {
+        if let Some(p) = item.multipart() {
+            upload::abort_stale(&self.started, p).await;
+        }
         state!(self.queue.park(key, &reason));
         self.metrics.upload_failed("parked");
         Outcome::Parked(reason)
@@ -164,20 +168,24 @@ impl Worker {
             Readiness::Symlink => {
                 return self.park(
                     key,
+                    item,
                     format!("{key} is a symbolic link; offloadd does not follow links (upload the target itself, or copy the file in)"),
                 )
+                .await
             }
             Readiness::Unreadable(e) => {
-                return self.park(key, format!("cannot inspect {}: {e}", abs.display()))
+                return self
+                    .park(key, item, format!("cannot inspect {}: {e}", abs.display()))
+                    .await
             }
         }
         let rel = match key.rel(&opts.root) {
             Ok(r) => r,
-            Err(e) => return self.park(key, e.to_string()),
+            Err(e) => return self.park(key, item, e.to_string()).await,
         };
         let object = match store.provider().object_key(&rel) {
             Ok(k) => k,
-            Err(e) => return self.park(key, e.to_string()),
+            Err(e) => return self.park(key, item, e.to_string()).await,
         };
         let provider = store.provider();
         let options = opts.object_rules.options_for(
@@ -206,12 +214,7 @@ impl Worker {
                     lane: Lane::Upload,
                 };
             }
-            Err(UploadError::Park(reason)) => {
-                if let Some(p) = item.multipart() {
-                    upload::abort_stale(&self.started, p).await;
-                }
-                return self.park(key, reason);
-            }
+            Err(UploadError::Park(reason)) => return self.park(key, item, reason).await,
             Err(UploadError::Storage(e)) => return Outcome::Failed(e),
             Err(UploadError::State(e)) => return Outcome::State(e),
         };

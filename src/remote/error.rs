@@ -76,7 +76,10 @@ pub fn classify(status: u16, code: Option<&str>, provider: &str, bucket: &str) -
             404 => (ProviderWide, format!("bucket `{bucket}` was not found at provider `{provider}` (HTTP 404); create it or fix `bucket` and `endpoint`")),
             301 | 307 => (ProviderWide, format!("provider `{provider}` redirected us (HTTP {status}): bucket `{bucket}` is probably in another region; fix `region` or `endpoint`")),
             408 | 429 | 500..=599 => (Transient, format!("provider `{provider}` answered HTTP {status}{}; will retry", if other.is_empty() { String::new() } else { format!(" ({other})") })),
-            400 => (Item, format!("provider `{provider}` rejected the request as invalid (HTTP 400{})", if other.is_empty() { String::new() } else { format!(", {other}") })),
+            // A probe sends the same upload headers: if it is refused too, a
+            // provider option is wrong (a typo in `storage_class`, say) and
+            // the provider pauses; else the item is refused again and again.
+            400 => (ProviderWide, format!("provider `{provider}` rejected the request as invalid (HTTP 400{}); check the provider's upload options (storage_class, server_side_encryption, kms_key_id, cache_control)", if other.is_empty() { String::new() } else { format!(", {other}") })),
             _ => (Transient, format!("provider `{provider}` answered HTTP {status}{}; will retry", if other.is_empty() { String::new() } else { format!(" ({other})") })),
         },
     };

@@ -10,7 +10,7 @@ use crate::pipeline::upload;
 use crate::remote::fake::{http_error, refused, FakeStore, Op};
 use crate::shutdown::Stop;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use tokio::task::JoinHandle;
 
 const MIB: u64 = 1024 * 1024;
@@ -232,11 +232,12 @@ async fn big_files_take_the_budget_in_turn_and_small_files_go_first() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn an_error_only_one_item_gets_parks_it_without_pausing_the_provider() {
+async fn a_refusal_only_one_item_gets_parks_it_without_pausing_the_provider() {
     let mut h = Harness::new(Deletion::Keep);
+    // A bucket policy that denies one prefix, say.
     h.store.script(|r| {
         (r.op == Op::Put && r.key.ends_with("long-name.png"))
-            .then(|| http_error(500, "InternalError"))
+            .then(|| http_error(400, "InvalidRequest"))
     });
     h.write("long-name.png", b"x").await;
     for i in 0..5 {
@@ -261,10 +262,38 @@ async fn an_error_only_one_item_gets_parks_it_without_pausing_the_provider() {
     );
     let reason = h.live.shown().failed[&bad].clone();
     assert!(
-        reason.contains("InternalError") && reason.contains("offloadd retry"),
+        reason.contains("InvalidRequest") && reason.contains("offloadd retry"),
         "{reason}"
     );
     assert!(h.queue.item(&bad).unwrap().unwrap().is_parked());
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn server_errors_only_one_item_gets_never_park_it() {
+    let mut h = Harness::new(Deletion::Keep);
+    let failures = Arc::new(AtomicUsize::new(0));
+    let f = failures.clone();
+    // Twelve 500s in a row for one big file, while the provider answers others.
+    h.store.script(move |r| {
+        (r.op == Op::Put && r.key.ends_with("flaky.mp4") && f.fetch_add(1, Ordering::SeqCst) < 12)
+            .then(|| http_error(500, "InternalError"))
+    });
+    h.write("flaky.mp4", b"video").await;
+    for i in 0..5 {
+        h.write(&format!("ok{i}.png"), b"fine").await;
+    }
+    until(3600, "the flaky file uploaded", || {
+        h.store.object("pre/flaky.mp4").is_some()
+    })
+    .await;
+    assert_eq!(h.store.object("pre/flaky.mp4").unwrap(), b"video");
+    assert!(failures.load(Ordering::SeqCst) > MAX_STRIKES as usize);
+    assert!(h.live.shown().failed.is_empty(), "never parked");
+    assert!(
+        h.live.shown().paused.is_none(),
+        "the provider was never paused"
+    );
     h.stop().await;
 }
 
@@ -409,6 +438,25 @@ async fn a_restarted_multipart_upload_aborts_the_one_it_gives_up() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn parking_an_item_aborts_its_multipart_upload() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.store
+        .script(|r| (r.op == Op::Part).then(|| http_error(400, "InvalidRequest")));
+    let data = vec![7u8; (12 * MIB) as usize];
+    h.write("refused.mp4", &data).await;
+    let key = Harness::key("refused.mp4");
+    until(600, "parked", || h.live.shown().failed.contains_key(&key)).await;
+    until(10, "its upload aborted", || h.count(Op::Abort) >= 1).await;
+    assert!(h.count(Op::Initiate) >= 1);
+    assert_eq!(
+        h.count(Op::Initiate),
+        h.count(Op::Abort),
+        "every multipart upload started is aborted"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn turning_deletion_off_cancels_pending_deletes() {
     let mut h = Harness::new(Deletion::After(Duration::from_secs(3600)));
     let abs = h.write("keep.png", b"keep me").await;
@@ -424,7 +472,7 @@ async fn turning_deletion_off_cancels_pending_deletes() {
     h.commands
         .send(Command::Replan {
             plan: p,
-            budget: resources(MEMORY_LIMIT).0,
+            memory_limit: MEMORY_LIMIT,
             applied: oneshot::channel().0,
         })
         .await
@@ -704,7 +752,7 @@ async fn deletes_beyond_the_window_are_done_and_cancelled_too() {
     h.commands
         .send(Command::Replan {
             plan: p,
-            budget: resources(MEMORY_LIMIT).0,
+            memory_limit: MEMORY_LIMIT,
             applied,
         })
         .await
