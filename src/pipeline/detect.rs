@@ -242,6 +242,7 @@ pub fn start(what: Watching, links: Links) -> notify::Result<(Watcher, JoinHandl
         .map_err(notify::Error::io)?;
 
     let mut d = Detect {
+        root_id: root_identity(&rules.root),
         rules,
         shared,
         walks: walks_tx,
@@ -251,6 +252,8 @@ pub fn start(what: Watching, links: Links) -> notify::Result<(Watcher, JoinHandl
         live,
         dropped,
         rescan_when_drained: false,
+        full_scan_owed: None,
+        root_lost: false,
         rescan_every: rescan_interval,
         next_rescan: rescan_interval.map(|d| Instant::now() + d),
         last_publish: Instant::now(),
@@ -272,6 +275,15 @@ struct Detect {
     dropped: Arc<AtomicBool>,
     /// A settled file did not fit into the scheduler's channel.
     rescan_when_drained: bool,
+    /// A scan of the whole tree that did not fit into the walk queue; sent
+    /// at the next tick that has room.
+    full_scan_owed: Option<Why>,
+    /// The kernel dropped the root's watch (an unmount, say) while the root
+    /// guard saw nothing change (a remount at once): every watch is added
+    /// again once the root is the one watched before ([`Detect::root_id`]).
+    root_lost: bool,
+    /// Device and inode of the root when its watches were last added.
+    root_id: Option<(u64, u64)>,
     rescan_every: Option<Duration>,
     next_rescan: Option<Instant>,
     last_publish: Instant,
@@ -324,7 +336,8 @@ impl Detect {
     fn walk(&mut self, dir: PathBuf, why: Why) {
         if let Err(e) = self.walks.try_send((dir, why)) {
             if why.is_full_scan() {
-                tracing::debug!(error = %e, "a rescan is already waiting");
+                tracing::debug!(error = %e, "the walk queue is full; the rescan is sent when it has room");
+                self.full_scan_owed = Some(why);
             } else {
                 tracing::warn!(
                     "too many directory walks are waiting; rescanning the whole tree instead"
@@ -386,6 +399,8 @@ impl Detect {
 
     /// The root is back: every watch is added again and the tree rescanned.
     fn rewatch(&mut self) {
+        self.root_lost = false;
+        self.root_id = root_identity(&self.rules.root);
         let paths: Vec<PathBuf> = {
             let mut w = self.shared.watched.lock().expect("watched lock");
             w.drain().map(|(p, _)| p).collect()
@@ -496,6 +511,10 @@ impl Detect {
             }
             EventKind::Remove(_) => {
                 for p in &ev.paths {
+                    if *p == self.rules.root && !self.root_lost {
+                        tracing::warn!(root = %p.display(), "the watch on the root was removed (unmounted or deleted); watching again once it is back");
+                        self.root_lost = true;
+                    }
                     self.pending.remove(p);
                     self.forget_dir(p);
                 }
@@ -505,6 +524,12 @@ impl Detect {
     }
 
     fn tick(&mut self) {
+        if let Some(why) = self.full_scan_owed.take() {
+            self.walk(self.rules.root.clone(), why);
+        }
+        if self.root_lost && root_identity(&self.rules.root) == self.root_id {
+            self.rewatch();
+        }
         if self.dropped.swap(false, Ordering::Relaxed) {
             tracing::warn!(
                 capacity = EVENT_QUEUE,
@@ -796,6 +821,12 @@ fn watch_dir(shared: &WalkerShared, dir: &Path) {
 /// those a second, and each would cross the kernel's event queue, wake
 /// notify's thread and could fill the bounded channel (forcing a rescan).
 /// notify also drops any event outside this mask before calling us.
+/// Device and inode of `root`, if it is there.
+fn root_identity(root: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(root).ok().map(|m| (m.dev(), m.ino()))
+}
+
 fn watcher_config() -> notify::Config {
     notify::Config::default().with_event_kinds(EventKindMask::CORE | EventKindMask::ACCESS_CLOSE)
 }
@@ -814,11 +845,18 @@ mod tests {
         assert!(asked.matches(&EventKind::Modify(ModifyKind::Name(RenameMode::To))));
     }
 
+    type Walks = std::sync::mpsc::Receiver<(PathBuf, Why)>;
+
     fn detect() -> (Detect, mpsc::Receiver<Candidate>) {
+        let (d, rx, _walks) = detect_at(Path::new("/r"));
+        (d, rx)
+    }
+
+    /// A `Detect` on `root` whose walk queue holds one walk.
+    fn detect_at(root: &Path) -> (Detect, mpsc::Receiver<Candidate>, Walks) {
         let (out, rx) = mpsc::channel(16);
         let (inputs, _irx) = mpsc::channel(4);
-        let rules =
-            Rules::new(Path::new("/r"), &["**".into()], &[], Duration::from_secs(2)).unwrap();
+        let rules = Rules::new(root, &["**".into()], &[], Duration::from_secs(2)).unwrap();
         let notify = notify::recommended_watcher(|_| {}).unwrap();
         let live = Arc::new(Live::default());
         let shared = Arc::new(WalkerShared {
@@ -833,8 +871,11 @@ mod tests {
             unwatched: AtomicU64::new(0),
             limit_warned: AtomicBool::new(false),
         });
-        let (walks, _wrx) = std::sync::mpsc::sync_channel(4);
+        let (walks, wrx) = std::sync::mpsc::sync_channel(1);
         let d = Detect {
+            root_id: root_identity(root),
+            root_lost: false,
+            full_scan_owed: None,
             rules,
             shared,
             walks,
@@ -848,7 +889,7 @@ mod tests {
             next_rescan: None,
             last_publish: Instant::now(),
         };
-        (d, rx)
+        (d, rx, wrx)
     }
 
     fn pending(phase: Phase, last_event: Instant) -> Pending {
@@ -917,5 +958,42 @@ mod tests {
         d.pending.get_mut(&f).unwrap().last_probe = old;
         d.probe_writers();
         assert_eq!(d.pending[&f].phase, Phase::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_rescan_that_finds_the_walk_queue_full_is_sent_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut d, _rx, walks) = detect_at(dir.path());
+        let root = d.rules.root.clone();
+        d.walk(root.join("a"), Why::NewDirectory); // fills the queue
+        d.walk(root.clone(), Why::Overflow);
+        d.tick();
+        assert_eq!(walks.try_recv().unwrap().1, Why::NewDirectory);
+        assert!(walks.try_recv().is_err());
+        d.tick();
+        assert_eq!(walks.try_recv().unwrap(), (root, Why::Overflow));
+        d.tick();
+        assert!(walks.try_recv().is_err(), "sent once");
+    }
+
+    #[tokio::test]
+    async fn a_root_whose_watch_the_kernel_dropped_is_watched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut d, _rx, walks) = detect_at(dir.path());
+        let root = d.rules.root.clone();
+        let unmount = notify::Event::new(EventKind::Remove(notify::event::RemoveKind::Other))
+            .add_path(root.clone());
+        // Another file system at the path for now: wait.
+        d.root_id = Some((0, 0));
+        d.event(Ok(unmount.clone()));
+        d.tick();
+        assert!(walks.try_recv().is_err());
+        // The same root again (a remount at once): every watch comes back.
+        d.root_id = root_identity(&root);
+        d.tick();
+        assert_eq!(walks.try_recv().unwrap(), (root.clone(), Why::RootBack));
+        assert!(!d.root_lost);
+        d.tick();
+        assert!(walks.try_recv().is_err(), "once");
     }
 }

@@ -1,5 +1,6 @@
 //! Trouble only root can stage: a full state_dir (a small tmpfs), a watch
-//! root unmounted and mounted again (a bind mount), an inotify queue that
+//! root unmounted and mounted again (a bind mount; a file system of its own
+//! remounted at once, a loop-mounted ext4), an inotify queue that
 //! overflows (a tiny `fs.inotify.max_queued_events`), and an operator who is
 //! in the service's group only as a supplementary group. Each test fails
 //! under CI when it cannot run as root (`require`).
@@ -28,6 +29,15 @@ struct Mount(std::path::PathBuf);
 impl Drop for Mount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Detaches a loop device on drop (after the [`Mount`] on it, declared later).
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
     }
 }
 
@@ -202,6 +212,51 @@ fn an_unmounted_root_pauses_and_resumes_when_mounted_again() {
     // Watches are back: a new file is seen at once (no periodic rescan).
     write_and_wait(&env, &s3, "after/new.png", b"after the remount");
     assert!(watch.finish().is_empty());
+    daemon.stop();
+}
+
+/// A root that is a file system of its own, unmounted and mounted again at
+/// once: the same device and inode, so the root guard may see no change,
+/// but the kernel dropped every watch. They come back, with no periodic
+/// rescan to help.
+#[test]
+fn a_root_remounted_at_once_is_watched_again() {
+    let mkfs = Command::new("mkfs.ext4").arg("-V").output().is_ok();
+    if !require(
+        is_root() && mkfs,
+        "root and mkfs.ext4 (a loop-mounted ext4)",
+    ) {
+        return;
+    }
+    let env = TestEnv::new();
+    let image = env.dir.path().join("disk.ext4");
+    let image = image.display();
+    sh(&format!("truncate -s 32M {image} && mkfs.ext4 -q {image}"));
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(env.dir.path().join("disk.ext4"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "losetup: {out:?}");
+    let device = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let _loop = Loop(device.clone());
+    let root = env.root.display();
+    sh(&format!("mount {device} {root}"));
+    let _mount = Mount(env.root.clone());
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    let daemon = Daemon::start(&env, &[]);
+    write_and_wait(&env, &s3, "before/a.png", b"before the remount");
+    let id = || {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(&env.root).unwrap();
+        (m.dev(), m.ino())
+    };
+    let before = id();
+    sh(&format!("umount {root} && mount {device} {root}"));
+    assert_eq!(id(), before, "the same file system again");
+    write_and_wait(&env, &s3, "after/b.png", b"after the remount");
+    write_and_wait(&env, &s3, "before/c.png", b"in an old folder");
     daemon.stop();
 }
 
