@@ -158,6 +158,33 @@ fn backfill_queues_files_older_than_the_mark() {
 }
 
 #[test]
+fn backfill_in_local_mode_is_refused_live_and_stopped() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let cfg = Cfg::new(&s3.endpoint());
+    env.write_config(&cfg);
+    write_file(&env.path("pre/a.png"), b"aaa");
+    Daemon::start(&env, &[]).stop(); // sets the managed-since mark
+    env.write_raw_config(
+        &env.config_yaml(&cfg)
+            .replace(&format!("  active: {PROVIDER}\n"), "  active: local\n"),
+    );
+    let refused = || {
+        let (code, out, err) = env.cli(&["backfill"]);
+        assert_eq!(code, 78, "{out}{err}");
+        assert!(
+            err.contains("backfill needs an active provider: `storage.active` is `local`"),
+            "{err}"
+        );
+    };
+    let daemon = Daemon::start(&env, &[]);
+    refused();
+    daemon.stop();
+    refused();
+    assert_eq!(env.status()["queue_depth"], 0);
+}
+
+#[test]
 fn offline_backfill_is_uploaded_at_next_start() {
     let env = TestEnv::new();
     let s3 = S3Server::start_for(&env);
@@ -236,9 +263,16 @@ fn test_connection_runs_inside_the_daemon_with_its_credentials() {
     let (code, out, err) = env.cli(&["test-connection"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("passed"), "{out}");
+    // backfill asks the daemon whether it offloads, not the CLI's own secret.
+    let (code, out, err) = env.cli(&["backfill", "--dry-run"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("0 file(s) would be queued"), "{out}");
     daemon.stop();
     // Without the daemon, the CLI has no secret: the provider is incomplete.
     let (code, out, err) = env.cli(&["test-connection"]);
     assert_eq!(code, 78, "{out}{err}");
     assert!(err.contains("secret"), "{err}");
+    // Yet the service may have one the CLI cannot read: backfill still queues.
+    let (code, out, err) = env.cli(&["backfill", "--dry-run"]);
+    assert_eq!(code, 0, "{out}{err}");
 }

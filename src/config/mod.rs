@@ -569,10 +569,7 @@ impl Config {
     /// own address); needs no secret, so the CLI can answer `locate`.
     pub fn public_url_base(&self, name: &str) -> Option<String> {
         let section = self.storage.providers.get(name)?;
-        let placeholder = Some(Secret::new(String::new()));
-        provider::resolve(name, section, placeholder)
-            .ok()?
-            .public_url_base
+        provider::place(name, section).ok()?.public_url_base
     }
 
     /// The provider uploads go to, or local mode with the reason.
@@ -582,20 +579,46 @@ impl Config {
 
     fn active_with(&self, env: &dyn Fn(&str) -> Option<OsString>) -> Active {
         let name = &self.storage.active;
-        if name == "local" {
-            return Active::Local {
-                reason: "`storage.active` is `local`".into(),
-            };
-        }
-        if self.storage.providers.get(name).is_some_and(|p| !p.enabled) {
-            return Active::Local {
-                reason: format!("provider `{name}` is disabled (`enabled: false`)"),
-            };
+        if let Some(reason) = self.off_by_choice() {
+            return Active::Local { reason };
         }
         match self.resolve_with(name, env) {
             Ok(resolved) => Active::Provider(resolved),
             Err(Incomplete { reason }) => Active::Local { reason },
         }
+    }
+
+    /// Why nothing is offloaded by the operator's choice: `active: local`, or
+    /// an active provider that is disabled.
+    fn off_by_choice(&self) -> Option<String> {
+        let name = &self.storage.active;
+        if name == "local" {
+            return Some("`storage.active` is `local`".into());
+        }
+        self.storage
+            .providers
+            .get(name)
+            .is_some_and(|p| !p.enabled)
+            .then(|| format!("provider `{name}` is disabled (`enabled: false`)"))
+    }
+
+    /// Why the daemon would run in local mode whatever its secret: the CLI,
+    /// when the daemon is down, cannot tell whether the service can read a
+    /// secret that it cannot (a systemd credential, say).
+    pub fn local_whatever_the_secret(&self) -> Option<String> {
+        let name = &self.storage.active;
+        if let Some(reason) = self.off_by_choice() {
+            return Some(reason);
+        }
+        let Some(section) = self.storage.providers.get(name) else {
+            return Some(format!(
+                "there is no provider `{name}`; add it under `storage.providers`"
+            ));
+        };
+        let placeholder = Some(Secret::new(String::new()));
+        provider::resolve(name, section, placeholder)
+            .err()
+            .map(|e| e.reason)
     }
 
     /// The `check-config` text: every provider's effective settings, secrets masked.
@@ -1383,6 +1406,21 @@ mod tests {
             Some("https://media.s3.eu-west-1.amazonaws.com")
         );
         assert_eq!(c.public_url_base("other"), None);
+    }
+
+    #[test]
+    fn a_records_url_needs_no_credentials_nor_ca() {
+        let fx = Fixture::new();
+        // The provider records were made with, after its key was removed and
+        // its CA file went missing: its URLs stay known.
+        let c = fx
+            .load("storage:\n  active: local\n  providers:\n    old:\n      kind: minio\n      endpoint: https://minio.lan\n      bucket: media\n      public_url: https://cdn.example.com/\n      ca_file: /nonexistent/ca.pem\n")
+            .unwrap()
+            .config;
+        assert_eq!(
+            c.public_url_base("old").as_deref(),
+            Some("https://cdn.example.com")
+        );
     }
 
     #[test]

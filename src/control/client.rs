@@ -2,7 +2,7 @@
 //! over the control socket, or, when no daemon answers, opens the state
 //! directory itself (taking the instance lock, so the two never meet).
 
-use crate::config::{Active, Config};
+use crate::config::Config;
 use crate::control::commands;
 use crate::control::protocol::{err_line, line, Reply, Request};
 use crate::control::status;
@@ -239,18 +239,24 @@ pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
         ))
         .finish();
     };
-    if let Active::Local { reason } = config.active() {
+    // Asked of the daemon when it runs: only it knows whether it can read
+    // its secret.
+    let probe = call(config, &Request::Status { json: true });
+    let local = match &probe {
+        Ok(Some(status)) => serde_json::from_str::<serde_json::Value>(&status.out)
+            .ok()
+            .and_then(|s| s["local_mode_reason"].as_str().map(str::to_string)),
+        Ok(None) => config.local_whatever_the_secret(),
+        Err(e) => return Reply::fail(1, err_line(e)).finish(),
+    };
+    if let Some(reason) = local {
         return Reply::fail(
             78,
             err_line(format!("backfill needs an active provider: {reason}")),
         )
         .finish();
     }
-    let probe = call(config, &Request::Status { json: true });
     let running = matches!(probe, Ok(Some(_)));
-    if let Err(e) = probe {
-        return Reply::fail(1, err_line(e)).finish();
-    }
     let offline = if running {
         None
     } else {
@@ -261,7 +267,14 @@ pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
     };
     let keys = backfill_candidates(config, offline.as_ref().map(|(_, s)| s), mark);
     if dry_run {
-        let mut would = keys.len();
+        // As the real run counts: files not in the queue yet.
+        let mut would = match &offline {
+            Some((_, queue)) => keys
+                .iter()
+                .filter(|(k, _)| queue.item(k).is_ok_and(|i| i.is_none()))
+                .count(),
+            None => keys.len(),
+        };
         if running {
             would = 0;
             for chunk in keys.chunks(1000) {

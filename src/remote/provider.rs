@@ -403,27 +403,35 @@ fn endpoint_base(
     Ok(format!("{scheme}://{authority}"))
 }
 
-/// Turns a validated section and its secret into a complete provider.
-pub fn resolve(
-    name: &str,
-    s: &ProviderSection,
-    secret: Option<Secret>,
-) -> Result<Resolved, Incomplete> {
-    let kind = s.kind;
-    let incomplete = |what: &str| Incomplete {
-        reason: format!("provider `{name}` is incomplete: {what}"),
-    };
-    let given = |v: &Option<String>| v.clone().filter(|v| !v.trim().is_empty());
+/// Where a provider's bucket is, from its section alone: no credentials, no
+/// CA, so that the URLs of its records are known whatever else is missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    pub bucket: String,
+    pub region: String,
+    /// `scheme://host[:port]`, no trailing slash, no bucket.
+    pub endpoint: String,
+    pub addressing: Addressing,
+    /// No trailing slash.
+    pub public_url_base: Option<String>,
+}
 
+fn incomplete(name: &str, what: &str) -> Incomplete {
+    Incomplete {
+        reason: format!("provider `{name}` is incomplete: {what}"),
+    }
+}
+
+fn given(v: &Option<String>) -> Option<String> {
+    v.clone().filter(|v| !v.trim().is_empty())
+}
+
+/// The bucket, region, endpoint, addressing and public URL base of a
+/// validated section.
+pub fn place(name: &str, s: &ProviderSection) -> Result<Place, Incomplete> {
+    let kind = s.kind;
+    let incomplete = |what: &str| incomplete(name, what);
     let bucket = given(&s.bucket).ok_or_else(|| incomplete("no bucket; set `bucket`"))?;
-    let access_key_id = given(&s.access_key_id)
-        .ok_or_else(|| incomplete("no access key id; set `access_key_id`"))?;
-    let secret = secret.ok_or_else(|| {
-        incomplete(&format!(
-            "no secret access key; set `secret_access_key_file`, the systemd credential `{name}.secret_access_key`, or {}",
-            secret_env_var(name)
-        ))
-    })?;
     let region = match (kind, given(&s.region)) {
         (Kind::R2, _) => "auto".to_owned(),
         (_, Some(region)) => region,
@@ -473,6 +481,39 @@ pub fn resolve(
         (None, Kind::Gcs) => Some(format!("https://storage.googleapis.com/{bucket}")),
         (None, Kind::Minio | Kind::Custom) => Some(format!("{endpoint}/{bucket}")),
     };
+    Ok(Place {
+        bucket,
+        region,
+        endpoint,
+        addressing,
+        public_url_base,
+    })
+}
+
+/// Turns a validated section and its secret into a complete provider.
+pub fn resolve(
+    name: &str,
+    s: &ProviderSection,
+    secret: Option<Secret>,
+) -> Result<Resolved, Incomplete> {
+    let incomplete = |what: &str| incomplete(name, what);
+    // Complaints in the order an operator fills a section in.
+    given(&s.bucket).ok_or_else(|| incomplete("no bucket; set `bucket`"))?;
+    let access_key_id = given(&s.access_key_id)
+        .ok_or_else(|| incomplete("no access key id; set `access_key_id`"))?;
+    let secret = secret.ok_or_else(|| {
+        incomplete(&format!(
+            "no secret access key; set `secret_access_key_file`, the systemd credential `{name}.secret_access_key`, or {}",
+            secret_env_var(name)
+        ))
+    })?;
+    let Place {
+        bucket,
+        region,
+        endpoint,
+        addressing,
+        public_url_base,
+    } = place(name, s)?;
     let server_side_encryption = s.server_side_encryption.map(|mode| match mode {
         SseMode::Aes256 => Sse::Aes256,
         SseMode::AwsKms => Sse::AwsKms {
@@ -481,7 +522,7 @@ pub fn resolve(
     });
     Ok(Resolved {
         name: name.to_owned(),
-        kind,
+        kind: s.kind,
         bucket,
         endpoint,
         region,
