@@ -553,9 +553,12 @@ impl Detect {
             (None, true) => Some(LIMITED_RESCAN),
             (d, false) => d,
         };
-        if self.next_rescan.is_none() {
-            self.next_rescan = every.map(|d| Instant::now() + d);
-        }
+        // The sooner of the one planned and one `every` from now: directories
+        // found without a watch pull a rescan planned an hour ahead in.
+        self.next_rescan = match (self.next_rescan, every.map(|d| Instant::now() + d)) {
+            (Some(planned), Some(soon)) => Some(planned.min(soon)),
+            (planned, soon) => planned.or(soon),
+        };
         if self.next_rescan.is_some_and(|t| Instant::now() >= t) {
             self.next_rescan = every.map(|d| Instant::now() + d);
             // The rescan counts the directories still without a watch afresh.
@@ -995,5 +998,21 @@ mod tests {
         assert!(!d.root_lost);
         d.tick();
         assert!(walks.try_recv().is_err(), "once");
+    }
+
+    #[tokio::test]
+    async fn directories_without_a_watch_bring_the_next_rescan_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut d, _rx, _walks) = detect_at(dir.path());
+        d.rescan_every = Some(Duration::from_secs(3600));
+        d.next_rescan = Some(Instant::now() + Duration::from_secs(3600));
+        d.shared.unwatched.store(3, Ordering::Relaxed);
+        d.tick();
+        let next = d.next_rescan.unwrap();
+        assert!(
+            next <= Instant::now() + LIMITED_RESCAN,
+            "{:?}",
+            next - Instant::now()
+        );
     }
 }

@@ -131,7 +131,9 @@ impl Worker {
             Err(why) => return Outcome::RootGone(why),
         };
         let abs = key.to_local(&self.started.options.root);
-        if std::fs::symlink_metadata(&abs).is_ok() {
+        // A file again at the name (recreated just now): look once more. A
+        // directory or a FIFO there is not the file that was queued.
+        if std::fs::symlink_metadata(&abs).is_ok_and(|m| m.is_file()) {
             return Outcome::Later {
                 due_ms: now_ms(),
                 lane: Lane::Upload,

@@ -457,6 +457,26 @@ async fn parking_an_item_aborts_its_multipart_upload() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_queued_file_replaced_by_a_directory_is_dropped() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    let p = h.root.join("x.png");
+    std::fs::write(&p, b"x").unwrap();
+    let identity = FileIdentity::of(&std::fs::metadata(&p).unwrap());
+    let key = Harness::key("x.png");
+    h.queue.admit(&key, &identity, Admit::Event).unwrap();
+    std::fs::remove_file(&p).unwrap();
+    std::fs::create_dir(&p).unwrap();
+    h.start(Deletion::Keep);
+    until(30, "the item dropped", || {
+        h.queue.item(&key).unwrap().is_none()
+    })
+    .await;
+    assert_eq!(h.count(Op::Put), 0);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn turning_deletion_off_cancels_pending_deletes() {
     let mut h = Harness::new(Deletion::After(Duration::from_secs(3600)));
     let abs = h.write("keep.png", b"keep me").await;
