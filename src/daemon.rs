@@ -427,10 +427,18 @@ impl Reloader {
         let mut started = None;
         match (&self.watcher, &cur.plan.target) {
             (Some(w), target) => {
-                w.reconfigure(cur.rules.clone(), cur.config.watch.rescan_interval);
-                // Files written while in local mode are found now.
-                if let (Target::Local { .. }, Target::Provider(_)) = (&old.plan.target, target) {
-                    w.rescan();
+                w.reconfigure(cur.rules.clone(), cur.config.watch.rescan_interval)
+                    .await;
+                // Files written while in local mode are found now, and so are
+                // those in folders the new rules include.
+                let from_local = matches!(
+                    (&old.plan.target, target),
+                    (Target::Local { .. }, Target::Provider(_))
+                );
+                let rules_changed = cur.config.watch.include != old.config.watch.include
+                    || cur.config.watch.exclude != old.config.watch.exclude;
+                if from_local || rules_changed {
+                    w.rescan().await;
                 }
             }
             (None, Target::Provider(_)) => match self.start_watcher(&cur) {

@@ -176,3 +176,38 @@ fn switching_the_active_provider_mid_queue() {
     assert!(daemon.alive());
     daemon.stop();
 }
+
+#[test]
+fn changed_include_and_exclude_rules_apply_live() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let cfg = Cfg::new(&s3.endpoint());
+    env.write_config(&cfg);
+    let mut daemon = Daemon::start(&env, &[]);
+    // Under the default `**/.*`, a hidden folder and what is in it are left out.
+    write_file(&env.path(".staging/a.png"), b"staged");
+    write_and_wait(&env, &s3, "seen.png", b"seen");
+    assert!(!s3.has(".staging/a.png"));
+
+    let yaml = env.config_yaml(&cfg);
+    assert!(yaml.contains("  rescan_interval: 0\n"));
+    env.write_raw_config(&yaml.replace(
+        "  rescan_interval: 0\n",
+        "  rescan_interval: 0\n  exclude: [\"**/*.tmp\", \"drafts/**\"]\n",
+    ));
+    reload_and_wait(&daemon, "configuration reloaded");
+    // The folder now included is scanned and watched at once.
+    wait_until(LONG, "the staged file found by the rescan", || {
+        s3.object_bytes(".staging/a.png").as_deref() == Some(&b"staged"[..])
+    });
+    write_and_wait(&env, &s3, ".staging/b.png", b"written after the reload");
+    // A file in a folder excluded now is left alone, its folder being
+    // watched from before or not.
+    fs::create_dir_all(env.path("drafts")).unwrap();
+    write_file(&env.path("drafts/c.png"), b"draft");
+    write_and_wait(&env, &s3, "marker.png", b"later than the draft");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert!(!s3.has("drafts/c.png"));
+    assert!(daemon.alive());
+    daemon.stop();
+}

@@ -141,19 +141,18 @@ pub struct Watcher {
 
 impl Watcher {
     /// Applies reloaded rules and rescan interval; the root stays the same.
-    pub fn reconfigure(&self, rules: Rules, rescan_interval: Option<Duration>) {
-        if self
+    pub async fn reconfigure(&self, rules: Rules, rescan_interval: Option<Duration>) {
+        // Waits for room: the rules must not be lost to a busy moment.
+        let _ = self
             .inputs
-            .try_send(Input::Reconfigure(rules, rescan_interval))
-            .is_err()
-        {
-            tracing::warn!("the watcher is busy; the reloaded include/exclude rules apply after its next rescan");
-        }
+            .send(Input::Reconfigure(rules, rescan_interval))
+            .await;
     }
 
-    /// Rescans the whole tree (e.g. when local mode ends).
-    pub fn rescan(&self) {
-        let _ = self.inputs.try_send(Input::Rescan);
+    /// Rescans the whole tree (e.g. when local mode ends, or the include and
+    /// exclude rules changed: newly included folders get their watches).
+    pub async fn rescan(&self) {
+        let _ = self.inputs.send(Input::Rescan).await;
     }
 }
 

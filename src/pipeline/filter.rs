@@ -64,7 +64,9 @@ impl Rules {
         })
     }
 
-    /// True if the file at `abs` (under the root) is included and not excluded.
+    /// True if the file at `abs` (under the root) is included and neither it
+    /// nor a folder it is in is excluded (as a walk skips such a folder, so
+    /// does an event in it).
     pub fn matches(&self, abs: &Path) -> bool {
         let Ok(rel) = abs.strip_prefix(&self.root) else {
             return false;
@@ -72,7 +74,13 @@ impl Rules {
         if rel.as_os_str().is_empty() || is_own(abs) {
             return false;
         }
-        self.include.is_match(rel) && !self.exclude.is_match(rel)
+        self.include.is_match(rel)
+            && !self.exclude.is_match(rel)
+            && rel
+                .ancestors()
+                .skip(1)
+                .take_while(|a| !a.as_os_str().is_empty())
+                .all(|a| !self.exclude.is_match(a))
     }
 
     /// True if a directory should be walked: excluded directories (e.g. `.cache`
@@ -116,6 +124,9 @@ mod tests {
         assert!(!r.matches(Path::new("/r/x/b.part")));
         assert!(!r.matches(Path::new("/r/c~")));
         assert!(!r.matches(Path::new("/other/a.png")));
+        // in an excluded folder, whatever its own name
+        assert!(!r.matches(Path::new("/r/.staging/a.png")));
+        assert!(!r.matches(Path::new("/r/x/.cache/y/z.png")));
         assert!(!r.walks(Path::new("/r/.cache")));
         assert!(r.walks(Path::new("/r/images")));
     }
