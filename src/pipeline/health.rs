@@ -8,7 +8,8 @@
 //! started counts as that probe. If the probe fails, the provider is *paused*:
 //! nothing is sent but one probe at a time, with exponential backoff and
 //! jitter, until one succeeds. The outage is logged when it starts and when it
-//! ends, not once per item.
+//! ends, not once per item. A reload or a switch of provider starts afresh: the
+//! answer of a probe sent before it ([`ProbeTicket`]) no longer counts.
 
 use crate::pipeline::backoff::Backoff;
 use tokio::time::Instant;
@@ -37,11 +38,17 @@ pub enum Change {
     Resumed { reason: String, paused_s: u64 },
 }
 
+/// Which probe an answer belongs to: only the latest one's counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeTicket(u64);
+
 /// See the module docs.
 #[derive(Debug)]
 pub struct Health {
     state: State,
     probing: bool,
+    /// Bumped by a reload and a switch: answers to older probes are stale.
+    generation: u64,
     backoff: Backoff,
     /// When an upload last succeeded.
     last_success: Option<Instant>,
@@ -57,6 +64,7 @@ impl Health {
         Health {
             state: State::Healthy,
             probing: false,
+            generation: 0,
             backoff,
             last_success: None,
             throttled: 0,
@@ -104,10 +112,10 @@ impl Health {
         }
     }
 
-    /// Whether a probe should start now; if so, it counts as started.
-    pub fn want_probe(&mut self, now: Instant) -> bool {
+    /// A ticket if a probe should start now; it counts as started.
+    pub fn want_probe(&mut self, now: Instant) -> Option<ProbeTicket> {
         if self.probing {
-            return false;
+            return None;
         }
         let due = match &self.state {
             State::Healthy => false,
@@ -115,7 +123,19 @@ impl Health {
             State::Paused { next_probe, .. } => now >= *next_probe,
         };
         self.probing = due;
-        due
+        due.then_some(ProbeTicket(self.generation))
+    }
+
+    /// Whether the answer to `ticket`'s probe still counts; a stale one is
+    /// dropped.
+    fn current(&self, ticket: ProbeTicket) -> bool {
+        ticket.0 == self.generation
+    }
+
+    /// Makes the answers of every probe sent so far stale.
+    fn start_afresh(&mut self) {
+        self.generation += 1;
+        self.probing = false;
     }
 
     /// An upload succeeded: the provider works.
@@ -126,7 +146,10 @@ impl Health {
     }
 
     /// The probe succeeded.
-    pub fn probe_succeeded(&mut self, now: Instant) -> Option<Change> {
+    pub fn probe_succeeded(&mut self, ticket: ProbeTicket, now: Instant) -> Option<Change> {
+        if !self.current(ticket) {
+            return None;
+        }
         self.probing = false;
         self.healthy(now)
     }
@@ -144,7 +167,15 @@ impl Health {
 
     /// The probe failed with `reason`: the provider is paused (or stays
     /// paused, probing again later).
-    pub fn probe_failed(&mut self, reason: &str, now: Instant) -> Option<Change> {
+    pub fn probe_failed(
+        &mut self,
+        ticket: ProbeTicket,
+        reason: &str,
+        now: Instant,
+    ) -> Option<Change> {
+        if !self.current(ticket) {
+            return None;
+        }
         self.probing = false;
         match &mut self.state {
             State::Paused {
@@ -173,13 +204,23 @@ impl Health {
         }
     }
 
-    /// A probe was abandoned (shutdown, provider switched).
-    pub fn probe_abandoned(&mut self) {
-        self.probing = false;
+    /// A probe was abandoned (its task failed).
+    pub fn probe_abandoned(&mut self, ticket: ProbeTicket) {
+        if self.current(ticket) {
+            self.probing = false;
+        }
     }
 
-    /// A reload may have fixed the cause: probe at once.
+    /// The ticket of the probe that would be current (for a probe task
+    /// that failed without saying which it was).
+    pub fn latest_ticket(&self) -> ProbeTicket {
+        ProbeTicket(self.generation)
+    }
+
+    /// A reload may have fixed the cause: probe at once, with the new
+    /// settings, whatever a probe sent before answers.
     pub fn probe_now(&mut self, now: Instant) {
+        self.start_afresh();
         if let State::Paused { next_probe, .. } = &mut self.state {
             *next_probe = now;
         }
@@ -187,7 +228,7 @@ impl Health {
 
     /// Forgets everything (the active provider changed).
     pub fn reset(&mut self) -> Option<Change> {
-        self.probing = false;
+        self.start_afresh();
         self.last_success = None;
         match std::mem::replace(&mut self.state, State::Healthy) {
             State::Paused { reason, .. } => Some(Change::Resumed {
@@ -222,25 +263,28 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(h.item_failed(t0), None);
         assert!(!h.uploads_allowed(), "suspect: new uploads wait");
-        assert!(h.want_probe(Instant::now()));
-        assert!(!h.want_probe(Instant::now()), "one probe at a time");
-        assert_eq!(h.probe_succeeded(Instant::now()), None);
+        let t = h.want_probe(Instant::now()).unwrap();
+        assert!(
+            h.want_probe(Instant::now()).is_none(),
+            "one probe at a time"
+        );
+        assert_eq!(h.probe_succeeded(t, Instant::now()), None);
         assert!(h.uploads_allowed());
 
         assert_eq!(h.item_failed(Instant::now()), None);
-        assert!(h.want_probe(Instant::now()));
+        let t = h.want_probe(Instant::now()).unwrap();
         assert_eq!(
-            h.probe_failed("bad key", Instant::now()),
+            h.probe_failed(t, "bad key", Instant::now()),
             Some(Change::Paused("bad key".into()))
         );
         assert_eq!(h.item_failed(Instant::now()), Some(false));
         assert!(
-            !h.want_probe(Instant::now()),
+            h.want_probe(Instant::now()).is_none(),
             "backoff before the next probe"
         );
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(h.want_probe(Instant::now()));
-        assert_eq!(h.probe_failed("bad key", Instant::now()), None);
+        let t = h.want_probe(Instant::now()).unwrap();
+        assert_eq!(h.probe_failed(t, "bad key", Instant::now()), None);
         let next = h.next_probe().unwrap();
         let wait = next - Instant::now();
         assert!(
@@ -248,9 +292,9 @@ mod tests {
             "{wait:?}"
         );
         tokio::time::advance(wait).await;
-        assert!(h.want_probe(Instant::now()));
+        let t = h.want_probe(Instant::now()).unwrap();
         assert!(matches!(
-            h.probe_succeeded(Instant::now()),
+            h.probe_succeeded(t, Instant::now()),
             Some(Change::Resumed { .. })
         ));
     }
@@ -282,16 +326,52 @@ mod tests {
     async fn probes_back_off_up_to_the_maximum() {
         let mut h = health();
         h.item_failed(Instant::now());
-        assert!(h.want_probe(Instant::now()));
-        h.probe_failed("down", Instant::now());
+        let t = h.want_probe(Instant::now()).unwrap();
+        h.probe_failed(t, "down", Instant::now());
         for _ in 0..10 {
             let wait = h.next_probe().unwrap() - Instant::now();
             assert!(wait <= Duration::from_secs(8), "{wait:?}");
             tokio::time::advance(wait).await;
-            assert!(h.want_probe(Instant::now()));
-            h.probe_failed("down", Instant::now());
+            let t = h.want_probe(Instant::now()).unwrap();
+            h.probe_failed(t, "down", Instant::now());
         }
         let wait = h.next_probe().unwrap() - Instant::now();
         assert!(wait >= Duration::from_secs(4), "{wait:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_reload_a_probe_sent_before_it_does_not_count() {
+        let mut h = health();
+        h.item_failed(Instant::now());
+        let t = h.want_probe(Instant::now()).unwrap();
+        h.probe_failed(t, "wrong endpoint", Instant::now());
+        tokio::time::advance(Duration::from_secs(8)).await;
+        let stale = h.want_probe(Instant::now()).unwrap();
+        // The operator fixes the endpoint and reloads while that probe runs.
+        h.probe_now(Instant::now());
+        let fresh = h.want_probe(Instant::now()).expect("a probe at once");
+        assert_eq!(
+            h.probe_failed(stale, "wrong endpoint", Instant::now()),
+            None
+        );
+        assert!(
+            h.want_probe(Instant::now()).is_none(),
+            "still one current probe"
+        );
+        assert!(matches!(
+            h.probe_succeeded(fresh, Instant::now()),
+            Some(Change::Resumed { .. })
+        ));
+        assert!(h.uploads_allowed());
+        // A switch of provider: the old one's late answer changes nothing.
+        h.item_failed(Instant::now());
+        let old = h.want_probe(Instant::now()).unwrap();
+        h.reset();
+        h.item_failed(Instant::now());
+        let new = h.want_probe(Instant::now()).unwrap();
+        h.probe_abandoned(old);
+        assert!(h.want_probe(Instant::now()).is_none(), "no second probe");
+        assert_eq!(h.probe_succeeded(new, Instant::now()), None);
+        assert!(h.uploads_allowed());
     }
 }

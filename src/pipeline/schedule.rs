@@ -20,7 +20,7 @@ use crate::observe::metrics::Metrics;
 use crate::pipeline::budget::{Budget, Pacer};
 use crate::pipeline::detect::{Candidate, Trigger};
 use crate::pipeline::finished::FileIdentity;
-use crate::pipeline::health::{Change, Health};
+use crate::pipeline::health::{Change, Health, ProbeTicket};
 use crate::pipeline::live::Live;
 use crate::pipeline::plan::{Deletion, Plan};
 use crate::pipeline::queue::{
@@ -166,6 +166,7 @@ enum Done {
     },
     Probe {
         provider: String,
+        ticket: ProbeTicket,
         result: Result<(), StorageError>,
     },
 }
@@ -672,15 +673,19 @@ impl Scheduler {
         let Some(store) = plan.target.store() else {
             return;
         };
-        if !self.health.want_probe(Instant::now()) {
+        let Some(ticket) = self.health.want_probe(Instant::now()) else {
             return;
-        }
+        };
         let store = store.clone();
         let provider = store.provider().name.clone();
         tracing::debug!(provider = %provider, "probing the provider");
         self.tasks.spawn(async move {
             let result = store.probe().await;
-            Done::Probe { provider, result }
+            Done::Probe {
+                provider,
+                ticket,
+                result,
+            }
         });
     }
 
@@ -694,7 +699,14 @@ impl Scheduler {
                 });
                 self.complete(key, outcome, flight);
             }
-            Ok((_, Done::Probe { provider, result })) => self.probed(&provider, result),
+            Ok((
+                _,
+                Done::Probe {
+                    provider,
+                    ticket,
+                    result,
+                },
+            )) => self.probed(&provider, ticket, result),
             Err(e) => {
                 // A worker that panicked: its item stays queued as it was.
                 if let Some(key) = self.task_keys.remove(&e.id()) {
@@ -703,7 +715,8 @@ impl Scheduler {
                     let due = self.clock.now_ms() + 60_000;
                     self.requeue(key, Lane::Upload, due, flight);
                 } else if !e.is_cancelled() {
-                    self.health.probe_abandoned();
+                    let ticket = self.health.latest_ticket();
+                    self.health.probe_abandoned(ticket);
                 }
             }
         }
@@ -845,22 +858,23 @@ impl Scheduler {
         }
     }
 
-    fn probed(&mut self, provider: &str, result: Result<(), StorageError>) {
-        if self.current().target.name() != provider {
-            self.health.probe_abandoned();
+    fn probed(&mut self, provider: &str, ticket: ProbeTicket, result: Result<(), StorageError>) {
+        if self.current().target.name() != provider || ticket != self.health.latest_ticket() {
+            // Sent before a reload or a switch: a fresh probe decides.
+            self.health.probe_abandoned(ticket);
             return;
         }
         let awaiting = std::mem::take(&mut self.awaiting);
         match result {
             Ok(()) => {
-                let change = self.health.probe_succeeded(Instant::now());
+                let change = self.health.probe_succeeded(ticket, Instant::now());
                 self.health_changed(change);
                 for (key, err, flight) in awaiting {
                     self.blame_item(key, err, flight);
                 }
             }
             Err(e) => {
-                let change = self.health.probe_failed(&e.message, Instant::now());
+                let change = self.health.probe_failed(ticket, &e.message, Instant::now());
                 self.live.update(|s| s.last_error = Some(e.message.clone()));
                 self.health_changed(change);
                 let now = self.clock.now_ms();
