@@ -726,6 +726,10 @@ impl Scheduler {
     /// Schedules an item that is back from a worker (or never left) in
     /// `lane`; an upload keeps the time it was first queued.
     fn requeue(&mut self, key: ItemKey, lane: Lane, due_ms: u64, flight: Option<Flight>) {
+        if self.held.contains(&key) {
+            // Being deleted through; its release puts it back if it stays.
+            return;
+        }
         let queued_ms = match lane {
             Lane::Upload => Some(
                 flight
@@ -744,12 +748,12 @@ impl Scheduler {
 
     fn complete(&mut self, key: ItemKey, outcome: Outcome, flight: Flight) {
         match outcome {
-            Outcome::Uploaded { delete_due } => {
+            Outcome::Uploaded { then } => {
                 self.live.update(|s| s.failed.remove(&key));
                 let change = self.health.upload_succeeded(Instant::now());
                 self.health_changed(change);
-                if let Some(due) = delete_due {
-                    self.requeue(key.clone(), Lane::Delete, due, None);
+                if let Some((lane, due)) = then {
+                    self.requeue(key.clone(), lane, due, None);
                 }
             }
             Outcome::Settled => {
@@ -1110,7 +1114,9 @@ impl Scheduler {
                 let _ = reply.send(self.lanes.len().saturating_sub(before));
             }
             Command::Hold { key, reply } => {
-                if self.in_flight.contains_key(&key) {
+                let busy = self.in_flight.contains_key(&key)
+                    || self.awaiting.iter().any(|(k, _, _)| *k == key);
+                if busy {
                     let _ = reply.send(Err(format!(
                         "{key} is being uploaded right now; try again in a few seconds"
                     )));

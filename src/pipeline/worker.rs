@@ -48,9 +48,10 @@ pub fn delete_due_ms(identity: &FileIdentity, min_age: Duration) -> u64 {
 /// What became of one dispatched item.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Uploaded, verified and durably recorded; `delete_due` (Unix ms) when
-    /// the local copy still waits for its delete.
-    Uploaded { delete_due: Option<u64> },
+    /// Uploaded, verified and durably recorded; `then`: when (Unix ms) and in
+    /// which lane the item comes back: its delete waits, or the file changed
+    /// since and goes again.
+    Uploaded { then: Option<(Lane, u64)> },
     /// The item left the queue without an upload: deleted locally, kept,
     /// dropped because the file vanished, or its delete was cancelled.
     Settled,
@@ -243,14 +244,14 @@ impl Worker {
         );
         failpoint::hit(failpoint::AFTER_RECORD_BEFORE_DELETE);
         if verified.next() == AfterUpload::Finish {
-            return Outcome::Uploaded { delete_due: None };
+            return Outcome::Uploaded { then: None };
         }
-        let delete_due = match self.delete(key).await {
-            Outcome::Later { due_ms, .. } => Some(due_ms),
-            Outcome::State(_) | Outcome::RootGone(_) => Some(now_ms() + 1_000),
+        let then = match self.delete(key).await {
+            Outcome::Later { due_ms, lane } => Some((lane, due_ms)),
+            Outcome::State(_) | Outcome::RootGone(_) => Some((Lane::Delete, now_ms() + 1_000)),
             _ => None,
         };
-        Outcome::Uploaded { delete_due }
+        Outcome::Uploaded { then }
     }
 
     /// Deletes the local copy of an uploaded file if every rule holds now.
