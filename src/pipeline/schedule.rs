@@ -122,6 +122,14 @@ impl Clock {
     fn now_ms(&self) -> u64 {
         self.base_ms + self.base.elapsed().as_millis() as u64
     }
+
+    /// A time a worker gave by the wall clock (a settle end, a file's delete
+    /// age, a retry in so many seconds) on this clock: the same distance from
+    /// now. The two part after the wall clock is stepped (NTP) or a suspended
+    /// machine resumes, and a due time must not move by that much.
+    fn on_this_clock(&self, wall_ms: u64) -> u64 {
+        self.now_ms() + wall_ms.saturating_sub(statedir::now_ms())
+    }
 }
 
 /// When an item was queued; now for items written before this was kept.
@@ -753,6 +761,7 @@ impl Scheduler {
                 let change = self.health.upload_succeeded(Instant::now());
                 self.health_changed(change);
                 if let Some((lane, due)) = then {
+                    let due = self.clock.on_this_clock(due);
                     self.requeue(key.clone(), lane, due, None);
                 }
             }
@@ -760,7 +769,8 @@ impl Scheduler {
                 self.live.update(|s| s.failed.remove(&key));
             }
             Outcome::Later { due_ms, lane } => {
-                self.requeue(key.clone(), lane, due_ms, Some(flight))
+                let due = self.clock.on_this_clock(due_ms);
+                self.requeue(key.clone(), lane, due, Some(flight))
             }
             Outcome::Parked(reason) => self.park_noted(&key, reason),
             Outcome::Failed(err) => self.failed(key.clone(), err, flight),

@@ -30,6 +30,9 @@ struct Harness {
     window: usize,
     /// `upload.memory_limit` ([`MEMORY_LIMIT`] unless set).
     memory_limit: u64,
+    /// How far the scheduler's clock starts behind the wall clock (as after
+    /// the wall clock was stepped forward while it ran).
+    clock_behind_ms: u64,
 }
 
 fn plan(root: &std::path::Path, store: &Arc<FakeStore>, deletion: Deletion) -> Arc<Plan> {
@@ -86,6 +89,7 @@ impl Harness {
             task: None,
             window: lanes::WINDOW,
             memory_limit: MEMORY_LIMIT,
+            clock_behind_ms: 0,
         };
         h.start(deletion);
         h
@@ -103,6 +107,7 @@ impl Harness {
             self.live.clone(),
             watch::channel(0).0,
         );
+        s.clock.base_ms -= self.clock_behind_ms;
         if self.window != lanes::WINDOW {
             s.lanes = Lanes::with_window(self.window);
             s.load_queue();
@@ -473,6 +478,34 @@ async fn a_queued_file_replaced_by_a_directory_is_dropped() {
     })
     .await;
     assert_eq!(h.count(Op::Put), 0);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wall_clock_stepped_forward_delays_no_retry() {
+    use std::io::Write;
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    h.clock_behind_ms = 3_600_000;
+    h.start(Deletion::Keep);
+    let p = h.root.join("open.png");
+    let mut writer = std::fs::File::create(&p).unwrap();
+    writer.write_all(b"still being written").unwrap();
+    h.candidates
+        .send(Candidate {
+            abs: p.clone(),
+            trigger: Trigger::Event,
+        })
+        .await
+        .unwrap();
+    // The worker finds the writer and asks to look again in a moment.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(h.store.object("pre/open.png").is_none());
+    drop(writer);
+    until(60, "uploaded soon after the writer closed", || {
+        h.store.object("pre/open.png").is_some()
+    })
+    .await;
     h.stop().await;
 }
 
