@@ -1247,7 +1247,20 @@ mod tests {
                 .unwrap();
             db.flush().unwrap();
         }
-        let (q, opened) = Queue::open(dir.path()).unwrap();
+        // sled's own threads may hold the file lock for a moment after the
+        // handle is dropped (a truncation in its thread pool).
+        let mut tries = 0;
+        let (q, opened) = loop {
+            match Queue::open(dir.path()) {
+                Ok(opened) => break opened,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    eprintln!("reopening: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
         assert_eq!(opened, Opened::Intact);
         assert_eq!(q.record(&a).unwrap(), Some(record(id(1, 5))));
         assert_eq!(q.item(&a).unwrap(), None);
