@@ -253,6 +253,7 @@ pub fn start(what: Watching, links: Links) -> notify::Result<(Watcher, JoinHandl
         rescan_when_drained: false,
         full_scan_owed: None,
         root_lost: false,
+        probe_warned: false,
         rescan_every: rescan_interval,
         next_rescan: rescan_interval.map(|d| Instant::now() + d),
         last_publish: Instant::now(),
@@ -283,6 +284,8 @@ struct Detect {
     root_lost: bool,
     /// Device and inode of the root when its watches were last added.
     root_id: Option<(u64, u64)>,
+    /// The writer probe's silence was reported ([`Detect::warn_unanswered_probe`]).
+    probe_warned: bool,
     rescan_every: Option<Duration>,
     next_rescan: Option<Instant>,
     last_publish: Instant,
@@ -570,6 +573,7 @@ impl Detect {
         if self.last_publish.elapsed() >= Duration::from_secs(1) {
             self.last_publish = Instant::now();
             self.publish();
+            self.warn_unanswered_probe();
         }
     }
 
@@ -622,6 +626,22 @@ impl Detect {
             s.writers_waiting = count;
             s.writers_sample = sample;
         });
+    }
+
+    /// Says once, in the log and in `status`, that the writer probe cannot
+    /// answer (the kernel grants no lease).
+    fn warn_unanswered_probe(&mut self) {
+        if self.probe_warned {
+            return;
+        }
+        if let Some(why) = finished::unanswered_probe() {
+            self.probe_warned = true;
+            let text = format!(
+                "cannot tell whether a file is still open for writing: the kernel grants no lease here ({why}); a file counts as finished once it is left untouched for `settle`, so a writer pausing longer could have a torn copy uploaded; run offloadd with CAP_LEASE (its systemd unit has it), or have writers write `name.part` and rename it into place"
+            );
+            tracing::warn!("{text}");
+            self.live.notice(text);
+        }
     }
 
     /// Hands on every pending path that has been quiet (and closed) for `settle`.
@@ -727,7 +747,16 @@ fn walk(shared: &WalkerShared, dir: &Path) -> (usize, usize) {
         let entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read part of the tree; skipping it");
+                let text = match e.path() {
+                    Some(p) => format!(
+                        "cannot read {}: {}; files in it are not offloaded until the service may read it (see the README on the group or default-ACL recipe)",
+                        p.display(),
+                        e.io_error().map_or_else(|| e.to_string(), ToString::to_string)
+                    ),
+                    None => format!("cannot read part of the tree: {e}"),
+                };
+                tracing::warn!(error = %e, "{text}");
+                shared.live.notice(text);
                 continue;
             }
         };
@@ -878,6 +907,7 @@ mod tests {
             root_id: root_identity(root),
             root_lost: false,
             full_scan_owed: None,
+            probe_warned: false,
             rules,
             shared,
             walks,
@@ -1013,5 +1043,25 @@ mod tests {
             "{:?}",
             next - Instant::now()
         );
+    }
+
+    #[tokio::test]
+    async fn a_writer_probe_the_kernel_will_not_answer_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut d, _rx, _walks) = detect_at(dir.path());
+        // procfs grants no leases: the probe cannot answer there.
+        assert_eq!(
+            finished::open_for_writing(Path::new("/proc/self/status")),
+            None
+        );
+        d.last_publish = Instant::now() - Duration::from_secs(2);
+        d.tick();
+        let notices = d.live.shown().notices;
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert!(notices[0].starts_with("cannot tell whether a file is still open for writing: the kernel grants no lease here ("), "{notices:?}");
+        assert!(notices[0].contains("CAP_LEASE"));
+        d.last_publish = Instant::now() - Duration::from_secs(2);
+        d.tick();
+        assert_eq!(d.live.shown().notices.len(), 1);
     }
 }

@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What makes a file "the same file": device, inode, size, mtime and ctime.
@@ -74,6 +75,24 @@ pub fn open_for_writing(path: &Path) -> Option<bool> {
     Some(writing)
 }
 
+/// The errno of the last lease the kernel refused for another reason than a
+/// writer (no CAP_LEASE, a file system without leases); 0 if none was.
+static UNANSWERED: AtomicI32 = AtomicI32::new(0);
+
+/// Why the writer probe could not answer, if it ever could not: the daemon
+/// says so in `status`, since finished then means quiet for `settle` only.
+pub fn unanswered_probe() -> Option<String> {
+    match UNANSWERED.load(Ordering::Relaxed) {
+        0 => None,
+        libc::EACCES | libc::EPERM => {
+            Some("no permission: neither the files' owner nor CAP_LEASE".into())
+        }
+        libc::EINVAL => Some("the file system does not support leases".into()),
+        -1 => Some("an unknown error".into()),
+        errno => Some(std::io::Error::from_raw_os_error(errno).to_string()),
+    }
+}
+
 /// A read lease held on an open file: while it is held, a process that opens
 /// the file for writing blocks until it is released (closing the file).
 pub struct Lease<'a> {
@@ -90,9 +109,13 @@ impl<'a> Lease<'a> {
         if rc == 0 {
             return Some(Some(Lease { file }));
         }
-        match std::io::Error::last_os_error().raw_os_error() {
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
             Some(libc::EAGAIN) => Some(None),
-            _ => None,
+            errno => {
+                UNANSWERED.store(errno.unwrap_or(-1), Ordering::Relaxed);
+                None
+            }
         }
     }
 
