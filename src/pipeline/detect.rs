@@ -441,6 +441,9 @@ impl Detect {
         let mut w = self.shared.watched.lock().expect("watched lock");
         if w.remove(path).is_some() {
             w.retain(|p, _| !p.starts_with(path));
+            // Files in it no longer wait here (a moved folder is walked
+            // again where it went, if that is in the tree).
+            self.pending.retain(|p, _| !p.starts_with(path));
         }
     }
 
@@ -583,6 +586,7 @@ impl Detect {
         let quiet = WRITER_PROBE_EVERY.max(self.rules.settle);
         let now = Instant::now();
         let mut probed = 0;
+        let mut gone = Vec::new();
         for (path, p) in self.pending.iter_mut() {
             if probed >= PROBES_PER_TICK {
                 break;
@@ -595,10 +599,29 @@ impl Detect {
             }
             probed += 1;
             p.last_probe = now;
-            if finished::open_for_writing(path) == Some(false) {
-                tracing::debug!(path = %path.display(), "no writer holds the file any more; its close was not seen");
-                p.phase = Phase::Closed;
+            match finished::open_for_writing(path) {
+                Some(true) => {}
+                Some(false) => {
+                    tracing::debug!(path = %path.display(), "no writer holds the file any more; its close was not seen");
+                    p.phase = Phase::Closed;
+                }
+                // The kernel will not tell: the scan rule decides (size and
+                // mtime unchanged for `settle`), for a regular file; anything
+                // else at the name, or nothing, is not waited for.
+                None => match std::fs::symlink_metadata(path) {
+                    Ok(m) if m.is_file() => {
+                        p.phase = Phase::Scanned {
+                            size: m.len(),
+                            mtime_ns: FileIdentity::of(&m).mtime_ns,
+                            at: now,
+                        }
+                    }
+                    _ => gone.push(path.clone()),
+                },
             }
+        }
+        for path in gone {
+            self.pending.remove(&path);
         }
     }
 
@@ -1063,5 +1086,33 @@ mod tests {
         d.last_publish = Instant::now() - Duration::from_secs(2);
         d.tick();
         assert_eq!(d.live.shown().notices.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_writer_entry_whose_file_went_away_is_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut d, _rx, _walks) = detect_at(dir.path());
+        let old = Instant::now() - Duration::from_secs(10);
+        let moved = dir.path().join("a/moved.png");
+        d.pending
+            .insert(moved.clone(), pending(Phase::Writing, old));
+        d.probe_writers();
+        assert!(
+            !d.pending.contains_key(&moved),
+            "nothing there: not waited for"
+        );
+        // A folder moved away takes the files waiting in it along.
+        let inside = dir.path().join("b/x.png");
+        d.pending
+            .insert(inside.clone(), pending(Phase::Writing, Instant::now()));
+        d.shared
+            .watched
+            .lock()
+            .unwrap()
+            .insert(dir.path().join("b"), (0, 0));
+        d.forget_dir(&dir.path().join("b"));
+        assert!(d.pending.is_empty());
+        d.publish();
+        assert_eq!(d.live.shown().writers_waiting, 0);
     }
 }

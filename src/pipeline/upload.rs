@@ -154,11 +154,18 @@ pub struct Job<'a> {
     /// The plan the job started with: `store` is its target's, and an
     /// upload given up is aborted through it on the provider it began on.
     pub plan: &'a Plan,
+    /// The file as it was when the finished-file rule held, just before.
+    pub checked: &'a FileIdentity,
 }
 
 impl Uploader {
     pub async fn send(&self, job: &Job<'_>, settings: Settings) -> Result<Sent, UploadError> {
         let (file, identity) = open(job.abs)?;
+        if identity != *job.checked {
+            // A writer came between the check and the open: what is read
+            // now may be half written.
+            return Err(UploadError::Changed);
+        }
         if identity.size > MAX_OBJECT_SIZE {
             return Err(UploadError::Park(format!(
                 "{} is {} bytes, larger than the 5 TiB an S3 object may hold",

@@ -153,8 +153,8 @@ impl Worker {
         let opts = &self.started.options;
         let abs = key.to_local(&opts.root);
         // Every attempt starts only when the finished-file rule holds now.
-        match finished::check(&abs, opts.settle) {
-            Readiness::Ready(_) => {}
+        let checked = match finished::check(&abs, opts.settle) {
+            Readiness::Ready(identity) => identity,
             Readiness::Gone | Readiness::NotAFile => return self.vanished(key, item).await,
             Readiness::Writing => {
                 return Outcome::Later {
@@ -181,7 +181,7 @@ impl Worker {
                     .park(key, item, format!("cannot inspect {}: {e}", abs.display()))
                     .await
             }
-        }
+        };
         let rel = match key.rel(&opts.root) {
             Ok(r) => r,
             Err(e) => return self.park(key, item, e.to_string()).await,
@@ -205,6 +205,7 @@ impl Worker {
             options: &options,
             previous: item.multipart(),
             plan: &self.started,
+            checked: &checked,
         };
         let sent = match self.uploader.send(&job, opts.upload).await {
             Ok(s) => s,
