@@ -480,7 +480,8 @@ pub fn composite_etag(file: &File, size: u64, part_size: u64) -> std::io::Result
         return Err(std::io::Error::other("part size 0"));
     }
     let mut md5s = Vec::new();
-    let mut buf = vec![0u8; part_size.min(8 * MIB) as usize];
+    // Hashing needs no big buffer, and this one is outside the budget.
+    let mut buf = vec![0u8; part_size.min(256 * 1024) as usize];
     let mut offset = 0;
     while offset < size {
         let end = (offset + part_size).min(size);
