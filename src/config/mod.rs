@@ -875,6 +875,7 @@ fn describe(path: &str, msg: &str) -> (String, String) {
             ),
         );
     }
+    let invalid_value = msg.starts_with("invalid value: ");
     if let Some(rest) = msg
         .strip_prefix("invalid type: ")
         .or_else(|| msg.strip_prefix("invalid value: "))
@@ -891,13 +892,12 @@ fn describe(path: &str, msg: &str) -> (String, String) {
             }
             e => e,
         };
-        return (
-            path.into(),
-            format!(
-                "`{path}` has the wrong type ({}); write {expected}",
-                kind_of(found)
-            ),
-        );
+        let what = if invalid_value {
+            "is out of range".to_string()
+        } else {
+            format!("has the wrong type ({})", kind_of(found))
+        };
+        return (path.into(), format!("`{path}` {what}; write {expected}"));
     }
     (path.into(), format!("`{path}`: {msg}"))
 }
@@ -1110,6 +1110,11 @@ mod tests {
         let fx = Fixture::new();
         let err = fx.error("upload:\n  workers: many\n");
         assert!(err.ends_with(": line 4, column 12: `upload.workers` has the wrong type (a string); write a whole number"), "{err}");
+        let err = fx.error("upload:\n  workers: -4\n");
+        assert!(
+            err.ends_with("`upload.workers` is out of range; write a whole number"),
+            "{err}"
+        );
         let err = fx.error("upload:\n  part_size: 64MB2\n");
         assert!(err.ends_with(": line 4, column 14: `upload.part_size`: `64MB2` is not a size; write bytes or a number with KiB, MiB, GiB (e.g. 64MiB)"), "{err}");
         let err = fx.error("storage:\n  providers:\n    a:\n      kind: azure\n");

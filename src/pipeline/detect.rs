@@ -282,7 +282,7 @@ struct Detect {
     /// guard saw nothing change (a remount at once): every watch is added
     /// again once the root is the one watched before ([`Detect::root_id`]).
     root_lost: bool,
-    /// Device and inode of the root when its watches were last added.
+    /// File system id and inode of the root when its watches were last added.
     root_id: Option<(u64, u64)>,
     /// The writer probe's silence was reported ([`Detect::warn_unanswered_probe`]).
     probe_warned: bool,
@@ -605,19 +605,14 @@ impl Detect {
                     tracing::debug!(path = %path.display(), "no writer holds the file any more; its close was not seen");
                     p.phase = Phase::Closed;
                 }
-                // The kernel will not tell: the scan rule decides (size and
-                // mtime unchanged for `settle`), for a regular file; anything
-                // else at the name, or nothing, is not waited for.
-                None => match std::fs::symlink_metadata(path) {
-                    Ok(m) if m.is_file() => {
-                        p.phase = Phase::Scanned {
-                            size: m.len(),
-                            mtime_ns: FileIdentity::of(&m).mtime_ns,
-                            at: now,
-                        }
+                // The kernel will not tell: a regular file keeps waiting for
+                // its close; anything else at the name, or nothing, is not
+                // waited for.
+                None => {
+                    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
+                        gone.push(path.clone());
                     }
-                    _ => gone.push(path.clone()),
-                },
+                }
             }
         }
         for path in gone {
@@ -770,16 +765,21 @@ fn walk(shared: &WalkerShared, dir: &Path) -> (usize, usize) {
         let entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                let text = match e.path() {
-                    Some(p) => format!(
-                        "cannot read {}: {}; files in it are not offloaded until the service may read it (see the README on the group or default-ACL recipe)",
-                        p.display(),
-                        e.io_error().map_or_else(|| e.to_string(), ToString::to_string)
-                    ),
-                    None => format!("cannot read part of the tree: {e}"),
-                };
-                tracing::warn!(error = %e, "{text}");
-                shared.live.notice(text);
+                let denied = e
+                    .io_error()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied);
+                match e.path() {
+                    Some(p) if denied => {
+                        let text = format!(
+                            "cannot read {}: permission denied; files in it are not offloaded until the service may read it (see the README on the group or default-ACL recipe)",
+                            p.display()
+                        );
+                        tracing::warn!("{text}");
+                        shared.live.notice(text);
+                    }
+                    // Gone while walked, say: nothing to tell an operator.
+                    _ => tracing::debug!(error = %e, "cannot read part of the tree; skipping it"),
+                }
                 continue;
             }
         };
@@ -875,10 +875,9 @@ fn watch_dir(shared: &WalkerShared, dir: &Path) {
 /// those a second, and each would cross the kernel's event queue, wake
 /// notify's thread and could fill the bounded channel (forcing a rescan).
 /// notify also drops any event outside this mask before calling us.
-/// Device and inode of `root`, if it is there.
+/// File system id and inode of `root`, as the root guard sees them.
 fn root_identity(root: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(root).ok().map(|m| (m.dev(), m.ino()))
+    crate::pipeline::root::identity(root)
 }
 
 fn watcher_config() -> notify::Config {

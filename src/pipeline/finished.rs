@@ -113,7 +113,11 @@ impl<'a> Lease<'a> {
         match e.raw_os_error() {
             Some(libc::EAGAIN) => Some(None),
             errno => {
-                UNANSWERED.store(errno.unwrap_or(-1), Ordering::Relaxed);
+                // A FIFO or socket refuses leases wherever it is: only a
+                // regular file's refusal says something about the probe.
+                if file.metadata().is_ok_and(|m| m.is_file()) {
+                    UNANSWERED.store(errno.unwrap_or(-1), Ordering::Relaxed);
+                }
                 None
             }
         }

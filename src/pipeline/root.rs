@@ -58,6 +58,12 @@ fn look(path: &Path) -> std::io::Result<Seen> {
     })
 }
 
+/// File system id and inode of the directory at `path`, as the guard
+/// compares them; `None` if it is not there.
+pub fn identity(path: &Path) -> Option<(u64, u64)> {
+    look(path).ok().map(|s| (s.fsid, s.ino))
+}
+
 /// See the module docs.
 pub struct RootGuard {
     path: PathBuf,

@@ -142,12 +142,12 @@ fn queued_or_now(item: &QueueItem) -> u64 {
 
 /// How a queue item read from disk is scheduled: a pending delete is not
 /// due before its file is `delete_after` old.
-fn entry_of(item: &QueueItem, deletion: Deletion) -> Option<Entry> {
+fn entry_of(item: &QueueItem, deletion: Deletion, clock: &Clock) -> Option<Entry> {
     let lane = Lane::of(&item.stage)?;
     let due_ms = match (&item.stage, deletion) {
-        (Stage::Delete { identity }, Deletion::After(min_age)) => {
-            item.next_attempt_ms.max(delete_due_ms(identity, min_age))
-        }
+        (Stage::Delete { identity }, Deletion::After(min_age)) => item
+            .next_attempt_ms
+            .max(clock.on_this_clock(delete_due_ms(identity, min_age))),
         _ => item.next_attempt_ms,
     };
     Some(Entry {
@@ -306,7 +306,7 @@ impl Scheduler {
             }
             if let Stage::Parked { reason } = &item.stage {
                 failed.insert(key, reason.clone());
-            } else if let Some(entry) = entry_of(&item, deletion) {
+            } else if let Some(entry) = entry_of(&item, deletion, &self.clock) {
                 lanes.insert(key, entry);
             }
         });
@@ -582,13 +582,14 @@ impl Scheduler {
             held,
             awaiting,
             backlog_cursor,
+            clock,
             ..
         } = self;
         // Per lane: its items on disk that are in no other hands.
         let mut on_disk = [0usize; 2];
         let (mut taken, mut stopped_at) = (0, None);
         let read = queue.scan_ring(backlog_cursor, |key, item| {
-            let Some(entry) = entry_of(&item, deletion) else {
+            let Some(entry) = entry_of(&item, deletion, clock) else {
                 return ControlFlow::Continue(());
             };
             if in_flight.contains_key(&key)
@@ -797,7 +798,7 @@ impl Scheduler {
     /// Puts an item back into its lane as the queue has it.
     fn reinsert_from_queue(&mut self, key: &ItemKey) {
         if let Ok(Some(item)) = self.queue.item(key) {
-            if let Some(entry) = entry_of(&item, self.current().deletion()) {
+            if let Some(entry) = entry_of(&item, self.current().deletion(), &self.clock) {
                 let due_ms = self.clock.now_ms() + 1_000;
                 self.lanes.insert(key.clone(), Entry { due_ms, ..entry });
             }
@@ -874,8 +875,14 @@ impl Scheduler {
 
     fn probed(&mut self, provider: &str, ticket: ProbeTicket, result: Result<(), StorageError>) {
         if self.current().target.name() != provider || ticket != self.health.latest_ticket() {
-            // Sent before a reload or a switch: a fresh probe decides.
+            // Sent before a reload or a switch: its answer decides nothing.
+            // The items that waited for it go again, under the new settings
+            // (a new failure starts a fresh probe), without a strike.
             self.health.probe_abandoned(ticket);
+            let now = self.clock.now_ms();
+            for (key, _, flight) in std::mem::take(&mut self.awaiting) {
+                self.requeue(key, Lane::Upload, now, Some(flight));
+            }
             return;
         }
         let awaiting = std::mem::take(&mut self.awaiting);
@@ -1042,14 +1049,16 @@ impl Scheduler {
         match self.queue.admit(&key, &identity, why) {
             Ok(Admission::Queued(item)) => {
                 self.live.update(|s| s.failed.remove(&key));
-                if let Some(entry) = entry_of(&item, plan.deletion()) {
+                if let Some(entry) = entry_of(&item, plan.deletion(), &self.clock) {
                     self.lanes.insert(key, entry);
                 }
             }
             Ok(Admission::AlreadyQueued(item)) => {
                 let scheduled =
                     self.lanes.contains(&key) || self.awaiting.iter().any(|a| a.0 == key);
-                if let (false, Some(entry)) = (scheduled, entry_of(&item, plan.deletion())) {
+                if let (false, Some(entry)) =
+                    (scheduled, entry_of(&item, plan.deletion(), &self.clock))
+                {
                     // It waited on disk only: now it is due to be looked at.
                     self.lanes.take_from_backlog(key, entry);
                 }

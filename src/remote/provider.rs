@@ -343,7 +343,11 @@ fn parse_url(raw: &str) -> Option<(&str, &str, &str)> {
         return None;
     }
     let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
-    if authority.is_empty() || authority.contains(['@', '?', '#']) || path.contains(['?', '#']) {
+    if authority.is_empty()
+        || has_user_info(raw)
+        || authority.contains(['?', '#'])
+        || path.contains(['?', '#'])
+    {
         return None;
     }
     Some((scheme, authority, path))
@@ -352,15 +356,20 @@ fn parse_url(raw: &str) -> Option<(&str, &str, &str)> {
 /// `message` for a URL that [`parse_url`] refused, unless the URL carries a
 /// user name or password: that is never quoted back (it may be a secret).
 fn not_a_url(key: &'static str, raw: &str, message: String) -> SectionError {
-    let authority = raw.split_once("://").map_or(raw, |(_, rest)| rest);
-    let authority = authority.split(['/', '?', '#']).next().unwrap_or("");
-    if authority.contains('@') {
+    // Anywhere after the scheme: a password may hold `/`, `?` or `#`.
+    if has_user_info(raw) {
         return section_err(
             key,
             format!("`{key}` holds a user name or password (`…@` before the host); remove that part: offloadd signs with the provider's access key and secret"),
         );
     }
     section_err(key, message)
+}
+
+/// Whether a URL may carry a user name or password (`…@` after the scheme).
+fn has_user_info(raw: &str) -> bool {
+    raw.split_once("://")
+        .is_some_and(|(_, rest)| rest.contains('@'))
 }
 
 fn is_loopback(authority: &str) -> bool {
@@ -775,12 +784,14 @@ mod tests {
     fn a_url_with_a_password_is_refused_without_quoting_it() {
         for (key, yaml) in [
             ("endpoint", "kind: minio\nendpoint: https://AKID:s3cr3tpw@minio.lan:9000"),
+            ("endpoint", "kind: minio\nendpoint: https://AKID:s3cr/3tpw@minio.lan:9000"),
+            ("endpoint", "kind: minio\nendpoint: https://AKID:s3c?r3tpw@minio.lan:9000"),
             ("public_url", "kind: minio\nendpoint: https://minio.lan\npublic_url: https://u:s3cr3tpw@cdn.example.com/media"),
         ] {
             let err = validate(&section(yaml)).unwrap_err();
             assert_eq!(err.key, key);
             assert!(err.message.contains("holds a user name or password"), "{err}");
-            assert!(!err.message.contains("s3cr3tpw"), "{err}");
+            assert!(!err.message.contains("3tpw"), "{err}");
         }
         let err = validate(&section("kind: minio\nendpoint: https://minio.lan/a?b")).unwrap_err();
         assert!(

@@ -30,9 +30,6 @@ const MIB: usize = 1 << 20;
 const INITIAL_BACKOFF_MS: u64 = 200;
 const MAX_BACKOFF_MS: u64 = 2_000;
 const WORKERS: u32 = 4;
-/// The daemon parks an item after this many failures while the provider
-/// answers other requests (`MAX_STRIKES` in src/pipeline/schedule.rs).
-const MAX_STRIKES: usize = 5;
 
 /// The key of the daemon's health probe object.
 fn health_key() -> String {
@@ -645,11 +642,12 @@ fn outage_is_paced_and_drains() {
 }
 
 /// One object is answered 500 InternalError on every PUT while the others
-/// upload: after a bounded number of attempts (the daemon's item strikes)
-/// it is parked in `failed` with its reason, its local copy stays, no more
-/// PUTs of it are made, and the provider is not paused.
+/// upload. A 5xx is transient (DESIGN, guarantee 4): the object is never
+/// parked, it backs off (no storm: its PUTs are spaced out by the backoff up
+/// to `max_backoff`), the provider is not paused, `status` names the error,
+/// and once the server takes it again it is uploaded without any `retry`.
 #[test]
-fn poisoned_object_is_parked_after_bounded_attempts() {
+fn a_poisoned_object_backs_off_and_is_uploaded_once_the_server_takes_it() {
     let mut rig = Rig::start(|_| {});
     rig.proxy.set_rule(|r: &RequestHead| {
         (r.is_put() && r.path.contains("poison")).then_some(Fault::Status500)
@@ -657,31 +655,32 @@ fn poisoned_object_is_parked_after_bounded_attempts() {
     let poison = "poison/bad.jpg";
     rig.add(poison, file_content(poison, 1000, 20_000));
     let n = crate::scale(20, 100);
-    rig.add_many("good", n, 40_000);
-    let st = rig.finish(&[poison]);
-
-    let entry = json_array(&st, "failed")[0].clone();
-    let reason = entry.get("reason").and_then(Value::as_str).unwrap_or("");
+    let good = rig.add_many("good", n, 40_000);
+    wait_until(LONG, "the other files uploaded", || {
+        all_uploaded(&rig.s3, &good)
+    });
+    // Over a window of several max_backoff, attempts go on, spaced out.
+    let before = rig.proxy.injected(Fault::Status500);
+    let window = Duration::from_millis(5 * MAX_BACKOFF_MS);
+    sleep(window);
+    let during = rig.proxy.injected(Fault::Status500) - before;
     assert!(
-        reason.contains("InternalError") || reason.contains("500"),
-        "the reason names the server's error: {entry}"
-    );
-    eprintln!("the poisoned file in status: {entry}");
-    let puts = rig.proxy.injected(Fault::Status500);
-    assert!(
-        (1..=MAX_STRIKES).contains(&puts),
-        "{puts} PUTs of the poisoned object: attempts must stop after {MAX_STRIKES} strikes"
-    );
-    // Parked means no more attempts.
-    sleep(Duration::from_millis(3 * MAX_BACKOFF_MS));
-    assert_eq!(
-        rig.proxy.injected(Fault::Status500),
-        puts,
-        "a parked item is not tried again"
+        // A delay is half to all of its ceiling: 1-2 s at max_backoff.
+        (1..=12).contains(&during),
+        "{during} PUTs of the poisoned object in {window:?}: retried, never parked, at the backoff's pace"
     );
     let st = rig.env.status();
+    assert!(json_array(&st, "failed").is_empty(), "never parked: {st}");
     assert!(json_array(&st, "paused").is_empty(), "status: {st}");
-    assert_eq!(json_array(&st, "failed").len(), 1, "status: {st}");
+    let last = st["last_error"].as_str().unwrap_or("");
+    assert!(
+        last.contains("InternalError"),
+        "status names the error: {st}"
+    );
+    let puts = rig.proxy.injected(Fault::Status500);
+    // The server takes it again: uploaded on its own.
+    rig.proxy.clear_rule();
+    rig.finish(&[]);
     crate::figures(
         "faults_poison",
         &[
