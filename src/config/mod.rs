@@ -1112,7 +1112,7 @@ mod tests {
         assert!(err.ends_with(": line 4, column 12: `upload.workers` has the wrong type (a string); write a whole number"), "{err}");
         let err = fx.error("upload:\n  workers: -4\n");
         assert!(
-            err.ends_with("`upload.workers` is out of range; write a whole number"),
+            err.ends_with("`upload.workers` has the wrong type (a number); write a whole number"),
             "{err}"
         );
         let err = fx.error("upload:\n  part_size: 64MB2\n");
