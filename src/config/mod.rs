@@ -558,9 +558,7 @@ impl Config {
         name: &str,
         env: &dyn Fn(&str) -> Option<OsString>,
     ) -> Result<Resolved, Incomplete> {
-        let section = self.storage.providers.get(name).ok_or_else(|| Incomplete {
-            reason: format!("there is no provider `{name}`; add it under `storage.providers`"),
-        })?;
+        let section = self.section(name)?;
         let (_, secret) = find_secret(name, section, env)?;
         provider::resolve(name, section, secret)
     }
@@ -610,15 +608,18 @@ impl Config {
         if let Some(reason) = self.off_by_choice() {
             return Some(reason);
         }
-        let Some(section) = self.storage.providers.get(name) else {
-            return Some(format!(
-                "there is no provider `{name}`; add it under `storage.providers`"
-            ));
-        };
         let placeholder = Some(Secret::new(String::new()));
-        provider::resolve(name, section, placeholder)
+        self.section(name)
+            .and_then(|section| provider::resolve(name, section, placeholder))
             .err()
             .map(|e| e.reason)
+    }
+
+    /// Provider `name`'s section, or why there is none.
+    fn section(&self, name: &str) -> Result<&ProviderSection, Incomplete> {
+        self.storage.providers.get(name).ok_or_else(|| Incomplete {
+            reason: format!("there is no provider `{name}`; add it under `storage.providers`"),
+        })
     }
 
     /// The `check-config` text: every provider's effective settings, secrets masked.

@@ -128,15 +128,12 @@ pub async fn delete_through(config: &Config, queue: &Queue, rel: &RelPath) -> Re
 /// through it would remove a file outside the tree offloadd manages.
 fn symlinked_folder(root: &Path, rel: &RelPath) -> Option<PathBuf> {
     let local = rel.to_local(root);
-    let mut folders: Vec<&Path> = local
+    local
         .ancestors()
         .skip(1)
         .take_while(|p| *p != root)
-        .collect();
-    folders.reverse();
-    folders
-        .into_iter()
-        .find(|f| std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_symlink()))
+        .filter(|f| std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_symlink()))
+        .last()
         .map(Path::to_path_buf)
 }
 

@@ -28,7 +28,7 @@
 use crate::pipeline::filter::Rules;
 use crate::pipeline::finished::{self, now_ns, FileIdentity};
 use crate::pipeline::live::{Live, SAMPLE};
-use crate::pipeline::root::RootStatus;
+use crate::pipeline::root::{self, RootStatus};
 use crate::shutdown::Shutdown;
 use notify::event::{
     AccessKind, AccessMode, CreateKind, EventKind, EventKindMask, ModifyKind, RenameMode,
@@ -241,7 +241,7 @@ pub fn start(what: Watching, links: Links) -> notify::Result<(Watcher, JoinHandl
         .map_err(notify::Error::io)?;
 
     let mut d = Detect {
-        root_id: root_identity(&rules.root),
+        root_id: root::identity(&rules.root),
         rules,
         shared,
         walks: walks_tx,
@@ -402,7 +402,7 @@ impl Detect {
     /// The root is back: every watch is added again and the tree rescanned.
     fn rewatch(&mut self) {
         self.root_lost = false;
-        self.root_id = root_identity(&self.rules.root);
+        self.root_id = root::identity(&self.rules.root);
         let paths: Vec<PathBuf> = {
             let mut w = self.shared.watched.lock().expect("watched lock");
             w.drain().map(|(p, _)| p).collect()
@@ -532,7 +532,7 @@ impl Detect {
         if let Some(why) = self.full_scan_owed.take() {
             self.walk(self.rules.root.clone(), why);
         }
-        if self.root_lost && root_identity(&self.rules.root) == self.root_id {
+        if self.root_lost && root::identity(&self.rules.root) == self.root_id {
             self.rewatch();
         }
         if self.dropped.swap(false, Ordering::Relaxed) {
@@ -875,11 +875,6 @@ fn watch_dir(shared: &WalkerShared, dir: &Path) {
 /// those a second, and each would cross the kernel's event queue, wake
 /// notify's thread and could fill the bounded channel (forcing a rescan).
 /// notify also drops any event outside this mask before calling us.
-/// File system id and inode of `root`, as the root guard sees them.
-fn root_identity(root: &Path) -> Option<(u64, u64)> {
-    crate::pipeline::root::identity(root)
-}
-
 fn watcher_config() -> notify::Config {
     notify::Config::default().with_event_kinds(EventKindMask::CORE | EventKindMask::ACCESS_CLOSE)
 }
@@ -926,7 +921,7 @@ mod tests {
         });
         let (walks, wrx) = std::sync::mpsc::sync_channel(1);
         let d = Detect {
-            root_id: root_identity(root),
+            root_id: root::identity(root),
             root_lost: false,
             full_scan_owed: None,
             probe_warned: false,
@@ -1043,7 +1038,7 @@ mod tests {
         d.tick();
         assert!(walks.try_recv().is_err());
         // The same root again (a remount at once): every watch comes back.
-        d.root_id = root_identity(&root);
+        d.root_id = root::identity(&root);
         d.tick();
         assert_eq!(walks.try_recv().unwrap(), (root.clone(), Why::RootBack));
         assert!(!d.root_lost);

@@ -109,8 +109,7 @@ impl<'a> Lease<'a> {
         if rc == 0 {
             return Some(Some(Lease { file }));
         }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
+        match std::io::Error::last_os_error().raw_os_error() {
             Some(libc::EAGAIN) => Some(None),
             errno => {
                 // A FIFO or socket refuses leases wherever it is: only a

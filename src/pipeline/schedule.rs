@@ -27,7 +27,7 @@ use crate::pipeline::queue::{
     Admission, Admit, Blame, PausedInfo, Queue, QueueItem, Recovered, Ring, Stage,
 };
 use crate::pipeline::root::{RootGuard, RootStatus};
-use crate::pipeline::upload::Uploader;
+use crate::pipeline::upload::{self, Uploader};
 use crate::pipeline::worker::{delete_due_ms, Lane, Outcome, Worker};
 use crate::remote::error::{ErrorClass, StorageError};
 use crate::shutdown::Shutdown;
@@ -879,18 +879,14 @@ impl Scheduler {
             // The items that waited for it go again, under the new settings
             // (a new failure starts a fresh probe), without a strike.
             self.health.probe_abandoned(ticket);
-            let now = self.clock.now_ms();
-            for (key, _, flight) in std::mem::take(&mut self.awaiting) {
-                self.requeue(key, Lane::Upload, now, Some(flight));
-            }
+            self.release_awaiting();
             return;
         }
-        let awaiting = std::mem::take(&mut self.awaiting);
         match result {
             Ok(()) => {
                 let change = self.health.probe_succeeded(ticket, Instant::now());
                 self.health_changed(change);
-                for (key, err, flight) in awaiting {
+                for (key, err, flight) in std::mem::take(&mut self.awaiting) {
                     self.blame_item(key, err, flight);
                 }
             }
@@ -898,11 +894,18 @@ impl Scheduler {
                 let change = self.health.probe_failed(ticket, &e.message, Instant::now());
                 self.live.update(|s| s.last_error = Some(e.message.clone()));
                 self.health_changed(change);
-                let now = self.clock.now_ms();
-                for (key, _, flight) in awaiting {
-                    self.requeue(key, Lane::Upload, now, Some(flight));
-                }
+                self.release_awaiting();
             }
+        }
+    }
+
+    /// Puts the items that waited for a probe's verdict back in the upload
+    /// lane, due now, without blaming them: the provider was at fault, or
+    /// the verdict no longer counts.
+    fn release_awaiting(&mut self) {
+        let now = self.clock.now_ms();
+        for (key, _, flight) in std::mem::take(&mut self.awaiting) {
+            self.requeue(key, Lane::Upload, now, Some(flight));
         }
     }
 
@@ -984,7 +987,7 @@ impl Scheduler {
         if let Some(p) = item.as_ref().and_then(|i| i.multipart()).cloned() {
             let plan = self.current();
             self.aborts
-                .spawn(async move { crate::pipeline::upload::abort_stale(&plan, &p).await });
+                .spawn(async move { upload::abort_stale(&plan, &p).await });
         }
         if !same {
             if let Err(e) = self.queue.park(&key, &reason) {
@@ -1171,10 +1174,7 @@ impl Scheduler {
             if change.is_some() {
                 self.set_paused_info(old.target.name(), None);
             }
-            let now = self.clock.now_ms();
-            for (key, _, flight) in std::mem::take(&mut self.awaiting) {
-                self.requeue(key, Lane::Upload, now, Some(flight));
-            }
+            self.release_awaiting();
         } else {
             // A reload may have fixed the cause: probe at once.
             self.health.probe_now(Instant::now());
