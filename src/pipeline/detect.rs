@@ -329,6 +329,9 @@ impl Detect {
             }
         }
         self.shared.stop.store(true, Ordering::Relaxed);
+        // Closed, so that a walker waiting for room in the loop's inputs
+        // wakes and sees the stop instead of waiting for ever.
+        drop(inputs);
         drop(self.walks);
         if let Some(w) = self.walker.take() {
             let _ = tokio::task::spawn_blocking(move || w.join()).await;
@@ -902,8 +905,22 @@ mod tests {
 
     /// A `Detect` on `root` whose walk queue holds one walk.
     fn detect_at(root: &Path) -> (Detect, mpsc::Receiver<Candidate>, Walks) {
+        let (d, rx, walks, _inputs) = detect_with_inputs(root, 4);
+        (d, rx, walks)
+    }
+
+    /// As [`detect_at`], also giving the loop's inputs, which hold `room`.
+    fn detect_with_inputs(
+        root: &Path,
+        room: usize,
+    ) -> (
+        Detect,
+        mpsc::Receiver<Candidate>,
+        Walks,
+        mpsc::Receiver<Input>,
+    ) {
         let (out, rx) = mpsc::channel(16);
-        let (inputs, _irx) = mpsc::channel(4);
+        let (inputs, irx) = mpsc::channel(room);
         let rules = Rules::new(root, &["**".into()], &[], Duration::from_secs(2)).unwrap();
         let notify = notify::recommended_watcher(|_| {}).unwrap();
         let live = Arc::new(Live::default());
@@ -938,7 +955,7 @@ mod tests {
             next_rescan: None,
             last_publish: Instant::now(),
         };
-        (d, rx, wrx)
+        (d, rx, wrx, irx)
     }
 
     fn pending(phase: Phase, last_event: Instant) -> Pending {
@@ -1108,5 +1125,41 @@ mod tests {
         assert!(d.pending.is_empty());
         d.publish();
         assert_eq!(d.live.shown().writers_waiting, 0);
+    }
+    /// A stop while the walker thread waits for room in the loop's inputs
+    /// (a catch-up walk of a big tree, every file still settling) ends the
+    /// walker: the loop's end must not wait for it for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_while_the_walker_waits_for_the_loop_ends_the_walker() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..8 * WALK_BATCH {
+            std::fs::write(dir.path().join(format!("{i}.jpg")), b"x").unwrap();
+        }
+        let (mut d, _rx, walks, inputs) = detect_with_inputs(dir.path(), 1);
+        // However slow the writes above, every file is still settling.
+        *d.shared.rules.lock().unwrap() =
+            Rules::new(dir.path(), &["**".into()], &[], Duration::from_secs(600)).unwrap();
+        let shared = d.shared.clone();
+        d.walker = Some(std::thread::spawn(move || walker_thread(&shared, walks)));
+        d.walk(d.rules.root.clone(), Why::Initial);
+        // The first batch fills the inputs; the walker waits with the next.
+        let full = Instant::now() + Duration::from_secs(10);
+        while d.shared.inputs.capacity() > 0 {
+            assert!(Instant::now() < full, "the walker never filled the inputs");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let (stop, shutdown) = crate::shutdown::Stop::new();
+        stop.fire();
+        let (_events_tx, events) = mpsc::channel(1);
+        let (_root_tx, root) = watch::channel(RootStatus::Present);
+        let (_rescans_tx, rescans) = watch::channel(0);
+        let run = d.run(events, inputs, root, rescans, shutdown);
+        // On a timeout the inputs go with the dropped future, so a failure
+        // does not hang the test.
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the loop's end waited for a walker that was waiting for the loop");
     }
 }
