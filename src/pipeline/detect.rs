@@ -193,6 +193,10 @@ struct WalkerShared {
     unwatched: AtomicU64,
     /// The watch limit was reported.
     limit_warned: AtomicBool,
+    /// The root came back: every watch is removed before the next walk adds
+    /// them again. Done by the walker, so that the loop is not held up by
+    /// tens of thousands of removals.
+    unwatch_all: AtomicBool,
 }
 
 /// Starts watching: the initial walk (which adds the watches) runs at once in
@@ -232,6 +236,7 @@ pub fn start(what: Watching, links: Links) -> notify::Result<(Watcher, JoinHandl
         live: live.clone(),
         unwatched: AtomicU64::new(0),
         limit_warned: AtomicBool::new(false),
+        unwatch_all: AtomicBool::new(false),
     });
     let (walks_tx, walks_rx) = std::sync::mpsc::sync_channel::<(PathBuf, Why)>(WALK_QUEUE);
     let walker_shared = shared.clone();
@@ -406,15 +411,7 @@ impl Detect {
     fn rewatch(&mut self) {
         self.root_lost = false;
         self.root_id = root::identity(&self.rules.root);
-        let paths: Vec<PathBuf> = {
-            let mut w = self.shared.watched.lock().expect("watched lock");
-            w.drain().map(|(p, _)| p).collect()
-        };
-        let mut n = self.shared.notify.lock().expect("notify lock");
-        for p in paths {
-            let _ = n.unwatch(&p);
-        }
-        drop(n);
+        self.shared.unwatch_all.store(true, Ordering::Relaxed);
         self.pending.clear();
         self.shared.live.metrics.rescan();
         self.walk(self.rules.root.clone(), Why::RootBack);
@@ -730,24 +727,33 @@ fn walker_thread(shared: &WalkerShared, walks: std::sync::mpsc::Receiver<(PathBu
         if shared.stop.load(Ordering::Relaxed) {
             return;
         }
-        let started = Instant::now();
-        let (found, old) = walk(shared, &dir);
-        if why.is_full_scan() {
-            tracing::info!(dir = %dir.display(), files = found, elapsed_ms = started.elapsed().as_millis() as u64, "{} done", why.text());
-        } else if old > 0 {
-            let rules = shared.rules.lock().expect("rules lock").clone();
-            let rel = dir
-                .strip_prefix(&rules.root)
-                .unwrap_or(&dir)
-                .display()
-                .to_string();
-            let text = format!(
-                "{old} file(s) in {rel} ({}) are older than the managed-since mark and were left alone; run `offloadd backfill` to upload them",
-                why.text()
-            );
-            tracing::warn!(dir = %dir.display(), files = old, "{text}");
-            shared.live.notice(text);
-        }
+        walk_and_report(shared, &dir, why);
+    }
+}
+
+/// One walk of the walker thread, with what it owes first (removing every
+/// watch) and what it tells after.
+fn walk_and_report(shared: &WalkerShared, dir: &Path, why: Why) {
+    if shared.unwatch_all.swap(false, Ordering::Relaxed) {
+        unwatch_all(shared);
+    }
+    let started = Instant::now();
+    let (found, old) = walk(shared, dir);
+    if why.is_full_scan() {
+        tracing::info!(dir = %dir.display(), files = found, elapsed_ms = started.elapsed().as_millis() as u64, "{} done", why.text());
+    } else if old > 0 {
+        let rules = shared.rules.lock().expect("rules lock").clone();
+        let rel = dir
+            .strip_prefix(&rules.root)
+            .unwrap_or(dir)
+            .display()
+            .to_string();
+        let text = format!(
+            "{old} file(s) in {rel} ({}) are older than the managed-since mark and were left alone; run `offloadd backfill` to upload them",
+            why.text()
+        );
+        tracing::warn!(dir = %dir.display(), files = old, "{text}");
+        shared.live.notice(text);
     }
 }
 
@@ -826,6 +832,18 @@ fn walk(shared: &WalkerShared, dir: &Path) -> (usize, usize) {
         let _ = shared.inputs.blocking_send(Input::Walked(batch));
     }
     (found, old)
+}
+
+/// Removes every watch, so that the walks after it add them again.
+fn unwatch_all(shared: &WalkerShared) {
+    let paths: Vec<PathBuf> = {
+        let mut w = shared.watched.lock().expect("watched lock");
+        w.drain().map(|(p, _)| p).collect()
+    };
+    let mut n = shared.notify.lock().expect("notify lock");
+    for p in paths {
+        let _ = n.unwatch(&p);
+    }
 }
 
 /// Adds a watch unless this very directory (device, inode) is watched already.
@@ -935,6 +953,7 @@ mod tests {
             live: live.clone(),
             unwatched: AtomicU64::new(0),
             limit_warned: AtomicBool::new(false),
+            unwatch_all: AtomicBool::new(false),
         });
         let (walks, wrx) = std::sync::mpsc::sync_channel(1);
         let d = Detect {
@@ -1061,6 +1080,37 @@ mod tests {
         assert!(!d.root_lost);
         d.tick();
         assert!(walks.try_recv().is_err(), "once");
+    }
+
+    /// The root is back (the root guard says so): every watch is removed
+    /// and added again, the removals by the walker thread before its walk,
+    /// not by the loop.
+    #[tokio::test]
+    async fn a_root_back_is_watched_again_by_the_walker() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("a")).unwrap();
+        let (mut d, _rx, walks) = detect_at(dir.path());
+        let root = d.rules.root.clone();
+        walk(&d.shared, &root);
+        let stale = root.join("gone");
+        d.shared
+            .watched
+            .lock()
+            .unwrap()
+            .insert(stale.clone(), (0, 0));
+        let watched = |d: &Detect| {
+            let mut w: Vec<PathBuf> = d.shared.watched.lock().unwrap().keys().cloned().collect();
+            w.sort();
+            w
+        };
+        assert_eq!(watched(&d), [root.clone(), root.join("a"), stale.clone()]);
+
+        d.rewatch();
+        assert_eq!(watched(&d).len(), 3, "the loop removes nothing itself");
+        let (dir, why) = walks.try_recv().unwrap();
+        assert_eq!((&dir, why), (&root, Why::RootBack));
+        walk_and_report(&d.shared, &dir, why);
+        assert_eq!(watched(&d), [root.clone(), root.join("a")]);
     }
 
     #[tokio::test]
