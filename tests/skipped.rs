@@ -1,5 +1,6 @@
 //! Proof: a non-UTF-8 file name and a symlink pointing outside the root are
-//! skipped with a reason in `status`; the daemon keeps going.
+//! skipped with a reason in `status`; a folder the service may not read is
+//! named in the log and `status`, with the fix; the daemon keeps going.
 
 mod common;
 use common::*;
@@ -55,4 +56,64 @@ fn non_utf8_name_and_outside_symlink_are_skipped_with_reasons() {
         public_url("odd/link.png"),
         "a skipped file has no URL (exit {code})"
     );
+}
+
+/// The service user may not read one folder of the root: the log and
+/// `status` name it and say what to do, its file stays, and the rest of the
+/// tree is offloaded as ever.
+#[test]
+fn a_folder_the_service_may_not_read_is_named_with_the_fix() {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    if !require(is_root(), "root (to run the daemon as nobody)") {
+        return;
+    }
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    const NOBODY: u32 = 65534;
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    // What the service needs: its config and secret, its state and socket
+    // directories, and the root.
+    for p in [
+        &env.config_path,
+        &env.secret_file,
+        &env.state_dir,
+        &env.root,
+    ] {
+        chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    mode(env.dir.path(), 0o777);
+    // The application's folder, private to it (root here).
+    let private = env.path("private");
+    std::fs::create_dir(&private).unwrap();
+    mode(&private, 0o700);
+
+    let mut daemon = Daemon::spawn_as_nobody(&env);
+    daemon.wait_ready();
+    std::fs::write(private.join("late.png"), b"written after the start").unwrap();
+    write_and_wait(&env, &s3, "public.png", b"anyone may read this");
+    let expected = format!(
+        "cannot read {}: permission denied; files in it are not offloaded until the service may read it",
+        private.display()
+    );
+    wait_until(LONG, "the unreadable folder named in the log", || {
+        daemon.stderr().contains(&expected)
+    });
+    let st = env.status();
+    assert!(
+        st["notices"].as_array().is_some_and(|n| n
+            .iter()
+            .any(|n| n.as_str().unwrap_or_default().contains(&expected))),
+        "status names the folder: {st}"
+    );
+    assert!(daemon.alive(), "the daemon keeps going");
+    assert_eq!(
+        s3.keys(BUCKET).len(),
+        1,
+        "only the readable file is uploaded"
+    );
+    assert!(private.join("late.png").exists());
+    daemon.stop();
 }

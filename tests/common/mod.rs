@@ -925,6 +925,22 @@ impl Daemon {
     pub fn spawn_bin(bin: &Path, env: &TestEnv, extra_env: &[(&str, &str)]) -> Daemon {
         let mut cmd = Command::new(bin);
         cmd.arg("--config").arg(&env.config_path).arg("run");
+        Daemon::spawn_command(cmd, env, extra_env)
+    }
+
+    /// Spawn the daemon as `nobody` (uid and gid 65534, no other groups),
+    /// through `setpriv`; the caller makes what it needs reachable to it.
+    pub fn spawn_as_nobody(env: &TestEnv) -> Daemon {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(bin_path())
+            .arg("--config")
+            .arg(&env.config_path)
+            .arg("run");
+        Daemon::spawn_command(cmd, env, &[])
+    }
+
+    fn spawn_command(mut cmd: Command, env: &TestEnv, extra_env: &[(&str, &str)]) -> Daemon {
         scrub_env(&mut cmd);
         for (k, v) in extra_env {
             cmd.env(k, v);
