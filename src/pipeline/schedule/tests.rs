@@ -553,6 +553,44 @@ async fn deletes_only_after_the_durable_record() {
     h.stop().await;
 }
 
+/// A file written to again between its upload and its delete is not
+/// deleted: it is uploaded again, and its local copy goes only once the new
+/// content is in the bucket and recorded.
+#[tokio::test(start_paused = true)]
+async fn a_file_changed_after_its_upload_is_uploaded_again_before_its_delete() {
+    let mut h = Harness::new(Deletion::After(Duration::ZERO));
+    let abs = h.root.join("a.png");
+    let path = abs.clone();
+    let mut first = true;
+    // The first PUT's body is read and sent: the file changes behind it.
+    h.store.script(move |r| {
+        if r.op == Op::Put && std::mem::take(&mut first) {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap();
+            std::io::Write::write_all(&mut f, b" and more").unwrap();
+        }
+        None
+    });
+    h.write("a.png", b"first").await;
+    until(30, "the local copy deleted", || !abs.exists()).await;
+    assert_eq!(h.store.object("pre/a.png").unwrap(), b"first and more");
+    assert_eq!(h.count(Op::Put), 2, "{:?}", h.store.requests());
+    let record = h.queue.record(&Harness::key("a.png")).unwrap().unwrap();
+    assert_eq!(record.etag, md5_hex(b"first and more"));
+    until(5, "marked", || {
+        h.queue
+            .record(&Harness::key("a.png"))
+            .unwrap()
+            .unwrap()
+            .local
+            == Local::Deleted
+    })
+    .await;
+    h.stop().await;
+}
+
 fn md5_hex(bytes: &[u8]) -> String {
     use md5::{Digest, Md5};
     hex::encode(Md5::digest(bytes))
