@@ -20,7 +20,10 @@
 //!
 //! A delete cut short by a crash after 3 leaves the uploaded inode under a
 //! hidden name; the next attempt finds the name gone, finds that inode among
-//! the hidden names and finishes the delete.
+//! the hidden names and finishes the delete. A crash before a file was put
+//! back in 4 leaves a file that is not the uploaded one under a hidden name;
+//! the hidden name carries the name it came from, and the next attempt puts
+//! it back there (never over anything) and has it uploaded.
 
 use crate::pipeline::finished::{FileIdentity, Lease};
 use crate::pipeline::queue::DeletePermit;
@@ -34,6 +37,9 @@ use std::sync::Mutex;
 /// Names of files set aside for deletion start with this; the watcher never
 /// treats them as results.
 pub const ASIDE_PREFIX: &str = ".offloadd-del-";
+
+/// The longest file name Linux file systems take, in bytes.
+const NAME_MAX: usize = 255;
 
 /// What happened to a local copy.
 #[derive(Debug, PartialEq, Eq)]
@@ -83,13 +89,28 @@ struct Aside {
 static IN_USE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
 impl Aside {
-    /// A new hidden name beside `abs`.
+    /// A new hidden name beside `abs`: `{ASIDE_PREFIX}{pid}-{n}-{its name}`,
+    /// or without its name where that would be longer than a name may be.
     fn beside(abs: &Path) -> Aside {
         static N: AtomicU64 = AtomicU64::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let dir = abs.parent().unwrap_or(Path::new("/"));
-        let path = dir.join(format!("{ASIDE_PREFIX}{}-{n}", std::process::id()));
+        let mut name = format!("{ASIDE_PREFIX}{}-{n}", std::process::id()).into_bytes();
+        let from = abs.file_name().map(OsStrExt::as_bytes).unwrap_or_default();
+        if name.len() + 1 + from.len() <= NAME_MAX {
+            name.push(b'-');
+            name.extend_from_slice(from);
+        }
+        let path = dir.join(std::ffi::OsStr::from_bytes(&name));
         Aside::claim(path).expect("a fresh hidden name is not in use")
+    }
+
+    /// The name a hidden name says its file came from, if it says one.
+    fn came_from(hidden: &[u8]) -> Option<&[u8]> {
+        let rest = hidden.strip_prefix(ASIDE_PREFIX.as_bytes())?;
+        let mut parts = rest.splitn(3, |&b| b == b'-');
+        let (_pid, _n) = (parts.next()?, parts.next()?);
+        parts.next().filter(|name| !name.is_empty())
     }
 
     /// Claims an existing hidden name, unless another delete uses it.
@@ -219,12 +240,16 @@ fn refused_open(abs: &Path, expected: &FileIdentity, e: &std::io::Error) -> Loca
 
 /// The name is gone. If the uploaded inode waits under a hidden name no
 /// delete of this process is using (a delete cut short by a crash), the
-/// delete is finished now, with the same lease and checks.
+/// delete is finished now, with the same lease and checks. Else a file that
+/// another file set aside from this name goes back under it (its delete was
+/// cut short before it was put back), to be uploaded.
 fn gone(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
     let dir = abs.parent().unwrap_or(Path::new("/"));
     let Ok(entries) = std::fs::read_dir(dir) else {
         return LocalOutcome::Gone;
     };
+    let name = abs.file_name().map(OsStrExt::as_bytes).unwrap_or_default();
+    let mut from_this_name = Vec::new();
     for entry in entries.flatten() {
         if !entry
             .file_name()
@@ -235,7 +260,12 @@ fn gone(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
         }
         match entry.metadata() {
             Ok(m) if m.is_file() && FileIdentity::of(&m).same_contents(expected) => {}
-            _ => continue,
+            _ => {
+                if Aside::came_from(entry.file_name().as_bytes()) == Some(name) {
+                    from_this_name.push(entry.path());
+                }
+                continue;
+            }
         }
         let Some(aside) = Aside::claim(entry.path()) else {
             continue;
@@ -262,6 +292,15 @@ fn gone(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
         };
         drop(lease);
         return outcome;
+    }
+    for hidden in from_this_name {
+        let Some(aside) = Aside::claim(hidden) else {
+            continue;
+        };
+        if rename_noreplace(&aside.path, abs).is_ok() {
+            tracing::warn!(path = %abs.display(), "a file that a delete cut short before a restart had set aside is back under its name; it is uploaded again");
+            return LocalOutcome::Changed;
+        }
     }
     LocalOutcome::Gone
 }
@@ -339,6 +378,56 @@ mod tests {
         assert_eq!(delete_if_same(&f, &id), LocalOutcome::Deleted);
         assert_eq!(listing(dir.path()), vec![format!("{ASIDE_PREFIX}1-7")]);
         assert_eq!(delete_if_same(&f, &id), LocalOutcome::Gone);
+    }
+
+    /// Another file took the name and was set aside in its place; the crash
+    /// came before it was put back. The next attempt puts it back (the
+    /// uploaded file is long gone: it was replaced) and has it uploaded.
+    #[test]
+    fn a_file_set_aside_but_not_put_back_before_a_crash_goes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a-1.png");
+        std::fs::write(&f, b"uploaded").unwrap();
+        let id = identity(&f);
+        let newer = dir.path().join("tmp");
+        std::fs::write(&newer, b"the application's newer file").unwrap();
+        std::fs::rename(&newer, &f).unwrap();
+        // A leftover set aside from another name stays where it is.
+        let other = dir.path().join(format!("{ASIDE_PREFIX}1-7-b.png"));
+        std::fs::write(&other, b"else").unwrap();
+        let aside = Aside::beside(&f);
+        let hidden = aside.path.clone();
+        drop(aside);
+        assert_eq!(
+            Aside::came_from(hidden.file_name().unwrap().as_bytes()),
+            Some(&b"a-1.png"[..])
+        );
+        std::fs::rename(&f, &hidden).unwrap(); // the crash
+        assert_eq!(delete_if_same(&f, &id), LocalOutcome::Changed);
+        assert_eq!(std::fs::read(&f).unwrap(), b"the application's newer file");
+        assert_eq!(
+            listing(dir.path()),
+            vec![format!("{ASIDE_PREFIX}1-7-b.png"), "a-1.png".to_string()]
+        );
+    }
+
+    #[test]
+    fn a_hidden_name_says_where_its_file_came_from_when_it_fits() {
+        assert_eq!(
+            Aside::came_from(format!("{ASIDE_PREFIX}12-3-x-y.png").as_bytes()),
+            Some(&b"x-y.png"[..])
+        );
+        assert_eq!(
+            Aside::came_from(format!("{ASIDE_PREFIX}12-3").as_bytes()),
+            None
+        );
+        assert_eq!(Aside::came_from(b"x-y.png"), None);
+        let dir = tempfile::tempdir().unwrap();
+        let long = dir.path().join("n".repeat(NAME_MAX));
+        let aside = Aside::beside(&long);
+        let hidden = aside.path.file_name().unwrap().as_bytes();
+        assert!(hidden.len() <= NAME_MAX);
+        assert_eq!(Aside::came_from(hidden), None);
     }
 
     #[test]
