@@ -1,6 +1,7 @@
 //! An in-memory [`Store`] for the pipeline's unit tests: objects in a map,
 //! MD5 ETags as S3 computes them, every request logged, a script that can
-//! fail any request, and answers that can misreport an object's ETag.
+//! fail any request, answers that can misreport an object's ETag, and probes
+//! whose answer can be held back.
 
 use crate::keys::ObjectKey;
 use crate::remote::error::{classify, ErrorClass, StorageError};
@@ -53,6 +54,8 @@ pub struct FakeStore {
     next_id: Mutex<u64>,
     /// How many more answers of each op carry a wrong ETag.
     misreports: Mutex<HashMap<Op, usize>>,
+    /// While true, probes wait for an answer (see [`FakeStore::hold_probes`]).
+    probes_held: tokio::sync::watch::Sender<bool>,
 }
 
 /// The ETag a misreporting answer carries.
@@ -117,6 +120,7 @@ impl FakeStore {
             script: Mutex::new(Box::new(|_| None)),
             next_id: Mutex::new(0),
             misreports: Mutex::new(HashMap::new()),
+            probes_held: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -140,6 +144,12 @@ impl FakeStore {
             }
             _ => etag.to_string(),
         }
+    }
+
+    /// While `held`, a probe waits for its answer (a provider slow to
+    /// answer), so its verdict is pending; the script decides it after.
+    pub fn hold_probes(&self, held: bool) {
+        self.probes_held.send_replace(held);
     }
 
     /// Replaces the failure script.
@@ -339,6 +349,9 @@ impl Store for FakeStore {
     }
 
     fn probe(&self) -> Reply<'_, ()> {
-        Box::pin(async move { self.enter(Op::Probe, ".offloadd-health") })
+        Box::pin(async move {
+            let _ = self.probes_held.subscribe().wait_for(|held| !*held).await;
+            self.enter(Op::Probe, ".offloadd-health")
+        })
     }
 }

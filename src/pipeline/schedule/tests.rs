@@ -591,6 +591,93 @@ async fn a_file_changed_after_its_upload_is_uploaded_again_before_its_delete() {
     h.stop().await;
 }
 
+/// A delete-through (`offloadd delete`) is refused while the item's failed
+/// upload waits for the probe's verdict, as while it is in flight: the item
+/// is still the scheduler's, and it comes back as soon as the verdict does.
+#[tokio::test(start_paused = true)]
+async fn a_hold_is_refused_while_an_upload_waits_for_the_probe() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.store.hold_probes(true);
+    h.store
+        .script(|r| (r.op == Op::Put).then(|| http_error(403, "SignatureDoesNotMatch")));
+    h.write("a.png", b"a").await;
+    until(10, "the upload failed", || h.count(Op::Put) == 1).await;
+    // Time for its outcome to reach the scheduler; the probe stays unanswered.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.count(Op::Probe), 0);
+    let (reply, answer) = oneshot::channel();
+    h.commands
+        .send(Command::Hold {
+            key: Harness::key("a.png"),
+            reply,
+        })
+        .await
+        .unwrap();
+    let refused = answer.await.unwrap().unwrap_err();
+    assert!(refused.contains("being uploaded right now"), "{refused}");
+
+    h.store.script(|_| None);
+    h.store.hold_probes(false);
+    until(30, "uploaded once the verdict is in", || {
+        h.store.object("pre/a.png").is_some()
+    })
+    .await;
+    h.stop().await;
+}
+
+/// A held item (a delete-through under way) is not put back by anything
+/// else: here `offloadd retry` of the parked item while it is held. Its
+/// release resumes it.
+#[tokio::test(start_paused = true)]
+async fn nothing_requeues_a_held_item() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.store
+        .script(|r| (r.op == Op::Put).then(|| http_error(400, "InvalidRequest")));
+    h.write("a.png", b"a").await;
+    let key = Harness::key("a.png");
+    until(300, "parked", || h.live.shown().failed.contains_key(&key)).await;
+    h.store.script(|_| None);
+
+    let (reply, answer) = oneshot::channel();
+    let hold = Command::Hold {
+        key: key.clone(),
+        reply,
+    };
+    h.commands.send(hold).await.unwrap();
+    answer.await.unwrap().unwrap();
+    let (reply, answer) = oneshot::channel();
+    let retry = Command::Retry {
+        keys: Some(vec![key.clone()]),
+        reply,
+    };
+    h.commands.send(retry).await.unwrap();
+    answer.await.unwrap();
+    // Half a minute held, with real time for the blocking threads.
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        h.store.object("pre/a.png").is_none(),
+        "not uploaded while held"
+    );
+
+    let (reply, answer) = oneshot::channel();
+    h.commands
+        .send(Command::Release {
+            key: key.clone(),
+            reply,
+        })
+        .await
+        .unwrap();
+    answer.await.unwrap();
+    until(30, "uploaded once released", || {
+        h.store.object("pre/a.png").is_some()
+    })
+    .await;
+    h.stop().await;
+}
+
 fn md5_hex(bytes: &[u8]) -> String {
     use md5::{Digest, Md5};
     hex::encode(Md5::digest(bytes))
