@@ -144,6 +144,13 @@ impl Harness {
         p
     }
 
+    /// Sends the command `make` builds around a reply channel; its answer.
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> T {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(make(reply)).await.unwrap();
+        answer.await.unwrap()
+    }
+
     fn count(&self, op: Op) -> usize {
         self.store.requests().iter().filter(|r| r.op == op).count()
     }
@@ -605,15 +612,11 @@ async fn a_hold_is_refused_while_an_upload_waits_for_the_probe() {
     // Time for its outcome to reach the scheduler; the probe stays unanswered.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(h.count(Op::Probe), 0);
-    let (reply, answer) = oneshot::channel();
-    h.commands
-        .send(Command::Hold {
-            key: Harness::key("a.png"),
-            reply,
-        })
+    let key = Harness::key("a.png");
+    let refused = h
+        .ask(|reply| Command::Hold { key, reply })
         .await
-        .unwrap();
-    let refused = answer.await.unwrap().unwrap_err();
+        .unwrap_err();
     assert!(refused.contains("being uploaded right now"), "{refused}");
 
     h.store.script(|_| None);
@@ -638,20 +641,12 @@ async fn nothing_requeues_a_held_item() {
     until(300, "parked", || h.live.shown().failed.contains_key(&key)).await;
     h.store.script(|_| None);
 
-    let (reply, answer) = oneshot::channel();
-    let hold = Command::Hold {
-        key: key.clone(),
-        reply,
-    };
-    h.commands.send(hold).await.unwrap();
-    answer.await.unwrap().unwrap();
-    let (reply, answer) = oneshot::channel();
-    let retry = Command::Retry {
-        keys: Some(vec![key.clone()]),
-        reply,
-    };
-    h.commands.send(retry).await.unwrap();
-    answer.await.unwrap();
+    let k = key.clone();
+    h.ask(|reply| Command::Hold { key: k, reply })
+        .await
+        .unwrap();
+    let keys = Some(vec![key.clone()]);
+    h.ask(|reply| Command::Retry { keys, reply }).await;
     // Half a minute held, with real time for the blocking threads.
     for _ in 0..30 {
         std::thread::sleep(Duration::from_millis(20));
@@ -662,15 +657,7 @@ async fn nothing_requeues_a_held_item() {
         "not uploaded while held"
     );
 
-    let (reply, answer) = oneshot::channel();
-    h.commands
-        .send(Command::Release {
-            key: key.clone(),
-            reply,
-        })
-        .await
-        .unwrap();
-    answer.await.unwrap();
+    h.ask(|reply| Command::Release { key, reply }).await;
     until(30, "uploaded once released", || {
         h.store.object("pre/a.png").is_some()
     })
@@ -926,16 +913,12 @@ async fn deletes_beyond_the_window_are_done_and_cancelled_too() {
     .await;
     // Turning deletion off cancels those on disk only as well.
     let p = plan(&h.root, &h.store, Deletion::Keep);
-    let (applied, done) = oneshot::channel();
-    h.commands
-        .send(Command::Replan {
-            plan: p,
-            memory_limit: MEMORY_LIMIT,
-            applied,
-        })
-        .await
-        .unwrap();
-    done.await.unwrap();
+    h.ask(|applied| Command::Replan {
+        plan: p,
+        memory_limit: MEMORY_LIMIT,
+        applied,
+    })
+    .await;
     let left = h.queue.items().unwrap();
     assert!(left.is_empty(), "{left:?}");
     assert!(files.iter().all(|f| f.exists()));
