@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -542,8 +543,8 @@ class Harness:
         self.W = tempfile.mkdtemp(prefix="offloadd-bench.", dir=base)
         os.chmod(self.W, 0o755)
         if k.SERVER == "garage":  # its key format: GK + 24 hex digits, a 64-hex-digit secret
-            self.ak = "GK" + "".join(random.choice("0123456789abcdef") for _ in range(24))
-            self.sk = "".join(random.choice("0123456789abcdef") for _ in range(64))
+            self.ak = "GK" + secrets.token_hex(12)
+            self.sk = secrets.token_hex(32)
         else:
             self.ak = "BENCH"
             self.sk = "bench-" + "".join(random.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(24))
@@ -587,7 +588,7 @@ class Harness:
             f.write(f'metadata_dir = "{self.s3dir}/meta"\ndata_dir = "{self.s3dir}/data"\ndb_engine = "lmdb"\n'
                     f'replication_factor = 1\ncompression_level = "none"\n'
                     f'rpc_bind_addr = "127.0.0.1:{rpc}"\nrpc_public_addr = "127.0.0.1:{rpc}"\n'
-                    f'rpc_secret = "{"".join(random.choice("0123456789abcdef") for _ in range(64))}"\n'
+                    f'rpc_secret = "{secrets.token_hex(32)}"\n'
                     f'[s3_api]\ns3_region = "us-east-1"\napi_bind_addr = "127.0.0.1:{self.s3port}"\n')
         self.server = Child([garage, "-c", cfg, "server"], os.path.join(self.W, "garage.log"))
         wait_port(self.s3port)

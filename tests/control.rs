@@ -8,7 +8,6 @@ use common::*;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
 
 fn uploaded(env: &TestEnv, s3: &S3Server, rel: &str, bytes: &[u8]) {
     wait_until(LONG, &format!("{rel} uploaded"), || {
@@ -217,11 +216,7 @@ fn control_socket_refuses_another_user() {
         fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
     }
     let as_nobody = || {
-        let out = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(bin_path())
-            .arg("--config")
-            .arg(&env.config_path)
+        let out = offloadd_as_nobody(&env)
             .args(["status"])
             .output()
             .expect("run setpriv");

@@ -6,14 +6,9 @@ mod common;
 use common::*;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
 
 fn check_config_as_nobody(env: &TestEnv) -> (Option<i32>, String, String) {
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(bin_path())
-        .arg("--config")
-        .arg(&env.config_path)
+    let out = offloadd_as_nobody(env)
         .arg("check-config")
         .env_remove("OFFLOADD_CONFIG")
         .output()

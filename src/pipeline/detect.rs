@@ -1176,6 +1176,7 @@ mod tests {
         d.publish();
         assert_eq!(d.live.shown().writers_waiting, 0);
     }
+
     /// A stop while the walker thread waits for room in the loop's inputs
     /// (a catch-up walk of a big tree, every file still settling) ends the
     /// walker: the loop's end must not wait for it for ever.

@@ -84,6 +84,17 @@ pub fn require(available: bool, what: &str) -> bool {
     false
 }
 
+/// `offloadd --config <env's config>` run as `nobody` (uid and gid 65534, no
+/// other groups) through `setpriv`: add the command and its arguments.
+pub fn offloadd_as_nobody(env: &TestEnv) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin_path())
+        .arg("--config")
+        .arg(&env.config_path);
+    cmd
+}
+
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -928,15 +939,11 @@ impl Daemon {
         Daemon::spawn_command(cmd, env, extra_env)
     }
 
-    /// Spawn the daemon as `nobody` (uid and gid 65534, no other groups),
-    /// through `setpriv`; the caller makes what it needs reachable to it.
+    /// Spawn the daemon as `nobody` ([`offloadd_as_nobody`]); the caller
+    /// makes what it needs reachable to it.
     pub fn spawn_as_nobody(env: &TestEnv) -> Daemon {
-        let mut cmd = Command::new("setpriv");
-        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(bin_path())
-            .arg("--config")
-            .arg(&env.config_path)
-            .arg("run");
+        let mut cmd = offloadd_as_nobody(env);
+        cmd.arg("run");
         Daemon::spawn_command(cmd, env, &[])
     }
 
