@@ -23,7 +23,9 @@ say() { echo "test.sh: $*" >&2; }
 # (tests/systemd-testbed/up.sh) and caches the container root in $SDLAB.
 # prometheus: promtool for tests/dashboards.rs (checks and unit-tests the alert
 # rules); installing it starts no service where systemd is not running.
-APT_PACKAGES=(nginx systemd prometheus)
+# xfsprogs: mkfs.xfs for tests/torture/privileged.rs (an XFS root moved to
+# another loop device).
+APT_PACKAGES=(nginx systemd prometheus xfsprogs)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")

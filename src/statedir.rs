@@ -134,18 +134,47 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// The identity of the watch root the last run managed (`root-id`): its path,
-/// filesystem id and inode, which stay the same across reboots and remounts of
+/// inode and filesystem, which stay the same across reboots and remounts of
 /// the same filesystem.
+///
+/// The filesystem is named twice: by its UUID where the kernel gives one
+/// (`FS_IOC_GETFSUUID`), and by `statfs`'s `f_fsid`. The UUID decides when
+/// both sides have one, because XFS and f2fs derive `f_fsid` from the device
+/// number, which a reboot may change (LVM, NVMe ordering, loop devices).
+/// The file is one line `{fsid} {ino}[ {uuid hex}]` and then the path; a file
+/// written before the UUID was kept has no third field and is compared by
+/// `f_fsid`.
 pub mod root_id {
     use super::*;
     use std::os::unix::ffi::OsStrExt;
+
+    /// Which filesystem and directory a root is.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct RootId {
+        pub fsid: u64,
+        /// `None` where the kernel or the filesystem gives no UUID (or an
+        /// all-zero one).
+        pub uuid: Option<[u8; 16]>,
+        pub ino: u64,
+    }
+
+    impl RootId {
+        /// Whether `self` and `other` are the same directory of the same
+        /// filesystem: the UUIDs decide when both are known, else `f_fsid`.
+        pub fn is(&self, other: &RootId) -> bool {
+            self.ino == other.ino
+                && match (self.uuid, other.uuid) {
+                    (Some(a), Some(b)) => a == b,
+                    _ => self.fsid == other.fsid,
+                }
+        }
+    }
 
     /// What `root-id` holds.
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub struct Stored {
         pub path: PathBuf,
-        pub fsid: u64,
-        pub ino: u64,
+        pub id: RootId,
     }
 
     pub fn path(state_dir: &Path) -> PathBuf {
@@ -156,21 +185,46 @@ pub mod root_id {
         let bytes = std::fs::read(path(state_dir)).ok()?;
         let nl = bytes.iter().position(|b| *b == b'\n')?;
         let head = std::str::from_utf8(&bytes[..nl]).ok()?;
-        let (fsid, ino) = head.trim().split_once(' ')?;
+        let mut fields = head.split_whitespace();
+        let fsid = fields.next()?.parse().ok()?;
+        let ino = fields.next()?.parse().ok()?;
+        let uuid = match fields.next() {
+            None => None,
+            Some(hex) => Some(parse_uuid(hex)?),
+        };
+        if fields.next().is_some() {
+            return None;
+        }
         let rest = &bytes[nl + 1..];
         let rest = rest.strip_suffix(b"\n").unwrap_or(rest);
         Some(Stored {
             path: PathBuf::from(std::ffi::OsStr::from_bytes(rest)),
-            fsid: fsid.parse().ok()?,
-            ino: ino.parse().ok()?,
+            id: RootId { fsid, uuid, ino },
         })
     }
 
-    pub fn write(state_dir: &Path, root: &Path, fsid: u64, ino: u64) -> std::io::Result<()> {
-        let mut bytes = format!("{fsid} {ino}\n").into_bytes();
+    pub fn write(state_dir: &Path, root: &Path, id: &RootId) -> std::io::Result<()> {
+        let mut head = format!("{} {}", id.fsid, id.ino);
+        if let Some(uuid) = id.uuid {
+            head.push(' ');
+            head.extend(uuid.iter().map(|b| format!("{b:02x}")));
+        }
+        let mut bytes = head.into_bytes();
+        bytes.push(b'\n');
         bytes.extend_from_slice(root.as_os_str().as_bytes());
         bytes.push(b'\n');
         write_atomically(&path(state_dir), &bytes)
+    }
+
+    fn parse_uuid(hex: &str) -> Option<[u8; 16]> {
+        if hex.len() != 32 || !hex.is_ascii() {
+            return None;
+        }
+        let mut uuid = [0u8; 16];
+        for (i, b) in uuid.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(uuid)
     }
 }
 
@@ -284,14 +338,68 @@ mod tests {
 
     #[test]
     fn root_id_round_trips() {
+        use root_id::RootId;
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(root_id::read(dir.path()), None);
-        root_id::write(dir.path(), Path::new("/srv/r"), 77, 2).unwrap();
+        for id in [
+            RootId {
+                fsid: 77,
+                uuid: None,
+                ino: 2,
+            },
+            RootId {
+                fsid: 77,
+                uuid: Some(*b"0123456789abcdef"),
+                ino: 2,
+            },
+        ] {
+            root_id::write(dir.path(), Path::new("/srv/r"), &id).unwrap();
+            let s = root_id::read(dir.path()).unwrap();
+            assert_eq!((s.path.as_path(), s.id), (Path::new("/srv/r"), id));
+        }
+    }
+
+    #[test]
+    fn a_root_id_written_before_uuids_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(root_id::path(dir.path()), "77 2\n/srv/r\n").unwrap();
         let s = root_id::read(dir.path()).unwrap();
         assert_eq!(
-            (s.path.as_path(), s.fsid, s.ino),
-            (Path::new("/srv/r"), 77, 2)
+            s.id,
+            root_id::RootId {
+                fsid: 77,
+                uuid: None,
+                ino: 2
+            }
         );
+        std::fs::write(root_id::path(dir.path()), "77 2 not-hex\n/srv/r\n").unwrap();
+        assert_eq!(root_id::read(dir.path()), None, "a damaged file is no id");
+    }
+
+    #[test]
+    fn the_uuid_decides_where_both_roots_have_one() {
+        use root_id::RootId;
+        let uuid = Some([7u8; 16]);
+        let stored = RootId {
+            fsid: 1,
+            uuid,
+            ino: 128,
+        };
+        // XFS after a reboot that renumbered its device: another f_fsid.
+        assert!(stored.is(&RootId { fsid: 2, ..stored }));
+        assert!(!stored.is(&RootId {
+            uuid: Some([8; 16]),
+            ..stored
+        }));
+        assert!(!stored.is(&RootId { ino: 129, ..stored }));
+        // One side has no UUID (a file from before, a kernel without the
+        // ioctl): f_fsid decides.
+        let old = RootId {
+            uuid: None,
+            ..stored
+        };
+        assert!(old.is(&stored) && stored.is(&old));
+        assert!(!old.is(&RootId { fsid: 2, ..stored }));
     }
 
     #[test]

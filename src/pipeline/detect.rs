@@ -30,6 +30,7 @@ use crate::pipeline::finished::{self, now_ns, FileIdentity};
 use crate::pipeline::live::{Live, SAMPLE};
 use crate::pipeline::root::{self, RootStatus};
 use crate::shutdown::Shutdown;
+use crate::statedir::root_id::RootId;
 use notify::event::{
     AccessKind, AccessMode, CreateKind, EventKind, EventKindMask, ModifyKind, RenameMode,
 };
@@ -287,8 +288,8 @@ struct Detect {
     /// guard saw nothing change (a remount at once): every watch is added
     /// again once the root is the one watched before ([`Detect::root_id`]).
     root_lost: bool,
-    /// File system id and inode of the root when its watches were last added.
-    root_id: Option<(u64, u64)>,
+    /// The root's filesystem and inode when its watches were last added.
+    root_id: Option<RootId>,
     /// The writer probe's silence was reported ([`Detect::warn_unanswered_probe`]).
     probe_warned: bool,
     rescan_every: Option<Duration>,
@@ -532,7 +533,11 @@ impl Detect {
         if let Some(why) = self.full_scan_owed.take() {
             self.walk(self.rules.root.clone(), why);
         }
-        if self.root_lost && root::identity(&self.rules.root) == self.root_id {
+        let same_root = match (root::identity(&self.rules.root), self.root_id) {
+            (Some(now), Some(was)) => now.is(&was),
+            (now, was) => now.is_none() && was.is_none(),
+        };
+        if self.root_lost && same_root {
             self.rewatch();
         }
         if self.dropped.swap(false, Ordering::Relaxed) {
@@ -1069,7 +1074,11 @@ mod tests {
         let unmount = notify::Event::new(EventKind::Remove(notify::event::RemoveKind::Other))
             .add_path(root.clone());
         // Another file system at the path for now: wait.
-        d.root_id = Some((0, 0));
+        d.root_id = Some(RootId {
+            fsid: 0,
+            uuid: None,
+            ino: 0,
+        });
         d.event(Ok(unmount.clone()));
         d.tick();
         assert!(walks.try_recv().is_err());

@@ -1,6 +1,7 @@
 //! Trouble only root can stage: a full state_dir (a small tmpfs), a watch
 //! root unmounted and mounted again (a bind mount; a file system of its own
-//! remounted at once, a loop-mounted ext4), an inotify queue that
+//! remounted at once, a loop-mounted ext4; an XFS root whose device was
+//! renumbered between runs), an inotify queue that
 //! overflows (a tiny `fs.inotify.max_queued_events`), and an operator who is
 //! in the service's group only as a supplementary group. Each test fails
 //! under CI when it cannot run as root (`require`).
@@ -21,6 +22,17 @@ fn sh(cmd: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Attaches `image` to the first free loop device and returns its path.
+fn attach(image: &Path) -> String {
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "losetup: {out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// Unmounts on drop, so a failed test leaves no mount behind.
@@ -232,13 +244,7 @@ fn a_root_remounted_at_once_is_watched_again() {
     let image = env.dir.path().join("disk.ext4");
     let image = image.display();
     sh(&format!("truncate -s 32M {image} && mkfs.ext4 -q {image}"));
-    let out = Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(env.dir.path().join("disk.ext4"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "losetup: {out:?}");
-    let device = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let device = attach(&env.dir.path().join("disk.ext4"));
     let _loop = Loop(device.clone());
     let root = env.root.display();
     sh(&format!("mount {device} {root}"));
@@ -257,6 +263,76 @@ fn a_root_remounted_at_once_is_watched_again() {
     assert_eq!(id(), before, "the same file system again");
     write_and_wait(&env, &s3, "after/b.png", b"after the remount");
     write_and_wait(&env, &s3, "before/c.png", b"in an old folder");
+    daemon.stop();
+}
+
+/// An XFS root whose device number changed between two runs, as a reboot
+/// may do (LVM, NVMe ordering): XFS derives `f_fsid` from the device, so only
+/// the filesystem's UUID says it is the same root. The second run uploads;
+/// it does not pause as "replaced". Before that, a run on the same device
+/// upgrades a `root-id` in the format written before the UUID was kept.
+#[test]
+fn an_xfs_root_on_a_renumbered_device_is_still_the_root() {
+    let mkfs = Command::new("mkfs.xfs").arg("-V").output().is_ok();
+    if !require(
+        is_root() && mkfs,
+        "root and mkfs.xfs (xfsprogs; a loop-mounted XFS)",
+    ) {
+        return;
+    }
+    let env = TestEnv::new();
+    let image = env.dir.path().join("disk.xfs");
+    // 300 MB is the smallest XFS that mkfs.xfs makes; the file is sparse.
+    sh(&format!(
+        "truncate -s 320M {0} && mkfs.xfs -q {0}",
+        image.display()
+    ));
+    let first = attach(&image);
+    let first_loop = Loop(first.clone());
+    let root = env.root.display();
+    sh(&format!("mount {first} {root}"));
+    let mut mount = Some(Mount(env.root.clone()));
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    let daemon = Daemon::start(&env, &[]);
+    write_and_wait(&env, &s3, "first/a.png", b"first boot");
+    daemon.stop();
+
+    // root-id as the previous version wrote it ("{fsid} {ino}", no UUID):
+    // a run on the same device upgrades it.
+    let root_id = env.state_dir.join("root-id");
+    let fields = || {
+        let text = fs::read_to_string(&root_id).unwrap();
+        let (head, path) = text.split_once('\n').unwrap();
+        let fields: Vec<String> = head.split(' ').map(String::from).collect();
+        (fields, path.to_string())
+    };
+    let (written, path) = fields();
+    assert_eq!(written.len(), 3, "fsid, inode and UUID: {written:?}");
+    fs::write(&root_id, format!("{} {}\n{path}", written[0], written[1])).unwrap();
+    let daemon = Daemon::start(&env, &[]);
+    write_and_wait(&env, &s3, "upgraded/a.png", b"after the upgrade");
+    daemon.stop();
+    assert_eq!(fields().0, written, "root-id gained the UUID back");
+
+    // "Reboot": the same image on another loop device.
+    let dev = || {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(&env.root).unwrap().dev()
+    };
+    let before = dev();
+    drop(mount.take());
+    let second = attach(&image);
+    let _second_loop = Loop(second.clone());
+    drop(first_loop);
+    sh(&format!("mount {second} {root}"));
+    let _mount = Mount(env.root.clone());
+    assert_ne!(dev(), before, "{first} and then {second}");
+
+    let daemon = Daemon::start(&env, &[]);
+    write_and_wait(&env, &s3, "second/b.png", b"after the reboot");
+    let (_, status, _) = env.cli(&["status"]);
+    assert!(!status.contains("replaced"), "{status}");
     daemon.stop();
 }
 
