@@ -187,9 +187,14 @@ pub async fn run(
             }
             outcome
         };
+        // READY waits for the rebuild, which may read every large file once.
+        let rebuilt = systemd::while_starting(rebuilt, systemd::EXTEND_EVERY);
         tokio::select! {
             outcome = rebuilt => rebuild_outcome = outcome,
-            () = &mut shutdown => stop.fire(),
+            () = &mut shutdown => {
+                systemd::stopping();
+                stop.fire();
+            }
         }
         live.update(|s| s.rebuild = None);
     }

@@ -1,19 +1,32 @@
-//! The systemd watchdog pinger, against a fake NOTIFY_SOCKET: it pings while
-//! the tokio event loop runs and stops once the loop is blocked or uploads are
-//! stalled, without systemd. (Its own test binary: it sets process-wide
-//! environment.)
+//! systemd notifications against a fake NOTIFY_SOCKET, without systemd: the
+//! watchdog pinger pings while the tokio event loop runs and stops once the
+//! loop is blocked or uploads are stalled; a long start-up phase keeps asking
+//! for more start-up time. (Its own test binary: it sets process-wide
+//! environment, and its tests take turns, see [`ENV`].)
 
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-/// Drains the socket; counts `WATCHDOG=1` datagrams.
-fn drain(sock: &UnixDatagram) -> usize {
+/// Held by each test while it sets the environment.
+static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A fake NOTIFY_SOCKET, named in the environment.
+fn notify_socket(dir: &std::path::Path) -> UnixDatagram {
+    let path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_nonblocking(true).unwrap();
+    std::env::set_var("NOTIFY_SOCKET", &path);
+    sock
+}
+
+/// Drains the socket; counts the datagrams holding the line `line`.
+fn drain_counting(sock: &UnixDatagram, line: &str) -> usize {
     let mut n = 0;
     let mut buf = [0u8; 4096];
     while let Ok(len) = sock.recv(&mut buf) {
         if String::from_utf8_lossy(&buf[..len])
             .lines()
-            .any(|l| l == "WATCHDOG=1")
+            .any(|l| l == line)
         {
             n += 1;
         }
@@ -21,13 +34,48 @@ fn drain(sock: &UnixDatagram) -> usize {
     n
 }
 
+/// Drains the socket; counts `WATCHDOG=1` datagrams.
+fn drain(sock: &UnixDatagram) -> usize {
+    drain_counting(sock, "WATCHDOG=1")
+}
+
+/// A start-up phase longer than systemd's timeout (the rebuild after a lost
+/// database, which reads every large file) asks for more time all along, not
+/// once per step: one step may take minutes.
+#[test]
+fn a_long_start_up_phase_keeps_asking_for_time() {
+    let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let sock = notify_socket(dir.path());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let every = Duration::from_millis(100);
+    let out = rt.block_on(offloadd::observe::systemd::while_starting(
+        async {
+            // One step of the phase, much longer than `every`.
+            tokio::time::sleep(Duration::from_millis(1_050)).await;
+            7
+        },
+        every,
+    ));
+    assert_eq!(out, 7, "the phase's own result");
+    let asked = drain_counting(&sock, "EXTEND_TIMEOUT_USEC=300000");
+    assert!((9..=12).contains(&asked), "{asked} extensions in 1.05 s");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        drain_counting(&sock, "EXTEND_TIMEOUT_USEC=300000"),
+        0,
+        "none once the phase is over"
+    );
+}
+
 #[test]
 fn pings_only_while_the_event_loop_runs() {
+    let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_nonblocking(true).unwrap();
-    std::env::set_var("NOTIFY_SOCKET", &path);
+    let sock = notify_socket(dir.path());
     std::env::set_var("WATCHDOG_USEC", "600000"); // 600 ms: pings every 300 ms
     std::env::remove_var("WATCHDOG_PID");
 

@@ -59,6 +59,25 @@ pub fn extend_timeout(usec: u64) {
     send(&[NotifyState::ExtendTimeoutUsec(usec)]);
 }
 
+/// How often [`while_starting`] asks systemd for more start-up time.
+pub const EXTEND_EVERY: Duration = Duration::from_secs(20);
+
+/// Runs `work`, a start-up phase of unknown length (a rebuild that reads
+/// large files, say), asking systemd every `every` for three times that much
+/// more start-up time, so `TimeoutStartSec=` does not cut it short while the
+/// process runs.
+pub async fn while_starting<F: std::future::Future>(work: F, every: Duration) -> F::Output {
+    tokio::pin!(work);
+    let extend_by = u64::try_from((3 * every).as_micros()).unwrap_or(u64::MAX);
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = tick.tick() => extend_timeout(extend_by),
+        }
+    }
+}
+
 /// The watchdog interval systemd asked for (`WATCHDOG_USEC`, for this PID).
 pub fn watchdog_interval() -> Option<Duration> {
     std::env::var_os("NOTIFY_SOCKET")?;

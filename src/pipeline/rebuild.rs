@@ -35,9 +35,6 @@ use md5::{Digest, Md5};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// How much more start-up time each listed page asks systemd for.
-const EXTEND_USEC: u64 = 90_000_000;
-
 /// Multipart uploads older than this are ours to abort after state loss.
 const STALE_UPLOAD_MS: u64 = 24 * 3600 * 1000;
 
@@ -191,8 +188,6 @@ pub async fn run(
         progress
             .listed
             .fetch_add(objects.len() as u64, Ordering::Relaxed);
-        // READY waits for the rebuild: keep systemd from timing out the start.
-        crate::observe::systemd::extend_timeout(EXTEND_USEC);
         for o in objects {
             if shutdown.is_shutdown() {
                 return Outcome::Stopped;
