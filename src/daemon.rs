@@ -201,10 +201,19 @@ pub async fn run(
     if stopped.is_shutdown() {
         return finish(stop, tasks, &queue, &settings).await;
     }
-    // A rebuild that stopped early runs again at the next start.
-    if let (Target::Provider(_), rebuild::Outcome::Complete) =
-        (&settings.plan.target, rebuild_outcome)
-    {
+    // The database holds every record of this state_dir once it was created
+    // here or rebuilt in full; a lost one that was not rebuilt (a rebuild
+    // that stopped early, or local mode, which lists no bucket) is rebuilt
+    // at the next start. A fresh one is marked even in local mode: a reload
+    // to a provider fills it, and a later loss must be recognised.
+    let complete = match opened {
+        Opened::Lost => {
+            matches!(settings.plan.target, Target::Provider(_))
+                && rebuild_outcome == rebuild::Outcome::Complete
+        }
+        Opened::Fresh | Opened::Intact => true,
+    };
+    if complete {
         queue.set_initialized()?;
     }
 

@@ -211,3 +211,31 @@ fn changed_include_and_exclude_rules_apply_live() {
     assert!(daemon.alive());
     daemon.stop();
 }
+
+/// A state_dir first run in local mode and then reloaded to a provider: the
+/// records written since are this database's, so the next start opens it as
+/// it is, instead of taking it for a lost one and rebuilding it from the
+/// bucket.
+#[test]
+fn a_database_begun_in_local_mode_is_not_rebuilt_after_a_reload_to_a_provider() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let with_provider = env.config_yaml(&Cfg::new(&s3.endpoint()));
+    env.write_raw_config(
+        &with_provider.replace(&format!("  active: {PROVIDER}\n"), "  active: local\n"),
+    );
+    let daemon = Daemon::start(&env, &[]);
+    env.write_raw_config(&with_provider);
+    daemon.reload_and_wait("configuration reloaded");
+    write_and_wait(&env, &s3, "a.png", b"offloaded after the reload");
+    daemon.stop();
+
+    let daemon = Daemon::start(&env, &[]);
+    let (code, out, err) = env.cli(&["locate", "a.png"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let log = daemon.stop();
+    assert!(
+        !log.contains("rebuilding the location records"),
+        "the restart rebuilt an intact database:\n{log}"
+    );
+}
