@@ -98,3 +98,42 @@ fn delete_local_false_keeps_files_and_zero_byte_is_uploaded() {
     let st = env.status();
     assert_eq!(json_u64(&st, "uploaded_count"), 11, "status: {st}");
 }
+
+/// `delete_after` counts from when a file came into the results directory
+/// (its ctime), not from an old mtime it kept: a result moved in with a
+/// two-hour-old mtime (`mv`, `rsync -t`) is uploaded and stays local for the
+/// hour.
+#[test]
+fn delete_after_counts_from_when_a_file_was_moved_in() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let mut cfg = Cfg::new(&s3.endpoint());
+    cfg.delete_local = true;
+    env.write_raw_config(&env.config_yaml(&cfg).replace(
+        "  delete_local: true\n",
+        "  delete_local: true\n  delete_after: 1h\n",
+    ));
+    let daemon = Daemon::start(&env, &[]);
+
+    let outside = env.dir.path().join("old.png");
+    write_file(&outside, b"made two hours ago");
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&outside)
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
+    std::fs::create_dir_all(env.path("moved")).unwrap();
+    std::fs::rename(&outside, env.path("moved/old.png")).unwrap();
+
+    wait_until(LONG, "moved/old.png uploaded", || {
+        s3.object_bytes("moved/old.png").as_deref() == Some(&b"made two hours ago"[..])
+    });
+    sleep(Duration::from_secs(3));
+    assert!(
+        env.path("moved/old.png").exists(),
+        "deleted although it came into the directory seconds ago"
+    );
+    daemon.stop();
+}

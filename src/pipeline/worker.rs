@@ -40,9 +40,12 @@ impl Lane {
     }
 }
 
-/// When a file may be deleted locally: once it is `min_age` old (Unix ms).
+/// When a file may be deleted locally: once it is `min_age` old (Unix ms),
+/// counted from the later of its mtime and ctime. A file moved in with an
+/// old mtime (`mv`, `cp -p`, `rsync -t`, `tar x`) is as new to the results
+/// directory as its ctime says, and is served from local disk that long.
 pub fn delete_due_ms(identity: &FileIdentity, min_age: Duration) -> u64 {
-    (identity.mtime_ns / 1_000_000).max(0) as u64 + min_age.as_millis() as u64
+    (identity.changed_ns() / 1_000_000).max(0) as u64 + min_age.as_millis() as u64
 }
 
 /// What became of one dispatched item.
