@@ -16,7 +16,8 @@
 //! 4. only then is the hidden name unlinked, unless a writer that found the
 //!    name before the rename is waiting on our lease: then the file goes back
 //!    under its name for it. If another file took the name between 1 and 3,
-//!    that one is renamed back without overwriting anything.
+//!    that one is renamed back without overwriting anything (and stays
+//!    hidden, never deleted, if a third took the name meanwhile).
 //!
 //! A delete cut short by a crash after 3 leaves the uploaded inode under a
 //! hidden name; the next attempt finds the name gone, finds that inode among
@@ -139,7 +140,26 @@ fn kept(abs: &Path, e: &std::io::Error) -> LocalOutcome {
     }
 }
 
-/// Puts the set-aside file back under its name, never over another file.
+/// Puts a file that is not the uploaded one back under its name, never over
+/// another file; either way the file now at the name is uploaded again. If a
+/// third file took the name meanwhile, the one set aside stays under its
+/// hidden name: the application replaced it (it is never deleted).
+fn put_back_other(aside: &Path, abs: &Path) -> LocalOutcome {
+    if let Err(e) = rename_noreplace(aside, abs) {
+        tracing::warn!(
+            path = %abs.display(),
+            aside = %aside.display(),
+            error = %e,
+            "while offloadd was deleting {}, the application replaced it twice; the file in between, never uploaded, stays as {}",
+            abs.display(),
+            aside.display()
+        );
+    }
+    LocalOutcome::Changed
+}
+
+/// Puts the uploaded file, set aside, back under its name, never over
+/// another file.
 fn put_back(aside: &Path, abs: &Path, then: LocalOutcome) -> LocalOutcome {
     match rename_noreplace(aside, abs) {
         Ok(()) => then,
@@ -194,7 +214,7 @@ fn delete_if_same(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
     match std::fs::symlink_metadata(&aside.path) {
         Ok(m) if (m.dev(), m.ino()) == (held.dev(), held.ino()) => {}
         // Another file took the name after we opened it: put it back.
-        _ => return put_back(&aside.path, abs, LocalOutcome::Changed),
+        _ => return put_back_other(&aside.path, abs),
     }
     // A writer that found the name before the rename waits on our lease; it
     // gets the file back under its name instead of an unlinked inode.
@@ -497,9 +517,22 @@ mod tests {
             rename_noreplace(&a, &b).unwrap_err().raw_os_error(),
             Some(libc::EEXIST)
         );
-        let out = put_back(&a, &b, LocalOutcome::Changed);
-        assert!(matches!(out, LocalOutcome::Kept(_)), "{out:?}");
+        // The uploaded file, set aside as `a`: kept there, and said so.
+        let out = put_back(&a, &b, LocalOutcome::WriterActive);
+        assert!(
+            matches!(&out, LocalOutcome::Kept(why) if why.contains("uploaded, local copy kept as")),
+            "{out:?}"
+        );
         assert_eq!(std::fs::read(&b).unwrap(), b"y");
         assert_eq!(std::fs::read(&a).unwrap(), b"x");
+        // Another file, never uploaded, set aside as `a`: not called
+        // uploaded; the file at the name goes again.
+        assert_eq!(put_back_other(&a, &b), LocalOutcome::Changed);
+        assert_eq!(std::fs::read(&b).unwrap(), b"y");
+        assert_eq!(std::fs::read(&a).unwrap(), b"x");
+        std::fs::remove_file(&b).unwrap();
+        assert_eq!(put_back_other(&a, &b), LocalOutcome::Changed);
+        assert_eq!(std::fs::read(&b).unwrap(), b"x", "back under its name");
+        assert!(!a.exists());
     }
 }
