@@ -14,7 +14,7 @@
 //! uploads in flight finish on the provider they started with, later ones go
 //! to the new active provider, and a paused provider is probed again.
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, RootCheck};
 use crate::control::{self, status::Report};
 use crate::observe::{http, logging, systemd};
 use crate::pipeline::budget::Pacer;
@@ -403,7 +403,7 @@ impl Reloader {
 
     async fn try_reload(&mut self, old: &Settings) -> Result<Option<JoinHandle<()>>, String> {
         let file = &old.config.source;
-        let loaded = config::load(file).map_err(|e| e.to_string())?;
+        let loaded = config::load(file, RootCheck::MayBeAway).map_err(|e| e.to_string())?;
         let new = loaded.config;
         for (key, changed) in [
             ("watch.root", new.watch.root != old.config.watch.root),

@@ -4,7 +4,7 @@
 use clap::Parser;
 use futures::StreamExt;
 use offloadd::cli::{Cli, Command};
-use offloadd::config::{self, preflight, Active};
+use offloadd::config::{self, preflight, Active, RootCheck};
 use offloadd::control::client as control;
 use offloadd::observe::logging;
 use offloadd::{daemon, exit};
@@ -48,7 +48,17 @@ async fn run_with_signals(config: config::Config) -> Result<(), daemon::Fatal> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let loaded = match config::load(&cli.config) {
+    let root = match cli.command {
+        Command::Run
+        | Command::CheckConfig { .. }
+        | Command::Delete { .. }
+        | Command::Backfill { .. } => RootCheck::MustExist,
+        Command::Status { .. }
+        | Command::Locate { .. }
+        | Command::TestConnection { .. }
+        | Command::Retry { .. } => RootCheck::MayBeAway,
+    };
+    let loaded = match config::load(&cli.config, root) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("offloadd: {e}");

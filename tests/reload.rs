@@ -239,3 +239,38 @@ fn a_database_begun_in_local_mode_is_not_rebuilt_after_a_reload_to_a_provider() 
         "the restart rebuilt an intact database:\n{log}"
     );
 }
+
+/// While the root is away (unmounted, renamed) the daemon pauses and says
+/// why: `status` answers with the reason (it used to exit 78, "watch.root
+/// does not exist"), and a reload applies (it used to be refused), here
+/// turning `delete_local` on, which the first file after the root's return
+/// shows.
+#[test]
+fn status_and_reload_work_while_the_root_is_away() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let mut cfg = Cfg::new(&s3.endpoint());
+    env.write_config(&cfg);
+    let mut daemon = Daemon::start(&env, &[]);
+    write_and_wait(&env, &s3, "a.png", b"before the root went away");
+
+    let away = env.dir.path().join("results.away");
+    fs::rename(&env.root, &away).unwrap();
+    wait_until(LONG, "status names the missing root", || {
+        let (code, out, err) = env.cli(&["status"]);
+        assert_eq!(code, 0, "status while the root is away: {out}{err}");
+        out.contains("is not available")
+    });
+    cfg.delete_local = true;
+    env.write_config(&cfg);
+    daemon.reload_and_wait("configuration reloaded");
+
+    fs::rename(&away, &env.root).unwrap();
+    write_and_wait(&env, &s3, "b.png", b"after the root came back");
+    wait_until(LONG, "b.png deleted locally (the reload applied)", || {
+        !env.path("b.png").exists()
+    });
+    assert!(env.path("a.png").exists(), "uploaded before delete_local");
+    assert!(daemon.alive());
+    daemon.stop();
+}

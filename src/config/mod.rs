@@ -296,8 +296,20 @@ pub enum Active {
     Provider(Resolved),
 }
 
+/// Whether `watch.root` must be there for this use of the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootCheck {
+    /// `run`, `check-config` and the commands that read or delete files in
+    /// the root: a root that cannot be resolved is a configuration error.
+    MustExist,
+    /// `status` and the other commands, and a reload, which the daemon must
+    /// answer while it is paused for a root that is away (unmounted, say):
+    /// such a root keeps its path as written.
+    MayBeAway,
+}
+
 /// Reads, parses and validates the configuration file at `path`.
-pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+pub fn load(path: &Path, root: RootCheck) -> Result<Loaded, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         file: path.into(),
         source,
@@ -313,8 +325,11 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
     config.validate().map_err(|(key, message)| {
         invalid(&key.iter().map(String::as_str).collect::<Vec<_>>(), message)
     })?;
-    config.watch.root =
-        canonical_root(&config.watch.root).map_err(|m| invalid(&["watch", "root"], m))?;
+    config.watch.root = match (canonical_root(&config.watch.root), root) {
+        (Ok(resolved), _) => resolved,
+        (Err(_), RootCheck::MayBeAway) => config.watch.root,
+        (Err(m), RootCheck::MustExist) => return Err(invalid(&["watch", "root"], m)),
+    };
 
     let mut warnings = Vec::new();
     let inline = config
@@ -1017,7 +1032,7 @@ mod tests {
         }
 
         fn load(&self, rest: &str) -> Result<Loaded, ConfigError> {
-            load(&self.config(rest))
+            load(&self.config(rest), RootCheck::MustExist)
         }
 
         fn error(&self, rest: &str) -> String {
@@ -1097,7 +1112,7 @@ mod tests {
         let fx = Fixture::new();
         let path = fx.write("c.yaml", "# offloadd\nwatch:\n  rootz: /x\n", 0o600);
         assert_eq!(
-            load(&path).unwrap_err().to_string(),
+            load(&path, RootCheck::MustExist).unwrap_err().to_string(),
             format!("{}: line 3, column 3: unknown key `rootz` in `watch`; valid keys are root, include, exclude, settle, rescan_interval", path.display())
         );
         let err =
@@ -1133,7 +1148,7 @@ mod tests {
     fn yaml_syntax_error_position() {
         let fx = Fixture::new();
         let path = fx.write("c.yaml", "watch:\n  root: /x\n bad: [\n", 0o600);
-        let err = load(&path).unwrap_err();
+        let err = load(&path, RootCheck::MustExist).unwrap_err();
         assert_eq!(err.exit_code(), 78);
         let text = err.to_string();
         assert!(
@@ -1154,7 +1169,7 @@ mod tests {
         let fx = Fixture::new();
         let path = fx.write("c.yaml", "watch:\n  root: results\n", 0o600);
         assert_eq!(
-            load(&path).unwrap_err().to_string(),
+            load(&path, RootCheck::MustExist).unwrap_err().to_string(),
             format!("{}: line 2, column 3: `watch.root` results is relative; give an absolute path such as /srv/app/storage/results", path.display())
         );
         let err = fx.error("state_dir: var/lib\n");
@@ -1163,22 +1178,37 @@ mod tests {
             "{err}"
         );
         let missing = fx.write("c.yaml", "watch:\n  root: /nonexistent/offloadd\n", 0o600);
-        assert!(load(&missing).unwrap_err().to_string().contains("line 2, column 3: `watch.root` /nonexistent/offloadd does not exist; create it or fix the path"));
+        assert!(load(&missing, RootCheck::MustExist).unwrap_err().to_string().contains("line 2, column 3: `watch.root` /nonexistent/offloadd does not exist; create it or fix the path"));
         let file = fx.write("f", "", 0o600);
         let not_dir = fx.write(
             "c.yaml",
             &format!("watch:\n  root: {}\n", file.display()),
             0o600,
         );
-        assert!(load(&not_dir)
+        assert!(load(&not_dir, RootCheck::MustExist)
             .unwrap_err()
             .to_string()
             .contains("is not a directory"));
-        let err = load(&fx.dir.path().join("absent.yaml")).unwrap_err();
+        let err = load(&fx.dir.path().join("absent.yaml"), RootCheck::MustExist).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }));
         assert!(err
             .to_string()
             .contains("cannot read the configuration file"));
+    }
+
+    #[test]
+    fn a_root_that_is_away_keeps_its_path_where_it_may_be() {
+        let fx = Fixture::new();
+        let away = fx.dir.path().join("unmounted");
+        let path = fx.write(
+            "c.yaml",
+            &format!("watch:\n  root: {}\n", away.display()),
+            0o600,
+        );
+        let err = load(&path, RootCheck::MustExist).unwrap_err().to_string();
+        assert!(err.contains("does not exist"), "{err}");
+        let loaded = load(&path, RootCheck::MayBeAway).unwrap();
+        assert_eq!(loaded.config.watch.root, away);
     }
 
     #[test]
@@ -1192,7 +1222,7 @@ mod tests {
             0o600,
         );
         assert_eq!(
-            load(&path).unwrap().config.watch.root,
+            load(&path, RootCheck::MustExist).unwrap().config.watch.root,
             fx.root().canonicalize().unwrap()
         );
     }
@@ -1438,16 +1468,22 @@ mod tests {
             with_provider("w", "")
         );
         let open = fx.write("open.yaml", &text, 0o644);
-        let warnings = load(&open).unwrap().warnings;
+        let warnings = load(&open, RootCheck::MustExist).unwrap().warnings;
         assert_eq!(warnings, [format!("{} contains an inline secret and is readable by group or others; move the secret to secret_access_key_file or a systemd credential, or let only the service's user read the file (chown it to that user, then chmod 600)", open.display())]);
         let closed = fx.write("closed.yaml", &text, 0o600);
-        assert!(load(&closed).unwrap().warnings.is_empty());
+        assert!(load(&closed, RootCheck::MustExist)
+            .unwrap()
+            .warnings
+            .is_empty());
         let no_secret = fx.write(
             "plain.yaml",
             &format!("watch:\n  root: {}\n", fx.root().display()),
             0o644,
         );
-        assert!(load(&no_secret).unwrap().warnings.is_empty());
+        assert!(load(&no_secret, RootCheck::MustExist)
+            .unwrap()
+            .warnings
+            .is_empty());
     }
 
     #[test]

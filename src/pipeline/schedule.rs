@@ -417,6 +417,9 @@ impl Scheduler {
         grace: Duration,
     ) {
         let mut commands_open = true;
+        // A root that goes away or comes back pauses or resumes the pipeline
+        // at once, and `status` says so, however idle the queue.
+        let mut root_changes = self.root.subscribe();
         loop {
             if shutdown.is_shutdown() {
                 // No new work once the stop is signalled.
@@ -455,6 +458,7 @@ impl Scheduler {
                     Some(cmd) => self.command(cmd),
                     None => commands_open = false,
                 },
+                Ok(()) = root_changes.changed() => {}
                 _ = tokio::time::sleep(wake) => {}
                 _ = shutdown.recv() => break,
             }

@@ -15,7 +15,7 @@
 //! 256 cases per property, 4096 with `OFFLOADD_TORTURE=full`. Failures are
 //! not persisted to files: proptest prints the minimal input.
 
-use offloadd::config::{load, ConfigError, Loaded};
+use offloadd::config::{load, ConfigError, Loaded, RootCheck};
 use offloadd::keys::{ItemKey, KeyError, ObjectKey, PublicUrl, RelPath, MAX_KEY_LEN};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -473,7 +473,7 @@ impl Fx {
         let path = self.path();
         std::fs::write(&path, text).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        load(&path)
+        load(&path, RootCheck::MustExist)
     }
 
     /// The minimal valid config: the root, state_dir, socket and no listener.
