@@ -268,20 +268,14 @@ pub async fn run(
         tracing::warn!("local mode: nothing is offloaded because {reason}");
     }
     systemd::ready();
-    let (progress, live_w) = (live.last_progress_ms.clone(), live.clone());
-    let up = &settings.config.upload;
-    let stall_after =
-        3 * crate::remote::client::request_timeout(up.multipart_threshold.max(up.part_size))
-            .as_millis() as u64;
+    let live_w = live.clone();
     let state_answered = Arc::new(AtomicU64::new(statedir::now_ms()));
     let answered = state_answered.clone();
     if let Some(task) = systemd::spawn_watchdog(stopped.clone(), move || {
         let now = statedir::now_ms();
         if now.saturating_sub(answered.load(Ordering::Relaxed)) > STATE_HUNG_AFTER_MS {
             Some("the state database stopped answering")
-        } else if live_w.in_flight.load(Ordering::Relaxed) > 0
-            && now.saturating_sub(progress.load(Ordering::Relaxed)) > stall_after
-        {
+        } else if live_w.in_flight.load(Ordering::Relaxed) > 0 && live_w.progress.overdue(now) {
             Some("uploads in flight made no progress")
         } else {
             None

@@ -408,19 +408,22 @@ impl Pacer {
 
     /// Waits for this body's turn.
     pub async fn take(&self, bytes: u64) {
+        tokio::time::sleep(self.turn(bytes)).await;
+    }
+
+    /// Takes this body's turn: how long from now it must wait before it
+    /// starts.
+    pub fn turn(&self, bytes: u64) -> std::time::Duration {
         let rate = self.rate();
         if rate == 0 || bytes == 0 {
-            return;
+            return std::time::Duration::ZERO;
         }
         let cost = std::time::Duration::from_secs_f64(bytes as f64 / rate as f64);
-        let start = {
-            let mut next = self.next_free.lock().expect("pacer lock");
-            let now = tokio::time::Instant::now();
-            let start = next.map_or(now, |n| n.max(now));
-            *next = Some(start + cost);
-            start
-        };
-        tokio::time::sleep_until(start).await;
+        let mut next = self.next_free.lock().expect("pacer lock");
+        let now = tokio::time::Instant::now();
+        let start = next.map_or(now, |n| n.max(now));
+        *next = Some(start + cost);
+        start - now
     }
 }
 

@@ -8,6 +8,7 @@ use crate::pipeline::rebuild;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// How many paths `status` lists of each kind.
 pub const SAMPLE: usize = 20;
@@ -39,14 +40,55 @@ pub struct Shown {
 #[derive(Default)]
 pub struct Live {
     pub metrics: Metrics,
-    /// Unix ms when an upload last started or a request of one finished
-    /// (uploader); the watchdog reads it.
-    pub last_progress_ms: Arc<AtomicU64>,
+    /// When uploads in flight must next show progress (uploader, and the
+    /// scheduler as the first upload starts); the watchdog reads it.
+    pub progress: Arc<Progress>,
     /// Items queued, in flight included (scheduler).
     pub queue_depth: AtomicU64,
     /// Items being worked on (scheduler).
     pub in_flight: AtomicU64,
     shown: Mutex<Shown>,
+}
+
+/// When uploads in flight must next show progress, for the watchdog: after
+/// that, they are stalled ([`Progress::overdue`]).
+///
+/// Each step of an upload moves the deadline later, never earlier. A request
+/// allows three times its own timeout from when it may start, so a body held
+/// back by `bandwidth_limit`, or one large part sent at a slow but moving
+/// rate (parts grow past 500 MiB for the largest files), is not a stall. A
+/// finished step allows a few minutes for the next one.
+#[derive(Debug, Default)]
+pub struct Progress {
+    due_ms: AtomicU64,
+}
+
+/// What a step of an upload allows for the next one: three timeouts of a
+/// request with a 16 MiB body (the default `multipart_threshold`).
+fn between_steps() -> Duration {
+    3 * crate::remote::client::request_timeout(16 * 1024 * 1024)
+}
+
+impl Progress {
+    /// A step was made now (a request finished, an upload started).
+    pub fn step(&self, now_ms: u64) {
+        self.allow(now_ms, between_steps());
+    }
+
+    /// A request with timeout `timeout` starts `starts_in` from now.
+    pub fn request(&self, now_ms: u64, starts_in: Duration, timeout: Duration) {
+        self.allow(now_ms, starts_in + 3 * timeout);
+    }
+
+    fn allow(&self, now_ms: u64, within: Duration) {
+        let due = now_ms.saturating_add(u64::try_from(within.as_millis()).unwrap_or(u64::MAX));
+        self.due_ms.fetch_max(due, Ordering::Relaxed);
+    }
+
+    /// Whether the deadline has passed.
+    pub fn overdue(&self, now_ms: u64) -> bool {
+        now_ms > self.due_ms.load(Ordering::Relaxed)
+    }
 }
 
 /// Most notices kept; older ones are dropped.
@@ -78,5 +120,29 @@ impl Live {
                 s.notices.push(text);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_request_moves_the_deadline_and_a_short_step_does_not_shorten_it() {
+        let p = Progress::default();
+        let t = 1_000_000_000;
+        p.step(t);
+        let step_ms = between_steps().as_millis() as u64;
+        assert!(!p.overdue(t + step_ms) && p.overdue(t + step_ms + 1));
+        // A body that waits 10 min for bandwidth_limit, then a 30 s timeout.
+        p.request(t, Duration::from_secs(600), Duration::from_secs(30));
+        let due = t + 600_000 + 90_000;
+        assert!(!p.overdue(due) && p.overdue(due + 1));
+        // Another upload's request finishes meanwhile: still that long.
+        p.step(t + 1_000);
+        assert!(!p.overdue(due));
+        // Nothing for a step's allowance after that: stalled.
+        p.step(due);
+        assert!(p.overdue(due + step_ms + 1));
     }
 }

@@ -240,7 +240,7 @@ impl Scheduler {
         let uploader = Arc::new(Uploader {
             budget,
             pacer,
-            progress: live.last_progress_ms.clone(),
+            progress: live.progress.clone(),
             queue: queue.clone(),
         });
         let health = Health::new(plan.options.retry);
@@ -656,9 +656,7 @@ impl Scheduler {
 
     fn spawn(&mut self, key: ItemKey, entry: Entry, plan: &Arc<Plan>) {
         if self.in_flight.is_empty() {
-            self.live
-                .last_progress_ms
-                .store(statedir::now_ms(), Ordering::Relaxed);
+            self.live.progress.step(statedir::now_ms());
         }
         let flight = Flight {
             started: Instant::now(),
@@ -1195,7 +1193,7 @@ impl Scheduler {
         self.uploader = Arc::new(Uploader {
             budget,
             pacer: self.uploader.pacer.clone(),
-            progress: self.live.last_progress_ms.clone(),
+            progress: self.live.progress.clone(),
             queue: self.queue.clone(),
         });
         self.cancel_deletes_if_off();

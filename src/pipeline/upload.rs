@@ -15,8 +15,10 @@ use crate::failpoint;
 use crate::keys::{ItemKey, ObjectKey};
 use crate::pipeline::budget::{Budget, Buffer, BufferKind, Pacer, Turn};
 use crate::pipeline::finished::FileIdentity;
+use crate::pipeline::live::Progress;
 use crate::pipeline::plan::Plan;
 use crate::pipeline::queue::{MultipartProgress, PartDone, Queue, StateError};
+use crate::remote::client::{complete_timeout, request_timeout};
 use crate::remote::error::{ErrorClass, StorageError};
 use crate::remote::object_options::ObjectOptions;
 use crate::remote::store::Store;
@@ -136,8 +138,8 @@ fn unchanged(file: &File, identity: &FileIdentity) -> Result<(), UploadError> {
 pub struct Uploader {
     pub budget: Budget,
     pub pacer: Pacer,
-    /// Unix ms of the last request that finished; the watchdog reads it.
-    pub progress: Arc<std::sync::atomic::AtomicU64>,
+    /// When the watchdog expects the next step (see [`Progress`]).
+    pub progress: Arc<Progress>,
     pub queue: Arc<Queue>,
 }
 
@@ -205,7 +207,7 @@ impl Uploader {
         })
         .await
         .expect("reading task never panics")?;
-        self.pacer.take(len).await;
+        self.paced(len).await;
         let answered = job
             .store
             .put(job.key, body.into_bytes(), md5, job.options)
@@ -368,6 +370,11 @@ impl Uploader {
         parts.sort_by_key(|p| p.number);
         let md5s: Vec<[u8; 16]> = parts.iter().map(|p| p.md5).collect();
         let list = parts.into_iter().map(|p| (p.number, p.etag)).collect();
+        self.progress.request(
+            crate::statedir::now_ms(),
+            std::time::Duration::ZERO,
+            complete_timeout(),
+        );
         let answered = match job.store.complete(job.key, &upload_id, list).await {
             Ok(etag) => etag,
             Err(e) => {
@@ -407,7 +414,7 @@ impl Uploader {
                 .await
                 .expect("reading task never panics")
                 .map_err(|_| UploadError::Changed)?;
-        self.pacer.take(len).await;
+        self.paced(len).await;
         let etag = job
             .store
             .put_part(job.key, upload_id, number, body.into_bytes(), md5)
@@ -467,10 +474,16 @@ impl Uploader {
     }
 
     fn progressed(&self) {
-        self.progress.store(
-            crate::statedir::now_ms(),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        self.progress.step(crate::statedir::now_ms());
+    }
+
+    /// Waits for this body's turn under `bandwidth_limit`, having told the
+    /// watchdog how long the wait and the request may take.
+    async fn paced(&self, len: u64) {
+        let wait = self.pacer.turn(len);
+        self.progress
+            .request(crate::statedir::now_ms(), wait, request_timeout(len));
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -514,6 +527,29 @@ pub async fn abort_stale(plan: &Plan, p: &MultipartProgress) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body that `bandwidth_limit` holds back is no stall: before it
+    /// waits, the watchdog's deadline covers the wait and the request.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_held_back_by_the_bandwidth_limit_is_no_stall() {
+        let dir = tempfile::tempdir().unwrap();
+        let (queue, _) = Queue::open(dir.path()).unwrap();
+        let up = Uploader {
+            budget: Budget::new(64 * MIB),
+            pacer: Pacer::new(1_000),
+            progress: Arc::new(Progress::default()),
+            queue: Arc::new(queue),
+        };
+        up.paced(300_000).await; // the first body starts at once
+        let second = up.paced(300_000); // the next one 300 s later
+        tokio::pin!(second);
+        assert!(futures::poll!(&mut second).is_pending());
+        let now = crate::statedir::now_ms();
+        // 300 s of waiting, then three timeouts of 31 s.
+        assert!(!up.progress.overdue(now + 380_000));
+        assert!(up.progress.overdue(now + 400_000));
+        second.await;
+    }
 
     #[test]
     fn part_size_grows_to_stay_under_10000_parts() {

@@ -55,6 +55,11 @@ pub fn request_timeout(len: u64) -> Duration {
     SMALL_REQUEST_TIMEOUT + Duration::from_secs(len / MIN_BYTES_PER_SEC)
 }
 
+/// The timeout of the request that completes a multipart upload.
+pub fn complete_timeout() -> Duration {
+    request_timeout(COMPLETE_TIMEOUT_AS_BYTES)
+}
+
 const SMALL_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a presigned data-path URL is valid (it is used at once).
 const PRESIGN_EXPIRY_SECS: u32 = 3600;
@@ -406,7 +411,7 @@ impl Client {
             upload_id,
             data: CompleteMultipartUploadData { parts },
         };
-        let timeout = self.timeout.max(request_timeout(COMPLETE_TIMEOUT_AS_BYTES));
+        let timeout = self.timeout.max(complete_timeout());
         let text = self
             .send_for_text(&self.signer, key.as_str(), command, timeout)
             .await
