@@ -16,9 +16,12 @@ pub fn of_fatal(e: &Fatal) -> u8 {
         Fatal::Config(_) => CONFIG,
         // Another instance holds the lock: not a configuration error.
         Fatal::State(StateError::AlreadyRunning { .. }) => NEGATIVE,
+        // A write that failed (a full disk, at start-up or in the last
+        // flush of a stop): systemd's restart may find the space back.
+        Fatal::State(StateError::Failed { .. }) => NEGATIVE,
         // An unusable state_dir (missing, unwritable, a database that cannot
         // open): restarting does not help until ops fix it.
-        Fatal::State(_) => CONFIG,
+        Fatal::State(StateError::Unusable { .. } | StateError::Database { .. }) => CONFIG,
         Fatal::Runtime(_) => NEGATIVE,
     }
 }
@@ -38,6 +41,13 @@ mod tests {
         let e = Fatal::State(StateError::AlreadyRunning {
             pid: 1,
             dir: PathBuf::from("/x"),
+        });
+        assert_eq!(of_fatal(&e), NEGATIVE);
+        // A full disk is not a configuration: systemd restarts offloadd
+        // (RestartPreventExitStatus=78 would keep it down for good).
+        let e = Fatal::State(StateError::Failed {
+            dir: PathBuf::from("/x"),
+            message: "No space left on device".into(),
         });
         assert_eq!(of_fatal(&e), NEGATIVE);
     }
