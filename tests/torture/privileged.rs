@@ -24,6 +24,25 @@ fn sh(cmd: &str) {
     );
 }
 
+/// An image file of `size` in the env's folder holding a new file system of
+/// type `fs`; `None` (a failure under CI) without root or `mkfs.{fs}`.
+fn formatted_image(env: &TestEnv, fs: &str, size: &str) -> Option<std::path::PathBuf> {
+    let mkfs = format!("mkfs.{fs}");
+    let have_mkfs = Command::new(&mkfs).arg("-V").output().is_ok();
+    if !require(
+        is_root() && have_mkfs,
+        &format!("root and {mkfs} (a loop-mounted {fs}; xfsprogs has mkfs.xfs)"),
+    ) {
+        return None;
+    }
+    let image = env.dir.path().join(format!("disk.{fs}"));
+    sh(&format!(
+        "truncate -s {size} {0} && {mkfs} -q {0}",
+        image.display()
+    ));
+    Some(image)
+}
+
 /// Attaches `image` to the first free loop device and returns its path.
 fn attach(image: &Path) -> String {
     let out = Command::new("losetup")
@@ -233,18 +252,11 @@ fn an_unmounted_root_pauses_and_resumes_when_mounted_again() {
 /// rescan to help.
 #[test]
 fn a_root_remounted_at_once_is_watched_again() {
-    let mkfs = Command::new("mkfs.ext4").arg("-V").output().is_ok();
-    if !require(
-        is_root() && mkfs,
-        "root and mkfs.ext4 (a loop-mounted ext4)",
-    ) {
-        return;
-    }
     let env = TestEnv::new();
-    let image = env.dir.path().join("disk.ext4");
-    let image = image.display();
-    sh(&format!("truncate -s 32M {image} && mkfs.ext4 -q {image}"));
-    let device = attach(&env.dir.path().join("disk.ext4"));
+    let Some(image) = formatted_image(&env, "ext4", "32M") else {
+        return;
+    };
+    let device = attach(&image);
     let _loop = Loop(device.clone());
     let root = env.root.display();
     sh(&format!("mount {device} {root}"));
@@ -273,20 +285,11 @@ fn a_root_remounted_at_once_is_watched_again() {
 /// upgrades a `root-id` in the format written before the UUID was kept.
 #[test]
 fn an_xfs_root_on_a_renumbered_device_is_still_the_root() {
-    let mkfs = Command::new("mkfs.xfs").arg("-V").output().is_ok();
-    if !require(
-        is_root() && mkfs,
-        "root and mkfs.xfs (xfsprogs; a loop-mounted XFS)",
-    ) {
-        return;
-    }
     let env = TestEnv::new();
-    let image = env.dir.path().join("disk.xfs");
     // 300 MB is the smallest XFS that mkfs.xfs makes; the file is sparse.
-    sh(&format!(
-        "truncate -s 320M {0} && mkfs.xfs -q {0}",
-        image.display()
-    ));
+    let Some(image) = formatted_image(&env, "xfs", "320M") else {
+        return;
+    };
     let first = attach(&image);
     let first_loop = Loop(first.clone());
     let root = env.root.display();
