@@ -137,3 +137,27 @@ fn delete_after_counts_from_when_a_file_was_moved_in() {
     );
     daemon.stop();
 }
+
+/// What a crash between a delete's rename aside and its unlink leaves: the
+/// file under a hidden name, set aside by a process that is gone. With
+/// deletion turned off before the restart no delete attempt comes back for
+/// it, so the start's scan puts it back under its name, and it is uploaded.
+#[test]
+fn a_file_a_crashed_delete_set_aside_is_back_after_a_restart() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    // Set aside by pid 2147483646, above any pid_max: no such process.
+    let hidden = env.path("sub/.offloadd-del-2147483646-0-a.png");
+    write_file(&hidden, b"set aside before the crash");
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "sub/a.png back under its name and uploaded", || {
+        s3.object_bytes("sub/a.png").as_deref() == Some(&b"set aside before the crash"[..])
+    });
+    assert_eq!(
+        std::fs::read(env.path("sub/a.png")).unwrap(),
+        b"set aside before the crash"
+    );
+    assert!(!hidden.exists());
+    daemon.stop();
+}

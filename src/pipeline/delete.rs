@@ -24,7 +24,9 @@
 //! the hidden names and finishes the delete. A crash before a file was put
 //! back in 4 leaves a file that is not the uploaded one under a hidden name;
 //! the hidden name carries the name it came from, and the next attempt puts
-//! it back there (never over anything) and has it uploaded.
+//! it back there (never over anything) and has it uploaded. Where no next
+//! attempt comes (deletion turned off since), a scan of the tree puts such
+//! files back ([`restore_leftover`]).
 
 use crate::pipeline::finished::{FileIdentity, Lease};
 use crate::pipeline::queue::DeletePermit;
@@ -37,7 +39,14 @@ use std::sync::Mutex;
 
 /// Names of files set aside for deletion start with this; the watcher never
 /// treats them as results.
-pub const ASIDE_PREFIX: &str = ".offloadd-del-";
+const ASIDE_PREFIX: &str = ".offloadd-del-";
+
+/// Whether `abs` names a file set aside for deletion (offloadd's own working
+/// file, never a result).
+pub fn is_set_aside(abs: &Path) -> bool {
+    abs.file_name()
+        .is_some_and(|n| n.as_bytes().starts_with(ASIDE_PREFIX.as_bytes()))
+}
 
 /// The longest file name Linux file systems take, in bytes.
 const NAME_MAX: usize = 255;
@@ -112,6 +121,13 @@ impl Aside {
         let mut parts = rest.splitn(3, |&b| b == b'-');
         let (_pid, _n) = (parts.next()?, parts.next()?);
         parts.next().filter(|name| !name.is_empty())
+    }
+
+    /// The process that set a file aside under `hidden`.
+    fn set_aside_by(hidden: &[u8]) -> Option<u32> {
+        let rest = hidden.strip_prefix(ASIDE_PREFIX.as_bytes())?;
+        let pid = rest.split(|&b| b == b'-').next()?;
+        std::str::from_utf8(pid).ok()?.parse().ok()
     }
 
     /// Claims an existing hidden name, unless another delete uses it.
@@ -325,6 +341,59 @@ fn gone(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
     LocalOutcome::Gone
 }
 
+/// A hidden name found by a scan of the tree. If the process that set the
+/// file aside is gone (a crash cut its delete short) and no delete of this
+/// process uses the name, the file goes back under the name it came from,
+/// never over anything: the watcher then sees it moved in, and it is
+/// uploaded again and deleted by the rules in force. This covers what the
+/// next attempt of the delete does not see: deletion turned off since, or
+/// the item gone. One set aside by a live process (another instance), or
+/// whose name is taken or unknown, stays; the log says where.
+pub fn restore_leftover(hidden: &Path) {
+    let Some(name) = hidden.file_name().map(OsStrExt::as_bytes) else {
+        return;
+    };
+    let Some(pid) = Aside::set_aside_by(name) else {
+        return;
+    };
+    if pid != std::process::id() && process_alive(pid) {
+        return;
+    }
+    let Some(aside) = Aside::claim(hidden.to_path_buf()) else {
+        return;
+    };
+    let Some(from) = Aside::came_from(name) else {
+        tracing::warn!(aside = %hidden.display(), "{} was set aside by a delete that a crash cut short, and its name is too long to say where it came from; it stays there", hidden.display());
+        return;
+    };
+    let to = hidden.with_file_name(std::ffi::OsStr::from_bytes(from));
+    match rename_noreplace(&aside.path, &to) {
+        Ok(()) => {
+            tracing::warn!(path = %to.display(), "a file that a delete cut short by a crash had set aside is back under its name {}", to.display())
+        }
+        // Finished or put back meanwhile.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(
+            path = %to.display(),
+            aside = %hidden.display(),
+            error = %e,
+            "a file that a delete cut short by a crash had set aside cannot go back to {} ({e}); it stays as {}",
+            to.display(),
+            hidden.display()
+        ),
+    }
+}
+
+/// Whether process `pid` exists (as far as this process may tell).
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 sends nothing; it only checks the pid.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -534,5 +603,55 @@ mod tests {
         assert_eq!(put_back_other(&a, &b), LocalOutcome::Changed);
         assert_eq!(std::fs::read(&b).unwrap(), b"x", "back under its name");
         assert!(!a.exists());
+    }
+
+    /// A scan finds files set aside by a delete that a crash cut short.
+    #[test]
+    fn a_scan_puts_back_what_a_dead_process_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name);
+        // A pid above pid_max: no such process.
+        let dead = 2_147_483_646u32;
+        assert!(!process_alive(dead) && process_alive(1));
+
+        let hidden = at(&format!(".offloadd-del-{dead}-0-a.png"));
+        std::fs::write(&hidden, b"a").unwrap();
+        assert!(is_set_aside(&hidden));
+        restore_leftover(&hidden);
+        assert_eq!(
+            std::fs::read(at("a.png")).unwrap(),
+            b"a",
+            "back under its name"
+        );
+        assert!(!hidden.exists());
+
+        // Its name taken meanwhile: both stay as they are.
+        std::fs::write(&hidden, b"old").unwrap();
+        restore_leftover(&hidden);
+        assert_eq!(std::fs::read(at("a.png")).unwrap(), b"a");
+        assert_eq!(std::fs::read(&hidden).unwrap(), b"old");
+
+        // Set aside by a live process (another instance): left to it.
+        let live = at(".offloadd-del-1-0-b.png");
+        std::fs::write(&live, b"b").unwrap();
+        restore_leftover(&live);
+        assert!(live.exists() && !at("b.png").exists());
+
+        // This very pid (a container restarted): only when no delete of
+        // this process uses the name.
+        let ours = at(&format!(".offloadd-del-{}-999-c.png", std::process::id()));
+        std::fs::write(&ours, b"c").unwrap();
+        let in_use = Aside::claim(ours.clone()).unwrap();
+        restore_leftover(&ours);
+        assert!(ours.exists());
+        drop(in_use);
+        restore_leftover(&ours);
+        assert_eq!(std::fs::read(at("c.png")).unwrap(), b"c");
+
+        // A name too long to say where it came from: stays.
+        let nameless = at(&format!(".offloadd-del-{dead}-1"));
+        std::fs::write(&nameless, b"d").unwrap();
+        restore_leftover(&nameless);
+        assert!(nameless.exists());
     }
 }

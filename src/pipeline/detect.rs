@@ -25,6 +25,7 @@
 //! files over from one walker thread that waits for room, so a big tree
 //! never overflows anything.
 
+use crate::pipeline::delete::{self, is_set_aside};
 use crate::pipeline::filter::Rules;
 use crate::pipeline::finished::{self, now_ns, FileIdentity};
 use crate::pipeline::live::{Live, SAMPLE};
@@ -800,6 +801,10 @@ fn walk(shared: &WalkerShared, dir: &Path) -> (usize, usize) {
         let ft = entry.file_type();
         if ft.is_dir() {
             watch_dir(shared, entry.path());
+            continue;
+        }
+        if ft.is_file() && is_set_aside(entry.path()) {
+            delete::restore_leftover(entry.path());
             continue;
         }
         if !(ft.is_file() || ft.is_symlink()) || !rules.matches(entry.path()) {

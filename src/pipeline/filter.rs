@@ -2,7 +2,7 @@
 //! `watch.exclude` globs, matched against the path relative to the root.
 //! offloadd's own hidden working files never are.
 
-use crate::pipeline::delete::ASIDE_PREFIX;
+use crate::pipeline::delete::is_set_aside;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,13 +21,6 @@ pub struct Rules {
 pub struct GlobError {
     glob: String,
     message: String,
-}
-
-/// offloadd's own working files (set aside for deletion).
-fn is_own(abs: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    abs.file_name()
-        .is_some_and(|n| n.as_bytes().starts_with(ASIDE_PREFIX.as_bytes()))
 }
 
 fn globset(patterns: &[String]) -> Result<GlobSet, GlobError> {
@@ -71,7 +64,7 @@ impl Rules {
         let Ok(rel) = abs.strip_prefix(&self.root) else {
             return false;
         };
-        if rel.as_os_str().is_empty() || is_own(abs) {
+        if rel.as_os_str().is_empty() || is_set_aside(abs) {
             return false;
         }
         self.include.is_match(rel)
