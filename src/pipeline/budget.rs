@@ -406,11 +406,6 @@ impl Pacer {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Waits for this body's turn.
-    pub async fn take(&self, bytes: u64) {
-        tokio::time::sleep(self.turn(bytes)).await;
-    }
-
     /// Takes this body's turn: how long from now it must wait before it
     /// starts.
     pub fn turn(&self, bytes: u64) -> std::time::Duration {
@@ -430,6 +425,14 @@ impl Pacer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl Pacer {
+        /// Waits for this body's turn (the uploader's `paced` without the
+        /// watchdog).
+        async fn take(&self, bytes: u64) {
+            tokio::time::sleep(self.turn(bytes)).await;
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn pacer_spaces_bodies_by_rate() {
