@@ -231,9 +231,8 @@ pub async fn run(
         stopped: stopped.clone(),
     };
     if let Target::Provider(_) = settings.plan.target {
-        if let Some(task) = reloader.start_watcher(&settings)? {
-            tasks.push(("watcher", task));
-        }
+        let prepared = reloader.prepare_watcher(&settings)?;
+        tasks.push(("watcher", reloader.launch_watcher(prepared)));
     }
     let pacer = Pacer::new(settings.bandwidth_now().limit.bytes_per_sec());
     let (reloaded_tx, reloaded_rx) = tokio::sync::watch::channel(0u64);
@@ -344,9 +343,10 @@ struct Reloader {
 }
 
 impl Reloader {
-    /// Starts the watcher; returns its task.
-    fn start_watcher(&mut self, s: &Settings) -> Result<Option<JoinHandle<()>>, Fatal> {
-        let (watcher, task) = detect::start(
+    /// Takes what the watcher needs (the part that can fail); watches
+    /// nothing yet.
+    fn prepare_watcher(&self, s: &Settings) -> Result<detect::Prepared, Fatal> {
+        detect::prepare(
             detect::Watching {
                 rules: s.rules.clone(),
                 rescan_interval: s.config.watch.rescan_interval,
@@ -365,9 +365,14 @@ impl Reloader {
                 "cannot watch {}: {e}; check that it exists and is readable",
                 s.config.watch.root.display()
             ))
-        })?;
+        })
+    }
+
+    /// Starts the prepared watcher; returns its task.
+    fn launch_watcher(&mut self, prepared: detect::Prepared) -> JoinHandle<()> {
+        let (watcher, task) = prepared.launch();
         self.watcher = Some(watcher);
-        Ok(Some(task))
+        task
     }
 
     /// Re-reads the config; applies all of it or nothing. Returns the task of
@@ -419,6 +424,15 @@ impl Reloader {
             tracing::warn!("{w}");
         }
         let cur = Arc::new(Settings::build(new)?);
+        // All or nothing: what can fail (a watcher needs inotify and a
+        // thread) is taken before anything changes. Leaving local mode for
+        // the first time needs a watcher.
+        let prepared = match (&self.watcher, &cur.plan.target) {
+            (None, Target::Provider(_)) => {
+                Some(self.prepare_watcher(&cur).map_err(|e| e.to_string())?)
+            }
+            _ => None,
+        };
         // The scheduler takes the new plan first, so that what the watcher
         // finds from now on is judged by it.
         let (applied, done) = tokio::sync::oneshot::channel();
@@ -433,39 +447,22 @@ impl Reloader {
         done.await
             .map_err(|_| "the scheduler is stopping".to_string())?;
         let mut started = None;
-        match (&self.watcher, &cur.plan.target) {
-            (Some(w), target) => {
-                w.reconfigure(cur.rules.clone(), cur.config.watch.rescan_interval)
-                    .await;
-                // Files written while in local mode are found now, and so are
-                // those in folders the new rules include.
-                let from_local = matches!(
-                    (&old.plan.target, target),
-                    (Target::Local { .. }, Target::Provider(_))
-                );
-                let rules_changed = cur.config.watch.include != old.config.watch.include
-                    || cur.config.watch.exclude != old.config.watch.exclude;
-                if from_local || rules_changed {
-                    w.rescan().await;
-                }
+        if let Some(prepared) = prepared {
+            started = Some(self.launch_watcher(prepared));
+        } else if let Some(w) = &self.watcher {
+            w.reconfigure(cur.rules.clone(), cur.config.watch.rescan_interval)
+                .await;
+            // Files written while in local mode are found now, and so are
+            // those in folders the new rules include.
+            let from_local = matches!(
+                (&old.plan.target, &cur.plan.target),
+                (Target::Local { .. }, Target::Provider(_))
+            );
+            let rules_changed = cur.config.watch.include != old.config.watch.include
+                || cur.config.watch.exclude != old.config.watch.exclude;
+            if from_local || rules_changed {
+                w.rescan().await;
             }
-            (None, Target::Provider(_)) => match self.start_watcher(&cur) {
-                Ok(task) => started = task,
-                Err(e) => {
-                    // All or nothing: the scheduler goes back to the old plan.
-                    let (applied, _) = tokio::sync::oneshot::channel();
-                    let _ = self
-                        .commands
-                        .send(Command::Replan {
-                            plan: old.plan.clone(),
-                            memory_limit: old.config.upload.memory_limit,
-                            applied,
-                        })
-                        .await;
-                    return Err(e.to_string());
-                }
-            },
-            (None, Target::Local { .. }) => {}
         }
         if let Some(reason) = &cur.local_reason {
             tracing::warn!("local mode: nothing is offloaded because {reason}");

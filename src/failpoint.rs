@@ -1,5 +1,7 @@
-//! Named crash points for tests: `OFFLOADD_FAILPOINTS=name[,name…]` makes the
-//! process SIGKILL itself when it reaches one of them, exactly like a crash.
+//! Named failure points for tests: `OFFLOADD_FAILPOINTS=name[,name…]` makes
+//! the process SIGKILL itself when it reaches one of the crash points
+//! ([`hit`]), exactly like a crash, and makes the operations named by an
+//! error point fail ([`fails`]).
 //!
 //! Only builds with the `failpoints` cargo feature have them (the tests turn
 //! it on); in any other build, the Debian package's included, [`hit`] does
@@ -18,6 +20,9 @@ pub const AFTER_RECORD_BEFORE_DELETE: &str = "after_record_before_delete";
 pub const AFTER_DELETE_BEFORE_MARK: &str = "after_delete_before_mark";
 /// After the first part of a multipart upload is accepted.
 pub const AFTER_FIRST_PART: &str = "after_first_part";
+/// Error point: starting the watcher fails as if inotify were out of file
+/// descriptors.
+pub const WATCH_START_FAILS: &str = "watch_start_fails";
 
 pub const ENV: &str = "OFFLOADD_FAILPOINTS";
 
@@ -53,3 +58,16 @@ pub fn hit(name: &str) {
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub fn hit(_name: &str) {}
+
+/// Whether the error point `name` is switched on.
+#[cfg(feature = "failpoints")]
+pub fn fails(name: &str) -> bool {
+    enabled().contains(name)
+}
+
+/// Without the `failpoints` feature: never.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn fails(_name: &str) -> bool {
+    false
+}

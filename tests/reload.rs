@@ -274,3 +274,42 @@ fn status_and_reload_work_while_the_root_is_away() {
     assert!(daemon.alive());
     daemon.stop();
 }
+
+/// A reload that cannot be applied whole changes nothing. Here leaving local
+/// mode fails where the watcher starts (the failpoint stands in for inotify
+/// out of file descriptors): a file an earlier run queued for the provider
+/// must not be uploaded (and then deleted, `delete_local` being on) under the
+/// refused config. It used to be: the scheduler took the new plan before the
+/// watcher failed, and the upload started before the old plan came back.
+#[test]
+fn a_reload_whose_watcher_cannot_start_uploads_nothing() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    // First run: the bucket cannot be reached, so the file stays queued.
+    env.write_config(&Cfg::new(&format!("http://127.0.0.1:{}", free_port())));
+    let daemon = Daemon::start(&env, &[]);
+    write_file(&env.path("a.png"), b"queued while the bucket was away");
+    wait_until(LONG, "a.png queued", || env.status()["queue_depth"] == 1);
+    daemon.stop();
+
+    let mut cfg = Cfg::new(&s3.endpoint());
+    cfg.delete_local = true;
+    let with_provider = env.config_yaml(&cfg);
+    env.write_raw_config(
+        &with_provider.replace(&format!("  active: {PROVIDER}\n"), "  active: local\n"),
+    );
+    let mut daemon = Daemon::start(&env, &[("OFFLOADD_FAILPOINTS", "watch_start_fails")]);
+    env.write_raw_config(&with_provider);
+    daemon.reload_and_wait("reload refused");
+    assert!(
+        daemon.stderr().contains("cannot watch"),
+        "{}",
+        daemon.stderr()
+    );
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(!s3.has("a.png"), "uploaded under a refused reload");
+    assert!(env.path("a.png").exists());
+    assert_eq!(env.status()["queue_depth"], 1);
+    assert!(daemon.alive());
+    daemon.stop();
+}

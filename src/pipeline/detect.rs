@@ -201,10 +201,26 @@ struct WalkerShared {
     unwatch_all: AtomicBool,
 }
 
-/// Starts watching: the initial walk (which adds the watches) runs at once in
-/// the background, and reports files changed at or after `min_changed_ns` (the
-/// managed-since mark).
-pub fn start(what: Watching, links: Links) -> notify::Result<(Watcher, JoinHandle<()>)> {
+/// A watcher with its kernel resources taken (the inotify instance, the
+/// walker thread) that has not looked at anything yet: [`Prepared::launch`]
+/// cannot fail, so a reload can take everything that might fail before it
+/// changes anything.
+pub struct Prepared {
+    detect: Detect,
+    events: mpsc::Receiver<notify::Result<notify::Event>>,
+    inputs: (mpsc::Sender<Input>, mpsc::Receiver<Input>),
+    root: watch::Receiver<RootStatus>,
+    rescans: watch::Receiver<u64>,
+    shutdown: Shutdown,
+}
+
+/// Takes what watching needs from the kernel; watches nothing yet.
+pub fn prepare(what: Watching, links: Links) -> notify::Result<Prepared> {
+    if crate::failpoint::fails(crate::failpoint::WATCH_START_FAILS) {
+        return Err(notify::Error::io(std::io::Error::from_raw_os_error(
+            libc::EMFILE,
+        )));
+    }
     let Watching {
         rules,
         rescan_interval,
@@ -247,7 +263,7 @@ pub fn start(what: Watching, links: Links) -> notify::Result<(Watcher, JoinHandl
         .spawn(move || walker_thread(&walker_shared, walks_rx))
         .map_err(notify::Error::io)?;
 
-    let mut d = Detect {
+    let d = Detect {
         root_id: root::identity(&rules.root),
         rules,
         shared,
@@ -265,9 +281,33 @@ pub fn start(what: Watching, links: Links) -> notify::Result<(Watcher, JoinHandl
         next_rescan: rescan_interval.map(|d| Instant::now() + d),
         last_publish: Instant::now(),
     };
-    d.walk(d.rules.root.clone(), Why::Initial);
-    let task = tokio::spawn(d.run(events_rx, inputs_rx, root, rescans, shutdown));
-    Ok((Watcher { inputs: inputs_tx }, task))
+    Ok(Prepared {
+        detect: d,
+        events: events_rx,
+        inputs: (inputs_tx, inputs_rx),
+        root,
+        rescans,
+        shutdown,
+    })
+}
+
+impl Prepared {
+    /// Starts watching: the initial walk (which adds the watches) runs at
+    /// once in the background, and reports files changed at or after the
+    /// managed-since mark.
+    pub fn launch(self) -> (Watcher, JoinHandle<()>) {
+        let Prepared {
+            mut detect,
+            events,
+            inputs: (inputs_tx, inputs_rx),
+            root,
+            rescans,
+            shutdown,
+        } = self;
+        detect.walk(detect.rules.root.clone(), Why::Initial);
+        let task = tokio::spawn(detect.run(events, inputs_rx, root, rescans, shutdown));
+        (Watcher { inputs: inputs_tx }, task)
+    }
 }
 
 struct Detect {
