@@ -60,6 +60,20 @@ pub fn complete_timeout() -> Duration {
     request_timeout(COMPLETE_TIMEOUT_AS_BYTES)
 }
 
+/// An upload id as rust-s3 must be given it for Complete and Abort: it
+/// writes the id into the URL as it is, and signs the query as decoded, where
+/// a `+` reads as a space. R2's ids are base64 (`+`, `/`, `=`), so unencoded
+/// they fail the signature; parts (sent with the id as a query pair) were
+/// never affected.
+fn query_value(raw: &str) -> String {
+    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(raw, KEEP).to_string()
+}
+
 const SMALL_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a presigned data-path URL is valid (it is used at once).
 const PRESIGN_EXPIRY_SECS: u32 = 3600;
@@ -407,6 +421,7 @@ impl Client {
             .into_iter()
             .map(|(part_number, etag)| Part { part_number, etag })
             .collect();
+        let upload_id = &query_value(upload_id);
         let command = Command::CompleteMultipartUpload {
             upload_id,
             data: CompleteMultipartUploadData { parts },
@@ -420,6 +435,7 @@ impl Client {
     }
 
     pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
+        let upload_id = &query_value(upload_id);
         let command = Command::AbortMultipartUpload { upload_id };
         self.send(&self.signer, key, command, self.timeout)
             .await
@@ -725,4 +741,86 @@ fn upload_headers(p: &Resolved) -> Result<http::HeaderMap, String> {
         None => {}
     }
     Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::remote::fake;
+    use std::io::{Read, Write};
+
+    /// Answers one request on 127.0.0.1 with `answer`; returns its port and
+    /// the request's head as received.
+    fn answer_once(answer: &'static str) -> (u16, std::thread::JoinHandle<String>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap() == 1 {
+                head.push(byte[0]);
+            }
+            conn.write_all(answer.as_bytes()).unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        (port, seen)
+    }
+
+    fn client(port: u16) -> Client {
+        let mut p = fake::provider();
+        p.endpoint = format!("http://127.0.0.1:{port}");
+        Client::new(&p).unwrap()
+    }
+
+    /// The upload id signed (rust-s3 signs the query as decoded) is the one
+    /// sent: `+`, `/` and `=` travel percent-encoded, so that a `+` is not
+    /// taken for a space.
+    fn assert_id_encoded(head: &str) {
+        let line = head.lines().next().unwrap();
+        assert!(
+            line.contains("?uploadId=r2%2Bid%2Fwith%3D%3D "),
+            "request line: {line}"
+        );
+        let url =
+            reqwest::Url::parse(&format!("http://h{}", line.split(' ').nth(1).unwrap())).unwrap();
+        let signed: Vec<_> = url.query_pairs().collect();
+        assert_eq!(signed.len(), 1);
+        assert_eq!(signed[0].1, "r2+id/with==");
+    }
+
+    #[tokio::test]
+    async fn abort_sends_an_r2_upload_id_percent_encoded() {
+        let (port, seen) = answer_once("HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+        client(port)
+            .abort_multipart("pre/a.mp4", "r2+id/with==")
+            .await
+            .unwrap();
+        assert_id_encoded(&seen.join().unwrap());
+    }
+
+    #[tokio::test]
+    async fn complete_sends_an_r2_upload_id_percent_encoded() {
+        let body =
+            "<CompleteMultipartUploadResult><ETag>\"abc-2\"</ETag></CompleteMultipartUploadResult>";
+        let answer: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_boxed_str(),
+        );
+        let (port, seen) = answer_once(answer);
+        let key = ObjectKey::new("pre", &crate::keys::RelPath::parse("a.mp4").unwrap()).unwrap();
+        let etag = client(port)
+            .complete_multipart(
+                &key,
+                "r2+id/with==",
+                vec![(1, "e1".into()), (2, "e2".into())],
+            )
+            .await
+            .unwrap();
+        assert_eq!(etag.as_deref(), Some("abc-2"));
+        assert_id_encoded(&seen.join().unwrap());
+    }
 }
