@@ -852,8 +852,12 @@ impl Scheduler {
             Err(_) => return self.requeue(key, Lane::Upload, soon, Some(flight)),
         };
         let due = self.clock.now_ms() + retry.jittered(item.attempts + 1).as_millis() as u64;
-        // Transient errors are never the item's fault.
-        let blame = if err.class == ErrorClass::Transient || err.status.is_none() {
+        // Transient errors are never the item's fault. An upload that has
+        // to start again is, whether the server said so or our check after
+        // it did (an ETag that never matches): it must not go round for ever.
+        let blame = if err.class == ErrorClass::Transient
+            || (err.status.is_none() && err.class != ErrorClass::RestartUpload)
+        {
             Blame::Provider
         } else {
             Blame::Item

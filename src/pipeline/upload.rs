@@ -249,15 +249,12 @@ impl Uploader {
             if same {
                 tracing::info!(path = %job.abs.display(), parts_done = p.parts.len(), "resuming multipart upload");
                 match self.send_parts(job, &file, p.clone(), settings, turn).await {
-                    Err(UploadError::Storage(e))
-                        if e.status.is_some()
-                            && e.class != ErrorClass::Transient
-                            && !e.is_throttle() =>
-                    {
+                    Err(UploadError::Storage(e)) if e.class == ErrorClass::RestartUpload => {
                         // The server may no longer know the upload id, e.g. because
                         // it completed just before a crash: is the object there?
-                        // (A transient answer, a 500 say, keeps the upload and its
-                        // parts for the next attempt.)
+                        // (Any other answer keeps the upload and its parts for
+                        // the next attempt: a 500, or a refusal that pauses the
+                        // provider until the operator fixes it.)
                         if let Some(sent) =
                             self.already_there(job, &file, identity, part_size).await?
                         {
@@ -378,8 +375,12 @@ impl Uploader {
         let answered = match job.store.complete(job.key, &upload_id, list).await {
             Ok(etag) => etag,
             Err(e) => {
-                if e.class == ErrorClass::RestartUpload {
+                // InvalidPart leaves the upload open at the server: abort it
+                // before it is forgotten (NoSuchUpload: nothing to abort).
+                if e.code.as_deref() == Some("NoSuchUpload") {
                     self.queue.clear_multipart(job.item_key)?;
+                } else if e.class == ErrorClass::RestartUpload {
+                    self.abandon(job, &snapshot).await?;
                 }
                 return Err(e.into());
             }

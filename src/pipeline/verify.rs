@@ -101,8 +101,10 @@ fn check_etag(
         return Err(StorageError::new(
             ErrorClass::RestartUpload,
             format!(
-                "object `{key}` {said} ETag {etag} after upload, expected {}; uploading it again",
-                sent.expected_etag
+                "object `{key}` {said} ETag {etag} after upload, expected {} (the MD5 of what was sent); if bucket `{}` encrypts with SSE-KMS by default, set `server_side_encryption: aws:kms` for provider `{}`; uploading it again",
+                sent.expected_etag,
+                store.provider().bucket,
+                store.provider().name,
             ),
         ));
     }

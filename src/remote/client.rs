@@ -60,6 +60,38 @@ pub fn complete_timeout() -> Duration {
     request_timeout(COMPLETE_TIMEOUT_AS_BYTES)
 }
 
+/// Whose ETag an answer carries.
+#[derive(Clone, Copy)]
+enum EtagOf {
+    /// A part's: the completion names it, whatever it is.
+    Part,
+    /// An object's: kept only where it may be the MD5 of the bytes.
+    Object,
+}
+
+/// Whether an answer says the object is encrypted with SSE-KMS, by our
+/// header or by the bucket's default encryption: its ETag is then not the
+/// MD5 of its bytes and proves nothing.
+fn kms_encrypted(headers: &http::HeaderMap) -> bool {
+    headers
+        .get("x-amz-server-side-encryption")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("aws:kms"))
+}
+
+/// The ETag of an answer, quotes stripped; an object's only where it may
+/// prove the bytes (see [`kms_encrypted`]), so that verification does not
+/// compare it with the MD5 of what was sent.
+fn answered_etag(headers: &http::HeaderMap, of: EtagOf) -> Option<String> {
+    if matches!(of, EtagOf::Object) && kms_encrypted(headers) {
+        return None;
+    }
+    headers
+        .get(http::header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .map(normal_etag)
+}
+
 /// An upload id as rust-s3 must be given it for Complete and Abort: it
 /// writes the id into the URL as it is, and signs the query as decoded, where
 /// a `+` reads as a space. R2's ids are base64 (`+`, `/`, `=`), so unencoded
@@ -191,13 +223,26 @@ impl Client {
         command: Command<'_>,
         timeout: Duration,
     ) -> Result<String, S3Error> {
+        let (_, text) = self.send_for_answer(signer, path, command, timeout).await?;
+        Ok(text)
+    }
+
+    /// [`Client::send_for_text`], with the answer's headers.
+    async fn send_for_answer(
+        &self,
+        signer: &Bucket,
+        path: &str,
+        command: Command<'_>,
+        timeout: Duration,
+    ) -> Result<(http::HeaderMap, String), S3Error> {
         let answer = self.send(signer, path, command, timeout).await?;
         let status = answer.status().as_u16();
+        let headers = answer.headers().clone();
         let text = answer.text().await?;
         if xml_field(&text, "Code").is_some() && text.contains("<Error>") {
             return Err(S3Error::HttpFailWithBody(status.max(500), text));
         }
-        Ok(text)
+        Ok((headers, text))
     }
 
     fn err(&self, e: S3Error) -> StorageError {
@@ -297,6 +342,7 @@ impl Client {
         queries: Option<std::collections::HashMap<String, String>>,
         body: bytes::Bytes,
         md5: [u8; 16],
+        of: EtagOf,
     ) -> Result<Option<String>, StorageError> {
         use base64::Engine as _;
         let md5 = base64::engine::general_purpose::STANDARD.encode(md5);
@@ -320,11 +366,7 @@ impl Client {
             .await
             .map_err(|e| self.err(S3Error::Reqwest(e)))?;
         let status = sent.status().as_u16();
-        let etag = sent
-            .headers()
-            .get(http::header::ETAG)
-            .and_then(|v| v.to_str().ok())
-            .map(normal_etag);
+        let etag = answered_etag(sent.headers(), of);
         if (200..300).contains(&status) {
             return Ok(etag);
         }
@@ -342,7 +384,7 @@ impl Client {
     ) -> Result<Option<String>, StorageError> {
         let headers =
             self.object_headers(options, &[("content-type", options.content_type.clone())])?;
-        self.put_presigned(key.as_str(), headers, None, body, md5)
+        self.put_presigned(key.as_str(), headers, None, body, md5, EtagOf::Object)
             .await
     }
 
@@ -397,6 +439,7 @@ impl Client {
                 Some(queries),
                 body,
                 md5,
+                EtagOf::Part,
             )
             .await?;
         etag.ok_or_else(|| {
@@ -427,11 +470,13 @@ impl Client {
             data: CompleteMultipartUploadData { parts },
         };
         let timeout = self.timeout.max(complete_timeout());
-        let text = self
-            .send_for_text(&self.signer, key.as_str(), command, timeout)
+        let (headers, text) = self
+            .send_for_answer(&self.signer, key.as_str(), command, timeout)
             .await
             .map_err(|e| self.err(e))?;
-        Ok(xml_field(&text, "ETag").map(|e| normal_etag(&e)))
+        Ok(xml_field(&text, "ETag")
+            .filter(|_| !kms_encrypted(&headers))
+            .map(|e| normal_etag(&e)))
     }
 
     pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), StorageError> {
@@ -463,7 +508,7 @@ impl Client {
         Ok(Some(Head {
             // The header, not the body's length: a HEAD answer has no body.
             size: text(http::header::CONTENT_LENGTH.as_str()).and_then(|v| v.trim().parse().ok()),
-            etag: text(http::header::ETAG.as_str()).map(normal_etag),
+            etag: answered_etag(h, EtagOf::Object),
             content_type: text(http::header::CONTENT_TYPE.as_str()).map(str::to_string),
             part_size: text(&format!("x-amz-meta-{PART_SIZE_META}"))
                 .and_then(|v| v.trim().parse().ok()),
@@ -747,6 +792,7 @@ fn upload_headers(p: &Resolved) -> Result<http::HeaderMap, String> {
 mod tests {
     use super::*;
     use crate::remote::fake;
+    use md5::{Digest, Md5};
     use std::io::{Read, Write};
 
     /// Answers one request on 127.0.0.1 with `answer`; returns its port and
@@ -761,8 +807,19 @@ mod tests {
             while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap() == 1 {
                 head.push(byte[0]);
             }
+            let head = String::from_utf8(head).unwrap();
+            // The body is read too: a socket closed with bytes unread resets.
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            conn.read_exact(&mut vec![0; len]).unwrap();
             conn.write_all(answer.as_bytes()).unwrap();
-            String::from_utf8(head).unwrap()
+            head
         });
         (port, seen)
     }
@@ -822,5 +879,72 @@ mod tests {
             .unwrap();
         assert_eq!(etag.as_deref(), Some("abc-2"));
         assert_id_encoded(&seen.join().unwrap());
+    }
+
+    /// A bucket that encrypts with SSE-KMS by default answers with an ETag
+    /// that is not the MD5 of the bytes, and says so: that ETag is not
+    /// given to verification (which would find it wrong every time).
+    #[tokio::test]
+    async fn an_sse_kms_answer_gives_no_object_etag() {
+        const KMS: &str = "x-amz-server-side-encryption: aws:kms\r\n";
+        let put = |kms: &str| -> &'static str {
+            Box::leak(
+                format!("HTTP/1.1 200 OK\r\nETag: \"0f0e\"\r\n{kms}Content-Length: 0\r\nConnection: close\r\n\r\n")
+                    .into_boxed_str(),
+            )
+        };
+        let key = ObjectKey::new("pre", &crate::keys::RelPath::parse("a.png").unwrap()).unwrap();
+        let options = ObjectOptions {
+            content_type: "image/png".into(),
+            cache_control: None,
+            storage_class: None,
+            content_disposition: None,
+            rule: None,
+        };
+        let body = bytes::Bytes::from_static(b"bytes");
+        let md5: [u8; 16] = Md5::digest(b"bytes").into();
+
+        let (port, _) = answer_once(put(""));
+        let etag = client(port)
+            .put(&key, body.clone(), md5, &options)
+            .await
+            .unwrap();
+        assert_eq!(etag.as_deref(), Some("0f0e"));
+
+        let (port, _) = answer_once(put(KMS));
+        let etag = client(port)
+            .put(&key, body.clone(), md5, &options)
+            .await
+            .unwrap();
+        assert_eq!(etag, None, "an SSE-KMS object's ETag");
+
+        let (port, _) = answer_once(put(KMS));
+        let etag = client(port)
+            .put_part(&key, "id", 1, body, md5)
+            .await
+            .unwrap();
+        assert_eq!(etag, "0f0e", "a part's ETag is kept for the completion");
+
+        let (port, _) = answer_once(Box::leak(
+            format!("HTTP/1.1 200 OK\r\nETag: \"0f0e\"\r\n{KMS}Content-Length: 5\r\nConnection: close\r\n\r\n")
+                .into_boxed_str(),
+        ));
+        let head = client(port).head(&key).await.unwrap().unwrap();
+        assert_eq!((head.size, head.etag), (Some(5), None));
+
+        let body =
+            "<CompleteMultipartUploadResult><ETag>\"abc-2\"</ETag></CompleteMultipartUploadResult>";
+        let (port, _) = answer_once(Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\n{KMS}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_boxed_str(),
+        ));
+        let etag = client(port)
+            .complete_multipart(&key, "id", vec![(1, "e1".into())])
+            .await
+            .unwrap();
+        assert_eq!(etag, None);
     }
 }

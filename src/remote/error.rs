@@ -70,16 +70,22 @@ pub fn classify(status: u16, code: Option<&str>, provider: &str, bucket: &str) -
         "NoSuchUpload" | "InvalidPart" | "InvalidPartOrder" => (RestartUpload, format!("provider `{provider}` no longer knows this multipart upload ({}); starting it again", code.unwrap_or(""))),
         "EntityTooLarge" => (Item, "the object is larger than the provider accepts (EntityTooLarge)".to_string()),
         "KeyTooLongError" => (Item, "the object key is longer than the provider accepts (KeyTooLongError); shorten the path or the prefix".to_string()),
-        "SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable" | "BadDigest" | "XAmzContentSHA256Mismatch" => (Transient, format!("provider `{provider}` answered {} (HTTP {status}); will retry", code.unwrap_or(""))),
+        "SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable" | "BadDigest" | "XAmzContentSHA256Mismatch" | "OperationAborted" => (Transient, format!("provider `{provider}` answered {} (HTTP {status}); will retry", code.unwrap_or(""))),
         other => match status {
             401 | 403 => (ProviderWide, format!("provider `{provider}` refused the request (HTTP {status}{}); check the access key, secret and the key's permissions on bucket `{bucket}`", if other.is_empty() { String::new() } else { format!(", {other}") })),
             404 => (ProviderWide, format!("bucket `{bucket}` was not found at provider `{provider}` (HTTP 404); create it or fix `bucket` and `endpoint`")),
             301 | 307 => (ProviderWide, format!("provider `{provider}` redirected us (HTTP {status}): bucket `{bucket}` is probably in another region; fix `region` or `endpoint`")),
             408 | 429 | 500..=599 => (Transient, format!("provider `{provider}` answered HTTP {status}{}; will retry", if other.is_empty() { String::new() } else { format!(" ({other})") })),
+            // A proxy in front of the server (nginx's client_max_body_size,
+            // say) refuses a body or a URL as too large: this item only.
+            413 => (Item, format!("provider `{provider}`, or a proxy in front of it, refused the body as too large (HTTP 413); raise that limit (nginx: client_max_body_size) or lower upload.multipart_threshold and part_size")),
+            414 => (Item, format!("provider `{provider}`, or a proxy in front of it, refused the object key as too long (HTTP 414); shorten the path or the prefix")),
             // A probe sends the same upload headers: if it is refused too, a
             // provider option is wrong (a typo in `storage_class`, say) and
-            // the provider pauses; else the item is refused again and again.
+            // the provider pauses; else the item is refused again and again,
+            // and parked.
             400 => (ProviderWide, format!("provider `{provider}` rejected the request as invalid (HTTP 400{}); check the provider's upload options (storage_class, server_side_encryption, kms_key_id, cache_control)", if other.is_empty() { String::new() } else { format!(", {other}") })),
+            401..=499 => (ProviderWide, format!("provider `{provider}` refused the request (HTTP {status}{}); check that `endpoint` is the S3 API of the bucket and the provider's upload options", if other.is_empty() { String::new() } else { format!(", {other}") })),
             _ => (Transient, format!("provider `{provider}` answered HTTP {status}{}; will retry", if other.is_empty() { String::new() } else { format!(" ({other})") })),
         },
     };
@@ -231,6 +237,28 @@ mod tests {
         assert_eq!(c(404, Some("NoSuchUpload")), ErrorClass::RestartUpload);
         assert_eq!(c(400, Some("EntityTooLarge")), ErrorClass::Item);
         assert_eq!(c(403, None), ErrorClass::ProviderWide);
+        assert_eq!(c(409, Some("OperationAborted")), ErrorClass::Transient);
+        assert_eq!(c(408, None), ErrorClass::Transient);
+    }
+
+    /// A 4xx no table names is never retried for ever as if transient: a
+    /// body or key too large for a proxy in front is the item's; any other
+    /// refusal goes to the probe (the provider pauses, or the item is
+    /// refused until it is parked).
+    #[test]
+    fn other_client_errors_are_refusals() {
+        let c = |s| classify(s, None, "p", "b");
+        assert_eq!(c(413).class, ErrorClass::Item);
+        assert!(
+            c(413).message.contains("client_max_body_size"),
+            "{}",
+            c(413).message
+        );
+        assert_eq!(c(414).class, ErrorClass::Item);
+        for status in [405, 409, 411, 412, 415, 451] {
+            assert_eq!(c(status).class, ErrorClass::ProviderWide, "HTTP {status}");
+            assert!(c(status).message.contains(&format!("HTTP {status}")));
+        }
     }
 
     #[test]

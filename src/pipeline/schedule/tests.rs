@@ -449,6 +449,72 @@ async fn a_restarted_multipart_upload_aborts_the_one_it_gives_up() {
     h.stop().await;
 }
 
+/// InvalidPart at the completion leaves the upload open at the server: the
+/// upload starts again, and the one given up is aborted, not forgotten.
+#[tokio::test(start_paused = true)]
+async fn an_invalid_part_at_completion_aborts_the_upload_it_gives_up() {
+    let mut h = Harness::new(Deletion::Keep);
+    let mut once = true;
+    h.store.script(move |r| {
+        (r.op == Op::Complete && std::mem::take(&mut once)).then(|| http_error(400, "InvalidPart"))
+    });
+    let data: Vec<u8> = (0..(12 * MIB) as u32).map(|i| (i % 239) as u8).collect();
+    h.write("part.mp4", &data).await;
+    let key = Harness::key("part.mp4");
+    until(60, "uploaded", || h.queue.record(&key).unwrap().is_some()).await;
+    assert_eq!(h.store.object("pre/part.mp4").as_deref(), Some(&data[..]));
+    assert_eq!(h.count(Op::Initiate), 2, "started again from scratch");
+    assert_eq!(h.count(Op::Abort), 1, "the first upload is aborted");
+    h.stop().await;
+}
+
+/// A key that lost its write permission refuses the parts of a resumed
+/// upload: the provider pauses and the recorded upload with its parts is
+/// kept, so that once the operator fixes the key only the missing parts
+/// go. It used to be aborted and forgotten (its abort refused too, leaving
+/// it at the server) and every part sent again.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_while_resuming_keeps_the_recorded_upload() {
+    let mut h = Harness::new(Deletion::Keep);
+    let parts_ok = Arc::new(AtomicUsize::new(1));
+    let denied = Arc::new(AtomicBool::new(false));
+    let (ok, no) = (parts_ok.clone(), denied.clone());
+    h.store.script(move |r| {
+        if no.load(Ordering::SeqCst) {
+            return (r.op != Op::Head).then(|| http_error(403, "AccessDenied"));
+        }
+        // One part is accepted, then every other fails for now.
+        if r.op == Op::Part && ok.load(Ordering::SeqCst) > 0 {
+            ok.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        (r.op == Op::Part).then(|| http_error(500, "InternalError"))
+    });
+    let data: Vec<u8> = (0..(12 * MIB) as u32).map(|i| (i % 233) as u8).collect();
+    h.write("denied.mp4", &data).await;
+    let key = Harness::key("denied.mp4");
+    until(60, "a part accepted and more tried", || {
+        h.count(Op::Part) >= 3
+    })
+    .await;
+    h.stop().await;
+
+    denied.store(true, Ordering::SeqCst);
+    h.start(Deletion::Keep);
+    until(60, "the provider paused", || {
+        h.live.shown().paused.is_some()
+    })
+    .await;
+    assert_eq!(h.count(Op::Abort), 0, "the recorded upload is kept");
+    denied.store(false, Ordering::SeqCst);
+    parts_ok.store(usize::MAX, Ordering::SeqCst);
+    until(600, "uploaded", || h.queue.record(&key).unwrap().is_some()).await;
+    assert_eq!(h.store.object("pre/denied.mp4").as_deref(), Some(&data[..]));
+    assert_eq!(h.count(Op::Initiate), 1, "resumed, not started again");
+    assert_eq!(h.count(Op::Abort), 0);
+    h.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn parking_an_item_aborts_its_multipart_upload() {
     let mut h = Harness::new(Deletion::Keep);
@@ -735,6 +801,34 @@ async fn a_misreported_answer_is_never_recorded_and_the_file_goes_again() {
         big_rec.etag,
         upload::composite_etag(&file, 9 * MIB, 5 * MIB).unwrap()
     );
+    h.stop().await;
+}
+
+/// An ETag that never matches what was sent (a bucket that encrypts with
+/// SSE-KMS by default, which offloadd was not told) parks the file after a
+/// bounded number of uploads, with a reason that says what to set. It used
+/// to be blamed on the provider (our own check has no HTTP status) and sent
+/// again every `max_backoff`, for ever, recording nothing.
+#[tokio::test(start_paused = true)]
+async fn an_etag_that_never_matches_parks_the_file_after_a_few_uploads() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.store.misreport(Op::Put, 1_000);
+    h.write("kms.png", b"encrypted by the bucket").await;
+    let key = Harness::key("kms.png");
+    until(600, "parked", || h.live.shown().failed.contains_key(&key)).await;
+    let puts = h
+        .store
+        .requests()
+        .iter()
+        .filter(|r| r.op == Op::Put)
+        .count();
+    assert_eq!(puts, MAX_STRIKES as usize, "a bounded number of uploads");
+    let reason = h.live.shown().failed[&key].clone();
+    assert!(
+        reason.contains("server_side_encryption: aws:kms") && reason.contains("offloadd retry"),
+        "{reason}"
+    );
+    assert!(h.queue.record(&key).unwrap().is_none());
     h.stop().await;
 }
 
