@@ -126,6 +126,15 @@ pub async fn run(
             ));
             true
         }
+        // Another instance (this state_dir's lock is ours) was given the
+        // same socket: running on would leave this one without commands.
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            return Err(Fatal::Config(format!(
+                "control_socket {} is answered by another process, probably another offloadd instance; give each instance its own `control_socket` in {}",
+                socket.display(),
+                settings.config.source.display()
+            )));
+        }
         Err(e) => {
             tracing::warn!(
                 socket = %socket.display(),

@@ -43,3 +43,58 @@ fn second_run_is_refused_and_first_keeps_running() {
     let st = env.status();
     assert_eq!(json_u64(&st, "uploaded_count"), 1, "status: {st}");
 }
+
+/// Two instances, each with its own root and state_dir, given one
+/// control_socket (as configs copied from the example are): the second
+/// refuses to start, naming `control_socket`, and a command run with the
+/// second's config while only the first runs is refused instead of acting on
+/// the first's files. Before, the second ran without a socket, and
+/// `delete same.png` with its config deleted the first instance's file.
+#[test]
+fn instances_sharing_a_control_socket_never_act_on_each_other() {
+    let a = TestEnv::new();
+    let s3 = S3Server::start_for(&a);
+    a.write_config(&Cfg::new(&s3.endpoint()));
+    let first = Daemon::start(&a, &[]);
+    write_and_wait(&a, &s3, "same.png", b"the first instance's");
+
+    let b = TestEnv::new();
+    let own_socket = format!("control_socket: {}\n", b.socket.display());
+    let yaml = b.config_yaml(&Cfg::new(&s3.endpoint()));
+    assert!(yaml.contains(&own_socket));
+    b.write_raw_config(&yaml.replace(
+        &own_socket,
+        &format!("control_socket: {}\n", a.socket.display()),
+    ));
+    write_file(&b.path("same.png"), b"the second instance's");
+
+    let mut second = Daemon::spawn(&b, &[]);
+    let st = second
+        .wait_exit(Duration::from_secs(60))
+        .expect("the second instance must not run without its socket");
+    let err = second.stderr();
+    assert_eq!(st.code(), Some(78), "{err}");
+    assert!(
+        err.contains("give each instance its own `control_socket`"),
+        "{err}"
+    );
+
+    for args in [["delete", "same.png"], ["locate", "same.png"]] {
+        let (code, out, err) = b.cli(&args);
+        assert_eq!(code, 78, "{args:?}: {out}{err}");
+        assert!(
+            err.contains(&format!("runs with state_dir {}", a.state_dir.display())),
+            "{err}"
+        );
+    }
+    let (code, out, err) = b.cli(&["backfill"]);
+    assert_eq!(code, 78, "backfill: {out}{err}");
+    assert!(err.contains("two instances share"), "{err}");
+    assert_eq!(
+        std::fs::read(a.path("same.png")).unwrap(),
+        b"the first instance's"
+    );
+    assert!(s3.has("same.png"));
+    assert!(b.path("same.png").exists());
+    first.stop();
+}

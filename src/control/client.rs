@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::control::commands;
-use crate::control::protocol::{err_line, line, Reply, Request};
+use crate::control::protocol::{err_line, line, Envelope, Reply, Request};
 use crate::control::status;
 use crate::keys::{ItemKey, RelPath};
 use crate::pipeline::filter::Rules;
@@ -28,7 +28,11 @@ pub fn call(config: &Config, req: &Request) -> Result<Option<Reply>, String> {
         }
         Err(_) => return Ok(None),
     };
-    let mut bytes = serde_json::to_vec(req).expect("request serializes");
+    let envelope = Envelope {
+        state_dir: config.state_dir.clone(),
+        request: req,
+    };
+    let mut bytes = serde_json::to_vec(&envelope).expect("request serializes");
     bytes.push(b'\n');
     stream
         .write_all(&bytes)
@@ -243,6 +247,9 @@ pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
     // its secret.
     let probe = call(config, &Request::Status { json: true });
     let local = match &probe {
+        Ok(Some(status)) if status.exit != 0 => {
+            return Reply::fail(status.exit, status.err.clone()).finish()
+        }
         Ok(Some(status)) => serde_json::from_str::<serde_json::Value>(&status.out)
             .ok()
             .and_then(|s| s["local_mode_reason"].as_str().map(str::to_string)),

@@ -35,6 +35,16 @@ pub enum Request {
     },
 }
 
+/// A request and the instance it is meant for: the `state_dir` of the config
+/// the CLI read. A daemon of another instance that answers on the same
+/// socket path refuses it rather than act on its own files.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Envelope<R = Request> {
+    pub state_dir: std::path::PathBuf,
+    #[serde(flatten)]
+    pub request: R,
+}
+
 /// What the CLI prints and its exit code.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Reply {

@@ -8,7 +8,7 @@
 //! supplementary groups include the daemon's group (as `usermod -aG` gives).
 
 use crate::control::commands;
-use crate::control::protocol::{err_line, line, Reply, Request, MAX_REQUEST_BYTES};
+use crate::control::protocol::{err_line, line, Envelope, Reply, Request, MAX_REQUEST_BYTES};
 use crate::control::status;
 use crate::keys::{ItemKey, RelPath};
 use crate::pipeline::live::Live;
@@ -135,8 +135,11 @@ async fn serve_one(stream: UnixStream, h: Handle) {
             err_line("the control socket only answers root and the offloadd user and group; run this as one of them"),
         )
     } else {
-        match serde_json::from_str::<Request>(&request) {
-            Ok(req) => answer(req, &h).await,
+        match serde_json::from_str::<Envelope>(&request) {
+            Ok(env) => match other_instance(&env, &h) {
+                Some(refusal) => refusal,
+                None => answer(env.request, &h).await,
+            },
             Err(e) => Reply::fail(
                 2,
                 err_line(format!("bad request on the control socket: {e}")),
@@ -146,6 +149,27 @@ async fn serve_one(stream: UnixStream, h: Handle) {
     let mut bytes = serde_json::to_vec(&reply).expect("reply serializes");
     bytes.push(b'\n');
     let _ = write.write_all(&bytes).await;
+}
+
+/// The refusal of a request meant for another instance (its config names
+/// another state_dir): two instances given one `control_socket` must never
+/// act on each other's files.
+fn other_instance(env: &Envelope, h: &Handle) -> Option<Reply> {
+    let cur = settings::current(&h.shared);
+    let ours = &cur.config.state_dir;
+    let same = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    if same(&env.state_dir) == same(ours) {
+        return None;
+    }
+    Some(Reply::fail(
+        78,
+        err_line(format!(
+            "the offloadd answering on {} runs with state_dir {}, not {}: two instances share this control_socket; give each its own `control_socket` and restart them",
+            cur.config.control_socket.display(),
+            ours.display(),
+            env.state_dir.display()
+        )),
+    ))
 }
 
 async fn ask<T>(h: &Handle, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
