@@ -27,7 +27,7 @@ use crate::pipeline::root::RootGuard;
 use crate::pipeline::schedule::{Command, Scheduler};
 use crate::settings::{self, Settings, Shared};
 use crate::shutdown::{Shutdown, Stop};
-use crate::statedir::{self, Lock};
+use crate::statedir::{self, Holder, Lock};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -63,7 +63,7 @@ pub async fn run(
     mut reloads: mpsc::Receiver<()>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Fatal> {
-    let _lock = Lock::acquire(&config.state_dir)?;
+    let _lock = Lock::acquire(&config.state_dir, Holder::Daemon)?;
     crate::pipeline::finished::ignore_lease_signals();
     let (queue, opened) = Queue::open(&config.state_dir)?;
     let queue = Arc::new(queue);

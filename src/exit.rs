@@ -15,7 +15,7 @@ pub fn of_fatal(e: &Fatal) -> u8 {
     match e {
         Fatal::Config(_) => CONFIG,
         // Another instance holds the lock: not a configuration error.
-        Fatal::State(StateError::AlreadyRunning { .. }) => NEGATIVE,
+        Fatal::State(StateError::AlreadyRunning { .. } | StateError::Busy { .. }) => NEGATIVE,
         // A write that failed (a full disk, at start-up or in the last
         // flush of a stop): systemd's restart may find the space back.
         Fatal::State(StateError::Failed { .. }) => NEGATIVE,

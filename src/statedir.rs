@@ -4,7 +4,8 @@
 //! helpers every module shares.
 //!
 //! Guarantees: the lock file is taken before sled opens, so a second instance
-//! on the same state_dir is refused with the pid of the first; the mark and
+//! on the same state_dir is refused with the pid of the first (a command
+//! holding it for a moment is waited for instead); the mark and
 //! the root identity are small files written atomically (write, fsync,
 //! rename), kept outside the database so a database rebuild never moves them.
 
@@ -22,18 +23,50 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// The exclusive lock on a state directory, held for the life of the process.
+/// The exclusive lock on a state directory: held by the daemon for the life
+/// of the process, or by a command for the moment it works on the state of a
+/// stopped daemon.
 pub struct Lock {
     _file: File,
 }
+
+/// Who takes a state directory's lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    /// `offloadd run`.
+    Daemon,
+    /// A command (status, locate, …) opening a stopped daemon's state: a
+    /// daemon starting meanwhile waits for it ([`COMMAND_PATIENCE`]).
+    Command,
+}
+
+/// How long taking the lock waits for a command that holds it. A monitoring
+/// `status` while offloadd restarts must not fail the start.
+pub const COMMAND_PATIENCE: Duration = Duration::from_secs(10);
+
+/// What the lock file says after the pid of a command holding it.
+const COMMAND_MARK: &str = "command";
 
 impl Lock {
     pub fn path(state_dir: &Path) -> PathBuf {
         state_dir.join("offloadd.lock")
     }
 
-    /// Takes the lock, or reports the pid of the instance holding it.
-    pub fn acquire(state_dir: &Path) -> Result<Lock, StateError> {
+    /// Takes the lock, or reports the pid of the instance holding it. A
+    /// command holding it is waited for, up to [`COMMAND_PATIENCE`].
+    pub fn acquire(state_dir: &Path, holder: Holder) -> Result<Lock, StateError> {
+        let give_up = std::time::Instant::now() + COMMAND_PATIENCE;
+        loop {
+            match Self::try_acquire(state_dir, holder) {
+                Err(StateError::Busy { .. }) if std::time::Instant::now() < give_up => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_acquire(state_dir: &Path, holder: Holder) -> Result<Lock, StateError> {
         let unusable = |e: std::io::Error| StateError::unusable(state_dir, e);
         std::fs::create_dir_all(state_dir).map_err(unusable)?;
         let mut file = OpenOptions::new()
@@ -55,20 +88,27 @@ impl Lock {
             if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 let mut s = String::new();
                 let _ = file.read_to_string(&mut s);
-                return Err(StateError::AlreadyRunning {
-                    pid: s.trim().parse().unwrap_or(0),
-                    dir: state_dir.to_path_buf(),
+                let (pid, by) = parse_holder(&s);
+                let dir = state_dir.to_path_buf();
+                return Err(match by {
+                    Holder::Daemon => StateError::AlreadyRunning { pid, dir },
+                    Holder::Command => StateError::Busy { pid, dir },
                 });
             }
             return Err(unusable(err));
         }
         file.set_len(0).map_err(unusable)?;
         file.rewind().map_err(unusable)?;
-        writeln!(file, "{}", std::process::id()).map_err(unusable)?;
+        match holder {
+            Holder::Daemon => writeln!(file, "{}", std::process::id()),
+            Holder::Command => writeln!(file, "{} {COMMAND_MARK}", std::process::id()),
+        }
+        .map_err(unusable)?;
         Ok(Lock { _file: file })
     }
 
-    /// The pid of the running instance, if one holds the lock.
+    /// The pid of the running daemon, if one holds the lock (a command
+    /// holding it for a moment is no daemon).
     pub fn holder(state_dir: &Path) -> Option<u32> {
         let file = File::open(Self::path(state_dir)).ok()?;
         // SAFETY: flock on a valid, owned file descriptor.
@@ -82,7 +122,20 @@ impl Lock {
             return None;
         }
         let s = std::fs::read_to_string(Self::path(state_dir)).ok()?;
-        s.trim().parse().ok()
+        match parse_holder(&s) {
+            (pid, Holder::Daemon) => Some(pid),
+            (_, Holder::Command) => None,
+        }
+    }
+}
+
+/// The pid in a lock file and who wrote it.
+fn parse_holder(s: &str) -> (u32, Holder) {
+    let mut words = s.split_whitespace();
+    let pid = words.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    match words.next() {
+        Some(COMMAND_MARK) => (pid, Holder::Command),
+        _ => (pid, Holder::Daemon),
     }
 }
 
@@ -326,14 +379,37 @@ mod tests {
     #[test]
     fn second_lock_reports_pid() {
         let dir = tempfile::tempdir().unwrap();
-        let _l = Lock::acquire(dir.path()).unwrap();
+        let _l = Lock::acquire(dir.path(), Holder::Daemon).unwrap();
         assert_eq!(Lock::holder(dir.path()), Some(std::process::id()));
         // flock locks are per open file description, so a second acquire in the
-        // same process is refused too.
-        match Lock::acquire(dir.path()) {
+        // same process is refused too, at once.
+        let asked = std::time::Instant::now();
+        match Lock::acquire(dir.path(), Holder::Daemon) {
             Err(StateError::AlreadyRunning { pid, .. }) => assert_eq!(pid, std::process::id()),
             other => panic!("expected AlreadyRunning, got {:?}", other.err()),
         }
+        assert!(asked.elapsed() < COMMAND_PATIENCE);
+    }
+
+    /// A command holding the lock (a `status` while the daemon is stopped)
+    /// is waited for: a daemon starting meanwhile gets the lock once the
+    /// command lets go, instead of failing with "already running" and the
+    /// command's pid.
+    #[test]
+    fn a_command_holding_the_lock_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let command = Lock::acquire(dir.path(), Holder::Command).unwrap();
+        assert_eq!(Lock::holder(dir.path()), None, "a command is no daemon");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(command);
+        });
+        let daemon = Lock::acquire(dir.path(), Holder::Daemon).unwrap();
+        release.join().unwrap();
+        assert_eq!(Lock::holder(dir.path()), Some(std::process::id()));
+        drop(daemon);
+        assert_eq!(parse_holder("12 command\n"), (12, Holder::Command));
+        assert_eq!(parse_holder("12\n"), (12, Holder::Daemon));
     }
 
     #[test]

@@ -98,3 +98,25 @@ fn instances_sharing_a_control_socket_never_act_on_each_other() {
     assert!(b.path("same.png").exists());
     first.stop();
 }
+
+/// A command that has the state of a stopped daemon open (a monitoring
+/// `offloadd status` while systemd restarts offloadd) holds the lock for a
+/// moment: the daemon starting meanwhile waits for it and starts. It used to
+/// exit at once with "already running" and the command's pid, and a status
+/// poll during restarts could use up systemd's start limit.
+#[test]
+fn a_daemon_starting_while_a_command_reads_the_state_waits_for_it() {
+    use offloadd::statedir::{Holder, Lock};
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    let command = Lock::acquire(&env.state_dir, Holder::Command).unwrap();
+    let mut daemon = Daemon::spawn(&env, &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(daemon.alive(), "exited: {}", daemon.stderr());
+    drop(command);
+    daemon.wait_ready();
+    write_and_wait(&env, &s3, "after.png", b"started once the command let go");
+    let log = daemon.stop();
+    assert!(!log.contains("already running"), "{log}");
+}

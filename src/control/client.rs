@@ -10,7 +10,7 @@ use crate::keys::{ItemKey, RelPath};
 use crate::pipeline::filter::Rules;
 use crate::pipeline::finished::FileIdentity;
 use crate::pipeline::queue::{Admission, Admit, Queue};
-use crate::statedir::{self, Lock};
+use crate::statedir::{self, Holder, Lock};
 use std::process::ExitCode;
 
 /// Sends `req` to the running daemon. `Ok(None)` when no daemon answers (the
@@ -60,7 +60,8 @@ fn live_or(config: &Config, req: Request, offline: impl FnOnce() -> Reply) -> Ex
 
 /// Opens the state of a stopped daemon.
 fn open_offline(config: &Config) -> Result<(Lock, Queue), Reply> {
-    let lock = Lock::acquire(&config.state_dir).map_err(|e| Reply::fail(1, err_line(e)))?;
+    let lock = Lock::acquire(&config.state_dir, Holder::Command)
+        .map_err(|e| Reply::fail(1, err_line(e)))?;
     let (queue, _) = Queue::open(&config.state_dir).map_err(|e| Reply::fail(1, err_line(e)))?;
     Ok((lock, queue))
 }

@@ -10,7 +10,7 @@ use crate::keys::{ItemKey, ObjectKey, PublicUrl, RelPath};
 use crate::pipeline::live::Live;
 use crate::pipeline::queue::{PausedInfo, Queue, Stage, StateError};
 use crate::settings::Settings;
-use crate::statedir::{self, Lock};
+use crate::statedir::{self, Holder, Lock};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -119,7 +119,7 @@ pub fn report(config: &Config) -> anyhow::Result<Report> {
         r.pid = Some(pid);
         return Ok(r);
     }
-    let _lock = Lock::acquire(&config.state_dir)?;
+    let _lock = Lock::acquire(&config.state_dir, Holder::Command)?;
     let (queue, _) = Queue::open(&config.state_dir)?;
     let totals = queue.totals()?;
     let items = queue.items()?;

@@ -52,6 +52,8 @@ use encoding::{decode, decode_record, encode, encode_record, Entry};
 pub enum StateError {
     #[error("offloadd is already running (pid {pid}) on state_dir {dir}; stop it first or give this instance its own state_dir")]
     AlreadyRunning { pid: u32, dir: PathBuf },
+    #[error("an offloadd command (pid {pid}) has kept state_dir {dir} open for more than 10 s (a backfill of a stopped daemon, say); try again once it has finished")]
+    Busy { pid: u32, dir: PathBuf },
     #[error("cannot use state_dir {dir}: {message}; create it and make it writable by the offloadd user")]
     Unusable { dir: PathBuf, message: String },
     #[error("the state database in {dir} cannot be opened: {message}; check its permissions and free disk space")]
