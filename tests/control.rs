@@ -271,3 +271,24 @@ fn test_connection_runs_inside_the_daemon_with_its_credentials() {
     let (code, out, err) = env.cli(&["backfill", "--dry-run"]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// Whatever is at the `control_socket` path and is not a socket (a file a
+/// mistyped path points at) is left as it is: the daemon runs without its
+/// socket, says so, and `status` answers from the snapshot. It used to be
+/// deleted to make room for the socket.
+#[test]
+fn a_file_at_the_control_socket_path_is_never_deleted() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    fs::write(&env.socket, b"somebody's notes").unwrap();
+    let daemon = Daemon::start(&env, &[]);
+    write_and_wait(&env, &s3, "a.png", b"uploaded all the same");
+    assert_eq!(fs::read(&env.socket).unwrap(), b"somebody's notes");
+    wait_until(LONG, "status from the snapshot", || {
+        env.status()["running"] == true
+    });
+    let log = daemon.stop();
+    assert!(log.contains("something other than a socket is there"), "{log}");
+    assert_eq!(fs::read(&env.socket).unwrap(), b"somebody's notes");
+}

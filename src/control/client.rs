@@ -32,6 +32,12 @@ pub fn call(config: &Config, req: &Request) -> Result<Option<Reply>, String> {
         state_dir: config.state_dir.clone(),
         request: req,
     };
+    // A daemon that accepts but never answers (stuck) must not hang the
+    // caller (a monitoring script, say) for ever.
+    let patience = req.patience();
+    stream
+        .set_read_timeout(Some(patience))
+        .map_err(|e| format!("cannot talk to offloadd over {}: {e}", path.display()))?;
     let mut bytes = serde_json::to_vec(&envelope).expect("request serializes");
     bytes.push(b'\n');
     stream
@@ -40,7 +46,14 @@ pub fn call(config: &Config, req: &Request) -> Result<Option<Reply>, String> {
     let mut reply = String::new();
     std::io::BufReader::new(stream)
         .read_line(&mut reply)
-        .map_err(|e| format!("cannot read offloadd's answer over {}: {e}", path.display()))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+                "offloadd did not answer over {} within {} s; check its log (journalctl -u offloadd) and try again",
+                path.display(),
+                patience.as_secs()
+            ),
+            _ => format!("cannot read offloadd's answer over {}: {e}", path.display()),
+        })?;
     serde_json::from_str(&reply).map(Some).map_err(|e| {
         format!(
             "offloadd answered something unexpected over {}: {e}",

@@ -35,6 +35,21 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// How long the CLI waits for the answer: a delete-through, a backfill
+    /// batch and a connection test talk to the bucket meanwhile.
+    pub fn patience(&self) -> std::time::Duration {
+        match self {
+            Request::Status { .. } | Request::Locate { .. } | Request::Retry { .. } => {
+                std::time::Duration::from_secs(60)
+            }
+            Request::Delete { .. } | Request::Enqueue { .. } | Request::TestConnection { .. } => {
+                std::time::Duration::from_secs(600)
+            }
+        }
+    }
+}
+
 /// A request and the instance it is meant for: the `state_dir` of the config
 /// the CLI read. A daemon of another instance that answers on the same
 /// socket path refuses it rather than act on its own files.

@@ -44,7 +44,18 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
             "another process answers on it",
         ));
     }
-    let _ = std::fs::remove_file(path);
+    // A stale socket of ours is replaced; anything else at the path is left.
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "something other than a socket is there (left as it is)",
+            ))
+        }
+        Err(_) => {}
+    }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     Ok(listener)
@@ -125,16 +136,16 @@ fn allowed(stream: &UnixStream) -> bool {
 async fn serve_one(stream: UnixStream, h: Handle) {
     let permitted = allowed(&stream);
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_REQUEST_BYTES)).lines();
-    let Ok(Some(request)) = lines.next_line().await else {
-        return;
-    };
+    // A caller not allowed is answered before anything it sent is read.
+    let max_request = if permitted { MAX_REQUEST_BYTES } else { 0 };
+    let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(read, max_request)).lines();
+    let request = lines.next_line().await;
     let reply = if !permitted {
         Reply::fail(
             1,
             err_line("the control socket only answers root and the offloadd user and group; run this as one of them"),
         )
-    } else {
+    } else if let Ok(Some(request)) = request {
         match serde_json::from_str::<Envelope>(&request) {
             Ok(env) => match other_instance(&env, &h) {
                 Some(refusal) => refusal,
@@ -145,6 +156,8 @@ async fn serve_one(stream: UnixStream, h: Handle) {
                 err_line(format!("bad request on the control socket: {e}")),
             ),
         }
+    } else {
+        return;
     };
     let mut bytes = serde_json::to_vec(&reply).expect("reply serializes");
     bytes.push(b'\n');
