@@ -289,6 +289,9 @@ fn a_file_at_the_control_socket_path_is_never_deleted() {
         env.status()["running"] == true
     });
     let log = daemon.stop();
-    assert!(log.contains("something other than a socket is there"), "{log}");
+    assert!(
+        log.contains("something other than a socket is there"),
+        "{log}"
+    );
     assert_eq!(fs::read(&env.socket).unwrap(), b"somebody's notes");
 }

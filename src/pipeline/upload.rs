@@ -479,11 +479,14 @@ impl Uploader {
     }
 
     /// Waits for this body's turn under `bandwidth_limit`, having told the
-    /// watchdog how long the wait and the request may take.
+    /// watchdog how long the wait and the request may take. Bodies sent at
+    /// once share the link, so the request may take as long as all the bytes
+    /// buffered for uploads (this one's among them) need.
     async fn paced(&self, len: u64) {
         let wait = self.pacer.turn(len);
+        let sharing = self.budget.in_use().max(len);
         self.progress
-            .request(crate::statedir::now_ms(), wait, request_timeout(len));
+            .request(crate::statedir::now_ms(), wait, request_timeout(sharing));
         tokio::time::sleep(wait).await;
     }
 }

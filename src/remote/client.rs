@@ -47,10 +47,46 @@ pub struct Client {
     upload_headers: http::HeaderMap,
     /// The time allowed for a request without a body.
     timeout: Duration,
+    /// Body bytes this provider's requests are sending now.
+    sending: Sending,
 }
 
-/// The timeout of a request carrying a body of `len` bytes: long enough for a
-/// slow but moving upload, short enough to notice a dead one.
+/// The body bytes being sent at once: they share the link, so each body's
+/// timeout counts them all. A burst of 128 images on a slow uplink would
+/// otherwise time out together, be sent again together, and never finish.
+#[derive(Clone, Default)]
+struct Sending(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+/// One body counted in [`Sending`] while it goes.
+struct Going<'a> {
+    sending: &'a Sending,
+    len: u64,
+    /// Its bytes and those already being sent when it started.
+    sharing: u64,
+}
+
+impl Sending {
+    fn start(&self, len: u64) -> Going<'_> {
+        use std::sync::atomic::Ordering;
+        let before = self.0.fetch_add(len, Ordering::Relaxed);
+        Going {
+            sending: self,
+            len,
+            sharing: before + len,
+        }
+    }
+}
+
+impl Drop for Going<'_> {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        self.sending.0.fetch_sub(self.len, Ordering::Relaxed);
+    }
+}
+
+/// The timeout of a request whose body shares the link with `len` bytes in
+/// all (its own included): long enough for a slow but moving upload, short
+/// enough to notice a dead one.
 pub fn request_timeout(len: u64) -> Duration {
     SMALL_REQUEST_TIMEOUT + Duration::from_secs(len / MIN_BYTES_PER_SEC)
 }
@@ -170,6 +206,7 @@ impl Client {
             http,
             upload_headers: upload_headers(provider).map_err(provider_wide)?,
             timeout: SMALL_REQUEST_TIMEOUT,
+            sending: Sending::default(),
         })
     }
 
@@ -355,7 +392,8 @@ impl Client {
             .presign_put(key, PRESIGN_EXPIRY_SECS, Some(headers.clone()), queries)
             .await
             .map_err(|e| self.err(e))?;
-        let timeout = self.timeout.max(request_timeout(body.len() as u64));
+        let going = self.sending.start(body.len() as u64);
+        let timeout = self.timeout.max(request_timeout(going.sharing));
         let sent = self
             .http
             .put(url)
@@ -946,5 +984,22 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(etag, None);
+    }
+
+    /// Bodies sent at once share the link: each one's timeout counts the
+    /// bytes already going, and a finished body stops counting.
+    #[test]
+    fn a_body_timeout_counts_the_bodies_sent_with_it() {
+        let sending = Sending::default();
+        let a = sending.start(4 * MIN_BYTES_PER_SEC);
+        assert_eq!(a.sharing, 4 * MIN_BYTES_PER_SEC);
+        let b = sending.start(MIN_BYTES_PER_SEC);
+        assert_eq!(
+            request_timeout(b.sharing),
+            SMALL_REQUEST_TIMEOUT + Duration::from_secs(5)
+        );
+        drop(a);
+        drop(b);
+        assert_eq!(sending.start(0).sharing, 0);
     }
 }
