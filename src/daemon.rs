@@ -177,6 +177,10 @@ pub async fn run(
                     .values()
                     .map(|s| (s, rebuild::Listing::Other)),
             );
+        let managed = rebuild::Managed {
+            rules: &settings.rules,
+            mark_ns: settings.plan.options.mark_ns,
+        };
         let rebuilt = async {
             let mut outcome = rebuild::Outcome::Complete;
             for (store, listing) in listings {
@@ -185,6 +189,7 @@ pub async fn run(
                     &root,
                     &queue,
                     listing,
+                    &managed,
                     config.upload.part_size,
                     &progress,
                     &mut sd,

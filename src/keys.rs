@@ -125,6 +125,20 @@ impl RelPath {
         Ok(RelPath(rest.into()))
     }
 
+    /// The outermost folder between `root` and this path that is a symlink:
+    /// offloadd does not follow symlinks inside the root, and deleting
+    /// through one would remove a file outside the tree it manages.
+    pub fn symlinked_folder(&self, root: &Path) -> Option<PathBuf> {
+        let local = self.to_local(root);
+        local
+            .ancestors()
+            .skip(1)
+            .take_while(|p| *p != root)
+            .filter(|f| std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_symlink()))
+            .last()
+            .map(Path::to_path_buf)
+    }
+
     /// The path of `abs` relative to `root`; `abs` must lie under `root`.
     pub fn from_fs(root: &Path, abs: &Path) -> Result<RelPath, KeyError> {
         let outside = || KeyError::OutsideRoot {

@@ -75,12 +75,14 @@ impl Settings {
             },
             Active::Local { reason } => Target::Local { reason },
         };
+        // Retired providers (`enabled: false`) too: records still name them,
+        // so a rebuild lists them, and an upload begun there is aborted there.
         let others = config
             .storage
             .providers
             .iter()
-            .filter(|(name, p)| name.as_str() != target.name() && p.enabled)
-            .filter_map(|(name, _)| {
+            .filter(|(name, _)| name.as_str() != target.name())
+            .filter_map(|(name, p)| {
                 let client = config
                     .resolve_provider(name)
                     .map_err(|e| e.reason)
@@ -88,7 +90,8 @@ impl Settings {
                 match client {
                     Ok(c) => Some((name.clone(), Arc::new(c) as Arc<dyn crate::remote::store::Store>)),
                     Err(why) => {
-                        tracing::warn!(provider = %name, "provider `{name}` is enabled but cannot be used ({why}): uploads interrupted on it are left to its bucket's lifecycle rules, and a rebuild cannot list it");
+                        let state = if p.enabled { "enabled" } else { "retired" };
+                        tracing::warn!(provider = %name, "provider `{name}` is {state} but cannot be used ({why}): uploads interrupted on it are left to its bucket's lifecycle rules, and a rebuild cannot list it");
                         None
                     }
                 }

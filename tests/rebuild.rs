@@ -95,7 +95,10 @@ fn a_rebuild_never_deletes_a_zero_byte_file() {
 
 /// Guarantee 8 with two providers: files offloaded to A (local copies
 /// deleted) before the active provider became B keep A's record after the
-/// database is lost: the rebuild lists every provider, not only the active.
+/// database is lost: the rebuild lists every provider, not only the active,
+/// and A retired (`enabled: false`, as the README says to keep its section)
+/// too. A retired provider used to be left out, and its records were lost
+/// for good.
 #[test]
 fn a_rebuild_restores_records_of_every_provider() {
     let env = TestEnv::new();
@@ -124,6 +127,18 @@ fn a_rebuild_restores_records_of_every_provider() {
     daemon.stop();
 
     fs::remove_dir_all(env.state_dir.join("db")).unwrap();
+    let retired = with_provider_lines(
+        &env.with_provider(&base, &second, "second"),
+        "      enabled: false\n",
+    );
+    env.write_raw_config(&retired);
+    let (code, out, err) = env.cli(&["check-config"]);
+    assert!(
+        out.contains(&format!(
+            "provider {PROVIDER}\n  kind:       minio\n  enabled:    no\n"
+        )),
+        "A is retired: {code} {out}{err}"
+    );
     let daemon = Daemon::start(&env, &[]);
     wait_until(LONG, "records rebuilt", || {
         env.status()["uploaded_count"] == 2
@@ -135,4 +150,93 @@ fn a_rebuild_restores_records_of_every_provider() {
     );
     assert!(!s3b.has("old/a.png"), "nothing was uploaded again");
     daemon.stop();
+}
+
+/// A rebuild follows no symlink inside the root: an object whose path goes
+/// through a symlinked folder names a file outside the tree offloadd manages,
+/// which is never deleted, even proven equal with `delete_local: true`. It
+/// was: the rebuild restored a record through the link and deleted the file
+/// outside the root. On moto, which lists ETags (s3s-fs does not).
+#[test]
+fn a_rebuild_never_deletes_through_a_symlinked_folder() {
+    let env = TestEnv::new();
+    let moto = MotoServer::start();
+    moto.create_bucket(BUCKET);
+    let mut cfg = Cfg::new(&moto.endpoint());
+    env.write_config(&cfg);
+    let daemon = Daemon::start(&env, &[]);
+    let bytes = file_content("arch/a.png", 100, 5_000);
+    write_file(&env.path("arch/a.png"), &bytes);
+    wait_until(LONG, "uploaded", || {
+        moto.head(BUCKET, &format!("{PREFIX}/arch/a.png")).is_some()
+    });
+    daemon.stop();
+
+    // The folder moves out of the root, and a symlink takes its place.
+    let outside = env.outside().join("arch");
+    fs::rename(env.path("arch"), &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, env.path("arch")).unwrap();
+    fs::remove_dir_all(env.state_dir.join("db")).unwrap();
+    cfg.delete_local = true;
+    env.write_config(&cfg);
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "the rebuild finished", || {
+        daemon.stderr().contains("rebuild finished")
+    });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let log = daemon.stop();
+    assert_eq!(
+        fs::read(outside.join("a.png")).ok().as_deref(),
+        Some(bytes.as_slice()),
+        "the file outside the root is kept: {log}"
+    );
+}
+
+/// Files older than the managed-since mark are left for `backfill`, after a
+/// database loss too: one whose object (another tool's, say) has the same
+/// bytes gets its record back but keeps its local copy, `delete_local`
+/// notwithstanding; one whose object differs is neither uploaded over it nor
+/// deleted. Both used to happen.
+#[test]
+fn a_rebuild_leaves_files_older_than_the_mark_to_backfill() {
+    let env = TestEnv::new();
+    let moto = MotoServer::start();
+    moto.create_bucket(BUCKET);
+    let mut cfg = Cfg::new(&moto.endpoint());
+    cfg.delete_local = true;
+    env.write_config(&cfg);
+    write_file(&env.path("same.png"), b"same bytes");
+    write_file(&env.path("other.png"), b"local bytes");
+    moto.put(BUCKET, &format!("{PREFIX}/same.png"), b"same bytes");
+    let theirs = b"another tool's bytes";
+    moto.put(BUCKET, &format!("{PREFIX}/other.png"), theirs);
+    // Managed since later than both files were written, and no database.
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+    let later_ns = later
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    fs::write(env.state_dir.join("managed-since"), later_ns.to_string()).unwrap();
+
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "the rebuild finished", || {
+        daemon.stderr().contains("rebuild finished")
+    });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(
+        env.status()["uploaded_count"],
+        1,
+        "same.png's record is back"
+    );
+    let log = daemon.stop();
+    assert!(env.path("same.png").exists(), "left for backfill: {log}");
+    assert!(env.path("other.png").exists(), "left for backfill: {log}");
+    let head = moto
+        .head(BUCKET, &format!("{PREFIX}/other.png"))
+        .expect("their object is still there");
+    assert_eq!(
+        head.content_length,
+        Some(theirs.len() as i64),
+        "not uploaded over: {log}"
+    );
 }

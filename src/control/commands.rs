@@ -7,7 +7,6 @@ use crate::control::status::{self, Location};
 use crate::keys::{ItemKey, RelPath};
 use crate::pipeline::queue::Queue;
 use crate::remote::client::Client;
-use std::path::{Path, PathBuf};
 
 /// `locate`: the public URL, the bucket and key, or the local path.
 pub fn locate(config: &Config, queue: &Queue, path: &str) -> Reply {
@@ -34,7 +33,7 @@ pub fn locate(config: &Config, queue: &Queue, path: &str) -> Reply {
 /// `delete`: removes the bucket object (if recorded), the local copy and the
 /// record, in that order; a failure stops before anything later is touched.
 pub async fn delete_through(config: &Config, queue: &Queue, rel: &RelPath) -> Reply {
-    if let Some(link) = symlinked_folder(&config.watch.root, rel) {
+    if let Some(link) = rel.symlinked_folder(&config.watch.root) {
         return Reply::fail(
             1,
             err_line(format!(
@@ -122,19 +121,6 @@ pub async fn delete_through(config: &Config, queue: &Queue, rel: &RelPath) -> Re
         );
     }
     Reply::ok(out)
-}
-
-/// The first folder between `root` and `rel` that is a symlink: deleting
-/// through it would remove a file outside the tree offloadd manages.
-fn symlinked_folder(root: &Path, rel: &RelPath) -> Option<PathBuf> {
-    let local = rel.to_local(root);
-    local
-        .ancestors()
-        .skip(1)
-        .take_while(|p| *p != root)
-        .filter(|f| std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_symlink()))
-        .last()
-        .map(Path::to_path_buf)
 }
 
 /// `test-connection`: put, read back, compare, delete.

@@ -92,7 +92,7 @@ pub fn live(queue: &Queue, live: &Live, settings: &Settings) -> Report {
         rebuilding: shown.rebuild.as_ref().map(|p| {
             format!(
                 "{}/{}",
-                p.matched.load(Ordering::Relaxed),
+                p.checked.load(Ordering::Relaxed),
                 p.listed.load(Ordering::Relaxed)
             )
         }),

@@ -66,9 +66,9 @@ pub struct Options {
 pub struct Plan {
     pub options: Options,
     pub target: Target,
-    /// The other enabled providers that can be reached, by name: where an
-    /// upload started before a switch is aborted, and what a rebuild lists.
-    /// Nothing is uploaded to them.
+    /// The other providers that can be reached (retired ones included), by
+    /// name: where an upload started before a switch is aborted, and what a
+    /// rebuild lists. Nothing is uploaded to them.
     pub others: BTreeMap<String, Arc<dyn Store>>,
 }
 

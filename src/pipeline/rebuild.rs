@@ -13,16 +13,24 @@
 //! - anything else (changed, or an ETag that proves nothing, as under
 //!   SSE-KMS): no record, and the file is queued to be uploaded again.
 //!
-//! Every other enabled provider only gets back the records of what it holds
-//! and the local files no longer have (a file's record keeps the provider it
-//! was uploaded to), or that are proven equal; it never queues an upload or a
-//! delete. A key recorded by an earlier listing keeps that record.
+//! Every other provider (retired ones, `enabled: false`, included) only gets
+//! back the records of what it holds and the local files no longer have (a
+//! file's record keeps the provider it was uploaded to), or that are proven
+//! equal; it never queues an upload or a delete. A key recorded by an earlier
+//! listing keeps that record.
 //!
-//! Then aborts our multipart uploads under the prefix that are older than 24 h,
-//! where the provider can list them. Errors end the rebuild early; the
-//! catch-up scan uploads whatever has no record.
+//! Only keys offloadd could have written count ([`Managed`]): the exact key of
+//! a path the include and exclude rules select, not below a symlink. A file
+//! older than the managed-since mark is left for `backfill`: a proven record
+//! comes back with the local copy kept, and nothing else happens to it.
+//!
+//! Then aborts our multipart uploads under the prefix that are older than 24 h
+//! (for a managed path whose file is still there), where the provider can list
+//! them. Errors end the rebuild early; the catch-up scan uploads whatever has
+//! no record.
 
-use crate::keys::{ItemKey, RelPath};
+use crate::keys::{ItemKey, ObjectKey, RelPath};
+use crate::pipeline::filter::Rules;
 use crate::pipeline::finished::FileIdentity;
 use crate::pipeline::plan::Deletion;
 use crate::pipeline::queue::{Admit, AfterUpload, Local, Queue, Record};
@@ -38,10 +46,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Multipart uploads older than this are ours to abort after state loss.
 const STALE_UPLOAD_MS: u64 = 24 * 3600 * 1000;
 
-/// Progress shown by `status` as "rebuilding n/m".
+/// Progress shown by `status` as "rebuilding n/m": objects checked of those
+/// listed so far.
 #[derive(Debug, Default)]
 pub struct Progress {
     pub listed: AtomicU64,
+    pub checked: AtomicU64,
     pub matched: AtomicU64,
     pub reupload: AtomicU64,
 }
@@ -49,12 +59,37 @@ pub struct Progress {
 /// What a listed object says about its local file.
 #[derive(Debug, PartialEq)]
 enum Verdict {
-    /// Restore this record.
+    /// Restore this record; a local copy goes through the delete step if
+    /// deletion is on.
     Restore(Record),
+    /// Restore this record and keep the local copy: it is older than the
+    /// managed-since mark, so only `backfill` may hand it to offloadd.
+    RestoreKept(Record),
     /// The local file differs or cannot be proven equal: upload it again.
     Reupload(FileIdentity),
-    /// Not ours (outside the prefix, not a plain path, not a file).
+    /// Not ours to decide (not a file, below a symlink, older than the mark
+    /// and not proven equal).
     Skip,
+}
+
+/// What offloadd manages under the root: the rules and the mark the scheduler
+/// applies to every file are applied to what a listing names too.
+pub struct Managed<'a> {
+    pub rules: &'a Rules,
+    /// The managed-since mark (ns since the epoch).
+    pub mark_ns: i128,
+}
+
+impl Managed<'_> {
+    /// The relative path of a listed key, if it is one offloadd would have
+    /// uploaded: under the prefix, exactly the key that path maps to (not
+    /// `./a` for `a`), selected by the include and exclude rules (which
+    /// leave out our own `.offloadd-*` objects), and not below a symlink.
+    fn path_of(&self, prefix: &str, key: &str, root: &Path) -> Option<RelPath> {
+        let rel = rel_of(prefix, key)?;
+        (self.rules.matches(&rel.to_local(root)) && rel.symlinked_folder(root).is_none())
+            .then_some(rel)
+    }
 }
 
 fn md5_of(path: &Path) -> std::io::Result<String> {
@@ -64,13 +99,15 @@ fn md5_of(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// The relative path of a listed key under `prefix`.
+/// The relative path of a listed key under `prefix`, if the path maps back
+/// to exactly this key.
 fn rel_of(prefix: &str, key: &str) -> Option<RelPath> {
     let rel = match prefix.trim_matches('/') {
         "" => key,
         p => key.strip_prefix(p)?.strip_prefix('/')?,
     };
-    RelPath::parse(rel).ok()
+    let rel = RelPath::parse(rel).ok()?;
+    (ObjectKey::new(prefix, &rel).ok()?.as_str() == key).then_some(rel)
 }
 
 /// Decides one object. `part_size` is the object's recorded part size (from
@@ -82,6 +119,7 @@ fn judge(
     o: &Listed,
     etag_is_md5: bool,
     part_size: Option<u64>,
+    mark_ns: i128,
 ) -> Verdict {
     let local = rel.to_local(root);
     let record = |identity, local| Record {
@@ -111,9 +149,14 @@ fn judge(
         }
     };
     let identity = FileIdentity::of(&meta);
+    let managed = identity.changed_ns() >= mark_ns;
+    let unproven = |identity| match managed {
+        true => Verdict::Reupload(identity),
+        false => Verdict::Skip,
+    };
     let etag = o.etag.clone().unwrap_or_default();
     if meta.len() != o.size || !etag_is_md5 || etag.is_empty() {
-        return Verdict::Reupload(identity);
+        return unproven(identity);
     }
     let computed = if etag.contains('-') {
         match (part_size, std::fs::File::open(&local)) {
@@ -125,10 +168,11 @@ fn judge(
     };
     let still = std::fs::symlink_metadata(&local).map(|m| FileIdentity::of(&m));
     match (computed, still) {
-        (Some(c), Ok(now)) if c == etag && now == identity => {
-            Verdict::Restore(record(identity, Local::Present))
-        }
-        _ => Verdict::Reupload(identity),
+        (Some(c), Ok(now)) if c == etag && now == identity => match managed {
+            true => Verdict::Restore(record(identity, Local::Present)),
+            false => Verdict::RestoreKept(record(identity, Local::Present)),
+        },
+        _ => unproven(identity),
     }
 }
 
@@ -153,11 +197,13 @@ pub enum Outcome {
 }
 
 /// Lists the provider's prefix and restores what is proven; see the module docs.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     store: &dyn Store,
     root: &RootGuard,
     queue: &Queue,
     listing: Listing,
+    managed: &Managed<'_>,
     configured_part_size: u64,
     progress: &Progress,
     shutdown: &mut Shutdown,
@@ -192,7 +238,8 @@ pub async fn run(
             if shutdown.is_shutdown() {
                 return Outcome::Stopped;
             }
-            let Some(rel) = rel_of(&p.prefix, &o.key) else {
+            progress.checked.fetch_add(1, Ordering::Relaxed);
+            let Some(rel) = managed.path_of(&p.prefix, &o.key, root.path()) else {
                 continue;
             };
             let key = ItemKey::from_rel(&rel);
@@ -202,10 +249,7 @@ pub async fn run(
             // A multipart object tells its part size on HEAD.
             let part_size = match o.etag.as_deref() {
                 Some(e) if e.contains('-') && rel.to_local(root.path()).is_file() => {
-                    match store
-                        .head(&crate::keys::ObjectKey::from_raw(o.key.clone()))
-                        .await
-                    {
+                    match store.head(&ObjectKey::from_raw(o.key.clone())).await {
                         Ok(Some(h)) => h
                             .part_size
                             .or(Some(part_size_for(o.size, configured_part_size))),
@@ -214,10 +258,14 @@ pub async fn run(
                 }
                 _ => None,
             };
-            let (path, name, md5_etags) =
-                (root.path().to_path_buf(), p.name.clone(), p.etag_is_md5);
+            let (path, name, md5_etags, mark_ns) = (
+                root.path().to_path_buf(),
+                p.name.clone(),
+                p.etag_is_md5,
+                managed.mark_ns,
+            );
             let verdict = tokio::task::spawn_blocking(move || {
-                judge(&path, &rel, &name, &o, md5_etags, part_size)
+                judge(&path, &rel, &name, &o, md5_etags, part_size, mark_ns)
             })
             .await
             .unwrap_or(Verdict::Skip);
@@ -229,6 +277,13 @@ pub async fn run(
                     return Outcome::Stopped;
                 }
             }
+            let restore = |record: &Record, after| {
+                queue.restore(&key, record, after).map(|restored| {
+                    if restored {
+                        progress.matched.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            };
             let done = match verdict {
                 Verdict::Restore(record) => {
                     let after = if record.local == Local::Present {
@@ -236,12 +291,9 @@ pub async fn run(
                     } else {
                         AfterUpload::Finish
                     };
-                    queue.restore(&key, &record, after).map(|restored| {
-                        if restored {
-                            progress.matched.fetch_add(1, Ordering::Relaxed);
-                        }
-                    })
+                    restore(&record, after)
                 }
+                Verdict::RestoreKept(record) => restore(&record, AfterUpload::Finish),
                 Verdict::Reupload(identity) if listing != Listing::Other => {
                     progress.reupload.fetch_add(1, Ordering::Relaxed);
                     queue.admit(&key, &identity, Admit::Event).map(|_| ())
@@ -263,7 +315,7 @@ pub async fn run(
         tracing::error!(error = %e, "rebuild: {e}");
         return Outcome::Stopped;
     }
-    abort_stale_uploads(store, &prefix).await;
+    abort_stale_uploads(store, &prefix, managed, root.path()).await;
     tracing::info!(
         listed = progress.listed.load(Ordering::Relaxed),
         restored = progress.matched.load(Ordering::Relaxed),
@@ -273,9 +325,12 @@ pub async fn run(
     Outcome::Complete
 }
 
-/// Aborts multipart uploads under our prefix older than 24 h: after state
-/// loss, their upload ids are not recorded anywhere else.
-async fn abort_stale_uploads(store: &dyn Store, prefix: &str) {
+/// Aborts our multipart uploads older than 24 h: after state loss, their
+/// upload ids are not recorded anywhere else. Ours: under our prefix, for a
+/// path offloadd manages (see [`Managed::path_of`]) whose file is still
+/// there; another tool's upload into the same bucket (or an empty prefix)
+/// is never touched.
+async fn abort_stale_uploads(store: &dyn Store, prefix: &str, managed: &Managed<'_>, root: &Path) {
     let uploads = match store.list_uploads(prefix).await {
         Ok(Some(u)) => u,
         Ok(None) => {
@@ -288,8 +343,13 @@ async fn abort_stale_uploads(store: &dyn Store, prefix: &str) {
         }
     };
     let cutoff = now_ms().saturating_sub(STALE_UPLOAD_MS);
+    let ours = |key: &str| {
+        managed.path_of(prefix, key, root).is_some_and(|rel| {
+            std::fs::symlink_metadata(rel.to_local(root)).is_ok_and(|m| m.is_file())
+        })
+    };
     for u in uploads {
-        if u.initiated_ms.is_some_and(|t| t < cutoff) {
+        if u.initiated_ms.is_some_and(|t| t < cutoff) && ours(&u.key) {
             match store.abort(&u.key, &u.upload_id).await {
                 Ok(()) => {
                     tracing::info!(key = %u.key, "aborted an interrupted multipart upload older than 24 h")
@@ -316,7 +376,110 @@ mod tests {
 
     fn verdict(root: &Path, o: &Listed, md5: bool, part: Option<u64>) -> Verdict {
         let rel = rel_of("pre", &o.key).unwrap();
-        judge(root, &rel, "p", o, md5, part)
+        judge(root, &rel, "p", o, md5, part, i128::MIN)
+    }
+
+    fn rules(root: &Path) -> Rules {
+        Rules::new(
+            root,
+            &["**".into()],
+            &["**/.*".into()],
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap()
+    }
+
+    /// A file older than the managed-since mark is left for `backfill`: its
+    /// record comes back if the object proves it, but its local copy is kept;
+    /// one that differs from the object is neither uploaded over the object
+    /// (which another tool may have put there) nor deleted.
+    #[test]
+    fn a_file_older_than_the_mark_is_never_uploaded_nor_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("old.txt"), b"hello").unwrap();
+        let md5 = hex::encode(Md5::digest(b"hello"));
+        let rel = RelPath::parse("old.txt").unwrap();
+        let after_the_file = i128::MAX;
+        let judge_old = |etag: &str| {
+            judge(
+                dir.path(),
+                &rel,
+                "p",
+                &listed("pre/old.txt", 5, Some(etag)),
+                true,
+                None,
+                after_the_file,
+            )
+        };
+        let v = judge_old(&md5);
+        assert!(
+            matches!(&v, Verdict::RestoreKept(r) if r.local == Local::Present),
+            "{v:?}"
+        );
+        assert_eq!(judge_old("0000"), Verdict::Skip);
+    }
+
+    /// Only keys offloadd could have written name a file: exactly the key of
+    /// their path, selected by the rules (our own `.offloadd-*` objects are
+    /// not), and not below a symlink (a rebuild deleted a file outside the
+    /// root through one).
+    #[test]
+    fn only_keys_of_managed_paths_are_judged() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("archive");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("a.png"), b"outside").unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("arch")).unwrap();
+        let rules = rules(&root);
+        let managed = Managed {
+            rules: &rules,
+            mark_ns: 0,
+        };
+        let path = |key| managed.path_of("pre", key, &root).map(|r| r.to_string());
+        assert_eq!(path("pre/img/a.png").as_deref(), Some("img/a.png"));
+        assert_eq!(path("pre/arch/a.png"), None, "below a symlink");
+        assert_eq!(path("pre/.offloadd-health"), None);
+        assert_eq!(path("pre/.offloadd-probe-0123"), None);
+        assert_eq!(path("pre/./a.png"), None, "not the key of a.png");
+        assert_eq!(path("pre//a.png"), None);
+        assert_eq!(path("other/a.png"), None);
+    }
+
+    /// After state loss, only our own stale multipart uploads are aborted:
+    /// not another tool's in the same bucket (an empty prefix is the whole
+    /// bucket), nor one for a path offloadd does not manage.
+    #[tokio::test]
+    async fn only_our_stale_uploads_are_aborted() {
+        use crate::remote::fake::{FakeStore, Op};
+        use crate::remote::object_options::Rules as ObjectRules;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        std::fs::write(root.join("video.mp4"), b"ours").unwrap();
+        let store = FakeStore::new();
+        for key in ["video.mp4", "backup/other-tool.tar", ".hidden.mp4"] {
+            let rel = RelPath::parse(key).unwrap();
+            let options = ObjectRules::default().options_for(&rel, None, None);
+            store
+                .initiate(&ObjectKey::from_raw(key.into()), &options, 5 << 20)
+                .await
+                .unwrap();
+        }
+        std::fs::write(root.join(".hidden.mp4"), b"excluded").unwrap();
+        let rules = rules(&root);
+        let managed = Managed {
+            rules: &rules,
+            mark_ns: 0,
+        };
+        abort_stale_uploads(&store, "", &managed, &root).await;
+        let aborted: Vec<String> = store
+            .requests()
+            .into_iter()
+            .filter(|r| r.op == Op::Abort)
+            .map(|r| r.key)
+            .collect();
+        assert_eq!(aborted, ["video.mp4"]);
     }
 
     #[test]
@@ -356,6 +519,7 @@ mod tests {
             "{v:?}"
         );
         assert!(rel_of("pre", "elsewhere/x.png").is_none());
+        assert!(rel_of("pre", "pre/./x.png").is_none());
         assert!(rel_of("", "x.png").is_some());
     }
 
@@ -414,11 +578,16 @@ mod tests {
             .unwrap();
         std::fs::remove_dir(&root).unwrap();
         let (_stop, mut shutdown) = crate::shutdown::Stop::new();
+        let rules = rules(&root);
         let outcome = run(
             &store,
             &guard,
             &queue,
             Listing::Active(Deletion::Keep),
+            &Managed {
+                rules: &rules,
+                mark_ns: 0,
+            },
             8 << 20,
             &Progress::default(),
             &mut shutdown,

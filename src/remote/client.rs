@@ -573,10 +573,19 @@ impl Client {
             .map_err(|e| self.err(e))?;
         let page: ListBucketResult =
             quick_xml::de::from_str(&text).map_err(|e| self.err(e.into()))?;
-        let next = if page.is_truncated {
-            page.next_continuation_token
-        } else {
-            None
+        let next = match (page.is_truncated, page.next_continuation_token) {
+            (false, _) => None,
+            (true, Some(token)) => Some(token),
+            // Ending here would take a part of the listing for all of it.
+            (true, None) => {
+                return Err(StorageError::new(
+                    ErrorClass::Transient,
+                    format!(
+                        "provider `{}` said its listing goes on but gave no continuation token",
+                        self.provider.name
+                    ),
+                ))
+            }
         };
         let objects = page
             .contents
@@ -1001,5 +1010,26 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(sending.start(0).sharing, 0);
+    }
+
+    /// A listing page that says more follows but names no continuation
+    /// token is an error, not the end: a rebuild would take part of the
+    /// bucket for all of it and never list the rest.
+    #[tokio::test]
+    async fn a_truncated_listing_without_a_token_is_an_error() {
+        let body = "<ListBucketResult><Name>media</Name><Prefix>pre/</Prefix><KeyCount>1</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>true</IsTruncated><Contents><Key>pre/a.png</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified><ETag>\"0f0e\"</ETag><Size>5</Size><StorageClass>STANDARD</StorageClass></Contents></ListBucketResult>";
+        let (port, _) = answer_once(Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_boxed_str(),
+        ));
+        let err = client(port).list_page("pre/", None).await.unwrap_err();
+        assert!(
+            err.message.contains("no continuation token"),
+            "{}",
+            err.message
+        );
     }
 }

@@ -338,6 +338,7 @@ impl Store for FakeStore {
                     .lock()
                     .unwrap()
                     .iter()
+                    .filter(|(_, u)| u.key.starts_with(prefix))
                     .map(|(id, u)| PendingUpload {
                         key: u.key.clone(),
                         upload_id: id.clone(),

@@ -1820,6 +1820,22 @@ impl MotoServer {
         );
     }
 
+    /// `PUT /bucket/key`, unsigned (moto allows it), as another tool would.
+    pub fn put(&self, bucket: &str, key: &str, body: &[u8]) {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            s,
+            "PUT /{bucket}/{key} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.port,
+            body.len()
+        )
+        .unwrap();
+        s.write_all(body).unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        assert!(resp.starts_with("HTTP/1.1 200"), "put {key}: {resp}");
+    }
+
     /// HEAD of an object, signed with any key; None unless 200.
     pub fn head(&self, bucket: &str, key: &str) -> Option<s3::serde_types::HeadObjectResult> {
         match head_object(&self.endpoint(), "AKMOTO", "moto-secret", bucket, key) {
