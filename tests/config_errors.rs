@@ -230,3 +230,14 @@ fn incomplete_active_provider_runs_in_local_mode() {
         "in local mode nothing is queued: {st}"
     );
 }
+
+#[test]
+fn log_level_that_is_no_level() {
+    // tracing would read `warning` as a target name and log nothing else,
+    // errors included.
+    let env = base_env();
+    let yaml = std::fs::read_to_string(&env.config_path).unwrap();
+    let line = yaml.lines().count() + 2;
+    env.write_raw_config(&format!("{yaml}log:\n  level: warning\n"));
+    assert_config_error(&env, line, &[3], "`log.level` `warning` is not a level");
+}

@@ -367,6 +367,44 @@ pub fn load(path: &Path, root: RootCheck) -> Result<Loaded, ConfigError> {
     Ok(Loaded { config, warnings })
 }
 
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// `log.level` as the tracing filter reads it: its comma-separated
+/// directives with the blanks around each removed (tracing would take
+/// ` warn` in `offloadd=debug, warn` for a target name).
+pub fn log_filter(level: &str) -> String {
+    level
+        .split(',')
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A level, or `target=level` directives. tracing reads a bare word that is
+/// no level (`warning`, `inof`) as a target to log at every level, and an
+/// empty filter as none: either would silence every other line, errors
+/// included.
+fn check_log_level(level: &str) -> Result<(), String> {
+    let levels = "write one of error, warn, info, debug, trace or off, optionally with target=level directives such as offloadd=debug,warn";
+    if level.trim().is_empty() {
+        return Err(format!("`log.level` is empty; {levels}"));
+    }
+    let filter = log_filter(level);
+    let bare = filter.split(',').find(|d| {
+        !d.is_empty() && !d.contains('=') && !LOG_LEVELS.iter().any(|l| d.eq_ignore_ascii_case(l))
+    });
+    if let Some(word) = bare {
+        return Err(if word == level.trim() {
+            format!("`log.level` `{word}` is not a level; {levels}")
+        } else {
+            format!("`log.level` `{level}`: `{word}` is not a level; {levels}")
+        });
+    }
+    tracing_subscriber::EnvFilter::try_new(&filter)
+        .map(|_| ())
+        .map_err(|e| format!("`log.level` `{level}` is not a level ({e}); {levels}"))
+}
+
 fn canonical_root(root: &Path) -> Result<PathBuf, String> {
     let shown = root.display();
     let canonical = std::fs::canonicalize(root).map_err(|e| match e.kind() {
@@ -435,12 +473,7 @@ impl Config {
                 ));
             }
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err((
-                key(&["log", "level"]),
-                format!("`log.level` `{}` is not a level ({e}); write error, warn, info, debug or trace", self.log.level),
-            ));
-        }
+        check_log_level(&self.log.level).map_err(|m| (key(&["log", "level"]), m))?;
         self.validate_rules()?;
         self.validate_storage()
     }
@@ -1251,6 +1284,66 @@ mod tests {
         fx.load("http:\n  listen: 0.0.0.0:9187\n  allow_remote: true\n")
             .unwrap();
         fx.load("http:\n  listen: \"[::1]:9187\"\n").unwrap();
+    }
+
+    #[test]
+    fn log_level_must_be_a_level_or_target_directives() {
+        let fx = Fixture::new();
+        let levels = "write one of error, warn, info, debug, trace or off, optionally with target=level directives such as offloadd=debug,warn";
+        // tracing reads each of these as a target name (or no directive at
+        // all), which would silence every line, errors included.
+        for (level, want) in [
+            (
+                "warning",
+                "line 4, column 3: `log.level` `warning` is not a level; ",
+            ),
+            ("notice", "`log.level` `notice` is not a level; "),
+            ("inof", "`log.level` `inof` is not a level; "),
+            ("\"3\"", "`log.level` `3` is not a level; "),
+            ("offloadd", "`log.level` `offloadd` is not a level; "),
+            (
+                "offloadd=debug,warning",
+                "`log.level` `offloadd=debug,warning`: `warning` is not a level; ",
+            ),
+            ("\"\"", "line 4, column 3: `log.level` is empty; "),
+            ("\" \"", "`log.level` is empty; "),
+            (
+                "offloadd=loud",
+                "`log.level` `offloadd=loud` is not a level (",
+            ),
+        ] {
+            let err = fx.error(&format!("log:\n  level: {level}\n"));
+            assert!(err.contains(want), "{level}: {err}");
+            assert!(err.ends_with(levels), "{level}: {err}");
+        }
+        for level in [
+            "info",
+            "WARN",
+            "Error",
+            "off",
+            "trace",
+            "offloadd=debug,warn",
+            "offloadd=debug, warn",
+            "offloadd::remote=trace,info,",
+        ] {
+            let c = fx
+                .load(&format!("log:\n  level: \"{level}\"\n"))
+                .unwrap()
+                .config;
+            assert_eq!(c.log.level, level);
+        }
+        // The blank after the comma is not part of the directive.
+        assert_eq!(log_filter(" offloadd=debug, warn "), "offloadd=debug,warn");
+        let filter =
+            tracing_subscriber::EnvFilter::try_new(log_filter("offloadd=debug, warn")).unwrap();
+        assert_eq!(
+            filter.max_level_hint(),
+            Some(tracing::level_filters::LevelFilter::DEBUG)
+        );
+        assert!(
+            filter.to_string().split(',').any(|d| d == "warn"),
+            "{filter}"
+        );
     }
 
     #[test]
