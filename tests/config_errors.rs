@@ -241,3 +241,21 @@ fn log_level_that_is_no_level() {
     env.write_raw_config(&format!("{yaml}log:\n  level: warning\n"));
     assert_config_error(&env, line, &[3], "`log.level` `warning` is not a level");
 }
+
+#[test]
+fn provider_name_written_twice() {
+    let env = base_env();
+    let yaml = std::fs::read_to_string(&env.config_path).unwrap();
+    let (yaml, line) = insert_after(
+        &yaml,
+        "prefix:",
+        &format!("    {PROVIDER}:\n      kind: gcs"),
+    );
+    env.write_raw_config(&yaml);
+    assert_config_error(
+        &env,
+        line,
+        &[5],
+        &format!("`storage.providers.{PROVIDER}` appears twice; keep one"),
+    );
+}

@@ -78,6 +78,7 @@ pub struct Storage {
     pub delete_local: bool,
     #[serde(with = "crate::config::units::serde_duration")]
     pub delete_after: Duration,
+    #[serde(deserialize_with = "providers")]
     pub providers: BTreeMap<String, ProviderSection>,
 }
 
@@ -191,6 +192,40 @@ fn listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Erro
         }
     }
     d.deserialize_any(Listen)
+}
+
+/// `storage.providers`, refusing a name written twice, which a map would
+/// take silently with the last section winning.
+fn providers<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, ProviderSection>, D::Error> {
+    struct Providers;
+    impl<'de> serde::de::Visitor<'de> for Providers {
+        type Value = BTreeMap<String, ProviderSection>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a map")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut providers = BTreeMap::new();
+            while let Some(name) = map.next_key::<String>()? {
+                if providers.contains_key(&name) {
+                    // Worded as serde words a key written twice in a section.
+                    return Err(serde::de::Error::custom(format_args!(
+                        "duplicate field `{name}`"
+                    )));
+                }
+                let section = map.next_value()?;
+                providers.insert(name, section);
+            }
+            Ok(providers)
+        }
+    }
+    d.deserialize_map(Providers)
 }
 
 impl Default for Storage {
@@ -314,7 +349,7 @@ pub fn load(path: &Path, root: RootCheck) -> Result<Loaded, ConfigError> {
         file: path.into(),
         source,
     })?;
-    let mut config: Config = serde_yaml::from_str(&text).map_err(|e| yaml_error(path, e))?;
+    let mut config: Config = serde_yaml::from_str(&text).map_err(|e| yaml_error(path, &text, e))?;
     config.source = path.into();
     let invalid = |key: &[&str], message: String| ConfigError::Invalid {
         file: path.into(),
@@ -835,16 +870,22 @@ fn find_secret(
 }
 
 /// Rewrites a serde_yaml error into `{file}: line L, column C: …; fix`.
-fn yaml_error(file: &Path, e: serde_yaml::Error) -> ConfigError {
-    let position = e.location().map(|l| (l.line(), l.column()));
+fn yaml_error(file: &Path, source: &str, e: serde_yaml::Error) -> ConfigError {
+    let mut position = e.location().map(|l| (l.line(), l.column()));
     let mut text = e.to_string();
     if let Some((l, c)) = position {
         text = text.replacen(&format!(" at line {l} column {c}"), "", 1);
     }
-    let (key, message) = match split_path(&text) {
+    let split = split_path(&text);
+    let (key, message) = match split {
         Some((path, msg)) => describe(path, msg),
         None => (String::new(), format!("the YAML is malformed ({text}); fix the syntax there, checking indentation and quotes")),
     };
+    if split.is_some_and(|(_, msg)| msg.starts_with("duplicate field")) {
+        // serde_yaml points at the start of the block: show the second key.
+        let parts: Vec<&str> = key.split('.').collect();
+        position = locate_nth(source, &parts, 1).or(position);
+    }
     ConfigError::Invalid {
         file: file.into(),
         position,
@@ -975,6 +1016,12 @@ fn locate_nearest(text: &str, path: &[&str]) -> Option<(usize, usize)> {
 
 /// 1-based line and column of the key at `path` in block-style YAML.
 fn locate(text: &str, path: &[&str]) -> Option<(usize, usize)> {
+    locate_nth(text, path, 0)
+}
+
+/// Like [`locate`], for the key written for the `nth` time (from 0) in its block.
+fn locate_nth(text: &str, path: &[&str], nth: usize) -> Option<(usize, usize)> {
+    let mut seen = 0;
     let mut depth = 0;
     let mut parent_indent: Option<usize> = None;
     let mut child_indent: Option<usize> = None;
@@ -997,7 +1044,11 @@ fn locate(text: &str, path: &[&str]) -> Option<(usize, usize)> {
             continue;
         }
         if depth + 1 == path.len() {
-            return Some((n + 1, indent + 1));
+            if seen == nth {
+                return Some((n + 1, indent + 1));
+            }
+            seen += 1;
+            continue;
         }
         if rest.trim_start().starts_with('{') {
             let want = format!("{}:", path[depth + 1]);
@@ -1459,6 +1510,44 @@ mod tests {
             .unwrap_err()
             .reason
             .contains("does not exist"));
+    }
+
+    #[test]
+    fn a_provider_name_written_twice_is_an_error() {
+        let fx = Fixture::new();
+        let err = fx.error("storage:\n  active: a\n  providers:\n    a:\n      kind: gcs\n    b:\n      kind: gcs\n    a:\n      kind: s3\n");
+        assert!(
+            err.contains("line 10, column 5: `storage.providers.a` appears twice; keep one"),
+            "{err}"
+        );
+        // A key written twice in a section is shown where it is written again.
+        let err = fx.error(
+            "storage:\n  providers:\n    a:\n      kind: gcs\n      bucket: x\n      bucket: y\n",
+        );
+        assert!(
+            err.contains("line 8, column 7: `storage.providers.a.bucket` appears twice; keep one"),
+            "{err}"
+        );
+        match fx.load("storage:\n  providers:\n    a: { kind: gcs }\n    \"a\": { kind: s3 }\n") {
+            Err(ConfigError::Invalid { key, position, .. }) => {
+                assert_eq!(key, "storage.providers.a");
+                assert!(position.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+        // Names that differ still load, and a wrong section still names itself.
+        let c = fx
+            .load("storage:\n  providers:\n    a: { kind: gcs }\n    A: { kind: s3 }\n")
+            .unwrap()
+            .config;
+        assert_eq!(c.storage.providers.len(), 2);
+        let err = fx.error("storage:\n  providers:\n    a: { kind: gcs }\n    b: 7\n");
+        assert!(
+            err.contains("`storage.providers.b` has the wrong type (a number)"),
+            "{err}"
+        );
+        let err = fx.error("storage:\n  providers: [a]\n");
+        assert!(err.contains("`storage.providers` has the wrong type (a list); write a block of `key: value` lines"), "{err}");
     }
 
     #[test]
