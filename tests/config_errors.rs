@@ -259,3 +259,24 @@ fn provider_name_written_twice() {
         &format!("`storage.providers.{PROVIDER}` appears twice; keep one"),
     );
 }
+
+#[test]
+fn blank_inline_secret_is_incomplete() {
+    let env = TestEnv::new();
+    let mut cfg = Cfg::new("http://127.0.0.1:9");
+    cfg.with_secret_file = false;
+    env.write_config(&cfg);
+    let yaml = std::fs::read_to_string(&env.config_path).unwrap();
+    let (yaml, _) = insert_after(&yaml, "access_key_id:", "      secret_access_key: \"  \"");
+    env.write_raw_config(&yaml);
+    let (code, out, err) = env.cli(&["check-config"]);
+    assert_eq!(code, EX_CONFIG, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("  secret:     unusable\n"), "{out}");
+    assert!(!out.contains("state:      complete"), "{out}");
+    assert!(
+        err.contains(&format!(
+            "local mode: nothing would be offloaded because provider `{PROVIDER}` is incomplete: `secret_access_key` is empty or holds only blanks;"
+        )),
+        "{err}"
+    );
+}

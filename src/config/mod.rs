@@ -729,7 +729,8 @@ impl Config {
             let found = find_secret(name, section, env);
             let (source, state) = match &found {
                 Ok((source, _)) => (source.to_string(), self.resolve_with(name, env).map(|_| ())),
-                Err(e) => ("unreadable".to_owned(), Err(e.clone())),
+                // The state line says why (a secret file missing or blank, say).
+                Err(e) => ("unusable".to_owned(), Err(e.clone())),
             };
             let shown = provider::resolve(name, section, Some(Secret::new(String::new()))).ok();
             let derived = |f: fn(&Resolved) -> String| shown.as_ref().map_or("-".to_owned(), f);
@@ -824,9 +825,9 @@ fn find_secret(
         match std::fs::read_to_string(path) {
             Ok(text) => {
                 let secret = text.trim_end_matches(['\n', '\r']);
-                if secret.is_empty() {
+                if secret.trim().is_empty() {
                     return Err(incomplete(format!(
-                        "the secret file {} is empty; write the secret access key into it",
+                        "the secret file {} is empty or holds only blanks; write the secret access key into it",
                         path.display()
                     )));
                 }
@@ -855,7 +856,7 @@ fn find_secret(
         }
     }
     let var = provider::secret_env_var(name);
-    if let Some(value) = env(&var).filter(|v| !v.is_empty()) {
+    if let Some(value) = env(&var).filter(|v| !v.to_string_lossy().trim().is_empty()) {
         let value = value.into_string().map_err(|_| {
             incomplete(format!(
                 "{var} is not valid UTF-8; set it to the secret access key"
@@ -863,10 +864,13 @@ fn find_secret(
         })?;
         return Ok((SecretSource::Env(var), Some(Secret::new(value))));
     }
-    Ok(match &section.secret_access_key {
-        Some(secret) => (SecretSource::Inline, Some(secret.clone())),
-        None => (SecretSource::Missing, None),
-    })
+    match &section.secret_access_key {
+        Some(secret) if secret.expose().trim().is_empty() => Err(incomplete(
+            "`secret_access_key` is empty or holds only blanks; write the secret access key there, or remove it and use another source".into(),
+        )),
+        Some(secret) => Ok((SecretSource::Inline, Some(secret.clone()))),
+        None => Ok((SecretSource::Missing, None)),
+    }
 }
 
 /// Rewrites a serde_yaml error into `{file}: line L, column C: …; fix`.
@@ -1510,6 +1514,64 @@ mod tests {
             .unwrap_err()
             .reason
             .contains("does not exist"));
+    }
+
+    #[test]
+    fn a_blank_secret_is_no_secret() {
+        let fx = Fixture::new();
+        let resolve = |extra: &str, env: &dyn Fn(&str) -> Option<OsString>| {
+            let c = fx.load(&with_provider("b", extra)).unwrap().config;
+            c.resolve_with("b", env)
+                .map(|r| r.secret.expose().to_owned())
+        };
+        for inline in ["\"\"", "\"  \"", "\"\\t\""] {
+            let err =
+                resolve(&format!("      secret_access_key: {inline}\n"), &no_env).unwrap_err();
+            assert_eq!(err.reason, "provider `b` is incomplete: `secret_access_key` is empty or holds only blanks; write the secret access key there, or remove it and use another source");
+        }
+        for (n, text) in ["", "\n", "   \n", " \t \r\n\n"].iter().enumerate() {
+            let file = fx.write(&format!("blank{n}.secret"), text, 0o600);
+            let extra = format!("      secret_access_key_file: {}\n", file.display());
+            let err = resolve(&extra, &no_env).unwrap_err();
+            assert_eq!(err.reason, format!("provider `b` is incomplete: the secret file {} is empty or holds only blanks; write the secret access key into it", file.display()));
+        }
+        // The same for a systemd credential.
+        let creds = fx.dir.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        std::fs::write(creds.join("b.secret_access_key"), "  \n").unwrap();
+        let in_service = |v: &str| -> Option<OsString> {
+            (v == "CREDENTIALS_DIRECTORY").then(|| creds.clone().into())
+        };
+        let err = resolve("", &in_service).unwrap_err();
+        assert!(
+            err.reason
+                .contains("b.secret_access_key is empty or holds only blanks"),
+            "{}",
+            err.reason
+        );
+        // A blank environment variable is not set, as an empty one.
+        let blank_env = |v: &str| -> Option<OsString> {
+            (v == "OFFLOADD_B_SECRET_ACCESS_KEY").then(|| " ".into())
+        };
+        assert_eq!(
+            resolve("      secret_access_key: inline\n", &blank_env).unwrap(),
+            "inline"
+        );
+        assert!(resolve("", &blank_env)
+            .unwrap_err()
+            .reason
+            .contains("no secret access key"));
+        let c = fx
+            .load(&with_provider("b", "      secret_access_key: \"\"\n"))
+            .unwrap()
+            .config;
+        let report = c.report_with(&no_env);
+        assert!(report.contains("  secret:     unusable\n"), "{report}");
+        assert!(report.contains("  state:      incomplete: provider `b` is incomplete: `secret_access_key` is empty"), "{report}");
+        assert!(
+            report.contains("uploads go to: local (provider `b` is incomplete: "),
+            "{report}"
+        );
     }
 
     #[test]
