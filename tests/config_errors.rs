@@ -243,6 +243,25 @@ fn log_level_that_is_no_level() {
 }
 
 #[test]
+fn r2_account_id_pasted_as_a_url() {
+    let env = base_env();
+    let yaml = std::fs::read_to_string(&env.config_path).unwrap();
+    let (yaml, _) = replace_line(&yaml, "kind: minio", "      kind: r2");
+    let (yaml, line) = insert_after(
+        &yaml,
+        "bucket:",
+        "      account_id: https://0123abc.r2.cloudflarestorage.com",
+    );
+    env.write_raw_config(&yaml);
+    assert_config_error(
+        &env,
+        line,
+        &[7],
+        "`account_id` holds a URL or host name; give only the account id",
+    );
+}
+
+#[test]
 fn provider_name_written_twice() {
     let env = base_env();
     let yaml = std::fs::read_to_string(&env.config_path).unwrap();

@@ -1613,6 +1613,70 @@ mod tests {
     }
 
     #[test]
+    fn account_id_and_region_must_be_names() {
+        let fx = Fixture::new();
+        let r2 = |account: &str| {
+            format!("storage:\n  providers:\n    r:\n      kind: r2\n      bucket: media\n      account_id: {account}\n")
+        };
+        let pasted = "https://0123abc.r2.cloudflarestorage.com";
+        let err = fx.error(&r2(pasted));
+        assert!(err.ends_with(": line 8, column 7: provider `r`: `account_id` holds a URL or host name; give only the account id, the 32 hex characters before .r2.cloudflarestorage.com"), "{err}");
+        let long = "f".repeat(64);
+        for bad in [
+            "0123abc.r2.cloudflarestorage.com",
+            "\"0123 abc\"",
+            "-0123abc",
+            "0123abc/",
+            long.as_str(),
+        ] {
+            let err = fx.error(&r2(bad));
+            assert!(err.contains("provider `r`: `account_id` "), "{bad}: {err}");
+            assert!(
+                !err.contains(bad.trim_matches('"')),
+                "the value is not quoted back: {err}"
+            );
+        }
+        let c = fx
+            .load(&r2("0123456789abcdef0123456789abcdef"))
+            .unwrap()
+            .config;
+        assert_eq!(c.public_url_base("r"), None);
+        fx.load(&r2("\"\"")).unwrap();
+
+        let with_region = |kind: &str, region: &str| {
+            format!("storage:\n  providers:\n    p:\n      kind: {kind}\n      region: {region}\n")
+        };
+        let err = fx.error(&with_region("s3", "https://s3.eu-west-1.amazonaws.com"));
+        assert!(err.ends_with(": line 7, column 7: provider `p`: `region` holds a URL or host name; give only the region name, such as eu-west-1 (and the host in `endpoint` if it is not the kind's own)"), "{err}");
+        for (kind, bad) in [
+            ("s3", "eu west 1"),
+            ("wasabi", "us_east_1"),
+            ("spaces", "fra1/"),
+            ("minio", "\"a b\""),
+        ] {
+            let err = fx.error(&with_region(kind, bad));
+            assert!(
+                err.contains(
+                    "provider `p`: `region` is not a region name; give one such as eu-west-1"
+                ),
+                "{kind} {bad}: {err}"
+            );
+        }
+        for (kind, good) in [
+            ("s3", "eu-west-1"),
+            ("wasabi", "us-east-2"),
+            ("spaces", "fra1"),
+            ("gcs", "auto"),
+            ("custom", "garage_1"),
+            ("s3", "\"\""),
+        ] {
+            fx.load(&with_region(kind, good)).unwrap();
+        }
+        // A region only used to sign (its own endpoint) may hold `_`.
+        fx.load("storage:\n  providers:\n    p:\n      kind: s3\n      endpoint: https://ceph.lan\n      region: zone_a\n").unwrap();
+    }
+
+    #[test]
     fn unreadable_secret_file_names_the_file_not_the_content() {
         let fx = Fixture::new();
         let dir = fx.dir.path().join("secret-dir");
