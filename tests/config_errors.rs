@@ -299,3 +299,19 @@ fn blank_inline_secret_is_incomplete() {
         "{err}"
     );
 }
+
+#[test]
+fn missing_secret_outside_the_service_says_why() {
+    // check-config from a shell cannot see the unit's systemd credential.
+    let env = TestEnv::new();
+    let mut cfg = Cfg::new("http://127.0.0.1:9");
+    cfg.with_secret_file = false;
+    env.write_config(&cfg);
+    let (code, out, err) = env.cli(&["check-config"]);
+    assert_eq!(code, EX_CONFIG, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains("no secret access key;")
+            && err.contains("a systemd credential is seen only inside the service ($CREDENTIALS_DIRECTORY is not set here)"),
+        "{err}"
+    );
+}

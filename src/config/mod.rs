@@ -643,7 +643,16 @@ impl Config {
     ) -> Result<Resolved, Incomplete> {
         let section = self.section(name)?;
         let (_, secret) = find_secret(name, section, env)?;
-        provider::resolve(name, section, secret)
+        let unseen = env("CREDENTIALS_DIRECTORY").is_none();
+        provider::resolve(name, section, secret).map_err(|e| {
+            if !unseen || e != provider::missing_secret(name) {
+                return e;
+            }
+            // check-config from a shell: the unit's credential is not here.
+            Incomplete {
+                reason: format!("{}; a systemd credential is seen only inside the service ($CREDENTIALS_DIRECTORY is not set here), so if the unit loads one, check it with `offloadd test-connection` while the service runs", e.reason),
+            }
+        })
     }
 
     /// The public URL base of provider `name` (`public_url` or its kind's
@@ -1505,7 +1514,29 @@ mod tests {
             "inline"
         );
         let err = secret("", &no_env).unwrap_err();
+        assert_eq!(err.reason, "provider `p` is incomplete: no secret access key; set `secret_access_key_file`, the systemd credential `p.secret_access_key`, or OFFLOADD_P_SECRET_ACCESS_KEY; a systemd credential is seen only inside the service ($CREDENTIALS_DIRECTORY is not set here), so if the unit loads one, check it with `offloadd test-connection` while the service runs");
+        // Inside the service, with no credential for this provider: the
+        // hint would be wrong there.
+        let empty_creds = fx.dir.path().join("no-creds");
+        std::fs::create_dir(&empty_creds).unwrap();
+        let service = |v: &str| -> Option<OsString> {
+            (v == "CREDENTIALS_DIRECTORY").then(|| empty_creds.clone().into())
+        };
+        let err = secret("", &service).unwrap_err();
         assert_eq!(err.reason, "provider `p` is incomplete: no secret access key; set `secret_access_key_file`, the systemd credential `p.secret_access_key`, or OFFLOADD_P_SECRET_ACCESS_KEY");
+        // Another reason to be incomplete gets no hint.
+        let c = fx
+            .load(
+                &PROVIDER
+                    .replace("PNAME", "p")
+                    .replace("      bucket: media\n", ""),
+            )
+            .unwrap()
+            .config;
+        assert_eq!(
+            c.resolve_with("p", &no_env).unwrap_err().reason,
+            "provider `p` is incomplete: no bucket; set `bucket`"
+        );
         let missing = format!(
             "      secret_access_key_file: {}/nope\n",
             fx.dir.path().display()

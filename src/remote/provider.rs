@@ -546,6 +546,17 @@ pub fn place(name: &str, s: &ProviderSection) -> Result<Place, Incomplete> {
     })
 }
 
+/// Why [`resolve`] refuses a provider that has everything before its secret.
+pub fn missing_secret(name: &str) -> Incomplete {
+    incomplete(
+        name,
+        &format!(
+            "no secret access key; set `secret_access_key_file`, the systemd credential `{name}.secret_access_key`, or {}",
+            secret_env_var(name)
+        ),
+    )
+}
+
 /// Turns a validated section and its secret into a complete provider.
 pub fn resolve(
     name: &str,
@@ -557,12 +568,7 @@ pub fn resolve(
     given(&s.bucket).ok_or_else(|| incomplete("no bucket; set `bucket`"))?;
     let access_key_id = given(&s.access_key_id)
         .ok_or_else(|| incomplete("no access key id; set `access_key_id`"))?;
-    let secret = secret.ok_or_else(|| {
-        incomplete(&format!(
-            "no secret access key; set `secret_access_key_file`, the systemd credential `{name}.secret_access_key`, or {}",
-            secret_env_var(name)
-        ))
-    })?;
+    let secret = secret.ok_or_else(|| missing_secret(name))?;
     let Place {
         bucket,
         region,
