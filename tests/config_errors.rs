@@ -230,3 +230,88 @@ fn incomplete_active_provider_runs_in_local_mode() {
         "in local mode nothing is queued: {st}"
     );
 }
+
+#[test]
+fn log_level_that_is_no_level() {
+    // tracing would read `warning` as a target name and log nothing else,
+    // errors included.
+    let env = base_env();
+    let yaml = std::fs::read_to_string(&env.config_path).unwrap();
+    let line = yaml.lines().count() + 2;
+    env.write_raw_config(&format!("{yaml}log:\n  level: warning\n"));
+    assert_config_error(&env, line, &[3], "`log.level` `warning` is not a level");
+}
+
+#[test]
+fn r2_account_id_pasted_as_a_url() {
+    let env = base_env();
+    let yaml = std::fs::read_to_string(&env.config_path).unwrap();
+    let (yaml, _) = replace_line(&yaml, "kind: minio", "      kind: r2");
+    let (yaml, line) = insert_after(
+        &yaml,
+        "bucket:",
+        "      account_id: https://0123abc.r2.cloudflarestorage.com",
+    );
+    env.write_raw_config(&yaml);
+    assert_config_error(
+        &env,
+        line,
+        &[7],
+        "`account_id` holds a URL or host name; give only the account id",
+    );
+}
+
+#[test]
+fn provider_name_written_twice() {
+    let env = base_env();
+    let yaml = std::fs::read_to_string(&env.config_path).unwrap();
+    let (yaml, line) = insert_after(
+        &yaml,
+        "prefix:",
+        &format!("    {PROVIDER}:\n      kind: gcs"),
+    );
+    env.write_raw_config(&yaml);
+    assert_config_error(
+        &env,
+        line,
+        &[5],
+        &format!("`storage.providers.{PROVIDER}` appears twice; keep one"),
+    );
+}
+
+#[test]
+fn blank_inline_secret_is_incomplete() {
+    let env = TestEnv::new();
+    let mut cfg = Cfg::new("http://127.0.0.1:9");
+    cfg.with_secret_file = false;
+    env.write_config(&cfg);
+    let yaml = std::fs::read_to_string(&env.config_path).unwrap();
+    let (yaml, _) = insert_after(&yaml, "access_key_id:", "      secret_access_key: \"  \"");
+    env.write_raw_config(&yaml);
+    let (code, out, err) = env.cli(&["check-config"]);
+    assert_eq!(code, EX_CONFIG, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("  secret:     unusable\n"), "{out}");
+    assert!(!out.contains("state:      complete"), "{out}");
+    assert!(
+        err.contains(&format!(
+            "local mode: nothing would be offloaded because provider `{PROVIDER}` is incomplete: `secret_access_key` is empty or holds only blanks;"
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_secret_outside_the_service_says_why() {
+    // check-config from a shell cannot see the unit's systemd credential.
+    let env = TestEnv::new();
+    let mut cfg = Cfg::new("http://127.0.0.1:9");
+    cfg.with_secret_file = false;
+    env.write_config(&cfg);
+    let (code, out, err) = env.cli(&["check-config"]);
+    assert_eq!(code, EX_CONFIG, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains("no secret access key;")
+            && err.contains("a systemd credential is seen only inside the service ($CREDENTIALS_DIRECTORY is not set here)"),
+        "{err}"
+    );
+}

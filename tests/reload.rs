@@ -63,6 +63,23 @@ fn log_format_and_level_apply_live() {
             .any(|l| l.starts_with('{') && l.contains("\"level\":\"DEBUG\"")),
         "debug level applied: {err}"
     );
+
+    // A word that is no level is refused: tracing would take `warning` for
+    // a target and log nothing else, errors included. The level in force
+    // stays.
+    env.write_raw_config(&format!("{text}log:\n  format: json\n  level: warning\n"));
+    reload_and_wait(&daemon, "reload refused");
+    let err = daemon.stderr();
+    assert!(
+        err.contains("`log.level` `warning` is not a level"),
+        "the refusal names log.level: {err}"
+    );
+    let before = err.len();
+    write_file(&env.path("later.png"), b"still logged");
+    wait_until(LONG, "later.png uploaded", || s3.has("later.png"));
+    wait_until(LONG, "debug lines after the refused reload", || {
+        daemon.stderr()[before..].contains("\"level\":\"DEBUG\"")
+    });
     daemon.stop();
 }
 

@@ -78,6 +78,7 @@ pub struct Storage {
     pub delete_local: bool,
     #[serde(with = "crate::config::units::serde_duration")]
     pub delete_after: Duration,
+    #[serde(deserialize_with = "providers")]
     pub providers: BTreeMap<String, ProviderSection>,
 }
 
@@ -191,6 +192,40 @@ fn listen<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Erro
         }
     }
     d.deserialize_any(Listen)
+}
+
+/// `storage.providers`, refusing a name written twice, which a map would
+/// take silently with the last section winning.
+fn providers<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, ProviderSection>, D::Error> {
+    struct Providers;
+    impl<'de> serde::de::Visitor<'de> for Providers {
+        type Value = BTreeMap<String, ProviderSection>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a map")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut providers = BTreeMap::new();
+            while let Some(name) = map.next_key::<String>()? {
+                if providers.contains_key(&name) {
+                    // Worded as serde words a key written twice in a section.
+                    return Err(serde::de::Error::custom(format_args!(
+                        "duplicate field `{name}`"
+                    )));
+                }
+                let section = map.next_value()?;
+                providers.insert(name, section);
+            }
+            Ok(providers)
+        }
+    }
+    d.deserialize_map(Providers)
 }
 
 impl Default for Storage {
@@ -314,7 +349,7 @@ pub fn load(path: &Path, root: RootCheck) -> Result<Loaded, ConfigError> {
         file: path.into(),
         source,
     })?;
-    let mut config: Config = serde_yaml::from_str(&text).map_err(|e| yaml_error(path, e))?;
+    let mut config: Config = serde_yaml::from_str(&text).map_err(|e| yaml_error(path, &text, e))?;
     config.source = path.into();
     let invalid = |key: &[&str], message: String| ConfigError::Invalid {
         file: path.into(),
@@ -365,6 +400,44 @@ pub fn load(path: &Path, root: RootCheck) -> Result<Loaded, ConfigError> {
         );
     }
     Ok(Loaded { config, warnings })
+}
+
+const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// `log.level` as the tracing filter reads it: its comma-separated
+/// directives with the blanks around each removed (tracing would take
+/// ` warn` in `offloadd=debug, warn` for a target name).
+pub fn log_filter(level: &str) -> String {
+    level
+        .split(',')
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A level, or `target=level` directives. tracing reads a bare word that is
+/// no level (`warning`, `inof`) as a target to log at every level, and an
+/// empty filter as none: either would silence every other line, errors
+/// included.
+fn check_log_level(level: &str) -> Result<(), String> {
+    let levels = "write one of error, warn, info, debug, trace or off, optionally with target=level directives such as offloadd=debug,warn";
+    if level.trim().is_empty() {
+        return Err(format!("`log.level` is empty; {levels}"));
+    }
+    let filter = log_filter(level);
+    let bare = filter.split(',').find(|d| {
+        !d.is_empty() && !d.contains('=') && !LOG_LEVELS.iter().any(|l| d.eq_ignore_ascii_case(l))
+    });
+    if let Some(word) = bare {
+        return Err(if word == level.trim() {
+            format!("`log.level` `{word}` is not a level; {levels}")
+        } else {
+            format!("`log.level` `{level}`: `{word}` is not a level; {levels}")
+        });
+    }
+    tracing_subscriber::EnvFilter::try_new(&filter)
+        .map(|_| ())
+        .map_err(|e| format!("`log.level` `{level}` is not a level ({e}); {levels}"))
 }
 
 fn canonical_root(root: &Path) -> Result<PathBuf, String> {
@@ -435,12 +508,7 @@ impl Config {
                 ));
             }
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err((
-                key(&["log", "level"]),
-                format!("`log.level` `{}` is not a level ({e}); write error, warn, info, debug or trace", self.log.level),
-            ));
-        }
+        check_log_level(&self.log.level).map_err(|m| (key(&["log", "level"]), m))?;
         self.validate_rules()?;
         self.validate_storage()
     }
@@ -575,7 +643,16 @@ impl Config {
     ) -> Result<Resolved, Incomplete> {
         let section = self.section(name)?;
         let (_, secret) = find_secret(name, section, env)?;
-        provider::resolve(name, section, secret)
+        let unseen = env("CREDENTIALS_DIRECTORY").is_none();
+        provider::resolve(name, section, secret).map_err(|e| {
+            if !unseen || e != provider::missing_secret(name) {
+                return e;
+            }
+            // check-config from a shell: the unit's credential is not here.
+            Incomplete {
+                reason: format!("{}; a systemd credential is seen only inside the service ($CREDENTIALS_DIRECTORY is not set here), so if the unit loads one, check it with `offloadd test-connection` while the service runs", e.reason),
+            }
+        })
     }
 
     /// The public URL base of provider `name` (`public_url` or its kind's
@@ -661,7 +738,8 @@ impl Config {
             let found = find_secret(name, section, env);
             let (source, state) = match &found {
                 Ok((source, _)) => (source.to_string(), self.resolve_with(name, env).map(|_| ())),
-                Err(e) => ("unreadable".to_owned(), Err(e.clone())),
+                // The state line says why (a secret file missing or blank, say).
+                Err(e) => ("unusable".to_owned(), Err(e.clone())),
             };
             let shown = provider::resolve(name, section, Some(Secret::new(String::new()))).ok();
             let derived = |f: fn(&Resolved) -> String| shown.as_ref().map_or("-".to_owned(), f);
@@ -756,9 +834,9 @@ fn find_secret(
         match std::fs::read_to_string(path) {
             Ok(text) => {
                 let secret = text.trim_end_matches(['\n', '\r']);
-                if secret.is_empty() {
+                if secret.trim().is_empty() {
                     return Err(incomplete(format!(
-                        "the secret file {} is empty; write the secret access key into it",
+                        "the secret file {} is empty or holds only blanks; write the secret access key into it",
                         path.display()
                     )));
                 }
@@ -787,7 +865,7 @@ fn find_secret(
         }
     }
     let var = provider::secret_env_var(name);
-    if let Some(value) = env(&var).filter(|v| !v.is_empty()) {
+    if let Some(value) = env(&var).filter(|v| !v.to_string_lossy().trim().is_empty()) {
         let value = value.into_string().map_err(|_| {
             incomplete(format!(
                 "{var} is not valid UTF-8; set it to the secret access key"
@@ -795,23 +873,32 @@ fn find_secret(
         })?;
         return Ok((SecretSource::Env(var), Some(Secret::new(value))));
     }
-    Ok(match &section.secret_access_key {
-        Some(secret) => (SecretSource::Inline, Some(secret.clone())),
-        None => (SecretSource::Missing, None),
-    })
+    match &section.secret_access_key {
+        Some(secret) if secret.expose().trim().is_empty() => Err(incomplete(
+            "`secret_access_key` is empty or holds only blanks; write the secret access key there, or remove it and use another source".into(),
+        )),
+        Some(secret) => Ok((SecretSource::Inline, Some(secret.clone()))),
+        None => Ok((SecretSource::Missing, None)),
+    }
 }
 
 /// Rewrites a serde_yaml error into `{file}: line L, column C: …; fix`.
-fn yaml_error(file: &Path, e: serde_yaml::Error) -> ConfigError {
-    let position = e.location().map(|l| (l.line(), l.column()));
+fn yaml_error(file: &Path, source: &str, e: serde_yaml::Error) -> ConfigError {
+    let mut position = e.location().map(|l| (l.line(), l.column()));
     let mut text = e.to_string();
     if let Some((l, c)) = position {
         text = text.replacen(&format!(" at line {l} column {c}"), "", 1);
     }
-    let (key, message) = match split_path(&text) {
+    let split = split_path(&text);
+    let (key, message) = match split {
         Some((path, msg)) => describe(path, msg),
         None => (String::new(), format!("the YAML is malformed ({text}); fix the syntax there, checking indentation and quotes")),
     };
+    if split.is_some_and(|(_, msg)| msg.starts_with("duplicate field")) {
+        // serde_yaml points at the start of the block: show the second key.
+        let parts: Vec<&str> = key.split('.').collect();
+        position = locate_nth(source, &parts, 1).or(position);
+    }
     ConfigError::Invalid {
         file: file.into(),
         position,
@@ -942,6 +1029,12 @@ fn locate_nearest(text: &str, path: &[&str]) -> Option<(usize, usize)> {
 
 /// 1-based line and column of the key at `path` in block-style YAML.
 fn locate(text: &str, path: &[&str]) -> Option<(usize, usize)> {
+    locate_nth(text, path, 0)
+}
+
+/// Like [`locate`], for the key written for the `nth` time (from 0) in its block.
+fn locate_nth(text: &str, path: &[&str], nth: usize) -> Option<(usize, usize)> {
+    let mut seen = 0;
     let mut depth = 0;
     let mut parent_indent: Option<usize> = None;
     let mut child_indent: Option<usize> = None;
@@ -964,7 +1057,11 @@ fn locate(text: &str, path: &[&str]) -> Option<(usize, usize)> {
             continue;
         }
         if depth + 1 == path.len() {
-            return Some((n + 1, indent + 1));
+            if seen == nth {
+                return Some((n + 1, indent + 1));
+            }
+            seen += 1;
+            continue;
         }
         if rest.trim_start().starts_with('{') {
             let want = format!("{}:", path[depth + 1]);
@@ -1254,6 +1351,66 @@ mod tests {
     }
 
     #[test]
+    fn log_level_must_be_a_level_or_target_directives() {
+        let fx = Fixture::new();
+        let levels = "write one of error, warn, info, debug, trace or off, optionally with target=level directives such as offloadd=debug,warn";
+        // tracing reads each of these as a target name (or no directive at
+        // all), which would silence every line, errors included.
+        for (level, want) in [
+            (
+                "warning",
+                "line 4, column 3: `log.level` `warning` is not a level; ",
+            ),
+            ("notice", "`log.level` `notice` is not a level; "),
+            ("inof", "`log.level` `inof` is not a level; "),
+            ("\"3\"", "`log.level` `3` is not a level; "),
+            ("offloadd", "`log.level` `offloadd` is not a level; "),
+            (
+                "offloadd=debug,warning",
+                "`log.level` `offloadd=debug,warning`: `warning` is not a level; ",
+            ),
+            ("\"\"", "line 4, column 3: `log.level` is empty; "),
+            ("\" \"", "`log.level` is empty; "),
+            (
+                "offloadd=loud",
+                "`log.level` `offloadd=loud` is not a level (",
+            ),
+        ] {
+            let err = fx.error(&format!("log:\n  level: {level}\n"));
+            assert!(err.contains(want), "{level}: {err}");
+            assert!(err.ends_with(levels), "{level}: {err}");
+        }
+        for level in [
+            "info",
+            "WARN",
+            "Error",
+            "off",
+            "trace",
+            "offloadd=debug,warn",
+            "offloadd=debug, warn",
+            "offloadd::remote=trace,info,",
+        ] {
+            let c = fx
+                .load(&format!("log:\n  level: \"{level}\"\n"))
+                .unwrap()
+                .config;
+            assert_eq!(c.log.level, level);
+        }
+        // The blank after the comma is not part of the directive.
+        assert_eq!(log_filter(" offloadd=debug, warn "), "offloadd=debug,warn");
+        let filter =
+            tracing_subscriber::EnvFilter::try_new(log_filter("offloadd=debug, warn")).unwrap();
+        assert_eq!(
+            filter.max_level_hint(),
+            Some(tracing::level_filters::LevelFilter::DEBUG)
+        );
+        assert!(
+            filter.to_string().split(',').any(|d| d == "warn"),
+            "{filter}"
+        );
+    }
+
+    #[test]
     fn unsupported_option_names_the_key_and_position() {
         let fx = Fixture::new();
         let err = fx.error("storage:\n  providers:\n    r2-media:\n      kind: r2\n      server_side_encryption: aws:kms\n");
@@ -1357,7 +1514,29 @@ mod tests {
             "inline"
         );
         let err = secret("", &no_env).unwrap_err();
+        assert_eq!(err.reason, "provider `p` is incomplete: no secret access key; set `secret_access_key_file`, the systemd credential `p.secret_access_key`, or OFFLOADD_P_SECRET_ACCESS_KEY; a systemd credential is seen only inside the service ($CREDENTIALS_DIRECTORY is not set here), so if the unit loads one, check it with `offloadd test-connection` while the service runs");
+        // Inside the service, with no credential for this provider: the
+        // hint would be wrong there.
+        let empty_creds = fx.dir.path().join("no-creds");
+        std::fs::create_dir(&empty_creds).unwrap();
+        let service = |v: &str| -> Option<OsString> {
+            (v == "CREDENTIALS_DIRECTORY").then(|| empty_creds.clone().into())
+        };
+        let err = secret("", &service).unwrap_err();
         assert_eq!(err.reason, "provider `p` is incomplete: no secret access key; set `secret_access_key_file`, the systemd credential `p.secret_access_key`, or OFFLOADD_P_SECRET_ACCESS_KEY");
+        // Another reason to be incomplete gets no hint.
+        let c = fx
+            .load(
+                &PROVIDER
+                    .replace("PNAME", "p")
+                    .replace("      bucket: media\n", ""),
+            )
+            .unwrap()
+            .config;
+        assert_eq!(
+            c.resolve_with("p", &no_env).unwrap_err().reason,
+            "provider `p` is incomplete: no bucket; set `bucket`"
+        );
         let missing = format!(
             "      secret_access_key_file: {}/nope\n",
             fx.dir.path().display()
@@ -1366,6 +1545,166 @@ mod tests {
             .unwrap_err()
             .reason
             .contains("does not exist"));
+    }
+
+    #[test]
+    fn a_blank_secret_is_no_secret() {
+        let fx = Fixture::new();
+        let resolve = |extra: &str, env: &dyn Fn(&str) -> Option<OsString>| {
+            let c = fx.load(&with_provider("b", extra)).unwrap().config;
+            c.resolve_with("b", env)
+                .map(|r| r.secret.expose().to_owned())
+        };
+        for inline in ["\"\"", "\"  \"", "\"\\t\""] {
+            let err =
+                resolve(&format!("      secret_access_key: {inline}\n"), &no_env).unwrap_err();
+            assert_eq!(err.reason, "provider `b` is incomplete: `secret_access_key` is empty or holds only blanks; write the secret access key there, or remove it and use another source");
+        }
+        for (n, text) in ["", "\n", "   \n", " \t \r\n\n"].iter().enumerate() {
+            let file = fx.write(&format!("blank{n}.secret"), text, 0o600);
+            let extra = format!("      secret_access_key_file: {}\n", file.display());
+            let err = resolve(&extra, &no_env).unwrap_err();
+            assert_eq!(err.reason, format!("provider `b` is incomplete: the secret file {} is empty or holds only blanks; write the secret access key into it", file.display()));
+        }
+        // The same for a systemd credential.
+        let creds = fx.dir.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        std::fs::write(creds.join("b.secret_access_key"), "  \n").unwrap();
+        let in_service = |v: &str| -> Option<OsString> {
+            (v == "CREDENTIALS_DIRECTORY").then(|| creds.clone().into())
+        };
+        let err = resolve("", &in_service).unwrap_err();
+        assert!(
+            err.reason
+                .contains("b.secret_access_key is empty or holds only blanks"),
+            "{}",
+            err.reason
+        );
+        // A blank environment variable is not set, as an empty one.
+        let blank_env = |v: &str| -> Option<OsString> {
+            (v == "OFFLOADD_B_SECRET_ACCESS_KEY").then(|| " ".into())
+        };
+        assert_eq!(
+            resolve("      secret_access_key: inline\n", &blank_env).unwrap(),
+            "inline"
+        );
+        assert!(resolve("", &blank_env)
+            .unwrap_err()
+            .reason
+            .contains("no secret access key"));
+        let c = fx
+            .load(&with_provider("b", "      secret_access_key: \"\"\n"))
+            .unwrap()
+            .config;
+        let report = c.report_with(&no_env);
+        assert!(report.contains("  secret:     unusable\n"), "{report}");
+        assert!(report.contains("  state:      incomplete: provider `b` is incomplete: `secret_access_key` is empty"), "{report}");
+        assert!(
+            report.contains("uploads go to: local (provider `b` is incomplete: "),
+            "{report}"
+        );
+    }
+
+    #[test]
+    fn a_provider_name_written_twice_is_an_error() {
+        let fx = Fixture::new();
+        let err = fx.error("storage:\n  active: a\n  providers:\n    a:\n      kind: gcs\n    b:\n      kind: gcs\n    a:\n      kind: s3\n");
+        assert!(
+            err.contains("line 10, column 5: `storage.providers.a` appears twice; keep one"),
+            "{err}"
+        );
+        // A key written twice in a section is shown where it is written again.
+        let err = fx.error(
+            "storage:\n  providers:\n    a:\n      kind: gcs\n      bucket: x\n      bucket: y\n",
+        );
+        assert!(
+            err.contains("line 8, column 7: `storage.providers.a.bucket` appears twice; keep one"),
+            "{err}"
+        );
+        match fx.load("storage:\n  providers:\n    a: { kind: gcs }\n    \"a\": { kind: s3 }\n") {
+            Err(ConfigError::Invalid { key, position, .. }) => {
+                assert_eq!(key, "storage.providers.a");
+                assert!(position.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+        // Names that differ still load, and a wrong section still names itself.
+        let c = fx
+            .load("storage:\n  providers:\n    a: { kind: gcs }\n    A: { kind: s3 }\n")
+            .unwrap()
+            .config;
+        assert_eq!(c.storage.providers.len(), 2);
+        let err = fx.error("storage:\n  providers:\n    a: { kind: gcs }\n    b: 7\n");
+        assert!(
+            err.contains("`storage.providers.b` has the wrong type (a number)"),
+            "{err}"
+        );
+        let err = fx.error("storage:\n  providers: [a]\n");
+        assert!(err.contains("`storage.providers` has the wrong type (a list); write a block of `key: value` lines"), "{err}");
+    }
+
+    #[test]
+    fn account_id_and_region_must_be_names() {
+        let fx = Fixture::new();
+        let r2 = |account: &str| {
+            format!("storage:\n  providers:\n    r:\n      kind: r2\n      bucket: media\n      account_id: {account}\n")
+        };
+        let pasted = "https://0123abc.r2.cloudflarestorage.com";
+        let err = fx.error(&r2(pasted));
+        assert!(err.ends_with(": line 8, column 7: provider `r`: `account_id` holds a URL or host name; give only the account id, the 32 hex characters before .r2.cloudflarestorage.com"), "{err}");
+        let long = "f".repeat(64);
+        for bad in [
+            "0123abc.r2.cloudflarestorage.com",
+            "\"0123 abc\"",
+            "-0123abc",
+            "0123abc/",
+            long.as_str(),
+        ] {
+            let err = fx.error(&r2(bad));
+            assert!(err.contains("provider `r`: `account_id` "), "{bad}: {err}");
+            assert!(
+                !err.contains(bad.trim_matches('"')),
+                "the value is not quoted back: {err}"
+            );
+        }
+        let c = fx
+            .load(&r2("0123456789abcdef0123456789abcdef"))
+            .unwrap()
+            .config;
+        assert_eq!(c.public_url_base("r"), None);
+        fx.load(&r2("\"\"")).unwrap();
+
+        let with_region = |kind: &str, region: &str| {
+            format!("storage:\n  providers:\n    p:\n      kind: {kind}\n      region: {region}\n")
+        };
+        let err = fx.error(&with_region("s3", "https://s3.eu-west-1.amazonaws.com"));
+        assert!(err.ends_with(": line 7, column 7: provider `p`: `region` holds a URL or host name; give only the region name, such as eu-west-1 (and the host in `endpoint` if it is not the kind's own)"), "{err}");
+        for (kind, bad) in [
+            ("s3", "eu west 1"),
+            ("wasabi", "us_east_1"),
+            ("spaces", "fra1/"),
+            ("minio", "\"a b\""),
+        ] {
+            let err = fx.error(&with_region(kind, bad));
+            assert!(
+                err.contains(
+                    "provider `p`: `region` is not a region name; give one such as eu-west-1"
+                ),
+                "{kind} {bad}: {err}"
+            );
+        }
+        for (kind, good) in [
+            ("s3", "eu-west-1"),
+            ("wasabi", "us-east-2"),
+            ("spaces", "fra1"),
+            ("gcs", "auto"),
+            ("custom", "garage_1"),
+            ("s3", "\"\""),
+        ] {
+            fx.load(&with_region(kind, good)).unwrap();
+        }
+        // A region only used to sign (its own endpoint) may hold `_`.
+        fx.load("storage:\n  providers:\n    p:\n      kind: s3\n      endpoint: https://ceph.lan\n      region: zone_a\n").unwrap();
     }
 
     #[test]

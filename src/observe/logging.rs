@@ -15,7 +15,7 @@ static LEVEL: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 static OUTPUT: OnceLock<reload::Handle<Output, Filtered>> = OnceLock::new();
 
 fn filter(level: &str) -> EnvFilter {
-    EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
+    EnvFilter::try_new(crate::config::log_filter(level)).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
 /// Changes the level filter of the running subscriber (a reload).

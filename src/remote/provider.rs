@@ -256,6 +256,37 @@ pub fn validate(s: &ProviderSection) -> Result<(), SectionError> {
             "the region of an r2 provider is always `auto`; remove `region`".into(),
         ));
     }
+    // Both go into a host name (`{account_id}.r2…`, `s3.{region}.…`). Their
+    // values are not quoted back: a key pasted into the wrong line may be a
+    // secret (an R2 secret is 64 hex characters, one too many for a label).
+    if let Some(account) = s.account_id.as_deref().filter(|a| !a.trim().is_empty()) {
+        if !is_label(account, false) {
+            return Err(section_err(
+                "account_id",
+                if is_host_or_url(account) {
+                    "`account_id` holds a URL or host name; give only the account id, the 32 hex characters before .r2.cloudflarestorage.com".into()
+                } else {
+                    "`account_id` is not an account id; give the 32 hex characters Cloudflare shows (letters, digits and `-` only, at most 63)".into()
+                },
+            ));
+        }
+    }
+    if let Some(region) = s.region.as_deref().filter(|r| !r.trim().is_empty()) {
+        // Elsewhere it only signs requests, and a private server may use `_`.
+        let in_host =
+            matches!(kind, Kind::S3 | Kind::Wasabi | Kind::Spaces) && given(&s.endpoint).is_none();
+        if !is_label(region, !in_host) {
+            let chars = if in_host { "and `-`" } else { "`-` and `_`" };
+            return Err(section_err(
+                "region",
+                if is_host_or_url(region) {
+                    "`region` holds a URL or host name; give only the region name, such as eu-west-1 (and the host in `endpoint` if it is not the kind's own)".into()
+                } else {
+                    format!("`region` is not a region name; give one such as eu-west-1 (letters, digits {chars} only, at most 63)")
+                },
+            ));
+        }
+    }
     if !kind.supports_kms() {
         if s.server_side_encryption == Some(SseMode::AwsKms) {
             return Err(section_err(
@@ -334,6 +365,22 @@ pub fn validate(s: &ProviderSection) -> Result<(), SectionError> {
         endpoint_base(raw, s.bucket.as_deref(), s.allow_insecure)?;
     }
     Ok(())
+}
+
+/// A DNS label: 1 to 63 letters, digits and `-`, no `-` at either end;
+/// `underscore` also allows `_`.
+fn is_label(text: &str, underscore: bool) -> bool {
+    (1..=63).contains(&text.len())
+        && !text.starts_with('-')
+        && !text.ends_with('-')
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || (underscore && c == '_'))
+}
+
+/// Whether a value looks pasted from an address (`https://…`, `a.b.c`).
+fn is_host_or_url(text: &str) -> bool {
+    text.contains("://") || text.contains('.')
 }
 
 /// Splits `scheme://authority/path` into its parts, for http and https only.
@@ -499,6 +546,17 @@ pub fn place(name: &str, s: &ProviderSection) -> Result<Place, Incomplete> {
     })
 }
 
+/// Why [`resolve`] refuses a provider that has everything before its secret.
+pub fn missing_secret(name: &str) -> Incomplete {
+    incomplete(
+        name,
+        &format!(
+            "no secret access key; set `secret_access_key_file`, the systemd credential `{name}.secret_access_key`, or {}",
+            secret_env_var(name)
+        ),
+    )
+}
+
 /// Turns a validated section and its secret into a complete provider.
 pub fn resolve(
     name: &str,
@@ -510,12 +568,7 @@ pub fn resolve(
     given(&s.bucket).ok_or_else(|| incomplete("no bucket; set `bucket`"))?;
     let access_key_id = given(&s.access_key_id)
         .ok_or_else(|| incomplete("no access key id; set `access_key_id`"))?;
-    let secret = secret.ok_or_else(|| {
-        incomplete(&format!(
-            "no secret access key; set `secret_access_key_file`, the systemd credential `{name}.secret_access_key`, or {}",
-            secret_env_var(name)
-        ))
-    })?;
+    let secret = secret.ok_or_else(|| missing_secret(name))?;
     let Place {
         bucket,
         region,
