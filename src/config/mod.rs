@@ -605,6 +605,18 @@ impl Config {
             }
             provider::validate(section)
                 .map_err(|e| (path(e.key), format!("provider `{name}`: {}", e.message)))?;
+            // `r2-media` and `R2_media` would read one secret variable.
+            let var = provider::secret_env_var(name);
+            if let Some(other) = providers
+                .keys()
+                .take_while(|other| *other != name)
+                .find(|other| provider::secret_env_var(other) == var)
+            {
+                return Err((
+                    key(&["storage", "providers", name]),
+                    format!("providers `{other}` and `{name}` would both read their secret from {var}; rename one of them"),
+                ));
+            }
         }
         let active = self.storage.active.as_str();
         if active == "local" {
@@ -1602,6 +1614,16 @@ mod tests {
         assert!(
             report.contains("uploads go to: local (provider `b` is incomplete: "),
             "{report}"
+        );
+    }
+
+    #[test]
+    fn provider_names_that_share_a_secret_variable_are_an_error() {
+        let fx = Fixture::new();
+        let err = fx.error("storage:\n  active: local\n  providers:\n    r2-media:\n      kind: gcs\n    r2_media:\n      kind: gcs\n");
+        assert!(
+            err.contains("providers `r2-media` and `r2_media` would both read their secret from OFFLOADD_R2_MEDIA_SECRET_ACCESS_KEY; rename one of them"),
+            "{err}"
         );
     }
 
