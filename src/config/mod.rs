@@ -1652,7 +1652,7 @@ mod tests {
         }
         // Names that differ still load, and a wrong section still names itself.
         let c = fx
-            .load("storage:\n  providers:\n    a: { kind: gcs }\n    A: { kind: s3 }\n")
+            .load("storage:\n  providers:\n    a: { kind: gcs }\n    a2: { kind: s3 }\n")
             .unwrap()
             .config;
         assert_eq!(c.storage.providers.len(), 2);
