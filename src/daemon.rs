@@ -195,8 +195,27 @@ pub async fn run(
                     &mut sd,
                 )
                 .await;
-                if listed == rebuild::Outcome::Stopped {
-                    outcome = listed;
+                let name = &store.provider().name;
+                let retired = listing == rebuild::Listing::Other
+                    && config
+                        .storage
+                        .providers
+                        .get(name)
+                        .is_some_and(|p| !p.enabled);
+                match listed {
+                    rebuild::Outcome::Complete => {}
+                    // A retired provider's bucket may be gone for good: its
+                    // records are lost, but a rebuild at every start would
+                    // not bring them back.
+                    rebuild::Outcome::Unlisted if retired => tracing::warn!(
+                        provider = %name,
+                        "the records of retired provider `{name}` are not rebuilt, since its bucket cannot be listed; locate and /r/ answer for those files as if they were never offloaded"
+                    ),
+                    rebuild::Outcome::Unlisted => {
+                        tracing::error!(provider = %name, "files without a record are uploaded again, and the rebuild runs again at the next start");
+                        outcome = rebuild::Outcome::Stopped;
+                    }
+                    rebuild::Outcome::Stopped => outcome = rebuild::Outcome::Stopped,
                 }
             }
             outcome
@@ -376,7 +395,7 @@ impl Reloader {
         )
         .map_err(|e| {
             Fatal::Config(format!(
-                "cannot watch {}: {e}; check that it exists and is readable",
+                "cannot watch {}: {e}; check that it exists and is readable, and that offloadd may open more files (LimitNOFILE=, fs.inotify.max_user_instances)",
                 s.config.watch.root.display()
             ))
         })

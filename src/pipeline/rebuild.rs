@@ -19,10 +19,12 @@
 //! equal; it never queues an upload or a delete. A key recorded by an earlier
 //! listing keeps that record.
 //!
-//! Only keys offloadd could have written count ([`Managed`]): the exact key of
-//! a path the include and exclude rules select, not below a symlink. A file
-//! older than the managed-since mark is left for `backfill`: a proven record
-//! comes back with the local copy kept, and nothing else happens to it.
+//! Only keys that name a result count ([`Managed::path_of`]): the exact key
+//! of a path, not offloadd's own objects, not below a symlink. A local file
+//! the include and exclude rules leave out now, or older than the
+//! managed-since mark (left for `backfill`), is not touched and gets no
+//! record; an object whose local file is gone gets its record back whatever
+//! the rules say now.
 //!
 //! Then aborts our multipart uploads under the prefix that are older than 24 h
 //! (for a managed path whose file is still there), where the provider can list
@@ -62,33 +64,58 @@ enum Verdict {
     /// Restore this record; a local copy goes through the delete step if
     /// deletion is on.
     Restore(Record),
-    /// Restore this record and keep the local copy: it is older than the
-    /// managed-since mark, so only `backfill` may hand it to offloadd.
-    RestoreKept(Record),
     /// The local file differs or cannot be proven equal: upload it again.
     Reupload(FileIdentity),
-    /// Not ours to decide (not a file, below a symlink, older than the mark
-    /// and not proven equal).
+    /// Not ours to decide (not a file, or a local file offloadd does not
+    /// handle: see [`Handling`]).
     Skip,
 }
 
-/// What offloadd manages under the root: the rules and the mark the scheduler
-/// applies to every file are applied to what a listing names too.
+/// Which keys name a file, and which local files are offloadd's to upload
+/// and delete: the include and exclude rules and the managed-since mark the
+/// scheduler applies to every file.
 pub struct Managed<'a> {
     pub rules: &'a Rules,
     /// The managed-since mark (ns since the epoch).
     pub mark_ns: i128,
 }
 
+/// How the rules take a listed path now.
+#[derive(Debug, Clone, Copy)]
+enum Handling {
+    /// Selected: its local file is offloadd's if changed since the mark.
+    Selected { mark_ns: i128 },
+    /// Left out (uploaded under earlier rules, say): a record comes back only
+    /// for an object whose local file is gone; a file still there is left
+    /// alone.
+    Excluded,
+}
+
+/// The prefix of offloadd's own objects (`.offloadd-health`, the probes of
+/// `test-connection`): never a result.
+const OWN_OBJECT_PREFIX: &str = ".offloadd-";
+
 impl Managed<'_> {
-    /// The relative path of a listed key, if it is one offloadd would have
-    /// uploaded: under the prefix, exactly the key that path maps to (not
-    /// `./a` for `a`), selected by the include and exclude rules (which
-    /// leave out our own `.offloadd-*` objects), and not below a symlink.
+    /// The relative path of a listed key, if it names a result: under the
+    /// prefix, exactly the key that path maps to (not `./a` for `a`), not one
+    /// of offloadd's own objects, and not below a symlink.
     fn path_of(&self, prefix: &str, key: &str, root: &Path) -> Option<RelPath> {
         let rel = rel_of(prefix, key)?;
-        (self.rules.matches(&rel.to_local(root)) && rel.symlinked_folder(root).is_none())
-            .then_some(rel)
+        let own = rel
+            .as_str()
+            .rsplit('/')
+            .next()
+            .is_some_and(|name| name.starts_with(OWN_OBJECT_PREFIX));
+        (!own && rel.symlinked_folder(root).is_none()).then_some(rel)
+    }
+
+    fn handling(&self, rel: &RelPath, root: &Path) -> Handling {
+        match self.rules.matches(&rel.to_local(root)) {
+            true => Handling::Selected {
+                mark_ns: self.mark_ns,
+            },
+            false => Handling::Excluded,
+        }
     }
 }
 
@@ -119,7 +146,7 @@ fn judge(
     o: &Listed,
     etag_is_md5: bool,
     part_size: Option<u64>,
-    mark_ns: i128,
+    handling: Handling,
 ) -> Verdict {
     let local = rel.to_local(root);
     let record = |identity, local| Record {
@@ -149,14 +176,16 @@ fn judge(
         }
     };
     let identity = FileIdentity::of(&meta);
-    let managed = identity.changed_ns() >= mark_ns;
-    let unproven = |identity| match managed {
-        true => Verdict::Reupload(identity),
-        false => Verdict::Skip,
-    };
+    // A file older than the mark is left for `backfill`, one the rules leave
+    // out is not offloadd's: no upload, no delete, and no record either (a
+    // record would make backfill skip it).
+    match handling {
+        Handling::Selected { mark_ns } if identity.changed_ns() >= mark_ns => {}
+        Handling::Selected { .. } | Handling::Excluded => return Verdict::Skip,
+    }
     let etag = o.etag.clone().unwrap_or_default();
     if meta.len() != o.size || !etag_is_md5 || etag.is_empty() {
-        return unproven(identity);
+        return Verdict::Reupload(identity);
     }
     let computed = if etag.contains('-') {
         match (part_size, std::fs::File::open(&local)) {
@@ -168,11 +197,10 @@ fn judge(
     };
     let still = std::fs::symlink_metadata(&local).map(|m| FileIdentity::of(&m));
     match (computed, still) {
-        (Some(c), Ok(now)) if c == etag && now == identity => match managed {
-            true => Verdict::Restore(record(identity, Local::Present)),
-            false => Verdict::RestoreKept(record(identity, Local::Present)),
-        },
-        _ => unproven(identity),
+        (Some(c), Ok(now)) if c == etag && now == identity => {
+            Verdict::Restore(record(identity, Local::Present))
+        }
+        _ => Verdict::Reupload(identity),
     }
 }
 
@@ -191,9 +219,12 @@ pub enum Listing {
 #[must_use]
 pub enum Outcome {
     Complete,
-    /// Stopped early (a stop, a listing error, the root gone, the state);
-    /// the next start rebuilds again.
+    /// Stopped early (a stop, the root gone, the state); the next start
+    /// rebuilds again.
     Stopped,
+    /// The provider's listing failed (its bucket gone, its key revoked);
+    /// the caller decides whether the next start lists it again.
+    Unlisted,
 }
 
 /// Lists the provider's prefix and restores what is proven; see the module docs.
@@ -227,8 +258,8 @@ pub async fn run(
         let (objects, next) = match page {
             Ok(page) => page,
             Err(e) => {
-                tracing::error!(error = %e, "rebuild stopped: cannot list the bucket ({e}); files without a record are uploaded again, and the rebuild runs again at the next start");
-                return Outcome::Stopped;
+                tracing::error!(provider = %p.name, error = %e, "rebuild of provider `{}` stopped: cannot list the bucket ({e})", p.name);
+                return Outcome::Unlisted;
             }
         };
         progress
@@ -258,14 +289,14 @@ pub async fn run(
                 }
                 _ => None,
             };
-            let (path, name, md5_etags, mark_ns) = (
+            let (path, name, md5_etags, handling) = (
                 root.path().to_path_buf(),
                 p.name.clone(),
                 p.etag_is_md5,
-                managed.mark_ns,
+                managed.handling(&rel, root.path()),
             );
             let verdict = tokio::task::spawn_blocking(move || {
-                judge(&path, &rel, &name, &o, md5_etags, part_size, mark_ns)
+                judge(&path, &rel, &name, &o, md5_etags, part_size, handling)
             })
             .await
             .unwrap_or(Verdict::Skip);
@@ -277,13 +308,6 @@ pub async fn run(
                     return Outcome::Stopped;
                 }
             }
-            let restore = |record: &Record, after| {
-                queue.restore(&key, record, after).map(|restored| {
-                    if restored {
-                        progress.matched.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            };
             let done = match verdict {
                 Verdict::Restore(record) => {
                     let after = if record.local == Local::Present {
@@ -291,9 +315,12 @@ pub async fn run(
                     } else {
                         AfterUpload::Finish
                     };
-                    restore(&record, after)
+                    queue.restore(&key, &record, after).map(|restored| {
+                        if restored {
+                            progress.matched.fetch_add(1, Ordering::Relaxed);
+                        }
+                    })
                 }
-                Verdict::RestoreKept(record) => restore(&record, AfterUpload::Finish),
                 Verdict::Reupload(identity) if listing != Listing::Other => {
                     progress.reupload.fetch_add(1, Ordering::Relaxed);
                     queue.admit(&key, &identity, Admit::Event).map(|_| ())
@@ -345,7 +372,9 @@ async fn abort_stale_uploads(store: &dyn Store, prefix: &str, managed: &Managed<
     let cutoff = now_ms().saturating_sub(STALE_UPLOAD_MS);
     let ours = |key: &str| {
         managed.path_of(prefix, key, root).is_some_and(|rel| {
-            std::fs::symlink_metadata(rel.to_local(root)).is_ok_and(|m| m.is_file())
+            let local = rel.to_local(root);
+            managed.rules.matches(&local)
+                && std::fs::symlink_metadata(&local).is_ok_and(|m| m.is_file())
         })
     };
     for u in uploads {
@@ -376,7 +405,8 @@ mod tests {
 
     fn verdict(root: &Path, o: &Listed, md5: bool, part: Option<u64>) -> Verdict {
         let rel = rel_of("pre", &o.key).unwrap();
-        judge(root, &rel, "p", o, md5, part, i128::MIN)
+        let all = Handling::Selected { mark_ns: i128::MIN };
+        judge(root, &rel, "p", o, md5, part, all)
     }
 
     fn rules(root: &Path) -> Rules {
@@ -389,40 +419,44 @@ mod tests {
         .unwrap()
     }
 
-    /// A file older than the managed-since mark is left for `backfill`: its
-    /// record comes back if the object proves it, but its local copy is kept;
-    /// one that differs from the object is neither uploaded over the object
-    /// (which another tool may have put there) nor deleted.
+    /// A file older than the managed-since mark is left for `backfill`, and
+    /// one the rules leave out is not offloadd's: neither is uploaded over
+    /// the object (which another tool may have put there) nor deleted, and
+    /// neither gets a record (which would make backfill skip it), proven or
+    /// not. An object whose file is gone gets its record back all the same.
     #[test]
-    fn a_file_older_than_the_mark_is_never_uploaded_nor_deleted() {
+    fn files_offloadd_does_not_handle_are_left_alone() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("old.txt"), b"hello").unwrap();
         let md5 = hex::encode(Md5::digest(b"hello"));
-        let rel = RelPath::parse("old.txt").unwrap();
-        let after_the_file = i128::MAX;
-        let judge_old = |etag: &str| {
-            judge(
-                dir.path(),
-                &rel,
-                "p",
-                &listed("pre/old.txt", 5, Some(etag)),
-                true,
-                None,
-                after_the_file,
-            )
-        };
-        let v = judge_old(&md5);
-        assert!(
-            matches!(&v, Verdict::RestoreKept(r) if r.local == Local::Present),
-            "{v:?}"
-        );
-        assert_eq!(judge_old("0000"), Verdict::Skip);
+        let after_the_file = Handling::Selected { mark_ns: i128::MAX };
+        for handling in [after_the_file, Handling::Excluded] {
+            let judge_one = |key: &str, etag: &str| {
+                let rel = rel_of("pre", key).unwrap();
+                let o = listed(key, 5, Some(etag));
+                judge(dir.path(), &rel, "p", &o, true, None, handling)
+            };
+            assert_eq!(
+                judge_one("pre/old.txt", &md5),
+                Verdict::Skip,
+                "{handling:?}"
+            );
+            assert_eq!(
+                judge_one("pre/old.txt", "0000"),
+                Verdict::Skip,
+                "{handling:?}"
+            );
+            let v = judge_one("pre/gone.txt", &md5);
+            assert!(
+                matches!(&v, Verdict::Restore(r) if r.local == Local::Deleted),
+                "{handling:?}: {v:?}"
+            );
+        }
     }
 
-    /// Only keys offloadd could have written name a file: exactly the key of
-    /// their path, selected by the rules (our own `.offloadd-*` objects are
-    /// not), and not below a symlink (a rebuild deleted a file outside the
-    /// root through one).
+    /// Only keys that name a result count: exactly the key of their path,
+    /// not our own `.offloadd-*` objects, and not below a symlink (a rebuild
+    /// deleted a file outside the root through one).
     #[test]
     fn only_keys_of_managed_paths_are_judged() {
         let dir = tempfile::tempdir().unwrap();
@@ -439,6 +473,8 @@ mod tests {
         };
         let path = |key| managed.path_of("pre", key, &root).map(|r| r.to_string());
         assert_eq!(path("pre/img/a.png").as_deref(), Some("img/a.png"));
+        // Left out by the rules now, but maybe uploaded under earlier ones.
+        assert_eq!(path("pre/.cache/a.png").as_deref(), Some(".cache/a.png"));
         assert_eq!(path("pre/arch/a.png"), None, "below a symlink");
         assert_eq!(path("pre/.offloadd-health"), None);
         assert_eq!(path("pre/.offloadd-probe-0123"), None);
