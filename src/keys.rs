@@ -98,6 +98,18 @@ impl fmt::Debug for ItemKey {
     }
 }
 
+/// The outermost folder between `root` and `abs` (a path under it) that is
+/// a symlink: offloadd does not follow symlinks inside the root, and reading
+/// or deleting through one would reach a file outside the tree it manages.
+pub fn symlinked_folder(root: &Path, abs: &Path) -> Option<PathBuf> {
+    abs.ancestors()
+        .skip(1)
+        .take_while(|p| *p != root && p.starts_with(root))
+        .filter(|f| std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_symlink()))
+        .last()
+        .map(Path::to_path_buf)
+}
+
 /// A file's path relative to the watch root, `/`-separated.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -125,18 +137,10 @@ impl RelPath {
         Ok(RelPath(rest.into()))
     }
 
-    /// The outermost folder between `root` and this path that is a symlink:
-    /// offloadd does not follow symlinks inside the root, and deleting
-    /// through one would remove a file outside the tree it manages.
+    /// The outermost folder between `root` and this path that is a symlink
+    /// ([`symlinked_folder`]).
     pub fn symlinked_folder(&self, root: &Path) -> Option<PathBuf> {
-        let local = self.to_local(root);
-        local
-            .ancestors()
-            .skip(1)
-            .take_while(|p| *p != root)
-            .filter(|f| std::fs::symlink_metadata(f).is_ok_and(|m| m.file_type().is_symlink()))
-            .last()
-            .map(Path::to_path_buf)
+        symlinked_folder(root, &self.to_local(root))
     }
 
     /// The path of `abs` relative to `root`; `abs` must lie under `root`.

@@ -4,7 +4,8 @@
 //! The caller holds a [`DeletePermit`] (the record is durable and names this
 //! file), has checked the running configuration (deletion on, not local mode)
 //! and the root, and the file is at least `delete_after` old. Here:
-//! 1. the name is opened (never through a symlink) and a read lease is taken
+//! 1. the name is opened (never through a symlink, nor below a folder that
+//!    is one) and a read lease is taken
 //!    on it: the kernel refuses one while any process has the file open for
 //!    writing, and holds back new writers while we hold it. A writer means
 //!    "later", and the name is left alone;
@@ -196,10 +197,24 @@ fn put_back(aside: &Path, abs: &Path, then: LocalOutcome) -> LocalOutcome {
     }
 }
 
-/// Deletes `abs` if it is still the file `permit` names; see the module docs.
-/// Blocking: run it off the async threads.
-pub fn delete_local(abs: &Path, permit: &DeletePermit) -> LocalOutcome {
-    delete_if_same(abs, permit.identity())
+/// Deletes `abs` (under `root`) if it is still the file `permit` names; see
+/// the module docs. Blocking: run it off the async threads.
+pub fn delete_local(root: &Path, abs: &Path, permit: &DeletePermit) -> LocalOutcome {
+    delete_in_root(root, abs, permit.identity())
+}
+
+fn delete_in_root(root: &Path, abs: &Path, expected: &FileIdentity) -> LocalOutcome {
+    // A folder on the way replaced by a symlink (moved out to an archive and
+    // linked back, say): the same inode, but outside the tree offloadd
+    // manages, and not offloadd's to delete.
+    if let Some(link) = crate::keys::symlinked_folder(root, abs) {
+        return LocalOutcome::Kept(format!(
+            "{} is below {}, a symbolic link, and offloadd deletes nothing through links: uploaded, local copy kept",
+            abs.display(),
+            link.display()
+        ));
+    }
+    delete_if_same(abs, expected)
 }
 
 fn delete_if_same(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
@@ -410,6 +425,28 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    /// A folder moved out of the root and linked back (an archive, say):
+    /// the uploaded inode is there through the link, but outside the tree
+    /// offloadd manages, so it is kept.
+    #[test]
+    fn nothing_is_deleted_through_a_symlinked_folder() {
+        crate::pipeline::finished::ignore_lease_signals();
+        let dir = tempfile::tempdir().unwrap();
+        let (root, archive) = (dir.path().join("root"), dir.path().join("archive"));
+        std::fs::create_dir_all(root.join("2023")).unwrap();
+        let f = root.join("2023/a.png");
+        std::fs::write(&f, b"uploaded").unwrap();
+        let id = identity(&f);
+        std::fs::rename(root.join("2023"), &archive).unwrap();
+        std::os::unix::fs::symlink(&archive, root.join("2023")).unwrap();
+        let out = delete_in_root(&root, &f, &id);
+        assert!(
+            matches!(&out, LocalOutcome::Kept(why) if why.contains("a symbolic link")),
+            "{out:?}"
+        );
+        assert_eq!(std::fs::read(archive.join("a.png")).unwrap(), b"uploaded");
     }
 
     #[test]

@@ -1040,6 +1040,11 @@ impl Scheduler {
             );
             return self.park(key, reason);
         }
+        // Reported under a path that now goes through a symlink (a watched
+        // folder moved away and linked back): not in the tree offloadd manages.
+        if crate::keys::symlinked_folder(&opts.root, &c.abs).is_some() {
+            return;
+        }
         if !meta.is_file() {
             return;
         }

@@ -155,6 +155,15 @@ impl Worker {
     async fn upload(&self, key: &ItemKey, item: &QueueItem, store: &dyn Store) -> Outcome {
         let opts = &self.started.options;
         let abs = key.to_local(&opts.root);
+        // A folder replaced by a symlink since the file was queued (moved
+        // out to an archive, say) leads out of the tree offloadd manages.
+        if let Some(link) = crate::keys::symlinked_folder(&opts.root, &abs) {
+            let reason = format!(
+                "{key} is below {}, a symbolic link; offloadd does not follow links inside the root",
+                link.display()
+            );
+            return self.park(key, item, reason).await;
+        }
         // Every attempt starts only when the finished-file rule holds now.
         let checked = match finished::check(&abs, opts.settle) {
             Readiness::Ready(identity) => identity,
@@ -286,9 +295,12 @@ impl Worker {
         }
         let (outcome, permit) = {
             let abs = abs.clone();
-            tokio::task::spawn_blocking(move || (delete::delete_local(&abs, &permit), permit))
-                .await
-                .expect("delete task never panics")
+            let root = plan.options.root.clone();
+            tokio::task::spawn_blocking(move || {
+                (delete::delete_local(&root, &abs, &permit), permit)
+            })
+            .await
+            .expect("delete task never panics")
         };
         match outcome {
             LocalOutcome::Deleted => {
