@@ -90,9 +90,12 @@ impl Lock {
                 let _ = file.read_to_string(&mut s);
                 let (pid, by) = parse_holder(&s);
                 let dir = state_dir.to_path_buf();
+                // A daemon pid that is gone: the previous daemon's, left in
+                // the file by a command that holds the lock for a moment
+                // (`Lock::holder`, or before it wrote its own pid).
                 return Err(match by {
-                    Holder::Daemon => StateError::AlreadyRunning { pid, dir },
-                    Holder::Command => StateError::Busy { pid, dir },
+                    Holder::Daemon if alive(pid) => StateError::AlreadyRunning { pid, dir },
+                    Holder::Daemon | Holder::Command => StateError::Busy { pid, dir },
                 });
             }
             return Err(unusable(err));
@@ -127,6 +130,17 @@ impl Lock {
             (_, Holder::Command) => None,
         }
     }
+}
+
+/// Whether process `pid` exists.
+fn alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 only checks for the process.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
 }
 
 /// The pid in a lock file and who wrote it.
@@ -389,6 +403,25 @@ mod tests {
             other => panic!("expected AlreadyRunning, got {:?}", other.err()),
         }
         assert!(asked.elapsed() < COMMAND_PATIENCE);
+    }
+
+    /// A command that holds the lock for a moment before it writes its mark
+    /// (or `Lock::holder` looking): the file still names the previous,
+    /// stopped daemon. That is no running instance: waited for too.
+    #[test]
+    fn a_dead_daemon_named_in_the_lock_file_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(Lock::path(dir.path()), "999999999\n").unwrap();
+        let looking = File::open(Lock::path(dir.path())).unwrap();
+        // SAFETY: flock on a valid, owned file descriptor.
+        let rc = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&looking), libc::LOCK_SH) };
+        assert_eq!(rc, 0);
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(looking);
+        });
+        Lock::acquire(dir.path(), Holder::Daemon).unwrap();
+        release.join().unwrap();
     }
 
     /// A command holding the lock (a `status` while the daemon is stopped)

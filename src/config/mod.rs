@@ -393,6 +393,30 @@ pub fn load(path: &Path, root: RootCheck) -> Result<Loaded, ConfigError> {
             }
         }
     }
+    // `r2-media` and `R2_media` read one secret variable, where no secret
+    // file comes first.
+    let by_variable = |name: &String, section: &ProviderSection| {
+        section
+            .secret_access_key_file
+            .is_none()
+            .then(|| provider::secret_env_var(name))
+    };
+    for (name, section) in &config.storage.providers {
+        let Some(var) = by_variable(name, section) else {
+            continue;
+        };
+        if let Some((other, _)) = config
+            .storage
+            .providers
+            .iter()
+            .take_while(|(other, _)| *other != name)
+            .find(|(other, s)| by_variable(other, s).as_ref() == Some(&var))
+        {
+            warnings.push(format!(
+                "providers `{other}` and `{name}` both read their secret from {var} when it is set; rename one of them, or give each a secret_access_key_file"
+            ));
+        }
+    }
     if config.watch.include.is_empty() {
         warnings.push(
             "`watch.include` is empty, so no file will be uploaded; add a pattern such as \"**\""
@@ -605,18 +629,6 @@ impl Config {
             }
             provider::validate(section)
                 .map_err(|e| (path(e.key), format!("provider `{name}`: {}", e.message)))?;
-            // `r2-media` and `R2_media` would read one secret variable.
-            let var = provider::secret_env_var(name);
-            if let Some(other) = providers
-                .keys()
-                .take_while(|other| *other != name)
-                .find(|other| provider::secret_env_var(other) == var)
-            {
-                return Err((
-                    key(&["storage", "providers", name]),
-                    format!("providers `{other}` and `{name}` would both read their secret from {var}; rename one of them"),
-                ));
-            }
         }
         let active = self.storage.active.as_str();
         if active == "local" {
@@ -655,7 +667,8 @@ impl Config {
     ) -> Result<Resolved, Incomplete> {
         let section = self.section(name)?;
         let (_, secret) = find_secret(name, section, env)?;
-        let unseen = env("CREDENTIALS_DIRECTORY").is_none();
+        // Outside systemd (no INVOCATION_ID): check-config from a shell.
+        let unseen = env("CREDENTIALS_DIRECTORY").is_none() && env("INVOCATION_ID").is_none();
         provider::resolve(name, section, secret).map_err(|e| {
             if !unseen || e != provider::missing_secret(name) {
                 return e;
@@ -1618,13 +1631,18 @@ mod tests {
     }
 
     #[test]
-    fn provider_names_that_share_a_secret_variable_are_an_error() {
+    fn provider_names_that_share_a_secret_variable_are_warned_about() {
         let fx = Fixture::new();
-        let err = fx.error("storage:\n  active: local\n  providers:\n    r2-media:\n      kind: gcs\n    r2_media:\n      kind: gcs\n");
+        let warnings = |yaml: &str| fx.load(yaml).unwrap().warnings;
+        let shared = warnings("storage:\n  active: local\n  providers:\n    r2-media:\n      kind: gcs\n    r2_media:\n      kind: gcs\n");
         assert!(
-            err.contains("providers `r2-media` and `r2_media` would both read their secret from OFFLOADD_R2_MEDIA_SECRET_ACCESS_KEY; rename one of them"),
-            "{err}"
+            shared.iter().any(|w| w.contains("providers `r2-media` and `r2_media` both read their secret from OFFLOADD_R2_MEDIA_SECRET_ACCESS_KEY when it is set")),
+            "{shared:?}"
         );
+        // A secret file comes first: the variable is not read.
+        let file = fx.write("s", "secret\n", 0o600);
+        let apart = warnings(&format!("storage:\n  active: local\n  providers:\n    r2-media:\n      kind: gcs\n      secret_access_key_file: {}\n    r2_media:\n      kind: gcs\n", file.display()));
+        assert!(!apart.iter().any(|w| w.contains("both read")), "{apart:?}");
     }
 
     #[test]

@@ -37,6 +37,7 @@ pub fn call(config: &Config, req: &Request) -> Result<Option<Reply>, String> {
     let patience = req.patience();
     stream
         .set_read_timeout(Some(patience))
+        .and_then(|()| stream.set_write_timeout(Some(patience)))
         .map_err(|e| format!("cannot talk to offloadd over {}: {e}", path.display()))?;
     let mut bytes = serde_json::to_vec(&envelope).expect("request serializes");
     bytes.push(b'\n');
@@ -62,6 +63,12 @@ pub fn call(config: &Config, req: &Request) -> Result<Option<Reply>, String> {
             ),
             _ => format!("cannot read offloadd's answer over {}: {e}", path.display()),
         })?;
+    if reply.is_empty() {
+        return Err(format!(
+            "offloadd closed {} without answering (it may be stopping); try again in a few seconds",
+            path.display()
+        ));
+    }
     serde_json::from_str(&reply).map(Some).map_err(|e| {
         format!(
             "offloadd answered something unexpected over {}: {e}",

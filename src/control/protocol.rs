@@ -1,4 +1,5 @@
-//! The control socket's wire format: one JSON [`Request`] line from the CLI,
+//! The control socket's wire format: one JSON line from the CLI, a
+//! [`Request`] in an [`Envelope`] naming the instance it is meant for, and
 //! one JSON [`Reply`] line back.
 
 use serde::{Deserialize, Serialize};

@@ -520,7 +520,7 @@ pub fn composite_etag(file: &File, size: u64, part_size: u64) -> std::io::Result
 /// lifecycle rules or a later rebuild clean up.
 pub async fn abort_stale(plan: &Plan, p: &MultipartProgress) {
     let Some(store) = plan.store_named(&p.provider) else {
-        tracing::warn!(key = %p.key, provider = %p.provider, "an abandoned multipart upload on provider `{}` is left to its bucket's lifecycle rules: that provider is no longer configured and enabled", p.provider);
+        tracing::warn!(key = %p.key, provider = %p.provider, "an abandoned multipart upload on provider `{}` is left to its bucket's lifecycle rules: that provider is no longer configured, or cannot be used", p.provider);
         return;
     };
     if let Err(e) = store.abort(&p.key, &p.upload_id).await {
