@@ -89,9 +89,13 @@ impl Settings {
                     .and_then(|r| Client::new(&r).map_err(|e| e.to_string()));
                 match client {
                     Ok(c) => Some((name.clone(), Arc::new(c) as Arc<dyn crate::remote::store::Store>)),
+                    Err(why) if p.enabled => {
+                        tracing::warn!(provider = %name, "provider `{name}` is enabled but cannot be used ({why}): uploads interrupted on it are left to its bucket's lifecycle rules, and a rebuild cannot list it");
+                        None
+                    }
+                    // A retired section kept for its URLs often has no secret.
                     Err(why) => {
-                        let state = if p.enabled { "enabled" } else { "retired" };
-                        tracing::warn!(provider = %name, "provider `{name}` is {state} but cannot be used ({why}): uploads interrupted on it are left to its bucket's lifecycle rules, and a rebuild cannot list it");
+                        tracing::info!(provider = %name, "retired provider `{name}` cannot be reached ({why}): a rebuild cannot list it");
                         None
                     }
                 }
