@@ -6,6 +6,16 @@ mod common;
 use common::*;
 use std::fs;
 
+/// A test directory with moto as its S3 server (moto lists ETags, which
+/// proving a local file equal to its object needs; s3s-fs does not).
+fn on_moto() -> (TestEnv, MotoServer, Cfg) {
+    let env = TestEnv::new();
+    let moto = MotoServer::start();
+    moto.create_bucket(BUCKET);
+    let cfg = Cfg::new(&moto.endpoint());
+    (env, moto, cfg)
+}
+
 #[test]
 fn lost_database_is_rebuilt_from_the_bucket() {
     let env = TestEnv::new();
@@ -56,10 +66,7 @@ fn lost_database_is_rebuilt_from_the_bucket() {
 /// no ETags, so nothing could be proven equal there.
 #[test]
 fn a_rebuild_never_deletes_a_zero_byte_file() {
-    let env = TestEnv::new();
-    let moto = MotoServer::start();
-    moto.create_bucket(BUCKET);
-    let mut cfg = Cfg::new(&moto.endpoint());
+    let (env, moto, mut cfg) = on_moto();
     env.write_config(&cfg);
     let daemon = Daemon::start(&env, &[]);
     let full = file_content("full.png", 100, 5_000);
@@ -159,10 +166,7 @@ fn a_rebuild_restores_records_of_every_provider() {
 /// outside the root. On moto, which lists ETags (s3s-fs does not).
 #[test]
 fn a_rebuild_never_deletes_through_a_symlinked_folder() {
-    let env = TestEnv::new();
-    let moto = MotoServer::start();
-    moto.create_bucket(BUCKET);
-    let mut cfg = Cfg::new(&moto.endpoint());
+    let (env, moto, mut cfg) = on_moto();
     env.write_config(&cfg);
     let daemon = Daemon::start(&env, &[]);
     let bytes = file_content("arch/a.png", 100, 5_000);
@@ -200,10 +204,7 @@ fn a_rebuild_never_deletes_through_a_symlinked_folder() {
 /// overwritten.
 #[test]
 fn a_rebuild_leaves_files_older_than_the_mark_to_backfill() {
-    let env = TestEnv::new();
-    let moto = MotoServer::start();
-    moto.create_bucket(BUCKET);
-    let mut cfg = Cfg::new(&moto.endpoint());
+    let (env, moto, mut cfg) = on_moto();
     cfg.delete_local = true;
     env.write_config(&cfg);
     write_file(&env.path("same.png"), b"same bytes");
