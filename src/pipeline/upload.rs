@@ -249,17 +249,26 @@ impl Uploader {
             if same {
                 tracing::info!(path = %job.abs.display(), parts_done = p.parts.len(), "resuming multipart upload");
                 match self.send_parts(job, &file, p.clone(), settings, turn).await {
-                    Err(UploadError::Storage(e)) if e.class == ErrorClass::RestartUpload => {
+                    Err(UploadError::Storage(e))
+                        if e.status.is_some()
+                            && e.class != ErrorClass::Transient
+                            && !e.is_throttle() =>
+                    {
                         // The server may no longer know the upload id, e.g. because
-                        // it completed just before a crash: is the object there?
-                        // (Any other answer keeps the upload and its parts for
-                        // the next attempt: a 500, or a refusal that pauses the
-                        // provider until the operator fixes it.)
+                        // it completed just before a crash (S3 says NoSuchUpload,
+                        // some servers AccessDenied): is the object there?
                         if let Some(sent) =
                             self.already_there(job, &file, identity, part_size).await?
                         {
                             self.queue.clear_multipart(job.item_key)?;
                             return Ok(sent);
+                        }
+                        // Only an upload the server says is gone starts again.
+                        // A refusal (a key that lost PutObject) keeps the upload
+                        // and its parts for when the operator has fixed it, as
+                        // does a 500.
+                        if e.class != ErrorClass::RestartUpload {
+                            return Err(UploadError::Storage(e));
                         }
                         tracing::info!(path = %job.abs.display(), error = %e, "the recorded multipart upload cannot be resumed; starting it again");
                         self.abandon(job, p).await?;
