@@ -18,11 +18,21 @@ use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 
+/// Sends `states` to `$NOTIFY_SOCKET`, without waiting: a notify socket
+/// whose queue is full (systemd busy, or a test's socket not read yet) drops
+/// this message (the next one follows) instead of blocking the thread that
+/// sends it, which may be the event loop's.
 fn send(states: &[NotifyState]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
-    }
-    if let Err(e) = sd_notify::notify(states) {
+    };
+    let message: String = states.iter().map(|s| format!("{s}\n")).collect();
+    let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|sock| {
+        sock.set_nonblocking(true)?;
+        sock.connect(&path)?;
+        sock.send(message.as_bytes())
+    });
+    if let Err(e) = sent {
         tracing::debug!(error = %e, "sd_notify failed");
     }
 }
