@@ -94,7 +94,9 @@ impl Lock {
                 // the file by a command that holds the lock for a moment
                 // (`Lock::holder`, or before it wrote its own pid).
                 return Err(match by {
-                    Holder::Daemon if alive(pid) => StateError::AlreadyRunning { pid, dir },
+                    Holder::Daemon if pid > 0 && process_alive(pid) => {
+                        StateError::AlreadyRunning { pid, dir }
+                    }
                     Holder::Daemon | Holder::Command => StateError::Busy { pid, dir },
                 });
             }
@@ -132,15 +134,14 @@ impl Lock {
     }
 }
 
-/// Whether process `pid` exists.
-fn alive(pid: u32) -> bool {
+/// Whether process `pid` exists (as far as this process may tell).
+pub fn process_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };
-    // SAFETY: kill with signal 0 only checks for the process.
-    pid > 0
-        && (unsafe { libc::kill(pid, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+    // SAFETY: kill with signal 0 sends nothing; it only checks the pid.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// The pid in a lock file and who wrote it.

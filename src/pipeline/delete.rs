@@ -31,6 +31,7 @@
 
 use crate::pipeline::finished::{FileIdentity, Lease};
 use crate::pipeline::queue::DeletePermit;
+use crate::statedir::process_alive;
 use std::collections::BTreeSet;
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -397,16 +398,6 @@ pub fn restore_leftover(hidden: &Path) {
             hidden.display()
         ),
     }
-}
-
-/// Whether process `pid` exists (as far as this process may tell).
-fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    // SAFETY: kill with signal 0 sends nothing; it only checks the pid.
-    let rc = unsafe { libc::kill(pid, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 #[cfg(test)]
