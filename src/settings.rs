@@ -26,6 +26,9 @@ pub struct Settings {
     /// without a record.
     pub predictable: Option<(String, String)>,
     bandwidth: BandwidthRule,
+    /// The managed-since mark this first run with a provider starts, written
+    /// by [`Settings::commit_mark`] once the settings are applied.
+    unwritten_mark: Option<i128>,
 }
 
 /// Where the bandwidth limit comes from.
@@ -63,8 +66,9 @@ pub fn current(shared: &Shared) -> Arc<Settings> {
 }
 
 impl Settings {
-    /// Builds the settings; sets the managed-since mark on the first run with
-    /// an active provider. Errors are one sentence for the operator.
+    /// Builds the settings; writes nothing. On the first run with an active
+    /// provider the managed-since mark is now, written by
+    /// [`Settings::commit_mark`]. Errors are one sentence for the operator.
     pub fn build(config: Config) -> Result<Settings, String> {
         let target = match config.active() {
             Active::Provider(p) => match Client::new(&p) {
@@ -101,15 +105,13 @@ impl Settings {
                 }
             })
             .collect();
-        let dir = &config.state_dir;
-        let mark_ns = match &target {
-            Target::Provider(_) => statedir::mark::ensure(dir).map_err(|e| {
-                format!(
-                    "cannot write the managed-since mark in {}: {e}; make state_dir writable",
-                    dir.display()
-                )
-            })?,
-            Target::Local { .. } => statedir::mark::read(dir).unwrap_or(i128::MAX),
+        let (mark_ns, unwritten_mark) = match (&target, statedir::mark::read(&config.state_dir)) {
+            (_, Some(mark)) => (mark, None),
+            (Target::Provider(_), None) => {
+                let now = statedir::mark::now_ns();
+                (now, Some(now))
+            }
+            (Target::Local { .. }, None) => (i128::MAX, None),
         };
         let w = &config.watch;
         let rules =
@@ -171,6 +173,24 @@ impl Settings {
             local_reason,
             predictable,
             config,
+            unwritten_mark,
+        })
+    }
+
+    /// Writes the managed-since mark of a first run with a provider, once
+    /// nothing can refuse these settings any more: a refused reload or a
+    /// failed start must not set it, or files written in local mode after it
+    /// would later count as new instead of being left to `backfill`.
+    pub fn commit_mark(&self) -> Result<(), String> {
+        let Some(ns) = self.unwritten_mark else {
+            return Ok(());
+        };
+        let dir = &self.config.state_dir;
+        statedir::mark::set_once(dir, ns).map_err(|e| {
+            format!(
+                "cannot write the managed-since mark in {}: {e}; make state_dir writable",
+                dir.display()
+            )
         })
     }
 

@@ -173,17 +173,20 @@ pub mod mark {
             .ok()
     }
 
-    /// Returns the mark, setting it to now (durably) if it was not set yet.
-    pub fn ensure(state_dir: &Path) -> std::io::Result<i128> {
-        if let Some(m) = read(state_dir) {
-            return Ok(m);
-        }
-        let now = SystemTime::now()
+    /// Now, as a mark would record it.
+    pub fn now_ns() -> i128 {
+        SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
-            .as_nanos() as i128;
-        write_atomically(&path(state_dir), format!("{now}\n").as_bytes())?;
-        Ok(now)
+            .as_nanos() as i128
+    }
+
+    /// Sets the mark to `ns` (durably) unless it is set already.
+    pub fn set_once(state_dir: &Path, ns: i128) -> std::io::Result<()> {
+        if read(state_dir).is_some() {
+            return Ok(());
+        }
+        write_atomically(&path(state_dir), format!("{ns}\n").as_bytes())
     }
 }
 
@@ -516,7 +519,8 @@ mod tests {
     fn mark_is_set_once() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(mark::read(dir.path()), None);
-        let m = mark::ensure(dir.path()).unwrap();
-        assert_eq!(mark::ensure(dir.path()).unwrap(), m);
+        mark::set_once(dir.path(), 7).unwrap();
+        mark::set_once(dir.path(), 8).unwrap();
+        assert_eq!(mark::read(dir.path()), Some(7));
     }
 }

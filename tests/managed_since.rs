@@ -81,3 +81,36 @@ fn files_older_than_the_first_run_are_left_alone() {
         "old files are not queued: {st}"
     );
 }
+
+/// A reload refused on its way out of local mode sets no mark: what the
+/// application writes in local mode after it is left to `backfill` at the
+/// first good start, as if the refused reload had never been. It used to set
+/// the mark, so those files were uploaded (and, with `delete_local`, deleted
+/// locally) as new.
+#[test]
+fn a_refused_reload_out_of_local_mode_sets_no_mark() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let with_provider = env.config_yaml(&Cfg::new(&s3.endpoint()));
+    env.write_raw_config(
+        &with_provider.replace(&format!("  active: {PROVIDER}\n"), "  active: local\n"),
+    );
+    // The failpoint stands in for inotify out of file descriptors.
+    let daemon = Daemon::start(&env, &[("OFFLOADD_FAILPOINTS", "watch_start_fails")]);
+    env.write_raw_config(&with_provider);
+    daemon.reload_and_wait("reload refused");
+    daemon.stop();
+
+    write_file(&env.path("local/era.jpg"), b"written in local mode");
+    sleep(Duration::from_millis(1500));
+    let daemon = Daemon::start(&env, &[]);
+    write_and_wait(&env, &s3, "new.jpg", b"new");
+    sleep(Duration::from_secs(2));
+    assert_eq!(
+        s3.keys(BUCKET).into_iter().collect::<Vec<_>>(),
+        vec![format!("{PREFIX}/new.jpg")],
+        "a file written in local mode was uploaded as new"
+    );
+    assert!(env.path("local/era.jpg").exists());
+    daemon.stop();
+}
