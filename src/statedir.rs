@@ -299,8 +299,9 @@ pub mod root_id {
     }
 }
 
-/// How many location records the database held at its last flush
-/// (`record-count`), to recognise a database that lost some.
+/// How many location records the database had written (held, plus removed
+/// by delete-through) by a flush that went through (`record-count`), to
+/// recognise a database that lost some.
 pub mod record_count {
     use super::*;
 
@@ -316,7 +317,8 @@ pub mod record_count {
             .ok()
     }
 
-    /// Written without fsync: a stale count only makes a rebuild less likely.
+    /// Written without fsync: a stale count is a smaller one (the count only
+    /// grows), which only makes a rebuild less likely.
     pub fn write(state_dir: &Path, count: u64) -> std::io::Result<()> {
         let tmp = state_dir.join("record-count.tmp");
         std::fs::write(&tmp, format!("{count}\n"))?;

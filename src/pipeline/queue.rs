@@ -286,6 +286,9 @@ const META_INITIALIZED: &[u8] = b"initialized/files";
 const META_INITIALIZED_SPLIT: &[u8] = b"initialized";
 const META_UPLOADED_COUNT: &[u8] = b"uploaded_count";
 const META_UPLOADED_BYTES: &[u8] = b"uploaded_bytes";
+/// Records removed by delete-through: with the records held, a count that
+/// only grows (see [`Queue::records_written`]).
+const META_FORGOTTEN: &[u8] = b"forgotten_count";
 const META_PAUSED_PREFIX: &str = "paused/";
 const META_ALIVE: &[u8] = b"alive";
 
@@ -393,6 +396,13 @@ pub struct Queue {
 
 type TxResult<T> = Result<T, ConflictableTransactionError<()>>;
 
+fn get_u64(meta: &sled::Tree, key: &[u8]) -> sled::Result<u64> {
+    Ok(meta
+        .get(key)?
+        .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+        .unwrap_or(0))
+}
+
 fn add_u64(meta: &sled::transaction::TransactionalTree, key: &[u8], delta: i128) -> TxResult<()> {
     let old = meta
         .get(key)?
@@ -459,9 +469,10 @@ impl Queue {
             failure: Mutex::new(None),
         };
         // sled recovers a damaged log by dropping what follows the damage:
-        // fewer records than it held before means records were lost.
+        // fewer records written than were durable before means records were
+        // lost.
         let held = statedir::record_count::read(state_dir);
-        let (now, _) = queue.uploaded();
+        let now = queue.records_written();
         let opened = match held {
             Some(before) if opened == Opened::Intact && now < before => {
                 tracing::warn!(
@@ -476,11 +487,21 @@ impl Queue {
         Ok((queue, opened))
     }
 
-    /// Notes how many records the database holds, beside it (after a flush):
-    /// a later start that finds fewer knows records were lost.
-    fn note_record_count(&self) {
-        let (count, _) = self.uploaded();
-        if let Err(e) = statedir::record_count::write(&self.dir, count) {
+    /// How many records were ever written and not lost: those held plus
+    /// those delete-through removed. It only grows, so a count taken before a
+    /// flush is durable once the flush is, whatever was written or removed
+    /// meanwhile.
+    fn records_written(&self) -> u64 {
+        let (held, _) = self.uploaded();
+        let forgotten = self.read(|t| get_u64(&t.meta, META_FORGOTTEN)).unwrap_or(0);
+        held + forgotten
+    }
+
+    /// Notes `written` (a [`Queue::records_written`] taken before a flush that
+    /// went through) beside the database: a later start that finds fewer
+    /// knows records were lost.
+    fn note_record_count(&self, written: u64) {
+        if let Err(e) = statedir::record_count::write(&self.dir, written) {
             tracing::debug!(error = %e, "cannot note the record count");
         }
     }
@@ -674,14 +695,13 @@ impl Queue {
 
     /// Uploaded count and bytes, from the counters kept with the records.
     pub fn uploaded(&self) -> (u64, u64) {
-        let get = |t: &Trees, k: &[u8]| -> sled::Result<u64> {
-            Ok(t.meta
-                .get(k)?
-                .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
-                .unwrap_or(0))
-        };
-        self.read(|t| Ok((get(t, META_UPLOADED_COUNT)?, get(t, META_UPLOADED_BYTES)?)))
-            .unwrap_or((0, 0))
+        self.read(|t| {
+            Ok((
+                get_u64(&t.meta, META_UPLOADED_COUNT)?,
+                get_u64(&t.meta, META_UPLOADED_BYTES)?,
+            ))
+        })
+        .unwrap_or((0, 0))
     }
 
     pub fn totals(&self) -> Result<Totals, StateError> {
@@ -905,8 +925,9 @@ impl Queue {
             return Err(self.failed(message));
         }
         let db = self.read(|t| Ok(t.db.clone()))?;
+        let written = self.records_written();
         if self.commit.wait(&db).await.map_err(|e| self.fail(e))? {
-            self.note_record_count();
+            self.note_record_count(written);
         }
         Ok(())
     }
@@ -997,6 +1018,7 @@ impl Queue {
                     if let Some(old) = files.remove(k)?.and_then(|v| record_of(k, &v)) {
                         add_u64(meta, META_UPLOADED_COUNT, -1)?;
                         add_u64(meta, META_UPLOADED_BYTES, -(old.size as i128))?;
+                        add_u64(meta, META_FORGOTTEN, 1)?;
                     }
                     Ok(())
                 })
@@ -1019,8 +1041,9 @@ impl Queue {
 
     /// Flushes everything to disk (at exit).
     pub fn flush(&self) -> Result<(), StateError> {
+        let written = self.records_written();
         self.read(|t| t.db.flush().map(|_| ()))?;
-        self.note_record_count();
+        self.note_record_count(written);
         Ok(())
     }
 }
@@ -1150,6 +1173,33 @@ mod tests {
         );
         assert_eq!(decode::<QueueItem>(&compact), Some(item.clone()));
         assert_eq!(decode::<QueueItem>(&json), Some(item));
+    }
+
+    /// The record count noted beside the database counts what
+    /// delete-through removed too: a start after a removal the note did not
+    /// follow (notes come at most every 10 s; then a SIGKILL) is no reason to
+    /// rebuild. Fewer records than noted still is.
+    #[tokio::test]
+    async fn a_forgotten_record_is_not_a_lost_one() {
+        let (dir, q) = open();
+        q.set_initialized().unwrap();
+        for k in ["a", "b"] {
+            q.record_uploaded(&key(k), &record(id(2, 10)), AfterUpload::Finish)
+                .unwrap();
+        }
+        q.durable().await.unwrap();
+        q.forget(&key("a")).unwrap();
+        q.durable().await.unwrap();
+        drop(q);
+        let (q, opened) = Queue::open(dir.path()).unwrap();
+        assert_eq!(opened, Opened::Intact);
+        assert_eq!(q.uploaded().0, 1);
+        q.flush().unwrap();
+        drop(q);
+        // A record sled lost (here: a noted count above what it holds).
+        statedir::record_count::write(dir.path(), 3).unwrap();
+        let (_q, opened) = Queue::open(dir.path()).unwrap();
+        assert_eq!(opened, Opened::Lost);
     }
 
     #[test]
