@@ -79,11 +79,45 @@ pub fn open_for_writing(path: &Path) -> Option<bool> {
 /// writer (no CAP_LEASE, a file system without leases); 0 if none was.
 static UNANSWERED: AtomicI32 = AtomicI32::new(0);
 
+/// [`UNANSWERED`] for a network file system's refusal (see
+/// [`refusal_means_a_writer`]); errnos are positive.
+const NETWORK_FS: i32 = -2;
+
+/// File systems whose refused read lease says nothing about writers: NFSv4
+/// refuses one whenever the server granted no read delegation, SMB whenever
+/// the client holds no read oplock (both with EAGAIN, the writer's answer),
+/// so on a NAS that grants neither every file would wait for ever.
+const NETWORK_FS_TYPES: [u64; 4] = [
+    0x6969,      // NFS
+    0xFF53_4D42, // CIFS
+    0xFE53_4D42, // SMB2
+    0x517B,      // SMB
+];
+
+/// Whether an EAGAIN from `F_SETLEASE` on `file` means a writer holds it:
+/// everywhere but on [`NETWORK_FS_TYPES`].
+fn refusal_means_a_writer(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fstatfs fills the zeroed struct we pass, on a valid descriptor.
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut s) } != 0 {
+        return true;
+    }
+    is_local_lease_fs(s.f_type as u64)
+}
+
+fn is_local_lease_fs(f_type: u64) -> bool {
+    !NETWORK_FS_TYPES.contains(&(f_type & 0xFFFF_FFFF))
+}
+
 /// Why the writer probe could not answer, if it ever could not: the daemon
 /// says so in `status`, since finished then means quiet for `settle` only.
 pub fn unanswered_probe() -> Option<String> {
     match UNANSWERED.load(Ordering::Relaxed) {
         0 => None,
+        NETWORK_FS => Some(
+            "a network file system (NFS or SMB), whose refused lease does not mean a writer".into(),
+        ),
         libc::EACCES | libc::EPERM => {
             Some("no permission: neither the files' owner nor CAP_LEASE".into())
         }
@@ -110,7 +144,11 @@ impl<'a> Lease<'a> {
             return Some(Some(Lease { file }));
         }
         match std::io::Error::last_os_error().raw_os_error() {
-            Some(libc::EAGAIN) => Some(None),
+            Some(libc::EAGAIN) if refusal_means_a_writer(file) => Some(None),
+            Some(libc::EAGAIN) => {
+                UNANSWERED.store(NETWORK_FS, Ordering::Relaxed);
+                None
+            }
             errno => {
                 // A FIFO or socket refuses leases wherever it is: only a
                 // regular file's refusal says something about the probe.
@@ -199,6 +237,18 @@ pub fn check(path: &Path, settle: Duration) -> Readiness {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_lease_means_a_writer_on_local_file_systems_only() {
+        for local in [0xEF53u64, 0x5846_5342, 0x0102_1994, 0x9123_683E] {
+            assert!(is_local_lease_fs(local), "{local:#x}");
+        }
+        for network in [0x6969u64, 0xFF53_4D42, 0xFE53_4D42, 0x517B] {
+            assert!(!is_local_lease_fs(network), "{network:#x}");
+        }
+        // Where f_type is a signed 32-bit field, CIFS's magic comes sign-extended.
+        assert!(!is_local_lease_fs(0xFF53_4D42u32 as i32 as i64 as u64));
+    }
 
     #[test]
     fn lease_probe_sees_a_writer() {
