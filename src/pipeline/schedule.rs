@@ -540,15 +540,23 @@ impl Scheduler {
         }
     }
 
+    /// When the loop must look again by itself (a worker's end, a candidate
+    /// or a command wake it anyway): when an item falls due that could be
+    /// dispatched then, or a probe is due. Items due while nothing can take
+    /// them (the pipeline paused, every worker busy) do not count, or the loop
+    /// would turn every few milliseconds for as long as that lasts.
     fn next_wake(&self) -> Duration {
         let now = self.clock.now_ms();
         let mut wake = Duration::from_secs(3600);
+        let plan = self.current();
+        let mut lanes = vec![];
         if self.paused.is_some() {
             wake = wake.min(Duration::from_secs(1));
-        }
-        let mut lanes = vec![Lane::Delete];
-        if self.health.uploads_allowed() && self.current().target.store().is_some() {
-            lanes.push(Lane::Upload);
+        } else if self.in_flight.len() < plan.options.workers.max(1) {
+            lanes.push(Lane::Delete);
+            if self.health.uploads_allowed() && plan.target.store().is_some() {
+                lanes.push(Lane::Upload);
+            }
         }
         for lane in lanes {
             if let Some(due) = self.lanes.first_due(lane) {

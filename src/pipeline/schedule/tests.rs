@@ -1033,3 +1033,45 @@ async fn deletes_beyond_the_window_are_done_and_cancelled_too() {
     }
     h.stop().await;
 }
+
+/// Items due while nothing can take them do not wake the loop: with the
+/// pipeline paused it looks once a second, with every worker busy when one
+/// ends. It used to turn every 5 ms for as long as either lasted (a whole
+/// outage of the root or of state_dir, every backlog drain).
+#[tokio::test]
+async fn due_items_that_cannot_be_dispatched_do_not_wake_the_loop() {
+    let mut h = Harness::new(Deletion::Keep);
+    let mut s = Scheduler::new(
+        plan(&h.root, &h.store, Deletion::Keep),
+        resources(MEMORY_LIMIT),
+        h.queue.clone(),
+        h.guard.clone(),
+        h.live.clone(),
+        watch::channel(0).0,
+    );
+    let now = s.clock.now_ms();
+    let due = Entry {
+        lane: Lane::Upload,
+        due_ms: now,
+        queued_ms: Some(now),
+    };
+    s.lanes.insert(Harness::key("due.png"), due);
+    assert_eq!(s.next_wake(), Duration::from_millis(5));
+    for i in 0..4 {
+        let flight = Flight {
+            started: Instant::now(),
+            queued_ms: None,
+        };
+        s.in_flight
+            .insert(Harness::key(&format!("busy{i}.png")), flight);
+    }
+    assert!(
+        s.next_wake() >= Duration::from_secs(3000),
+        "{:?}",
+        s.next_wake()
+    );
+    s.in_flight.clear();
+    s.paused = Some("watch.root is not available".into());
+    assert_eq!(s.next_wake(), Duration::from_secs(1));
+    h.stop().await;
+}
