@@ -796,7 +796,13 @@ impl Scheduler {
                 self.reinsert_from_queue(&key);
             }
         }
-        if self.recheck.remove(&key) {
+        self.recheck_if_asked(&key);
+    }
+
+    /// Admits a path again whose file events came while it was in other
+    /// hands (in flight, held).
+    fn recheck_if_asked(&mut self, key: &ItemKey) {
+        if self.recheck.remove(key) {
             let abs = key.to_local(&self.current().options.root);
             self.admit(Candidate {
                 abs,
@@ -805,13 +811,18 @@ impl Scheduler {
         }
     }
 
-    /// Puts an item back into its lane as the queue has it.
+    /// Puts an item back as the queue has it: into its lane, or, parked, into
+    /// the list `status` and `retry --all` show.
     fn reinsert_from_queue(&mut self, key: &ItemKey) {
-        if let Ok(Some(item)) = self.queue.item(key) {
-            if let Some(entry) = entry_of(&item, self.current().deletion(), &self.clock) {
-                let due_ms = self.clock.now_ms() + 1_000;
-                self.lanes.insert(key.clone(), Entry { due_ms, ..entry });
-            }
+        let Ok(Some(item)) = self.queue.item(key) else {
+            return;
+        };
+        if let Stage::Parked { reason } = &item.stage {
+            self.live
+                .update(|s| s.failed.insert(key.clone(), reason.clone()));
+        } else if let Some(entry) = entry_of(&item, self.current().deletion(), &self.clock) {
+            let due_ms = self.clock.now_ms() + 1_000;
+            self.lanes.insert(key.clone(), Entry { due_ms, ..entry });
         }
     }
 
@@ -1028,10 +1039,7 @@ impl Scheduler {
         let Some(key) = ItemKey::of(&opts.root, &c.abs) else {
             return;
         };
-        if self.held.contains(&key) {
-            return;
-        }
-        if self.in_flight.contains_key(&key) {
+        if self.held.contains(&key) || self.in_flight.contains_key(&key) {
             self.recheck.insert(key);
             return;
         }
@@ -1172,6 +1180,8 @@ impl Scheduler {
                 self.held.remove(&key);
                 // Still queued (the delete-through did not finish): resume it.
                 self.reinsert_from_queue(&key);
+                // A file written meanwhile (its object deleted, or not).
+                self.recheck_if_asked(&key);
                 let _ = reply.send(());
             }
             Command::Replan {

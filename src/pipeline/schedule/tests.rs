@@ -1075,3 +1075,46 @@ async fn due_items_that_cannot_be_dispatched_do_not_wake_the_loop() {
     assert_eq!(s.next_wake(), Duration::from_secs(1));
     h.stop().await;
 }
+
+/// A delete-through that fails gives back what its hold took: a parked item
+/// is listed again (it used to vanish from `status` and `retry --all` until a
+/// restart), and a file event that came meanwhile is looked at (it used to
+/// be dropped, leaving a rewritten file to the next rescan).
+#[tokio::test(start_paused = true)]
+async fn a_release_gives_back_what_the_hold_took() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.store
+        .script(|r| (r.op == Op::Put).then(|| http_error(400, "InvalidRequest")));
+    h.write("a.png", b"a").await;
+    let a = Harness::key("a.png");
+    until(300, "parked", || h.live.shown().failed.contains_key(&a)).await;
+    h.store.script(|_| None);
+    let k = a.clone();
+    h.ask(|reply| Command::Hold { key: k, reply })
+        .await
+        .unwrap();
+    let k = a.clone();
+    h.ask(|reply| Command::Release { key: k, reply }).await;
+    assert!(
+        h.live.shown().failed.contains_key(&a),
+        "the parked item is listed again"
+    );
+
+    let b = Harness::key("b.png");
+    let k = b.clone();
+    h.ask(|reply| Command::Hold { key: k, reply })
+        .await
+        .unwrap();
+    h.write("b.png", b"b").await;
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(h.store.object("pre/b.png").is_none(), "uploaded while held");
+    h.ask(|reply| Command::Release { key: b, reply }).await;
+    until(30, "uploaded once released", || {
+        h.store.object("pre/b.png").is_some()
+    })
+    .await;
+    h.stop().await;
+}
