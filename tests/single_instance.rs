@@ -87,6 +87,10 @@ fn instances_sharing_a_control_socket_never_act_on_each_other() {
             "{err}"
         );
     }
+    // A start that failed sets no managed-since mark, and without one
+    // backfill has nothing to do; with one (an earlier good run) it asks the
+    // socket.
+    std::fs::write(b.state_dir.join("managed-since"), "1\n").unwrap();
     let (code, out, err) = b.cli(&["backfill"]);
     assert_eq!(code, 78, "backfill: {out}{err}");
     assert!(err.contains("two instances share"), "{err}");
