@@ -48,6 +48,10 @@ pub const MAX_STRIKES: u32 = 5;
 /// How long a stop waits for the aborts of parked items' multipart uploads.
 const ABORT_GRACE: Duration = Duration::from_secs(5);
 
+/// How often parked items whose file is gone are dropped (see
+/// [`Scheduler::sweep_parked`]); the loop wakes at least hourly anyway.
+const SWEEP_PARKED_EVERY: Duration = Duration::from_secs(600);
+
 /// How often a failed state_dir is tried again.
 const RECOVER_EVERY: Duration = Duration::from_secs(5);
 
@@ -192,6 +196,8 @@ pub struct Scheduler {
     backlog_cursor: Vec<u8>,
     /// When a lane with nothing due may next read its backlog.
     next_rotate: Instant,
+    /// When parked items whose file is gone are next dropped.
+    next_sweep: Instant,
     /// Items being worked on.
     in_flight: HashMap<ItemKey, Flight>,
     tasks: JoinSet<Done>,
@@ -253,6 +259,7 @@ impl Scheduler {
             lanes: Lanes::default(),
             backlog_cursor: Vec::new(),
             next_rotate: Instant::now(),
+            next_sweep: Instant::now() + SWEEP_PARKED_EVERY,
             in_flight: HashMap::new(),
             tasks: JoinSet::new(),
             aborts: JoinSet::new(),
@@ -517,6 +524,10 @@ impl Scheduler {
             self.state_paused = false;
             self.resume_after_state_failure();
         }
+        if self.paused.is_none() && Instant::now() >= self.next_sweep {
+            self.next_sweep = Instant::now() + SWEEP_PARKED_EVERY;
+            self.sweep_parked();
+        }
         let paused = match (self.queue.failed_state(), self.root.status()) {
             (Some(e), _) => Some(e.to_string()),
             (None, RootStatus::Unavailable(why)) => Some(why),
@@ -528,6 +539,45 @@ impl Scheduler {
                 self.live.update(|s| s.last_error = Some(why.clone()));
             }
             self.paused = paused;
+        }
+    }
+
+    /// Drops parked items whose file is gone (a symbolic link removed, a
+    /// folder with an unreadable file deleted): nothing finds them again, so
+    /// they would stay in the database and in `status` for good. Only while
+    /// the root is there, which proves the file gone.
+    fn sweep_parked(&mut self) {
+        let Ok(present) = self.root.check() else {
+            return;
+        };
+        let root = self.current().options.root.clone();
+        let parked: Vec<ItemKey> = self.live.update(|s| s.failed.keys().cloned().collect());
+        let mut dropped = 0;
+        for key in parked {
+            if self.held.contains(&key) || self.in_flight.contains_key(&key) {
+                continue;
+            }
+            let gone = matches!(
+                std::fs::symlink_metadata(key.to_local(&root)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound
+            );
+            let still_parked = matches!(
+                self.queue.item(&key),
+                Ok(Some(item)) if item.is_parked()
+            );
+            if !gone || !still_parked {
+                continue;
+            }
+            if let Err(e) = self.queue.drop_vanished(&key, &present) {
+                tracing::error!(path = %key, error = %e, "{e}");
+                return;
+            }
+            self.live.update(|s| s.failed.remove(&key));
+            dropped += 1;
+        }
+        if dropped > 0 {
+            tracing::info!(dropped, "dropped {dropped} parked items whose file is gone");
+            self.publish();
         }
     }
 
@@ -566,6 +616,7 @@ impl Scheduler {
         if let Some(at) = self.health.next_probe() {
             wake = wake.min(at.saturating_duration_since(Instant::now()));
         }
+        wake = wake.min(self.next_sweep.saturating_duration_since(Instant::now()));
         wake.max(Duration::from_millis(5))
     }
 

@@ -1065,8 +1065,9 @@ async fn due_items_that_cannot_be_dispatched_do_not_wake_the_loop() {
         s.in_flight
             .insert(Harness::key(&format!("busy{i}.png")), flight);
     }
+    // Only the sweep of parked items is left to wake it.
     assert!(
-        s.next_wake() >= Duration::from_secs(3000),
+        s.next_wake() >= SWEEP_PARKED_EVERY - Duration::from_secs(5),
         "{:?}",
         s.next_wake()
     );
@@ -1116,5 +1117,42 @@ async fn a_release_gives_back_what_the_hold_took() {
         h.store.object("pre/b.png").is_some()
     })
     .await;
+    h.stop().await;
+}
+
+/// A parked item whose file is gone is dropped by the next sweep: nothing
+/// else finds it again, so it stayed in the database and in `status` for
+/// good (every symbolic link the application ever made, say). One whose
+/// file is there stays parked.
+#[tokio::test(start_paused = true)]
+async fn parked_items_whose_file_is_gone_are_dropped() {
+    let mut h = Harness::new(Deletion::Keep);
+    std::fs::write(h.root.join("target.png"), b"t").unwrap();
+    for name in ["gone.png", "kept.png"] {
+        let link = h.root.join(name);
+        std::os::unix::fs::symlink("target.png", &link).unwrap();
+        h.candidates
+            .send(Candidate {
+                abs: link,
+                trigger: Trigger::Event,
+            })
+            .await
+            .unwrap();
+    }
+    let (gone, kept) = (Harness::key("gone.png"), Harness::key("kept.png"));
+    until(30, "both parked", || {
+        let failed = h.live.shown().failed;
+        failed.contains_key(&gone) && failed.contains_key(&kept)
+    })
+    .await;
+    std::fs::remove_file(h.root.join("gone.png")).unwrap();
+    tokio::time::sleep(SWEEP_PARKED_EVERY + Duration::from_secs(1)).await;
+    until(5, "the gone one dropped", || {
+        !h.live.shown().failed.contains_key(&gone)
+    })
+    .await;
+    assert!(h.queue.item(&gone).unwrap().is_none());
+    assert!(h.live.shown().failed.contains_key(&kept));
+    assert!(h.queue.item(&kept).unwrap().unwrap().is_parked());
     h.stop().await;
 }
