@@ -11,6 +11,10 @@
 //!   stage in one transaction;
 //! - [`Queue::delete_permit`] is the only way to a [`DeletePermit`], and it
 //!   gives one only after the record's durable write succeeded;
+//! - an upload id an item gives up (parked, dropped, forgotten, abandoned) is
+//!   filed for an abort in the same transaction ([`PendingAbort`]), and stays
+//!   filed until the abort went through ([`Queue::abort_done`]), so neither a
+//!   failed abort nor a stop in the middle leaves its parts billed for good;
 //! - [`Queue::drop_vanished`] and [`Queue::local_gone`] need proof that the
 //!   root was present just now ([`RootPresent`]), so an unmounted root never
 //!   empties the queue.
@@ -39,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use tokio::sync::watch;
 
@@ -91,6 +95,24 @@ pub struct MultipartProgress {
     /// Unix ms when the upload was initiated.
     #[serde(default)]
     pub started_ms: u64,
+}
+
+/// A multipart upload given up, to be aborted at its provider.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingAbort {
+    pub provider: String,
+    pub key: String,
+    pub upload_id: String,
+}
+
+/// What became of the upload id an item gives up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GivenUp {
+    /// Still open at the server: filed for an abort.
+    Open,
+    /// Gone at the server already (NoSuchUpload, or completed): nothing to
+    /// abort.
+    Gone,
 }
 
 /// Where a queue item stands.
@@ -290,6 +312,8 @@ const META_UPLOADED_BYTES: &[u8] = b"uploaded_bytes";
 /// only grows (see [`Queue::records_written`]).
 const META_FORGOTTEN: &[u8] = b"forgotten_count";
 const META_PAUSED_PREFIX: &str = "paused/";
+/// `abort/{upload id}`: a [`PendingAbort`].
+const META_ABORT_PREFIX: &str = "abort/";
 const META_ALIVE: &[u8] = b"alive";
 
 struct Trees {
@@ -392,9 +416,33 @@ pub struct Queue {
     trees: RwLock<Option<Trees>>,
     commit: GroupCommit,
     failure: Mutex<Option<String>>,
+    /// An abort was filed since [`Queue::take_filed_aborts`] last looked.
+    aborts_filed: AtomicBool,
 }
 
 type TxResult<T> = Result<T, ConflictableTransactionError<()>>;
+
+/// Files the multipart upload of `item` (an encoded [`QueueItem`]), if it
+/// has one, for an abort; whether it did.
+fn file_abort_of(
+    meta: &sled::transaction::TransactionalTree,
+    item: Option<&[u8]>,
+) -> TxResult<bool> {
+    let Some(p) = item
+        .and_then(decode::<QueueItem>)
+        .and_then(|i| i.multipart().cloned())
+    else {
+        return Ok(false);
+    };
+    let pending = PendingAbort {
+        provider: p.provider,
+        key: p.key,
+        upload_id: p.upload_id,
+    };
+    let key = format!("{META_ABORT_PREFIX}{}", pending.upload_id);
+    meta.insert(key.as_bytes(), encode(&pending))?;
+    Ok(true)
+}
 
 fn get_u64(meta: &sled::Tree, key: &[u8]) -> sled::Result<u64> {
     Ok(meta
@@ -467,6 +515,7 @@ impl Queue {
             trees: RwLock::new(Some(trees)),
             commit: GroupCommit::new(),
             failure: Mutex::new(None),
+            aborts_filed: AtomicBool::new(false),
         };
         // sled recovers a damaged log by dropping what follows the damage:
         // fewer records written than were durable before means records were
@@ -781,9 +830,20 @@ impl Queue {
         self.set_multipart(key, Some(progress.clone()))
     }
 
-    /// Forgets the multipart upload of an item: the next attempt starts afresh.
-    pub fn clear_multipart(&self, key: &ItemKey) -> Result<(), StateError> {
-        self.set_multipart(key, None)
+    /// Forgets the multipart upload of an item: the next attempt starts
+    /// afresh. One still `Open` at the server is filed for an abort.
+    pub fn clear_multipart(&self, key: &ItemKey, given_up: GivenUp) -> Result<(), StateError> {
+        let Some(mut item) = self.item(key)? else {
+            return Ok(());
+        };
+        if !matches!(item.stage, Stage::Upload { .. }) {
+            return Ok(());
+        }
+        item.stage = Stage::Upload { multipart: None };
+        match given_up {
+            GivenUp::Open => self.replace_item_filing_abort(key, Some(&item)),
+            GivenUp::Gone => self.set_item(key, Some(&item)),
+        }
     }
 
     fn set_multipart(
@@ -824,9 +884,10 @@ impl Queue {
         Ok(item.strikes)
     }
 
-    /// Parks an item with its reason until an operator retries it.
+    /// Parks an item with its reason until an operator retries it; a
+    /// multipart upload it had started is filed for an abort.
     pub fn park(&self, key: &ItemKey, reason: &str) -> Result<(), StateError> {
-        self.set_item(key, Some(&QueueItem::parked(reason.to_string())))
+        self.replace_item_filing_abort(key, Some(&QueueItem::parked(reason.to_string())))
     }
 
     /// Queues a parked item again (`retry`); false if it was not parked.
@@ -840,8 +901,67 @@ impl Queue {
 
     /// Drops an item whose file is gone before it was uploaded. Needs proof
     /// that the root was present after the file was found missing.
+    /// A multipart upload it had started is filed for an abort.
     pub fn drop_vanished(&self, key: &ItemKey, _root: &RootPresent) -> Result<(), StateError> {
-        self.set_item(key, None)
+        self.replace_item_filing_abort(key, None)
+    }
+
+    /// [`Queue::set_item`], filing the multipart upload of the item it
+    /// replaces (if any) for an abort, in one transaction: the upload id is
+    /// never gone from the database before its abort went through.
+    fn replace_item_filing_abort(
+        &self,
+        key: &ItemKey,
+        item: Option<&QueueItem>,
+    ) -> Result<(), StateError> {
+        let k = key.as_bytes();
+        let item = item.map(encode);
+        let filed = self.write(|t| {
+            (&t.files, &t.meta)
+                .transaction(|(files, meta)| {
+                    let current = files.get(k)?;
+                    let entry = current.as_deref().and_then(Entry::split);
+                    let filed = file_abort_of(meta, entry.as_ref().and_then(|e| e.item))?;
+                    let new = Entry {
+                        record: entry.and_then(|e| e.record),
+                        item: item.as_deref(),
+                    }
+                    .join();
+                    match new {
+                        Some(v) => files.insert(k, v)?,
+                        None => files.remove(k)?,
+                    };
+                    Ok(filed)
+                })
+                .map_err(tx_err)
+        })?;
+        if filed {
+            self.aborts_filed.store(true, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Whether aborts were filed since the last call.
+    pub fn take_filed_aborts(&self) -> bool {
+        self.aborts_filed.swap(false, Ordering::SeqCst)
+    }
+
+    /// Every multipart upload filed for an abort.
+    pub fn pending_aborts(&self) -> Vec<PendingAbort> {
+        self.read(|t| {
+            Ok(t.meta
+                .scan_prefix(META_ABORT_PREFIX.as_bytes())
+                .values()
+                .filter_map(|v| v.ok().and_then(|v| decode(&v)))
+                .collect())
+        })
+        .unwrap_or_default()
+    }
+
+    /// The abort of `upload_id` went through (or cannot ever): unfiles it.
+    pub fn abort_done(&self, upload_id: &str) -> Result<(), StateError> {
+        let key = format!("{META_ABORT_PREFIX}{upload_id}");
+        self.write(|t| t.meta.remove(key.as_bytes()).map(|_| ()))
     }
 
     /// Replaces (or, with `None`, removes) a file's queue item and keeps its
@@ -1009,21 +1129,29 @@ impl Queue {
         self.set_item(key, Some(&QueueItem::upload_now()))
     }
 
-    /// Removes a file's record and queue item (delete-through).
+    /// Removes a file's record and queue item (delete-through); a multipart
+    /// upload the item had started is filed for an abort.
     pub fn forget(&self, key: &ItemKey) -> Result<(), StateError> {
         let k = key.as_bytes();
-        self.write(|t| {
+        let filed = self.write(|t| {
             (&t.files, &t.meta)
                 .transaction(|(files, meta)| {
-                    if let Some(old) = files.remove(k)?.and_then(|v| record_of(k, &v)) {
+                    let Some(old) = files.remove(k)? else {
+                        return Ok(false);
+                    };
+                    if let Some(old) = record_of(k, &old) {
                         add_u64(meta, META_UPLOADED_COUNT, -1)?;
                         add_u64(meta, META_UPLOADED_BYTES, -(old.size as i128))?;
                         add_u64(meta, META_FORGOTTEN, 1)?;
                     }
-                    Ok(())
+                    file_abort_of(meta, Entry::split(&old).and_then(|e| e.item))
                 })
                 .map_err(tx_err)
-        })
+        })?;
+        if filed {
+            self.aborts_filed.store(true, Ordering::SeqCst);
+        }
+        Ok(())
     }
 
     /// Remembers (or, with `None`, forgets) why a provider is paused, so
@@ -1173,6 +1301,50 @@ mod tests {
         );
         assert_eq!(decode::<QueueItem>(&compact), Some(item.clone()));
         assert_eq!(decode::<QueueItem>(&json), Some(item));
+    }
+
+    /// Whatever gives up an item's upload id files it for an abort in the
+    /// same write, except where the server has it gone already.
+    #[test]
+    fn a_given_up_upload_id_is_filed_for_an_abort() {
+        let (_d, q) = open();
+        let progress = |upload_id: &str| MultipartProgress {
+            provider: "p".into(),
+            key: "pre/v.mp4".into(),
+            upload_id: upload_id.into(),
+            part_size: 5,
+            identity: id(2, 10),
+            parts: Vec::new(),
+            started_ms: 0,
+        };
+        let v = key("v.mp4");
+        let queued = |upload_id: &str| {
+            q.admit(&v, &id(2, 10), Admit::Event).unwrap();
+            q.note_multipart(&v, &progress(upload_id)).unwrap();
+        };
+        let filed = || -> Vec<String> {
+            q.pending_aborts()
+                .into_iter()
+                .map(|p| p.upload_id)
+                .collect()
+        };
+        queued("gone");
+        q.clear_multipart(&v, GivenUp::Gone).unwrap();
+        assert!(filed().is_empty());
+        assert!(!q.take_filed_aborts());
+        q.clear_multipart(&v, GivenUp::Gone).unwrap();
+        q.note_multipart(&v, &progress("cleared")).unwrap();
+        q.clear_multipart(&v, GivenUp::Open).unwrap();
+        q.note_multipart(&v, &progress("parked")).unwrap();
+        q.park(&v, "refused").unwrap();
+        q.forget(&v).unwrap();
+        queued("forgotten");
+        q.forget(&v).unwrap();
+        assert!(q.take_filed_aborts());
+        assert_eq!(filed(), ["cleared", "forgotten", "parked"]);
+        q.abort_done("parked").unwrap();
+        assert_eq!(filed(), ["cleared", "forgotten"]);
+        assert!(q.item(&v).unwrap().is_none());
     }
 
     /// The record count noted beside the database counts what

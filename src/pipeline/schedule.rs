@@ -24,10 +24,10 @@ use crate::pipeline::health::{Change, Health, ProbeTicket};
 use crate::pipeline::live::Live;
 use crate::pipeline::plan::{Deletion, Plan};
 use crate::pipeline::queue::{
-    Admission, Admit, Blame, PausedInfo, Queue, QueueItem, Recovered, Ring, Stage,
+    Admission, Admit, Blame, GivenUp, PausedInfo, Queue, QueueItem, Recovered, Ring, Stage,
 };
 use crate::pipeline::root::{RootGuard, RootStatus};
-use crate::pipeline::upload::{self, Uploader};
+use crate::pipeline::upload::{self, AbortOutcome, Uploader};
 use crate::pipeline::worker::{delete_due_ms, Lane, Outcome, Worker};
 use crate::remote::error::{ErrorClass, StorageError};
 use crate::shutdown::Shutdown;
@@ -45,7 +45,8 @@ use tokio::time::Instant;
 /// Refusals of one item while the provider answered others, before it is parked.
 pub const MAX_STRIKES: u32 = 5;
 
-/// How long a stop waits for the aborts of parked items' multipart uploads.
+/// How long a stop waits for the aborts of multipart uploads given up (those
+/// cut short stay filed and go at the next start).
 const ABORT_GRACE: Duration = Duration::from_secs(5);
 
 /// How often parked items whose file is gone are dropped (see
@@ -203,7 +204,9 @@ pub struct Scheduler {
     tasks: JoinSet<Done>,
     task_keys: HashMap<Id, ItemKey>,
     /// Aborts of the multipart uploads of items parked (one request each).
-    aborts: JoinSet<()>,
+    aborts: JoinSet<(String, AbortOutcome)>,
+    /// Upload ids whose abort is under way.
+    aborting: HashSet<String>,
     /// Paths seen again while in flight: admitted again when they finish.
     recheck: HashSet<ItemKey>,
     /// Paths being deleted through: out of the pipeline.
@@ -263,6 +266,7 @@ impl Scheduler {
             in_flight: HashMap::new(),
             tasks: JoinSet::new(),
             aborts: JoinSet::new(),
+            aborting: HashSet::new(),
             task_keys: HashMap::new(),
             recheck: HashSet::new(),
             held: HashSet::new(),
@@ -427,6 +431,8 @@ impl Scheduler {
         // A root that goes away or comes back pauses or resumes the pipeline
         // at once, and `status` says so, however idle the queue.
         let mut root_changes = self.root.subscribe();
+        // Aborts filed before a stop (or a crash) go again.
+        self.send_aborts();
         loop {
             if shutdown.is_shutdown() {
                 // No new work once the stop is signalled.
@@ -460,7 +466,7 @@ impl Scheduler {
                     }
                 },
                 Some(done) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => self.finished(done),
-                Some(_) = self.aborts.join_next(), if !self.aborts.is_empty() => {}
+                Some(done) = self.aborts.join_next(), if !self.aborts.is_empty() => self.aborted(done),
                 cmd = commands.recv(), if commands_open => match cmd {
                     Some(cmd) => self.command(cmd),
                     None => commands_open = false,
@@ -497,7 +503,10 @@ impl Scheduler {
         }
         self.tasks.shutdown().await;
         let deadline = Instant::now() + grace.min(ABORT_GRACE);
-        while let Ok(Some(_)) = tokio::time::timeout_at(deadline, self.aborts.join_next()).await {}
+        while let Ok(Some(done)) = tokio::time::timeout_at(deadline, self.aborts.join_next()).await
+        {
+            self.aborted(done);
+        }
         self.aborts.shutdown().await;
     }
 
@@ -527,6 +536,10 @@ impl Scheduler {
         if self.paused.is_none() && Instant::now() >= self.next_sweep {
             self.next_sweep = Instant::now() + SWEEP_PARKED_EVERY;
             self.sweep_parked();
+            // Aborts that could not reach the provider go again.
+            self.send_aborts();
+        } else if self.queue.take_filed_aborts() {
+            self.send_aborts();
         }
         let paused = match (self.queue.failed_state(), self.root.status()) {
             (Some(e), _) => Some(e.to_string()),
@@ -578,6 +591,35 @@ impl Scheduler {
         if dropped > 0 {
             tracing::info!(dropped, "dropped {dropped} parked items whose file is gone");
             self.publish();
+        }
+    }
+
+    /// Sends the aborts filed for multipart uploads given up (one request
+    /// each, in the background; see [`Queue::pending_aborts`]).
+    fn send_aborts(&mut self) {
+        let plan = self.current();
+        for p in self.queue.pending_aborts() {
+            if !self.aborting.insert(p.upload_id.clone()) {
+                continue;
+            }
+            let plan = plan.clone();
+            self.aborts.spawn(async move {
+                let outcome = upload::abort_filed(&plan, &p).await;
+                (p.upload_id, outcome)
+            });
+        }
+    }
+
+    /// An abort came back: settled ones are unfiled.
+    fn aborted(&mut self, done: Result<(String, AbortOutcome), tokio::task::JoinError>) {
+        let Ok((upload_id, outcome)) = done else {
+            return;
+        };
+        self.aborting.remove(&upload_id);
+        if outcome == AbortOutcome::Settled {
+            if let Err(e) = self.queue.abort_done(&upload_id) {
+                tracing::debug!(error = %e, "cannot unfile an abort");
+            }
         }
     }
 
@@ -885,7 +927,12 @@ impl Scheduler {
         match err.class {
             ErrorClass::Item => self.park(key, err.message),
             ErrorClass::RestartUpload => {
-                if let Err(e) = self.queue.clear_multipart(&key) {
+                // InvalidPart leaves the upload open at the server.
+                let given_up = match err.code.as_deref() {
+                    Some("InvalidPart" | "InvalidPartOrder") => GivenUp::Open,
+                    _ => GivenUp::Gone,
+                };
+                if let Err(e) = self.queue.clear_multipart(&key, given_up) {
                     tracing::error!(error = %e, "{e}");
                 }
                 tracing::warn!(path = %key, error = %err.message, "restarting the upload");
@@ -1060,11 +1107,6 @@ impl Scheduler {
             .as_ref()
             .is_some_and(|i| matches!(&i.stage, Stage::Parked { reason: r } if *r == reason));
         self.lanes.remove(&key);
-        if let Some(p) = item.as_ref().and_then(|i| i.multipart()).cloned() {
-            let plan = self.current();
-            self.aborts
-                .spawn(async move { upload::abort_stale(&plan, &p).await });
-        }
         if !same {
             if let Err(e) = self.queue.park(&key, &reason) {
                 tracing::error!(path = %key, error = %e, "cannot park {key}: {e}");

@@ -17,7 +17,9 @@ use crate::pipeline::budget::{Budget, Buffer, BufferKind, Pacer, Turn};
 use crate::pipeline::finished::FileIdentity;
 use crate::pipeline::live::Progress;
 use crate::pipeline::plan::Plan;
-use crate::pipeline::queue::{MultipartProgress, PartDone, Queue, StateError};
+use crate::pipeline::queue::{
+    GivenUp, MultipartProgress, PartDone, PendingAbort, Queue, StateError,
+};
 use crate::remote::client::{complete_timeout, request_timeout};
 use crate::remote::error::{ErrorClass, StorageError};
 use crate::remote::object_options::ObjectOptions;
@@ -178,8 +180,8 @@ impl Uploader {
         // This file's buffers come before those of every file of its kind
         // started later (whole files before parts: budget.rs).
         if identity.size <= settings.multipart_threshold {
-            if let Some(p) = job.previous {
-                self.abandon(job, p).await?;
+            if job.previous.is_some() {
+                self.abandon(job)?;
             }
             let turn = self.budget.turn(BufferKind::WholeFile);
             self.send_single(job, file, identity, turn).await
@@ -260,7 +262,7 @@ impl Uploader {
                         if let Some(sent) =
                             self.already_there(job, &file, identity, part_size).await?
                         {
-                            self.queue.clear_multipart(job.item_key)?;
+                            self.queue.clear_multipart(job.item_key, GivenUp::Gone)?;
                             return Ok(sent);
                         }
                         // Only an upload the server says is gone starts again.
@@ -271,12 +273,12 @@ impl Uploader {
                             return Err(UploadError::Storage(e));
                         }
                         tracing::info!(path = %job.abs.display(), error = %e, "the recorded multipart upload cannot be resumed; starting it again");
-                        self.abandon(job, p).await?;
+                        self.abandon(job)?;
                     }
                     other => return other,
                 }
             } else {
-                self.abandon(job, p).await?;
+                self.abandon(job)?;
             }
         }
         let upload_id = job.store.initiate(job.key, job.options, part_size).await?;
@@ -361,7 +363,7 @@ impl Uploader {
             let restart = matches!(e, UploadError::Changed)
                 || matches!(&e, UploadError::Storage(s) if s.class == ErrorClass::RestartUpload);
             if restart {
-                self.abandon(job, &snapshot).await?;
+                self.abandon(job)?;
             } else {
                 // Keep what was sent for the next attempt.
                 let _ = self.queue.note_multipart(job.item_key, &snapshot);
@@ -369,7 +371,7 @@ impl Uploader {
             return Err(e);
         }
         if let Err(e) = unchanged(file, &identity) {
-            self.abandon(job, &snapshot).await?;
+            self.abandon(job)?;
             return Err(e);
         }
         let mut parts = snapshot.parts.clone();
@@ -387,9 +389,9 @@ impl Uploader {
                 // InvalidPart leaves the upload open at the server: abort it
                 // before it is forgotten (NoSuchUpload: nothing to abort).
                 if e.code.as_deref() == Some("NoSuchUpload") {
-                    self.queue.clear_multipart(job.item_key)?;
+                    self.queue.clear_multipart(job.item_key, GivenUp::Gone)?;
                 } else if e.class == ErrorClass::RestartUpload {
-                    self.abandon(job, &snapshot).await?;
+                    self.abandon(job)?;
                 }
                 return Err(e.into());
             }
@@ -477,10 +479,10 @@ impl Uploader {
         }))
     }
 
-    /// Aborts a recorded multipart upload and forgets it.
-    async fn abandon(&self, job: &Job<'_>, p: &MultipartProgress) -> Result<(), StateError> {
-        abort_stale(job.plan, p).await;
-        self.queue.clear_multipart(job.item_key)
+    /// Forgets the recorded multipart upload, filed for an abort (the
+    /// scheduler sends it).
+    fn abandon(&self, job: &Job<'_>) -> Result<(), StateError> {
+        self.queue.clear_multipart(job.item_key, GivenUp::Open)
     }
 
     fn progressed(&self) {
@@ -527,13 +529,36 @@ pub fn composite_etag(file: &File, size: u64, part_size: u64) -> std::io::Result
 /// it was started on (the target, or another one since a switch); failures,
 /// or a provider no longer configured, only leave parts that the bucket's
 /// lifecycle rules or a later rebuild clean up.
-pub async fn abort_stale(plan: &Plan, p: &MultipartProgress) {
+/// Whether a filed abort is done with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortOutcome {
+    /// Aborted, or never can be: unfiled.
+    Settled,
+    /// The provider could not be reached, or refused everything: tried
+    /// again later.
+    Later,
+}
+
+/// Sends the abort of a multipart upload given up (see
+/// [`Queue`]'s `PendingAbort`).
+pub async fn abort_filed(plan: &Plan, p: &PendingAbort) -> AbortOutcome {
     let Some(store) = plan.store_named(&p.provider) else {
         tracing::warn!(key = %p.key, provider = %p.provider, "an abandoned multipart upload on provider `{}` is left to its bucket's lifecycle rules: that provider is no longer configured, or cannot be used", p.provider);
-        return;
+        return AbortOutcome::Settled;
     };
-    if let Err(e) = store.abort(&p.key, &p.upload_id).await {
-        tracing::warn!(key = %p.key, error = %e, "could not abort an abandoned multipart upload");
+    match store.abort(&p.key, &p.upload_id).await {
+        Ok(()) => AbortOutcome::Settled,
+        // Completed or aborted already.
+        Err(e) if e.code.as_deref() == Some("NoSuchUpload") => AbortOutcome::Settled,
+        // Unreachable, or refusing everything (a key being fixed).
+        Err(e) if matches!(e.class, ErrorClass::Transient | ErrorClass::ProviderWide) => {
+            tracing::debug!(key = %p.key, error = %e, "could not abort an abandoned multipart upload yet; trying again later");
+            AbortOutcome::Later
+        }
+        Err(e) => {
+            tracing::warn!(key = %p.key, error = %e, "could not abort an abandoned multipart upload; it is left to the bucket's lifecycle rules");
+            AbortOutcome::Settled
+        }
     }
 }
 

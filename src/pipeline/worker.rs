@@ -11,7 +11,7 @@ use crate::pipeline::finished::{self, FileIdentity, Readiness};
 use crate::pipeline::plan::{Deletion, Plan};
 use crate::pipeline::queue::{AfterUpload, Queue, QueueItem, Stage, StateError};
 use crate::pipeline::root::RootGuard;
-use crate::pipeline::upload::{self, Job, UploadError, Uploader};
+use crate::pipeline::upload::{Job, UploadError, Uploader};
 use crate::pipeline::{record, verify};
 use crate::remote::error::StorageError;
 use crate::remote::store::Store;
@@ -118,18 +118,16 @@ impl Worker {
         }
     }
 
-    /// Parks the item; a multipart upload it had started is aborted first.
-    async fn park(&self, key: &ItemKey, item: &QueueItem, reason: String) -> Outcome {
-        if let Some(p) = item.multipart() {
-            upload::abort_stale(&self.started, p).await;
-        }
+    /// Parks the item; a multipart upload it had started is filed for an
+    /// abort (the scheduler sends it).
+    async fn park(&self, key: &ItemKey, reason: String) -> Outcome {
         state!(self.queue.park(key, &reason));
         self.metrics.upload_failed("parked");
         Outcome::Parked(reason)
     }
 
     /// The file is gone: the item is dropped, if the root is there to prove it.
-    async fn vanished(&self, key: &ItemKey, item: &QueueItem) -> Outcome {
+    async fn vanished(&self, key: &ItemKey) -> Outcome {
         let present = match self.root.check() {
             Ok(p) => p,
             Err(why) => return Outcome::RootGone(why),
@@ -143,9 +141,7 @@ impl Worker {
                 lane: Lane::Upload,
             };
         }
-        if let Some(p) = item.multipart() {
-            upload::abort_stale(&self.started, p).await;
-        }
+        // A multipart upload it had started is filed for an abort.
         state!(self.queue.drop_vanished(key, &present));
         self.metrics.upload_failed("vanished");
         tracing::debug!(path = %key, "file deleted before its upload; dropped");
@@ -162,12 +158,12 @@ impl Worker {
                 "{key} is below {}, a symbolic link; offloadd does not follow links inside the root",
                 link.display()
             );
-            return self.park(key, item, reason).await;
+            return self.park(key, reason).await;
         }
         // Every attempt starts only when the finished-file rule holds now.
         let checked = match finished::check(&abs, opts.settle) {
             Readiness::Ready(identity) => identity,
-            Readiness::Gone | Readiness::NotAFile => return self.vanished(key, item).await,
+            Readiness::Gone | Readiness::NotAFile => return self.vanished(key).await,
             Readiness::Writing => {
                 return Outcome::Later {
                     due_ms: now_ms() + WRITER_RECHECK.max(opts.settle).as_millis() as u64,
@@ -183,24 +179,23 @@ impl Worker {
             Readiness::Symlink => {
                 return self.park(
                     key,
-                    item,
                     format!("{key} is a symbolic link; offloadd does not follow links (upload the target itself, or copy the file in)"),
                 )
                 .await
             }
             Readiness::Unreadable(e) => {
                 return self
-                    .park(key, item, format!("cannot inspect {}: {e}", abs.display()))
+                    .park(key, format!("cannot inspect {}: {e}", abs.display()))
                     .await
             }
         };
         let rel = match key.rel(&opts.root) {
             Ok(r) => r,
-            Err(e) => return self.park(key, item, e.to_string()).await,
+            Err(e) => return self.park(key, e.to_string()).await,
         };
         let object = match store.provider().object_key(&rel) {
             Ok(k) => k,
-            Err(e) => return self.park(key, item, e.to_string()).await,
+            Err(e) => return self.park(key, e.to_string()).await,
         };
         let provider = store.provider();
         let options = opts.object_rules.options_for(
@@ -221,7 +216,7 @@ impl Worker {
         };
         let sent = match self.uploader.send(&job, opts.upload).await {
             Ok(s) => s,
-            Err(UploadError::Vanished) => return self.vanished(key, item).await,
+            Err(UploadError::Vanished) => return self.vanished(key).await,
             Err(UploadError::Changed) => {
                 self.metrics.upload_failed("changed");
                 tracing::info!(path = %rel, "file changed while being read; it is uploaded once it is finished again");
@@ -230,7 +225,7 @@ impl Worker {
                     lane: Lane::Upload,
                 };
             }
-            Err(UploadError::Park(reason)) => return self.park(key, item, reason).await,
+            Err(UploadError::Park(reason)) => return self.park(key, reason).await,
             Err(UploadError::Storage(e)) => return Outcome::Failed(e),
             Err(UploadError::State(e)) => return Outcome::State(e),
         };

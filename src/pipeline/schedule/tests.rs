@@ -1156,3 +1156,40 @@ async fn parked_items_whose_file_is_gone_are_dropped() {
     assert!(h.queue.item(&kept).unwrap().unwrap().is_parked());
     h.stop().await;
 }
+
+/// The abort of a multipart upload given up stays filed until it goes
+/// through: the provider fails it (a 500), and the next start sends it
+/// again; failed again, the next sweep does. The upload id used to be
+/// forgotten when the item was parked, whatever became of its abort (a
+/// failure, or a stop before it went), leaving its parts billed for good.
+#[tokio::test(start_paused = true)]
+async fn an_abort_that_fails_is_sent_again() {
+    let mut h = Harness::new(Deletion::Keep);
+    let fail_aborts = Arc::new(AtomicBool::new(true));
+    let fail = fail_aborts.clone();
+    h.store.script(move |r| match r.op {
+        Op::Part => Some(http_error(413, "EntityTooLarge")),
+        Op::Abort if fail.load(Ordering::SeqCst) => Some(http_error(500, "InternalError")),
+        _ => None,
+    });
+    h.write("refused.mp4", &vec![7u8; (12 * MIB) as usize])
+        .await;
+    let key = Harness::key("refused.mp4");
+    until(600, "parked", || h.live.shown().failed.contains_key(&key)).await;
+    until(10, "an abort tried", || h.count(Op::Abort) >= 1).await;
+    h.stop().await;
+    assert_eq!(h.queue.pending_aborts().len(), 1, "filed until it goes");
+
+    // The next start sends it again; it fails once more.
+    h.start(Deletion::Keep);
+    until(10, "sent again at the start", || h.count(Op::Abort) >= 2).await;
+    fail_aborts.store(false, Ordering::SeqCst);
+    tokio::time::sleep(SWEEP_PARKED_EVERY + Duration::from_secs(1)).await;
+    until(10, "aborted by the sweep", || {
+        h.queue.pending_aborts().is_empty()
+    })
+    .await;
+    assert_eq!(h.count(Op::Abort), 3);
+    assert_eq!(h.count(Op::Initiate), 1);
+    h.stop().await;
+}
