@@ -12,6 +12,7 @@
 use crate::pipeline::queue::StateError;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -102,6 +103,9 @@ impl Lock {
             }
             return Err(unusable(err));
         }
+        // Group-readable whatever the umask (the units set 0077): `status`
+        // run by the offloadd group reads who holds it.
+        let _ = file.set_permissions(std::fs::Permissions::from_mode(0o640));
         file.set_len(0).map_err(unusable)?;
         file.rewind().map_err(unusable)?;
         match holder {
@@ -353,6 +357,8 @@ pub fn write_snapshot(state_dir: &Path, json: &[u8]) -> std::io::Result<()> {
         .create_new(true)
         .mode(0o640)
         .open(&tmp)?;
+    // The mode above passes through the umask (the units set 0077).
+    f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
     f.write_all(json)?;
     drop(f);
     std::fs::rename(tmp, snapshot_path(state_dir))
@@ -515,6 +521,23 @@ mod tests {
         };
         assert!(old.is(&stored) && stored.is(&old));
         assert!(!old.is(&RootId { fsid: 2, ..stored }));
+    }
+
+    /// The units run offloadd with `UMask=0077`; the status snapshot and the
+    /// lock file must still be readable by the offloadd group, for `status`.
+    #[test]
+    fn status_files_are_group_readable_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        // SAFETY: umask only swaps the process's file mode mask.
+        let old = unsafe { libc::umask(0o077) };
+        let lock = Lock::acquire(dir.path(), Holder::Daemon);
+        let snapshot = write_snapshot(dir.path(), b"{}");
+        unsafe { libc::umask(old) };
+        let (_lock, ()) = (lock.unwrap(), snapshot.unwrap());
+        for path in [Lock::path(dir.path()), snapshot_path(dir.path())] {
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o640, "{}", path.display());
+        }
     }
 
     #[test]
