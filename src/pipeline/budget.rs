@@ -11,9 +11,15 @@
 //!
 //! It also keeps big buffers for reuse ([`Buffer`]): a part's buffer, once
 //! sent, serves the next part of the same size instead of being unmapped and
-//! faulted in again (a tenth of the CPU of a big upload). Spare buffers and
-//! buffers in use together stay within the budget, and the spares are freed
-//! as soon as no upload holds a reservation, so an idle daemon keeps none.
+//! faulted in again (a tenth of the CPU of a big upload). Spares are held but
+//! not reserved, so the invariant is on the bytes held: spare buffers and the
+//! buffers in use (taken under reservations), of every size, never exceed the
+//! limit together, and no spare is kept while the buffers in use alone do (a
+//! lowered limit). A new buffer takes a spare of its own size if there is one,
+//! else first frees the spares that do not fit beside it. Small files' buffers
+//! count too: whole files are served before parts, so the bytes a sent part
+//! gives back go to them while its buffer is a spare. The spares are freed as
+//! soon as no upload holds a reservation, so an idle daemon keeps none.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,7 +72,8 @@ struct Line {
     /// behind it is served while it does not fit (no buffer starves).
     waiting: BTreeMap<(Turn, u64), Waiter>,
     arrivals: u64,
-    /// Bytes of the [`Buffer`]s of at least [`REUSE_MIN`] bytes alive now.
+    /// Bytes of the [`Buffer`]s alive now, of every size: spares must fit
+    /// beside small ones too.
     buffers_live: u64,
     /// Sent buffers kept for the next one of the same size.
     spares: Vec<Vec<u8>>,
@@ -102,6 +109,18 @@ impl Line {
             // the line, gives the bytes back.
             let _ = w.wake.send(());
         }
+    }
+
+    /// Takes out the spares that do not fit beside the buffers in use, for
+    /// the caller to free once it has let go of the lock.
+    fn evict(&mut self) -> Vec<Vec<u8>> {
+        let mut evicted = Vec::new();
+        while self.spare_bytes + self.buffers_live > self.total {
+            let Some(b) = self.spares.pop() else { break };
+            self.spare_bytes -= b.len() as u64;
+            evicted.push(b);
+        }
+        evicted
     }
 }
 
@@ -165,9 +184,9 @@ impl Drop for Buffer {
         let len = self.data.len() as u64;
         let mut line = inner.line.lock().expect("budget lock");
         line.buffers_live -= len;
-        // Kept only while an upload may want it, and only as long as spares
-        // and buffers in use fit the budget together.
-        let wanted = line.used > 0;
+        // Kept only if big, while an upload may want it, and only as long as
+        // spares and buffers in use fit the budget together.
+        let wanted = line.used > 0 && len >= REUSE_MIN as u64;
         if wanted && line.spare_bytes + line.buffers_live + len <= line.total {
             line.spare_bytes += len;
             line.spares.push(std::mem::take(&mut self.data));
@@ -224,11 +243,16 @@ impl Budget {
 
     /// Changes the limit (a reload). Every upload, old and new, shares this
     /// one budget, so the bytes held never exceed the limit in force; after a
-    /// lower limit, nothing more is handed out until the bytes held fit it.
+    /// lower limit, nothing more is handed out until the bytes held fit it,
+    /// and the spares that no longer fit are freed.
     pub fn set_limit(&self, limit_bytes: u64) {
-        let mut line = self.inner.line.lock().expect("budget lock");
-        line.total = limit_bytes.max(1);
-        line.serve();
+        let evicted = {
+            let mut line = self.inner.line.lock().expect("budget lock");
+            line.total = limit_bytes.max(1);
+            line.serve();
+            line.evict()
+        };
+        drop(evicted);
     }
 
     /// A new place in line for a file's buffers of `kind`, after every turn
@@ -308,16 +332,14 @@ impl Budget {
     /// (its old contents are overwritten by the caller), else a new one, for
     /// which spares that no longer fit the budget beside it are freed.
     pub fn buffer(&self, len: usize) -> Buffer {
-        if len < REUSE_MIN {
-            return Buffer {
-                data: vec![0; len],
-                home: None,
-            };
-        }
         let evicted = {
             let mut line = self.inner.line.lock().expect("budget lock");
             line.buffers_live += len as u64;
-            if let Some(i) = line.spares.iter().position(|b| b.len() == len) {
+            // Taken before any spare is freed: a part reuses its own size's.
+            let spare = (len >= REUSE_MIN)
+                .then(|| line.spares.iter().position(|b| b.len() == len))
+                .flatten();
+            if let Some(i) = spare {
                 let data = line.spares.swap_remove(i);
                 line.spare_bytes -= len as u64;
                 return Buffer {
@@ -325,13 +347,7 @@ impl Budget {
                     home: Some(self.inner.clone()),
                 };
             }
-            let mut evicted = Vec::new();
-            while line.spare_bytes + line.buffers_live > line.total {
-                let Some(b) = line.spares.pop() else { break };
-                line.spare_bytes -= b.len() as u64;
-                evicted.push(b);
-            }
-            evicted
+            line.evict()
         };
         drop(evicted);
         Buffer {
@@ -694,6 +710,89 @@ mod tests {
         drop(b.buffer(REUSE_MIN - 1));
         assert_eq!(b.spare_bytes(), 12 * MIB as u64);
         drop(r);
+    }
+
+    /// Bytes in the buffers the test holds plus the budget's spares.
+    fn held(b: &Budget, buffers: &[&Buffer]) -> u64 {
+        let in_use: usize = buffers.iter().map(|buf| buf.as_ref().len()).sum();
+        in_use as u64 + b.spare_bytes()
+    }
+
+    #[tokio::test]
+    async fn spares_and_small_buffers_fit_the_budget_together() {
+        // A video's four lanes fill the budget; one part is sent and its
+        // buffer kept as a spare, then thumbnails (whole files, served before
+        // the video's next part) take the bytes that part gives back.
+        let total = 32 * MIB as u64;
+        let b = Budget::new(total);
+        let video = turn(&b);
+        let mut lanes = Vec::new();
+        for _ in 0..4 {
+            let r = b.reserve(video, 8 * MIB as u64).await;
+            lanes.push((r, b.buffer(8 * MIB)));
+        }
+        let (sent_reservation, sent) = lanes.pop().expect("a lane");
+        drop(sent.into_bytes());
+        assert_eq!(b.spare_bytes(), 8 * MIB as u64);
+        let thumbnails: Vec<_> = (0..16)
+            .map(|_| b.reserve(b.turn(BufferKind::WholeFile), (MIB / 2) as u64))
+            .collect();
+        let next_part = b.reserve(video, 8 * MIB as u64);
+        drop(sent_reservation);
+        let mut small = Vec::new();
+        for t in thumbnails {
+            let r = t.await;
+            small.push((r, b.buffer(MIB / 2)));
+        }
+        assert_eq!(b.in_use(), total, "the thumbnails took the freed bytes");
+        let buffers: Vec<&Buffer> = lanes.iter().chain(&small).map(|(_, buf)| buf).collect();
+        assert!(
+            held(&b, &buffers) <= total,
+            "{} bytes held: the spare was kept beside the thumbnails",
+            held(&b, &buffers)
+        );
+        drop(small);
+        let r = next_part.await;
+        let part = b.buffer(8 * MIB);
+        let buffers: Vec<&Buffer> = lanes.iter().map(|(_, buf)| buf).chain([&part]).collect();
+        assert!(held(&b, &buffers) <= total);
+        drop((r, part, lanes));
+        assert_eq!((b.in_use(), b.spare_bytes()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_lower_limit_frees_the_spares_that_no_longer_fit() {
+        let b = Budget::new(32 * MIB as u64);
+        let r = b.reserve(turn(&b), 16 * MIB as u64).await;
+        let in_use = b.buffer(8 * MIB);
+        drop(b.buffer(8 * MIB));
+        assert_eq!(b.spare_bytes(), 8 * MIB as u64);
+        b.set_limit(12 * MIB as u64);
+        assert_eq!(b.spare_bytes(), 0, "8 + 8 MiB held, over 12");
+        drop((in_use, r));
+    }
+
+    #[tokio::test]
+    async fn a_full_budget_still_reuses_a_part_buffer() {
+        // Four lanes of 8 MiB fill the default 32 MiB budget: a lane's next
+        // part takes its last part's buffer, not a new one.
+        let b = Budget::new(32 * MIB as u64);
+        let video = turn(&b);
+        let mut lanes = Vec::new();
+        for _ in 0..4 {
+            let r = b.reserve(video, 8 * MIB as u64).await;
+            lanes.push((r, b.buffer(8 * MIB)));
+        }
+        let (sent_reservation, sent) = lanes.pop().expect("a lane");
+        let at = sent.as_ref().as_ptr();
+        drop(sent.into_bytes());
+        let next = b.reserve(video, 8 * MIB as u64);
+        drop(sent_reservation);
+        let r = next.await;
+        let part = b.buffer(8 * MIB);
+        assert_eq!(part.as_ref().as_ptr(), at, "the same memory again");
+        assert_eq!(b.spare_bytes(), 0);
+        drop((r, part, lanes));
     }
 
     #[tokio::test]
