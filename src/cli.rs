@@ -31,7 +31,7 @@ pub enum Command {
     /// secrets masked; exits 78 if it cannot offload.
     CheckConfig {
         /// A path relative to the root to show the object rule it hits (repeatable;
-        /// default: a few files found in the root).
+        /// default, when `rules:` is set: a few files found in the root).
         #[arg(long = "sample", value_name = "REL_PATH")]
         samples: Vec<String>,
     },
@@ -41,14 +41,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print where a file lives now: its public URL if offloaded, else its local
-    /// path; exit 1 if unknown.
+    /// Print where a file lives now: its public URL if offloaded (provider:key
+    /// where the provider has no public URL), else its local path; exit 1 if
+    /// unknown.
     Locate {
         /// Path relative to the watch root, e.g. images/2026/a.png.
         rel_path: String,
     },
     /// Probe a provider (default: the active one): put a tiny object under the
-    /// prefix, read it back, compare, delete it; exit 1 with a diagnosis on failure.
+    /// prefix, read it back, compare, delete it; exit 1 with a diagnosis on
+    /// failure, 78 if the provider cannot be used as configured.
     TestConnection {
         /// Provider name from storage.providers.
         provider: Option<String>,

@@ -265,7 +265,7 @@ pub async fn run(
     };
     if let Target::Provider(_) = settings.plan.target {
         let prepared = reloader.prepare_watcher(&settings)?;
-        settings.commit_mark().map_err(Fatal::Config)?;
+        settings.commit_mark().map_err(Fatal::State)?;
         tasks.push(("watcher", reloader.launch_watcher(prepared)));
     }
     let pacer = Pacer::new(settings.bandwidth_now().limit.bytes_per_sec());
@@ -467,7 +467,7 @@ impl Reloader {
             }
             _ => None,
         };
-        cur.commit_mark()?;
+        cur.commit_mark().map_err(|e| e.to_string())?;
         // The scheduler takes the new plan first, so that what the watcher
         // finds from now on is judged by it.
         let (applied, done) = tokio::sync::oneshot::channel();

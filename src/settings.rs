@@ -9,6 +9,7 @@ use crate::pipeline::backoff::Backoff;
 use crate::pipeline::budget::Budget;
 use crate::pipeline::filter::Rules;
 use crate::pipeline::plan::{Deletion, Options, Plan, Target};
+use crate::pipeline::queue::StateError;
 use crate::pipeline::timetable::{Limit, Timetable};
 use crate::pipeline::upload;
 use crate::remote::client::Client;
@@ -181,16 +182,21 @@ impl Settings {
     /// nothing can refuse these settings any more: a refused reload or a
     /// failed start must not set it, or files written in local mode after it
     /// would later count as new instead of being left to `backfill`.
-    pub fn commit_mark(&self) -> Result<(), String> {
+    pub fn commit_mark(&self) -> Result<(), StateError> {
         let Some(ns) = self.unwritten_mark else {
             return Ok(());
         };
         let dir = &self.config.state_dir;
         statedir::mark::set_once(dir, ns).map_err(|e| {
-            format!(
-                "cannot write the managed-since mark in {}: {e}; make state_dir writable",
-                dir.display()
-            )
+            let message = format!("cannot write the managed-since mark: {e}");
+            match e.raw_os_error() {
+                // A full disk: a restart may find the space back (exit 1).
+                Some(libc::ENOSPC | libc::EDQUOT) => StateError::Failed {
+                    dir: dir.clone(),
+                    message,
+                },
+                _ => StateError::unusable(dir, message),
+            }
         })
     }
 

@@ -191,7 +191,10 @@ fn example_server_block(listen: u16, root: &std::path::Path, offloadd: u16) -> S
     let mut block = example[start..].to_string();
     for (from, to) in [
         ("listen 80;", format!("listen 127.0.0.1:{listen};")),
-        ("root /srv/results;", format!("root {};", root.display())),
+        (
+            "root /srv/app/storage/results;",
+            format!("root {};", root.display()),
+        ),
         ("127.0.0.1:9187", format!("127.0.0.1:{offloadd}")),
     ] {
         assert!(block.contains(from), "the example lost `{from}`");

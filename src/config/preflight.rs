@@ -93,7 +93,7 @@ pub fn rule_lines(config: &crate::config::Config, samples: &[crate::keys::RelPat
 /// Opens up to [`SAMPLE`] files the application wrote, and checks their
 /// directories are writable (deleting a file needs that) when `delete_local`.
 fn probe_existing(root: &Path, delete_local: bool) -> Probe {
-    let fix = "give the offloadd user access through a shared group with setgid directories or default ACLs (see packaging/README.md)";
+    let fix = "give the offloadd user access through a shared group with setgid directories or default ACLs (see /usr/share/doc/offloadd/README.md, packaging/README.md in the source)";
     let mut checked = 0;
     for entry in walkdir::WalkDir::new(root)
         .follow_links(false)
@@ -139,7 +139,7 @@ pub fn run(root: &Path, state_dir: &Path, delete_local: bool) -> Vec<Probe> {
         probe_dir(
             root,
             "the watch root",
-            "give the offloadd user read and write access to it (shared group with setgid directories, or default ACLs; see README)",
+            "give the offloadd user read and write access to it (shared group with setgid directories, or default ACLs; see /usr/share/doc/offloadd/README.md, packaging/README.md in the source)",
         ),
         if state_dir.is_dir() {
             probe_dir(state_dir, "state_dir", "make it writable by the offloadd user")

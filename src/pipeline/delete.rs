@@ -148,7 +148,7 @@ impl Drop for Aside {
 fn kept(abs: &Path, e: &std::io::Error) -> LocalOutcome {
     match e.kind() {
         std::io::ErrorKind::PermissionDenied => LocalOutcome::Kept(format!(
-            "uploaded, local copy kept: permission denied deleting {}; give the offloadd user write access to its directory (see README)",
+            "uploaded, local copy kept: permission denied deleting {}; give the offloadd user write access to its directory (see /usr/share/doc/offloadd/README.md, packaging/README.md in the source)",
             abs.display()
         )),
         _ => LocalOutcome::Kept(format!(

@@ -926,7 +926,7 @@ fn watch_dir(shared: &WalkerShared, dir: &Path) {
                     .map(|s| s.trim().to_string())
                     .unwrap_or_else(|_| "?".into());
                 let text = format!(
-                    "the inotify watch limit is reached (fs.inotify.max_user_watches = {limit}): directories beyond it are not watched, and their new files are found by a rescan every {} s instead of at once; raise the limit (sysctl fs.inotify.max_user_watches=…, see README)",
+                    "the inotify watch limit is reached (fs.inotify.max_user_watches = {limit}): directories beyond it are not watched, and their new files are found by a rescan every {} s instead of at once; raise the limit (sysctl fs.inotify.max_user_watches=…)",
                     LIMITED_RESCAN.as_secs()
                 );
                 tracing::warn!(dir = %dir.display(), "{text}");

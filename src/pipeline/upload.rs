@@ -88,7 +88,7 @@ fn open_error(abs: &Path, e: std::io::Error) -> UploadError {
     match e.kind() {
         std::io::ErrorKind::NotFound => UploadError::Vanished,
         std::io::ErrorKind::PermissionDenied => UploadError::Park(format!(
-            "cannot read {}: permission denied; give the offloadd user read access (see README: shared group or default ACL)",
+            "cannot read {}: permission denied; give the offloadd user read access (shared group or default ACL: see /usr/share/doc/offloadd/README.md, packaging/README.md in the source)",
             abs.display()
         )),
         _ if e.raw_os_error() == Some(libc::ELOOP) => UploadError::Park(format!(
