@@ -482,6 +482,26 @@ fn given(v: &Option<String>) -> Option<String> {
     v.clone().filter(|v| !v.trim().is_empty())
 }
 
+/// The domain of a kind's own service, whose public address the kind
+/// derives (`None`: the endpoint is the service, whatever it is).
+fn kind_domain(kind: Kind) -> Option<&'static str> {
+    match kind {
+        Kind::S3 => Some("amazonaws.com"),
+        Kind::Wasabi => Some("wasabisys.com"),
+        Kind::Spaces => Some("digitaloceanspaces.com"),
+        Kind::Gcs => Some("googleapis.com"),
+        Kind::R2 | Kind::Minio | Kind::Custom => None,
+    }
+}
+
+/// The host of an `http(s)://host[:port][/…]` endpoint, lower-cased.
+fn host_of(endpoint: &str) -> Option<String> {
+    let rest = endpoint.split_once("://")?.1;
+    let authority = rest.split('/').next()?;
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    Some(host.to_ascii_lowercase())
+}
+
 /// The bucket, region, endpoint, addressing and public URL base of a
 /// validated section.
 pub fn place(name: &str, s: &ProviderSection) -> Result<Place, Incomplete> {
@@ -519,20 +539,35 @@ pub fn place(name: &str, s: &ProviderSection) -> Result<Place, Incomplete> {
             ))
         }
     };
+    // A dotted name as a host label breaks the provider's wildcard
+    // certificate (`a.b.s3.….amazonaws.com` is not `*.s3.….amazonaws.com`).
     let dotted = bucket.contains('.');
     let addressing = match (s.path_style, kind) {
         (Some(true), _) => Addressing::Path,
         (Some(false), _) => Addressing::VirtualHost,
-        (None, Kind::S3) if dotted => Addressing::Path,
+        (None, Kind::S3 | Kind::Wasabi | Kind::Spaces) if dotted => Addressing::Path,
         (None, Kind::S3 | Kind::R2 | Kind::Wasabi | Kind::Spaces) => Addressing::VirtualHost,
         (None, Kind::Gcs | Kind::Minio | Kind::Custom) => Addressing::Path,
     };
+    // The kind's own public address is only where its own service answers:
+    // an `s3` section whose endpoint is another service (Backblaze, say) has
+    // none, so it needs `public_url` (or keeps its local copies).
+    let own_service = match kind_domain(kind) {
+        Some(domain) => {
+            host_of(&endpoint).is_some_and(|h| h == domain || h.ends_with(&format!(".{domain}")))
+        }
+        None => true,
+    };
     let public_url_base = match (&s.public_url, kind) {
         (Some(url), _) => Some(url.trim_end_matches('/').to_owned()),
+        (None, _) if !own_service => None,
         (None, Kind::S3) if dotted => Some(format!("https://s3.{region}.amazonaws.com/{bucket}")),
         (None, Kind::S3) => Some(format!("https://{bucket}.s3.{region}.amazonaws.com")),
         (None, Kind::R2) => None,
         (None, Kind::Wasabi) => Some(format!("https://s3.{region}.wasabisys.com/{bucket}")),
+        (None, Kind::Spaces) if dotted => {
+            Some(format!("https://{region}.digitaloceanspaces.com/{bucket}"))
+        }
         (None, Kind::Spaces) => Some(format!("https://{bucket}.{region}.digitaloceanspaces.com")),
         (None, Kind::Gcs) => Some(format!("https://storage.googleapis.com/{bucket}")),
         (None, Kind::Minio | Kind::Custom) => Some(format!("{endpoint}/{bucket}")),
@@ -701,6 +736,44 @@ mod tests {
         assert_eq!(r.region, region);
         assert_eq!(r.addressing, addressing);
         assert_eq!(r.public_url_base.as_deref(), public);
+    }
+
+    /// A kind's own public address only where its own service answers; a
+    /// dotted bucket goes path-style wherever its name would be a host label
+    /// under the provider's wildcard certificate.
+    #[test]
+    fn an_endpoint_elsewhere_has_no_public_address_of_the_kind() {
+        use Addressing::*;
+        let r = resolved(
+            "kind: s3\nregion: us-west-004\nendpoint: https://s3.us-west-004.backblazeb2.com",
+        );
+        check(
+            &r,
+            "https://s3.us-west-004.backblazeb2.com",
+            "us-west-004",
+            VirtualHost,
+            None,
+        );
+        let r = resolved(
+            "kind: s3\nregion: us-east-1\nendpoint: https://s3-fips.us-east-1.amazonaws.com",
+        );
+        assert_eq!(
+            r.public_url_base.as_deref(),
+            Some("https://media.s3.us-east-1.amazonaws.com")
+        );
+        let r = resolved("kind: s3\nregion: us-west-004\nendpoint: https://s3.us-west-004.backblazeb2.com\npublic_url: https://f004.backblazeb2.com/file/media");
+        assert_eq!(
+            r.public_url_base.as_deref(),
+            Some("https://f004.backblazeb2.com/file/media")
+        );
+        let r = resolved("kind: wasabi\nregion: eu-central-1\nbucket: media.example.com");
+        check(
+            &r,
+            "https://s3.eu-central-1.wasabisys.com",
+            "eu-central-1",
+            Path,
+            Some("https://s3.eu-central-1.wasabisys.com/media.example.com"),
+        );
     }
 
     #[test]
