@@ -229,11 +229,13 @@ pub struct Scheduler {
     clock: Clock,
 }
 
-fn metrics_label(class: ErrorClass) -> &'static str {
+/// The result a failed attempt counts under; `None` for one that parks its
+/// item, which [`Scheduler::park`] counts.
+fn metrics_label(class: ErrorClass) -> Option<&'static str> {
     match class {
-        ErrorClass::ProviderWide => "provider",
-        ErrorClass::Item => "parked",
-        ErrorClass::Transient | ErrorClass::RestartUpload => "transient",
+        ErrorClass::ProviderWide => Some("provider"),
+        ErrorClass::Item => None,
+        ErrorClass::Transient | ErrorClass::RestartUpload => Some("transient"),
     }
 }
 
@@ -804,6 +806,10 @@ impl Scheduler {
     fn finished(&mut self, done: Result<(Id, Done), tokio::task::JoinError>) {
         match done {
             Ok((id, Done::Item { key, outcome })) => {
+                // Any item done is progress for the watchdog: a long run of
+                // deletes (a day's uploads falling due together) keeps
+                // workers busy without an upload step to show.
+                self.live.progress.step(statedir::now_ms());
                 self.task_keys.remove(&id);
                 let flight = self.in_flight.remove(&key).unwrap_or(Flight {
                     started: Instant::now(),
@@ -921,7 +927,9 @@ impl Scheduler {
 
     /// The policy for a failed storage request (see the module docs).
     fn failed(&mut self, key: ItemKey, err: StorageError, flight: Flight) {
-        self.metrics().upload_failed(metrics_label(err.class));
+        if let Some(label) = metrics_label(err.class) {
+            self.metrics().upload_failed(label);
+        }
         self.live
             .update(|s| s.last_error = Some(err.message.clone()));
         match err.class {
@@ -979,7 +987,6 @@ impl Scheduler {
         } else {
             Blame::Item
         };
-        self.metrics().retry();
         match self.queue.back_off(&key, due, &err.message, blame) {
             Ok(strikes) if strikes >= MAX_STRIKES => {
                 let reason = format!(
@@ -989,10 +996,14 @@ impl Scheduler {
                 self.park(key, reason);
             }
             Ok(_) => {
+                self.metrics().retry();
                 tracing::warn!(path = %key, attempt = item.attempts + 1, error = %err.message, "upload of {key} failed: {}", err.message);
                 self.requeue(key, Lane::Upload, due, Some(flight));
             }
-            Err(_) => self.requeue(key, Lane::Upload, soon, Some(flight)),
+            Err(_) => {
+                self.metrics().retry();
+                self.requeue(key, Lane::Upload, soon, Some(flight))
+            }
         }
     }
 

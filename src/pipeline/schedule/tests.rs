@@ -1193,3 +1193,60 @@ async fn an_abort_that_fails_is_sent_again() {
     assert_eq!(h.count(Op::Initiate), 1);
     h.stop().await;
 }
+
+/// An item done, a delete as much as an upload, is progress for the
+/// watchdog: a run of deletes that keeps every worker busy for minutes (a
+/// day's uploads falling due together) made the watchdog take the daemon
+/// for stalled, since only upload steps counted.
+#[tokio::test]
+async fn a_finished_delete_is_progress_for_the_watchdog() {
+    let mut h = Harness::new(Deletion::Keep);
+    let mut s = Scheduler::new(
+        plan(&h.root, &h.store, Deletion::Keep),
+        resources(MEMORY_LIMIT),
+        h.queue.clone(),
+        h.guard.clone(),
+        h.live.clone(),
+        watch::channel(0).0,
+    );
+    let key = Harness::key("deleted.png");
+    let flight = Flight {
+        started: Instant::now(),
+        queued_ms: None,
+    };
+    s.in_flight.insert(key.clone(), flight);
+    let progress = Arc::new(Live::default());
+    s.live = progress.clone();
+    let now = statedir::now_ms();
+    assert!(progress.progress.overdue(now), "no step yet");
+    let done = s.tasks.spawn(async move {
+        Done::Item {
+            key,
+            outcome: Outcome::Settled,
+        }
+    });
+    drop(done);
+    let finished = s.tasks.join_next_with_id().await.unwrap();
+    s.finished(finished);
+    assert!(!progress.progress.overdue(now + 60_000));
+    h.stop().await;
+}
+
+/// An item parked by an error only it can have is one parked upload in
+/// `/metrics`, not two, and no retry.
+#[tokio::test(start_paused = true)]
+async fn a_parked_item_counts_once() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.store
+        .script(|r| (r.op == Op::Put).then(|| http_error(413, "EntityTooLarge")));
+    h.write("big.png", b"too large for the proxy").await;
+    let key = Harness::key("big.png");
+    until(60, "parked", || h.live.shown().failed.contains_key(&key)).await;
+    let text = h.live.metrics.encode();
+    assert!(
+        text.contains("offloadd_uploads_total{result=\"parked\"} 1\n"),
+        "{text}"
+    );
+    assert!(text.contains("offloadd_retries_total 0\n"), "{text}");
+    h.stop().await;
+}
