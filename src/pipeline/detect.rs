@@ -9,6 +9,8 @@
 //!   writing (or renamed into place) and then left untouched for `settle`; a
 //!   file whose close was never seen (a hard link, a lost event) is probed
 //!   for writers about once a second, and listed in `status` meanwhile;
+//!   where the kernel will not answer, it waits for its close or for a scan,
+//!   which takes it over (by the scan rule below) and ends the wait;
 //! - a file found by a scan is finished once its size and mtime stay the same
 //!   for `settle` (at once if it is older than that; the scheduler's upload
 //!   gate then checks for writers);
@@ -137,6 +139,8 @@ impl Why {
 enum Input {
     /// Files a walk found that changed recently: (path, size, mtime).
     Walked(Vec<(PathBuf, u64, i128)>),
+    /// A walk of this directory, begun then, ended (after its `Walked`).
+    WalkEnded { dir: PathBuf, began: Instant },
     /// New rules and rescan interval (a reload).
     Reconfigure(Rules, Option<Duration>),
     /// Rescan the whole tree now.
@@ -537,6 +541,7 @@ impl Detect {
                     }
                 }
             }
+            Input::WalkEnded { dir, began } => self.walk_ended(&dir, began),
             Input::Reconfigure(rules, every) => {
                 *self.shared.rules.lock().expect("rules lock") = rules.clone();
                 self.rules = rules;
@@ -547,6 +552,25 @@ impl Detect {
             }
             Input::Rescan => self.rescan(Why::Requested),
         }
+    }
+
+    /// A walk of `dir` begun at `began` ended: it looked at every file under
+    /// it that it could reach, handing the quiet ones over and passing the
+    /// others on to settle (`Walked`, taken before this; there a recent one
+    /// whose writer the kernel will not report became `Scanned`). A file
+    /// seen being written only before the walk began, whose writer the
+    /// kernel will not report, waited for its close or for such a walk
+    /// (`probe_writers`), which handed it over or left it alone (older than
+    /// the managed-since mark, excluded, out of reach): it waits no more, so
+    /// that it is neither kept nor listed in `status` for ever. One the
+    /// kernel answers for is left to the probe.
+    fn walk_ended(&mut self, dir: &Path, began: Instant) {
+        self.pending.retain(|path, p| {
+            p.phase != Phase::Writing
+                || p.last_event >= began
+                || !path.starts_with(dir)
+                || finished::open_for_writing(path).is_some()
+        });
     }
 
     /// The root is back: every watch is added again and the tree rescanned.
@@ -747,8 +771,8 @@ impl Detect {
                     p.phase = Phase::Closed;
                 }
                 // The kernel will not tell: a regular file keeps waiting for
-                // its close; anything else at the name, or nothing, is not
-                // waited for.
+                // its close or a scan (`walk_ended`); anything else at the
+                // name, or nothing, is not waited for.
                 None => {
                     if !std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
                         gone.push(path.clone());
@@ -908,6 +932,12 @@ fn walk_and_report(shared: &WalkerShared, dir: &Path, why: Why) {
     }
     let started = Instant::now();
     let (found, old) = walk(shared, dir);
+    // A walk cut short by a stop is not heard of (the loop has ended); one
+    // cut short because the scheduler is gone hands nothing over any more.
+    let _ = shared.inputs.blocking_send(Input::WalkEnded {
+        dir: dir.to_path_buf(),
+        began: started,
+    });
     if why.is_full_scan() {
         shared.scans.done.fetch_add(1, Ordering::SeqCst);
         tracing::info!(dir = %dir.display(), files = found, elapsed_ms = started.elapsed().as_millis() as u64, "{} done", why.text());
@@ -1289,8 +1319,8 @@ mod tests {
     /// The root is back (the root guard says so): every watch is removed
     /// and added again, the removals by the walker thread before its walk,
     /// not by the loop.
-    #[tokio::test]
-    async fn a_root_back_is_watched_again_by_the_walker() {
+    #[test]
+    fn a_root_back_is_watched_again_by_the_walker() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("a")).unwrap();
         let (mut d, _rx, walks) = detect_at(dir.path());
@@ -1521,5 +1551,89 @@ mod tests {
         drop(rx);
         drop(d);
         walker.join().unwrap();
+    }
+
+    /// Makes the writer probe unable to answer for `file` in this thread,
+    /// as for a daemon without CAP_LEASE that does not own the files: the
+    /// file goes to another owner and the thread drops CAP_LEASE
+    /// (capabilities are per thread). Needs root: false (skip) without it,
+    /// except in CI, which runs as root.
+    fn probe_cannot_answer(file: &Path) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var_os("CI").is_none(), "this test needs root");
+            eprintln!("SKIP: needs root");
+            return false;
+        }
+        std::os::unix::fs::chown(file, Some(65534), Some(65534)).unwrap();
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        const CAP_LEASE: u32 = 28;
+        let mut header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: version 3 reads one header and reads or writes two data
+        // structs; pid 0 is this thread.
+        let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+        assert_eq!(rc, 0, "capget: {}", std::io::Error::last_os_error());
+        data[0].effective &= !(1 << CAP_LEASE);
+        // SAFETY: as above.
+        let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+        assert_eq!(rc, 0, "capset: {}", std::io::Error::last_os_error());
+        true
+    }
+
+    /// A file seen being written whose close is never seen (a finished file
+    /// hard-linked into the tree, say), where the kernel will not tell
+    /// whether a writer holds it: it waits, listed in `status`, until a scan
+    /// hands it over, and then waits no more.
+    #[test]
+    fn a_writer_the_probe_cannot_answer_for_waits_no_more_once_a_scan_hands_it_over() {
+        // In a thread of its own: it drops a capability.
+        std::thread::spawn(|| {
+            let dir = tempfile::tempdir().unwrap();
+            quiet_files(dir.path(), 1);
+            let linked = dir.path().join("0.jpg");
+            if !probe_cannot_answer(&linked) {
+                return;
+            }
+            assert_eq!(finished::open_for_writing(&linked), None);
+            let (mut d, mut rx, walks, mut inputs) = detect_with_inputs(dir.path(), 4);
+            let old = Instant::now() - Duration::from_secs(10);
+            d.pending
+                .insert(linked.clone(), pending(Phase::Writing, old));
+            d.tick();
+            assert!(
+                d.pending.contains_key(&linked),
+                "waits for its close or a scan"
+            );
+
+            d.rescan(Why::Periodic);
+            let (root, why) = walks.try_recv().unwrap();
+            walk_and_report(&d.shared, &root, why);
+            while let Ok(input) = inputs.try_recv() {
+                d.input(input);
+            }
+            assert_eq!(rx.try_recv().unwrap().abs, linked, "the scan hands it over");
+            d.tick();
+            assert!(!d.pending.contains_key(&linked), "and it waits no more");
+            d.publish();
+            assert_eq!(d.live.shown().writers_waiting, 0);
+        })
+        .join()
+        .unwrap();
     }
 }
