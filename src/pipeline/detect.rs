@@ -9,6 +9,8 @@
 //!   writing (or renamed into place) and then left untouched for `settle`; a
 //!   file whose close was never seen (a hard link, a lost event) is probed
 //!   for writers about once a second, and listed in `status` meanwhile;
+//!   where the kernel will not answer, it waits for its close or for a scan,
+//!   which takes it over (by the scan rule below) and ends the wait;
 //! - a file found by a scan is finished once its size and mtime stay the same
 //!   for `settle` (at once if it is older than that; the scheduler's upload
 //!   gate then checks for writers);
@@ -21,9 +23,14 @@
 //! Channels, all bounded: notify → this loop holds [`EVENT_QUEUE`] events;
 //! when it is full, events are dropped and a rescan is scheduled (and
 //! logged). This loop → the scheduler: a settled file that does not fit is
-//! dropped and a rescan scheduled once the channel drains. Scans hand their
-//! files over from one walker thread that waits for room, so a big tree
-//! never overflows anything.
+//! held (up to [`HELD`]) and handed over as soon as there is room, by the
+//! loop or, while a scan fills the channel, by the walker before its own
+//! files; beyond that it is dropped and a rescan scheduled once the channel
+//! drains. Scans hand their files over from one walker thread that waits for
+//! room, so a big tree never overflows anything.
+//!
+//! Scans of the whole tree: one at most waits in the walk queue or runs, and
+//! one at most is owed after it; asking for more merges into those.
 
 use crate::pipeline::delete::{self, is_set_aside};
 use crate::pipeline::filter::Rules;
@@ -36,7 +43,7 @@ use notify::event::{
     AccessKind, AccessMode, CreateKind, EventKind, EventKindMask, ModifyKind, RenameMode,
 };
 use notify::{RecursiveMode, Watcher as _};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,6 +62,8 @@ const WALK_BATCH: usize = 512;
 const WRITER_PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Files probed per tick at most.
 const PROBES_PER_TICK: usize = 512;
+/// Finished files held while the scheduler's channel is full.
+const HELD: usize = 1024;
 /// How often the tree is rescanned while some directories have no watch.
 const LIMITED_RESCAN: Duration = Duration::from_secs(60);
 
@@ -130,6 +139,8 @@ impl Why {
 enum Input {
     /// Files a walk found that changed recently: (path, size, mtime).
     Walked(Vec<(PathBuf, u64, i128)>),
+    /// A walk of this directory, begun then, ended (after its `Walked`).
+    WalkEnded { dir: PathBuf, began: Instant },
     /// New rules and rescan interval (a reload).
     Reconfigure(Rules, Option<Duration>),
     /// Rescan the whole tree now.
@@ -160,6 +171,66 @@ impl Watcher {
 
 /// Directories with a watch, and which directory (device, inode) each was.
 type Watched = Arc<Mutex<HashMap<PathBuf, (u64, u64)>>>;
+
+/// Finished files the scheduler's channel had no room for when the loop
+/// (which cannot wait) had them: while a scan keeps the channel full, a
+/// freed slot goes to the waiting walker first, so the loop would find no
+/// room until the scan ends. Whichever of the loop and the walker has room
+/// first hands them over, so they cost no rescan.
+#[derive(Default)]
+struct Held(Mutex<VecDeque<Candidate>>);
+
+impl Held {
+    /// Holds `c` (once per path); false when [`HELD`] are held already.
+    fn hold(&self, c: Candidate) -> bool {
+        let mut held = self.0.lock().expect("held lock");
+        if let Some(h) = held.iter_mut().find(|h| h.abs == c.abs) {
+            // An event retries a parked item; a scan does not.
+            if c.trigger == Trigger::Event {
+                h.trigger = Trigger::Event;
+            }
+            return true;
+        }
+        if held.len() >= HELD {
+            return false;
+        }
+        held.push_back(c);
+        true
+    }
+
+    fn take(&self) -> Option<Candidate> {
+        self.0.lock().expect("held lock").pop_front()
+    }
+
+    /// Puts back a candidate taken that found no room: first again.
+    fn put_back(&self, c: Candidate) {
+        self.0.lock().expect("held lock").push_front(c);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.lock().expect("held lock").is_empty()
+    }
+}
+
+/// Scans of the whole tree the walker began and ended, which the loop
+/// compares with those it sent ([`FullScans::sent`]).
+#[derive(Default)]
+struct ScanProgress {
+    begun: AtomicU64,
+    done: AtomicU64,
+}
+
+/// The loop's side of the scans of the whole tree: at most one waits in the
+/// walk queue or runs, and at most one is owed after it.
+#[derive(Debug, Default)]
+struct FullScans {
+    /// Sent into the walk queue so far.
+    sent: u64,
+    /// Asked for while one ran (it may have passed the change by already),
+    /// or when the walk queue was full: sent once none waits or runs and the
+    /// queue has room. Any number of requests make one.
+    owed: Option<Why>,
+}
 
 /// What the watcher looks for.
 pub struct Watching {
@@ -199,6 +270,8 @@ struct WalkerShared {
     /// them again. Done by the walker, so that the loop is not held up by
     /// tens of thousands of removals.
     unwatch_all: AtomicBool,
+    held: Held,
+    scans: ScanProgress,
 }
 
 /// A watcher with its kernel resources taken (the inotify instance, the
@@ -255,6 +328,8 @@ pub fn prepare(what: Watching, links: Links) -> notify::Result<Prepared> {
         unwatched: AtomicU64::new(0),
         limit_warned: AtomicBool::new(false),
         unwatch_all: AtomicBool::new(false),
+        held: Held::default(),
+        scans: ScanProgress::default(),
     });
     let (walks_tx, walks_rx) = std::sync::mpsc::sync_channel::<(PathBuf, Why)>(WALK_QUEUE);
     let walker_shared = shared.clone();
@@ -274,7 +349,7 @@ pub fn prepare(what: Watching, links: Links) -> notify::Result<Prepared> {
         live,
         dropped,
         rescan_when_drained: false,
-        full_scan_owed: None,
+        full_scans: FullScans::default(),
         root_lost: false,
         probe_warned: false,
         rescan_every: rescan_interval,
@@ -304,7 +379,7 @@ impl Prepared {
             rescans,
             shutdown,
         } = self;
-        detect.walk(detect.rules.root.clone(), Why::Initial);
+        detect.rescan(Why::Initial);
         let task = tokio::spawn(detect.run(events, inputs_rx, root, rescans, shutdown));
         (Watcher { inputs: inputs_tx }, task)
     }
@@ -320,11 +395,10 @@ struct Detect {
     live: Arc<Live>,
     /// Set by notify's thread when an event did not fit.
     dropped: Arc<AtomicBool>,
-    /// A settled file did not fit into the scheduler's channel.
+    /// A settled file did not fit into the scheduler's channel, nor among
+    /// the held ones.
     rescan_when_drained: bool,
-    /// A scan of the whole tree that did not fit into the walk queue; sent
-    /// at the next tick that has room.
-    full_scan_owed: Option<Why>,
+    full_scans: FullScans,
     /// The kernel dropped the root's watch (an unmount, say) while the root
     /// guard saw nothing change (a remount at once): every watch is added
     /// again once the root is the one watched before ([`Detect::root_id`]).
@@ -365,10 +439,7 @@ impl Detect {
                     Err(_) => root_open = false,
                 },
                 changed = rescans.changed(), if rescans_open => match changed {
-                    Ok(()) => {
-                        self.shared.live.metrics.rescan();
-                        self.walk(self.rules.root.clone(), Why::Requested);
-                    }
+                    Ok(()) => self.rescan(Why::Requested),
                     Err(_) => rescans_open = false,
                 },
                 _ = ticker.tick() => self.tick(),
@@ -385,17 +456,50 @@ impl Detect {
         }
     }
 
+    /// Walks a directory new in the tree.
     fn walk(&mut self, dir: PathBuf, why: Why) {
-        if let Err(e) = self.walks.try_send((dir, why)) {
-            if why.is_full_scan() {
-                tracing::debug!(error = %e, "the walk queue is full; the rescan is sent when it has room");
-                self.full_scan_owed = Some(why);
-            } else {
-                tracing::warn!(
-                    "too many directory walks are waiting; rescanning the whole tree instead"
-                );
-                self.rescan_when_drained = true;
+        debug_assert!(!why.is_full_scan());
+        if self.walks.try_send((dir, why)).is_err() {
+            tracing::warn!(
+                "too many directory walks are waiting; rescanning the whole tree instead"
+            );
+            self.rescan(Why::Overflow);
+        }
+    }
+
+    /// Asks for a scan of the whole tree. One waiting in the walk queue has
+    /// not looked at anything yet: it answers this request too. While one
+    /// runs, the request is owed until it ends.
+    fn rescan(&mut self, why: Why) {
+        debug_assert!(why.is_full_scan());
+        if self.full_scans.sent > self.shared.scans.begun.load(Ordering::SeqCst) {
+            return;
+        }
+        self.full_scans.owed.get_or_insert(why);
+        self.send_owed_scan();
+    }
+
+    /// Sends the owed scan once none waits or runs and the walk queue has room.
+    fn send_owed_scan(&mut self) {
+        let Some(why) = self.full_scans.owed else {
+            return;
+        };
+        if self.shared.scans.done.load(Ordering::SeqCst) < self.full_scans.sent {
+            return;
+        }
+        match self.walks.try_send((self.rules.root.clone(), why)) {
+            Ok(()) => {
+                self.full_scans.sent += 1;
+                self.full_scans.owed = None;
+                if why != Why::Initial {
+                    self.shared.live.metrics.rescan();
+                }
             }
+            Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                tracing::debug!("the walk queue is full; the rescan is sent when it has room");
+            }
+            // The walker is gone: the loop is stopping.
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => self.full_scans.owed = None,
         }
     }
 
@@ -437,6 +541,7 @@ impl Detect {
                     }
                 }
             }
+            Input::WalkEnded { dir, began } => self.walk_ended(&dir, began),
             Input::Reconfigure(rules, every) => {
                 *self.shared.rules.lock().expect("rules lock") = rules.clone();
                 self.rules = rules;
@@ -445,18 +550,38 @@ impl Detect {
                     self.next_rescan = every.map(|d| Instant::now() + d);
                 }
             }
-            Input::Rescan => self.walk(self.rules.root.clone(), Why::Requested),
+            Input::Rescan => self.rescan(Why::Requested),
         }
+    }
+
+    /// A walk of `dir` begun at `began` ended: it looked at every file under
+    /// it that it could reach, handing the quiet ones over and passing the
+    /// others on to settle (`Walked`, taken before this; there a recent one
+    /// whose writer the kernel will not report became `Scanned`). A file
+    /// seen being written only before the walk began, whose writer the
+    /// kernel will not report, waited for its close or for such a walk
+    /// (`probe_writers`), which handed it over or left it alone (older than
+    /// the managed-since mark, excluded, out of reach): it waits no more, so
+    /// that it is neither kept nor listed in `status` for ever. One the
+    /// kernel answers for is left to the probe.
+    fn walk_ended(&mut self, dir: &Path, began: Instant) {
+        self.pending.retain(|path, p| {
+            p.phase != Phase::Writing
+                || p.last_event >= began
+                || !path.starts_with(dir)
+                || finished::open_for_writing(path).is_some()
+        });
     }
 
     /// The root is back: every watch is added again and the tree rescanned.
     fn rewatch(&mut self) {
         self.root_lost = false;
         self.root_id = root::identity(&self.rules.root);
-        self.shared.unwatch_all.store(true, Ordering::Relaxed);
+        // Before the rescan asked for below, which may be merged into one
+        // that has not begun (and so has not looked at this yet).
+        self.shared.unwatch_all.store(true, Ordering::SeqCst);
         self.pending.clear();
-        self.shared.live.metrics.rescan();
-        self.walk(self.rules.root.clone(), Why::RootBack);
+        self.rescan(Why::RootBack);
     }
 
     fn touch(&mut self, path: &Path, phase: Option<Phase>) {
@@ -494,15 +619,13 @@ impl Detect {
             Ok(ev) => ev,
             Err(e) => {
                 tracing::warn!(error = %e, "file watching reported an error; rescanning");
-                self.shared.live.metrics.rescan();
-                self.walk(self.rules.root.clone(), Why::Overflow);
+                self.rescan(Why::Overflow);
                 return;
             }
         };
         if ev.need_rescan() {
             tracing::warn!("the kernel's file-event queue overflowed; rescanning the tree");
-            self.shared.live.metrics.rescan();
-            self.walk(self.rules.root.clone(), Why::Overflow);
+            self.rescan(Why::Overflow);
             return;
         }
         match ev.kind {
@@ -571,9 +694,7 @@ impl Detect {
     }
 
     fn tick(&mut self) {
-        if let Some(why) = self.full_scan_owed.take() {
-            self.walk(self.rules.root.clone(), why);
-        }
+        self.send_owed_scan();
         let same_root = match (root::identity(&self.rules.root), self.root_id) {
             (Some(now), Some(was)) => now.is(&was),
             (now, was) => now.is_none() && was.is_none(),
@@ -586,13 +707,11 @@ impl Detect {
                 capacity = EVENT_QUEUE,
                 "file events arrived faster than they could be handled and some were dropped; rescanning the tree"
             );
-            self.shared.live.metrics.rescan();
-            self.walk(self.rules.root.clone(), Why::Overflow);
+            self.rescan(Why::Overflow);
         }
         if self.rescan_when_drained && self.out.capacity() * 2 >= self.out.max_capacity() {
             self.rescan_when_drained = false;
-            self.shared.live.metrics.rescan();
-            self.walk(self.rules.root.clone(), Why::Overflow);
+            self.rescan(Why::Overflow);
         }
         // Directories without a watch are covered by rescans at least every
         // LIMITED_RESCAN.
@@ -614,10 +733,10 @@ impl Detect {
             self.next_rescan = every.map(|d| Instant::now() + d);
             // The rescan counts the directories still without a watch afresh.
             self.shared.unwatched.store(0, Ordering::Relaxed);
-            self.shared.live.metrics.rescan();
-            self.walk(self.rules.root.clone(), Why::Periodic);
+            self.rescan(Why::Periodic);
         }
         self.probe_writers();
+        self.hand_over_held();
         self.settle_due();
         if self.last_publish.elapsed() >= Duration::from_secs(1) {
             self.last_publish = Instant::now();
@@ -652,8 +771,8 @@ impl Detect {
                     p.phase = Phase::Closed;
                 }
                 // The kernel will not tell: a regular file keeps waiting for
-                // its close; anything else at the name, or nothing, is not
-                // waited for.
+                // its close or a scan (`walk_ended`); anything else at the
+                // name, or nothing, is not waited for.
                 None => {
                     if !std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
                         gone.push(path.clone());
@@ -751,15 +870,38 @@ impl Detect {
                 continue;
             }
             self.pending.remove(&path);
-            match self.out.try_send(Candidate { abs: path, trigger }) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    if !self.rescan_when_drained {
-                        tracing::warn!("the scheduler is behind and finished files were dropped from its queue; they are found by a rescan once it catches up");
-                    }
-                    self.rescan_when_drained = true;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            self.hand_over(Candidate { abs: path, trigger });
+        }
+    }
+
+    /// Hands a finished file to the scheduler, or holds it until there is
+    /// room; only when too many are held is it dropped for a rescan.
+    fn hand_over(&mut self, c: Candidate) {
+        let held = &self.shared.held;
+        // Behind those held already.
+        let c = if held.is_empty() {
+            match self.out.try_send(c) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(c)) => c,
+            }
+        } else {
+            c
+        };
+        if !held.hold(c) {
+            if !self.rescan_when_drained {
+                tracing::warn!("the scheduler is behind and finished files were dropped from its queue; they are found by a rescan once it catches up");
+            }
+            self.rescan_when_drained = true;
+        }
+    }
+
+    /// Hands over the files held, as many as there is room for.
+    fn hand_over_held(&mut self) {
+        let held = &self.shared.held;
+        while let Some(c) = held.take() {
+            if let Err(mpsc::error::TrySendError::Full(c)) = self.out.try_send(c) {
+                held.put_back(c);
+                break;
             }
         }
     }
@@ -780,12 +922,24 @@ fn walker_thread(shared: &WalkerShared, walks: std::sync::mpsc::Receiver<(PathBu
 /// One walk of the walker thread, with what it owes first (removing every
 /// watch) and what it tells after.
 fn walk_and_report(shared: &WalkerShared, dir: &Path, why: Why) {
-    if shared.unwatch_all.swap(false, Ordering::Relaxed) {
+    // Counted before it looks at anything (the rules, the watches, the
+    // tree): a request the loop merges into it until then is met by it.
+    if why.is_full_scan() {
+        shared.scans.begun.fetch_add(1, Ordering::SeqCst);
+    }
+    if shared.unwatch_all.swap(false, Ordering::SeqCst) {
         unwatch_all(shared);
     }
     let started = Instant::now();
     let (found, old) = walk(shared, dir);
+    // A walk cut short by a stop is not heard of (the loop has ended); one
+    // cut short because the scheduler is gone hands nothing over any more.
+    let _ = shared.inputs.blocking_send(Input::WalkEnded {
+        dir: dir.to_path_buf(),
+        began: started,
+    });
     if why.is_full_scan() {
+        shared.scans.done.fetch_add(1, Ordering::SeqCst);
         tracing::info!(dir = %dir.display(), files = found, elapsed_ms = started.elapsed().as_millis() as u64, "{} done", why.text());
     } else if old > 0 {
         let rules = shared.rules.lock().expect("rules lock").clone();
@@ -863,7 +1017,7 @@ fn walk(shared: &WalkerShared, dir: &Path) -> (usize, usize) {
                 abs: entry.into_path(),
                 trigger: Trigger::Scan,
             };
-            if shared.out.blocking_send(c).is_err() {
+            if !hand_over(shared, c) {
                 break;
             }
         } else {
@@ -882,6 +1036,18 @@ fn walk(shared: &WalkerShared, dir: &Path) -> (usize, usize) {
         let _ = shared.inputs.blocking_send(Input::Walked(batch));
     }
     (found, old)
+}
+
+/// Hands a scanned file to the scheduler, waiting for room; the files the
+/// loop holds go first (the room the walker waits for would otherwise be
+/// its own until the scan ends). False when the scheduler is gone.
+fn hand_over(shared: &WalkerShared, c: Candidate) -> bool {
+    while let Some(h) = shared.held.take() {
+        if shared.out.blocking_send(h).is_err() {
+            return false;
+        }
+    }
+    shared.out.blocking_send(c).is_ok()
 }
 
 /// Removes every watch, so that the walks after it add them again.
@@ -1004,12 +1170,14 @@ mod tests {
             unwatched: AtomicU64::new(0),
             limit_warned: AtomicBool::new(false),
             unwatch_all: AtomicBool::new(false),
+            held: Held::default(),
+            scans: ScanProgress::default(),
         });
         let (walks, wrx) = std::sync::mpsc::sync_channel(1);
         let d = Detect {
             root_id: root::identity(root),
             root_lost: false,
-            full_scan_owed: None,
+            full_scans: FullScans::default(),
             probe_warned: false,
             rules,
             shared,
@@ -1059,23 +1227,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_scheduler_queue_drops_and_schedules_a_rescan() {
+    async fn a_full_scheduler_queue_holds_finished_files_then_drops_and_rescans() {
         let (mut d, mut rx) = detect();
         let old = Instant::now() - Duration::from_secs(10);
-        for i in 0..20 {
-            d.pending.insert(
-                PathBuf::from(format!("/r/f{i}")),
-                pending(Phase::Closed, old),
-            );
-        }
-        d.settle_due();
+        let settle = |d: &mut Detect, n: usize| {
+            for i in 0..n {
+                d.pending.insert(
+                    PathBuf::from(format!("/r/f{i}")),
+                    pending(Phase::Closed, old),
+                );
+            }
+            d.settle_due();
+            assert!(d.pending.is_empty());
+        };
+        let read = |rx: &mut mpsc::Receiver<Candidate>| {
+            let mut n = 0;
+            while rx.try_recv().is_ok() {
+                n += 1;
+            }
+            n
+        };
+        settle(&mut d, 20);
+        assert_eq!(read(&mut rx), 16);
+        assert!(!d.rescan_when_drained, "nothing was dropped");
+        d.hand_over_held();
+        assert_eq!(read(&mut rx), 4, "the held ones, once there is room");
+        // Beyond what may be held: dropped, and found by a rescan instead.
+        settle(&mut d, 16 + HELD + 1);
         assert!(d.rescan_when_drained, "a rescan is owed");
-        assert!(d.pending.is_empty());
-        let mut n = 0;
-        while rx.try_recv().is_ok() {
-            n += 1;
-        }
-        assert_eq!(n, 16);
+        assert_eq!(read(&mut rx), 16);
     }
 
     #[tokio::test]
@@ -1101,7 +1281,7 @@ mod tests {
         let (mut d, _rx, walks) = detect_at(dir.path());
         let root = d.rules.root.clone();
         d.walk(root.join("a"), Why::NewDirectory); // fills the queue
-        d.walk(root.clone(), Why::Overflow);
+        d.rescan(Why::Overflow);
         d.tick();
         assert_eq!(walks.try_recv().unwrap().1, Why::NewDirectory);
         assert!(walks.try_recv().is_err());
@@ -1139,8 +1319,8 @@ mod tests {
     /// The root is back (the root guard says so): every watch is removed
     /// and added again, the removals by the walker thread before its walk,
     /// not by the loop.
-    #[tokio::test]
-    async fn a_root_back_is_watched_again_by_the_walker() {
+    #[test]
+    fn a_root_back_is_watched_again_by_the_walker() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("a")).unwrap();
         let (mut d, _rx, walks) = detect_at(dir.path());
@@ -1246,7 +1426,7 @@ mod tests {
             Rules::new(dir.path(), &["**".into()], &[], Duration::from_secs(600)).unwrap();
         let shared = d.shared.clone();
         d.walker = Some(std::thread::spawn(move || walker_thread(&shared, walks)));
-        d.walk(d.rules.root.clone(), Why::Initial);
+        d.rescan(Why::Initial);
         // The first batch fills the inputs; the walker waits with the next.
         let full = Instant::now() + Duration::from_secs(10);
         while d.shared.inputs.capacity() > 0 {
@@ -1266,5 +1446,194 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), run)
             .await
             .expect("the loop's end waited for a walker that was waiting for the loop");
+    }
+
+    /// Files in `dir` that changed an hour ago: a scan hands them straight
+    /// to the scheduler's channel.
+    fn quiet_files(dir: &Path, n: usize) {
+        let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for i in 0..n {
+            let f = std::fs::File::create(dir.join(format!("{i}.jpg"))).unwrap();
+            f.set_modified(hour_ago).unwrap();
+        }
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Reads the scheduler's channel, ticking, until nothing more comes for
+    /// a while: the candidates handed over, as (path, trigger).
+    fn read_all(d: &mut Detect, rx: &mut mpsc::Receiver<Candidate>) -> Vec<(PathBuf, Trigger)> {
+        let mut got = Vec::new();
+        let mut quiet_since = Instant::now();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while quiet_since.elapsed() < Duration::from_millis(500) && Instant::now() < deadline {
+            d.tick();
+            while let Ok(c) = rx.try_recv() {
+                got.push((c.abs, c.trigger));
+                quiet_since = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        got
+    }
+
+    /// A scan keeps the scheduler's channel full (the walker waits for room,
+    /// and a freed slot goes to it first): a file that finishes settling
+    /// meanwhile is handed over once there is room, and costs no other scan
+    /// of the whole tree (which would fill the channel again, and so on).
+    #[test]
+    fn a_file_settling_while_a_scan_fills_the_scheduler_queue_costs_no_rescan() {
+        let dir = tempfile::tempdir().unwrap();
+        quiet_files(dir.path(), 64);
+        let (mut d, mut rx, walks, _inputs) = detect_with_inputs(dir.path(), 4);
+        let shared = d.shared.clone();
+        let walker = std::thread::spawn(move || walker_thread(&shared, walks));
+        d.rescan(Why::Periodic);
+        wait_for("the scan to fill the channel", || d.out.capacity() == 0);
+        std::thread::sleep(Duration::from_millis(50));
+        // Its close was seen and it has been quiet for `settle`.
+        let settled = dir.path().join("0.jpg");
+        let old = Instant::now() - Duration::from_secs(10);
+        d.pending
+            .insert(settled.clone(), pending(Phase::Closed, old));
+        d.tick();
+
+        let got = read_all(&mut d, &mut rx);
+        let scanned = got.iter().filter(|c| c.1 == Trigger::Scan).count();
+        assert_eq!(scanned, 64, "one scan of the tree, not two");
+        let at = got
+            .iter()
+            .position(|c| *c == (settled.clone(), Trigger::Event));
+        // The walker hands it over before its next file.
+        assert!(
+            at.is_some_and(|at| at < 32),
+            "the settled file was handed over during the scan: {at:?}"
+        );
+        drop(rx);
+        drop(d);
+        walker.join().unwrap();
+    }
+
+    /// Asking for scans of the whole tree while one waits in the walk queue
+    /// asks for nothing more; while one runs, for one more after it.
+    #[test]
+    fn scans_of_the_whole_tree_asked_for_together_are_merged() {
+        let dir = tempfile::tempdir().unwrap();
+        quiet_files(dir.path(), 64);
+        let (mut d, mut rx, walks, _inputs) = detect_with_inputs(dir.path(), 4);
+        d.rescan(Why::Periodic);
+        d.rescan(Why::Overflow);
+        d.rescan(Why::Requested);
+        d.dropped.store(true, Ordering::Relaxed);
+        d.tick();
+        let shared = d.shared.clone();
+        let walker = std::thread::spawn(move || walker_thread(&shared, walks));
+        wait_for("the scan to fill the channel", || d.out.capacity() == 0);
+        d.tick();
+        // Running now: these may come after it passed the change by.
+        d.rescan(Why::Overflow);
+        d.dropped.store(true, Ordering::Relaxed);
+        d.tick();
+        d.rescan(Why::Requested);
+
+        let got = read_all(&mut d, &mut rx);
+        assert_eq!(
+            got.len(),
+            2 * 64,
+            "the scan asked for before it began, and one after"
+        );
+        drop(rx);
+        drop(d);
+        walker.join().unwrap();
+    }
+
+    /// Makes the writer probe unable to answer for `file` in this thread,
+    /// as for a daemon without CAP_LEASE that does not own the files: the
+    /// file goes to another owner and the thread drops CAP_LEASE
+    /// (capabilities are per thread). Needs root: false (skip) without it,
+    /// except in CI, which runs as root.
+    fn probe_cannot_answer(file: &Path) -> bool {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var_os("CI").is_none(), "this test needs root");
+            eprintln!("SKIP: needs root");
+            return false;
+        }
+        std::os::unix::fs::chown(file, Some(65534), Some(65534)).unwrap();
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        const CAP_LEASE: u32 = 28;
+        let mut header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: version 3 reads one header and reads or writes two data
+        // structs; pid 0 is this thread.
+        let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+        assert_eq!(rc, 0, "capget: {}", std::io::Error::last_os_error());
+        data[0].effective &= !(1 << CAP_LEASE);
+        // SAFETY: as above.
+        let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+        assert_eq!(rc, 0, "capset: {}", std::io::Error::last_os_error());
+        true
+    }
+
+    /// A file seen being written whose close is never seen (a finished file
+    /// hard-linked into the tree, say), where the kernel will not tell
+    /// whether a writer holds it: it waits, listed in `status`, until a scan
+    /// hands it over, and then waits no more.
+    #[test]
+    fn a_writer_the_probe_cannot_answer_for_waits_no_more_once_a_scan_hands_it_over() {
+        // In a thread of its own: it drops a capability.
+        std::thread::spawn(|| {
+            let dir = tempfile::tempdir().unwrap();
+            quiet_files(dir.path(), 1);
+            let linked = dir.path().join("0.jpg");
+            if !probe_cannot_answer(&linked) {
+                return;
+            }
+            assert_eq!(finished::open_for_writing(&linked), None);
+            let (mut d, mut rx, walks, mut inputs) = detect_with_inputs(dir.path(), 4);
+            let old = Instant::now() - Duration::from_secs(10);
+            d.pending
+                .insert(linked.clone(), pending(Phase::Writing, old));
+            d.tick();
+            assert!(
+                d.pending.contains_key(&linked),
+                "waits for its close or a scan"
+            );
+
+            d.rescan(Why::Periodic);
+            let (root, why) = walks.try_recv().unwrap();
+            walk_and_report(&d.shared, &root, why);
+            while let Ok(input) = inputs.try_recv() {
+                d.input(input);
+            }
+            assert_eq!(rx.try_recv().unwrap().abs, linked, "the scan hands it over");
+            d.tick();
+            assert!(!d.pending.contains_key(&linked), "and it waits no more");
+            d.publish();
+            assert_eq!(d.live.shown().writers_waiting, 0);
+        })
+        .join()
+        .unwrap();
     }
 }
