@@ -820,7 +820,7 @@ impl Detect {
         if let Some(why) = finished::unanswered_probe() {
             self.probe_warned = true;
             let text = format!(
-                "cannot tell whether a file is still open for writing: the kernel grants no lease here ({why}); a file counts as finished once it is left untouched for `settle`, so a writer pausing longer could have a torn copy uploaded; run offloadd with CAP_LEASE (its systemd unit has it), or have writers write `name.part` and rename it into place"
+                "cannot tell whether a file is still open for writing: the kernel grants no lease here ({why}); a file found by a scan counts as finished once it is left untouched for `settle` (one seen being written waits for its close, or for a scan), so a writer pausing longer could have a torn copy uploaded; run offloadd with CAP_LEASE (its systemd unit has it), or have writers write `name.part` and rename it into place"
             );
             tracing::warn!("{text}");
             self.live.notice(text);
