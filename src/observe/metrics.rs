@@ -95,7 +95,7 @@ impl Metrics {
         }
         registry.register(
             "queue_depth",
-            "Files waiting to be uploaded",
+            "Files waiting to be uploaded, in flight included (not local copies waiting for their delete)",
             queue_depth.clone(),
         );
         registry.register("in_flight", "Uploads in progress", in_flight.clone());

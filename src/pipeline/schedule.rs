@@ -171,6 +171,13 @@ struct Flight {
     queued_ms: Option<u64>,
 }
 
+impl Flight {
+    /// An upload (a delete has no queue time: see [`entry_of`]).
+    fn is_upload(&self) -> bool {
+        self.queued_ms.is_some()
+    }
+}
+
 /// What a finished task reports.
 enum Done {
     Item {
@@ -393,7 +400,13 @@ impl Scheduler {
         self.live.queue_depth.store(depth, Ordering::Relaxed);
         self.live.in_flight.store(in_flight, Ordering::Relaxed);
         let m = self.metrics();
-        m.set_queue_depth(depth);
+        // The metric counts uploads only (its alerts ask whether uploads keep
+        // up): with `delete_after: 24h`, a day of local copies waiting for
+        // their delete is no backlog. `status` counts both.
+        let uploads_in_flight = self.in_flight.values().filter(|f| f.is_upload()).count();
+        let waiting_uploads =
+            self.lanes.pending(Lane::Upload) + uploads_in_flight + self.awaiting.len();
+        m.set_queue_depth(waiting_uploads as u64);
         m.set_in_flight(in_flight);
         let (failed, paused) = self.live.update(|s| (s.failed.len(), s.paused.is_some()));
         m.set_failed_items(failed as u64);

@@ -1250,3 +1250,25 @@ async fn a_parked_item_counts_once() {
     assert!(text.contains("offloadd_retries_total 0\n"), "{text}");
     h.stop().await;
 }
+
+/// `offloadd_queue_depth` counts uploads waiting, not local copies waiting
+/// for `delete_after`: with a day's delay, a day of uploads kept the alerts
+/// on the metric (backlog growing, no recent upload) firing on a daemon that
+/// keeps up. `status` counts both.
+#[tokio::test(start_paused = true)]
+async fn the_queue_depth_metric_counts_uploads_only() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    h.start(Deletion::After(Duration::from_secs(86_400)));
+    h.write("a.png", b"a").await;
+    let key = Harness::key("a.png");
+    until(30, "uploaded", || h.queue.record(&key).unwrap().is_some()).await;
+    until(5, "waiting for its delete", || {
+        h.live.queue_depth.load(Ordering::Relaxed) == 1
+            && h.live.in_flight.load(Ordering::Relaxed) == 0
+    })
+    .await;
+    let text = h.live.metrics.encode();
+    assert!(text.contains("offloadd_queue_depth 0\n"), "{text}");
+    h.stop().await;
+}
