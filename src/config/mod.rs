@@ -1492,6 +1492,10 @@ mod tests {
             "storage:\n  active: m\n  delete_local: true\n  providers:\n    m:\n      kind: gcs\n",
         )
         .unwrap();
+        // The kind's own address is not where its endpoint points elsewhere.
+        let b2 = "storage:\n  active: m\n  delete_local: true\n  providers:\n    m:\n      kind: s3\n      bucket: media\n      region: us-west-004\n      endpoint: https://s3.us-west-004.backblazeb2.com\n";
+        let err = fx.error(b2);
+        assert!(err.contains("provider `m` has no public URL"), "{err}");
     }
 
     const PROVIDER: &str = "storage:\n  active: PNAME\n  providers:\n    PNAME:\n      kind: s3\n      region: eu-west-1\n      bucket: media\n      access_key_id: AKIAEXAMPLE1234\n";

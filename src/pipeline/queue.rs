@@ -98,11 +98,17 @@ pub struct MultipartProgress {
 }
 
 /// A multipart upload given up, to be aborted at its provider.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PendingAbort {
     pub provider: String,
     pub key: String,
     pub upload_id: String,
+}
+
+impl PendingAbort {
+    fn meta_key(&self) -> String {
+        format!("{META_ABORT_PREFIX}{}/{}", self.provider, self.upload_id)
+    }
 }
 
 /// What became of the upload id an item gives up.
@@ -312,7 +318,8 @@ const META_UPLOADED_BYTES: &[u8] = b"uploaded_bytes";
 /// only grows (see [`Queue::records_written`]).
 const META_FORGOTTEN: &[u8] = b"forgotten_count";
 const META_PAUSED_PREFIX: &str = "paused/";
-/// `abort/{upload id}`: a [`PendingAbort`].
+/// `abort/{provider}/{upload id}`: a [`PendingAbort`] (ids are unique per
+/// provider only).
 const META_ABORT_PREFIX: &str = "abort/";
 const META_ALIVE: &[u8] = b"alive";
 
@@ -439,8 +446,7 @@ fn file_abort_of(
         key: p.key,
         upload_id: p.upload_id,
     };
-    let key = format!("{META_ABORT_PREFIX}{}", pending.upload_id);
-    meta.insert(key.as_bytes(), encode(&pending))?;
+    meta.insert(pending.meta_key().as_bytes(), encode(&pending))?;
     Ok(true)
 }
 
@@ -541,8 +547,10 @@ impl Queue {
     /// flush is durable once the flush is, whatever was written or removed
     /// meanwhile.
     fn records_written(&self) -> u64 {
-        let (held, _) = self.uploaded();
+        // Forgotten first: a removal between the two reads then counts once
+        // too few, never once too many (which would look like a loss).
         let forgotten = self.read(|t| get_u64(&t.meta, META_FORGOTTEN)).unwrap_or(0);
+        let (held, _) = self.uploaded();
         held + forgotten
     }
 
@@ -958,9 +966,9 @@ impl Queue {
         .unwrap_or_default()
     }
 
-    /// The abort of `upload_id` went through (or cannot ever): unfiles it.
-    pub fn abort_done(&self, upload_id: &str) -> Result<(), StateError> {
-        let key = format!("{META_ABORT_PREFIX}{upload_id}");
+    /// The abort went through (or never can): unfiles it.
+    pub fn abort_done(&self, pending: &PendingAbort) -> Result<(), StateError> {
+        let key = pending.meta_key();
         self.write(|t| t.meta.remove(key.as_bytes()).map(|_| ()))
     }
 
@@ -1342,7 +1350,11 @@ mod tests {
         q.forget(&v).unwrap();
         assert!(q.take_filed_aborts());
         assert_eq!(filed(), ["cleared", "forgotten", "parked"]);
-        q.abort_done("parked").unwrap();
+        let parked = q
+            .pending_aborts()
+            .into_iter()
+            .find(|p| p.upload_id == "parked");
+        q.abort_done(&parked.unwrap()).unwrap();
         assert_eq!(filed(), ["cleared", "forgotten"]);
         assert!(q.item(&v).unwrap().is_none());
     }

@@ -24,7 +24,8 @@ use crate::pipeline::health::{Change, Health, ProbeTicket};
 use crate::pipeline::live::Live;
 use crate::pipeline::plan::{Deletion, Plan};
 use crate::pipeline::queue::{
-    Admission, Admit, Blame, GivenUp, PausedInfo, Queue, QueueItem, Recovered, Ring, Stage,
+    Admission, Admit, Blame, GivenUp, PausedInfo, PendingAbort, Queue, QueueItem, Recovered, Ring,
+    Stage,
 };
 use crate::pipeline::root::{RootGuard, RootStatus};
 use crate::pipeline::upload::{self, AbortOutcome, Uploader};
@@ -52,6 +53,9 @@ const ABORT_GRACE: Duration = Duration::from_secs(5);
 /// How often parked items whose file is gone are dropped (see
 /// [`Scheduler::sweep_parked`]); the loop wakes at least hourly anyway.
 const SWEEP_PARKED_EVERY: Duration = Duration::from_secs(600);
+
+/// Aborts of given-up multipart uploads sent at once.
+const ABORTS_AT_ONCE: usize = 8;
 
 /// How often a failed state_dir is tried again.
 const RECOVER_EVERY: Duration = Duration::from_secs(5);
@@ -211,9 +215,12 @@ pub struct Scheduler {
     tasks: JoinSet<Done>,
     task_keys: HashMap<Id, ItemKey>,
     /// Aborts of the multipart uploads of items parked (one request each).
-    aborts: JoinSet<(String, AbortOutcome)>,
-    /// Upload ids whose abort is under way.
-    aborting: HashSet<String>,
+    aborts: JoinSet<(PendingAbort, AbortOutcome)>,
+    /// The aborts under way.
+    aborting: HashSet<PendingAbort>,
+    /// Aborts tried since the last sweep that could not go yet: not tried
+    /// again before the next one.
+    aborts_tried: HashSet<PendingAbort>,
     /// Paths seen again while in flight: admitted again when they finish.
     recheck: HashSet<ItemKey>,
     /// Paths being deleted through: out of the pipeline.
@@ -276,6 +283,7 @@ impl Scheduler {
             tasks: JoinSet::new(),
             aborts: JoinSet::new(),
             aborting: HashSet::new(),
+            aborts_tried: HashSet::new(),
             task_keys: HashMap::new(),
             recheck: HashSet::new(),
             held: HashSet::new(),
@@ -548,10 +556,15 @@ impl Scheduler {
             self.state_paused = false;
             self.resume_after_state_failure();
         }
-        if self.paused.is_none() && Instant::now() >= self.next_sweep {
+        if Instant::now() >= self.next_sweep {
+            // Moved on while paused too, or the loop would wake at once for
+            // it for the rest of the pause.
             self.next_sweep = Instant::now() + SWEEP_PARKED_EVERY;
-            self.sweep_parked();
+            if self.paused.is_none() {
+                self.sweep_parked();
+            }
             // Aborts that could not reach the provider go again.
+            self.aborts_tried.clear();
             self.send_aborts();
         } else if self.queue.take_filed_aborts() {
             self.send_aborts();
@@ -575,25 +588,30 @@ impl Scheduler {
     /// they would stay in the database and in `status` for good. Only while
     /// the root is there, which proves the file gone.
     fn sweep_parked(&mut self) {
+        let root = self.current().options.root.clone();
+        let parked: Vec<ItemKey> = self.live.update(|s| s.failed.keys().cloned().collect());
+        let gone: Vec<ItemKey> = parked
+            .into_iter()
+            .filter(|key| !self.held.contains(key) && !self.in_flight.contains_key(key))
+            .filter(|key| {
+                matches!(
+                    std::fs::symlink_metadata(key.to_local(&root)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound
+                )
+            })
+            .collect();
+        // The root there after the files were found missing proves them gone
+        // (an unmount meanwhile would make every one look missing).
         let Ok(present) = self.root.check() else {
             return;
         };
-        let root = self.current().options.root.clone();
-        let parked: Vec<ItemKey> = self.live.update(|s| s.failed.keys().cloned().collect());
         let mut dropped = 0;
-        for key in parked {
-            if self.held.contains(&key) || self.in_flight.contains_key(&key) {
-                continue;
-            }
-            let gone = matches!(
-                std::fs::symlink_metadata(key.to_local(&root)),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound
-            );
+        for key in gone {
             let still_parked = matches!(
                 self.queue.item(&key),
                 Ok(Some(item)) if item.is_parked()
             );
-            if !gone || !still_parked {
+            if !still_parked {
                 continue;
             }
             if let Err(e) = self.queue.drop_vanished(&key, &present) {
@@ -610,32 +628,43 @@ impl Scheduler {
     }
 
     /// Sends the aborts filed for multipart uploads given up (one request
-    /// each, in the background; see [`Queue::pending_aborts`]).
+    /// each, in the background, [`ABORTS_AT_ONCE`] at most; see
+    /// [`Queue::pending_aborts`]).
     fn send_aborts(&mut self) {
         let plan = self.current();
         for p in self.queue.pending_aborts() {
-            if !self.aborting.insert(p.upload_id.clone()) {
+            if self.aborting.len() >= ABORTS_AT_ONCE {
+                break;
+            }
+            if self.aborts_tried.contains(&p) || !self.aborting.insert(p.clone()) {
                 continue;
             }
             let plan = plan.clone();
             self.aborts.spawn(async move {
                 let outcome = upload::abort_filed(&plan, &p).await;
-                (p.upload_id, outcome)
+                (p, outcome)
             });
         }
     }
 
-    /// An abort came back: settled ones are unfiled.
-    fn aborted(&mut self, done: Result<(String, AbortOutcome), tokio::task::JoinError>) {
-        let Ok((upload_id, outcome)) = done else {
+    /// An abort came back: a settled one is unfiled, one that could not go
+    /// waits for the next sweep, and the next filed one goes.
+    fn aborted(&mut self, done: Result<(PendingAbort, AbortOutcome), tokio::task::JoinError>) {
+        let Ok((pending, outcome)) = done else {
             return;
         };
-        self.aborting.remove(&upload_id);
-        if outcome == AbortOutcome::Settled {
-            if let Err(e) = self.queue.abort_done(&upload_id) {
-                tracing::debug!(error = %e, "cannot unfile an abort");
+        self.aborting.remove(&pending);
+        match outcome {
+            AbortOutcome::Settled => {
+                if let Err(e) = self.queue.abort_done(&pending) {
+                    tracing::debug!(error = %e, "cannot unfile an abort");
+                }
+            }
+            AbortOutcome::Later => {
+                self.aborts_tried.insert(pending);
             }
         }
+        self.send_aborts();
     }
 
     /// The state_dir works again: the queue as it is on disk, then the

@@ -542,9 +542,12 @@ pub enum AbortOutcome {
 /// Sends the abort of a multipart upload given up (see
 /// [`Queue`]'s `PendingAbort`).
 pub async fn abort_filed(plan: &Plan, p: &PendingAbort) -> AbortOutcome {
+    // Kept filed: a provider that cannot be used now (a secret unreadable
+    // at this start) may be again, and one removed from the config costs a
+    // look every 10 minutes, no request.
     let Some(store) = plan.store_named(&p.provider) else {
-        tracing::warn!(key = %p.key, provider = %p.provider, "an abandoned multipart upload on provider `{}` is left to its bucket's lifecycle rules: that provider is no longer configured, or cannot be used", p.provider);
-        return AbortOutcome::Settled;
+        tracing::debug!(key = %p.key, provider = %p.provider, "an abandoned multipart upload on provider `{}` waits: that provider cannot be used now", p.provider);
+        return AbortOutcome::Later;
     };
     match store.abort(&p.key, &p.upload_id).await {
         Ok(()) => AbortOutcome::Settled,

@@ -171,9 +171,15 @@ pub const SECTION_KEYS: &[&str] = &[
 ];
 
 impl ProviderSection {
-    /// Whether files uploaded here get a public URL (`public_url` or the kind's own address).
+    /// Whether files uploaded here get a public URL (`public_url` or the
+    /// kind's own address, which an endpoint elsewhere does not have: see
+    /// [`place`]).
     pub fn has_public_url(&self) -> bool {
-        self.public_url.is_some() || self.kind != Kind::R2
+        match place("", self) {
+            Ok(p) => p.public_url_base.is_some(),
+            // Incomplete (it runs in local mode, and says why).
+            Err(_) => self.public_url.is_some() || self.kind != Kind::R2,
+        }
     }
 }
 

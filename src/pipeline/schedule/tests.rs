@@ -1074,6 +1074,11 @@ async fn due_items_that_cannot_be_dispatched_do_not_wake_the_loop() {
     s.in_flight.clear();
     s.paused = Some("watch.root is not available".into());
     assert_eq!(s.next_wake(), Duration::from_secs(1));
+    // A sweep falling due during a pause is put off, not left due (which
+    // woke the loop at once for the rest of the pause).
+    s.next_sweep = Instant::now() - Duration::from_secs(1);
+    s.maintain();
+    assert!(s.next_sweep > Instant::now());
     h.stop().await;
 }
 
