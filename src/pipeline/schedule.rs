@@ -639,8 +639,14 @@ impl Scheduler {
             if self.aborts_tried.contains(&p) || !self.aborting.insert(p.clone()) {
                 continue;
             }
-            let plan = plan.clone();
+            let (plan, queue) = (plan.clone(), self.queue.clone());
             self.aborts.spawn(async move {
+                // Only once the item no longer names the upload on disk: a
+                // crash before would resume an upload already aborted, which
+                // the server then refuses for good.
+                if queue.durable().await.is_err() {
+                    return (p, AbortOutcome::Later);
+                }
                 let outcome = upload::abort_filed(&plan, &p).await;
                 (p, outcome)
             });
@@ -657,7 +663,9 @@ impl Scheduler {
         match outcome {
             AbortOutcome::Settled => {
                 if let Err(e) = self.queue.abort_done(&pending) {
+                    // Sent again after the next sweep (and answered gone).
                     tracing::debug!(error = %e, "cannot unfile an abort");
+                    self.aborts_tried.insert(pending);
                 }
             }
             AbortOutcome::Later => {

@@ -1277,3 +1277,43 @@ async fn the_queue_depth_metric_counts_uploads_only() {
     assert!(text.contains("offloadd_queue_depth 0\n"), "{text}");
     h.stop().await;
 }
+
+/// A filed abort goes only once the item's giving up of the upload is on
+/// disk: here the state_dir fails right after, and no abort is sent until it
+/// works again. A SIGKILL in that window used to leave the item resuming an
+/// upload already aborted, which the server refused for good (the file was
+/// parked, never uploaded: torture's kill loop).
+#[tokio::test(start_paused = true)]
+async fn an_abort_waits_until_the_upload_is_given_up_on_disk() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    std::fs::write(h.root.join("v.mp4"), b"v").unwrap();
+    let key = Harness::key("v.mp4");
+    let identity = crate::pipeline::finished::FileIdentity::of(
+        &std::fs::metadata(h.root.join("v.mp4")).unwrap(),
+    );
+    h.queue
+        .admit(&key, &identity, crate::pipeline::queue::Admit::Event)
+        .unwrap();
+    let progress = MultipartProgress {
+        provider: "fake".into(),
+        key: "pre/v.mp4".into(),
+        upload_id: "given-up".into(),
+        part_size: 5 * MIB,
+        identity,
+        parts: Vec::new(),
+        started_ms: 0,
+    };
+    h.queue.note_multipart(&key, &progress).unwrap();
+    h.queue.park(&key, "refused").unwrap();
+    h.queue.inject_failure("No space left on device");
+    h.start(Deletion::Keep);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(h.count(Op::Abort), 0, "sent before it was durable");
+    tokio::time::sleep(SWEEP_PARKED_EVERY + Duration::from_secs(1)).await;
+    until(10, "sent once durable", || h.count(Op::Abort) == 1).await;
+    h.stop().await;
+}
