@@ -718,6 +718,16 @@ mod tests {
         in_use as u64 + b.spare_bytes()
     }
 
+    /// A video's four lanes, each with an 8 MiB part's reservation and buffer.
+    async fn four_part_lanes(b: &Budget, video: Turn) -> Vec<(Reservation, Buffer)> {
+        let mut lanes = Vec::new();
+        for _ in 0..4 {
+            let r = b.reserve(video, 8 * MIB as u64).await;
+            lanes.push((r, b.buffer(8 * MIB)));
+        }
+        lanes
+    }
+
     #[tokio::test]
     async fn spares_and_small_buffers_fit_the_budget_together() {
         // A video's four lanes fill the budget; one part is sent and its
@@ -726,11 +736,7 @@ mod tests {
         let total = 32 * MIB as u64;
         let b = Budget::new(total);
         let video = turn(&b);
-        let mut lanes = Vec::new();
-        for _ in 0..4 {
-            let r = b.reserve(video, 8 * MIB as u64).await;
-            lanes.push((r, b.buffer(8 * MIB)));
-        }
+        let mut lanes = four_part_lanes(&b, video).await;
         let (sent_reservation, sent) = lanes.pop().expect("a lane");
         drop(sent.into_bytes());
         assert_eq!(b.spare_bytes(), 8 * MIB as u64);
@@ -778,11 +784,7 @@ mod tests {
         // part takes its last part's buffer, not a new one.
         let b = Budget::new(32 * MIB as u64);
         let video = turn(&b);
-        let mut lanes = Vec::new();
-        for _ in 0..4 {
-            let r = b.reserve(video, 8 * MIB as u64).await;
-            lanes.push((r, b.buffer(8 * MIB)));
-        }
+        let mut lanes = four_part_lanes(&b, video).await;
         let (sent_reservation, sent) = lanes.pop().expect("a lane");
         let at = sent.as_ref().as_ptr();
         drop(sent.into_bytes());

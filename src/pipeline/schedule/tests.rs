@@ -158,6 +158,38 @@ impl Harness {
     fn key(rel: &str) -> ItemKey {
         ItemKey::from_bytes(rel.as_bytes().to_vec()).unwrap()
     }
+
+    /// A scheduler on this harness's queue that is not running, to look at
+    /// its decisions one by one.
+    fn idle_scheduler(&self) -> Scheduler {
+        Scheduler::new(
+            plan(&self.root, &self.store, Deletion::Keep),
+            resources(MEMORY_LIMIT),
+            self.queue.clone(),
+            self.guard.clone(),
+            self.live.clone(),
+            watch::channel(0).0,
+        )
+    }
+
+    /// Writes `rel`, which the provider refuses (a 400) until it is parked,
+    /// then holds it as a delete-through does; its key.
+    async fn parked_and_held(&self, rel: &str) -> ItemKey {
+        self.store
+            .script(|r| (r.op == Op::Put).then(|| http_error(400, "InvalidRequest")));
+        self.write(rel, rel.as_bytes()).await;
+        let key = Harness::key(rel);
+        until(300, "parked", || {
+            self.live.shown().failed.contains_key(&key)
+        })
+        .await;
+        self.store.script(|_| None);
+        let k = key.clone();
+        self.ask(|reply| Command::Hold { key: k, reply })
+            .await
+            .unwrap();
+        key
+    }
 }
 
 /// Lets virtual time run until `cond` holds: at most `secs` virtual seconds,
@@ -698,17 +730,7 @@ async fn a_hold_is_refused_while_an_upload_waits_for_the_probe() {
 #[tokio::test(start_paused = true)]
 async fn nothing_requeues_a_held_item() {
     let mut h = Harness::new(Deletion::Keep);
-    h.store
-        .script(|r| (r.op == Op::Put).then(|| http_error(400, "InvalidRequest")));
-    h.write("a.png", b"a").await;
-    let key = Harness::key("a.png");
-    until(300, "parked", || h.live.shown().failed.contains_key(&key)).await;
-    h.store.script(|_| None);
-
-    let k = key.clone();
-    h.ask(|reply| Command::Hold { key: k, reply })
-        .await
-        .unwrap();
+    let key = h.parked_and_held("a.png").await;
     let keys = Some(vec![key.clone()]);
     h.ask(|reply| Command::Retry { keys, reply }).await;
     // Half a minute held, with real time for the blocking threads.
@@ -1041,14 +1063,7 @@ async fn deletes_beyond_the_window_are_done_and_cancelled_too() {
 #[tokio::test]
 async fn due_items_that_cannot_be_dispatched_do_not_wake_the_loop() {
     let mut h = Harness::new(Deletion::Keep);
-    let mut s = Scheduler::new(
-        plan(&h.root, &h.store, Deletion::Keep),
-        resources(MEMORY_LIMIT),
-        h.queue.clone(),
-        h.guard.clone(),
-        h.live.clone(),
-        watch::channel(0).0,
-    );
+    let mut s = h.idle_scheduler();
     let now = s.clock.now_ms();
     let due = Entry {
         lane: Lane::Upload,
@@ -1089,16 +1104,7 @@ async fn due_items_that_cannot_be_dispatched_do_not_wake_the_loop() {
 #[tokio::test(start_paused = true)]
 async fn a_release_gives_back_what_the_hold_took() {
     let mut h = Harness::new(Deletion::Keep);
-    h.store
-        .script(|r| (r.op == Op::Put).then(|| http_error(400, "InvalidRequest")));
-    h.write("a.png", b"a").await;
-    let a = Harness::key("a.png");
-    until(300, "parked", || h.live.shown().failed.contains_key(&a)).await;
-    h.store.script(|_| None);
-    let k = a.clone();
-    h.ask(|reply| Command::Hold { key: k, reply })
-        .await
-        .unwrap();
+    let a = h.parked_and_held("a.png").await;
     let k = a.clone();
     h.ask(|reply| Command::Release { key: k, reply }).await;
     assert!(
@@ -1206,14 +1212,7 @@ async fn an_abort_that_fails_is_sent_again() {
 #[tokio::test]
 async fn a_finished_delete_is_progress_for_the_watchdog() {
     let mut h = Harness::new(Deletion::Keep);
-    let mut s = Scheduler::new(
-        plan(&h.root, &h.store, Deletion::Keep),
-        resources(MEMORY_LIMIT),
-        h.queue.clone(),
-        h.guard.clone(),
-        h.live.clone(),
-        watch::channel(0).0,
-    );
+    let mut s = h.idle_scheduler();
     let key = Harness::key("deleted.png");
     let flight = Flight {
         started: Instant::now(),
