@@ -160,6 +160,9 @@ pub struct Job<'a> {
     pub plan: &'a Plan,
     /// The file as it was when the finished-file rule held, just before.
     pub checked: &'a FileIdentity,
+    /// Failures already blamed on this item while the provider answered
+    /// others (see the scheduler).
+    pub strikes: u32,
 }
 
 impl Uploader {
@@ -269,7 +272,11 @@ impl Uploader {
                         // A refusal (a key that lost PutObject) keeps the upload
                         // and its parts for when the operator has fixed it, as
                         // does a 500.
-                        if e.class != ErrorClass::RestartUpload {
+                        // Refused again while the provider accepts other
+                        // uploads (a strike): the server does not know this
+                        // upload any more (s3s-fs answers AccessDenied for an
+                        // id it forgot), so it starts again.
+                        if e.class != ErrorClass::RestartUpload && job.strikes == 0 {
                             return Err(UploadError::Storage(e));
                         }
                         tracing::info!(path = %job.abs.display(), error = %e, "the recorded multipart upload cannot be resumed; starting it again");

@@ -213,6 +213,7 @@ impl Worker {
             previous: item.multipart(),
             plan: &self.started,
             checked: &checked,
+            strikes: item.strikes,
         };
         let sent = match self.uploader.send(&job, opts.upload).await {
             Ok(s) => s,
