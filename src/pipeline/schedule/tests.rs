@@ -1316,3 +1316,42 @@ async fn an_abort_waits_until_the_upload_is_given_up_on_disk() {
     until(10, "sent once durable", || h.count(Op::Abort) == 1).await;
     h.stop().await;
 }
+
+/// A recorded upload the server forgot, refused (AccessDenied, as s3s-fs
+/// answers for an id it no longer knows) while the provider accepts other
+/// requests, starts again from scratch after its first strike. It used to be
+/// kept until the file was parked, never uploaded (s3s-fs forgets an upload
+/// whose completion a SIGKILL cut short: torture's kill loop).
+#[tokio::test(start_paused = true)]
+async fn a_forgotten_upload_refused_while_others_pass_starts_again() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    let data: Vec<u8> = (0..(12 * MIB) as u32).map(|i| (i % 239) as u8).collect();
+    let abs = h.root.join("v.mp4");
+    std::fs::write(&abs, &data).unwrap();
+    let key = Harness::key("v.mp4");
+    let identity = crate::pipeline::finished::FileIdentity::of(&std::fs::metadata(&abs).unwrap());
+    h.queue
+        .admit(&key, &identity, crate::pipeline::queue::Admit::Event)
+        .unwrap();
+    let forgotten = MultipartProgress {
+        provider: "fake".into(),
+        key: "pre/v.mp4".into(),
+        upload_id: "forgotten".into(),
+        part_size: 5 * MIB,
+        identity,
+        parts: Vec::new(),
+        started_ms: 0,
+    };
+    h.queue.save_multipart(&key, &forgotten).await.unwrap();
+    let mut restarted = false;
+    h.store.script(move |r| {
+        restarted |= r.op == Op::Initiate;
+        (r.op == Op::Part && !restarted).then(|| http_error(403, "AccessDenied"))
+    });
+    h.start(Deletion::Keep);
+    until(600, "uploaded", || h.queue.record(&key).unwrap().is_some()).await;
+    assert_eq!(h.store.object("pre/v.mp4").as_deref(), Some(&data[..]));
+    assert!(!h.live.shown().failed.contains_key(&key));
+    h.stop().await;
+}
