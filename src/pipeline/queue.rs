@@ -841,13 +841,9 @@ impl Queue {
     /// Forgets the multipart upload of an item: the next attempt starts
     /// afresh. One still `Open` at the server is filed for an abort.
     pub fn clear_multipart(&self, key: &ItemKey, given_up: GivenUp) -> Result<(), StateError> {
-        let Some(mut item) = self.item(key)? else {
+        let Some(item) = self.with_multipart(key, None)? else {
             return Ok(());
         };
-        if !matches!(item.stage, Stage::Upload { .. }) {
-            return Ok(());
-        }
-        item.stage = Stage::Upload { multipart: None };
         match given_up {
             GivenUp::Open => self.replace_item_filing_abort(key, Some(&item)),
             GivenUp::Gone => self.set_item(key, Some(&item)),
@@ -859,14 +855,27 @@ impl Queue {
         key: &ItemKey,
         multipart: Option<MultipartProgress>,
     ) -> Result<(), StateError> {
+        match self.with_multipart(key, multipart)? {
+            Some(item) => self.set_item(key, Some(&item)),
+            None => Ok(()),
+        }
+    }
+
+    /// The item of `key` with `multipart` as its upload's progress, unwritten;
+    /// `None` if it is not waiting to be uploaded.
+    fn with_multipart(
+        &self,
+        key: &ItemKey,
+        multipart: Option<MultipartProgress>,
+    ) -> Result<Option<QueueItem>, StateError> {
         let Some(mut item) = self.item(key)? else {
-            return Ok(());
+            return Ok(None);
         };
         if !matches!(item.stage, Stage::Upload { .. }) {
-            return Ok(());
+            return Ok(None);
         }
         item.stage = Stage::Upload { multipart };
-        self.set_item(key, Some(&item))
+        Ok(Some(item))
     }
 
     /// A failed attempt: backs the item off until `due_ms`. With
