@@ -170,11 +170,23 @@ pub mod mark {
 
     /// The mark in nanoseconds since the epoch, if it has been set.
     pub fn read(state_dir: &Path) -> Option<i128> {
-        std::fs::read_to_string(path(state_dir))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        load(state_dir).ok().flatten()
+    }
+
+    /// The mark, `None` if it has not been set, or why it cannot be read
+    /// (a command run by a user who may not read the state_dir, say).
+    pub fn load(state_dir: &Path) -> Result<Option<i128>, String> {
+        let path = path(state_dir);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().parse().map(Some).map_err(|_| {
+                format!(
+                    "{} does not hold a time; offloadd writes it again at its next start",
+                    path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
     }
 
     /// Now, as a mark would record it.
@@ -202,6 +214,9 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let mut f = File::create(&tmp)?;
+    // Group-readable whatever the umask (the units set 0077): commands run
+    // by the offloadd group read these files (`backfill` the mark).
+    f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -524,7 +539,8 @@ mod tests {
     }
 
     /// The units run offloadd with `UMask=0077`; the status snapshot and the
-    /// lock file must still be readable by the offloadd group, for `status`.
+    /// lock file must still be readable by the offloadd group, for `status`,
+    /// and the managed-since mark, for `backfill`.
     #[test]
     fn status_files_are_group_readable_whatever_the_umask() {
         let dir = tempfile::tempdir().unwrap();
@@ -532,9 +548,12 @@ mod tests {
         let old = unsafe { libc::umask(0o077) };
         let lock = Lock::acquire(dir.path(), Holder::Daemon);
         let snapshot = write_snapshot(dir.path(), b"{}");
+        let marked = mark::set_once(dir.path(), 7);
         unsafe { libc::umask(old) };
-        let (_lock, ()) = (lock.unwrap(), snapshot.unwrap());
-        for path in [Lock::path(dir.path()), snapshot_path(dir.path())] {
+        let (_lock, (), ()) = (lock.unwrap(), snapshot.unwrap(), marked.unwrap());
+        // The mark too: `backfill` run by the group reads it.
+        let marked = dir.path().join("managed-since");
+        for path in [Lock::path(dir.path()), snapshot_path(dir.path()), marked] {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o640, "{}", path.display());
         }
@@ -547,5 +566,24 @@ mod tests {
         mark::set_once(dir.path(), 7).unwrap();
         mark::set_once(dir.path(), 8).unwrap();
         assert_eq!(mark::read(dir.path()), Some(7));
+    }
+
+    /// `backfill` must not take a mark it cannot read for no mark at all
+    /// ("nothing to backfill").
+    #[test]
+    fn a_mark_that_cannot_be_read_is_an_error_not_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(mark::load(dir.path()), Ok(None));
+        std::fs::create_dir(dir.path().join("managed-since")).unwrap();
+        let err = mark::load(dir.path()).unwrap_err();
+        assert!(
+            err.starts_with("cannot read ") && err.contains("managed-since"),
+            "{err}"
+        );
+        std::fs::remove_dir(dir.path().join("managed-since")).unwrap();
+        std::fs::write(dir.path().join("managed-since"), "garbage\n").unwrap();
+        assert!(mark::load(dir.path())
+            .unwrap_err()
+            .contains("does not hold a time"));
     }
 }

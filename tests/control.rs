@@ -295,3 +295,41 @@ fn a_file_at_the_control_socket_path_is_never_deleted() {
     );
     assert_eq!(fs::read(&env.socket).unwrap(), b"somebody's notes");
 }
+
+/// `backfill` run by a user who may not read the state_dir says so and
+/// fails: it used to take the unreadable mark for none, answer "nothing to
+/// backfill" and exit 0, so an operator took the migration for done.
+#[test]
+fn backfill_that_cannot_read_the_mark_says_so() {
+    if !require(is_root(), "root (to run backfill as nobody)") {
+        return;
+    }
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    write_file(&env.path("pre/a.png"), b"aaa");
+    let daemon = Daemon::start(&env, &[]);
+    daemon.stop();
+    // `nobody` reaches the config, but not into the state_dir.
+    for p in [env.dir.path(), env.config_path.as_path()] {
+        let mode = if p.is_dir() { 0o755 } else { 0o644 };
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    fs::set_permissions(&env.state_dir, fs::Permissions::from_mode(0o700)).unwrap();
+    let out = offloadd_as_nobody(&env)
+        .arg("backfill")
+        .output()
+        .expect("run setpriv");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("cannot read ")
+            && stderr.contains("managed-since: Permission denied")
+            && stderr.contains("run backfill as root or as a member of the service's group"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("nothing to backfill"), "{stdout}");
+}

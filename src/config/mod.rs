@@ -365,6 +365,19 @@ pub fn load(path: &Path, root: RootCheck) -> Result<Loaded, ConfigError> {
         (Err(_), RootCheck::MayBeAway) => config.watch.root,
         (Err(m), RootCheck::MustExist) => return Err(invalid(&["watch", "root"], m)),
     };
+    // The state's own files would be watched, uploaded and (with
+    // `delete_local`) deleted: the mark, the root's identity, the database.
+    let state_dir = resolve_what_exists(&config.state_dir);
+    if state_dir.starts_with(&config.watch.root) {
+        return Err(invalid(
+            &["state_dir"],
+            format!(
+                "`state_dir` {} is inside `watch.root` {}; put it outside the results directory, such as /var/lib/offloadd",
+                config.state_dir.display(),
+                config.watch.root.display()
+            ),
+        ));
+    }
 
     let mut warnings = Vec::new();
     let inline = config
@@ -424,6 +437,25 @@ pub fn load(path: &Path, root: RootCheck) -> Result<Loaded, ConfigError> {
         );
     }
     Ok(Loaded { config, warnings })
+}
+
+/// `path` with its longest existing ancestor resolved (symbolic links,
+/// `..`), the rest as written: where it is, or will be once created.
+fn resolve_what_exists(path: &Path) -> PathBuf {
+    let mut missing = Vec::new();
+    let mut at = path;
+    loop {
+        if let Ok(resolved) = std::fs::canonicalize(at) {
+            return missing.iter().rev().fold(resolved, |p, c| p.join(c));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_owned());
+                at = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
 }
 
 const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
@@ -1284,6 +1316,37 @@ mod tests {
             text.ends_with("; fix the syntax there, checking indentation and quotes"),
             "{text}"
         );
+    }
+
+    /// The state's own files would be uploaded and, with `delete_local`,
+    /// deleted: refused however the path reaches into the root.
+    #[test]
+    fn state_dir_inside_the_root_is_refused() {
+        let fx = Fixture::new();
+        std::fs::create_dir_all(fx.root().join("existing")).unwrap();
+        let link = fx.dir.path().join("link");
+        std::os::unix::fs::symlink(fx.root(), &link).unwrap();
+        std::fs::create_dir(fx.dir.path().join("elsewhere")).unwrap();
+        for state_dir in [
+            fx.root().join("existing"),
+            fx.root().join("not/yet/made"),
+            fx.root(),
+            link.join("state"),
+            fx.dir.path().join("elsewhere/../results/state"),
+        ] {
+            let err = fx.error(&format!("state_dir: {}\n", state_dir.display()));
+            assert!(
+                err.contains("line 3, column 1: `state_dir` ")
+                    && err.ends_with(
+                        "; put it outside the results directory, such as /var/lib/offloadd"
+                    ),
+                "{}: {err}",
+                state_dir.display()
+            );
+        }
+        // Beside the root, its name a prefix of the root's: fine.
+        fx.load(&format!("state_dir: {}-state\n", fx.root().display()))
+            .unwrap();
     }
 
     #[test]

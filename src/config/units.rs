@@ -30,6 +30,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     number.checked_mul(factor).ok_or_else(err)
 }
 
+/// The longest duration taken: ten years. Longer ones would overflow the
+/// clock arithmetic that adds them to now (a panic at start-up), and none
+/// means anything to a daemon.
+const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+
 /// Parses a duration; a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let err = || format!("`{s}` is not a duration; write a number with ms, s, m, h or d (e.g. 2s)");
@@ -42,10 +47,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "d" => 86_400_000,
         _ => return Err(err()),
     };
-    number
-        .checked_mul(millis_per)
-        .map(Duration::from_millis)
-        .ok_or_else(err)
+    match number.checked_mul(millis_per) {
+        Some(ms) => at_most_ten_years(s, Duration::from_millis(ms)),
+        None => Err(too_long(s)),
+    }
+}
+
+fn too_long(written: &str) -> String {
+    format!("`{written}` is longer than ten years; write a shorter duration (e.g. 30d)")
+}
+
+fn at_most_ten_years(written: &str, d: Duration) -> Result<Duration, String> {
+    if d > MAX_DURATION {
+        return Err(too_long(written));
+    }
+    Ok(d)
 }
 
 /// Splits `"64 MiB"` into `(64, "MiB")`; `None` when there is no leading integer.
@@ -58,7 +74,7 @@ fn split_number(s: &str) -> Option<(u64, &str)> {
 /// Integer-or-string visitor shared by the serde helpers.
 struct Visitor<T> {
     parse: fn(&str) -> Result<T, String>,
-    from_int: fn(u64) -> T,
+    from_int: fn(u64) -> Result<T, String>,
     expecting: &'static str,
 }
 
@@ -70,13 +86,13 @@ impl<T> serde::de::Visitor<'_> for Visitor<T> {
     }
 
     fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<T, E> {
-        Ok((self.from_int)(v))
+        (self.from_int)(v).map_err(E::custom)
     }
 
     fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<T, E> {
-        u64::try_from(v)
-            .map(self.from_int)
-            .map_err(|_| E::custom(format!("`{v}` is negative; {} cannot be", self.expecting)))
+        let v = u64::try_from(v)
+            .map_err(|_| E::custom(format!("`{v}` is negative; {} cannot be", self.expecting)))?;
+        self.visit_u64(v)
     }
 
     fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
@@ -91,7 +107,7 @@ pub mod serde_size {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         d.deserialize_any(super::Visitor {
             parse: super::parse_size,
-            from_int: |v| v,
+            from_int: Ok,
             expecting: "a size such as 64MiB or a number of bytes",
         })
     }
@@ -109,7 +125,7 @@ pub mod serde_duration {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         d.deserialize_any(super::Visitor {
             parse: super::parse_duration,
-            from_int: Duration::from_secs,
+            from_int: |secs| super::at_most_ten_years(&secs.to_string(), Duration::from_secs(secs)),
             expecting: "a duration such as 2s, 500ms or 5m",
         })
     }
@@ -170,6 +186,15 @@ mod tests {
         for s in ["", "s", "2x", "1.5s", "2S"] {
             assert!(parse_duration(s).is_err(), "{s}");
         }
+        // Added to now, a longer one panicked at start-up.
+        assert_eq!(
+            parse_duration("3650d"),
+            Ok(Duration::from_secs(3650 * 86_400))
+        );
+        for s in ["3651d", "10000000000000000000", "18446744073709551s"] {
+            let err = parse_duration(s).unwrap_err();
+            assert!(err.contains("longer than ten years"), "{s}: {err}");
+        }
     }
 
     #[test]
@@ -183,6 +208,11 @@ mod tests {
         }
         let t: T = serde_yaml::from_str("size: 8388608\nwait: 2s").unwrap();
         assert_eq!((t.size, t.wait), (8 << 20, Duration::from_secs(2)));
+        let err = serde_yaml::from_str::<T>("size: 1\nwait: 10000000000000000000")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("longer than ten years"), "{err}");
         let t: T = serde_yaml::from_str("size: 8MiB\nwait: 3").unwrap();
         assert_eq!((t.size, t.wait), (8 << 20, Duration::from_secs(3)));
         assert!(serde_yaml::from_str::<T>("size: 8XB\nwait: 3").is_err());

@@ -185,46 +185,86 @@ pub fn test_connection_cli(config: &Config, provider: Option<&str>) -> ExitCode 
     })
 }
 
+/// Paths a backfill walk could not read, so could not queue.
+#[derive(Default)]
+struct Unread {
+    count: usize,
+    first: Option<String>,
+}
+
+impl Unread {
+    fn add(&mut self, what: impl FnOnce() -> String) {
+        self.count += 1;
+        if self.first.is_none() {
+            self.first = Some(what());
+        }
+    }
+
+    /// What to add to the summary line, if anything was left out.
+    fn sentence(&self) -> Option<String> {
+        let first = self.first.as_deref()?;
+        Some(format!(
+            "{} path(s) could not be read and were left out (the first: {first}); let offloadd read them and run backfill again",
+            self.count
+        ))
+    }
+}
+
 /// Files under the root that backfill would queue: included, regular, changed
-/// before the managed-since mark, and not recorded as they are now.
+/// before the managed-since mark, and not recorded as they are now; and what
+/// could not be read on the way.
 fn backfill_candidates(
     config: &Config,
     queue: Option<&Queue>,
     mark: i128,
-) -> Vec<(ItemKey, FileIdentity)> {
-    let Ok(rules) = Rules::new(
+) -> Result<(Vec<(ItemKey, FileIdentity)>, Unread), String> {
+    let rules = Rules::new(
         &config.watch.root,
         &config.watch.include,
         &config.watch.exclude,
         config.watch.settle,
-    ) else {
-        return Vec::new();
-    };
+    )
+    .map_err(|e| e.to_string())?;
     let root = &config.watch.root;
-    walkdir::WalkDir::new(root)
-        .follow_links(false)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file() && rules.matches(e.path()))
-        .filter_map(|e| {
-            let meta = e.metadata().ok()?;
-            let id = FileIdentity::of(&meta);
-            if id.changed_ns() >= mark {
-                return None;
+    let mut unread = Unread::default();
+    let mut keys = Vec::new();
+    for entry in walkdir::WalkDir::new(root).follow_links(false) {
+        let e = match entry {
+            Ok(e) => e,
+            Err(err) => {
+                unread.add(|| err.to_string());
+                continue;
             }
-            let key = ItemKey::of(root, e.path())?;
-            if let Some(q) = queue {
-                if q.record(&key)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|r| r.identity == id)
-                {
-                    return None;
-                }
+        };
+        if !(e.file_type().is_file() && rules.matches(e.path())) {
+            continue;
+        }
+        let meta = match e.metadata() {
+            Ok(meta) => meta,
+            Err(err) => {
+                unread.add(|| err.to_string());
+                continue;
             }
-            Some((key, id))
-        })
-        .collect()
+        };
+        let id = FileIdentity::of(&meta);
+        if id.changed_ns() >= mark {
+            continue;
+        }
+        let Some(key) = ItemKey::of(root, e.path()) else {
+            continue;
+        };
+        if let Some(q) = queue {
+            if q.record(&key)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.identity == id)
+            {
+                continue;
+            }
+        }
+        keys.push((key, id));
+    }
+    Ok((keys, unread))
 }
 
 fn progress(total: usize) -> indicatif::ProgressBar {
@@ -266,11 +306,23 @@ fn enqueue_live(
 }
 
 pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
-    let Some(mark) = statedir::mark::read(&config.state_dir) else {
-        return Reply::ok(line(
-            "nothing to backfill: offloadd has not run with an active provider yet, so every file will be handled as new when it does",
-        ))
-        .finish();
+    let mark = match statedir::mark::load(&config.state_dir) {
+        Ok(Some(mark)) => mark,
+        Ok(None) => {
+            return Reply::ok(line(
+                "nothing to backfill: offloadd has not run with an active provider yet, so every file will be handled as new when it does",
+            ))
+            .finish()
+        }
+        Err(e) => {
+            return Reply::fail(
+                1,
+                err_line(format!(
+                    "{e}; run backfill as root or as a member of the service's group"
+                )),
+            )
+            .finish()
+        }
     };
     // Asked of the daemon when it runs: only it knows whether it can read
     // its secret.
@@ -301,7 +353,15 @@ pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
             Err(r) => return r.finish(),
         }
     };
-    let keys = backfill_candidates(config, offline.as_ref().map(|(_, s)| s), mark);
+    let (keys, unread) = match backfill_candidates(config, offline.as_ref().map(|(_, s)| s), mark) {
+        Ok(found) => found,
+        Err(e) => return Reply::fail(78, err_line(e)).finish(),
+    };
+    // The summary, and exit 1 when something could not be read.
+    let summary = |text: String| match unread.sentence() {
+        None => Reply::ok(line(text)),
+        Some(left_out) => Reply::fail(1, err_line(format!("{text}; {left_out}"))),
+    };
     if dry_run {
         // As the real run counts: files not in the queue yet.
         let mut would = match &offline {
@@ -320,9 +380,9 @@ pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
                 }
             }
         }
-        return Reply::ok(line(format!(
+        return summary(format!(
             "backfill (dry run): {would} file(s) would be queued"
-        )))
+        ))
         .finish();
     }
     let bar = progress(keys.len());
@@ -356,9 +416,61 @@ pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
         }
     }
     let when = if running { "now" } else { "when offloadd runs" };
-    Reply::ok(line(format!(
+    summary(format!(
         "backfill: {queued} of {} file(s) queued; they upload {when} (run it again to resume)",
         keys.len()
-    )))
+    ))
     .finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load, RootCheck};
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A folder backfill cannot read is counted and named, not skipped in
+    /// silence: the summary said "N of N queued" and exited 0.
+    #[test]
+    fn backfill_names_what_it_could_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("results");
+        std::fs::create_dir_all(root.join("open")).unwrap();
+        std::fs::create_dir_all(root.join("locked")).unwrap();
+        std::fs::write(root.join("open/a.png"), b"a").unwrap();
+        std::fs::write(root.join("locked/b.png"), b"b").unwrap();
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, format!("watch:\n  root: {}\n", root.display())).unwrap();
+        let config = load(&config, RootCheck::MustExist).unwrap().config;
+        for (path, mode) in [
+            (dir.path(), 0o755),
+            (&root, 0o755),
+            (&root.join("locked"), 0o000),
+        ] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let mark = statedir::mark::now_ns() + 1_000_000_000;
+        // As `nobody`, on a thread of its own: root reads any folder, but the
+        // file system user id (per thread) decides, and a non-zero one drops
+        // the capabilities that would override the mode.
+        let (keys, unread) = std::thread::spawn(move || {
+            // SAFETY: setfsuid only changes this thread's file system uid.
+            unsafe { libc::setfsuid(65534) };
+            backfill_candidates(&config, None, mark)
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+        std::fs::set_permissions(root.join("locked"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        let names: Vec<_> = keys.iter().map(|(k, _)| k.to_string()).collect();
+        assert_eq!(names, ["open/a.png"]);
+        let sentence = unread.sentence().expect("the locked folder is named");
+        assert!(
+            sentence.starts_with("1 path(s) could not be read and were left out (the first: ")
+                && sentence.contains("locked")
+                && sentence.ends_with("let offloadd read them and run backfill again"),
+            "{sentence}"
+        );
+    }
 }

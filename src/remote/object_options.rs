@@ -48,9 +48,11 @@ pub struct RuleError {
     pub message: String,
 }
 
-/// A header value a rule sets must be sendable as an HTTP header.
-fn header_ok(value: &str) -> bool {
-    http::HeaderValue::from_str(value).is_ok()
+/// Whether `value` can go as a header of an upload: visible ASCII on one
+/// line. (`HeaderValue` takes other bytes too, but the request signature
+/// cannot cover them, so every upload carrying one would fail.)
+pub fn header_ok(value: &str) -> bool {
+    value.is_ascii() && http::HeaderValue::from_str(value).is_ok()
 }
 
 impl Rules {
@@ -78,7 +80,7 @@ impl Rules {
                 if let Some(v) = value {
                     if v.is_empty() || !header_ok(v) {
                         return Err(err(format!(
-                            "`{name}` `{v}` is not a valid HTTP header value; fix or remove it"
+                            "`{name}` is {v:?}, which cannot be sent as an HTTP header (only visible ASCII characters on one line); fix or remove it"
                         )));
                     }
                 }
@@ -234,7 +236,19 @@ mod tests {
         }])
         .unwrap_err();
         assert!(
-            e.to_string().contains("not a valid HTTP header value"),
+            e.to_string().contains(
+                "`content_disposition` is \"bad\\nvalue\", which cannot be sent as an HTTP header"
+            ),
+            "{e}"
+        );
+        // Taken by `HeaderValue`, but not by the request signature.
+        let e = Rules::new(&[RuleSection {
+            cache_control: Some("max\u{2011}age=60".into()),
+            ..rule("**")
+        }])
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("cannot be sent as an HTTP header"),
             "{e}"
         );
     }

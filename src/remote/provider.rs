@@ -322,6 +322,22 @@ pub fn validate(s: &ProviderSection) -> Result<(), SectionError> {
             format!("`storage_class` is not supported by kind {kind}; remove it"),
         ));
     }
+    // Sent as headers with every upload: a value that cannot be one would
+    // fail each upload, so it fails the load instead, like a rule's.
+    for (key, value) in [
+        ("storage_class", &s.storage_class),
+        ("kms_key_id", &s.kms_key_id),
+        ("cache_control", &s.cache_control),
+    ] {
+        if let Some(v) = value.as_deref() {
+            if !crate::remote::object_options::header_ok(v) {
+                return Err(section_err(
+                    key,
+                    format!("`{key}` is {v:?}, which cannot be sent as an HTTP header (only visible ASCII characters on one line); retype it"),
+                ));
+            }
+        }
+    }
     if s.secret_access_key.is_some() && s.secret_access_key_file.is_some() {
         return Err(section_err(
             "secret_access_key",
@@ -910,6 +926,37 @@ mod tests {
         ))
         .unwrap();
         assert!(validate(&section("kind: minio\nendpoint: ftp://x")).is_err());
+    }
+
+    /// Header values sent with every upload fail the load, not each upload
+    /// (which used to put the daemon in local mode past `check-config`).
+    #[test]
+    fn upload_header_values_must_be_sendable() {
+        for (key, yaml) in [
+            (
+                "cache_control",
+                "kind: s3\ncache_control: \"public, max\u{2011}age=60\"",
+            ),
+            (
+                "storage_class",
+                "kind: s3\nstorage_class: \"STANDARD_IA\\n\"",
+            ),
+            (
+                "kms_key_id",
+                "kind: s3\nserver_side_encryption: aws:kms\nkms_key_id: |\n  alias/media\n  more\n",
+            ),
+        ] {
+            let err = validate(&section(yaml)).unwrap_err();
+            assert_eq!(err.key, key, "{err}");
+            assert!(
+                err.message.contains("cannot be sent as an HTTP header"),
+                "{err}"
+            );
+        }
+        validate(&section(
+            "kind: s3\ncache_control: public, max-age=60\nstorage_class: STANDARD_IA\nserver_side_encryption: aws:kms\nkms_key_id: alias/media",
+        ))
+        .unwrap();
     }
 
     #[test]
