@@ -308,6 +308,8 @@ pub async fn run(
         let now = statedir::now_ms();
         if now.saturating_sub(answered.load(Ordering::Relaxed)) > STATE_HUNG_AFTER_MS {
             Some("the state database stopped answering")
+        } else if live_w.stuck_since(now, LOOP_STUCK_AFTER_MS).is_some() {
+            Some("the scheduler's loop stopped turning")
         } else if live_w.in_flight.load(Ordering::Relaxed) > 0 && live_w.progress.overdue(now) {
             Some("uploads in flight made no progress")
         } else {
@@ -321,24 +323,47 @@ pub async fn run(
         ));
     }
 
-    loop {
+    let mut scheduler = scheduler;
+    // The scheduler ends only after a stop; if it ends before one (a
+    // panic), nothing would be uploaded again while the process lived on,
+    // so the daemon stops with an error and systemd restarts it.
+    let ended_early = loop {
         tokio::select! {
-            () = &mut shutdown => break,
+            () = &mut shutdown => break None,
+            ended = &mut scheduler => break Some(ended),
             Some(()) = reloads.recv() => {
                 if let Some(task) = reloader.reload().await {
                     tasks.push(("watcher", task));
                 }
             }
         }
-    }
+    };
     tracing::info!("stopping: no new uploads start");
     systemd::stopping();
     stop.fire();
-    if let Err(e) = scheduler.await {
-        tracing::error!(error = %e, "the scheduler ended abnormally");
-    }
+    let early = ended_early.is_some();
+    let ended = match ended_early {
+        Some(Ok(())) => Err("the scheduler stopped before the daemon did".to_string()),
+        Some(Err(e)) => Err(format!("the scheduler failed: {e}")),
+        None => scheduler
+            .await
+            .map_err(|e| format!("the scheduler failed: {e}")),
+    };
     drop(reloader);
-    finish(stop, tasks, &queue, &settings).await
+    let finished = finish(stop, tasks, &queue, &settings).await;
+    match ended {
+        Ok(()) => finished,
+        Err(why) if early => {
+            finished?;
+            Err(Fatal::Runtime(format!(
+                "{why}; offloadd exits so that it is restarted, and queued files are kept"
+            )))
+        }
+        Err(why) => {
+            tracing::error!("{why}");
+            finished
+        }
+    }
 }
 
 /// Joins every task and makes the state durable.
@@ -394,9 +419,13 @@ impl Reloader {
                 shutdown: self.stopped.clone(),
             },
         )
+        // Only the kernel's inotify instance is taken here (the root was
+        // checked when the config loaded): out of instances or of file
+        // descriptors, which may clear, so not a configuration error (78
+        // would keep systemd from trying again).
         .map_err(|e| {
-            Fatal::Config(format!(
-                "cannot watch {}: {e}; check that it exists and is readable, and that offloadd may open more files (LimitNOFILE=, fs.inotify.max_user_instances)",
+            Fatal::Runtime(format!(
+                "cannot watch {}: {e}; let offloadd open more files (LimitNOFILE=) or raise fs.inotify.max_user_instances",
                 s.config.watch.root.display()
             ))
         })
@@ -553,6 +582,11 @@ async fn follow_bandwidth(
 /// How long the state database may take to answer [`probe_state`] before
 /// the watchdog lets systemd restart the daemon.
 const STATE_HUNG_AFTER_MS: u64 = 60_000;
+
+/// How long the scheduler's loop may go without turning (it turns at least
+/// every second, idle or not) before the watchdog takes it for stuck: a
+/// blocked or endlessly spinning scheduler uploads nothing.
+const LOOP_STUCK_AFTER_MS: u64 = 60_000;
 
 /// Asks the state database for one small write every few seconds, off the
 /// runtime, and notes when it answered (an error is an answer). A database

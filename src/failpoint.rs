@@ -23,6 +23,8 @@ pub const AFTER_FIRST_PART: &str = "after_first_part";
 /// Error point: starting the watcher fails as if inotify were out of file
 /// descriptors.
 pub const WATCH_START_FAILS: &str = "watch_start_fails";
+/// Error point: the scheduler panics when the watcher hands it its first file.
+pub const SCHEDULER_PANICS: &str = "scheduler_panics";
 
 pub const ENV: &str = "OFFLOADD_FAILPOINTS";
 

@@ -315,3 +315,58 @@ fn missing_secret_outside_the_service_says_why() {
         "{err}"
     );
 }
+
+/// A header value every upload would send fails the load at its line (it
+/// used to pass `check-config`, then put `run` in local mode).
+#[test]
+fn cache_control_that_cannot_be_sent() {
+    let env = base_env();
+    let yaml = std::fs::read_to_string(&env.config_path).unwrap();
+    let (yaml, line) = insert_after(
+        &yaml,
+        "prefix:",
+        "      cache_control: \"public, max\u{2011}age=60\"",
+    );
+    env.write_raw_config(&yaml);
+    assert_config_error(
+        &env,
+        line,
+        &[7],
+        "`cache_control` is \"public, max\u{2011}age=60\", which cannot be sent as an HTTP header",
+    );
+}
+
+/// The state's own files would be uploaded and, with `delete_local`,
+/// deleted.
+#[test]
+fn state_dir_inside_the_root() {
+    let env = base_env();
+    let yaml = std::fs::read_to_string(&env.config_path).unwrap();
+    let inside = env.root.join(".offloadd-state");
+    let (yaml, line) = replace_line(
+        &yaml,
+        "state_dir:",
+        &format!("state_dir: {}", inside.display()),
+    );
+    env.write_raw_config(&yaml);
+    assert_config_error(&env, line, &[1], "is inside `watch.root`");
+    assert!(!inside.exists(), "nothing was created in the root");
+}
+
+/// Out of inotify instances or file descriptors may clear: `run` exits 1,
+/// which systemd restarts, not 78, which it does not.
+#[test]
+fn a_watcher_the_kernel_refuses_is_not_a_configuration_error() {
+    let env = base_env();
+    let mut d = Daemon::spawn(&env, &[("OFFLOADD_FAILPOINTS", "watch_start_fails")]);
+    let st = d
+        .wait_exit(Duration::from_secs(60))
+        .expect("run without a watcher must exit");
+    let err = d.stderr();
+    d.check_no_secret();
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot watch") && err.contains("fs.inotify.max_user_instances"),
+        "{err}"
+    );
+}

@@ -67,6 +67,39 @@ fn crash_at(failpoint: &str) {
     }
 }
 
+/// A scheduler that dies (a panic) takes the daemon down with it, exit 1 and
+/// one line saying so, rather than leaving a process that serves `status`
+/// but never uploads again; what it was handed is found again after the
+/// restart.
+#[test]
+fn a_scheduler_that_dies_stops_the_daemon_and_loses_nothing() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    let mut daemon = Daemon::start(&env, &[("OFFLOADD_FAILPOINTS", "scheduler_panics")]);
+    let bytes = file_content("dies/first.jpg", 100, 10_000);
+    write_file(&env.path("dies/first.jpg"), &bytes);
+    let st = daemon.wait_exit(LONG).unwrap_or_else(|| {
+        panic!(
+            "the daemon lived on without its scheduler:\n{}",
+            daemon.stderr()
+        )
+    });
+    let log = daemon.stderr();
+    assert_eq!(st.code(), Some(1), "{st:?}\n{log}");
+    assert!(
+        log.contains("the scheduler failed")
+            && log.contains("offloadd exits so that it is restarted"),
+        "{log}"
+    );
+    daemon.check_no_secret();
+    drop(daemon);
+
+    let daemon = Daemon::start(&env, &[]);
+    wait_all_uploaded(&s3, &[("dies/first.jpg".to_string(), bytes)], LONG);
+    daemon.stop();
+}
+
 #[test]
 fn crash_after_upload_before_record() {
     crash_at("after_upload_before_record");

@@ -8,8 +8,9 @@
 //! a small tokio task bumps every 200 ms is fresh. If the event loop wedges,
 //! the heartbeat goes stale, the pings stop and systemd restarts the service.
 //! The pings also stop when the caller's `stalled` check names a reason (for
-//! the daemon: uploads in flight but no request finished for several request
-//! timeouts, or a state database that stopped answering).
+//! the daemon: a scheduler loop that stopped turning, uploads in flight but
+//! no request finished for several request timeouts, or a state database
+//! that stopped answering).
 
 use crate::shutdown::Shutdown;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -138,10 +138,15 @@ impl Health {
         self.probing = false;
     }
 
-    /// An upload succeeded: the provider works.
+    /// An upload succeeded: the provider works. It counts as the probe in
+    /// flight, if any, whose answer then no longer counts: a probe that
+    /// fails afterwards would pause a provider that works.
     pub fn upload_succeeded(&mut self, now: Instant) -> Option<Change> {
         self.last_success = Some(now);
         self.throttled = 0;
+        if self.probing {
+            self.start_afresh();
+        }
         self.healthy(now)
     }
 
@@ -309,6 +314,21 @@ mod tests {
         assert!(h.uploads_allowed());
         tokio::time::advance(Duration::from_millis(10)).await;
         assert_eq!(h.item_failed(Instant::now()), None);
+    }
+
+    /// A success while the probe is out answers for it; the probe failing
+    /// afterwards (a passing error) used to pause the working provider.
+    #[test]
+    fn a_success_answers_for_the_probe_in_flight() {
+        let mut h = health();
+        let t = Instant::now();
+        assert_eq!(h.item_failed(t), None);
+        let ticket = h.want_probe(t).expect("a probe");
+        assert_eq!(h.upload_succeeded(t), None);
+        assert_ne!(ticket, h.latest_ticket(), "the probe's answer is stale");
+        assert_eq!(h.probe_failed(ticket, "timed out", t), None);
+        assert!(h.uploads_allowed());
+        assert_eq!(h.want_probe(t), None, "healthy: no probe");
     }
 
     #[test]

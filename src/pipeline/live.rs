@@ -47,6 +47,9 @@ pub struct Live {
     pub queue_depth: AtomicU64,
     /// Items being worked on (scheduler).
     pub in_flight: AtomicU64,
+    /// When the scheduler's loop last turned, Unix ms (scheduler); see
+    /// [`Live::stuck_since`].
+    loop_turned_ms: AtomicU64,
     shown: Mutex<Shown>,
 }
 
@@ -110,6 +113,22 @@ impl Live {
         )
     }
 
+    /// The scheduler's loop turns now (it turns at least every second).
+    pub fn turned(&self, now_ms: u64) {
+        self.loop_turned_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// When the scheduler's loop last turned, if that is more than
+    /// `after_ms` before `now_ms`: the loop is blocked, spins, or has died,
+    /// and the watchdog stops vouching for the daemon. Before its first turn
+    /// it is not stuck.
+    pub fn stuck_since(&self, now_ms: u64, after_ms: u64) -> Option<u64> {
+        match self.loop_turned_ms.load(Ordering::Relaxed) {
+            0 => None,
+            t => (now_ms.saturating_sub(t) > after_ms).then_some(t),
+        }
+    }
+
     /// Adds a notice unless it is already shown.
     pub fn notice(&self, text: String) {
         self.update(|s| {
@@ -126,6 +145,17 @@ impl Live {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_loop_is_stuck_only_after_it_turned_and_then_stopped() {
+        let live = Live::default();
+        assert_eq!(live.stuck_since(u64::MAX, 60_000), None, "not started yet");
+        live.turned(1_000);
+        assert_eq!(live.stuck_since(61_000, 60_000), None);
+        assert_eq!(live.stuck_since(61_001, 60_000), Some(1_000));
+        live.turned(61_001);
+        assert_eq!(live.stuck_since(61_002, 60_000), None);
+    }
 
     #[test]
     fn a_long_request_moves_the_deadline_and_a_short_step_does_not_shorten_it() {

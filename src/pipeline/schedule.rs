@@ -60,6 +60,10 @@ const ABORTS_AT_ONCE: usize = 8;
 /// How often a failed state_dir is tried again.
 const RECOVER_EVERY: Duration = Duration::from_secs(5);
 
+/// The loop turns at least this often, idle or not, so that the watchdog
+/// can tell it still turns ([`Live::stuck_since`]).
+const TURN_EVERY: Duration = Duration::from_secs(1);
+
 /// Candidates taken from the watcher per turn of the loop.
 const ADMIT_BATCH: usize = 1024;
 
@@ -269,6 +273,7 @@ impl Scheduler {
             queue: queue.clone(),
         });
         let health = Health::new(plan.options.retry);
+        live.turned(statedir::now_ms());
         let mut s = Scheduler {
             queue,
             root,
@@ -314,6 +319,12 @@ impl Scheduler {
         &self.live.metrics
     }
 
+    /// Whether a worker has the item, or it waits for a probe's verdict:
+    /// its outcome, not a command, decides what comes next.
+    fn busy(&self, key: &ItemKey) -> bool {
+        self.in_flight.contains_key(key) || self.awaiting.iter().any(|a| a.0 == *key)
+    }
+
     /// Schedules everything the queue holds (the items due first in memory,
     /// the rest counted in the backlogs); items in flight when the last run
     /// ended are simply pending again.
@@ -326,10 +337,7 @@ impl Scheduler {
             // through their own path. (Awaiting ones could not run twice
             // today, since nothing is dispatched until the verdict; they are
             // skipped so that this holds without that.)
-            if self.in_flight.contains_key(&key)
-                || self.held.contains(&key)
-                || self.awaiting.iter().any(|a| a.0 == key)
-            {
+            if self.busy(&key) || self.held.contains(&key) {
                 return;
             }
             if let Stage::Parked { reason } = &item.stage {
@@ -456,11 +464,14 @@ impl Scheduler {
         let mut root_changes = self.root.subscribe();
         // Aborts filed before a stop (or a crash) go again.
         self.send_aborts();
+        let mut turn = tokio::time::interval(TURN_EVERY);
+        turn.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if shutdown.is_shutdown() {
                 // No new work once the stop is signalled.
                 break;
             }
+            self.live.turned(statedir::now_ms());
             self.maintain();
             self.read_backlog();
             self.dispatch();
@@ -471,6 +482,9 @@ impl Scheduler {
                 // drops and rescans when it is full).
                 c = candidates.recv(), if self.paused.is_none() => match c {
                     Some(c) => {
+                        if crate::failpoint::fails(crate::failpoint::SCHEDULER_PANICS) {
+                            panic!("failpoint {} reached", crate::failpoint::SCHEDULER_PANICS);
+                        }
                         self.admit(c);
                         for _ in 0..ADMIT_BATCH {
                             if !self.deferred.is_empty() {
@@ -496,6 +510,7 @@ impl Scheduler {
                 },
                 Ok(()) = root_changes.changed() => {}
                 _ = tokio::time::sleep(wake) => {}
+                _ = turn.tick() => {}
                 _ = shutdown.recv() => break,
             }
         }
@@ -920,6 +935,12 @@ impl Scheduler {
                 self.live.update(|s| s.failed.remove(&key));
                 let change = self.health.upload_succeeded(Instant::now());
                 self.health_changed(change);
+                // It answers for the probe the items awaiting a verdict
+                // wait on (that probe's answer no longer counts): the
+                // provider works, so each failed for a reason of its own.
+                for (key, err, flight) in std::mem::take(&mut self.awaiting) {
+                    self.blame_item(key, err, flight);
+                }
                 if let Some((lane, due)) = then {
                     let due = self.clock.on_this_clock(due);
                     self.requeue(key.clone(), lane, due, None);
@@ -1285,6 +1306,11 @@ impl Scheduler {
                     .unwrap_or_else(|| self.live.update(|s| s.failed.keys().cloned().collect()));
                 let mut n = 0;
                 for key in keys {
+                    // Parked on disk by its worker, whose outcome is not in
+                    // yet: unparked now it would run twice at once.
+                    if self.busy(&key) {
+                        continue;
+                    }
                     match self.queue.unpark(&key) {
                         Ok(true) => {
                             self.live.update(|s| s.failed.remove(&key));
@@ -1317,9 +1343,7 @@ impl Scheduler {
                 let _ = reply.send(self.lanes.len().saturating_sub(before));
             }
             Command::Hold { key, reply } => {
-                let busy = self.in_flight.contains_key(&key)
-                    || self.awaiting.iter().any(|(k, _, _)| *k == key);
-                if busy {
+                if self.busy(&key) {
                     let _ = reply.send(Err(format!(
                         "{key} is being uploaded right now; try again in a few seconds"
                     )));
