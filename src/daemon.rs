@@ -467,8 +467,17 @@ impl Reloader {
         let file = &old.config.source;
         let loaded = config::load(file, RootCheck::MayBeAway).map_err(|e| e.to_string())?;
         let new = loaded.config;
+        // A root that is away (unmounted) keeps its path as written, which
+        // differs from the resolved one in force when it goes through a
+        // symbolic link: then the written paths tell.
+        let root_away = std::fs::canonicalize(&new.watch.root_as_written).is_err();
+        let root_changed = if root_away {
+            new.watch.root_as_written != old.config.watch.root_as_written
+        } else {
+            new.watch.root != old.config.watch.root
+        };
         for (key, changed) in [
-            ("watch.root", new.watch.root != old.config.watch.root),
+            ("watch.root", root_changed),
             ("state_dir", new.state_dir != old.config.state_dir),
             ("http.listen", new.http.listen != old.config.http.listen),
             (

@@ -292,6 +292,47 @@ fn status_and_reload_work_while_the_root_is_away() {
     daemon.stop();
 }
 
+/// The same through a symbolic link: `watch.root` names a link to the
+/// results. While its target is away the reload compared the path as written
+/// with the resolved one in force and was refused ("`watch.root` changed").
+#[test]
+fn a_reload_while_a_linked_root_is_away_applies() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let link = env.dir.path().join("results-link");
+    std::os::unix::fs::symlink(&env.root, &link).unwrap();
+    let mut cfg = Cfg::new(&s3.endpoint());
+    let linked = |cfg: &Cfg| {
+        env.config_yaml(cfg).replace(
+            &format!("  root: {}\n", env.root.display()),
+            &format!("  root: {}\n", link.display()),
+        )
+    };
+    env.write_raw_config(&linked(&cfg));
+    let daemon = Daemon::start(&env, &[]);
+    write_and_wait(&env, &s3, "a.png", b"before the root went away");
+
+    let away = env.dir.path().join("results.away");
+    fs::rename(&env.root, &away).unwrap();
+    wait_until(LONG, "status names the missing root", || {
+        env.cli(&["status"]).1.contains("is not available")
+    });
+    cfg.delete_local = true;
+    env.write_raw_config(&linked(&cfg));
+    daemon.reload_and_wait("configuration reloaded");
+    assert!(
+        !daemon.stderr().contains("reload refused"),
+        "{}",
+        daemon.stderr()
+    );
+    fs::rename(&away, &env.root).unwrap();
+    write_and_wait(&env, &s3, "b.png", b"after the root came back");
+    wait_until(LONG, "b.png deleted locally (the reload applied)", || {
+        !env.path("b.png").exists()
+    });
+    daemon.stop();
+}
+
 /// A reload that cannot be applied whole changes nothing. Here leaving local
 /// mode fails where the watcher starts (the failpoint stands in for inotify
 /// out of file descriptors): a file an earlier run queued for the provider

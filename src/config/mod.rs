@@ -55,8 +55,12 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Watch {
-    /// Absolute and canonical once loaded.
+    /// Absolute and canonical once loaded (as written while it is away, see
+    /// [`RootCheck::MayBeAway`]).
     pub root: PathBuf,
+    /// The root as the file gives it, before symbolic links are resolved.
+    #[serde(skip)]
+    pub root_as_written: PathBuf,
     #[serde(default = "default_include")]
     pub include: Vec<String>,
     #[serde(default = "default_exclude")]
@@ -360,6 +364,7 @@ pub fn load(path: &Path, root: RootCheck) -> Result<Loaded, ConfigError> {
     config.validate().map_err(|(key, message)| {
         invalid(&key.iter().map(String::as_str).collect::<Vec<_>>(), message)
     })?;
+    config.watch.root_as_written = config.watch.root.clone();
     config.watch.root = match (canonical_root(&config.watch.root), root) {
         (Ok(resolved), _) => resolved,
         (Err(_), RootCheck::MayBeAway) => config.watch.root,
