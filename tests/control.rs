@@ -210,20 +210,9 @@ fn control_socket_refuses_another_user() {
     env.write_config(&Cfg::new(&s3.endpoint()));
     let daemon = Daemon::start(&env, &[]);
     wait_until(LONG, "socket exists", || env.socket.exists());
-    // Let `nobody` reach the config and the socket's directory.
-    for p in [env.dir.path(), env.config_path.as_path()] {
-        let mode = if p.is_dir() { 0o755 } else { 0o644 };
-        fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
-    }
     let as_nobody = || {
-        let out = offloadd_as_nobody(&env)
-            .args(["status"])
-            .output()
-            .expect("run setpriv");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let (code, _, err) = offloadd_as_nobody_output(&env, &["status"]);
+        (code, err)
     };
     // The socket is 0660: the kernel refuses the connection.
     let (code, err) = as_nobody();
@@ -311,20 +300,9 @@ fn backfill_that_cannot_read_the_mark_says_so() {
     let daemon = Daemon::start(&env, &[]);
     daemon.stop();
     // `nobody` reaches the config, but not into the state_dir.
-    for p in [env.dir.path(), env.config_path.as_path()] {
-        let mode = if p.is_dir() { 0o755 } else { 0o644 };
-        fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
-    }
     fs::set_permissions(&env.state_dir, fs::Permissions::from_mode(0o700)).unwrap();
-    let out = offloadd_as_nobody(&env)
-        .arg("backfill")
-        .output()
-        .expect("run setpriv");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    let (code, stdout, stderr) = offloadd_as_nobody_output(&env, &["backfill"]);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
     assert!(
         stderr.contains("cannot read ")
             && stderr.contains("managed-since: Permission denied")

@@ -95,6 +95,26 @@ pub fn offloadd_as_nobody(env: &TestEnv) -> Command {
     cmd
 }
 
+/// Lets `nobody` reach the env's folder (the socket's, the state_dir's
+/// parent) and read its config; runs `offloadd --config <config> ARGS` as
+/// `nobody`, returning the exit code, stdout and stderr.
+pub fn offloadd_as_nobody_output(env: &TestEnv, args: &[&str]) -> (Option<i32>, String, String) {
+    use std::os::unix::fs::PermissionsExt;
+    for p in [env.dir.path(), env.config_path.as_path()] {
+        let mode = if p.is_dir() { 0o755 } else { 0o644 };
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let out = offloadd_as_nobody(env)
+        .args(args)
+        .output()
+        .expect("run setpriv");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
