@@ -217,6 +217,13 @@ pub async fn run(
                     }
                     rebuild::Outcome::Stopped => outcome = rebuild::Outcome::Stopped,
                 }
+                // The others only fill what the active provider does not
+                // hold: listed before it, an older object of the same path
+                // elsewhere would take the record, and keep it (restore
+                // skips recorded paths) once the active one lists.
+                if listing != rebuild::Listing::Other && outcome != rebuild::Outcome::Complete {
+                    break;
+                }
             }
             outcome
         };
@@ -247,7 +254,11 @@ pub async fn run(
         Opened::Fresh | Opened::Intact => true,
     };
     if complete {
+        // Durable before the mark (written next, with a provider): a crash
+        // between them would leave a marked state_dir with an uninitialized
+        // database, which the next start takes for a lost one.
         queue.set_initialized()?;
+        queue.flush()?;
     }
 
     let (cand_tx, cand_rx) = mpsc::channel::<Candidate>(CANDIDATE_QUEUE);

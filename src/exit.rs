@@ -50,5 +50,19 @@ mod tests {
             message: "No space left on device".into(),
         });
         assert_eq!(of_fatal(&e), NEGATIVE);
+        // The database failing to open on a full or failing disk too (it
+        // was 78); a permission error stays a configuration error.
+        let dir = std::path::Path::new("/x");
+        for (errno, code) in [
+            (libc::ENOSPC, NEGATIVE),
+            (libc::EDQUOT, NEGATIVE),
+            (libc::EIO, NEGATIVE),
+            (libc::EACCES, CONFIG),
+            (libc::EROFS, CONFIG),
+        ] {
+            let io = std::io::Error::from_raw_os_error(errno);
+            let e = Fatal::State(StateError::of_io(dir, &io, io.to_string()));
+            assert_eq!(of_fatal(&e), code, "{io}");
+        }
     }
 }

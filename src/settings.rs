@@ -188,15 +188,7 @@ impl Settings {
         };
         let dir = &self.config.state_dir;
         statedir::mark::set_once(dir, ns).map_err(|e| {
-            let message = format!("cannot write the managed-since mark: {e}");
-            match e.raw_os_error() {
-                // A full disk: a restart may find the space back (exit 1).
-                Some(libc::ENOSPC | libc::EDQUOT) => StateError::Failed {
-                    dir: dir.clone(),
-                    message,
-                },
-                _ => StateError::unusable(dir, message),
-            }
+            StateError::of_io(dir, &e, format!("cannot write the managed-since mark: {e}"))
         })
     }
 

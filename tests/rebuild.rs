@@ -159,6 +159,58 @@ fn a_rebuild_restores_records_of_every_provider() {
     daemon.stop();
 }
 
+/// The active provider's listing decides first. Here a path went to A, then
+/// (written again) to B, the active one; with the database lost, B cannot be
+/// listed at the first start. The rebuild used to list A all the same, and
+/// A's older object took the record, which B's listing at the next start
+/// then skipped: `locate` and `/r/` pointed at A for good.
+#[test]
+fn an_unlisted_active_provider_leaves_the_others_for_later() {
+    let env = TestEnv::new();
+    let s3a = S3Server::start_for(&env);
+    let mut s3b = S3Server::start_for(&env);
+    let mut cfg = Cfg::new(&s3a.endpoint());
+    cfg.delete_local = true;
+    let second = ExtraProvider::second(s3b.endpoint());
+    let base = env.config_yaml(&cfg);
+    env.write_raw_config(&env.with_provider(&base, &second, PROVIDER));
+    let daemon = Daemon::start(&env, &[]);
+    write_file(&env.path("x.png"), b"first version, to A");
+    wait_until(LONG, "x.png on A, deleted locally", || {
+        s3a.has("x.png") && !env.path("x.png").exists()
+    });
+    daemon.stop();
+
+    env.write_raw_config(&env.with_provider(&base, &second, "second"));
+    let daemon = Daemon::start(&env, &[]);
+    write_file(&env.path("x.png"), b"second version, to B");
+    wait_until(LONG, "x.png on B, deleted locally", || {
+        s3b.has("x.png") && !env.path("x.png").exists()
+    });
+    daemon.stop();
+
+    fs::remove_dir_all(env.state_dir.join("db")).unwrap();
+    s3b.stop();
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "B's listing failed", || {
+        daemon
+            .stderr()
+            .contains("the rebuild runs again at the next start")
+    });
+    daemon.stop();
+    s3b.restart();
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "records rebuilt", || {
+        env.status()["uploaded_count"] == 1
+    });
+    assert_eq!(
+        env.locate("x.png"),
+        (0, format!("{SECOND_PUBLIC_URL}/{PREFIX}/x.png")),
+        "the record names B, which holds the current version"
+    );
+    daemon.stop();
+}
+
 /// A rebuild follows no symlink inside the root: an object whose path goes
 /// through a symlinked folder names a file outside the tree offloadd manages,
 /// which is never deleted, even proven equal with `delete_local: true`. It

@@ -73,6 +73,30 @@ impl StateError {
             message: e.to_string(),
         }
     }
+
+    /// An I/O error in `dir`, `message` saying what failed: a full or failing
+    /// disk may clear, so `run` exits 1 and systemd tries again; anything
+    /// else (permissions, a read-only mount) waits for ops (exit 78).
+    pub fn of_io(dir: &Path, e: &std::io::Error, message: String) -> StateError {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EIO) => StateError::Failed {
+                dir: dir.to_path_buf(),
+                message,
+            },
+            _ => StateError::unusable(dir, message),
+        }
+    }
+}
+
+/// Why the database in `dir` did not open.
+fn open_error(dir: &Path, e: sled::Error) -> StateError {
+    match e {
+        sled::Error::Io(io) => StateError::of_io(dir, &io, io.to_string()),
+        e => StateError::Database {
+            dir: dir.to_path_buf(),
+            message: e.to_string(),
+        },
+    }
 }
 
 /// One part of a multipart upload the server has accepted.
@@ -484,29 +508,32 @@ impl Queue {
             Ok(t) => (t, false),
             Err(sled::Error::Corruption { .. }) => {
                 let aside = state_dir.join(format!("db.corrupt-{}", statedir::now_ms()));
-                std::fs::rename(&db_path, &aside)
-                    .map_err(|e| StateError::unusable(state_dir, e))?;
+                std::fs::rename(&db_path, &aside).map_err(|e| {
+                    StateError::of_io(
+                        state_dir,
+                        &e,
+                        format!("cannot move the corrupt database aside: {e}"),
+                    )
+                })?;
                 tracing::error!(
                     moved_to = %aside.display(),
                     "the state database was corrupt and has been moved aside; starting a fresh one and rebuilding the records from the bucket"
                 );
-                let t = open_trees(&db_path).map_err(|e| StateError::unusable(state_dir, e))?;
+                let t = open_trees(&db_path).map_err(|e| open_error(state_dir, e))?;
                 (t, true)
             }
-            Err(sled::Error::Io(e)) => return Err(StateError::unusable(state_dir, e)),
-            Err(e) => {
-                return Err(StateError::Database {
-                    dir: state_dir.to_path_buf(),
-                    message: e.to_string(),
-                })
-            }
+            Err(e) => return Err(open_error(state_dir, e)),
         };
         let fresh = trees
             .meta
             .get(META_INITIALIZED)
-            .map_err(|e| StateError::unusable(state_dir, e))?
+            .map_err(|e| open_error(state_dir, e))?
             .is_none();
-        let managed_before = statedir::mark::read(state_dir).is_some();
+        // Records noted before count as having been managed too, should the
+        // mark be gone.
+        let held = statedir::record_count::read(state_dir);
+        let managed_before =
+            statedir::mark::read(state_dir).is_some() || held.is_some_and(|n| n > 0);
         let opened = match (moved_aside, fresh, managed_before) {
             (true, _, _) => Opened::Lost,
             (false, true, true) => {
@@ -526,7 +553,6 @@ impl Queue {
         // sled recovers a damaged log by dropping what follows the damage:
         // fewer records written than were durable before means records were
         // lost.
-        let held = statedir::record_count::read(state_dir);
         let now = queue.records_written();
         let opened = match held {
             Some(before) if opened == Opened::Intact && now < before => {
@@ -535,6 +561,11 @@ impl Queue {
                     before,
                     "the state database holds fewer location records than it did ({now} < {before}): it was damaged; rebuilding the records from the bucket"
                 );
+                // The next note of the count (the first flush) forgets the
+                // loss; the database no longer counts as whole until a
+                // rebuild completes, so a stop before that rebuilds again.
+                queue.write(|t| t.meta.remove(META_INITIALIZED).map(|_| ()))?;
+                queue.flush()?;
                 Opened::Lost
             }
             _ => opened,
@@ -1051,6 +1082,9 @@ impl Queue {
         if self.record(key)?.is_some() {
             return Ok(false);
         }
+        // A queued upload of the file (its record lost, its item not) ends
+        // here: its multipart upload, if it began one, goes for an abort.
+        self.clear_multipart(key, GivenUp::Open)?;
         self.record_uploaded(key, record, after)?;
         Ok(true)
     }
@@ -1357,14 +1391,22 @@ mod tests {
         q.forget(&v).unwrap();
         queued("forgotten");
         q.forget(&v).unwrap();
+        // A rebuild restoring the record of a file whose upload is queued
+        // (its record lost, its item not).
+        queued("restored");
+        assert!(q
+            .restore(&v, &record(id(2, 10)), AfterUpload::Finish)
+            .unwrap());
+        assert!(q.item(&v).unwrap().is_none());
+        q.forget(&v).unwrap();
         assert!(q.take_filed_aborts());
-        assert_eq!(filed(), ["cleared", "forgotten", "parked"]);
+        assert_eq!(filed(), ["cleared", "forgotten", "parked", "restored"]);
         let parked = q
             .pending_aborts()
             .into_iter()
             .find(|p| p.upload_id == "parked");
         q.abort_done(&parked.unwrap()).unwrap();
-        assert_eq!(filed(), ["cleared", "forgotten"]);
+        assert_eq!(filed(), ["cleared", "forgotten", "restored"]);
         assert!(q.item(&v).unwrap().is_none());
     }
 
@@ -1391,8 +1433,22 @@ mod tests {
         drop(q);
         // A record sled lost (here: a noted count above what it holds).
         statedir::record_count::write(dir.path(), 3).unwrap();
-        let (_q, opened) = Queue::open(dir.path()).unwrap();
+        let (q, opened) = Queue::open(dir.path()).unwrap();
         assert_eq!(opened, Opened::Lost);
+        // A stop before the rebuild completes notes the lower count: the
+        // loss must still be found at the next start.
+        q.flush().unwrap();
+        drop(q);
+        // One held, one removed by delete-through: 2, below the 3 noted.
+        assert_eq!(statedir::record_count::read(dir.path()), Some(2));
+        let (q, opened) = Queue::open(dir.path()).unwrap();
+        assert_eq!(opened, Opened::Lost, "the loss was forgotten");
+        // Until a rebuild completes (the daemon then marks it whole).
+        q.set_initialized().unwrap();
+        q.flush().unwrap();
+        drop(q);
+        let (_q, opened) = Queue::open(dir.path()).unwrap();
+        assert_eq!(opened, Opened::Intact);
     }
 
     #[test]
