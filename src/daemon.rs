@@ -64,6 +64,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Fatal> {
     let _lock = Lock::acquire(&config.state_dir, Holder::Daemon)?;
+    statedir::mark::share_with_group(&config.state_dir);
     crate::pipeline::finished::ignore_lease_signals();
     let (queue, opened) = Queue::open(&config.state_dir)?;
     let queue = Arc::new(queue);
@@ -319,7 +320,7 @@ pub async fn run(
         let now = statedir::now_ms();
         if now.saturating_sub(answered.load(Ordering::Relaxed)) > STATE_HUNG_AFTER_MS {
             Some("the state database stopped answering")
-        } else if live_w.stuck_since(now, LOOP_STUCK_AFTER_MS).is_some() {
+        } else if live_w.loop_stuck(LOOP_STUCK_AFTER_MS) {
             Some("the scheduler's loop stopped turning")
         } else if live_w.in_flight.load(Ordering::Relaxed) > 0 && live_w.progress.overdue(now) {
             Some("uploads in flight made no progress")
@@ -477,7 +478,7 @@ impl Reloader {
     async fn try_reload(&mut self, old: &Settings) -> Result<Option<JoinHandle<()>>, String> {
         let file = &old.config.source;
         let loaded = config::load(file, RootCheck::MayBeAway).map_err(|e| e.to_string())?;
-        let new = loaded.config;
+        let mut new = loaded.config;
         // A root that is away (unmounted) keeps its path as written, which
         // differs from the resolved one in force when it goes through a
         // symbolic link: then the written paths tell.
@@ -503,6 +504,10 @@ impl Reloader {
                 ));
             }
         }
+        // Unchanged: the resolved root stays in force (the rules, keys and
+        // the watcher go by it), not a link path loaded while it was away,
+        // which the next reload would take for a change.
+        new.watch.root = old.config.watch.root.clone();
         for w in &loaded.warnings {
             tracing::warn!("{w}");
         }

@@ -197,6 +197,18 @@ pub mod mark {
             .as_nanos() as i128
     }
 
+    /// Makes a mark written before it was made group-readable (0600, under
+    /// the units' UMask=0077) readable by the group too, for `backfill`.
+    /// Best effort: the mark stays as it is if this fails.
+    pub fn share_with_group(state_dir: &Path) {
+        let path = path(state_dir);
+        if let Ok(meta) = std::fs::metadata(&path) {
+            if meta.permissions().mode() & 0o040 == 0 {
+                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640));
+            }
+        }
+    }
+
     /// Sets the mark to `ns` (durably) unless it is set already.
     pub fn set_once(state_dir: &Path, ns: i128) -> std::io::Result<()> {
         if read(state_dir).is_some() {
@@ -566,6 +578,12 @@ mod tests {
         mark::set_once(dir.path(), 7).unwrap();
         mark::set_once(dir.path(), 8).unwrap();
         assert_eq!(mark::read(dir.path()), Some(7));
+        // One an earlier version wrote 0600 is shared at the next start.
+        let path = dir.path().join("managed-since");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        mark::share_with_group(dir.path());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
     }
 
     /// `backfill` must not take a mark it cannot read for no mark at all

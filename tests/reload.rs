@@ -330,6 +330,14 @@ fn a_reload_while_a_linked_root_is_away_applies() {
     wait_until(LONG, "b.png deleted locally (the reload applied)", || {
         !env.path("b.png").exists()
     });
+    // And the next one, with the root back: the root in force is still the
+    // resolved one, not the link path loaded while it was away.
+    daemon.reload_and_wait("configuration reloaded");
+    assert!(
+        !daemon.stderr().contains("reload refused"),
+        "{}",
+        daemon.stderr()
+    );
     daemon.stop();
 }
 

@@ -229,8 +229,14 @@ fn backfill_candidates(
     let mut unread = Unread::default();
     let mut keys = Vec::new();
     for entry in walkdir::WalkDir::new(root).follow_links(false) {
+        // Gone meanwhile (deleted after its upload, say): nothing to queue,
+        // nothing unread.
+        let gone = |err: Option<&std::io::Error>| {
+            err.is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        };
         let e = match entry {
             Ok(e) => e,
+            Err(err) if gone(err.io_error()) => continue,
             Err(err) => {
                 unread.add(|| err.to_string());
                 continue;
@@ -241,6 +247,7 @@ fn backfill_candidates(
         }
         let meta = match e.metadata() {
             Ok(meta) => meta,
+            Err(err) if gone(err.io_error()) => continue,
             Err(err) => {
                 unread.add(|| err.to_string());
                 continue;
@@ -442,9 +449,12 @@ mod tests {
         let config = dir.path().join("config.yaml");
         std::fs::write(&config, format!("watch:\n  root: {}\n", root.display())).unwrap();
         let config = load(&config, RootCheck::MustExist).unwrap().config;
+        // Each mode set, whatever the umask (another test sets 0077 for a
+        // moment).
         for (path, mode) in [
             (dir.path(), 0o755),
             (&root, 0o755),
+            (&root.join("open"), 0o755),
             (&root.join("locked"), 0o000),
         ] {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();

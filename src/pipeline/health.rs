@@ -52,6 +52,9 @@ pub struct Health {
     backoff: Backoff,
     /// When an upload last succeeded.
     last_success: Option<Instant>,
+    /// When the active provider took over: uploads started before went to
+    /// another and say nothing of this one.
+    provider_since: Instant,
     /// Throttling answers (429, 503 SlowDown) since the last success.
     throttled: u32,
 }
@@ -67,8 +70,20 @@ impl Health {
             generation: 0,
             backoff,
             last_success: None,
+            provider_since: Instant::now(),
             throttled: 0,
         }
+    }
+
+    /// Whether an upload that started at `started` went to the active
+    /// provider (not to the one before a switch).
+    pub fn is_current(&self, started: Instant) -> bool {
+        started >= self.provider_since
+    }
+
+    /// Whether a probe of the current provider is out.
+    pub fn probe_out(&self) -> bool {
+        self.probing
     }
 
     /// The provider answered "slow down" to an item. Returns whether that
@@ -235,6 +250,7 @@ impl Health {
     pub fn reset(&mut self) -> Option<Change> {
         self.start_afresh();
         self.last_success = None;
+        self.provider_since = Instant::now();
         match std::mem::replace(&mut self.state, State::Healthy) {
             State::Paused { reason, .. } => Some(Change::Resumed {
                 reason,
@@ -329,6 +345,19 @@ mod tests {
         assert_eq!(h.probe_failed(ticket, "timed out", t), None);
         assert!(h.uploads_allowed());
         assert_eq!(h.want_probe(t), None, "healthy: no probe");
+    }
+
+    /// After a switch, uploads that went to the provider before say
+    /// nothing of the new one.
+    #[tokio::test(start_paused = true)]
+    async fn uploads_started_before_a_switch_are_not_the_current_providers() {
+        let mut h = health();
+        let before = Instant::now();
+        assert!(h.is_current(before));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let _ = h.reset();
+        assert!(!h.is_current(before));
+        assert!(h.is_current(Instant::now()));
     }
 
     #[test]

@@ -47,8 +47,8 @@ pub struct Live {
     pub queue_depth: AtomicU64,
     /// Items being worked on (scheduler).
     pub in_flight: AtomicU64,
-    /// When the scheduler's loop last turned, Unix ms (scheduler); see
-    /// [`Live::stuck_since`].
+    /// When the scheduler's loop last turned, on [`mono_ms`]'s clock
+    /// (scheduler); see [`Live::loop_stuck`].
     loop_turned_ms: AtomicU64,
     shown: Mutex<Shown>,
 }
@@ -94,6 +94,14 @@ impl Progress {
     }
 }
 
+/// Milliseconds on a clock that is never stepped (unlike the wall clock,
+/// which NTP may move by minutes), counted from its first reading; never 0.
+fn mono_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let epoch = EPOCH.get_or_init(std::time::Instant::now);
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
+}
+
 /// Most notices kept; older ones are dropped.
 const MAX_NOTICES: usize = 20;
 
@@ -114,15 +122,24 @@ impl Live {
     }
 
     /// The scheduler's loop turns now (it turns at least every second).
-    pub fn turned(&self, now_ms: u64) {
+    pub fn turned(&self) {
+        self.turned_at(mono_ms());
+    }
+
+    fn turned_at(&self, now_ms: u64) {
         self.loop_turned_ms.store(now_ms, Ordering::Relaxed);
     }
 
-    /// When the scheduler's loop last turned, if that is more than
-    /// `after_ms` before `now_ms`: the loop is blocked, spins, or has died,
-    /// and the watchdog stops vouching for the daemon. Before its first turn
-    /// it is not stuck.
-    pub fn stuck_since(&self, now_ms: u64, after_ms: u64) -> Option<u64> {
+    /// Whether the scheduler's loop has not turned for more than `after_ms`:
+    /// it is blocked, spins, or has died, and the watchdog stops vouching
+    /// for the daemon.
+    pub fn loop_stuck(&self, after_ms: u64) -> bool {
+        self.stuck_since(mono_ms(), after_ms).is_some()
+    }
+
+    /// When the loop last turned, if that is more than `after_ms` before
+    /// `now_ms`. Before its first turn it is not stuck.
+    fn stuck_since(&self, now_ms: u64, after_ms: u64) -> Option<u64> {
         match self.loop_turned_ms.load(Ordering::Relaxed) {
             0 => None,
             t => (now_ms.saturating_sub(t) > after_ms).then_some(t),
@@ -150,11 +167,13 @@ mod tests {
     fn the_loop_is_stuck_only_after_it_turned_and_then_stopped() {
         let live = Live::default();
         assert_eq!(live.stuck_since(u64::MAX, 60_000), None, "not started yet");
-        live.turned(1_000);
+        live.turned_at(1_000);
         assert_eq!(live.stuck_since(61_000, 60_000), None);
         assert_eq!(live.stuck_since(61_001, 60_000), Some(1_000));
-        live.turned(61_001);
+        live.turned_at(61_001);
         assert_eq!(live.stuck_since(61_002, 60_000), None);
+        live.turned();
+        assert!(!live.loop_stuck(60_000));
     }
 
     #[test]

@@ -61,7 +61,7 @@ const ABORTS_AT_ONCE: usize = 8;
 const RECOVER_EVERY: Duration = Duration::from_secs(5);
 
 /// The loop turns at least this often, idle or not, so that the watchdog
-/// can tell it still turns ([`Live::stuck_since`]).
+/// can tell it still turns ([`Live::loop_stuck`]).
 const TURN_EVERY: Duration = Duration::from_secs(1);
 
 /// Candidates taken from the watcher per turn of the loop.
@@ -273,7 +273,7 @@ impl Scheduler {
             queue: queue.clone(),
         });
         let health = Health::new(plan.options.retry);
-        live.turned(statedir::now_ms());
+        live.turned();
         let mut s = Scheduler {
             queue,
             root,
@@ -471,7 +471,7 @@ impl Scheduler {
                 // No new work once the stop is signalled.
                 break;
             }
-            self.live.turned(statedir::now_ms());
+            self.live.turned();
             self.maintain();
             self.read_backlog();
             self.dispatch();
@@ -933,13 +933,17 @@ impl Scheduler {
         match outcome {
             Outcome::Uploaded { then } => {
                 self.live.update(|s| s.failed.remove(&key));
-                let change = self.health.upload_succeeded(Instant::now());
-                self.health_changed(change);
-                // It answers for the probe the items awaiting a verdict
-                // wait on (that probe's answer no longer counts): the
-                // provider works, so each failed for a reason of its own.
-                for (key, err, flight) in std::mem::take(&mut self.awaiting) {
-                    self.blame_item(key, err, flight);
+                // An upload to the provider before a switch says nothing
+                // of the active one.
+                if self.health.is_current(flight.started) {
+                    let change = self.health.upload_succeeded(Instant::now());
+                    self.health_changed(change);
+                    // It answers for the probe the items awaiting a verdict
+                    // wait on (that probe's answer no longer counts): the
+                    // provider works, so each failed for a reason of its own.
+                    for (key, err, flight) in std::mem::take(&mut self.awaiting) {
+                        self.blame_item(key, err, flight);
+                    }
                 }
                 if let Some((lane, due)) = then {
                     let due = self.clock.on_this_clock(due);
@@ -1080,11 +1084,15 @@ impl Scheduler {
 
     fn probed(&mut self, provider: &str, ticket: ProbeTicket, result: Result<(), StorageError>) {
         if self.current().target.name() != provider || ticket != self.health.latest_ticket() {
-            // Sent before a reload or a switch: its answer decides nothing.
-            // The items that waited for it go again, under the new settings
-            // (a new failure starts a fresh probe), without a strike.
+            // Sent before a reload or a switch, or answered for by an upload
+            // since: its answer decides nothing. The items that waited for
+            // it go again, under the new settings (a new failure starts a
+            // fresh probe), without a strike, unless a newer probe is out:
+            // they wait for its verdict.
             self.health.probe_abandoned(ticket);
-            self.release_awaiting();
+            if !self.health.probe_out() {
+                self.release_awaiting();
+            }
             return;
         }
         match result {

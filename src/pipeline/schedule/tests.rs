@@ -610,6 +610,40 @@ async fn retry_leaves_an_item_in_flight_to_its_worker() {
     assert!(s.lanes.contains(&key));
 }
 
+/// A probe whose answer an upload's success made stale decides nothing,
+/// and releases nothing while a newer probe is out: the items that failed
+/// since wait for that one's verdict. They were put back at once, with no
+/// verdict, no strike and no backoff.
+#[tokio::test]
+async fn a_stale_probe_leaves_the_items_awaiting_a_newer_one() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    let mut s = h.idle_scheduler();
+    let provider = s.current().target.name().to_string();
+    let now = Instant::now();
+    assert_eq!(s.health.item_failed(now), None);
+    let first = s.health.want_probe(now).expect("a probe");
+    assert_eq!(s.health.upload_succeeded(now), None);
+    // Another item, started after that success, fails: a second probe goes
+    // out, and the item awaits it.
+    let later = now + Duration::from_millis(1);
+    assert_eq!(s.health.item_failed(later), None);
+    let second = s.health.want_probe(later).expect("a second probe");
+    let flight = Flight {
+        started: later,
+        queued_ms: Some(s.clock.now_ms()),
+    };
+    let err = StorageError::new(ErrorClass::Transient, "timed out");
+    s.awaiting
+        .push((Harness::key("c.png"), err.clone(), flight));
+    s.probed(&provider, first, Err(err.clone()));
+    assert_eq!(s.awaiting.len(), 1, "released on a stale answer");
+    assert!(s.health.paused().is_none(), "a stale answer paused it");
+    s.probed(&provider, second, Err(err));
+    assert!(s.awaiting.is_empty(), "the newer probe decides");
+    assert!(s.health.paused().is_some());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_queued_file_replaced_by_a_directory_is_dropped() {
     let mut h = Harness::new(Deletion::Keep);
