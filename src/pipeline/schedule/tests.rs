@@ -554,13 +554,12 @@ async fn parking_an_item_aborts_its_multipart_upload() {
     h.write("refused.mp4", &data).await;
     let key = Harness::key("refused.mp4");
     until(600, "parked", || h.live.shown().failed.contains_key(&key)).await;
-    until(10, "its upload aborted", || h.count(Op::Abort) >= 1).await;
     assert!(h.count(Op::Initiate) >= 1);
-    assert_eq!(
-        h.count(Op::Initiate),
-        h.count(Op::Abort),
-        "every multipart upload started is aborted"
-    );
+    // The last abort goes once the park is on disk, maybe a moment later.
+    until(10, "every multipart upload started aborted", || {
+        h.count(Op::Initiate) == h.count(Op::Abort)
+    })
+    .await;
     h.stop().await;
 }
 
