@@ -22,6 +22,7 @@ use crate::pipeline::detect::{Candidate, Trigger};
 use crate::pipeline::finished::FileIdentity;
 use crate::pipeline::health::{Change, Health, ProbeTicket};
 use crate::pipeline::live::Live;
+use crate::pipeline::localfs;
 use crate::pipeline::plan::{Deletion, Plan};
 use crate::pipeline::queue::{
     Admission, Admit, Blame, GivenUp, PausedInfo, PendingAbort, Queue, QueueItem, Recovered, Ring,
@@ -934,6 +935,11 @@ impl Scheduler {
             }
             Outcome::Parked(reason) => self.park_noted(&key, reason),
             Outcome::Failed(err) => self.failed(key.clone(), err, flight),
+            Outcome::LocalError {
+                lane,
+                error,
+                strike,
+            } => self.local_failed(key.clone(), lane, error, strike, flight),
             Outcome::State(e) => {
                 self.live.update(|s| s.last_error = Some(e.to_string()));
                 // The queue is failed now; it is reloaded once it recovers.
@@ -1015,6 +1021,52 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// The local file system failed while the root was there (see
+    /// [`Outcome::LocalError`]): the item backs off in its lane, up to
+    /// `max_backoff`, however long that takes; a failure that may be the
+    /// file's (a bad sector) is a strike, and parks it after [`MAX_STRIKES`].
+    /// Logged when an item's error is new, not at every attempt.
+    fn local_failed(
+        &mut self,
+        key: ItemKey,
+        lane: Lane,
+        error: String,
+        strike: bool,
+        flight: Flight,
+    ) {
+        self.live.update(|s| s.last_error = Some(error.clone()));
+        let soon = self.clock.now_ms() + 1_000;
+        let item = match self.queue.item(&key) {
+            Ok(Some(i)) => i,
+            Ok(None) => return,
+            Err(_) => return self.requeue(key, lane, soon, Some(flight)),
+        };
+        let retry = self.current().options.retry;
+        let due = self.clock.now_ms() + retry.jittered(item.attempts + 1).as_millis() as u64;
+        let blame = if strike { Blame::Item } else { Blame::Passing };
+        let due = match self.queue.back_off(&key, due, &error, blame) {
+            Ok(strikes) if strike && strikes >= MAX_STRIKES => {
+                let reason = format!(
+                    "{}, then run `offloadd retry` (it failed {strikes} times while the watch root was there)",
+                    error.trim_end_matches(localfs::TRIED_AGAIN)
+                );
+                return self.park(key, reason);
+            }
+            Ok(_) => due,
+            Err(_) => soon,
+        };
+        if lane == Lane::Upload {
+            self.metrics().upload_failed("transient");
+        }
+        self.metrics().retry();
+        if item.last_error.as_deref() == Some(error.as_str()) {
+            tracing::debug!(path = %key, attempt = item.attempts + 1, error = %error, "{error}");
+        } else {
+            tracing::warn!(path = %key, attempt = item.attempts + 1, error = %error, "{error}");
+        }
+        self.requeue(key, lane, due, Some(flight));
     }
 
     /// The provider answered other requests: the failure was this item's.

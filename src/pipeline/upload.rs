@@ -16,6 +16,7 @@ use crate::keys::{ItemKey, ObjectKey};
 use crate::pipeline::budget::{Budget, Buffer, BufferKind, Pacer, Turn};
 use crate::pipeline::finished::FileIdentity;
 use crate::pipeline::live::Progress;
+use crate::pipeline::localfs::{self, Call, Counts};
 use crate::pipeline::plan::Plan;
 use crate::pipeline::queue::{
     GivenUp, MultipartProgress, PartDone, PendingAbort, Queue, StateError,
@@ -64,6 +65,10 @@ pub enum UploadError {
     Changed,
     #[error("{0}")]
     Park(String),
+    /// The file could not be opened or read; the worker checks the root
+    /// first, then the failure counts as `counts` says.
+    #[error("{message}")]
+    Local { message: String, counts: Counts },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -72,10 +77,13 @@ pub enum UploadError {
 
 /// Opens a file for upload without following a symlink in its last component.
 pub fn open(abs: &Path) -> Result<(File, FileIdentity), UploadError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(abs)
+    let file = localfs::fault(abs, Call::Open)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(abs)
+        })
         .map_err(|e| open_error(abs, e))?;
     let meta = file.metadata().map_err(|e| open_error(abs, e))?;
     if !meta.is_file() {
@@ -85,18 +93,21 @@ pub fn open(abs: &Path) -> Result<(File, FileIdentity), UploadError> {
 }
 
 fn open_error(abs: &Path, e: std::io::Error) -> UploadError {
-    match e.kind() {
-        std::io::ErrorKind::NotFound => UploadError::Vanished,
-        std::io::ErrorKind::PermissionDenied => UploadError::Park(format!(
+    let counts = localfs::of_open(&e);
+    let message = match e.kind() {
+        std::io::ErrorKind::NotFound => return UploadError::Vanished,
+        std::io::ErrorKind::PermissionDenied => format!(
             "cannot read {}: permission denied; give the offloadd user read access (shared group or default ACL: see /usr/share/doc/offloadd/README.md, packaging/README.md in the source)",
             abs.display()
-        )),
-        _ if e.raw_os_error() == Some(libc::ELOOP) => UploadError::Park(format!(
+        ),
+        _ if e.raw_os_error() == Some(libc::ELOOP) => format!(
             "{} is a symbolic link; offloadd does not follow links",
             abs.display()
-        )),
-        _ => UploadError::Park(format!("cannot read {}: {e}", abs.display())),
-    }
+        ),
+        _ if counts == Counts::Park => format!("cannot read {}: {e}", abs.display()),
+        _ => localfs::tried_again("cannot read", abs, &e),
+    };
+    UploadError::Local { message, counts }
 }
 
 /// The part size for a file: the configured size, grown in whole MiB so the file
@@ -653,7 +664,10 @@ mod tests {
         let link = dir.path().join("l");
         std::os::unix::fs::symlink(&target, &link).unwrap();
         match open(&link) {
-            Err(UploadError::Park(m)) => assert!(m.contains("symbolic link"), "{m}"),
+            Err(UploadError::Local {
+                message,
+                counts: Counts::Park,
+            }) => assert!(message.contains("symbolic link"), "{message}"),
             other => panic!("expected park, got {:?}", other.map(|_| ())),
         }
         assert!(matches!(

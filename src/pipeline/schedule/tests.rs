@@ -1354,3 +1354,105 @@ async fn a_forgotten_upload_refused_while_others_pass_starts_again() {
     assert!(!h.live.shown().failed.contains_key(&key));
     h.stop().await;
 }
+
+/// Lets `secs` virtual seconds pass, a second at a time, with real time for
+/// the blocking threads (a delete) in between.
+async fn idle(secs: u64) {
+    for _ in 0..secs {
+        std::thread::sleep(Duration::from_millis(5));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Queues `rel` on disk with `bytes` (as a previous run left it); its path.
+fn queued(h: &Harness, rel: &str, bytes: &[u8]) -> PathBuf {
+    let abs = h.root.join(rel);
+    std::fs::write(&abs, bytes).unwrap();
+    let identity = FileIdentity::of(&std::fs::metadata(&abs).unwrap());
+    h.queue
+        .admit(&Harness::key(rel), &identity, Admit::Event)
+        .unwrap();
+    abs
+}
+
+/// A mount that drops out (its FUSE daemon gone: ENOTCONN) fails every file
+/// at once, before the root's poll sees it: the first file whose stat
+/// fails, and the first whose open fails, pause the pipeline instead of
+/// being parked, and go once the root is back. They used to be parked, and a
+/// rescan left them so.
+#[tokio::test(start_paused = true)]
+async fn a_mount_that_drops_out_parks_nothing() {
+    use crate::pipeline::localfs::{self, Call};
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    let (a, b) = (queued(&h, "a.png", b"a"), queued(&h, "b.png", b"b"));
+    // Another file system at the root now, holding files of the same
+    // names, which the guard has not looked at yet.
+    let away = h.root.with_file_name("away");
+    std::fs::rename(&h.root, &away).unwrap();
+    std::fs::create_dir(&h.root).unwrap();
+    std::fs::write(&a, b"a").unwrap();
+    std::fs::write(&b, b"b").unwrap();
+    localfs::inject(&a, Call::Stat, libc::ENOTCONN);
+    localfs::inject(&b, Call::Open, libc::ENOTCONN);
+    h.start(Deletion::Keep);
+    until(10, "paused", || h.live.shown().pipeline_paused.is_some()).await;
+    idle(5).await;
+    assert!(h.live.shown().failed.is_empty(), "{:?}", h.live.shown());
+    for rel in ["a.png", "b.png"] {
+        let item = h.queue.item(&Harness::key(rel)).unwrap().unwrap();
+        assert!(!item.is_parked(), "{item:?}");
+    }
+    assert_eq!(h.count(Op::Put), 0);
+
+    std::fs::remove_dir_all(&h.root).unwrap();
+    std::fs::rename(&away, &h.root).unwrap();
+    localfs::heal(&a);
+    localfs::heal(&b);
+    assert!(h.guard.check().is_ok());
+    until(30, "both uploaded once the root is back", || {
+        h.store.object("pre/a.png").is_some() && h.store.object("pre/b.png").is_some()
+    })
+    .await;
+    h.stop().await;
+}
+
+/// A file whose stat or open fails for a reason that says nothing about it
+/// (a mount below the root that hangs, an I/O error of a FUSE daemon) while
+/// the root is there backs off, however many times, with the error in
+/// `status`, and is uploaded once it passes. It used to be parked at once.
+#[tokio::test(start_paused = true)]
+async fn a_file_on_a_failing_mount_waits_and_is_never_parked() {
+    use crate::pipeline::localfs::{self, Call};
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    let (a, b) = (queued(&h, "a.png", b"a"), queued(&h, "b.png", b"b"));
+    localfs::inject(&a, Call::Stat, libc::ENOTCONN);
+    localfs::inject(&b, Call::Open, libc::EIO);
+    h.start(Deletion::Keep);
+    idle(120).await;
+    assert!(h.live.shown().failed.is_empty(), "{:?}", h.live.shown());
+    for (rel, error) in [
+        ("a.png", "Transport endpoint is not connected"),
+        ("b.png", "Input/output error"),
+    ] {
+        let item = h.queue.item(&Harness::key(rel)).unwrap().unwrap();
+        assert!(!item.is_parked(), "{item:?}");
+        assert!(item.attempts > MAX_STRIKES, "{item:?}");
+        assert!(item.attempts < 40, "backed off: {item:?}");
+        assert_eq!(item.strikes, 0);
+        let why = item.last_error.unwrap();
+        assert!(
+            why.contains(error) && why.ends_with("offloadd tries again later"),
+            "{why}"
+        );
+    }
+    assert!(h.live.shown().last_error.is_some());
+    localfs::heal(&a);
+    localfs::heal(&b);
+    until(60, "both uploaded once it passed", || {
+        h.store.object("pre/a.png").is_some() && h.store.object("pre/b.png").is_some()
+    })
+    .await;
+    h.stop().await;
+}
