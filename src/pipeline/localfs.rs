@@ -72,6 +72,16 @@ pub fn of_open(e: &io::Error) -> Counts {
     }
 }
 
+/// A failed read of a file that is still the one the upload started with:
+/// an I/O error (a bad sector) is the file's, after a few tries.
+pub fn of_read(e: &io::Error) -> Counts {
+    if elsewhere(e) {
+        Counts::Never
+    } else {
+        Counts::Strike
+    }
+}
+
 /// What the operator can do about `e`.
 pub fn hint(e: &io::Error) -> &'static str {
     match e.raw_os_error() {
@@ -97,6 +107,7 @@ pub fn tried_again(what: &str, path: &Path, e: &io::Error) -> String {
 pub enum Call {
     Stat,
     Open,
+    Read,
 }
 
 #[cfg(test)]
@@ -137,6 +148,21 @@ pub fn fault(path: &Path, call: Call) -> io::Result<()> {
     Ok(())
 }
 
+/// [`fault`] for a call on an open file, found by the name it was opened
+/// under (tests only).
+#[inline]
+pub fn fault_on(file: &std::fs::File, call: Call) -> io::Result<()> {
+    #[cfg(test)]
+    {
+        use std::os::fd::AsRawFd;
+        if let Ok(p) = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())) {
+            return fault(&p, call);
+        }
+    }
+    let _ = (file, call);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,8 +172,10 @@ mod tests {
         let e = |n| io::Error::from_raw_os_error(n);
         for n in [libc::ENOTCONN, libc::ESTALE, libc::ETIMEDOUT, libc::ENODEV] {
             assert_eq!(of_open(&e(n)), Counts::Never, "{n}");
+            assert_eq!(of_read(&e(n)), Counts::Never, "{n}");
         }
         assert_eq!(of_open(&e(libc::EIO)), Counts::Never);
+        assert_eq!(of_read(&e(libc::EIO)), Counts::Strike);
         assert_eq!(of_open(&e(libc::EACCES)), Counts::Park);
         let m = tried_again("cannot read", Path::new("/r/a.png"), &e(libc::EIO));
         assert_eq!(

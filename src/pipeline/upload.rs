@@ -9,7 +9,8 @@
 //! longer knows is first compared with the object already in the bucket (a
 //! crash after CompleteMultipartUpload), else started afresh; a file that
 //! changed while being read is reported as [`UploadError::Changed`], never as
-//! uploaded.
+//! uploaded; a read that fails while the file is unchanged (a bad sector, a
+//! mount that dropped out) is [`UploadError::Local`], not a change.
 
 use crate::failpoint;
 use crate::keys::{ItemKey, ObjectKey};
@@ -133,17 +134,40 @@ pub fn multipart_etag(part_md5s: &[[u8; 16]]) -> String {
 
 /// Fills `buf` from the file at `offset` and hashes it.
 fn read_and_hash(file: &File, offset: u64, mut buf: Buffer) -> std::io::Result<(Buffer, [u8; 16])> {
+    localfs::fault_on(file, Call::Read)?;
     file.read_exact_at(buf.as_mut_slice(), offset)?;
     let md5 = Md5::digest(buf.as_ref()).into();
     Ok((buf, md5))
 }
 
-fn unchanged(file: &File, identity: &FileIdentity) -> Result<(), UploadError> {
-    let now = file.metadata().map_err(|_| UploadError::Changed)?;
+/// Whether `file`, opened at `abs`, is still `identity`.
+fn unchanged(abs: &Path, file: &File, identity: &FileIdentity) -> Result<(), UploadError> {
+    let now = file.metadata().map_err(|e| local_read_error(abs, &e))?;
     if FileIdentity::of(&now) == *identity {
         Ok(())
     } else {
         Err(UploadError::Changed)
+    }
+}
+
+/// A read of `file` (opened at `abs` as `identity`) failed. It changed if it
+/// ended early or is no longer `identity`; else the read itself failed (a
+/// bad sector, a mount that dropped out), which is no change: sending it
+/// again at once would fail the same way, for ever.
+fn read_failed(abs: &Path, file: &File, identity: &FileIdentity, e: std::io::Error) -> UploadError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        return UploadError::Changed;
+    }
+    match file.metadata() {
+        Ok(now) if FileIdentity::of(&now) != *identity => UploadError::Changed,
+        _ => local_read_error(abs, &e),
+    }
+}
+
+fn local_read_error(abs: &Path, e: &std::io::Error) -> UploadError {
+    UploadError::Local {
+        message: localfs::tried_again("cannot read", abs, e),
+        counts: localfs::of_read(e),
     }
 }
 
@@ -216,9 +240,11 @@ impl Uploader {
         let len = identity.size;
         let _reserved = self.budget.reserve(turn, len).await;
         let buffer = self.budget.buffer(len as usize);
+        let abs = job.abs.to_path_buf();
         let (body, md5) = tokio::task::spawn_blocking(move || {
-            let (body, md5) = read_and_hash(&file, 0, buffer).map_err(|_| UploadError::Changed)?;
-            unchanged(&file, &identity)?;
+            let (body, md5) = read_and_hash(&file, 0, buffer)
+                .map_err(|e| read_failed(&abs, &file, &identity, e))?;
+            unchanged(&abs, &file, &identity)?;
             Ok::<_, UploadError>((body, md5))
         })
         .await
@@ -388,8 +414,12 @@ impl Uploader {
             }
             return Err(e);
         }
-        if let Err(e) = unchanged(file, &identity) {
-            self.abandon(job)?;
+        if let Err(e) = unchanged(job.abs, file, &identity) {
+            if matches!(e, UploadError::Changed) {
+                self.abandon(job)?;
+            } else {
+                let _ = self.queue.note_multipart(job.item_key, &snapshot);
+            }
             return Err(e);
         }
         let mut parts = snapshot.parts.clone();
@@ -437,13 +467,15 @@ impl Uploader {
         save_every: u32,
     ) -> Result<(), UploadError> {
         let offset = (number as u64 - 1) * part_size;
-        let reader = file.clone();
+        let (reader, abs) = (file.clone(), job.abs.to_path_buf());
+        let identity = progress.lock().expect("progress lock").identity;
         let buffer = self.budget.buffer(len as usize);
-        let (body, md5) =
-            tokio::task::spawn_blocking(move || read_and_hash(&reader, offset, buffer))
-                .await
-                .expect("reading task never panics")
-                .map_err(|_| UploadError::Changed)?;
+        let (body, md5) = tokio::task::spawn_blocking(move || {
+            read_and_hash(&reader, offset, buffer)
+                .map_err(|e| read_failed(&abs, &reader, &identity, e))
+        })
+        .await
+        .expect("reading task never panics")?;
         self.paced(len).await;
         let etag = job
             .store
@@ -482,13 +514,14 @@ impl Uploader {
         if head.size != Some(identity.size) || !etag.contains('-') {
             return Ok(None);
         }
-        let reader = file.clone();
-        let computed =
-            tokio::task::spawn_blocking(move || composite_etag(&reader, identity.size, part_size))
-                .await
-                .expect("hashing task never panics")
-                .map_err(|_| UploadError::Changed)?;
-        unchanged(file, &identity)?;
+        let (reader, abs) = (file.clone(), job.abs.to_path_buf());
+        let computed = tokio::task::spawn_blocking(move || {
+            composite_etag(&reader, identity.size, part_size)
+                .map_err(|e| read_failed(&abs, &reader, &identity, e))
+        })
+        .await
+        .expect("hashing task never panics")?;
+        unchanged(job.abs, file, &identity)?;
         Ok((computed == etag).then_some(Sent {
             identity,
             expected_etag: computed,
@@ -528,6 +561,7 @@ pub fn composite_etag(file: &File, size: u64, part_size: u64) -> std::io::Result
     let mut md5s = Vec::new();
     // Hashing needs no big buffer, and this one is outside the budget.
     let mut buf = vec![0u8; part_size.min(256 * 1024) as usize];
+    localfs::fault_on(file, Call::Read)?;
     let mut offset = 0;
     while offset < size {
         let end = (offset + part_size).min(size);

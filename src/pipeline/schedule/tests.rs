@@ -1456,3 +1456,55 @@ async fn a_file_on_a_failing_mount_waits_and_is_never_parked() {
     .await;
     h.stop().await;
 }
+
+/// A file that cannot be read (EIO: a bad sector) while it is unchanged is
+/// no file that changed: it backs off with a strike per attempt and is
+/// parked after [`MAX_STRIKES`] with the reason, its multipart upload kept
+/// between attempts and aborted when parked. It used to be taken for
+/// changed: sent again every `settle`, for ever, never shown as failed.
+async fn a_file_that_cannot_be_read_is_parked_after_a_few_tries(rel: &str, len: usize) {
+    use crate::pipeline::localfs::{self, Call};
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    let abs = queued(&h, rel, &vec![3u8; len]);
+    localfs::inject(&abs, Call::Read, libc::EIO);
+    h.start(Deletion::Keep);
+    let key = Harness::key(rel);
+    // The clock is moved by hand: a file read again at once, for ever, keeps
+    // a blocking read in flight, which holds a paused clock still.
+    let start = Instant::now();
+    while !h.live.shown().failed.contains_key(&key) {
+        let item = h.queue.item(&key).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "not parked: {item:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+        tokio::time::advance(Duration::from_millis(50)).await;
+    }
+    localfs::heal(&abs);
+    let reason = h.live.shown().failed[&key].clone();
+    assert_eq!(
+        reason,
+        format!(
+            "cannot read {}: Input/output error (os error 5); check the disk, then run `offloadd retry` (it failed {MAX_STRIKES} times while the watch root was there)",
+            abs.display()
+        )
+    );
+    assert_eq!(h.count(Op::Put) + h.count(Op::Part), 0, "nothing sent");
+    if len > 8 * MIB as usize {
+        assert_eq!(h.count(Op::Initiate), 1, "the upload kept between tries");
+        until(10, "aborted once parked", || h.count(Op::Abort) == 1).await;
+    }
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_small_file_that_cannot_be_read_is_parked_after_a_few_tries() {
+    a_file_that_cannot_be_read_is_parked_after_a_few_tries("a.png", 1_000).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_big_file_that_cannot_be_read_is_parked_after_a_few_tries() {
+    a_file_that_cannot_be_read_is_parked_after_a_few_tries("v.mp4", 12 * MIB as usize).await;
+}
