@@ -108,6 +108,8 @@ pub enum Call {
     Stat,
     Open,
     Read,
+    Rename,
+    Remove,
 }
 
 #[cfg(test)]
@@ -115,6 +117,7 @@ static FAULTS: std::sync::Mutex<Vec<(std::path::PathBuf, Call, i32)>> =
     std::sync::Mutex::new(Vec::new());
 
 /// Tests: `call` on the file at `path` fails with `errno` until [`heal`].
+/// The delete's rename and unlink are keyed on the file's own name.
 #[cfg(test)]
 pub fn inject(path: &Path, call: Call, errno: i32) {
     let mut f = FAULTS.lock().unwrap();

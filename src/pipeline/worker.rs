@@ -293,7 +293,10 @@ impl Worker {
         }
         let then = match self.delete(key).await {
             Outcome::Later { due_ms, lane } => Some((lane, due_ms)),
-            Outcome::State(_) | Outcome::RootGone(_) => Some((Lane::Delete, now_ms() + 1_000)),
+            // Its backoff starts with the next attempt.
+            Outcome::State(_) | Outcome::RootGone(_) | Outcome::LocalError { .. } => {
+                Some((Lane::Delete, now_ms() + 1_000))
+            }
             _ => None,
         };
         Outcome::Uploaded { then }
@@ -360,6 +363,10 @@ impl Worker {
                 due_ms: now_ms() + WRITER_RECHECK.as_millis() as u64,
                 lane: Lane::Delete,
             },
+            LocalOutcome::Retry(error) => {
+                self.local_failure(key, Lane::Delete, error, Counts::Never)
+                    .await
+            }
             LocalOutcome::Kept(reason) => {
                 tracing::warn!(path = %key, "{reason}");
                 state!(self.queue.local_kept(key, &reason));

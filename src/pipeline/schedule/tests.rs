@@ -1457,6 +1457,45 @@ async fn a_file_on_a_failing_mount_waits_and_is_never_parked() {
     h.stop().await;
 }
 
+/// The delete of an uploaded file whose mount dropped out (its open and its
+/// stat fail with ENOTCONN) is tried again later: the file is not taken for
+/// changed and uploaded again.
+#[tokio::test(start_paused = true)]
+async fn a_delete_on_a_mount_that_drops_out_uploads_nothing_again() {
+    use crate::pipeline::localfs::{self, Call};
+    let mut h = Harness::new(Deletion::After(Duration::ZERO));
+    let abs = h.root.join("a.png");
+    let path = abs.clone();
+    // Right after the body is read: the mount drops out.
+    h.store.script(move |r| {
+        if r.op == Op::Put {
+            localfs::inject(&path, Call::Open, libc::ENOTCONN);
+            localfs::inject(&path, Call::Stat, libc::ENOTCONN);
+        }
+        None
+    });
+    h.write("a.png", b"first").await;
+    let key = Harness::key("a.png");
+    until(30, "uploaded", || h.queue.record(&key).unwrap().is_some()).await;
+    idle(60).await;
+    let item = h.queue.item(&key).unwrap().unwrap();
+    assert!(matches!(item.stage, Stage::Delete { .. }), "{item:?}");
+    assert!(item.attempts >= 3, "{item:?}");
+    let why = item.last_error.unwrap();
+    assert!(why.contains("cannot delete the local copy"), "{why}");
+    assert_eq!(h.queue.record(&key).unwrap().unwrap().local, Local::Present);
+
+    h.store.script(|_| None);
+    localfs::heal(&abs);
+    until(60, "deleted once the mount is back", || !abs.exists()).await;
+    until(5, "marked", || {
+        h.queue.record(&key).unwrap().unwrap().local == Local::Deleted
+    })
+    .await;
+    assert_eq!(h.count(Op::Put), 1, "uploaded once");
+    h.stop().await;
+}
+
 /// A file that cannot be read (EIO: a bad sector) while it is unchanged is
 /// no file that changed: it backs off with a strike per attempt and is
 /// parked after [`MAX_STRIKES`] with the reason, its multipart upload kept
@@ -1507,4 +1546,46 @@ async fn a_small_file_that_cannot_be_read_is_parked_after_a_few_tries() {
 #[tokio::test(start_paused = true)]
 async fn a_big_file_that_cannot_be_read_is_parked_after_a_few_tries() {
     a_file_that_cannot_be_read_is_parked_after_a_few_tries("v.mp4", 12 * MIB as usize).await;
+}
+
+/// A delete refused for a passing reason (no room to rename the file aside:
+/// ext4's reserve, btrfs's metadata full) keeps the item in the delete lane,
+/// backing off, with the reason in `status`, and the local copy goes once it
+/// passes. It used to be recorded as "local copy kept" for good.
+#[tokio::test(start_paused = true)]
+async fn a_delete_refused_for_a_passing_reason_is_tried_again() {
+    use crate::pipeline::localfs::{self, Call};
+    let mut h = Harness::new(Deletion::After(Duration::ZERO));
+    let abs = h.root.join("a.png");
+    let path = abs.clone();
+    h.store.script(move |r| {
+        if r.op == Op::Put {
+            localfs::inject(&path, Call::Rename, libc::ENOSPC);
+        }
+        None
+    });
+    h.write("a.png", b"first").await;
+    let key = Harness::key("a.png");
+    until(30, "uploaded", || h.queue.record(&key).unwrap().is_some()).await;
+    idle(60).await;
+    assert_eq!(h.queue.record(&key).unwrap().unwrap().local, Local::Present);
+    let item = h.queue.item(&key).unwrap().unwrap();
+    assert!(matches!(item.stage, Stage::Delete { .. }), "{item:?}");
+    assert!((3..30).contains(&item.attempts), "backed off: {item:?}");
+    let why = h.live.shown().last_error.unwrap();
+    assert!(
+        why.contains("No space left on device") && why.contains("free some space"),
+        "{why}"
+    );
+    assert!(abs.exists());
+
+    h.store.script(|_| None);
+    localfs::heal(&abs);
+    until(60, "deleted once there is room", || !abs.exists()).await;
+    until(5, "marked", || {
+        h.queue.record(&key).unwrap().unwrap().local == Local::Deleted
+    })
+    .await;
+    assert_eq!(h.count(Op::Put), 1);
+    h.stop().await;
 }
