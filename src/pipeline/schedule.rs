@@ -222,6 +222,9 @@ pub struct Scheduler {
     /// Aborts tried since the last sweep that could not go yet: not tried
     /// again before the next one.
     aborts_tried: HashSet<PendingAbort>,
+    /// Providers that refuse aborts (AccessDenied), with the notice shown
+    /// for each until one of its aborts goes through.
+    abort_refusals: HashMap<String, String>,
     /// Paths seen again while in flight: admitted again when they finish.
     recheck: HashSet<ItemKey>,
     /// Paths being deleted through: out of the pipeline.
@@ -285,6 +288,7 @@ impl Scheduler {
             aborts: JoinSet::new(),
             aborting: HashSet::new(),
             aborts_tried: HashSet::new(),
+            abort_refusals: HashMap::new(),
             task_keys: HashMap::new(),
             recheck: HashSet::new(),
             held: HashSet::new(),
@@ -663,6 +667,7 @@ impl Scheduler {
         self.aborting.remove(&pending);
         match outcome {
             AbortOutcome::Settled => {
+                self.abort_allowed(&pending.provider);
                 if let Err(e) = self.queue.abort_done(&pending) {
                     // Sent again after the next sweep (and answered gone).
                     tracing::debug!(error = %e, "cannot unfile an abort");
@@ -672,8 +677,42 @@ impl Scheduler {
             AbortOutcome::Later => {
                 self.aborts_tried.insert(pending);
             }
+            AbortOutcome::Refused => {
+                self.abort_refused(&pending.provider);
+                self.aborts_tried.insert(pending);
+            }
         }
         self.send_aborts();
+    }
+
+    /// `provider` refused an abort (AccessDenied): said once per provider,
+    /// in the log and in `status`, not per abort nor per sweep; the aborts
+    /// keep going at every sweep.
+    fn abort_refused(&mut self, provider: &str) {
+        if self.abort_refusals.contains_key(provider) {
+            return;
+        }
+        let n = self
+            .queue
+            .pending_aborts()
+            .iter()
+            .filter(|p| p.provider == provider)
+            .count();
+        let notice = format!(
+            "provider `{provider}` refuses AbortMultipartUpload (AccessDenied): grant the key s3:AbortMultipartUpload, or the parts of {n} given-up upload(s) stay billed until the bucket's lifecycle rule removes them"
+        );
+        tracing::warn!(provider = %provider, "{notice}");
+        self.live.notice(notice.clone());
+        self.abort_refusals.insert(provider.to_string(), notice);
+    }
+
+    /// An abort on `provider` went through: a refusal said before no longer
+    /// holds.
+    fn abort_allowed(&mut self, provider: &str) {
+        if let Some(notice) = self.abort_refusals.remove(provider) {
+            self.live.withdraw(&notice);
+            tracing::info!(provider = %provider, "provider `{provider}` accepts AbortMultipartUpload again; its given-up uploads are aborted as the sweeps reach them");
+        }
     }
 
     /// The state_dir works again: the queue as it is on disk, then the

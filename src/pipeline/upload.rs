@@ -589,6 +589,9 @@ pub enum AbortOutcome {
     /// The provider could not be reached, or refused everything: tried
     /// again later.
     Later,
+    /// The provider refused the abort itself (AccessDenied: the key lacks
+    /// AbortMultipartUpload): tried again later, and the scheduler says so.
+    Refused,
 }
 
 /// Sends the abort of a multipart upload given up (see
@@ -605,6 +608,15 @@ pub async fn abort_filed(plan: &Plan, p: &PendingAbort) -> AbortOutcome {
         Ok(()) => AbortOutcome::Settled,
         // Completed or aborted already.
         Err(e) if e.code.as_deref() == Some("NoSuchUpload") => AbortOutcome::Settled,
+        // A key without AbortMultipartUpload (the others are refused their
+        // own way: a wrong secret, a clock off).
+        Err(e)
+            if e.code.as_deref() == Some("AccessDenied")
+                || (e.status == Some(403) && e.code.is_none()) =>
+        {
+            tracing::debug!(key = %p.key, error = %e, "the abort of an abandoned multipart upload was refused; trying again later");
+            AbortOutcome::Refused
+        }
         // Unreachable, or refusing everything (a key being fixed).
         Err(e) if matches!(e.class, ErrorClass::Transient | ErrorClass::ProviderWide) => {
             tracing::debug!(key = %p.key, error = %e, "could not abort an abandoned multipart upload yet; trying again later");

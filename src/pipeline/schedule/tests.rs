@@ -1589,3 +1589,55 @@ async fn a_delete_refused_for_a_passing_reason_is_tried_again() {
     assert_eq!(h.count(Op::Put), 1);
     h.stop().await;
 }
+
+/// A key without AbortMultipartUpload: the refusal is said once for the
+/// provider (log and `status`), not per abort nor per sweep, the aborts go
+/// on at every sweep, and once the key may abort, they go through and the
+/// notice goes. It used to be retried every sweep in silence.
+#[tokio::test(start_paused = true)]
+async fn a_provider_that_refuses_aborts_is_reported_once() {
+    let mut h = Harness::new(Deletion::Keep);
+    let refuse = Arc::new(AtomicBool::new(true));
+    let r = refuse.clone();
+    h.store.script(move |req| match req.op {
+        Op::Part => Some(http_error(413, "EntityTooLarge")),
+        Op::Abort if r.load(Ordering::SeqCst) => Some(http_error(403, "AccessDenied")),
+        _ => None,
+    });
+    for rel in ["a.mp4", "b.mp4"] {
+        h.write(rel, &vec![7u8; (12 * MIB) as usize]).await;
+    }
+    let parked = || {
+        let failed = h.live.shown().failed;
+        ["a.mp4", "b.mp4"]
+            .iter()
+            .all(|rel| failed.contains_key(&Harness::key(rel)))
+    };
+    until(600, "both parked", parked).await;
+    until(10, "both aborts tried", || h.count(Op::Abort) >= 2).await;
+    let refusals = || {
+        h.live
+            .shown()
+            .notices
+            .into_iter()
+            .filter(|n| n.contains("AbortMultipartUpload"))
+            .collect::<Vec<_>>()
+    };
+    let shown = refusals();
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert!(
+        shown[0].starts_with("provider `fake` refuses AbortMultipartUpload (AccessDenied): grant the key s3:AbortMultipartUpload"),
+        "{shown:?}"
+    );
+    // The next sweep tries again, and says nothing new.
+    tokio::time::sleep(SWEEP_PARKED_EVERY + Duration::from_secs(1)).await;
+    until(10, "tried again", || h.count(Op::Abort) >= 4).await;
+    assert_eq!(refusals(), shown);
+    assert_eq!(h.queue.pending_aborts().len(), 2);
+
+    refuse.store(false, Ordering::SeqCst);
+    tokio::time::sleep(SWEEP_PARKED_EVERY + Duration::from_secs(1)).await;
+    until(10, "aborted", || h.queue.pending_aborts().is_empty()).await;
+    assert!(refusals().is_empty(), "the notice goes");
+    h.stop().await;
+}
