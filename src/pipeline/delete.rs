@@ -22,7 +22,12 @@
 //!
 //! A delete cut short by a crash after 3 leaves the uploaded inode under a
 //! hidden name; the next attempt finds the name gone, finds that inode among
-//! the hidden names and finishes the delete. A crash before a file was put
+//! the hidden names and finishes the delete. So does an unlink in 4 that
+//! failed for a passing reason (a disk error): the file is left hidden, since
+//! put back, its ctime (moved by the renames) would make it another file. A
+//! delete refused for good (no permission, a read-only file system) keeps the
+//! local copy under its name; one refused for a passing reason (a full file
+//! system or quota, a disk error, a dropped-out mount) is tried again. A crash before a file was put
 //! back in 4 leaves a file that is not the uploaded one under a hidden name;
 //! the hidden name carries the name it came from, and the next attempt puts
 //! it back there (never over anything) and has it uploaded. Where no next
@@ -30,6 +35,7 @@
 //! files back ([`restore_leftover`]).
 
 use crate::pipeline::finished::{FileIdentity, Lease};
+use crate::pipeline::localfs::{self, Call};
 use crate::pipeline::queue::DeletePermit;
 use crate::statedir::process_alive;
 use std::collections::BTreeSet;
@@ -63,7 +69,12 @@ pub enum LocalOutcome {
     Changed,
     /// A process has it open for writing: look again later.
     WriterActive,
-    /// Deleting it failed for good; the reason is recorded and shown once.
+    /// Deleting it failed for a reason that may pass (a full file system, a
+    /// quota, a disk error, a mount that dropped out): tried again with
+    /// backoff; the reason, for `status`.
+    Retry(String),
+    /// Deleting it failed for good (only an operator can fix it); the
+    /// reason is recorded and shown once.
     Kept(String),
 }
 
@@ -73,6 +84,7 @@ fn c_path(p: &Path) -> CString {
 
 /// rename(2) that fails with EEXIST instead of replacing `to`.
 fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    localfs::fault(from, Call::Rename)?;
     let (f, t) = (c_path(from), c_path(to));
     // SAFETY: two valid C strings; AT_FDCWD resolves them like rename(2).
     let rc = unsafe {
@@ -145,15 +157,23 @@ impl Drop for Aside {
     }
 }
 
+/// A delete that failed: kept for good where only an operator can help (no
+/// permission, a read-only file system), else tried again later (a full
+/// file system or quota, a disk error, a busy or dropped-out mount).
 fn kept(abs: &Path, e: &std::io::Error) -> LocalOutcome {
-    match e.kind() {
-        std::io::ErrorKind::PermissionDenied => LocalOutcome::Kept(format!(
+    match e.raw_os_error() {
+        Some(libc::EACCES) => LocalOutcome::Kept(format!(
             "uploaded, local copy kept: permission denied deleting {}; give the offloadd user write access to its directory (see /usr/share/doc/offloadd/README.md, packaging/README.md in the source)",
             abs.display()
         )),
-        _ => LocalOutcome::Kept(format!(
-            "uploaded, local copy kept: cannot delete {}: {e}",
+        Some(libc::EPERM | libc::EROFS) => LocalOutcome::Kept(format!(
+            "uploaded, local copy kept: cannot delete {}: {e}; make it deletable (an immutable attribute, a sticky directory, a read-only mount) and delete it by hand if you wish",
             abs.display()
+        )),
+        _ => LocalOutcome::Retry(localfs::tried_again(
+            "uploaded, but cannot delete the local copy",
+            abs,
+            e,
         )),
     }
 }
@@ -234,7 +254,8 @@ fn delete_if_same(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
     // Under the lease: a writer that closed just before it cannot hide.
     let held = match file.metadata() {
         Ok(m) if m.is_file() && FileIdentity::of(&m) == *expected => m,
-        _ => return LocalOutcome::Changed,
+        Ok(_) => return LocalOutcome::Changed,
+        Err(e) => return kept(abs, &e),
     };
     let aside = Aside::beside(abs);
     if let Err(e) = rename_noreplace(abs, &aside.path) {
@@ -254,11 +275,20 @@ fn delete_if_same(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
         drop(lease);
         return put_back(&aside.path, abs, LocalOutcome::WriterActive);
     }
-    let outcome = match std::fs::remove_file(&aside.path) {
+    let removed =
+        localfs::fault(abs, Call::Remove).and_then(|()| std::fs::remove_file(&aside.path));
+    let outcome = match removed {
         Ok(()) => LocalOutcome::Deleted,
         Err(e) => {
             drop(lease);
-            return put_back(&aside.path, abs, kept(abs, &e));
+            return match kept(abs, &e) {
+                // Left under the hidden name: the next attempt finds it
+                // there and finishes the delete (see [`gone`]). Put back,
+                // its ctime (moved by the renames) would make it another
+                // file than the one uploaded, to upload again.
+                retry @ LocalOutcome::Retry(_) => retry,
+                kept => put_back(&aside.path, abs, kept),
+            };
         }
     };
     drop(lease);
@@ -268,6 +298,7 @@ fn delete_if_same(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
 /// Opens `path` for reading, never through a symlink, without blocking.
 fn open_held(path: &Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
+    localfs::fault(path, Call::Open)?;
     std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
@@ -282,10 +313,14 @@ fn refused_open(abs: &Path, expected: &FileIdentity, e: &std::io::Error) -> Loca
         // Another party holds a write lease (Samba, NFS): later.
         Some(libc::EWOULDBLOCK) => LocalOutcome::WriterActive,
         // No longer readable (its mode changed, say): changed unless it is
-        // still exactly the uploaded file.
-        _ => match std::fs::symlink_metadata(abs) {
+        // still exactly the uploaded file. A name that cannot be looked at
+        // either (its mount dropped out) says nothing: it is tried again,
+        // never uploaded again for that.
+        _ => match localfs::fault(abs, Call::Stat).and_then(|()| std::fs::symlink_metadata(abs)) {
             Ok(m) if m.is_file() && FileIdentity::of(&m) == *expected => kept(abs, e),
-            _ => LocalOutcome::Changed,
+            Ok(_) => LocalOutcome::Changed,
+            Err(le) if le.kind() == std::io::ErrorKind::NotFound => LocalOutcome::Changed,
+            Err(_) => kept(abs, e),
         },
     }
 }
@@ -438,6 +473,54 @@ mod tests {
             "{out:?}"
         );
         assert_eq!(std::fs::read(archive.join("a.png")).unwrap(), b"uploaded");
+    }
+
+    /// A delete refused for a passing reason (no room for the rename aside,
+    /// a quota, a disk error, a busy or dropped-out mount) is tried again;
+    /// only what needs an operator (no permission, a read-only file system)
+    /// keeps the local copy for good. Every failure used to keep it for good.
+    #[test]
+    fn only_what_needs_an_operator_keeps_the_local_copy() {
+        crate::pipeline::finished::ignore_lease_signals();
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.png");
+        std::fs::write(&f, b"uploaded").unwrap();
+        let id = identity(&f);
+        let why = |errno| {
+            localfs::inject(&f, Call::Rename, errno);
+            let out = delete_if_same(&f, &id);
+            localfs::heal(&f);
+            match out {
+                LocalOutcome::Kept(why) => why,
+                other => panic!("{errno}: {other:?}"),
+            }
+        };
+        assert!(why(libc::EACCES).contains("permission denied"));
+        assert!(why(libc::EPERM).contains("Operation not permitted"));
+        assert!(why(libc::EROFS).contains("Read-only file system"));
+        for (call, errno) in [
+            (Call::Rename, libc::ENOSPC),
+            (Call::Rename, libc::EDQUOT),
+            (Call::Rename, libc::EBUSY),
+            (Call::Open, libc::ENOTCONN),
+            (Call::Remove, libc::EIO),
+        ] {
+            localfs::inject(&f, call, errno);
+            if call == Call::Open {
+                localfs::inject(&f, Call::Stat, errno);
+            }
+            let out = delete_if_same(&f, &id);
+            localfs::heal(&f);
+            let LocalOutcome::Retry(why) = &out else {
+                panic!("{call:?} {errno}: {out:?}");
+            };
+            assert!(why.ends_with(localfs::TRIED_AGAIN), "{why}");
+        }
+        // The unlink that failed left the file set aside, untouched: the
+        // next attempt finishes the delete.
+        assert!(!f.exists());
+        assert_eq!(delete_if_same(&f, &id), LocalOutcome::Deleted);
+        assert!(listing(dir.path()).is_empty());
     }
 
     #[test]

@@ -201,16 +201,28 @@ pub enum Readiness {
     Symlink,
     /// Something else than a regular file (a directory, a socket…).
     NotAFile,
-    /// It cannot be inspected; the reason.
-    Unreadable(String),
+    /// It cannot be inspected: why, and how that counts against it.
+    Unreadable {
+        reason: String,
+        counts: crate::pipeline::localfs::Counts,
+    },
 }
 
 /// The finished-file rule at this moment.
 pub fn check(path: &Path, settle: Duration) -> Readiness {
-    let meta = match std::fs::symlink_metadata(path) {
+    use crate::pipeline::localfs::{self, Call, Counts};
+    let meta = match localfs::fault(path, Call::Stat).and_then(|()| std::fs::symlink_metadata(path))
+    {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Readiness::Gone,
-        Err(e) => return Readiness::Unreadable(e.to_string()),
+        Err(e) => {
+            let counts = localfs::of_open(&e);
+            let reason = match counts {
+                Counts::Park => format!("cannot inspect {}: {e}", path.display()),
+                _ => localfs::tried_again("cannot inspect", path, &e),
+            };
+            return Readiness::Unreadable { reason, counts };
+        }
     };
     if meta.file_type().is_symlink() {
         return Readiness::Symlink;

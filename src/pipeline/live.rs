@@ -28,7 +28,8 @@ pub struct Shown {
     /// their paths (watcher).
     pub writers_waiting: u64,
     pub writers_sample: Vec<String>,
-    /// One-time notices for operators, e.g. old files moved in (watcher).
+    /// One-time notices for operators, e.g. old files moved in (watcher), a
+    /// provider that refuses aborts (scheduler).
     pub notices: Vec<String>,
     /// The upload bandwidth limit in force, as text (daemon).
     pub bandwidth: String,
@@ -156,6 +157,11 @@ impl Live {
                 s.notices.push(text);
             }
         });
+    }
+
+    /// Takes back a notice that no longer holds.
+    pub fn withdraw(&self, text: &str) {
+        self.update(|s| s.notices.retain(|n| n != text));
     }
 }
 

@@ -15,7 +15,8 @@
 //! - [`worker`]: one item along [`upload`] → [`verify`] → [`record`] →
 //!   [`delete`], reading the [`plan`] in force.
 //! - Rules it rests on: [`finished`] (the finished-file rule, checked again at
-//!   every attempt), [`root`] (the watch root is present and the same).
+//!   every attempt), [`root`] (the watch root is present and the same),
+//!   [`localfs`] (how a failure of the local file system counts).
 //! - Around it: [`rebuild`] (records from the bucket after state loss),
 //!   [`budget`] (memory and bandwidth), [`timetable`] (the weekly bandwidth
 //!   schedule), [`backoff`], [`live`] (figures for `status`).
@@ -36,6 +37,7 @@ pub mod filter;
 pub mod finished;
 pub mod health;
 pub mod live;
+pub mod localfs;
 pub mod plan;
 pub mod queue;
 pub mod rebuild;

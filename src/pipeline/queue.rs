@@ -1242,6 +1242,9 @@ pub enum Recovered {
 pub enum Blame {
     /// The provider was unreachable or refused everything: no strike.
     Provider,
+    /// The local file system failed in a way that says nothing about the
+    /// file (a mount that dropped out, a full disk): no strike.
+    Passing,
     /// The provider answered a probe that did not involve the item: a strike.
     Item,
 }

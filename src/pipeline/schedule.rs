@@ -22,6 +22,7 @@ use crate::pipeline::detect::{Candidate, Trigger};
 use crate::pipeline::finished::FileIdentity;
 use crate::pipeline::health::{Change, Health, ProbeTicket};
 use crate::pipeline::live::Live;
+use crate::pipeline::localfs;
 use crate::pipeline::plan::{Deletion, Plan};
 use crate::pipeline::queue::{
     Admission, Admit, Blame, GivenUp, PausedInfo, PendingAbort, Queue, QueueItem, Recovered, Ring,
@@ -225,6 +226,9 @@ pub struct Scheduler {
     /// Aborts tried since the last sweep that could not go yet: not tried
     /// again before the next one.
     aborts_tried: HashSet<PendingAbort>,
+    /// Providers that refuse aborts (AccessDenied), with the notice shown
+    /// for each until one of its aborts goes through.
+    abort_refusals: HashMap<String, String>,
     /// Paths seen again while in flight: admitted again when they finish.
     recheck: HashSet<ItemKey>,
     /// Paths being deleted through: out of the pipeline.
@@ -289,6 +293,7 @@ impl Scheduler {
             aborts: JoinSet::new(),
             aborting: HashSet::new(),
             aborts_tried: HashSet::new(),
+            abort_refusals: HashMap::new(),
             task_keys: HashMap::new(),
             recheck: HashSet::new(),
             held: HashSet::new(),
@@ -677,6 +682,7 @@ impl Scheduler {
         self.aborting.remove(&pending);
         match outcome {
             AbortOutcome::Settled => {
+                self.abort_allowed(&pending.provider);
                 if let Err(e) = self.queue.abort_done(&pending) {
                     // Sent again after the next sweep (and answered gone).
                     tracing::debug!(error = %e, "cannot unfile an abort");
@@ -686,8 +692,42 @@ impl Scheduler {
             AbortOutcome::Later => {
                 self.aborts_tried.insert(pending);
             }
+            AbortOutcome::Refused => {
+                self.abort_refused(&pending.provider);
+                self.aborts_tried.insert(pending);
+            }
         }
         self.send_aborts();
+    }
+
+    /// `provider` refused an abort (AccessDenied): said once per provider,
+    /// in the log and in `status`, not per abort nor per sweep; the aborts
+    /// keep going at every sweep.
+    fn abort_refused(&mut self, provider: &str) {
+        if self.abort_refusals.contains_key(provider) {
+            return;
+        }
+        let n = self
+            .queue
+            .pending_aborts()
+            .iter()
+            .filter(|p| p.provider == provider)
+            .count();
+        let notice = format!(
+            "provider `{provider}` refuses AbortMultipartUpload (AccessDenied): grant the key s3:AbortMultipartUpload, or the parts of {n} given-up upload(s) stay billed until the bucket's lifecycle rule removes them"
+        );
+        tracing::warn!(provider = %provider, "{notice}");
+        self.live.notice(notice.clone());
+        self.abort_refusals.insert(provider.to_string(), notice);
+    }
+
+    /// An abort on `provider` went through: a refusal said before no longer
+    /// holds.
+    fn abort_allowed(&mut self, provider: &str) {
+        if let Some(notice) = self.abort_refusals.remove(provider) {
+            self.live.withdraw(&notice);
+            tracing::info!(provider = %provider, "provider `{provider}` accepts AbortMultipartUpload again; its given-up uploads are aborted as the sweeps reach them");
+        }
     }
 
     /// The state_dir works again: the queue as it is on disk, then the
@@ -959,6 +999,11 @@ impl Scheduler {
             }
             Outcome::Parked(reason) => self.park_noted(&key, reason),
             Outcome::Failed(err) => self.failed(key.clone(), err, flight),
+            Outcome::LocalError {
+                lane,
+                error,
+                strike,
+            } => self.local_failed(key.clone(), lane, error, strike, flight),
             Outcome::State(e) => {
                 self.live.update(|s| s.last_error = Some(e.to_string()));
                 // The queue is failed now; it is reloaded once it recovers.
@@ -1040,6 +1085,52 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// The local file system failed while the root was there (see
+    /// [`Outcome::LocalError`]): the item backs off in its lane, up to
+    /// `max_backoff`, however long that takes; a failure that may be the
+    /// file's (a bad sector) is a strike, and parks it after [`MAX_STRIKES`].
+    /// Logged when an item's error is new, not at every attempt.
+    fn local_failed(
+        &mut self,
+        key: ItemKey,
+        lane: Lane,
+        error: String,
+        strike: bool,
+        flight: Flight,
+    ) {
+        self.live.update(|s| s.last_error = Some(error.clone()));
+        let soon = self.clock.now_ms() + 1_000;
+        let item = match self.queue.item(&key) {
+            Ok(Some(i)) => i,
+            Ok(None) => return,
+            Err(_) => return self.requeue(key, lane, soon, Some(flight)),
+        };
+        let retry = self.current().options.retry;
+        let due = self.clock.now_ms() + retry.jittered(item.attempts + 1).as_millis() as u64;
+        let blame = if strike { Blame::Item } else { Blame::Passing };
+        let due = match self.queue.back_off(&key, due, &error, blame) {
+            Ok(strikes) if strike && strikes >= MAX_STRIKES => {
+                let reason = format!(
+                    "{}, then run `offloadd retry` (it failed {strikes} times while the watch root was there)",
+                    error.trim_end_matches(localfs::TRIED_AGAIN)
+                );
+                return self.park(key, reason);
+            }
+            Ok(_) => due,
+            Err(_) => soon,
+        };
+        if lane == Lane::Upload {
+            self.metrics().upload_failed("transient");
+        }
+        self.metrics().retry();
+        if item.last_error.as_deref() == Some(error.as_str()) {
+            tracing::debug!(path = %key, attempt = item.attempts + 1, error = %error, "{error}");
+        } else {
+            tracing::warn!(path = %key, attempt = item.attempts + 1, error = %error, "{error}");
+        }
+        self.requeue(key, lane, due, Some(flight));
     }
 
     /// The provider answered other requests: the failure was this item's.

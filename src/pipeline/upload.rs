@@ -9,13 +9,15 @@
 //! longer knows is first compared with the object already in the bucket (a
 //! crash after CompleteMultipartUpload), else started afresh; a file that
 //! changed while being read is reported as [`UploadError::Changed`], never as
-//! uploaded.
+//! uploaded; a read that fails while the file is unchanged (a bad sector, a
+//! mount that dropped out) is [`UploadError::Local`], not a change.
 
 use crate::failpoint;
 use crate::keys::{ItemKey, ObjectKey};
 use crate::pipeline::budget::{Budget, Buffer, BufferKind, Pacer, Turn};
 use crate::pipeline::finished::FileIdentity;
 use crate::pipeline::live::Progress;
+use crate::pipeline::localfs::{self, Call, Counts};
 use crate::pipeline::plan::Plan;
 use crate::pipeline::queue::{
     GivenUp, MultipartProgress, PartDone, PendingAbort, Queue, StateError,
@@ -64,6 +66,10 @@ pub enum UploadError {
     Changed,
     #[error("{0}")]
     Park(String),
+    /// The file could not be opened or read; the worker checks the root
+    /// first, then the failure counts as `counts` says.
+    #[error("{message}")]
+    Local { message: String, counts: Counts },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -72,10 +78,13 @@ pub enum UploadError {
 
 /// Opens a file for upload without following a symlink in its last component.
 pub fn open(abs: &Path) -> Result<(File, FileIdentity), UploadError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(abs)
+    let file = localfs::fault(abs, Call::Open)
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(abs)
+        })
         .map_err(|e| open_error(abs, e))?;
     let meta = file.metadata().map_err(|e| open_error(abs, e))?;
     if !meta.is_file() {
@@ -85,18 +94,21 @@ pub fn open(abs: &Path) -> Result<(File, FileIdentity), UploadError> {
 }
 
 fn open_error(abs: &Path, e: std::io::Error) -> UploadError {
-    match e.kind() {
-        std::io::ErrorKind::NotFound => UploadError::Vanished,
-        std::io::ErrorKind::PermissionDenied => UploadError::Park(format!(
+    let counts = localfs::of_open(&e);
+    let message = match e.kind() {
+        std::io::ErrorKind::NotFound => return UploadError::Vanished,
+        std::io::ErrorKind::PermissionDenied => format!(
             "cannot read {}: permission denied; give the offloadd user read access (shared group or default ACL: see /usr/share/doc/offloadd/README.md, packaging/README.md in the source)",
             abs.display()
-        )),
-        _ if e.raw_os_error() == Some(libc::ELOOP) => UploadError::Park(format!(
+        ),
+        _ if e.raw_os_error() == Some(libc::ELOOP) => format!(
             "{} is a symbolic link; offloadd does not follow links",
             abs.display()
-        )),
-        _ => UploadError::Park(format!("cannot read {}: {e}", abs.display())),
-    }
+        ),
+        _ if counts == Counts::Park => format!("cannot read {}: {e}", abs.display()),
+        _ => localfs::tried_again("cannot read", abs, &e),
+    };
+    UploadError::Local { message, counts }
 }
 
 /// The part size for a file: the configured size, grown in whole MiB so the file
@@ -122,17 +134,40 @@ pub fn multipart_etag(part_md5s: &[[u8; 16]]) -> String {
 
 /// Fills `buf` from the file at `offset` and hashes it.
 fn read_and_hash(file: &File, offset: u64, mut buf: Buffer) -> std::io::Result<(Buffer, [u8; 16])> {
+    localfs::fault_on(file, Call::Read)?;
     file.read_exact_at(buf.as_mut_slice(), offset)?;
     let md5 = Md5::digest(buf.as_ref()).into();
     Ok((buf, md5))
 }
 
-fn unchanged(file: &File, identity: &FileIdentity) -> Result<(), UploadError> {
-    let now = file.metadata().map_err(|_| UploadError::Changed)?;
+/// Whether `file`, opened at `abs`, is still `identity`.
+fn unchanged(abs: &Path, file: &File, identity: &FileIdentity) -> Result<(), UploadError> {
+    let now = file.metadata().map_err(|e| local_read_error(abs, &e))?;
     if FileIdentity::of(&now) == *identity {
         Ok(())
     } else {
         Err(UploadError::Changed)
+    }
+}
+
+/// A read of `file` (opened at `abs` as `identity`) failed. It changed if it
+/// ended early or is no longer `identity`; else the read itself failed (a
+/// bad sector, a mount that dropped out), which is no change: sending it
+/// again at once would fail the same way, for ever.
+fn read_failed(abs: &Path, file: &File, identity: &FileIdentity, e: std::io::Error) -> UploadError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        return UploadError::Changed;
+    }
+    match file.metadata() {
+        Ok(now) if FileIdentity::of(&now) != *identity => UploadError::Changed,
+        _ => local_read_error(abs, &e),
+    }
+}
+
+fn local_read_error(abs: &Path, e: &std::io::Error) -> UploadError {
+    UploadError::Local {
+        message: localfs::tried_again("cannot read", abs, e),
+        counts: localfs::of_read(e),
     }
 }
 
@@ -205,9 +240,11 @@ impl Uploader {
         let len = identity.size;
         let _reserved = self.budget.reserve(turn, len).await;
         let buffer = self.budget.buffer(len as usize);
+        let abs = job.abs.to_path_buf();
         let (body, md5) = tokio::task::spawn_blocking(move || {
-            let (body, md5) = read_and_hash(&file, 0, buffer).map_err(|_| UploadError::Changed)?;
-            unchanged(&file, &identity)?;
+            let (body, md5) = read_and_hash(&file, 0, buffer)
+                .map_err(|e| read_failed(&abs, &file, &identity, e))?;
+            unchanged(&abs, &file, &identity)?;
             Ok::<_, UploadError>((body, md5))
         })
         .await
@@ -377,8 +414,12 @@ impl Uploader {
             }
             return Err(e);
         }
-        if let Err(e) = unchanged(file, &identity) {
-            self.abandon(job)?;
+        if let Err(e) = unchanged(job.abs, file, &identity) {
+            if matches!(e, UploadError::Changed) {
+                self.abandon(job)?;
+            } else {
+                let _ = self.queue.note_multipart(job.item_key, &snapshot);
+            }
             return Err(e);
         }
         let mut parts = snapshot.parts.clone();
@@ -426,13 +467,15 @@ impl Uploader {
         save_every: u32,
     ) -> Result<(), UploadError> {
         let offset = (number as u64 - 1) * part_size;
-        let reader = file.clone();
+        let (reader, abs) = (file.clone(), job.abs.to_path_buf());
+        let identity = progress.lock().expect("progress lock").identity;
         let buffer = self.budget.buffer(len as usize);
-        let (body, md5) =
-            tokio::task::spawn_blocking(move || read_and_hash(&reader, offset, buffer))
-                .await
-                .expect("reading task never panics")
-                .map_err(|_| UploadError::Changed)?;
+        let (body, md5) = tokio::task::spawn_blocking(move || {
+            read_and_hash(&reader, offset, buffer)
+                .map_err(|e| read_failed(&abs, &reader, &identity, e))
+        })
+        .await
+        .expect("reading task never panics")?;
         self.paced(len).await;
         let etag = job
             .store
@@ -471,13 +514,14 @@ impl Uploader {
         if head.size != Some(identity.size) || !etag.contains('-') {
             return Ok(None);
         }
-        let reader = file.clone();
-        let computed =
-            tokio::task::spawn_blocking(move || composite_etag(&reader, identity.size, part_size))
-                .await
-                .expect("hashing task never panics")
-                .map_err(|_| UploadError::Changed)?;
-        unchanged(file, &identity)?;
+        let (reader, abs) = (file.clone(), job.abs.to_path_buf());
+        let computed = tokio::task::spawn_blocking(move || {
+            composite_etag(&reader, identity.size, part_size)
+                .map_err(|e| read_failed(&abs, &reader, &identity, e))
+        })
+        .await
+        .expect("hashing task never panics")?;
+        unchanged(job.abs, file, &identity)?;
         Ok((computed == etag).then_some(Sent {
             identity,
             expected_etag: computed,
@@ -517,6 +561,7 @@ pub fn composite_etag(file: &File, size: u64, part_size: u64) -> std::io::Result
     let mut md5s = Vec::new();
     // Hashing needs no big buffer, and this one is outside the budget.
     let mut buf = vec![0u8; part_size.min(256 * 1024) as usize];
+    localfs::fault_on(file, Call::Read)?;
     let mut offset = 0;
     while offset < size {
         let end = (offset + part_size).min(size);
@@ -544,6 +589,9 @@ pub enum AbortOutcome {
     /// The provider could not be reached, or refused everything: tried
     /// again later.
     Later,
+    /// The provider refused the abort itself (AccessDenied: the key lacks
+    /// AbortMultipartUpload): tried again later, and the scheduler says so.
+    Refused,
 }
 
 /// Sends the abort of a multipart upload given up (see
@@ -560,6 +608,15 @@ pub async fn abort_filed(plan: &Plan, p: &PendingAbort) -> AbortOutcome {
         Ok(()) => AbortOutcome::Settled,
         // Completed or aborted already.
         Err(e) if e.code.as_deref() == Some("NoSuchUpload") => AbortOutcome::Settled,
+        // A key without AbortMultipartUpload (the others are refused their
+        // own way: a wrong secret, a clock off).
+        Err(e)
+            if e.code.as_deref() == Some("AccessDenied")
+                || (e.status == Some(403) && e.code.is_none()) =>
+        {
+            tracing::debug!(key = %p.key, error = %e, "the abort of an abandoned multipart upload was refused; trying again later");
+            AbortOutcome::Refused
+        }
         // Unreachable, or refusing everything (a key being fixed).
         Err(e) if matches!(e.class, ErrorClass::Transient | ErrorClass::ProviderWide) => {
             tracing::debug!(key = %p.key, error = %e, "could not abort an abandoned multipart upload yet; trying again later");
@@ -653,7 +710,10 @@ mod tests {
         let link = dir.path().join("l");
         std::os::unix::fs::symlink(&target, &link).unwrap();
         match open(&link) {
-            Err(UploadError::Park(m)) => assert!(m.contains("symbolic link"), "{m}"),
+            Err(UploadError::Local {
+                message,
+                counts: Counts::Park,
+            }) => assert!(message.contains("symbolic link"), "{message}"),
             other => panic!("expected park, got {:?}", other.map(|_| ())),
         }
         assert!(matches!(

@@ -8,6 +8,7 @@ use crate::keys::ItemKey;
 use crate::observe::metrics::Metrics;
 use crate::pipeline::delete::{self, LocalOutcome};
 use crate::pipeline::finished::{self, FileIdentity, Readiness};
+use crate::pipeline::localfs::Counts;
 use crate::pipeline::plan::{Deletion, Plan};
 use crate::pipeline::queue::{AfterUpload, Queue, QueueItem, Stage, StateError};
 use crate::pipeline::root::RootGuard;
@@ -65,6 +66,15 @@ pub enum Outcome {
     Parked(String),
     /// A storage request failed; the scheduler decides what follows.
     Failed(StorageError),
+    /// The local file system failed (a mount that dropped out below the
+    /// root, a disk error, a full disk on a delete) while the root was
+    /// there: tried again in `lane` with backoff; with `strike`, the failure
+    /// counts against the item, which is parked after `MAX_STRIKES`.
+    LocalError {
+        lane: Lane,
+        error: String,
+        strike: bool,
+    },
     /// The state could not be written.
     State(StateError),
     /// The root is missing or replaced; the reason.
@@ -126,6 +136,29 @@ impl Worker {
         Outcome::Parked(reason)
     }
 
+    /// The local file system failed on the item's file: if the root is gone,
+    /// that is why (a mount that dropped out fails every file at once, before
+    /// the root's poll sees it); else the failure counts as `counts` says.
+    async fn local_failure(
+        &self,
+        key: &ItemKey,
+        lane: Lane,
+        error: String,
+        counts: Counts,
+    ) -> Outcome {
+        if let Err(why) = self.root.check() {
+            return Outcome::RootGone(why);
+        }
+        match counts {
+            Counts::Park => self.park(key, error).await,
+            Counts::Never | Counts::Strike => Outcome::LocalError {
+                lane,
+                error,
+                strike: counts == Counts::Strike,
+            },
+        }
+    }
+
     /// The file is gone: the item is dropped, if the root is there to prove it.
     async fn vanished(&self, key: &ItemKey) -> Outcome {
         let present = match self.root.check() {
@@ -183,9 +216,9 @@ impl Worker {
                 )
                 .await
             }
-            Readiness::Unreadable(e) => {
+            Readiness::Unreadable { reason, counts } => {
                 return self
-                    .park(key, format!("cannot inspect {}: {e}", abs.display()))
+                    .local_failure(key, Lane::Upload, reason, counts)
                     .await
             }
         };
@@ -227,6 +260,9 @@ impl Worker {
                 };
             }
             Err(UploadError::Park(reason)) => return self.park(key, reason).await,
+            Err(UploadError::Local { message, counts }) => {
+                return self.local_failure(key, Lane::Upload, message, counts).await
+            }
             Err(UploadError::Storage(e)) => return Outcome::Failed(e),
             Err(UploadError::State(e)) => return Outcome::State(e),
         };
@@ -257,7 +293,10 @@ impl Worker {
         }
         let then = match self.delete(key).await {
             Outcome::Later { due_ms, lane } => Some((lane, due_ms)),
-            Outcome::State(_) | Outcome::RootGone(_) => Some((Lane::Delete, now_ms() + 1_000)),
+            // Its backoff starts with the next attempt.
+            Outcome::State(_) | Outcome::RootGone(_) | Outcome::LocalError { .. } => {
+                Some((Lane::Delete, now_ms() + 1_000))
+            }
             _ => None,
         };
         Outcome::Uploaded { then }
@@ -324,6 +363,10 @@ impl Worker {
                 due_ms: now_ms() + WRITER_RECHECK.as_millis() as u64,
                 lane: Lane::Delete,
             },
+            LocalOutcome::Retry(error) => {
+                self.local_failure(key, Lane::Delete, error, Counts::Never)
+                    .await
+            }
             LocalOutcome::Kept(reason) => {
                 tracing::warn!(path = %key, "{reason}");
                 state!(self.queue.local_kept(key, &reason));

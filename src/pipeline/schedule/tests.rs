@@ -1435,3 +1435,290 @@ async fn a_forgotten_upload_refused_while_others_pass_starts_again() {
     assert!(!h.live.shown().failed.contains_key(&key));
     h.stop().await;
 }
+
+/// Lets `secs` virtual seconds pass, a second at a time, with real time for
+/// the blocking threads (a delete) in between.
+async fn idle(secs: u64) {
+    for _ in 0..secs {
+        std::thread::sleep(Duration::from_millis(5));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Queues `rel` on disk with `bytes` (as a previous run left it); its path.
+fn queued(h: &Harness, rel: &str, bytes: &[u8]) -> PathBuf {
+    let abs = h.root.join(rel);
+    std::fs::write(&abs, bytes).unwrap();
+    let identity = FileIdentity::of(&std::fs::metadata(&abs).unwrap());
+    h.queue
+        .admit(&Harness::key(rel), &identity, Admit::Event)
+        .unwrap();
+    abs
+}
+
+/// A mount that drops out (its FUSE daemon gone: ENOTCONN) fails every file
+/// at once, before the root's poll sees it: the first file whose stat
+/// fails, and the first whose open fails, pause the pipeline instead of
+/// being parked, and go once the root is back. They used to be parked, and a
+/// rescan left them so.
+#[tokio::test(start_paused = true)]
+async fn a_mount_that_drops_out_parks_nothing() {
+    use crate::pipeline::localfs::{self, Call};
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    let (a, b) = (queued(&h, "a.png", b"a"), queued(&h, "b.png", b"b"));
+    // Another file system at the root now, holding files of the same
+    // names, which the guard has not looked at yet.
+    let away = h.root.with_file_name("away");
+    std::fs::rename(&h.root, &away).unwrap();
+    std::fs::create_dir(&h.root).unwrap();
+    std::fs::write(&a, b"a").unwrap();
+    std::fs::write(&b, b"b").unwrap();
+    localfs::inject(&a, Call::Stat, libc::ENOTCONN);
+    localfs::inject(&b, Call::Open, libc::ENOTCONN);
+    h.start(Deletion::Keep);
+    until(10, "paused", || h.live.shown().pipeline_paused.is_some()).await;
+    idle(5).await;
+    assert!(h.live.shown().failed.is_empty(), "{:?}", h.live.shown());
+    for rel in ["a.png", "b.png"] {
+        let item = h.queue.item(&Harness::key(rel)).unwrap().unwrap();
+        assert!(!item.is_parked(), "{item:?}");
+    }
+    assert_eq!(h.count(Op::Put), 0);
+
+    std::fs::remove_dir_all(&h.root).unwrap();
+    std::fs::rename(&away, &h.root).unwrap();
+    localfs::heal(&a);
+    localfs::heal(&b);
+    assert!(h.guard.check().is_ok());
+    until(30, "both uploaded once the root is back", || {
+        h.store.object("pre/a.png").is_some() && h.store.object("pre/b.png").is_some()
+    })
+    .await;
+    h.stop().await;
+}
+
+/// A file whose stat or open fails for a reason that says nothing about it
+/// (a mount below the root that hangs, an I/O error of a FUSE daemon) while
+/// the root is there backs off, however many times, with the error in
+/// `status`, and is uploaded once it passes. It used to be parked at once.
+#[tokio::test(start_paused = true)]
+async fn a_file_on_a_failing_mount_waits_and_is_never_parked() {
+    use crate::pipeline::localfs::{self, Call};
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    let (a, b) = (queued(&h, "a.png", b"a"), queued(&h, "b.png", b"b"));
+    localfs::inject(&a, Call::Stat, libc::ENOTCONN);
+    localfs::inject(&b, Call::Open, libc::EIO);
+    h.start(Deletion::Keep);
+    idle(120).await;
+    assert!(h.live.shown().failed.is_empty(), "{:?}", h.live.shown());
+    for (rel, error) in [
+        ("a.png", "Transport endpoint is not connected"),
+        ("b.png", "Input/output error"),
+    ] {
+        let item = h.queue.item(&Harness::key(rel)).unwrap().unwrap();
+        assert!(!item.is_parked(), "{item:?}");
+        assert!(item.attempts > MAX_STRIKES, "{item:?}");
+        assert!(item.attempts < 40, "backed off: {item:?}");
+        assert_eq!(item.strikes, 0);
+        let why = item.last_error.unwrap();
+        assert!(
+            why.contains(error) && why.ends_with("offloadd tries again later"),
+            "{why}"
+        );
+    }
+    assert!(h.live.shown().last_error.is_some());
+    localfs::heal(&a);
+    localfs::heal(&b);
+    until(60, "both uploaded once it passed", || {
+        h.store.object("pre/a.png").is_some() && h.store.object("pre/b.png").is_some()
+    })
+    .await;
+    h.stop().await;
+}
+
+/// The delete of an uploaded file whose mount dropped out (its open and its
+/// stat fail with ENOTCONN) is tried again later: the file is not taken for
+/// changed and uploaded again.
+#[tokio::test(start_paused = true)]
+async fn a_delete_on_a_mount_that_drops_out_uploads_nothing_again() {
+    use crate::pipeline::localfs::{self, Call};
+    let mut h = Harness::new(Deletion::After(Duration::ZERO));
+    let abs = h.root.join("a.png");
+    let path = abs.clone();
+    // Right after the body is read: the mount drops out.
+    h.store.script(move |r| {
+        if r.op == Op::Put {
+            localfs::inject(&path, Call::Open, libc::ENOTCONN);
+            localfs::inject(&path, Call::Stat, libc::ENOTCONN);
+        }
+        None
+    });
+    h.write("a.png", b"first").await;
+    let key = Harness::key("a.png");
+    until(30, "uploaded", || h.queue.record(&key).unwrap().is_some()).await;
+    idle(60).await;
+    let item = h.queue.item(&key).unwrap().unwrap();
+    assert!(matches!(item.stage, Stage::Delete { .. }), "{item:?}");
+    assert!(item.attempts >= 3, "{item:?}");
+    let why = item.last_error.unwrap();
+    assert!(why.contains("cannot delete the local copy"), "{why}");
+    assert_eq!(h.queue.record(&key).unwrap().unwrap().local, Local::Present);
+
+    h.store.script(|_| None);
+    localfs::heal(&abs);
+    until(60, "deleted once the mount is back", || !abs.exists()).await;
+    until(5, "marked", || {
+        h.queue.record(&key).unwrap().unwrap().local == Local::Deleted
+    })
+    .await;
+    assert_eq!(h.count(Op::Put), 1, "uploaded once");
+    h.stop().await;
+}
+
+/// A file that cannot be read (EIO: a bad sector) while it is unchanged is
+/// no file that changed: it backs off with a strike per attempt and is
+/// parked after [`MAX_STRIKES`] with the reason, its multipart upload kept
+/// between attempts and aborted when parked. It used to be taken for
+/// changed: sent again every `settle`, for ever, never shown as failed.
+async fn a_file_that_cannot_be_read_is_parked_after_a_few_tries(rel: &str, len: usize) {
+    use crate::pipeline::localfs::{self, Call};
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    let abs = queued(&h, rel, &vec![3u8; len]);
+    localfs::inject(&abs, Call::Read, libc::EIO);
+    h.start(Deletion::Keep);
+    let key = Harness::key(rel);
+    // The clock is moved by hand: a file read again at once, for ever, keeps
+    // a blocking read in flight, which holds a paused clock still.
+    let start = Instant::now();
+    while !h.live.shown().failed.contains_key(&key) {
+        let item = h.queue.item(&key).unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "not parked: {item:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+        tokio::time::advance(Duration::from_millis(50)).await;
+    }
+    localfs::heal(&abs);
+    let reason = h.live.shown().failed[&key].clone();
+    assert_eq!(
+        reason,
+        format!(
+            "cannot read {}: Input/output error (os error 5); check the disk, then run `offloadd retry` (it failed {MAX_STRIKES} times while the watch root was there)",
+            abs.display()
+        )
+    );
+    assert_eq!(h.count(Op::Put) + h.count(Op::Part), 0, "nothing sent");
+    if len > 8 * MIB as usize {
+        assert_eq!(h.count(Op::Initiate), 1, "the upload kept between tries");
+        until(10, "aborted once parked", || h.count(Op::Abort) == 1).await;
+    }
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_small_file_that_cannot_be_read_is_parked_after_a_few_tries() {
+    a_file_that_cannot_be_read_is_parked_after_a_few_tries("a.png", 1_000).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_big_file_that_cannot_be_read_is_parked_after_a_few_tries() {
+    a_file_that_cannot_be_read_is_parked_after_a_few_tries("v.mp4", 12 * MIB as usize).await;
+}
+
+/// A delete refused for a passing reason (no room to rename the file aside:
+/// ext4's reserve, btrfs's metadata full) keeps the item in the delete lane,
+/// backing off, with the reason in `status`, and the local copy goes once it
+/// passes. It used to be recorded as "local copy kept" for good.
+#[tokio::test(start_paused = true)]
+async fn a_delete_refused_for_a_passing_reason_is_tried_again() {
+    use crate::pipeline::localfs::{self, Call};
+    let mut h = Harness::new(Deletion::After(Duration::ZERO));
+    let abs = h.root.join("a.png");
+    let path = abs.clone();
+    h.store.script(move |r| {
+        if r.op == Op::Put {
+            localfs::inject(&path, Call::Rename, libc::ENOSPC);
+        }
+        None
+    });
+    h.write("a.png", b"first").await;
+    let key = Harness::key("a.png");
+    until(30, "uploaded", || h.queue.record(&key).unwrap().is_some()).await;
+    idle(60).await;
+    assert_eq!(h.queue.record(&key).unwrap().unwrap().local, Local::Present);
+    let item = h.queue.item(&key).unwrap().unwrap();
+    assert!(matches!(item.stage, Stage::Delete { .. }), "{item:?}");
+    assert!((3..30).contains(&item.attempts), "backed off: {item:?}");
+    let why = h.live.shown().last_error.unwrap();
+    assert!(
+        why.contains("No space left on device") && why.contains("free some space"),
+        "{why}"
+    );
+    assert!(abs.exists());
+
+    h.store.script(|_| None);
+    localfs::heal(&abs);
+    until(60, "deleted once there is room", || !abs.exists()).await;
+    until(5, "marked", || {
+        h.queue.record(&key).unwrap().unwrap().local == Local::Deleted
+    })
+    .await;
+    assert_eq!(h.count(Op::Put), 1);
+    h.stop().await;
+}
+
+/// A key without AbortMultipartUpload: the refusal is said once for the
+/// provider (log and `status`), not per abort nor per sweep, the aborts go
+/// on at every sweep, and once the key may abort, they go through and the
+/// notice goes. It used to be retried every sweep in silence.
+#[tokio::test(start_paused = true)]
+async fn a_provider_that_refuses_aborts_is_reported_once() {
+    let mut h = Harness::new(Deletion::Keep);
+    let refuse = Arc::new(AtomicBool::new(true));
+    let r = refuse.clone();
+    h.store.script(move |req| match req.op {
+        Op::Part => Some(http_error(413, "EntityTooLarge")),
+        Op::Abort if r.load(Ordering::SeqCst) => Some(http_error(403, "AccessDenied")),
+        _ => None,
+    });
+    for rel in ["a.mp4", "b.mp4"] {
+        h.write(rel, &vec![7u8; (12 * MIB) as usize]).await;
+    }
+    let parked = || {
+        let failed = h.live.shown().failed;
+        ["a.mp4", "b.mp4"]
+            .iter()
+            .all(|rel| failed.contains_key(&Harness::key(rel)))
+    };
+    until(600, "both parked", parked).await;
+    until(10, "both aborts tried", || h.count(Op::Abort) >= 2).await;
+    let refusals = || {
+        h.live
+            .shown()
+            .notices
+            .into_iter()
+            .filter(|n| n.contains("AbortMultipartUpload"))
+            .collect::<Vec<_>>()
+    };
+    let shown = refusals();
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    assert!(
+        shown[0].starts_with("provider `fake` refuses AbortMultipartUpload (AccessDenied): grant the key s3:AbortMultipartUpload"),
+        "{shown:?}"
+    );
+    // The next sweep tries again, and says nothing new.
+    tokio::time::sleep(SWEEP_PARKED_EVERY + Duration::from_secs(1)).await;
+    until(10, "tried again", || h.count(Op::Abort) >= 4).await;
+    assert_eq!(refusals(), shown);
+    assert_eq!(h.queue.pending_aborts().len(), 2);
+
+    refuse.store(false, Ordering::SeqCst);
+    tokio::time::sleep(SWEEP_PARKED_EVERY + Duration::from_secs(1)).await;
+    until(10, "aborted", || h.queue.pending_aborts().is_empty()).await;
+    assert!(refusals().is_empty(), "the notice goes");
+    h.stop().await;
+}
