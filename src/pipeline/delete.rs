@@ -157,23 +157,25 @@ impl Drop for Aside {
     }
 }
 
-/// A delete that failed: kept for good where only an operator can help (no
-/// permission, a read-only file system), else tried again later (a full
-/// file system or quota, a disk error, a busy or dropped-out mount).
+/// A delete that failed: tried again later where the trouble may pass (a
+/// full file system or quota, a disk error, a dropped-out mount), else kept
+/// for good (no permission, a read-only file system, anything unknown).
 fn kept(abs: &Path, e: &std::io::Error) -> LocalOutcome {
+    if localfs::delete_may_pass(e) {
+        return LocalOutcome::Retry(localfs::tried_again(
+            "uploaded, but cannot delete the local copy",
+            abs,
+            e,
+        ));
+    }
     match e.raw_os_error() {
         Some(libc::EACCES) => LocalOutcome::Kept(format!(
             "uploaded, local copy kept: permission denied deleting {}; give the offloadd user write access to its directory (see /usr/share/doc/offloadd/README.md, packaging/README.md in the source)",
             abs.display()
         )),
-        Some(libc::EPERM | libc::EROFS) => LocalOutcome::Kept(format!(
+        _ => LocalOutcome::Kept(format!(
             "uploaded, local copy kept: cannot delete {}: {e}; make it deletable (an immutable attribute, a sticky directory, a read-only mount) and delete it by hand if you wish",
             abs.display()
-        )),
-        _ => LocalOutcome::Retry(localfs::tried_again(
-            "uploaded, but cannot delete the local copy",
-            abs,
-            e,
         )),
     }
 }
@@ -281,14 +283,14 @@ fn delete_if_same(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
         Ok(()) => LocalOutcome::Deleted,
         Err(e) => {
             drop(lease);
-            return match kept(abs, &e) {
-                // Left under the hidden name: the next attempt finds it
-                // there and finishes the delete (see [`gone`]). Put back,
-                // its ctime (moved by the renames) would make it another
-                // file than the one uploaded, to upload again.
-                retry @ LocalOutcome::Retry(_) => retry,
-                kept => put_back(&aside.path, abs, kept),
-            };
+            // Put back, whatever comes next. Left under the hidden name
+            // while the item waits, a newer file the application writes at
+            // the name meanwhile would be uploaded and deleted, and a scan
+            // would then put this older one back, to be uploaded over the
+            // newer object. Put back, its ctime (moved by the renames) makes
+            // it another file than the one uploaded, uploaded again: a cost
+            // of a rare failure, not a loss.
+            return put_back(&aside.path, abs, kept(abs, &e));
         }
     };
     drop(lease);
@@ -332,8 +334,12 @@ fn refused_open(abs: &Path, expected: &FileIdentity, e: &std::io::Error) -> Loca
 /// cut short before it was put back), to be uploaded.
 fn gone(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
     let dir = abs.parent().unwrap_or(Path::new("/"));
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return LocalOutcome::Gone;
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return LocalOutcome::Gone,
+        // Not known to be gone: a file set aside there may wait for its
+        // delete, which the next attempt finishes.
+        Err(e) => return kept(dir, &e),
     };
     let name = abs.file_name().map(OsStrExt::as_bytes).unwrap_or_default();
     let mut from_this_name = Vec::new();
@@ -498,10 +504,12 @@ mod tests {
         assert!(why(libc::EACCES).contains("permission denied"));
         assert!(why(libc::EPERM).contains("Operation not permitted"));
         assert!(why(libc::EROFS).contains("Read-only file system"));
+        // A mount point, a name too long once hidden: no better later.
+        assert!(why(libc::EBUSY).contains("Device or resource busy"));
+        assert!(why(libc::ENAMETOOLONG).contains("File name too long"));
         for (call, errno) in [
             (Call::Rename, libc::ENOSPC),
             (Call::Rename, libc::EDQUOT),
-            (Call::Rename, libc::EBUSY),
             (Call::Open, libc::ENOTCONN),
             (Call::Remove, libc::EIO),
         ] {
@@ -516,11 +524,12 @@ mod tests {
             };
             assert!(why.ends_with(localfs::TRIED_AGAIN), "{why}");
         }
-        // The unlink that failed left the file set aside, untouched: the
-        // next attempt finishes the delete.
-        assert!(!f.exists());
-        assert_eq!(delete_if_same(&f, &id), LocalOutcome::Deleted);
-        assert!(listing(dir.path()).is_empty());
+        // The unlink that failed put the file back under its name, nothing
+        // left aside (where a scan could later put it back over a newer
+        // upload); its ctime moved, so it is another file to upload again.
+        assert!(f.exists());
+        assert_eq!(listing(dir.path()), ["a.png"]);
+        assert_eq!(delete_if_same(&f, &id), LocalOutcome::Changed);
     }
 
     #[test]

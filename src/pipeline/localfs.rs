@@ -61,6 +61,16 @@ fn elsewhere(e: &io::Error) -> bool {
     )
 }
 
+/// Whether a failed rename or unlink may pass by itself: a full file system
+/// or quota, a disk error, a mount that dropped out or hangs. Anything else
+/// (no permission, a read-only mount, a name too long, a mount point) waits
+/// for an operator.
+pub fn delete_may_pass(e: &io::Error) -> bool {
+    let errno = e.raw_os_error();
+    matches!(errno, Some(libc::ENOSPC | libc::EDQUOT | libc::EIO))
+        || (elsewhere(e) && errno != Some(libc::EBUSY))
+}
+
 /// A failed stat or open of a file: a passing trouble (an I/O error
 /// included: a disk or a FUSE daemon failing for a while) is tried again,
 /// anything else (permission denied…) parks the file.
