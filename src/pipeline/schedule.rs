@@ -704,7 +704,9 @@ impl Scheduler {
     /// in the log and in `status`, not per abort nor per sweep; the aborts
     /// keep going at every sweep.
     fn abort_refused(&mut self, provider: &str) {
-        if self.abort_refusals.contains_key(provider) {
+        if let Some(notice) = self.abort_refusals.get(provider) {
+            // Shown again should newer notices have pushed it out.
+            self.live.notice(notice.clone());
             return;
         }
         let n = self
@@ -1490,6 +1492,18 @@ impl Scheduler {
             let paused = self.live.update(|s| s.paused.is_some());
             self.metrics()
                 .set_provider_paused(&store.provider().name, paused);
+        }
+        // A provider gone from the config refuses nothing any more.
+        let gone: Vec<String> = self
+            .abort_refusals
+            .keys()
+            .filter(|p| plan.target.name() != p.as_str() && !plan.others.contains_key(p.as_str()))
+            .cloned()
+            .collect();
+        for provider in gone {
+            if let Some(notice) = self.abort_refusals.remove(&provider) {
+                self.live.withdraw(&notice);
+            }
         }
         self.plan.send_replace(plan);
         let budget = self.uploader.budget.clone();
