@@ -559,6 +559,9 @@ fn size(lo: u64, hi: u64) -> impl Strategy<Value = (String, u64)> {
 }
 
 /// A duration written in some unit with its value.
+/// The longest duration a config takes: ten years, in ms.
+const MAX_DURATION_MS: u64 = 3650 * 86_400_000;
+
 fn duration() -> impl Strategy<Value = (String, Duration)> {
     (
         prop::sample::select(DURATION_UNITS),
@@ -567,18 +570,32 @@ fn duration() -> impl Strategy<Value = (String, Duration)> {
     )
         .prop_flat_map(|((unit, per), space, quoted)| {
             if unit.is_empty() && !quoted {
-                // A YAML integer: seconds, any u64.
-                return number(0, u64::MAX)
+                // A YAML integer: seconds.
+                return number(0, MAX_DURATION_MS / 1000)
                     .prop_map(|n| (n.to_string(), Duration::from_secs(n)))
                     .boxed();
             }
-            number(0, u64::MAX / per)
+            number(0, MAX_DURATION_MS / per)
                 .prop_map(move |n| {
                     (
                         write(n, unit, space, quoted),
                         Duration::from_millis(n * per),
                     )
                 })
+                .boxed()
+        })
+}
+
+/// A duration over ten years, up to what a u64 holds and past it.
+fn too_long_duration() -> impl Strategy<Value = String> {
+    (
+        prop::sample::select(DURATION_UNITS),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_flat_map(|((unit, per), space, quoted)| {
+            number(MAX_DURATION_MS / per + 1, u64::MAX)
+                .prop_map(move |n| write(n, unit, space, quoted))
                 .boxed()
         })
 }
@@ -765,6 +782,22 @@ proptest! {
         prop_assert_eq!(c.watch.rescan_interval, Some(r).filter(|r| !r.is_zero()), "{}", text);
         prop_assert_eq!(c.storage.delete_after, da, "{}", text);
         prop_assert_eq!((c.upload.retry.initial_backoff, c.upload.retry.max_backoff), (i, m), "{}", text);
+    }
+
+    /// Property 4c': a duration over ten years (which, added to now, used to
+    /// panic at start-up) is an error naming the key and line.
+    #[test]
+    fn durations_over_ten_years_are_errors(written in too_long_duration()) {
+        let fx = Fx::new();
+        let text = format!("{}storage:\n  delete_after: {written}\n", fx.minimal());
+        match fx.load(&text) {
+            Err(ConfigError::Invalid { position, key, message, .. }) => {
+                prop_assert_eq!(key, "storage.delete_after");
+                prop_assert_eq!(position.map(|p| p.0), Some(line_of(&text, "delete_after")));
+                prop_assert!(message.contains("longer than ten years"), "{}", message);
+            }
+            other => prop_assert!(false, "{text}\n{other:?}"),
+        }
     }
 
     /// Property 4d: an unknown key in any section is an error naming that
