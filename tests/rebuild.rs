@@ -100,6 +100,32 @@ fn a_rebuild_never_deletes_a_zero_byte_file() {
     );
 }
 
+/// The config of two providers with `delete_local`: A (`PROVIDER`, on
+/// `s3a`) and B (`second`, on `s3b`), the one named active.
+fn two_providers<'a>(
+    env: &'a TestEnv,
+    s3a: &S3Server,
+    s3b: &S3Server,
+) -> impl Fn(&str) -> String + 'a {
+    let mut cfg = Cfg::new(&s3a.endpoint());
+    cfg.delete_local = true;
+    let second = ExtraProvider::second(s3b.endpoint());
+    let base = env.config_yaml(&cfg);
+    move |active| env.with_provider(&base, &second, active)
+}
+
+/// Runs the daemon on `config` until `rel`, written with `bytes`, is in `s3`
+/// and deleted locally.
+fn offload_via(env: &TestEnv, s3: &S3Server, config: &str, rel: &str, bytes: &[u8]) {
+    env.write_raw_config(config);
+    let daemon = Daemon::start(env, &[]);
+    write_file(&env.path(rel), bytes);
+    wait_until(LONG, &format!("{rel} uploaded, deleted locally"), || {
+        s3.object_bytes(rel).as_deref() == Some(bytes) && !env.path(rel).exists()
+    });
+    daemon.stop();
+}
+
 /// Guarantee 8 with two providers: files offloaded to A (local copies
 /// deleted) before the active provider became B keep A's record after the
 /// database is lost: the rebuild lists every provider, not only the active,
@@ -111,33 +137,13 @@ fn a_rebuild_restores_records_of_every_provider() {
     let env = TestEnv::new();
     let s3a = S3Server::start_for(&env);
     let s3b = S3Server::start_for(&env);
-    let mut cfg = Cfg::new(&s3a.endpoint());
-    cfg.delete_local = true;
-    let second = ExtraProvider::second(s3b.endpoint());
-    let base = env.config_yaml(&cfg);
-    env.write_raw_config(&env.with_provider(&base, &second, PROVIDER));
-    let daemon = Daemon::start(&env, &[]);
+    let config = two_providers(&env, &s3a, &s3b);
     let bytes = file_content("a.png", 100, 5_000);
-    write_file(&env.path("old/a.png"), &bytes);
-    wait_until(LONG, "a.png on A, deleted locally", || {
-        s3a.object_bytes("old/a.png").as_deref() == Some(bytes.as_slice())
-            && !env.path("old/a.png").exists()
-    });
-    daemon.stop();
-
-    env.write_raw_config(&env.with_provider(&base, &second, "second"));
-    let daemon = Daemon::start(&env, &[]);
-    write_file(&env.path("new/b.png"), b"to B");
-    wait_until(LONG, "b.png on B, deleted locally", || {
-        s3b.has("new/b.png") && !env.path("new/b.png").exists()
-    });
-    daemon.stop();
+    offload_via(&env, &s3a, &config(PROVIDER), "old/a.png", &bytes);
+    offload_via(&env, &s3b, &config("second"), "new/b.png", b"to B");
 
     fs::remove_dir_all(env.state_dir.join("db")).unwrap();
-    let retired = with_provider_lines(
-        &env.with_provider(&base, &second, "second"),
-        "      enabled: false\n",
-    );
+    let retired = with_provider_lines(&config("second"), "      enabled: false\n");
     env.write_raw_config(&retired);
     let (code, out, err) = env.cli(&["check-config"]);
     assert!(
@@ -169,25 +175,21 @@ fn an_unlisted_active_provider_leaves_the_others_for_later() {
     let env = TestEnv::new();
     let s3a = S3Server::start_for(&env);
     let mut s3b = S3Server::start_for(&env);
-    let mut cfg = Cfg::new(&s3a.endpoint());
-    cfg.delete_local = true;
-    let second = ExtraProvider::second(s3b.endpoint());
-    let base = env.config_yaml(&cfg);
-    env.write_raw_config(&env.with_provider(&base, &second, PROVIDER));
-    let daemon = Daemon::start(&env, &[]);
-    write_file(&env.path("x.png"), b"first version, to A");
-    wait_until(LONG, "x.png on A, deleted locally", || {
-        s3a.has("x.png") && !env.path("x.png").exists()
-    });
-    daemon.stop();
-
-    env.write_raw_config(&env.with_provider(&base, &second, "second"));
-    let daemon = Daemon::start(&env, &[]);
-    write_file(&env.path("x.png"), b"second version, to B");
-    wait_until(LONG, "x.png on B, deleted locally", || {
-        s3b.has("x.png") && !env.path("x.png").exists()
-    });
-    daemon.stop();
+    let config = two_providers(&env, &s3a, &s3b);
+    offload_via(
+        &env,
+        &s3a,
+        &config(PROVIDER),
+        "x.png",
+        b"first version, to A",
+    );
+    offload_via(
+        &env,
+        &s3b,
+        &config("second"),
+        "x.png",
+        b"second version, to B",
+    );
 
     fs::remove_dir_all(env.state_dir.join("db")).unwrap();
     s3b.stop();
