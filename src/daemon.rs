@@ -353,28 +353,24 @@ pub async fn run(
     tracing::info!("stopping: no new uploads start");
     systemd::stopping();
     stop.fire();
-    let early = ended_early.is_some();
-    let ended = match ended_early {
-        Some(Ok(())) => Err("the scheduler stopped before the daemon did".to_string()),
-        Some(Err(e)) => Err(format!("the scheduler failed: {e}")),
-        None => scheduler
-            .await
-            .map_err(|e| format!("the scheduler failed: {e}")),
+    // Why it ended before the stop, if it did.
+    let died = match ended_early {
+        Some(Ok(())) => Some("the scheduler stopped before the daemon did".to_string()),
+        Some(Err(e)) => Some(format!("the scheduler failed: {e}")),
+        None => {
+            if let Err(e) = scheduler.await {
+                tracing::error!("the scheduler failed: {e}");
+            }
+            None
+        }
     };
     drop(reloader);
-    let finished = finish(stop, tasks, &queue, &settings).await;
-    match ended {
-        Ok(()) => finished,
-        Err(why) if early => {
-            finished?;
-            Err(Fatal::Runtime(format!(
-                "{why}; offloadd exits so that it is restarted, and queued files are kept"
-            )))
-        }
-        Err(why) => {
-            tracing::error!("{why}");
-            finished
-        }
+    finish(stop, tasks, &queue, &settings).await?;
+    match died {
+        Some(why) => Err(Fatal::Runtime(format!(
+            "{why}; offloadd exits so that it is restarted, and queued files are kept"
+        ))),
+        None => Ok(()),
     }
 }
 

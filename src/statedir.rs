@@ -105,7 +105,7 @@ impl Lock {
         }
         // Group-readable whatever the umask (the units set 0077): `status`
         // run by the offloadd group reads who holds it.
-        let _ = file.set_permissions(std::fs::Permissions::from_mode(0o640));
+        let _ = file.set_permissions(group_readable());
         file.set_len(0).map_err(unusable)?;
         file.rewind().map_err(unusable)?;
         match holder {
@@ -204,7 +204,7 @@ pub mod mark {
         let path = path(state_dir);
         if let Ok(meta) = std::fs::metadata(&path) {
             if meta.permissions().mode() & 0o040 == 0 {
-                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640));
+                let _ = std::fs::set_permissions(&path, group_readable());
             }
         }
     }
@@ -218,6 +218,13 @@ pub mod mark {
     }
 }
 
+/// The mode of the files in state_dir that the offloadd group's commands
+/// read (the lock, the status snapshot, the mark): 0640, set after creation,
+/// since the units' UMask=0077 masks what `open` asks for.
+fn group_readable() -> std::fs::Permissions {
+    std::fs::Permissions::from_mode(0o640)
+}
+
 /// Writes a small file durably: a temporary beside it, fsync, rename, fsync
 /// of the directory.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -228,7 +235,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut f = File::create(&tmp)?;
     // Group-readable whatever the umask (the units set 0077): commands run
     // by the offloadd group read these files (`backfill` the mark).
-    f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
+    f.set_permissions(group_readable())?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -385,7 +392,7 @@ pub fn write_snapshot(state_dir: &Path, json: &[u8]) -> std::io::Result<()> {
         .mode(0o640)
         .open(&tmp)?;
     // The mode above passes through the umask (the units set 0077).
-    f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
+    f.set_permissions(group_readable())?;
     f.write_all(json)?;
     drop(f);
     std::fs::rename(tmp, snapshot_path(state_dir))

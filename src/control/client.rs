@@ -227,18 +227,19 @@ fn backfill_candidates(
     .map_err(|e| e.to_string())?;
     let root = &config.watch.root;
     let mut unread = Unread::default();
+    // Gone meanwhile (deleted after its upload, say): nothing to queue,
+    // nothing unread.
+    let mut cannot_read = |err: walkdir::Error| {
+        if err.io_error().map(std::io::Error::kind) != Some(std::io::ErrorKind::NotFound) {
+            unread.add(|| err.to_string());
+        }
+    };
     let mut keys = Vec::new();
     for entry in walkdir::WalkDir::new(root).follow_links(false) {
-        // Gone meanwhile (deleted after its upload, say): nothing to queue,
-        // nothing unread.
-        let gone = |err: Option<&std::io::Error>| {
-            err.is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound)
-        };
         let e = match entry {
             Ok(e) => e,
-            Err(err) if gone(err.io_error()) => continue,
             Err(err) => {
-                unread.add(|| err.to_string());
+                cannot_read(err);
                 continue;
             }
         };
@@ -247,9 +248,8 @@ fn backfill_candidates(
         }
         let meta = match e.metadata() {
             Ok(meta) => meta,
-            Err(err) if gone(err.io_error()) => continue,
             Err(err) => {
-                unread.add(|| err.to_string());
+                cannot_read(err);
                 continue;
             }
         };

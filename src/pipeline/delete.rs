@@ -22,12 +22,14 @@
 //!
 //! A delete cut short by a crash after 3 leaves the uploaded inode under a
 //! hidden name; the next attempt finds the name gone, finds that inode among
-//! the hidden names and finishes the delete. So does an unlink in 4 that
-//! failed for a passing reason (a disk error): the file is left hidden, since
-//! put back, its ctime (moved by the renames) would make it another file. A
-//! delete refused for good (no permission, a read-only file system) keeps the
-//! local copy under its name; one refused for a passing reason (a full file
-//! system or quota, a disk error, a dropped-out mount) is tried again. A crash before a file was put
+//! the hidden names and finishes the delete. An unlink in 4 that fails puts
+//! the file back under its name (its ctime, moved by the renames, then makes
+//! it another file, uploaded again): left hidden, a newer file written at the
+//! name meanwhile could later be overwritten in the bucket by this older one.
+//! A delete refused for good (no permission, a read-only file system) keeps
+//! the local copy under its name; one refused for a passing reason (a full
+//! file system or quota, a disk error, a dropped-out mount) is tried again.
+//! A crash before a file was put
 //! back in 4 leaves a file that is not the uploaded one under a hidden name;
 //! the hidden name carries the name it came from, and the next attempt puts
 //! it back there (never over anything) and has it uploaded. Where no next
@@ -482,8 +484,8 @@ mod tests {
     }
 
     /// A delete refused for a passing reason (no room for the rename aside,
-    /// a quota, a disk error, a busy or dropped-out mount) is tried again;
-    /// only what needs an operator (no permission, a read-only file system)
+    /// a quota, a disk error, a dropped-out mount) is tried again; what needs
+    /// an operator (no permission, a read-only file system, a mount point)
     /// keeps the local copy for good. Every failure used to keep it for good.
     #[test]
     fn only_what_needs_an_operator_keeps_the_local_copy() {

@@ -1001,11 +1001,9 @@ impl Scheduler {
             }
             Outcome::Parked(reason) => self.park_noted(&key, reason),
             Outcome::Failed(err) => self.failed(key.clone(), err, flight),
-            Outcome::LocalError {
-                lane,
-                error,
-                strike,
-            } => self.local_failed(key.clone(), lane, error, strike, flight),
+            Outcome::LocalError { lane, error, blame } => {
+                self.local_failed(key.clone(), lane, error, blame, flight)
+            }
             Outcome::State(e) => {
                 self.live.update(|s| s.last_error = Some(e.to_string()));
                 // The queue is failed now; it is reloaded once it recovers.
@@ -1099,21 +1097,16 @@ impl Scheduler {
         key: ItemKey,
         lane: Lane,
         error: String,
-        strike: bool,
+        blame: Blame,
         flight: Flight,
     ) {
         self.live.update(|s| s.last_error = Some(error.clone()));
         let soon = self.clock.now_ms() + 1_000;
-        let item = match self.queue.item(&key) {
-            Ok(Some(i)) => i,
-            Ok(None) => return,
-            Err(_) => return self.requeue(key, lane, soon, Some(flight)),
+        let Some((item, due)) = self.failed_item(&key, lane, flight) else {
+            return;
         };
-        let retry = self.current().options.retry;
-        let due = self.clock.now_ms() + retry.jittered(item.attempts + 1).as_millis() as u64;
-        let blame = if strike { Blame::Item } else { Blame::Passing };
         let due = match self.queue.back_off(&key, due, &error, blame) {
-            Ok(strikes) if strike && strikes >= MAX_STRIKES => {
+            Ok(strikes) if blame == Blame::Item && strikes >= MAX_STRIKES => {
                 let reason = format!(
                     "{}, then run `offloadd retry` (it failed {strikes} times while the watch root was there)",
                     error.trim_end_matches(localfs::TRIED_AGAIN)
@@ -1135,16 +1128,36 @@ impl Scheduler {
         self.requeue(key, lane, due, Some(flight));
     }
 
+    /// The item of a failed attempt and when its next attempt is due (the
+    /// retry backoff for its attempts); `None` once handled otherwise: the
+    /// item is gone, or the state could not be read (then it goes again in
+    /// `lane` in a second).
+    fn failed_item(
+        &mut self,
+        key: &ItemKey,
+        lane: Lane,
+        flight: Flight,
+    ) -> Option<(QueueItem, u64)> {
+        let item = match self.queue.item(key) {
+            Ok(Some(i)) => i,
+            Ok(None) => return None,
+            Err(_) => {
+                let soon = self.clock.now_ms() + 1_000;
+                self.requeue(key.clone(), lane, soon, Some(flight));
+                return None;
+            }
+        };
+        let retry = self.current().options.retry;
+        let due = self.clock.now_ms() + retry.jittered(item.attempts + 1).as_millis() as u64;
+        Some((item, due))
+    }
+
     /// The provider answered other requests: the failure was this item's.
     fn blame_item(&mut self, key: ItemKey, err: StorageError, flight: Flight) {
-        let retry = self.current().options.retry;
         let soon = self.clock.now_ms() + 1_000;
-        let item = match self.queue.item(&key) {
-            Ok(Some(i)) => i,
-            Ok(None) => return,
-            Err(_) => return self.requeue(key, Lane::Upload, soon, Some(flight)),
+        let Some((item, due)) = self.failed_item(&key, Lane::Upload, flight) else {
+            return;
         };
-        let due = self.clock.now_ms() + retry.jittered(item.attempts + 1).as_millis() as u64;
         // Transient errors are never the item's fault. An upload that has
         // to start again is, whether the server said so or our check after
         // it did (an ETag that never matches): it must not go round for ever.
@@ -1494,17 +1507,14 @@ impl Scheduler {
                 .set_provider_paused(&store.provider().name, paused);
         }
         // A provider gone from the config refuses nothing any more.
-        let gone: Vec<String> = self
-            .abort_refusals
-            .keys()
-            .filter(|p| plan.target.name() != p.as_str() && !plan.others.contains_key(p.as_str()))
-            .cloned()
-            .collect();
-        for provider in gone {
-            if let Some(notice) = self.abort_refusals.remove(&provider) {
-                self.live.withdraw(&notice);
+        let live = &self.live;
+        self.abort_refusals.retain(|provider, notice| {
+            let known = plan.target.name() == provider || plan.others.contains_key(provider);
+            if !known {
+                live.withdraw(notice);
             }
-        }
+            known
+        });
         self.plan.send_replace(plan);
         let budget = self.uploader.budget.clone();
         budget.set_limit(memory_limit);

@@ -10,7 +10,7 @@ use crate::pipeline::delete::{self, LocalOutcome};
 use crate::pipeline::finished::{self, FileIdentity, Readiness};
 use crate::pipeline::localfs::Counts;
 use crate::pipeline::plan::{Deletion, Plan};
-use crate::pipeline::queue::{AfterUpload, Queue, QueueItem, Stage, StateError};
+use crate::pipeline::queue::{AfterUpload, Blame, Queue, QueueItem, Stage, StateError};
 use crate::pipeline::root::RootGuard;
 use crate::pipeline::upload::{Job, UploadError, Uploader};
 use crate::pipeline::{record, verify};
@@ -68,12 +68,12 @@ pub enum Outcome {
     Failed(StorageError),
     /// The local file system failed (a mount that dropped out below the
     /// root, a disk error, a full disk on a delete) while the root was
-    /// there: tried again in `lane` with backoff; with `strike`, the failure
-    /// counts against the item, which is parked after `MAX_STRIKES`.
+    /// there: tried again in `lane` with backoff; blamed on the item
+    /// ([`Blame::Item`]: a strike), it is parked after `MAX_STRIKES`.
     LocalError {
         lane: Lane,
         error: String,
-        strike: bool,
+        blame: Blame,
     },
     /// The state could not be written.
     State(StateError),
@@ -151,10 +151,15 @@ impl Worker {
         }
         match counts {
             Counts::Park => self.park(key, error).await,
-            Counts::Never | Counts::Strike => Outcome::LocalError {
+            Counts::Never => Outcome::LocalError {
                 lane,
                 error,
-                strike: counts == Counts::Strike,
+                blame: Blame::Passing,
+            },
+            Counts::Strike => Outcome::LocalError {
+                lane,
+                error,
+                blame: Blame::Item,
             },
         }
     }
