@@ -272,6 +272,7 @@ pub async fn run(
         candidates: cand_tx,
         watcher: None,
         rescans: rescan_rx,
+        records: detect::records_in(queue.clone()),
         reloaded: None,
         stopped: stopped.clone(),
     };
@@ -404,6 +405,7 @@ struct Reloader {
     candidates: mpsc::Sender<Candidate>,
     watcher: Option<detect::Watcher>,
     rescans: tokio::sync::watch::Receiver<u64>,
+    records: detect::RecordsAt,
     /// Bumped after every applied reload.
     reloaded: Option<tokio::sync::watch::Sender<u64>>,
     stopped: Shutdown,
@@ -424,6 +426,7 @@ impl Reloader {
                 live: self.live.clone(),
                 root: self.root.subscribe(),
                 rescans: self.rescans.clone(),
+                records: self.records.clone(),
                 shutdown: self.stopped.clone(),
             },
         )

@@ -167,3 +167,54 @@ fn a_file_a_crashed_delete_set_aside_is_back_after_a_restart() {
     assert!(!hidden.exists());
     daemon.stop();
 }
+
+/// A crash between a delete's rename aside and its unlink leaves the
+/// uploaded file hidden; the application then writes a newer file at the
+/// name, which is uploaded and deleted in turn. The older one must not come
+/// back: uploaded again, it would replace the newer object, whose only copy
+/// is now the bucket's.
+#[test]
+fn an_older_version_a_crashed_delete_set_aside_never_replaces_a_newer_upload() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let mut cfg = Cfg::new(&s3.endpoint());
+    cfg.delete_local = true;
+    env.write_config(&cfg);
+    // The crashed delete's process: alive while the newer file goes through
+    // (so no scan takes its file back meanwhile), then gone.
+    let mut crashed = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .unwrap();
+    let hidden = env.path(&format!("sub/.offloadd-del-{}-0-a.png", crashed.id()));
+    write_file(&hidden, b"the older version");
+    sleep(Duration::from_millis(50));
+    let daemon = Daemon::start(&env, &[]);
+    write_file(&env.path("sub/a.png"), b"the newer version");
+    wait_until(
+        LONG,
+        "the newer version uploaded and deleted locally",
+        || {
+            s3.object_bytes("sub/a.png").as_deref() == Some(&b"the newer version"[..])
+                && !env.path("sub/a.png").exists()
+        },
+    );
+    daemon.stop();
+    crashed.kill().unwrap();
+    crashed.wait().unwrap();
+
+    let mut daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "the scan to leave the older version, or not", || {
+        daemon.stderr().contains("holds an older version of")
+            || s3.object_bytes("sub/a.png").as_deref() != Some(&b"the newer version"[..])
+    });
+    sleep(Duration::from_millis(500));
+    assert_eq!(
+        s3.object_bytes("sub/a.png").as_deref(),
+        Some(&b"the newer version"[..])
+    );
+    assert!(!env.path("sub/a.png").exists());
+    assert_eq!(std::fs::read(&hidden).unwrap(), b"the older version");
+    daemon.check_no_secret();
+    daemon.stop();
+}

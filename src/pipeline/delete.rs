@@ -34,7 +34,10 @@
 //! the hidden name carries the name it came from, and the next attempt puts
 //! it back there (never over anything) and has it uploaded. Where no next
 //! attempt comes (deletion turned off since), a scan of the tree puts such
-//! files back ([`restore_leftover`]).
+//! files back ([`restore_leftover`]). Neither puts back a file set aside
+//! before the upload recorded at its name was written there: that is an
+//! older version, and uploaded again it would replace the newer object in the
+//! bucket. It stays under its hidden name, and the log says so.
 
 use crate::pipeline::finished::{FileIdentity, Lease};
 use crate::pipeline::localfs::{self, Call};
@@ -345,6 +348,7 @@ fn gone(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
     };
     let name = abs.file_name().map(OsStrExt::as_bytes).unwrap_or_default();
     let mut from_this_name = Vec::new();
+    let recorded = Recorded::File(*expected);
     for entry in entries.flatten() {
         if !entry
             .file_name()
@@ -355,8 +359,13 @@ fn gone(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
         }
         match entry.metadata() {
             Ok(m) if m.is_file() && FileIdentity::of(&m).same_contents(expected) => {}
-            _ => {
-                if Aside::came_from(entry.file_name().as_bytes()) == Some(name) {
+            found => {
+                let older = |m: &std::fs::Metadata| {
+                    !may_go_back(&entry.path(), abs, &FileIdentity::of(m), &recorded)
+                };
+                if Aside::came_from(entry.file_name().as_bytes()) == Some(name)
+                    && !found.as_ref().is_ok_and(older)
+                {
                     from_this_name.push(entry.path());
                 }
                 continue;
@@ -400,15 +409,54 @@ fn gone(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
     LocalOutcome::Gone
 }
 
+/// What the records say of the name a file set aside would go back to.
+#[derive(Debug, Clone)]
+pub enum Recorded {
+    /// No upload is recorded at the name.
+    Nothing,
+    /// The file whose upload is recorded at the name.
+    File(FileIdentity),
+    /// The records cannot be read now: the file stays aside until a later
+    /// scan.
+    Unknown,
+}
+
+/// Whether `aside` (the file under `hidden`, set aside from `to`) may go
+/// back under its name. Not if a newer file's upload is recorded there: one
+/// changed (written, or moved in) after this one was set aside, which the
+/// rename aside dated by the ctime it gave. Put back, the older file would
+/// be uploaded over the newer object. That one stays hidden, and the log
+/// says so; where the records cannot be read, it waits for a later scan.
+fn may_go_back(hidden: &Path, to: &Path, aside: &FileIdentity, recorded: &Recorded) -> bool {
+    let newer = match recorded {
+        Recorded::Nothing => return true,
+        Recorded::Unknown => return false,
+        Recorded::File(file) => file,
+    };
+    if newer.same_contents(aside) || newer.ctime_ns <= aside.ctime_ns {
+        return true;
+    }
+    tracing::warn!(
+        path = %to.display(),
+        aside = %hidden.display(),
+        "{} holds an older version of {}, set aside by a delete that a crash cut short; a newer file at that name was uploaded since, so it is not put back (it would be uploaded over the newer object); it stays there: delete it, or move it back by hand if it is the version you want",
+        hidden.display(),
+        to.display()
+    );
+    false
+}
+
 /// A hidden name found by a scan of the tree. If the process that set the
 /// file aside is gone (a crash cut its delete short) and no delete of this
 /// process uses the name, the file goes back under the name it came from,
-/// never over anything: the watcher then sees it moved in, and it is
-/// uploaded again and deleted by the rules in force. This covers what the
-/// next attempt of the delete does not see: deletion turned off since, or
-/// the item gone. One set aside by a live process (another instance), or
-/// whose name is taken or unknown, stays; the log says where.
-pub fn restore_leftover(hidden: &Path) {
+/// never over anything, unless the records (`recorded_at` the name it would
+/// go back to) show it is an older version ([`may_go_back`]): the watcher
+/// then sees it moved in, and it is uploaded again and deleted by the rules
+/// in force. This covers what the next attempt of the delete does not see:
+/// deletion turned off since, or the item gone. One set aside by a live
+/// process (another instance), or whose name is taken or unknown, stays;
+/// the log says where.
+pub fn restore_leftover(hidden: &Path, recorded_at: impl FnOnce(&Path) -> Recorded) {
     let Some(name) = hidden.file_name().map(OsStrExt::as_bytes) else {
         return;
     };
@@ -426,6 +474,12 @@ pub fn restore_leftover(hidden: &Path) {
         return;
     };
     let to = hidden.with_file_name(std::ffi::OsStr::from_bytes(from));
+    let Ok(meta) = std::fs::symlink_metadata(&aside.path) else {
+        return;
+    };
+    if !may_go_back(hidden, &to, &FileIdentity::of(&meta), &recorded_at(&to)) {
+        return;
+    }
     match rename_noreplace(&aside.path, &to) {
         Ok(()) => {
             tracing::warn!(path = %to.display(), "a file that a delete cut short by a crash had set aside is back under its name {}", to.display())
@@ -739,7 +793,7 @@ mod tests {
         let hidden = at(&format!(".offloadd-del-{dead}-0-a.png"));
         std::fs::write(&hidden, b"a").unwrap();
         assert!(is_set_aside(&hidden));
-        restore_leftover(&hidden);
+        restore_leftover(&hidden, |_| Recorded::Nothing);
         assert_eq!(
             std::fs::read(at("a.png")).unwrap(),
             b"a",
@@ -749,14 +803,14 @@ mod tests {
 
         // Its name taken meanwhile: both stay as they are.
         std::fs::write(&hidden, b"old").unwrap();
-        restore_leftover(&hidden);
+        restore_leftover(&hidden, |_| Recorded::Nothing);
         assert_eq!(std::fs::read(at("a.png")).unwrap(), b"a");
         assert_eq!(std::fs::read(&hidden).unwrap(), b"old");
 
         // Set aside by a live process (another instance): left to it.
         let live = at(".offloadd-del-1-0-b.png");
         std::fs::write(&live, b"b").unwrap();
-        restore_leftover(&live);
+        restore_leftover(&live, |_| Recorded::Nothing);
         assert!(live.exists() && !at("b.png").exists());
 
         // This very pid (a container restarted): only when no delete of
@@ -764,16 +818,72 @@ mod tests {
         let ours = at(&format!(".offloadd-del-{}-999-c.png", std::process::id()));
         std::fs::write(&ours, b"c").unwrap();
         let in_use = Aside::claim(ours.clone()).unwrap();
-        restore_leftover(&ours);
+        restore_leftover(&ours, |_| Recorded::Nothing);
         assert!(ours.exists());
         drop(in_use);
-        restore_leftover(&ours);
+        restore_leftover(&ours, |_| Recorded::Nothing);
         assert_eq!(std::fs::read(at("c.png")).unwrap(), b"c");
 
         // A name too long to say where it came from: stays.
         let nameless = at(&format!(".offloadd-del-{dead}-1"));
         std::fs::write(&nameless, b"d").unwrap();
-        restore_leftover(&nameless);
+        restore_leftover(&nameless, |_| Recorded::Nothing);
         assert!(nameless.exists());
+    }
+
+    /// A file set aside before a newer file's upload was recorded at its
+    /// name is an older version: put back, it would be uploaded over the
+    /// newer object. One set aside after the recorded upload (another file
+    /// that took the name during the delete) goes back.
+    #[test]
+    fn an_older_version_set_aside_is_not_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name);
+        let dead = 2_147_483_646u32;
+        let wait = || std::thread::sleep(std::time::Duration::from_millis(30));
+        let recorded_file = at("recorded-before");
+        std::fs::write(&recorded_file, b"v0").unwrap();
+        let before = identity(&recorded_file);
+        wait();
+        let hidden = at(&format!(".offloadd-del-{dead}-0-a.png"));
+        std::fs::write(&hidden, b"v1").unwrap();
+        wait();
+        let newer_file = at("recorded-after");
+        std::fs::write(&newer_file, b"v2").unwrap();
+        let newer = identity(&newer_file);
+        assert!(newer.ctime_ns > identity(&hidden).ctime_ns);
+
+        let mut asked = None;
+        restore_leftover(&hidden, |to| {
+            asked = Some(to.to_path_buf());
+            Recorded::File(newer)
+        });
+        assert_eq!(asked.as_deref(), Some(at("a.png").as_path()));
+        assert!(!at("a.png").exists(), "an older version is not put back");
+        assert_eq!(std::fs::read(&hidden).unwrap(), b"v1");
+        restore_leftover(&hidden, |_| Recorded::Unknown);
+        assert!(!at("a.png").exists(), "records unread: it waits");
+
+        // The same under a delete of the newer file's record that finds the
+        // name gone.
+        assert_eq!(gone(&at("a.png"), &newer), LocalOutcome::Gone);
+        assert_eq!(std::fs::read(&hidden).unwrap(), b"v1");
+        assert!(!at("a.png").exists());
+
+        // Recorded before it was set aside: it goes back.
+        assert_eq!(gone(&at("a.png"), &before), LocalOutcome::Changed);
+        assert_eq!(std::fs::read(at("a.png")).unwrap(), b"v1");
+        std::fs::rename(at("a.png"), &hidden).unwrap();
+        restore_leftover(&hidden, |_| Recorded::File(before));
+        assert_eq!(std::fs::read(at("a.png")).unwrap(), b"v1");
+        // Its own record (deletion turned off since) goes back whatever the
+        // ctimes say (a wall clock stepped back, say).
+        std::fs::rename(at("a.png"), &hidden).unwrap();
+        let own = FileIdentity {
+            ctime_ns: identity(&hidden).ctime_ns + 1_000_000_000,
+            ..identity(&hidden)
+        };
+        restore_leftover(&hidden, |_| Recorded::File(own));
+        assert_eq!(std::fs::read(at("a.png")).unwrap(), b"v1");
     }
 }

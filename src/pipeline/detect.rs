@@ -32,10 +32,12 @@
 //! Scans of the whole tree: one at most waits in the walk queue or runs, and
 //! one at most is owed after it; asking for more merges into those.
 
+use crate::keys::ItemKey;
 use crate::pipeline::delete::{self, is_set_aside};
 use crate::pipeline::filter::Rules;
 use crate::pipeline::finished::{self, now_ns, FileIdentity};
 use crate::pipeline::live::{Live, SAMPLE};
+use crate::pipeline::queue::Queue;
 use crate::pipeline::root::{self, RootStatus};
 use crate::shutdown::Shutdown;
 use crate::statedir::root_id::RootId;
@@ -249,7 +251,22 @@ pub struct Links {
     pub root: watch::Receiver<RootStatus>,
     /// Each change asks for a full rescan.
     pub rescans: watch::Receiver<u64>,
+    /// What is recorded at a path: a scan puts a file a crashed delete set
+    /// aside back under its name only if it is not older than that.
+    pub records: RecordsAt,
     pub shutdown: Shutdown,
+}
+
+/// Reads the upload recorded at a path (see [`delete::Recorded`]).
+pub type RecordsAt = Arc<dyn Fn(&ItemKey) -> delete::Recorded + Send + Sync>;
+
+/// [`RecordsAt`] from the queue's records.
+pub fn records_in(queue: Arc<Queue>) -> RecordsAt {
+    Arc::new(move |key| match queue.record(key) {
+        Ok(Some(record)) => delete::Recorded::File(record.identity),
+        Ok(None) => delete::Recorded::Nothing,
+        Err(_) => delete::Recorded::Unknown,
+    })
 }
 
 /// What the walker thread shares with the loop.
@@ -272,6 +289,7 @@ struct WalkerShared {
     unwatch_all: AtomicBool,
     held: Held,
     scans: ScanProgress,
+    records: RecordsAt,
 }
 
 /// A watcher with its kernel resources taken (the inotify instance, the
@@ -304,6 +322,7 @@ pub fn prepare(what: Watching, links: Links) -> notify::Result<Prepared> {
         live,
         root,
         rescans,
+        records,
         shutdown,
     } = links;
     let (inputs_tx, inputs_rx) = mpsc::channel::<Input>(64);
@@ -330,6 +349,7 @@ pub fn prepare(what: Watching, links: Links) -> notify::Result<Prepared> {
         unwatch_all: AtomicBool::new(false),
         held: Held::default(),
         scans: ScanProgress::default(),
+        records,
     });
     let (walks_tx, walks_rx) = std::sync::mpsc::sync_channel::<(PathBuf, Why)>(WALK_QUEUE);
     let walker_shared = shared.clone();
@@ -998,7 +1018,10 @@ fn walk(shared: &WalkerShared, dir: &Path) -> (usize, usize) {
             continue;
         }
         if ft.is_file() && is_set_aside(entry.path()) {
-            delete::restore_leftover(entry.path());
+            delete::restore_leftover(entry.path(), |to| {
+                ItemKey::of(&rules.root, to)
+                    .map_or(delete::Recorded::Nothing, |key| (shared.records)(&key))
+            });
             continue;
         }
         if !(ft.is_file() || ft.is_symlink()) || !rules.matches(entry.path()) {
@@ -1172,6 +1195,7 @@ mod tests {
             unwatch_all: AtomicBool::new(false),
             held: Held::default(),
             scans: ScanProgress::default(),
+            records: Arc::new(|_| delete::Recorded::Nothing),
         });
         let (walks, wrx) = std::sync::mpsc::sync_channel(1);
         let d = Detect {
