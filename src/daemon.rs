@@ -161,6 +161,9 @@ pub async fn run(
     // Rebuild the records first when the database was lost; a stop meanwhile
     // ends it early.
     let mut rebuild_outcome = rebuild::Outcome::Complete;
+    if let (Opened::Lost, Target::Local { .. }) = (opened, &settings.plan.target) {
+        tracing::warn!("in local mode no bucket is listed: the location records are rebuilt at the first start with an active provider; until then locate and /r/ answer for files offloaded before as if they never were");
+    }
     if let (Opened::Lost, Target::Provider(store)) = (opened, &settings.plan.target) {
         let progress = Arc::new(rebuild::Progress::default());
         live.update(|s| s.rebuild = Some(progress.clone()));

@@ -295,3 +295,46 @@ fn a_rebuild_leaves_files_older_than_the_mark_to_backfill() {
         "not uploaded over: {log}"
     );
 }
+
+/// A database lost while the config is in local mode: no bucket is listed,
+/// and the log says when the records come back and what answers meanwhile;
+/// the first start with a provider rebuilds them.
+#[test]
+fn a_database_lost_in_local_mode_is_rebuilt_at_the_next_start_with_a_provider() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let mut cfg = Cfg::new(&s3.endpoint());
+    cfg.delete_local = true;
+    env.write_config(&cfg);
+    let daemon = Daemon::start(&env, &[]);
+    write_file(&env.path("a.png"), b"offloaded before the loss");
+    wait_until(LONG, "a.png offloaded", || {
+        s3.has("a.png") && !env.path("a.png").exists()
+    });
+    daemon.stop();
+    fs::remove_dir_all(env.state_dir.join("db")).unwrap();
+
+    let with_provider = env.config_yaml(&cfg);
+    env.write_raw_config(
+        &with_provider.replace(&format!("  active: {PROVIDER}\n"), "  active: local\n"),
+    );
+    let daemon = Daemon::start(&env, &[]);
+    assert_eq!(env.locate("a.png").0, 1, "no record while in local mode");
+    let log = daemon.stop();
+    assert!(
+        log.contains("in local mode no bucket is listed: the location records are rebuilt at the first start with an active provider"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("rebuilding location records from the bucket listing"),
+        "{log}"
+    );
+
+    env.write_raw_config(&with_provider);
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "records rebuilt", || {
+        env.status()["uploaded_count"] == 1
+    });
+    assert_eq!(env.locate("a.png"), (0, public_url("a.png")));
+    daemon.stop();
+}

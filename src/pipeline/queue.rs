@@ -517,7 +517,7 @@ impl Queue {
                 })?;
                 tracing::error!(
                     moved_to = %aside.display(),
-                    "the state database was corrupt and has been moved aside; starting a fresh one and rebuilding the records from the bucket"
+                    "the state database was corrupt and has been moved aside; a fresh one is started, and the location records are to be rebuilt from the bucket"
                 );
                 let t = open_trees(&db_path).map_err(|e| open_error(state_dir, e))?;
                 (t, true)
@@ -537,7 +537,7 @@ impl Queue {
         let opened = match (moved_aside, fresh, managed_before) {
             (true, _, _) => Opened::Lost,
             (false, true, true) => {
-                tracing::warn!("the state database is empty although this state_dir was managed before; rebuilding the location records from the bucket");
+                tracing::warn!("the state database is empty although this state_dir was managed before; the location records are to be rebuilt from the bucket");
                 Opened::Lost
             }
             (false, true, false) => Opened::Fresh,
@@ -559,7 +559,7 @@ impl Queue {
                 tracing::warn!(
                     records = now,
                     before,
-                    "the state database holds fewer location records than it did ({now} < {before}): it was damaged; rebuilding the records from the bucket"
+                    "the state database holds fewer location records than it did ({now} < {before}): it was damaged; the location records are to be rebuilt from the bucket"
                 );
                 // The next note of the count (the first flush) forgets the
                 // loss; the database no longer counts as whole until a
