@@ -12,6 +12,11 @@
 //! as presigned requests over our headers, including our Content-MD5, with
 //! the buffer sent as is, so a byte is hashed once (our MD5, which the server
 //! checks) and never copied.
+//!
+//! Listings ask for url-encoded keys (`encoding-type=url`, signed with the
+//! rest of the query) where the provider honours it, and decode them in one
+//! place ([`Client::listed_name`]): XML 1.0 cannot carry every key a file
+//! name makes (see [`KeyEncoding`]).
 
 use crate::keys::ObjectKey;
 use crate::remote::error::{
@@ -49,6 +54,8 @@ pub struct Client {
     timeout: Duration,
     /// Body bytes this provider's requests are sending now.
     sending: Sending,
+    /// How the provider's listings carry keys, found out by the first one.
+    key_encoding: std::sync::Arc<tokio::sync::OnceCell<KeyEncoding>>,
 }
 
 /// The body bytes being sent at once: they share the link, so each body's
@@ -142,6 +149,53 @@ fn query_value(raw: &str) -> String {
     percent_encoding::utf8_percent_encode(raw, KEEP).to_string()
 }
 
+/// How a provider's listings carry object keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyEncoding {
+    /// Percent-encoded, when asked with `encoding-type=url`: every key goes
+    /// through the XML as it is. As XML text, a carriage return is read as a
+    /// line feed (XML 1.0 end-of-line handling), and other control
+    /// characters are not XML at all: moto and s3s-fs send them as they are,
+    /// which a strict parser (boto3's) refuses.
+    Url,
+    /// As XML text: the provider ignores `encoding-type`, or answers
+    /// `<EncodingType>url` without encoding anything (s3s-fs 0.14), where
+    /// decoding would turn `a%41` into `aA` and `a+b` into `a b`.
+    Text,
+}
+
+/// The name, under the prefix listed, of the one-key listing that finds out
+/// whether a provider encodes keys: a provider that does answers its `%` and
+/// `+` as `%25` and `%2B`. (No space: rust-s3 writes one into the URL as
+/// `+`, which not every server reads back as a space.)
+const ENCODING_PROBE: &str = ".offloadd-encoding-probe%+";
+
+/// A name from a listing answered with `encoding-type=url` (`Key`, `Prefix`,
+/// `NextKeyMarker`): `%XX` is the byte XX and `+` a space, as S3 encodes
+/// them (and boto3 decodes them); `None` if it is not such an encoding of
+/// UTF-8.
+fn url_decoded(encoded: &str) -> Option<String> {
+    fn hex(b: Option<u8>) -> Option<u8> {
+        char::from(b?).to_digit(16).map(|d| d as u8)
+    }
+    let mut bytes = encoded.bytes();
+    let mut out = Vec::with_capacity(encoded.len());
+    while let Some(b) = bytes.next() {
+        out.push(match b {
+            b'+' => b' ',
+            b'%' => (hex(bytes.next())? << 4) | hex(bytes.next())?,
+            b => b,
+        });
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Whether a listing answer's names are to be decoded: asked for url-encoded
+/// and answered so. A server that ignored the parameter says nothing.
+fn decodes(asked: KeyEncoding, answered: Option<&str>) -> bool {
+    asked == KeyEncoding::Url && answered == Some("url")
+}
+
 const SMALL_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a presigned data-path URL is valid (it is used at once).
 const PRESIGN_EXPIRY_SECS: u32 = 3600;
@@ -207,6 +261,7 @@ impl Client {
             upload_headers: upload_headers(provider).map_err(provider_wide)?,
             timeout: SMALL_REQUEST_TIMEOUT,
             sending: Sending::default(),
+            key_encoding: Default::default(),
         })
     }
 
@@ -338,6 +393,81 @@ impl Client {
         let mut signer = self.signer.clone();
         signer.extra_headers = headers;
         signer
+    }
+
+    /// The signer of a listing: where keys are asked for url-encoded, with
+    /// `encoding-type=url` in the query of every request it signs (rust-s3
+    /// signs the query with it).
+    fn listing_signer(&self, encoding: KeyEncoding) -> Bucket {
+        let mut signer = self.signer.clone();
+        if encoding == KeyEncoding::Url {
+            signer
+                .extra_query
+                .insert("encoding-type".into(), "url".into());
+        }
+        signer
+    }
+
+    /// A name from a listing answer as the key it is: decoded where `url`
+    /// (see [`decodes`]), as it came otherwise.
+    fn listed_name(&self, name: String, url: bool) -> Result<String, StorageError> {
+        if !url {
+            return Ok(name);
+        }
+        url_decoded(&name).ok_or_else(|| {
+            StorageError::new(
+                ErrorClass::Transient,
+                format!(
+                    "provider `{}` listed `{}` as a url-encoded key, which it is not",
+                    self.provider.name,
+                    name.escape_debug()
+                ),
+            )
+        })
+    }
+
+    /// How this provider's listings carry keys, found out once, by the
+    /// first listing, with one more request (of at most one key, under
+    /// `prefix`): asked to encode a prefix holding `%` and `+`, a provider
+    /// that encodes answers it encoded; one that ignores the parameter, or
+    /// only says it encodes, answers it as it is.
+    async fn key_encoding(&self, prefix: &str) -> Result<KeyEncoding, StorageError> {
+        let probe = format!("{prefix}{ENCODING_PROBE}");
+        let find_out = || async {
+            let command = Command::ListObjectsV2 {
+                prefix: probe.clone(),
+                delimiter: None,
+                continuation_token: None,
+                start_after: None,
+                max_keys: Some(1),
+            };
+            let signer = self.listing_signer(KeyEncoding::Url);
+            let text = match self
+                .send_for_text(&signer, "/", command, self.timeout)
+                .await
+            {
+                Ok(text) => text,
+                // Refused (a policy that allows listing only some prefixes,
+                // say): keys as XML text, as before; the listing itself
+                // tells whether it is allowed.
+                Err(S3Error::HttpFailWithBody(status, _)) if (400..500).contains(&status) => {
+                    return Ok(KeyEncoding::Text)
+                }
+                Err(e) => return Err(self.err(e)),
+            };
+            let answer: ListBucketResult =
+                quick_xml::de::from_str(&text).map_err(|e| self.err(e.into()))?;
+            let echoed = answer
+                .prefix
+                .filter(|_| answer.encoding_type.as_deref() == Some("url"));
+            Ok(match echoed {
+                Some(p) if p != probe && url_decoded(&p).as_deref() == Some(probe.as_str()) => {
+                    KeyEncoding::Url
+                }
+                _ => KeyEncoding::Text,
+            })
+        };
+        self.key_encoding.get_or_try_init(find_out).await.copied()
     }
 
     /// The headers an object is created with: the provider's upload headers,
@@ -560,6 +690,7 @@ impl Client {
         prefix: &str,
         token: Option<String>,
     ) -> Result<(Vec<Listed>, Option<String>), StorageError> {
+        let encoding = self.key_encoding(prefix).await?;
         let command = Command::ListObjectsV2 {
             prefix: prefix.to_string(),
             delimiter: None,
@@ -568,11 +699,13 @@ impl Client {
             max_keys: Some(1000),
         };
         let text = self
-            .send_for_text(&self.signer, "/", command, self.timeout)
+            .send_for_text(&self.listing_signer(encoding), "/", command, self.timeout)
             .await
             .map_err(|e| self.err(e))?;
         let page: ListBucketResult =
             quick_xml::de::from_str(&text).map_err(|e| self.err(e.into()))?;
+        // The continuation token is not a key: S3 sends it as it is.
+        let url = decodes(encoding, page.encoding_type.as_deref());
         let next = match (page.is_truncated, page.next_continuation_token) {
             (false, _) => None,
             (true, Some(token)) => Some(token),
@@ -590,12 +723,14 @@ impl Client {
         let objects = page
             .contents
             .into_iter()
-            .map(|o| Listed {
-                key: o.key,
-                size: o.size,
-                etag: o.e_tag.as_deref().map(normal_etag),
+            .map(|o| {
+                Ok(Listed {
+                    key: self.listed_name(o.key, url)?,
+                    size: o.size,
+                    etag: o.e_tag.as_deref().map(normal_etag),
+                })
             })
-            .collect();
+            .collect::<Result<_, StorageError>>()?;
         Ok((objects, next))
     }
 
@@ -617,6 +752,8 @@ impl Client {
         &self,
         prefix: &str,
     ) -> Result<Option<Vec<PendingUpload>>, StorageError> {
+        let encoding = self.key_encoding(prefix).await?;
+        let signer = self.listing_signer(encoding);
         let mut uploads = Vec::new();
         let mut markers: (Option<String>, Option<String>) = (None, None);
         loop {
@@ -628,7 +765,7 @@ impl Client {
                 max_uploads: Some(1000),
             };
             let page: ListMultipartUploadsResult = match self
-                .send_for_text(&self.signer, "/", command, self.timeout)
+                .send_for_text(&signer, "/", command, self.timeout)
                 .await
             {
                 Ok(text) => quick_xml::de::from_str(&text).map_err(|e| self.err(e.into()))?,
@@ -639,12 +776,17 @@ impl Client {
                     return if unsupported { Ok(None) } else { Err(e) };
                 }
             };
-            uploads.extend(page.uploads.into_iter().map(|u| PendingUpload {
-                initiated_ms: store::parse_time_ms(&u.initiated),
-                key: u.key,
-                upload_id: u.id,
-            }));
-            let next = (page.next_marker, page.next_upload_id_marker);
+            // The key marker goes back as the key it is; upload ids are not keys.
+            let url = decodes(encoding, page.encoding_type.as_deref());
+            for u in page.uploads {
+                uploads.push(PendingUpload {
+                    initiated_ms: store::parse_time_ms(&u.initiated),
+                    key: self.listed_name(u.key, url)?,
+                    upload_id: u.id,
+                });
+            }
+            let next_key = page.next_marker.map(|m| self.listed_name(m, url));
+            let next = (next_key.transpose()?, page.next_upload_id_marker);
             // A truncated page without a new cursor would repeat for ever.
             if !page.is_truncated || next.0.is_none() || next == markers {
                 return Ok(Some(uploads));
@@ -845,30 +987,266 @@ mod tests {
     /// Answers one request on 127.0.0.1 with `answer`; returns its port and
     /// the request's head as received.
     fn answer_once(answer: &'static str) -> (u16, std::thread::JoinHandle<String>) {
+        let (port, seen) = answer_each(vec![answer.to_string()]);
+        (
+            port,
+            std::thread::spawn(move || seen.join().unwrap().remove(0)),
+        )
+    }
+
+    /// Answers one request (each on its own connection) with each of
+    /// `answers` in turn; returns the port and the requests' heads.
+    fn answer_each(answers: Vec<String>) -> (u16, std::thread::JoinHandle<Vec<String>>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap() == 1 {
-                head.push(byte[0]);
-            }
-            let head = String::from_utf8(head).unwrap();
-            // The body is read too: a socket closed with bytes unread resets.
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap_or(0);
-            conn.read_exact(&mut vec![0; len]).unwrap();
-            conn.write_all(answer.as_bytes()).unwrap();
-            head
+            answers
+                .iter()
+                .map(|answer| answer_one(&listener, answer))
+                .collect()
         });
         (port, seen)
+    }
+
+    /// Answers one request on `listener` with `answer`; the request's head.
+    fn answer_one(listener: &std::net::TcpListener, answer: &str) -> String {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap() == 1 {
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        // The body is read too: a socket closed with bytes unread resets.
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        conn.read_exact(&mut vec![0; len]).unwrap();
+        conn.write_all(answer.as_bytes()).unwrap();
+        head
+    }
+
+    /// A 200 answer with an XML body.
+    fn xml_answer(body: &str) -> String {
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// The query of a request head's request line, decoded.
+    fn query_of(head: &str) -> Vec<(String, String)> {
+        let target = head.lines().next().unwrap().split(' ').nth(1).unwrap();
+        reqwest::Url::parse(&format!("http://h{target}"))
+            .unwrap()
+            .query_pairs()
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect()
+    }
+
+    fn param<'a>(query: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The answer to the probe of [`Client::key_encoding`]: its prefix
+    /// echoed as `prefix`, with `<EncodingType>url` if `says_url`.
+    fn probe_answer(prefix: &str, says_url: bool) -> String {
+        let encoding = if says_url {
+            "<EncodingType>url</EncodingType>"
+        } else {
+            ""
+        };
+        xml_answer(&format!(
+            "<ListBucketResult><Name>media</Name><Prefix>{prefix}</Prefix>{encoding}<KeyCount>0</KeyCount><MaxKeys>1</MaxKeys><IsTruncated>false</IsTruncated></ListBucketResult>"
+        ))
+    }
+
+    /// A provider that encodes keys answers the probe so.
+    fn probe_encoded() -> String {
+        probe_answer("pre/.offloadd-encoding-probe%25%2B", true)
+    }
+
+    /// A page of a listing of `keys` (as written in the XML).
+    fn page_answer(says_url: bool, keys: &[&str], token: Option<&str>) -> String {
+        let contents: String = keys
+            .iter()
+            .map(|k| format!("<Contents><Key>{k}</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified><ETag>\"0f0e\"</ETag><Size>5</Size><StorageClass>STANDARD</StorageClass></Contents>"))
+            .collect();
+        let encoding = if says_url {
+            "<EncodingType>url</EncodingType>"
+        } else {
+            ""
+        };
+        let more = match token {
+            Some(t) => format!(
+                "<IsTruncated>true</IsTruncated><NextContinuationToken>{t}</NextContinuationToken>"
+            ),
+            None => "<IsTruncated>false</IsTruncated>".into(),
+        };
+        xml_answer(&format!(
+            "<ListBucketResult><Name>media</Name><Prefix>pre/</Prefix>{encoding}<MaxKeys>1000</MaxKeys>{more}{contents}</ListBucketResult>"
+        ))
+    }
+
+    fn keys_of(listed: &[Listed]) -> Vec<&str> {
+        listed.iter().map(|l| l.key.as_str()).collect()
+    }
+
+    #[test]
+    fn url_encoded_names_decode_as_s3_encodes_them() {
+        for (encoded, key) in [
+            ("pre/plain.png", "pre/plain.png"),
+            ("pre/cr%0Dname%0A.png", "pre/cr\rname\n.png"),
+            ("pre/ctl%01%1f", "pre/ctl\x01\x1f"),
+            ("pre/sp+ace%20", "pre/sp ace "),
+            ("pre/a%2Bb%25c%2541", "pre/a+b%c%41"),
+            ("pre/caf%C3%A9%e2%82%AC", "pre/caf\u{e9}\u{20ac}"),
+            ("pre/d%2Fe/f", "pre/d/e/f"),
+            ("", ""),
+        ] {
+            assert_eq!(url_decoded(encoded).as_deref(), Some(key), "{encoded}");
+        }
+        // Not an encoding: a `%` without two hex digits, or bytes that are
+        // not UTF-8.
+        for bad in ["100%", "a%4", "a%zz", "a%+1", "a%C3", "a%FF"] {
+            assert_eq!(url_decoded(bad), None, "{bad}");
+        }
+    }
+
+    /// Listings ask for url-encoded keys where the provider encodes them,
+    /// and decode them, so that a key XML cannot carry (a carriage return,
+    /// a control character) comes back as it is. Whether it does is found
+    /// out once, by the first listing; the continuation token (not a key)
+    /// goes back as it came.
+    #[tokio::test]
+    async fn listed_keys_are_asked_url_encoded_and_decoded() {
+        let (port, seen) = answer_each(vec![
+            probe_encoded(),
+            page_answer(
+                true,
+                &["pre/cr%0Dname.png", "pre/ctl%01.png", "pre/sp+ace.png"],
+                Some("tok%2B/="),
+            ),
+            page_answer(
+                true,
+                &["pre/100%2541.png", "pre/a%2Bb.png", "pre/caf%C3%A9.png"],
+                None,
+            ),
+        ]);
+        let c = client(port);
+        let (first, token) = c.list_page("pre/", None).await.unwrap();
+        assert_eq!(
+            keys_of(&first),
+            ["pre/cr\rname.png", "pre/ctl\x01.png", "pre/sp ace.png"]
+        );
+        assert_eq!(token.as_deref(), Some("tok%2B/="));
+        let (second, token) = c.list_page("pre/", token).await.unwrap();
+        assert_eq!(
+            keys_of(&second),
+            ["pre/100%41.png", "pre/a+b.png", "pre/caf\u{e9}.png"]
+        );
+        assert_eq!(token, None);
+
+        let heads = seen.join().unwrap();
+        let queries: Vec<_> = heads.iter().map(|h| query_of(h)).collect();
+        assert_eq!(
+            param(&queries[0], "prefix"),
+            Some("pre/.offloadd-encoding-probe%+")
+        );
+        assert_eq!(param(&queries[0], "max-keys"), Some("1"));
+        for q in &queries {
+            assert_eq!(param(q, "encoding-type"), Some("url"), "{q:?}");
+        }
+        assert_eq!(param(&queries[1], "prefix"), Some("pre/"));
+        assert_eq!(param(&queries[2], "continuation-token"), Some("tok%2B/="));
+    }
+
+    /// A provider that ignores `encoding-type=url`, or says it encodes but
+    /// does not (s3s-fs 0.14 answers `<EncodingType>url` with its keys as
+    /// they are), is not asked again: its keys are read as they are, and a
+    /// `%` or `+` in them is not decoded into another key. One that refuses
+    /// the probe is listed as before too.
+    #[tokio::test]
+    async fn keys_of_a_provider_that_does_not_encode_are_read_as_they_are() {
+        let refused = "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        for probe in [
+            probe_answer("pre/.offloadd-encoding-probe%+", true),
+            probe_answer("pre/.offloadd-encoding-probe%+", false),
+            probe_answer("pre/.offloadd-encoding-probe%25%2B", false),
+            refused.to_string(),
+        ] {
+            let (port, seen) = answer_each(vec![
+                probe.clone(),
+                page_answer(true, &["pre/100%41.png", "pre/a+b.png"], None),
+            ]);
+            let (listed, _) = client(port).list_page("pre/", None).await.unwrap();
+            assert_eq!(
+                keys_of(&listed),
+                ["pre/100%41.png", "pre/a+b.png"],
+                "{probe}"
+            );
+            let heads = seen.join().unwrap();
+            assert_eq!(
+                param(&query_of(&heads[1]), "encoding-type"),
+                None,
+                "{probe}"
+            );
+        }
+    }
+
+    /// A name that the answer says is url-encoded but is not fails the page
+    /// (a guess would map it to another path).
+    #[tokio::test]
+    async fn a_listed_key_that_is_not_url_encoded_as_said_is_an_error() {
+        let (port, _) = answer_each(vec![
+            probe_encoded(),
+            page_answer(true, &["pre/100%.png"], None),
+        ]);
+        let err = client(port).list_page("pre/", None).await.unwrap_err();
+        assert!(err.message.contains("`pre/100%.png`"), "{}", err.message);
+    }
+
+    /// The multipart uploads listing is asked for url-encoded keys too; its
+    /// keys and next key marker are decoded where the answer says it is
+    /// encoded (moto's listing of uploads ignores the parameter, and says
+    /// so by leaving `<EncodingType>` out), and the marker goes back as the
+    /// key it is.
+    #[tokio::test]
+    async fn listed_uploads_are_asked_url_encoded_and_decoded() {
+        let upload = |key: &str, id: &str| {
+            format!("<Upload><Key>{key}</Key><UploadId>{id}</UploadId><StorageClass>STANDARD</StorageClass><Initiated>2026-01-01T00:00:00.000Z</Initiated></Upload>")
+        };
+        let (port, seen) = answer_each(vec![
+            probe_encoded(),
+            xml_answer(&format!(
+                "<ListMultipartUploadsResult><Bucket>media</Bucket><Prefix>pre/</Prefix><EncodingType>url</EncodingType><NextKeyMarker>pre/cr%0Da.mp4</NextKeyMarker><NextUploadIdMarker>id+1</NextUploadIdMarker><IsTruncated>true</IsTruncated>{}</ListMultipartUploadsResult>",
+                upload("pre/cr%0Da.mp4", "id+1")
+            )),
+            xml_answer(&format!(
+                "<ListMultipartUploadsResult><Bucket>media</Bucket><Prefix>pre/</Prefix><IsTruncated>false</IsTruncated>{}</ListMultipartUploadsResult>",
+                upload("pre/b%41.mp4", "id2")
+            )),
+        ]);
+        let uploads = client(port).list_uploads("pre/").await.unwrap().unwrap();
+        let listed: Vec<_> = uploads
+            .iter()
+            .map(|u| (u.key.as_str(), u.upload_id.as_str()))
+            .collect();
+        assert_eq!(listed, [("pre/cr\ra.mp4", "id+1"), ("pre/b%41.mp4", "id2")]);
+        let heads = seen.join().unwrap();
+        let next = query_of(&heads[2]);
+        assert_eq!(param(&next, "encoding-type"), Some("url"));
+        assert_eq!(param(&next, "key-marker"), Some("pre/cr\ra.mp4"));
+        assert_eq!(param(&next, "upload-id-marker"), Some("id+1"));
+        assert!(heads[1].starts_with("GET /media/?uploads"), "{}", heads[1]);
     }
 
     fn client(port: u16) -> Client {
@@ -1018,13 +1396,7 @@ mod tests {
     #[tokio::test]
     async fn a_truncated_listing_without_a_token_is_an_error() {
         let body = "<ListBucketResult><Name>media</Name><Prefix>pre/</Prefix><KeyCount>1</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>true</IsTruncated><Contents><Key>pre/a.png</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified><ETag>\"0f0e\"</ETag><Size>5</Size><StorageClass>STANDARD</StorageClass></Contents></ListBucketResult>";
-        let (port, _) = answer_once(Box::leak(
-            format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            )
-            .into_boxed_str(),
-        ));
+        let (port, _) = answer_each(vec![probe_encoded(), xml_answer(body)]);
         let err = client(port).list_page("pre/", None).await.unwrap_err();
         assert!(
             err.message.contains("no continuation token"),
