@@ -30,7 +30,9 @@
 //! room, so a big tree never overflows anything.
 //!
 //! Scans of the whole tree: one at most waits in the walk queue or runs, and
-//! one at most is owed after it; asking for more merges into those.
+//! one at most is owed after it; asking for more merges into those. A
+//! directory new in the tree while one runs is walked between its
+//! directories, not after the whole tree.
 
 use crate::keys::ItemKey;
 use crate::pipeline::delete::{self, is_set_aside};
@@ -935,13 +937,46 @@ fn walker_thread(shared: &WalkerShared, walks: std::sync::mpsc::Receiver<(PathBu
         if shared.stop.load(Ordering::Relaxed) {
             return;
         }
-        walk_and_report(shared, &dir, why);
+        let between = match why.is_full_scan() {
+            true => Between::DirectoryWalks(&walks),
+            false => Between::Nothing,
+        };
+        walk_and_report(shared, &dir, why, &between);
+    }
+}
+
+/// The walker's queue. While a scan of the whole tree runs, it holds
+/// directory walks only: the loop sends no other such scan until that one
+/// is done.
+type Walks = std::sync::mpsc::Receiver<(PathBuf, Why)>;
+
+/// What a walk does between its directories.
+enum Between<'a> {
+    /// A scan of the whole tree walks the directories new in the tree that
+    /// are waiting (every [`DIRECTORY_WALKS_EVERY`] files, too), so that
+    /// their files, which no watch reports until they are walked, do not
+    /// wait for the whole tree.
+    DirectoryWalks(&'a Walks),
+    Nothing,
+}
+
+/// In a scan of the whole tree, waiting directory walks are taken at least
+/// this often (in files), in a folder of many files.
+const DIRECTORY_WALKS_EVERY: usize = 1024;
+
+impl Between<'_> {
+    fn take_walks(&self, shared: &WalkerShared) {
+        if let Between::DirectoryWalks(walks) = self {
+            while let Ok((dir, why)) = walks.try_recv() {
+                walk_and_report(shared, &dir, why, &Between::Nothing);
+            }
+        }
     }
 }
 
 /// One walk of the walker thread, with what it owes first (removing every
 /// watch) and what it tells after.
-fn walk_and_report(shared: &WalkerShared, dir: &Path, why: Why) {
+fn walk_and_report(shared: &WalkerShared, dir: &Path, why: Why, between: &Between) {
     // Counted before it looks at anything (the rules, the watches, the
     // tree): a request the loop merges into it until then is met by it.
     if why.is_full_scan() {
@@ -951,7 +986,7 @@ fn walk_and_report(shared: &WalkerShared, dir: &Path, why: Why) {
         unwatch_all(shared);
     }
     let started = Instant::now();
-    let (found, old) = walk(shared, dir);
+    let (found, old) = walk(shared, dir, between);
     // A walk cut short by a stop is not heard of (the loop has ended); one
     // cut short because the scheduler is gone hands nothing over any more.
     let _ = shared.inputs.blocking_send(Input::WalkEnded {
@@ -978,7 +1013,7 @@ fn walk_and_report(shared: &WalkerShared, dir: &Path, why: Why) {
 }
 
 /// Returns (candidate files found, files left alone as older than the mark).
-fn walk(shared: &WalkerShared, dir: &Path) -> (usize, usize) {
+fn walk(shared: &WalkerShared, dir: &Path, between: &Between) -> (usize, usize) {
     let rules = shared.rules.lock().expect("rules lock").clone();
     let settle_ns = rules.settle.as_nanos() as i128;
     let mut batch = Vec::new();
@@ -1015,6 +1050,7 @@ fn walk(shared: &WalkerShared, dir: &Path) -> (usize, usize) {
         let ft = entry.file_type();
         if ft.is_dir() {
             watch_dir(shared, entry.path());
+            between.take_walks(shared);
             continue;
         }
         if ft.is_file() && is_set_aside(entry.path()) {
@@ -1034,6 +1070,9 @@ fn walk(shared: &WalkerShared, dir: &Path) -> (usize, usize) {
             continue;
         }
         found += 1;
+        if found % DIRECTORY_WALKS_EVERY == 0 {
+            between.take_walks(shared);
+        }
         let quiet = now_ns() - identity.mtime_ns >= settle_ns;
         if quiet || ft.is_symlink() {
             let c = Candidate {
@@ -1152,8 +1191,6 @@ mod tests {
         assert!(asked.matches(&EventKind::Create(CreateKind::File)));
         assert!(asked.matches(&EventKind::Modify(ModifyKind::Name(RenameMode::To))));
     }
-
-    type Walks = std::sync::mpsc::Receiver<(PathBuf, Why)>;
 
     fn detect() -> (Detect, mpsc::Receiver<Candidate>) {
         let (d, rx, _walks) = detect_at(Path::new("/r"));
@@ -1349,7 +1386,7 @@ mod tests {
         std::fs::create_dir(dir.path().join("a")).unwrap();
         let (mut d, _rx, walks) = detect_at(dir.path());
         let root = d.rules.root.clone();
-        walk(&d.shared, &root);
+        walk(&d.shared, &root, &Between::Nothing);
         let stale = root.join("gone");
         d.shared
             .watched
@@ -1367,7 +1404,7 @@ mod tests {
         assert_eq!(watched(&d).len(), 3, "the loop removes nothing itself");
         let (dir, why) = walks.try_recv().unwrap();
         assert_eq!((&dir, why), (&root, Why::RootBack));
-        walk_and_report(&d.shared, &dir, why);
+        walk_and_report(&d.shared, &dir, why, &Between::Nothing);
         assert_eq!(watched(&d), [root.clone(), root.join("a")]);
     }
 
@@ -1544,6 +1581,54 @@ mod tests {
         walker.join().unwrap();
     }
 
+    /// A directory new in the tree while a scan of the whole tree runs: no
+    /// watch reports its files until it is walked, so it is walked between
+    /// the scan's directories instead of after the whole tree.
+    #[test]
+    fn a_new_directory_is_walked_while_a_scan_of_the_whole_tree_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in 0..50 {
+            let folder = dir.path().join(format!("d{d:02}"));
+            std::fs::create_dir(&folder).unwrap();
+            quiet_files(&folder, 4);
+        }
+        let (mut d, mut rx, walks, _inputs) = detect_with_inputs(dir.path(), 4);
+        let shared = d.shared.clone();
+        let walker = std::thread::spawn(move || walker_thread(&shared, walks));
+        d.rescan(Why::Periodic);
+        // A folder the scan is done with: it has gone on to another.
+        let mut got = Vec::new();
+        let folder = |p: &PathBuf| p.parent().unwrap().to_path_buf();
+        let done_with = loop {
+            got.push(rx.blocking_recv().unwrap().abs);
+            if folder(&got[got.len() - 1]) != folder(&got[0]) {
+                break folder(&got[0]);
+            }
+        };
+        let new_dir = done_with.join("new");
+        std::fs::create_dir(&new_dir).unwrap();
+        quiet_files(&new_dir, 1);
+        d.walk(new_dir.clone(), Why::NewDirectory);
+
+        let new_file = new_dir.join("0.jpg");
+        let mut after = 0;
+        while let Some(c) = rx.blocking_recv() {
+            if c.abs == new_file {
+                break;
+            }
+            after += 1;
+        }
+        // The channel (16) and the rest of a folder (4) were ahead of it;
+        // after the whole tree, about 180 would be.
+        assert!(
+            after < 40,
+            "the new folder's file came after {after} files of the scan"
+        );
+        drop(rx);
+        drop(d);
+        walker.join().unwrap();
+    }
+
     /// Asking for scans of the whole tree while one waits in the walk queue
     /// asks for nothing more; while one runs, for one more after it.
     #[test]
@@ -1647,7 +1732,7 @@ mod tests {
 
             d.rescan(Why::Periodic);
             let (root, why) = walks.try_recv().unwrap();
-            walk_and_report(&d.shared, &root, why);
+            walk_and_report(&d.shared, &root, why, &Between::Nothing);
             while let Ok(input) = inputs.try_recv() {
                 d.input(input);
             }
