@@ -139,32 +139,58 @@ fn delete_after_counts_from_when_a_file_was_moved_in() {
 }
 
 /// What a crash between a delete's rename aside and its unlink leaves: the
-/// file under a hidden name, set aside by a process that is gone. With
-/// deletion turned off before the restart no delete attempt comes back for
-/// it, so the start's scan puts it back under its name, and it is uploaded.
+/// uploaded file under a hidden name, set aside by a process that is gone.
+/// With deletion turned off before the restart no delete attempt comes back
+/// for it, so the start's scan puts it back under its name (its record names
+/// that very file).
 #[test]
 fn a_file_a_crashed_delete_set_aside_is_back_after_a_restart() {
     let env = TestEnv::new();
     let s3 = S3Server::start_for(&env);
     env.write_config(&Cfg::new(&s3.endpoint()));
-    // A first run sets the managed-since mark, as the run that crashed did:
-    // the file set aside is newer. (Written before the first run, its
-    // ctime, which the rename back sets from the kernel's coarse clock, could
-    // fall just before the mark taken a millisecond earlier.)
-    Daemon::start(&env, &[]).stop();
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    // Set aside by pid 2147483646, above any pid_max: no such process.
-    let hidden = env.path("sub/.offloadd-del-2147483646-0-a.png");
-    write_file(&hidden, b"set aside before the crash");
     let daemon = Daemon::start(&env, &[]);
-    wait_until(LONG, "sub/a.png back under its name and uploaded", || {
-        s3.object_bytes("sub/a.png").as_deref() == Some(&b"set aside before the crash"[..])
+    write_and_wait(&env, &s3, "sub/a.png", b"set aside before the crash");
+    daemon.stop();
+    // The delete's rename aside, by pid 2147483646, above any pid_max: no
+    // such process.
+    let hidden = env.path("sub/.offloadd-del-2147483646-0-a.png");
+    std::fs::rename(env.path("sub/a.png"), &hidden).unwrap();
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "sub/a.png back under its name", || {
+        env.path("sub/a.png").exists()
     });
     assert_eq!(
         std::fs::read(env.path("sub/a.png")).unwrap(),
         b"set aside before the crash"
     );
     assert!(!hidden.exists());
+    assert_eq!(
+        s3.object_bytes("sub/a.png").as_deref(),
+        Some(&b"set aside before the crash"[..])
+    );
+    daemon.stop();
+}
+
+/// A leftover whose version nothing tells (no upload recorded at its name:
+/// `offloadd delete` removed it, or a lost database was not rebuilt) stays
+/// hidden: put back, it could replace a newer object.
+#[test]
+fn a_leftover_no_record_tells_the_version_of_stays_hidden() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    let hidden = env.path("sub/.offloadd-del-2147483646-0-a.png");
+    write_file(&hidden, b"of no known version");
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "the scan to leave it, or not", || {
+        daemon
+            .stderr()
+            .contains("the records no longer tell whether it is older")
+            || env.path("sub/a.png").exists()
+    });
+    assert!(!env.path("sub/a.png").exists());
+    assert_eq!(std::fs::read(&hidden).unwrap(), b"of no known version");
+    assert!(!s3.has("sub/a.png"));
     daemon.stop();
 }
 
@@ -205,7 +231,9 @@ fn an_older_version_a_crashed_delete_set_aside_never_replaces_a_newer_upload() {
 
     let mut daemon = Daemon::start(&env, &[]);
     wait_until(LONG, "the scan to leave the older version, or not", || {
-        daemon.stderr().contains("holds an older version of")
+        daemon
+            .stderr()
+            .contains("a newer file at that name was uploaded since")
             || s3.object_bytes("sub/a.png").as_deref() != Some(&b"the newer version"[..])
     });
     sleep(Duration::from_millis(500));
@@ -216,5 +244,21 @@ fn an_older_version_a_crashed_delete_set_aside_never_replaces_a_newer_upload() {
     assert!(!env.path("sub/a.png").exists());
     assert_eq!(std::fs::read(&hidden).unwrap(), b"the older version");
     daemon.check_no_secret();
+    daemon.stop();
+
+    // The database lost: the record rebuilt from the bucket has no file to
+    // compare with, so nothing tells which version is newer.
+    std::fs::remove_dir_all(env.state_dir.join("db")).unwrap();
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "the scan after the rebuild to leave it, or not", || {
+        daemon.stderr().contains("the records no longer tell whether it is older")
+            || s3.object_bytes("sub/a.png").as_deref() != Some(&b"the newer version"[..])
+    });
+    sleep(Duration::from_millis(500));
+    assert_eq!(
+        s3.object_bytes("sub/a.png").as_deref(),
+        Some(&b"the newer version"[..])
+    );
+    assert_eq!(std::fs::read(&hidden).unwrap(), b"the older version");
     daemon.stop();
 }

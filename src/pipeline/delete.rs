@@ -34,10 +34,11 @@
 //! the hidden name carries the name it came from, and the next attempt puts
 //! it back there (never over anything) and has it uploaded. Where no next
 //! attempt comes (deletion turned off since), a scan of the tree puts such
-//! files back ([`restore_leftover`]). Neither puts back a file set aside
-//! before the upload recorded at its name was written there: that is an
-//! older version, and uploaded again it would replace the newer object in the
-//! bucket. It stays under its hidden name, and the log says so.
+//! files back ([`restore_leftover`]). Both put a file back only where the
+//! upload recorded at its name is of that file, or of one changed before it
+//! was set aside ([`may_go_back`]): else it may be an older version, which
+//! uploaded again would replace the newer object in the bucket. It stays
+//! under its hidden name, and the log says so.
 
 use crate::pipeline::finished::{FileIdentity, Lease};
 use crate::pipeline::localfs::{self, Call};
@@ -410,36 +411,41 @@ fn gone(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
 }
 
 /// What the records say of the name a file set aside would go back to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub enum Recorded {
-    /// No upload is recorded at the name.
-    Nothing,
     /// The file whose upload is recorded at the name.
     File(FileIdentity),
-    /// The records cannot be read now: the file stays aside until a later
-    /// scan.
-    Unknown,
+    /// Nothing that tells the file's version: no upload recorded at the name
+    /// any more (`offloadd delete`, a lost database not rebuilt), or one
+    /// rebuilt from the bucket after its local copy was gone.
+    Untold,
+    /// The records cannot be read now: the file waits for a later scan.
+    Unreadable,
 }
 
 /// Whether `aside` (the file under `hidden`, set aside from `to`) may go
-/// back under its name. Not if a newer file's upload is recorded there: one
-/// changed (written, or moved in) after this one was set aside, which the
-/// rename aside dated by the ctime it gave. Put back, the older file would
-/// be uploaded over the newer object. That one stays hidden, and the log
-/// says so; where the records cannot be read, it waits for a later scan.
+/// back under its name: only where the upload recorded there is of this
+/// very file, or of one last changed before this one was set aside (which
+/// the rename aside dated by the ctime it gave; the same coarse tick counts
+/// as after). A file set aside is always one a record named, or one that
+/// took that file's name during its delete: with no record to compare, or
+/// a record of a file changed since (written, or moved in), it may be an
+/// older version, which put back would be uploaded over the newer object.
+/// That one stays hidden, and the log says so; where the records cannot be
+/// read, it waits for a later scan.
 fn may_go_back(hidden: &Path, to: &Path, aside: &FileIdentity, recorded: &Recorded) -> bool {
-    let newer = match recorded {
-        Recorded::Nothing => return true,
-        Recorded::Unknown => return false,
-        Recorded::File(file) => file,
+    let why = match recorded {
+        Recorded::Unreadable => return false,
+        Recorded::File(file) if file.same_contents(aside) || file.ctime_ns < aside.ctime_ns => {
+            return true
+        }
+        Recorded::File(_) => "a newer file at that name was uploaded since",
+        Recorded::Untold => "the records no longer tell whether it is older than what was uploaded from there (a database rebuilt from the bucket, or `offloadd delete`)",
     };
-    if newer.same_contents(aside) || newer.ctime_ns <= aside.ctime_ns {
-        return true;
-    }
     tracing::warn!(
         path = %to.display(),
         aside = %hidden.display(),
-        "{} holds an older version of {}, set aside by a delete that a crash cut short; a newer file at that name was uploaded since, so it is not put back (it would be uploaded over the newer object); it stays there: delete it, or move it back by hand if it is the version you want",
+        "{} holds a version of {} set aside by an earlier delete; {why}, so it is not put back (it could replace a newer object in the bucket); it stays there: delete it, or move it back by hand if it is the version you want",
         hidden.display(),
         to.display()
     );
@@ -449,8 +455,8 @@ fn may_go_back(hidden: &Path, to: &Path, aside: &FileIdentity, recorded: &Record
 /// A hidden name found by a scan of the tree. If the process that set the
 /// file aside is gone (a crash cut its delete short) and no delete of this
 /// process uses the name, the file goes back under the name it came from,
-/// never over anything, unless the records (`recorded_at` the name it would
-/// go back to) show it is an older version ([`may_go_back`]): the watcher
+/// never over anything, where the records (`recorded_at` the name it would
+/// go back to) show it is not an older version ([`may_go_back`]): the watcher
 /// then sees it moved in, and it is uploaded again and deleted by the rules
 /// in force. This covers what the next attempt of the delete does not see:
 /// deletion turned off since, or the item gone. One set aside by a live
@@ -790,10 +796,18 @@ mod tests {
         let dead = 2_147_483_646u32;
         assert!(!process_alive(dead) && process_alive(1));
 
+        // What the records name at each name: a file changed before any
+        // of these were set aside (the upload whose delete a crash cut
+        // short, with another file taking its name meanwhile).
+        let recorded_file = at("recorded");
+        std::fs::write(&recorded_file, b"v0").unwrap();
+        let before = Recorded::File(identity(&recorded_file));
+        std::thread::sleep(std::time::Duration::from_millis(30));
+
         let hidden = at(&format!(".offloadd-del-{dead}-0-a.png"));
         std::fs::write(&hidden, b"a").unwrap();
         assert!(is_set_aside(&hidden));
-        restore_leftover(&hidden, |_| Recorded::Nothing);
+        restore_leftover(&hidden, |_| before);
         assert_eq!(
             std::fs::read(at("a.png")).unwrap(),
             b"a",
@@ -803,14 +817,14 @@ mod tests {
 
         // Its name taken meanwhile: both stay as they are.
         std::fs::write(&hidden, b"old").unwrap();
-        restore_leftover(&hidden, |_| Recorded::Nothing);
+        restore_leftover(&hidden, |_| before);
         assert_eq!(std::fs::read(at("a.png")).unwrap(), b"a");
         assert_eq!(std::fs::read(&hidden).unwrap(), b"old");
 
         // Set aside by a live process (another instance): left to it.
         let live = at(".offloadd-del-1-0-b.png");
         std::fs::write(&live, b"b").unwrap();
-        restore_leftover(&live, |_| Recorded::Nothing);
+        restore_leftover(&live, |_| before);
         assert!(live.exists() && !at("b.png").exists());
 
         // This very pid (a container restarted): only when no delete of
@@ -818,16 +832,16 @@ mod tests {
         let ours = at(&format!(".offloadd-del-{}-999-c.png", std::process::id()));
         std::fs::write(&ours, b"c").unwrap();
         let in_use = Aside::claim(ours.clone()).unwrap();
-        restore_leftover(&ours, |_| Recorded::Nothing);
+        restore_leftover(&ours, |_| before);
         assert!(ours.exists());
         drop(in_use);
-        restore_leftover(&ours, |_| Recorded::Nothing);
+        restore_leftover(&ours, |_| before);
         assert_eq!(std::fs::read(at("c.png")).unwrap(), b"c");
 
         // A name too long to say where it came from: stays.
         let nameless = at(&format!(".offloadd-del-{dead}-1"));
         std::fs::write(&nameless, b"d").unwrap();
-        restore_leftover(&nameless, |_| Recorded::Nothing);
+        restore_leftover(&nameless, |_| before);
         assert!(nameless.exists());
     }
 
@@ -861,8 +875,18 @@ mod tests {
         assert_eq!(asked.as_deref(), Some(at("a.png").as_path()));
         assert!(!at("a.png").exists(), "an older version is not put back");
         assert_eq!(std::fs::read(&hidden).unwrap(), b"v1");
-        restore_leftover(&hidden, |_| Recorded::Unknown);
+        restore_leftover(&hidden, |_| Recorded::Unreadable);
         assert!(!at("a.png").exists(), "records unread: it waits");
+        restore_leftover(&hidden, |_| Recorded::Untold);
+        assert!(!at("a.png").exists(), "nothing tells its version");
+        // A newer file that took the name in the same coarse tick as the
+        // rename aside.
+        let same_tick = FileIdentity {
+            ino: newer.ino,
+            ..identity(&hidden)
+        };
+        restore_leftover(&hidden, |_| Recorded::File(same_tick));
+        assert!(!at("a.png").exists(), "the same tick counts as after");
 
         // The same under a delete of the newer file's record that finds the
         // name gone.

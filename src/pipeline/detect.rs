@@ -265,9 +265,9 @@ pub type RecordsAt = Arc<dyn Fn(&ItemKey) -> delete::Recorded + Send + Sync>;
 /// [`RecordsAt`] from the queue's records.
 pub fn records_in(queue: Arc<Queue>) -> RecordsAt {
     Arc::new(move |key| match queue.record(key) {
-        Ok(Some(record)) => delete::Recorded::File(record.identity),
-        Ok(None) => delete::Recorded::Nothing,
-        Err(_) => delete::Recorded::Unknown,
+        Ok(Some(record)) if record.identity.was_seen() => delete::Recorded::File(record.identity),
+        Ok(_) => delete::Recorded::Untold,
+        Err(_) => delete::Recorded::Unreadable,
     })
 }
 
@@ -1056,7 +1056,7 @@ fn walk(shared: &WalkerShared, dir: &Path, between: &Between) -> (usize, usize) 
         if ft.is_file() && is_set_aside(entry.path()) {
             delete::restore_leftover(entry.path(), |to| {
                 ItemKey::of(&rules.root, to)
-                    .map_or(delete::Recorded::Nothing, |key| (shared.records)(&key))
+                    .map_or(delete::Recorded::Untold, |key| (shared.records)(&key))
             });
             continue;
         }
@@ -1232,7 +1232,7 @@ mod tests {
             unwatch_all: AtomicBool::new(false),
             held: Held::default(),
             scans: ScanProgress::default(),
-            records: Arc::new(|_| delete::Recorded::Nothing),
+            records: Arc::new(|_| delete::Recorded::Untold),
         });
         let (walks, wrx) = std::sync::mpsc::sync_channel(1);
         let d = Detect {

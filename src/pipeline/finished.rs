@@ -34,6 +34,24 @@ impl FileIdentity {
         }
     }
 
+    /// The identity of a file that was not there to be looked at (a record
+    /// rebuilt from the bucket after its local copy was gone): inode 0,
+    /// which no file has.
+    pub fn unseen(size: u64) -> Self {
+        FileIdentity {
+            dev: 0,
+            ino: 0,
+            size,
+            mtime_ns: 0,
+            ctime_ns: 0,
+        }
+    }
+
+    /// Whether this is a file that was looked at (see [`FileIdentity::unseen`]).
+    pub fn was_seen(&self) -> bool {
+        self.ino != 0
+    }
+
     /// The later of mtime and ctime, in nanoseconds since the epoch.
     pub fn changed_ns(&self) -> i128 {
         self.mtime_ns.max(self.ctime_ns)

@@ -164,16 +164,7 @@ fn judge(
         // Not readable now (permissions, I/O): no verdict; the catch-up scan
         // finds the file if it is there.
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Verdict::Skip,
-        Err(_) => {
-            let gone = FileIdentity {
-                dev: 0,
-                ino: 0,
-                size: o.size,
-                mtime_ns: 0,
-                ctime_ns: 0,
-            };
-            return Verdict::Restore(record(gone, Local::Deleted));
-        }
+        Err(_) => return Verdict::Restore(record(FileIdentity::unseen(o.size), Local::Deleted)),
     };
     let identity = FileIdentity::of(&meta);
     // A file older than the mark is left for `backfill`, one the rules leave
