@@ -250,10 +250,16 @@ fn an_older_version_a_crashed_delete_set_aside_never_replaces_a_newer_upload() {
     // compare with, so nothing tells which version is newer.
     std::fs::remove_dir_all(env.state_dir.join("db")).unwrap();
     let daemon = Daemon::start(&env, &[]);
-    wait_until(LONG, "the scan after the rebuild to leave it, or not", || {
-        daemon.stderr().contains("the records no longer tell whether it is older")
-            || s3.object_bytes("sub/a.png").as_deref() != Some(&b"the newer version"[..])
-    });
+    wait_until(
+        LONG,
+        "the scan after the rebuild to leave it, or not",
+        || {
+            daemon
+                .stderr()
+                .contains("the records no longer tell whether it is older")
+                || s3.object_bytes("sub/a.png").as_deref() != Some(&b"the newer version"[..])
+        },
+    );
     sleep(Duration::from_millis(500));
     assert_eq!(
         s3.object_bytes("sub/a.png").as_deref(),

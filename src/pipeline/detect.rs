@@ -9,8 +9,11 @@
 //!   writing (or renamed into place) and then left untouched for `settle`; a
 //!   file whose close was never seen (a hard link, a lost event) is probed
 //!   for writers about once a second, and listed in `status` meanwhile;
-//!   where the kernel will not answer, it waits for its close or for a scan,
-//!   which takes it over (by the scan rule below) and ends the wait;
+//!   where the kernel will not answer, one seen written waits for its close
+//!   however long its writer pauses (scans leave it alone, unless file events
+//!   were lost since), and one only seen created (a hard link, `O_TMPFILE`
+//!   linked in) waits for its close or for a scan, which takes it over (by
+//!   the scan rule below) and ends the wait;
 //! - a file found by a scan is finished once its size and mtime stay the same
 //!   for `settle` (at once if it is older than that; the scheduler's upload
 //!   gate then checks for writers);
@@ -47,7 +50,7 @@ use notify::event::{
     AccessKind, AccessMode, CreateKind, EventKind, EventKindMask, ModifyKind, RenameMode,
 };
 use notify::{RecursiveMode, Watcher as _};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -90,7 +93,12 @@ pub struct Candidate {
 /// What the watcher knows of a path it has not handed on yet.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Phase {
-    /// Seen being created or written, and not closed after writing since.
+    /// Seen created, nothing written since: a hard link, `O_TMPFILE` linked
+    /// in, or a writer that has not written yet. Its close may never come.
+    Created,
+    /// Seen being written, and not closed after writing since: a writer has
+    /// it open, however long it pauses, until its close is seen (or events
+    /// were lost, which makes it `Created`).
     Writing,
     /// Closed after writing (or renamed into place).
     Closed,
@@ -100,6 +108,13 @@ enum Phase {
         mtime_ns: i128,
         at: Instant,
     },
+}
+
+impl Phase {
+    /// Seen created or written, its close not seen since.
+    fn open(&self) -> bool {
+        matches!(self, Phase::Created | Phase::Writing)
+    }
 }
 
 #[derive(Debug)]
@@ -292,6 +307,11 @@ struct WalkerShared {
     held: Held,
     scans: ScanProgress,
     records: RecordsAt,
+    /// Files the loop has seen being written and not closed since: a scan
+    /// leaves them to their close, even where they look quiet (a writer
+    /// paused for longer than `settle`) and the kernel will not say whether
+    /// a writer holds them.
+    writing: Mutex<HashSet<PathBuf>>,
 }
 
 /// A watcher with its kernel resources taken (the inotify instance, the
@@ -352,6 +372,7 @@ pub fn prepare(what: Watching, links: Links) -> notify::Result<Prepared> {
         held: Held::default(),
         scans: ScanProgress::default(),
         records,
+        writing: Mutex::default(),
     });
     let (walks_tx, walks_rx) = std::sync::mpsc::sync_channel::<(PathBuf, Why)>(WALK_QUEUE);
     let walker_shared = shared.clone();
@@ -531,20 +552,21 @@ impl Detect {
                 let now = Instant::now();
                 for (abs, size, mtime_ns) in files {
                     match self.pending.get_mut(&abs) {
-                        // Seen being written and never closed: ask the kernel.
-                        Some(p) if p.phase == Phase::Writing => {
-                            match finished::open_for_writing(&abs) {
-                                Some(true) => {}
-                                Some(false) => p.phase = Phase::Closed,
-                                None => {
-                                    p.phase = Phase::Scanned {
-                                        size,
-                                        mtime_ns,
-                                        at: now,
-                                    }
+                        // Seen created or written and never closed: ask the
+                        // kernel. Where it will not tell, one seen written
+                        // waits for its close.
+                        Some(p) if p.phase.open() => match finished::open_for_writing(&abs) {
+                            Some(true) => {}
+                            Some(false) => p.phase = Phase::Closed,
+                            None if p.phase == Phase::Writing => {}
+                            None => {
+                                p.phase = Phase::Scanned {
+                                    size,
+                                    mtime_ns,
+                                    at: now,
                                 }
                             }
-                        }
+                        },
                         Some(_) => {}
                         None => {
                             self.pending.insert(
@@ -579,20 +601,49 @@ impl Detect {
     /// A walk of `dir` begun at `began` ended: it looked at every file under
     /// it that it could reach, handing the quiet ones over and passing the
     /// others on to settle (`Walked`, taken before this; there a recent one
-    /// whose writer the kernel will not report became `Scanned`). A file
-    /// seen being written only before the walk began, whose writer the
-    /// kernel will not report, waited for its close or for such a walk
+    /// whose writer the kernel will not report became `Scanned`), except
+    /// those seen being written (`Writing`), which wait for their close. A
+    /// file seen created only before the walk began, whose writer the kernel
+    /// will not report, waited for its close or for such a walk
     /// (`probe_writers`), which handed it over or left it alone (older than
     /// the managed-since mark, excluded, out of reach): it waits no more, so
     /// that it is neither kept nor listed in `status` for ever. One the
     /// kernel answers for is left to the probe.
     fn walk_ended(&mut self, dir: &Path, began: Instant) {
         self.pending.retain(|path, p| {
-            p.phase != Phase::Writing
+            p.phase != Phase::Created
                 || p.last_event >= began
                 || !path.starts_with(dir)
                 || finished::open_for_writing(path).is_some()
         });
+    }
+
+    /// File events were lost (an overflow, here or in the kernel): a close
+    /// may be among them, so a file seen being written waits for its close no
+    /// more than one seen created (a scan takes it over), and the tree is
+    /// rescanned.
+    fn events_lost(&mut self) {
+        for p in self.pending.values_mut() {
+            if p.phase == Phase::Writing {
+                p.phase = Phase::Created;
+            }
+        }
+        self.rescan(Why::Overflow);
+    }
+
+    /// The paths seen being written, for the walker (see
+    /// [`WalkerShared::writing`]); refreshed every tick.
+    fn share_writing(&self) {
+        let writing: HashSet<PathBuf> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.phase == Phase::Writing)
+            .map(|(path, _)| path.clone())
+            .collect();
+        let mut shared = self.shared.writing.lock().expect("writing lock");
+        if *shared != writing {
+            *shared = writing;
+        }
     }
 
     /// The root is back: every watch is added again and the tree rescanned.
@@ -641,13 +692,13 @@ impl Detect {
             Ok(ev) => ev,
             Err(e) => {
                 tracing::warn!(error = %e, "file watching reported an error; rescanning");
-                self.rescan(Why::Overflow);
+                self.events_lost();
                 return;
             }
         };
         if ev.need_rescan() {
             tracing::warn!("the kernel's file-event queue overflowed; rescanning the tree");
-            self.rescan(Why::Overflow);
+            self.events_lost();
             return;
         }
         match ev.kind {
@@ -661,7 +712,7 @@ impl Detect {
                     match std::fs::symlink_metadata(p) {
                         Ok(m) if m.is_dir() => self.walk(p.clone(), Why::NewDirectory),
                         Ok(m) if m.file_type().is_symlink() => self.touch(p, Some(Phase::Closed)),
-                        _ => self.touch(p, Some(Phase::Writing)),
+                        _ => self.touch(p, Some(Phase::Created)),
                     }
                 }
             }
@@ -729,7 +780,7 @@ impl Detect {
                 capacity = EVENT_QUEUE,
                 "file events arrived faster than they could be handled and some were dropped; rescanning the tree"
             );
-            self.rescan(Why::Overflow);
+            self.events_lost();
         }
         if self.rescan_when_drained && self.out.capacity() * 2 >= self.out.max_capacity() {
             self.rescan_when_drained = false;
@@ -760,6 +811,7 @@ impl Detect {
         self.probe_writers();
         self.hand_over_held();
         self.settle_due();
+        self.share_writing();
         if self.last_publish.elapsed() >= Duration::from_secs(1) {
             self.last_publish = Instant::now();
             self.publish();
@@ -778,7 +830,7 @@ impl Detect {
             if probed >= PROBES_PER_TICK {
                 break;
             }
-            if p.phase != Phase::Writing
+            if !p.phase.open()
                 || now.duration_since(p.last_event) < quiet
                 || now.duration_since(p.last_probe) < WRITER_PROBE_EVERY
             {
@@ -793,8 +845,8 @@ impl Detect {
                     p.phase = Phase::Closed;
                 }
                 // The kernel will not tell: a regular file keeps waiting for
-                // its close or a scan (`walk_ended`); anything else at the
-                // name, or nothing, is not waited for.
+                // its close (or, `Created`, a scan: `walk_ended`); anything
+                // else at the name, or nothing, is not waited for.
                 None => {
                     if !std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
                         gone.push(path.clone());
@@ -812,7 +864,7 @@ impl Detect {
         let writing: Vec<&PathBuf> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.phase == Phase::Writing)
+            .filter(|(_, p)| p.phase.open())
             .map(|(k, _)| k)
             .collect();
         let count = writing.len() as u64;
@@ -859,7 +911,7 @@ impl Detect {
                 continue;
             }
             match p.phase {
-                Phase::Writing => {}
+                Phase::Created | Phase::Writing => {}
                 Phase::Closed => done.push((path.clone(), Trigger::Event)),
                 Phase::Scanned { size, mtime_ns, at } => {
                     if now.duration_since(at) < settle {
@@ -1074,6 +1126,15 @@ fn walk(shared: &WalkerShared, dir: &Path, between: &Between) -> (usize, usize) 
             between.take_walks(shared);
         }
         let quiet = now_ns() - identity.mtime_ns >= settle_ns;
+        if quiet
+            && shared
+                .writing
+                .lock()
+                .expect("writing lock")
+                .contains(entry.path())
+        {
+            continue;
+        }
         if quiet || ft.is_symlink() {
             let c = Candidate {
                 abs: entry.into_path(),
@@ -1233,6 +1294,7 @@ mod tests {
             held: Held::default(),
             scans: ScanProgress::default(),
             records: Arc::new(|_| delete::Recorded::Untold),
+            writing: Mutex::default(),
         });
         let (walks, wrx) = std::sync::mpsc::sync_channel(1);
         let d = Detect {
@@ -1705,7 +1767,7 @@ mod tests {
         true
     }
 
-    /// A file seen being written whose close is never seen (a finished file
+    /// A file seen created whose close is never seen (a finished file
     /// hard-linked into the tree, say), where the kernel will not tell
     /// whether a writer holds it: it waits, listed in `status`, until a scan
     /// hands it over, and then waits no more.
@@ -1723,7 +1785,7 @@ mod tests {
             let (mut d, mut rx, walks, mut inputs) = detect_with_inputs(dir.path(), 4);
             let old = Instant::now() - Duration::from_secs(10);
             d.pending
-                .insert(linked.clone(), pending(Phase::Writing, old));
+                .insert(linked.clone(), pending(Phase::Created, old));
             d.tick();
             assert!(
                 d.pending.contains_key(&linked),
@@ -1741,6 +1803,48 @@ mod tests {
             assert!(!d.pending.contains_key(&linked), "and it waits no more");
             d.publish();
             assert_eq!(d.live.shown().writers_waiting, 0);
+        })
+        .join()
+        .unwrap();
+    }
+    /// A file seen being written whose writer paused for longer than
+    /// `settle`, where the kernel will not tell whether a writer holds it:
+    /// a scan finds it quiet but leaves it to its close (taken, it would be
+    /// uploaded torn, and deleted under its writer); once file events were
+    /// lost, its close may be among them, and the next scan takes it over.
+    #[test]
+    fn a_paused_writer_the_probe_cannot_answer_for_keeps_its_file_from_scans() {
+        std::thread::spawn(|| {
+            let dir = tempfile::tempdir().unwrap();
+            quiet_files(dir.path(), 1);
+            let written = dir.path().join("0.jpg");
+            if !probe_cannot_answer(&written) {
+                return;
+            }
+            let (mut d, mut rx, walks, mut inputs) = detect_with_inputs(dir.path(), 4);
+            let old = Instant::now() - Duration::from_secs(10);
+            d.pending
+                .insert(written.clone(), pending(Phase::Writing, old));
+            let scan = |d: &mut Detect, inputs: &mut mpsc::Receiver<Input>| {
+                d.tick();
+                d.rescan(Why::Periodic);
+                d.tick();
+                let (root, why) = walks.try_recv().unwrap();
+                walk_and_report(&d.shared, &root, why, &Between::Nothing);
+                while let Ok(input) = inputs.try_recv() {
+                    d.input(input);
+                }
+                d.tick();
+            };
+            scan(&mut d, &mut inputs);
+            assert!(rx.try_recv().is_err(), "the scan left it to its close");
+            assert_eq!(d.pending[&written].phase, Phase::Writing);
+            d.publish();
+            assert_eq!(d.live.shown().writers_waiting, 1, "listed as waiting");
+
+            d.dropped.store(true, Ordering::Relaxed);
+            scan(&mut d, &mut inputs);
+            assert_eq!(rx.try_recv().unwrap().abs, written, "events were lost");
         })
         .join()
         .unwrap();
