@@ -741,6 +741,13 @@ impl Detect {
                     _ => (None, None),
                 };
                 if let Some(from) = from {
+                    // The root moved away (and maybe back before the root
+                    // guard's next look): what waited is forgotten below,
+                    // so the root's return rescans it.
+                    if *from == self.rules.root && !self.root_lost {
+                        tracing::warn!(root = %from.display(), "the root was moved away; watching again once it is back");
+                        self.root_lost = true;
+                    }
                     self.pending.remove(from);
                     self.forget_dir(from);
                 }
@@ -1437,6 +1444,26 @@ mod tests {
         assert!(!d.root_lost);
         d.tick();
         assert!(walks.try_recv().is_err(), "once");
+    }
+
+    /// The root moved away and back at once (before the root guard looked):
+    /// the files that waited to settle were forgotten with its watches, so
+    /// its return rescans the tree.
+    #[tokio::test]
+    async fn a_root_moved_away_and_back_is_rescanned() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut d, _rx, walks) = detect_at(dir.path());
+        let root = d.rules.root.clone();
+        walk(&d.shared, &root, &Between::Nothing);
+        let waiting = root.join("a.png");
+        d.pending
+            .insert(waiting.clone(), pending(Phase::Closed, Instant::now()));
+        let moved = notify::Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::From)))
+            .add_path(root.clone());
+        d.event(Ok(moved));
+        assert!(!d.pending.contains_key(&waiting));
+        d.tick();
+        assert_eq!(walks.try_recv().unwrap(), (root.clone(), Why::RootBack));
     }
 
     /// The root is back (the root guard says so): every watch is removed
