@@ -117,3 +117,67 @@ fn a_folder_the_service_may_not_read_is_named_with_the_fix() {
     assert!(private.join("late.png").exists());
     daemon.stop();
 }
+
+/// A file the service user may not read is parked with what to do; once
+/// fixed, `offloadd retry` uploads it.
+#[test]
+fn a_file_the_service_may_not_read_is_parked_with_the_fix_and_retried() {
+    use std::os::unix::fs::{chown, PermissionsExt};
+    if !require(is_root(), "root (to run the daemon as nobody)") {
+        return;
+    }
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    const NOBODY: u32 = 65534;
+    let mode = |p: &std::path::Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    for p in [
+        &env.config_path,
+        &env.secret_file,
+        &env.state_dir,
+        &env.root,
+    ] {
+        chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    mode(env.dir.path(), 0o777);
+
+    let mut daemon = Daemon::spawn_as_nobody(&env);
+    daemon.wait_ready();
+    let private = env.path("private.png");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&private)
+            .unwrap();
+        f.write_all(b"the application's alone").unwrap();
+    }
+    wait_until(LONG, "the unreadable file parked", || {
+        failed_with(&env.status(), "permission denied").is_some()
+    });
+    let st = env.status();
+    let reason = failed_with(&st, "permission denied").unwrap()["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        reason.contains("give the offloadd user read access")
+            && reason.ends_with("then run `offloadd retry`"),
+        "{st}"
+    );
+    assert!(!s3.has("private.png"));
+
+    mode(&private, 0o644);
+    let (code, out, err) = env.cli(&["retry", "--all"]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_until(LONG, "uploaded after the retry", || {
+        s3.object_bytes("private.png").as_deref() == Some(&b"the application's alone"[..])
+    });
+    assert!(daemon.alive());
+    daemon.stop();
+}

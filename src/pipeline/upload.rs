@@ -98,14 +98,17 @@ fn open_error(abs: &Path, e: std::io::Error) -> UploadError {
     let message = match e.kind() {
         std::io::ErrorKind::NotFound => return UploadError::Vanished,
         std::io::ErrorKind::PermissionDenied => format!(
-            "cannot read {}: permission denied; give the offloadd user read access (shared group or default ACL: see /usr/share/doc/offloadd/README.md, packaging/README.md in the source)",
+            "cannot read {}: permission denied; give the offloadd user read access (shared group or default ACL: see /usr/share/doc/offloadd/README.md, packaging/README.md in the source), then run `offloadd retry`",
             abs.display()
         ),
         _ if e.raw_os_error() == Some(libc::ELOOP) => format!(
             "{} is a symbolic link; offloadd does not follow links",
             abs.display()
         ),
-        _ if counts == Counts::Park => format!("cannot read {}: {e}", abs.display()),
+        _ if counts == Counts::Park => format!(
+            "cannot read {}: {e}; fix that, then run `offloadd retry`",
+            abs.display()
+        ),
         _ => localfs::tried_again("cannot read", abs, &e),
     };
     UploadError::Local { message, counts }
