@@ -206,6 +206,9 @@ pub struct Scheduler {
     root: Arc<RootGuard>,
     live: Arc<Live>,
     plan: watch::Sender<Arc<Plan>>,
+    /// Held (shared) by each delete from its last look at the plan through
+    /// its unlink; a new plan is applied once it can be held alone.
+    deletes: Arc<tokio::sync::RwLock<()>>,
     uploader: Arc<Uploader>,
     /// Due items in memory, and how many more wait on disk only.
     lanes: Lanes,
@@ -283,6 +286,7 @@ impl Scheduler {
             root,
             live,
             plan: watch::channel(plan).0,
+            deletes: Arc::default(),
             uploader,
             lanes: Lanes::default(),
             backlog_cursor: Vec::new(),
@@ -877,6 +881,7 @@ impl Scheduler {
             queue: self.queue.clone(),
             root: self.root.clone(),
             plan: self.plan.subscribe(),
+            deletes: self.deletes.clone(),
             started: plan.clone(),
             uploader: self.uploader.clone(),
             metrics: self.metrics().clone(),
@@ -1482,7 +1487,13 @@ impl Scheduler {
                 applied,
             } => {
                 self.replan(plan, memory_limit);
-                let _ = applied.send(());
+                // Applied once no delete that read the old plan is still
+                // going (see `Worker::deletes`); waited for off the loop.
+                let deletes = self.deletes.clone();
+                tokio::spawn(async move {
+                    drop(deletes.write().await);
+                    let _ = applied.send(());
+                });
             }
         }
         self.publish();

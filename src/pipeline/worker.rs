@@ -93,6 +93,11 @@ pub struct Worker {
     pub root: Arc<RootGuard>,
     /// The plan in force now (read again at the instant of a delete).
     pub plan: watch::Receiver<Arc<Plan>>,
+    /// Held (shared) from that last read of the plan through the unlink: a
+    /// reload that turns deletion off is applied only once every delete that
+    /// read the old plan is done, and no delete begins under the old plan
+    /// after it.
+    pub deletes: Arc<tokio::sync::RwLock<()>>,
     /// The plan when the item was dispatched: an upload finishes where it started.
     pub started: Arc<Plan>,
     pub uploader: Arc<Uploader>,
@@ -329,6 +334,7 @@ impl Worker {
         }
         let abs = key.to_local(&plan.options.root);
         // The running plan once more, at the instant of the delete.
+        let applying = self.deletes.clone().read_owned().await;
         if self.plan.borrow().deletion() == Deletion::Keep {
             state!(self.queue.cancel_delete(key));
             return Outcome::Settled;
@@ -337,7 +343,9 @@ impl Worker {
             let abs = abs.clone();
             let root = plan.options.root.clone();
             tokio::task::spawn_blocking(move || {
-                (delete::delete_local(&root, &abs, &permit), permit)
+                let deleted = delete::delete_local(&root, &abs, &permit);
+                drop(applying);
+                (deleted, permit)
             })
             .await
             .expect("delete task never panics")

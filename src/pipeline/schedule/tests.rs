@@ -1724,3 +1724,39 @@ async fn a_provider_that_refuses_aborts_is_reported_once() {
     assert!(refusals().is_empty(), "the notice goes");
     h.stop().await;
 }
+
+/// A reload that turns deletion off is applied only once no delete that
+/// read the old plan is still going (one holds the gate from its last look
+/// at the plan through its unlink): after "reloaded", nothing is deleted.
+#[tokio::test(start_paused = true)]
+async fn a_new_plan_is_applied_once_the_deletes_that_read_the_old_one_are_done() {
+    let mut h = Harness::new(Deletion::After(Duration::ZERO));
+    h.stop().await;
+    let mut s = h.idle_scheduler();
+    let in_flight = s.deletes.clone().read_owned().await;
+    let (applied, done) = oneshot::channel();
+    s.command(Command::Replan {
+        plan: plan(&h.root, &h.store, Deletion::Keep),
+        memory_limit: MEMORY_LIMIT,
+        applied,
+    });
+    assert_eq!(
+        s.current().deletion(),
+        Deletion::Keep,
+        "in force for what follows"
+    );
+    let done = tokio::spawn(done);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(
+        !done.is_finished(),
+        "applied while a delete under the old plan went on"
+    );
+    // A delete that looks now waits behind the reload, then sees the new plan.
+    let later = s.deletes.clone();
+    let next = tokio::spawn(async move { later.read_owned().await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!next.is_finished());
+    drop(in_flight);
+    done.await.unwrap().unwrap();
+    next.await.unwrap();
+}
