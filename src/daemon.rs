@@ -514,6 +514,15 @@ impl Reloader {
             tracing::warn!("{w}");
         }
         let cur = Arc::new(Settings::build(new)?);
+        if let (Some(was), Some(now)) = (old.plan.target.store(), cur.plan.target.store()) {
+            let (was, now) = (was.provider(), now.provider());
+            if was.name == now.name && now.shares_keys_with(was) {
+                tracing::warn!(
+                    "{}",
+                    now.shared_keys_warning(was, "its prefix before this reload")
+                );
+            }
+        }
         // All or nothing: what can fail (a watcher needs inotify and a
         // thread) is taken before anything changes. Leaving local mode for
         // the first time needs a watcher.

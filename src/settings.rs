@@ -14,6 +14,7 @@ use crate::pipeline::timetable::{Limit, Timetable};
 use crate::pipeline::upload;
 use crate::remote::client::Client;
 use crate::statedir;
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 /// See the module docs.
@@ -82,7 +83,7 @@ impl Settings {
         };
         // Retired providers (`enabled: false`) too: records still name them,
         // so a rebuild lists them, and an upload begun there is aborted there.
-        let others = config
+        let others: BTreeMap<String, Arc<dyn crate::remote::store::Store>> = config
             .storage
             .providers
             .iter()
@@ -106,6 +107,16 @@ impl Settings {
                 }
             })
             .collect();
+        if let Target::Provider(active) = &target {
+            let active = active.provider();
+            for other in others.values() {
+                let other = other.provider();
+                if active.shares_keys_with(other) {
+                    let other_is = format!("provider `{}`", other.name);
+                    tracing::warn!("{}", active.shared_keys_warning(other, &other_is));
+                }
+            }
+        }
         let (mark_ns, unwritten_mark) = match (&target, statedir::mark::read(&config.state_dir)) {
             (_, Some(mark)) => (mark, None),
             (Target::Provider(_), None) => {

@@ -380,3 +380,28 @@ fn a_reload_whose_watcher_cannot_start_uploads_nothing() {
     assert!(daemon.alive());
     daemon.stop();
 }
+
+/// A reload that moves the active provider to a prefix nesting with its
+/// old one in the same bucket (`magicads` → `magicads/sub`): `sub/x.png`
+/// uploaded before and `x.png` uploaded after would share one object. The
+/// log says so, naming both prefixes.
+#[test]
+fn a_reload_to_a_nesting_prefix_in_the_same_bucket_is_warned_about() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let yaml = env.config_yaml(&Cfg::new(&s3.endpoint()));
+    env.write_raw_config(&yaml);
+    let daemon = Daemon::start(&env, &[]);
+    env.write_raw_config(&yaml.replace(
+        &format!("      prefix: {PREFIX}\n"),
+        &format!("      prefix: {PREFIX}/sub\n"),
+    ));
+    daemon.reload_and_wait("configuration reloaded");
+    let log = daemon.stop();
+    assert!(
+        log.contains(&format!(
+            "provider `{PROVIDER}` (prefix `{PREFIX}/sub`) and its prefix before this reload (prefix `{PREFIX}`) write to one bucket, {BUCKET}, under prefixes that nest"
+        )),
+        "{log}"
+    );
+}

@@ -233,6 +233,37 @@ impl Resolved {
         ObjectKey::new(&self.prefix, rel)
     }
 
+    /// Whether two different paths can name one object here and in `other`:
+    /// the same bucket at the same endpoint, under prefixes that nest
+    /// without being equal (`pre` and `pre/sub`: `sub/x.png` under the one
+    /// and `x.png` under the other; no prefix nests with any).
+    pub fn shares_keys_with(&self, other: &Resolved) -> bool {
+        let nests = |outer: &str, inner: &str| {
+            outer.is_empty()
+                || inner
+                    .strip_prefix(outer)
+                    .is_some_and(|r| r.starts_with('/'))
+        };
+        (&self.endpoint, &self.bucket) == (&other.endpoint, &other.bucket)
+            && self.prefix != other.prefix
+            && (nests(&self.prefix, &other.prefix) || nests(&other.prefix, &self.prefix))
+    }
+
+    /// The warning for [`Resolved::shares_keys_with`], naming both.
+    pub fn shared_keys_warning(&self, other: &Resolved, other_is: &str) -> String {
+        let shown = |p: &str| match p {
+            "" => "no prefix".to_string(),
+            p => format!("prefix `{p}`"),
+        };
+        format!(
+            "provider `{}` ({}) and {other_is} ({}) write to one bucket, {}, under prefixes that nest: one object can stand for a file under each, and an upload under the one replaces the other's; give them prefixes that do not nest",
+            self.name,
+            shown(&self.prefix),
+            shown(&other.prefix),
+            self.bucket,
+        )
+    }
+
     pub fn public_url(&self, key: &ObjectKey) -> Option<PublicUrl> {
         self.public_url_base
             .as_deref()
@@ -1120,6 +1151,37 @@ mod tests {
         assert_eq!(
             secret_env_var("r2-media.eu"),
             "OFFLOADD_R2_MEDIA_EU_SECRET_ACCESS_KEY"
+        );
+    }
+    /// Two sections on one bucket share object keys only where their
+    /// prefixes nest without being equal.
+    #[test]
+    fn nested_prefixes_on_one_bucket_share_keys() {
+        let at = |bucket: &str, prefix: &str| {
+            let mut r = resolved("kind: s3\nregion: eu-west-1\n");
+            r.bucket = bucket.into();
+            r.prefix = prefix.into();
+            r
+        };
+        let shares = |a: &Resolved, b: &Resolved| a.shares_keys_with(b) && b.shares_keys_with(a);
+        assert!(shares(&at("m", "pre"), &at("m", "pre/sub")));
+        assert!(shares(&at("m", ""), &at("m", "media")));
+        assert!(
+            !shares(&at("m", "pre"), &at("m", "pre")),
+            "equal: one mapping"
+        );
+        assert!(
+            !at("m", "pre").shares_keys_with(&at("m", "prefix")),
+            "not at a `/`"
+        );
+        assert!(!at("m", "pre").shares_keys_with(&at("other", "pre/sub")));
+        let mut elsewhere = at("m", "pre/sub");
+        elsewhere.endpoint = "https://minio.example".into();
+        assert!(!at("m", "pre").shares_keys_with(&elsewhere));
+        let text = at("m", "").shared_keys_warning(&at("m", "pre"), "provider `q`");
+        assert!(
+            text.starts_with("provider `p` (no prefix) and provider `q` (prefix `pre`) write to one bucket, m, under prefixes that nest"),
+            "{text}"
         );
     }
 }
