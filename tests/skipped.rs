@@ -58,22 +58,18 @@ fn non_utf8_name_and_outside_symlink_are_skipped_with_reasons() {
     );
 }
 
-/// The service user may not read one folder of the root: the log and
-/// `status` name it and say what to do, its file stays, and the rest of the
-/// tree is offloaded as ever.
-#[test]
-fn a_folder_the_service_may_not_read_is_named_with_the_fix() {
-    use std::os::unix::fs::{chown, PermissionsExt};
+/// A test directory whose config, secret, state and root belong to nobody,
+/// for a daemon run as nobody (`Daemon::spawn_as_nobody`); `None` (skip)
+/// without root, except in CI.
+fn served_as_nobody() -> Option<(TestEnv, S3Server)> {
+    use std::os::unix::fs::chown;
     if !require(is_root(), "root (to run the daemon as nobody)") {
-        return;
+        return None;
     }
     let env = TestEnv::new();
     let s3 = S3Server::start_for(&env);
     env.write_config(&Cfg::new(&s3.endpoint()));
     const NOBODY: u32 = 65534;
-    let mode = |p: &std::path::Path, m: u32| {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
-    };
     // What the service needs: its config and secret, its state and socket
     // directories, and the root.
     for p in [
@@ -85,6 +81,22 @@ fn a_folder_the_service_may_not_read_is_named_with_the_fix() {
         chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
     }
     mode(env.dir.path(), 0o777);
+    Some((env, s3))
+}
+
+fn mode(p: &std::path::Path, m: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+}
+
+/// The service user may not read one folder of the root: the log and
+/// `status` name it and say what to do, its file stays, and the rest of the
+/// tree is offloaded as ever.
+#[test]
+fn a_folder_the_service_may_not_read_is_named_with_the_fix() {
+    let Some((env, s3)) = served_as_nobody() else {
+        return;
+    };
     // The application's folder, private to it (root here).
     let private = env.path("private");
     std::fs::create_dir(&private).unwrap();
@@ -122,26 +134,9 @@ fn a_folder_the_service_may_not_read_is_named_with_the_fix() {
 /// fixed, `offloadd retry` uploads it.
 #[test]
 fn a_file_the_service_may_not_read_is_parked_with_the_fix_and_retried() {
-    use std::os::unix::fs::{chown, PermissionsExt};
-    if !require(is_root(), "root (to run the daemon as nobody)") {
+    let Some((env, s3)) = served_as_nobody() else {
         return;
-    }
-    let env = TestEnv::new();
-    let s3 = S3Server::start_for(&env);
-    env.write_config(&Cfg::new(&s3.endpoint()));
-    const NOBODY: u32 = 65534;
-    let mode = |p: &std::path::Path, m: u32| {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
     };
-    for p in [
-        &env.config_path,
-        &env.secret_file,
-        &env.state_dir,
-        &env.root,
-    ] {
-        chown(p, Some(NOBODY), Some(NOBODY)).unwrap();
-    }
-    mode(env.dir.path(), 0o777);
 
     let mut daemon = Daemon::spawn_as_nobody(&env);
     daemon.wait_ready();
