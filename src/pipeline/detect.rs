@@ -10,8 +10,9 @@
 //!   file whose close was never seen (a hard link, a lost event) is probed
 //!   for writers about once a second, and listed in `status` meanwhile;
 //!   where the kernel will not answer, one seen written waits for its close
-//!   however long its writer pauses (scans leave it alone, unless file events
-//!   were lost since), and one only seen created (a hard link, `O_TMPFILE`
+//!   (scans leave it alone, unless file events were lost since) for up to
+//!   [`NO_CLOSE_AFTER_MIN`] minutes without an event, and one only seen
+//!   created (a hard link, `O_TMPFILE`
 //!   linked in) waits for its close or for a scan, which takes it over (by
 //!   the scan rule below) and ends the wait;
 //! - a file found by a scan is finished once its size and mtime stay the same
@@ -65,6 +66,11 @@ pub const EVENT_QUEUE: usize = 8192;
 const WALK_QUEUE: usize = 1024;
 /// Scanned files sent to this loop at once.
 const WALK_BATCH: usize = 512;
+/// A file seen written or created whose close is not seen, where the kernel
+/// will not say whether a writer holds it, waits this long without an event
+/// (minutes), then goes by the scan rule.
+const NO_CLOSE_AFTER_MIN: u64 = 10;
+const NO_CLOSE_AFTER: Duration = Duration::from_secs(NO_CLOSE_AFTER_MIN * 60);
 /// How often a file whose close was never seen is probed for writers.
 const WRITER_PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Files probed per tick at most.
@@ -589,6 +595,9 @@ impl Detect {
             Input::Reconfigure(rules, every) => {
                 *self.shared.rules.lock().expect("rules lock") = rules.clone();
                 self.rules = rules;
+                // Events of paths the new rules leave out are ignored, closes
+                // among them.
+                self.closes_may_be_lost();
                 if every != self.rescan_every {
                     self.rescan_every = every;
                     self.next_rescan = every.map(|d| Instant::now() + d);
@@ -623,12 +632,20 @@ impl Detect {
     /// more than one seen created (a scan takes it over), and the tree is
     /// rescanned.
     fn events_lost(&mut self) {
+        self.closes_may_be_lost();
+        self.rescan(Why::Overflow);
+    }
+
+    /// A file seen being written no longer waits for a close that may never
+    /// come (events lost, or ignored under other rules): it is `Created`, and
+    /// the walker learns so before it next looks.
+    fn closes_may_be_lost(&mut self) {
         for p in self.pending.values_mut() {
             if p.phase == Phase::Writing {
                 p.phase = Phase::Created;
             }
         }
-        self.rescan(Why::Overflow);
+        self.share_writing();
     }
 
     /// The paths seen being written, for the walker (see
@@ -654,6 +671,7 @@ impl Detect {
         // that has not begun (and so has not looked at this yet).
         self.shared.unwatch_all.store(true, Ordering::SeqCst);
         self.pending.clear();
+        self.share_writing();
         self.rescan(Why::RootBack);
     }
 
@@ -854,11 +872,21 @@ impl Detect {
                 // The kernel will not tell: a regular file keeps waiting for
                 // its close (or, `Created`, a scan: `walk_ended`); anything
                 // else at the name, or nothing, is not waited for.
-                None => {
-                    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
-                        gone.push(path.clone());
+                None => match std::fs::symlink_metadata(path) {
+                    // No event for this long, and no way to ask: a close
+                    // lost without a trace (a watch re-added after it, say)
+                    // must not keep it for ever. It goes by the scan rule.
+                    Ok(m) if m.is_file() && now.duration_since(p.last_event) >= NO_CLOSE_AFTER => {
+                        tracing::info!(path = %path.display(), "no close of {} seen in {NO_CLOSE_AFTER_MIN} minutes, and the kernel will not say whether a writer holds it; it counts as finished once its size and mtime stay the same for `settle`", path.display());
+                        p.phase = Phase::Scanned {
+                            size: m.len(),
+                            mtime_ns: FileIdentity::of(&m).mtime_ns,
+                            at: now,
+                        };
                     }
-                }
+                    Ok(m) if m.is_file() => {}
+                    _ => gone.push(path.clone()),
+                },
             }
         }
         for path in gone {
@@ -901,7 +929,7 @@ impl Detect {
         if let Some(why) = finished::unanswered_probe() {
             self.probe_warned = true;
             let text = format!(
-                "cannot tell whether a file is still open for writing: the kernel grants no lease here ({why}); a file found by a scan counts as finished once it is left untouched for `settle` (one seen being written waits for its close, or for a scan), so a writer pausing longer could have a torn copy uploaded; run offloadd with CAP_LEASE (its systemd unit has it), or have writers write `name.part` and rename it into place"
+                "cannot tell whether a file is still open for writing: the kernel grants no lease here ({why}); a file found by a scan counts as finished once it is left untouched for `settle` (one seen being written waits for its close, up to {NO_CLOSE_AFTER_MIN} minutes unchanged), so a writer pausing longer could have a torn copy uploaded; run offloadd with CAP_LEASE (its systemd unit has it), or have writers write `name.part` and rename it into place"
             );
             tracing::warn!("{text}");
             self.live.notice(text);
@@ -1868,6 +1896,30 @@ mod tests {
             assert_eq!(d.pending[&written].phase, Phase::Writing);
             d.publish();
             assert_eq!(d.live.shown().writers_waiting, 1, "listed as waiting");
+
+            // Nothing heard of it for ten minutes: it goes by the scan rule.
+            let long_ago = Instant::now() - NO_CLOSE_AFTER - Duration::from_secs(1);
+            let p = d.pending.get_mut(&written).unwrap();
+            (p.last_event, p.last_probe) = (long_ago, long_ago);
+            d.tick();
+            assert!(
+                matches!(d.pending[&written].phase, Phase::Scanned { .. }),
+                "{:?}",
+                d.pending[&written]
+            );
+            d.pending
+                .insert(written.clone(), pending(Phase::Writing, old));
+            d.tick();
+            assert!(d.shared.writing.lock().unwrap().contains(&written));
+            // Rules reloaded: a close under the old ones may have been
+            // ignored; the walker knows at once.
+            let rules = d.rules.clone();
+            d.input(Input::Reconfigure(rules, None));
+            assert_eq!(d.pending[&written].phase, Phase::Created);
+            assert!(d.shared.writing.lock().unwrap().is_empty());
+            d.pending
+                .insert(written.clone(), pending(Phase::Writing, old));
+            d.tick();
 
             d.dropped.store(true, Ordering::Relaxed);
             scan(&mut d, &mut inputs);
