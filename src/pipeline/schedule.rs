@@ -200,6 +200,9 @@ enum Done {
     },
 }
 
+/// How long a new plan waits for the deletes that read the old one.
+const DELETES_DRAIN: Duration = Duration::from_secs(30);
+
 /// The scheduler; run it with [`Scheduler::run`].
 pub struct Scheduler {
     queue: Arc<Queue>,
@@ -1489,9 +1492,16 @@ impl Scheduler {
                 self.replan(plan, memory_limit);
                 // Applied once no delete that read the old plan is still
                 // going (see `Worker::deletes`); waited for off the loop.
+                // A delete stuck in the kernel (a hung mount) holds it up
+                // for [`DELETES_DRAIN`] at most, and is named.
                 let deletes = self.deletes.clone();
                 tokio::spawn(async move {
-                    drop(deletes.write().await);
+                    if tokio::time::timeout(DELETES_DRAIN, deletes.write())
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!("a delete begun under the old configuration has not ended in {} s (a hung file system?); the new one is applied without waiting for it", DELETES_DRAIN.as_secs());
+                    }
                     let _ = applied.send(());
                 });
             }

@@ -1746,7 +1746,7 @@ async fn a_new_plan_is_applied_once_the_deletes_that_read_the_old_one_are_done()
         "in force for what follows"
     );
     let done = tokio::spawn(done);
-    tokio::time::sleep(Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
     assert!(
         !done.is_finished(),
         "applied while a delete under the old plan went on"
@@ -1758,5 +1758,20 @@ async fn a_new_plan_is_applied_once_the_deletes_that_read_the_old_one_are_done()
     assert!(!next.is_finished());
     drop(in_flight);
     done.await.unwrap().unwrap();
-    next.await.unwrap();
+    drop(next.await.unwrap());
+
+    // A delete stuck in the kernel holds a reload up for DELETES_DRAIN only.
+    let stuck = s.deletes.clone().read_owned().await;
+    let (applied, done) = oneshot::channel();
+    s.command(Command::Replan {
+        plan: plan(&h.root, &h.store, Deletion::After(Duration::ZERO)),
+        memory_limit: MEMORY_LIMIT,
+        applied,
+    });
+    let done = tokio::spawn(done);
+    tokio::time::sleep(DELETES_DRAIN - Duration::from_secs(1)).await;
+    assert!(!done.is_finished());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(done.is_finished(), "applied without the stuck delete");
+    drop(stuck);
 }
