@@ -62,6 +62,10 @@ pub fn is_set_aside(abs: &Path) -> bool {
         .is_some_and(|n| n.as_bytes().starts_with(ASIDE_PREFIX.as_bytes()))
 }
 
+/// How far the kernel's coarse clock (which stamps ctimes) may lag the
+/// precise one: a tick at HZ=100 is 10 ms.
+const COARSE_CLOCK_LAG_NS: i128 = 50_000_000;
+
 /// The longest file name Linux file systems take, in bytes.
 const NAME_MAX: usize = 255;
 
@@ -119,13 +123,16 @@ struct Aside {
 static IN_USE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
 impl Aside {
-    /// A new hidden name beside `abs`: `{ASIDE_PREFIX}{pid}-{n}-{its name}`,
-    /// or without its name where that would be longer than a name may be.
+    /// A new hidden name beside `abs`:
+    /// `{ASIDE_PREFIX}{pid}-{ms}_{n}-{its name}` (ms: when it is set aside,
+    /// see [`Aside::set_aside_at_ns`]), or without its name where that would
+    /// be longer than a name may be.
     fn beside(abs: &Path) -> Aside {
         static N: AtomicU64 = AtomicU64::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let dir = abs.parent().unwrap_or(Path::new("/"));
-        let mut name = format!("{ASIDE_PREFIX}{}-{n}", std::process::id()).into_bytes();
+        let ms = crate::statedir::now_ms();
+        let mut name = format!("{ASIDE_PREFIX}{}-{ms}_{n}", std::process::id()).into_bytes();
         let from = abs.file_name().map(OsStrExt::as_bytes).unwrap_or_default();
         if name.len() + 1 + from.len() <= NAME_MAX {
             name.push(b'-');
@@ -141,6 +148,15 @@ impl Aside {
         let mut parts = rest.splitn(3, |&b| b == b'-');
         let (_pid, _n) = (parts.next()?, parts.next()?);
         parts.next().filter(|name| !name.is_empty())
+    }
+
+    /// When the file under `hidden` was set aside, in ns since the epoch, as
+    /// its name says (names of older versions do not say).
+    fn set_aside_at_ns(hidden: &[u8]) -> Option<i128> {
+        let rest = hidden.strip_prefix(ASIDE_PREFIX.as_bytes())?;
+        let n = rest.split(|&b| b == b'-').nth(1)?;
+        let (ms, _) = std::str::from_utf8(n).ok()?.split_once('_')?;
+        Some(ms.parse::<i128>().ok()? * 1_000_000)
     }
 
     /// The process that set a file aside under `hidden`.
@@ -434,9 +450,16 @@ pub enum Recorded {
 /// That one stays hidden, and the log says so; where the records cannot be
 /// read, it waits for a later scan.
 fn may_go_back(hidden: &Path, to: &Path, aside: &FileIdentity, recorded: &Recorded) -> bool {
+    // The time in its name, on the precise clock, less the coarse clock's
+    // lag behind it (a file that took the name within it counts as after);
+    // else its ctime, which a chmod since would have moved.
+    let set_aside_ns = hidden
+        .file_name()
+        .and_then(|n| Aside::set_aside_at_ns(n.as_bytes()))
+        .map_or(aside.ctime_ns, |ns| ns - COARSE_CLOCK_LAG_NS);
     let why = match recorded {
         Recorded::Unreadable => return false,
-        Recorded::File(file) if file.same_contents(aside) || file.ctime_ns < aside.ctime_ns => {
+        Recorded::File(file) if file.same_contents(aside) || file.ctime_ns < set_aside_ns => {
             return true
         }
         Recorded::File(_) => "a newer file at that name was uploaded since",
@@ -660,6 +683,8 @@ mod tests {
         let f = dir.path().join("a-1.png");
         std::fs::write(&f, b"uploaded").unwrap();
         let id = identity(&f);
+        // Its upload and `settle` take that long at least.
+        std::thread::sleep(std::time::Duration::from_millis(100));
         let newer = dir.path().join("tmp");
         std::fs::write(&newer, b"the application's newer file").unwrap();
         std::fs::rename(&newer, &f).unwrap();
@@ -909,5 +934,30 @@ mod tests {
         };
         restore_leftover(&hidden, |_| Recorded::File(own));
         assert_eq!(std::fs::read(at("a.png")).unwrap(), b"v1");
+    }
+    /// The time a file was set aside is in its hidden name: a metadata
+    /// change since (a chmod, a `setfacl -R`) that moves its ctime does not
+    /// make an older version look newer than the upload recorded since.
+    #[test]
+    fn the_time_in_a_hidden_name_outlasts_a_chmod() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name);
+        let dead = 2_147_483_646u32;
+        let set_aside_ms = crate::statedir::now_ms();
+        let hidden = at(&format!(".offloadd-del-{dead}-{set_aside_ms}_0-a.png"));
+        std::fs::write(&hidden, b"older").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::fs::write(at("newer"), b"newer").unwrap();
+        let newer = identity(&at("newer"));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::fs::set_permissions(&hidden, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(identity(&hidden).ctime_ns > newer.ctime_ns);
+        restore_leftover(&hidden, |_| Recorded::File(newer));
+        assert!(!at("a.png").exists(), "an older version is not put back");
+        assert_eq!(
+            Aside::set_aside_at_ns(hidden.file_name().unwrap().as_bytes()),
+            Some(set_aside_ms as i128 * 1_000_000)
+        );
     }
 }
