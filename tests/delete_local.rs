@@ -191,6 +191,16 @@ fn a_leftover_no_record_tells_the_version_of_stays_hidden() {
     assert!(!env.path("sub/a.png").exists());
     assert_eq!(std::fs::read(&hidden).unwrap(), b"of no known version");
     assert!(!s3.has("sub/a.png"));
+    // Maybe never uploaded: `status` says where it is.
+    wait_until(LONG, "status to name it", || {
+        env.status()["notices"].as_array().is_some_and(|n| {
+            n.iter().any(|n| {
+                n.as_str().is_some_and(|t| {
+                    t.contains(&format!("{} holds a version of", hidden.display()))
+                })
+            })
+        })
+    });
     daemon.stop();
 }
 

@@ -378,7 +378,10 @@ fn gone(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
             Ok(m) if m.is_file() && FileIdentity::of(&m).same_contents(expected) => {}
             found => {
                 let older = |m: &std::fs::Metadata| {
-                    !may_go_back(&entry.path(), abs, &FileIdentity::of(m), &recorded)
+                    !matches!(
+                        may_go_back(&entry.path(), abs, &FileIdentity::of(m), &recorded),
+                        GoBack::Yes
+                    )
                 };
                 if Aside::came_from(entry.file_name().as_bytes()) == Some(name)
                     && !found.as_ref().is_ok_and(older)
@@ -449,7 +452,7 @@ pub enum Recorded {
 /// older version, which put back would be uploaded over the newer object.
 /// That one stays hidden, and the log says so; where the records cannot be
 /// read, it waits for a later scan.
-fn may_go_back(hidden: &Path, to: &Path, aside: &FileIdentity, recorded: &Recorded) -> bool {
+fn may_go_back(hidden: &Path, to: &Path, aside: &FileIdentity, recorded: &Recorded) -> GoBack {
     // The time in its name, on the precise clock, less the coarse clock's
     // lag behind it (a file that took the name within it counts as after);
     // else its ctime, which a chmod since would have moved.
@@ -458,21 +461,34 @@ fn may_go_back(hidden: &Path, to: &Path, aside: &FileIdentity, recorded: &Record
         .and_then(|n| Aside::set_aside_at_ns(n.as_bytes()))
         .map_or(aside.ctime_ns, |ns| ns - COARSE_CLOCK_LAG_NS);
     let why = match recorded {
-        Recorded::Unreadable => return false,
+        Recorded::Unreadable => return GoBack::Later,
         Recorded::File(file) if file.same_contents(aside) || file.ctime_ns < set_aside_ns => {
-            return true
+            return GoBack::Yes
         }
         Recorded::File(_) => "a newer file at that name was uploaded since",
         Recorded::Untold => "the records no longer tell whether it is older than what was uploaded from there (a database rebuilt from the bucket, or `offloadd delete`)",
     };
-    tracing::warn!(
-        path = %to.display(),
-        aside = %hidden.display(),
+    let text = kept_aside(hidden, to, why);
+    tracing::warn!(path = %to.display(), aside = %hidden.display(), "{text}");
+    GoBack::Kept(text)
+}
+
+/// What [`may_go_back`] decides.
+enum GoBack {
+    Yes,
+    /// The records cannot be read now.
+    Later,
+    /// It may be an older version; what to tell an operator.
+    Kept(String),
+}
+
+/// What [`may_go_back`] says of a file it keeps under its hidden name.
+fn kept_aside(hidden: &Path, to: &Path, why: &str) -> String {
+    format!(
         "{} holds a version of {} set aside by an earlier delete; {why}, so it is not put back (it could replace a newer object in the bucket); it stays there: delete it, or move it back by hand if it is the version you want",
         hidden.display(),
         to.display()
-    );
-    false
+    )
 }
 
 /// A hidden name found by a scan of the tree. If the process that set the
@@ -484,30 +500,30 @@ fn may_go_back(hidden: &Path, to: &Path, aside: &FileIdentity, recorded: &Record
 /// in force. This covers what the next attempt of the delete does not see:
 /// deletion turned off since, or the item gone. One set aside by a live
 /// process (another instance), or whose name is taken or unknown, stays;
-/// the log says where.
-pub fn restore_leftover(hidden: &Path, recorded_at: impl FnOnce(&Path) -> Recorded) {
-    let Some(name) = hidden.file_name().map(OsStrExt::as_bytes) else {
-        return;
-    };
-    let Some(pid) = Aside::set_aside_by(name) else {
-        return;
-    };
+/// the log says where. Returns, for `status`, what it says of a file it
+/// keeps because it may be an older version.
+pub fn restore_leftover(
+    hidden: &Path,
+    recorded_at: impl FnOnce(&Path) -> Recorded,
+) -> Option<String> {
+    let name = hidden.file_name().map(OsStrExt::as_bytes)?;
+    let pid = Aside::set_aside_by(name)?;
     if pid != std::process::id() && process_alive(pid) {
-        return;
+        return None;
     }
-    let Some(aside) = Aside::claim(hidden.to_path_buf()) else {
-        return;
-    };
+    let aside = Aside::claim(hidden.to_path_buf())?;
     let Some(from) = Aside::came_from(name) else {
         tracing::warn!(aside = %hidden.display(), "{} was set aside by a delete that a crash cut short, and its name is too long to say where it came from; it stays there", hidden.display());
-        return;
+        return None;
     };
     let to = hidden.with_file_name(std::ffi::OsStr::from_bytes(from));
     let Ok(meta) = std::fs::symlink_metadata(&aside.path) else {
-        return;
+        return None;
     };
-    if !may_go_back(hidden, &to, &FileIdentity::of(&meta), &recorded_at(&to)) {
-        return;
+    match may_go_back(hidden, &to, &FileIdentity::of(&meta), &recorded_at(&to)) {
+        GoBack::Yes => {}
+        GoBack::Later => return None,
+        GoBack::Kept(text) => return Some(text),
     }
     match rename_noreplace(&aside.path, &to) {
         Ok(()) => {
@@ -524,6 +540,7 @@ pub fn restore_leftover(hidden: &Path, recorded_at: impl FnOnce(&Path) -> Record
             hidden.display()
         ),
     }
+    None
 }
 
 #[cfg(test)]

@@ -1141,10 +1141,14 @@ fn walk(shared: &WalkerShared, dir: &Path, between: &Between) -> (usize, usize) 
             continue;
         }
         if ft.is_file() && is_set_aside(entry.path()) {
-            delete::restore_leftover(entry.path(), |to| {
+            let kept = delete::restore_leftover(entry.path(), |to| {
                 ItemKey::of(&rules.root, to)
                     .map_or(delete::Recorded::Untold, |key| (shared.records)(&key))
             });
+            // Not uploaded, maybe: `status` says where it is (guarantee 1).
+            if let Some(text) = kept {
+                shared.live.notice(text);
+            }
             continue;
         }
         if !(ft.is_file() || ft.is_symlink()) || !rules.matches(entry.path()) {
