@@ -761,11 +761,9 @@ impl Client {
         &self,
         prefix: &str,
     ) -> Result<Option<Vec<PendingUpload>>, StorageError> {
-        // Keys as XML text: the parameter is not asked for here, since a
+        // Keys as XML text: `encoding-type` is not asked for here, since a
         // provider that takes it on object listings may refuse it on these,
         // which would read as "cannot list uploads".
-        let encoding = KeyEncoding::Text;
-        let signer = self.listing_signer(encoding);
         let mut uploads = Vec::new();
         let mut markers: (Option<String>, Option<String>) = (None, None);
         loop {
@@ -777,7 +775,7 @@ impl Client {
                 max_uploads: Some(1000),
             };
             let page: ListMultipartUploadsResult = match self
-                .send_for_text(&signer, "/", command, self.timeout)
+                .send_for_text(&self.signer, "/", command, self.timeout)
                 .await
             {
                 Ok(text) => quick_xml::de::from_str(&text).map_err(|e| self.err(e.into()))?,
@@ -788,17 +786,12 @@ impl Client {
                     return if unsupported { Ok(None) } else { Err(e) };
                 }
             };
-            // The key marker goes back as the key it is; upload ids are not keys.
-            let url = decodes(encoding, page.encoding_type.as_deref());
-            for u in page.uploads {
-                uploads.push(PendingUpload {
-                    initiated_ms: store::parse_time_ms(&u.initiated),
-                    key: self.listed_name(u.key, url)?,
-                    upload_id: u.id,
-                });
-            }
-            let next_key = page.next_marker.map(|m| self.listed_name(m, url));
-            let next = (next_key.transpose()?, page.next_upload_id_marker);
+            uploads.extend(page.uploads.into_iter().map(|u| PendingUpload {
+                initiated_ms: store::parse_time_ms(&u.initiated),
+                key: u.key,
+                upload_id: u.id,
+            }));
+            let next = (page.next_marker, page.next_upload_id_marker);
             // A truncated page without a new cursor would repeat for ever.
             if !page.is_truncated || next.0.is_none() || next == markers {
                 return Ok(Some(uploads));
