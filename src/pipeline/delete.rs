@@ -38,7 +38,7 @@
 //! upload recorded at its name is of that file, or of one changed before it
 //! was set aside ([`may_go_back`]): else it may be an older version, which
 //! uploaded again would replace the newer object in the bucket. It stays
-//! under its hidden name, and the log says so.
+//! under its hidden name, and the log (and, from a scan, `status`) says so.
 
 use crate::pipeline::finished::{FileIdentity, Lease};
 use crate::pipeline::localfs::{self, Call};
@@ -142,28 +142,33 @@ impl Aside {
         Aside::claim(path).expect("a fresh hidden name is not in use")
     }
 
+    /// Field `i` of a hidden name: `{pid}-{n}-{name}` after [`ASIDE_PREFIX`]
+    /// (see [`Aside::beside`]; `n` is `{ms}_{count}` or, in older names, a
+    /// count; the name may be missing).
+    fn field(hidden: &[u8], i: usize) -> Option<&[u8]> {
+        let rest = hidden.strip_prefix(ASIDE_PREFIX.as_bytes())?;
+        rest.splitn(3, |&b| b == b'-').nth(i)
+    }
+
     /// The name a hidden name says its file came from, if it says one.
     fn came_from(hidden: &[u8]) -> Option<&[u8]> {
-        let rest = hidden.strip_prefix(ASIDE_PREFIX.as_bytes())?;
-        let mut parts = rest.splitn(3, |&b| b == b'-');
-        let (_pid, _n) = (parts.next()?, parts.next()?);
-        parts.next().filter(|name| !name.is_empty())
+        Aside::field(hidden, 2).filter(|name| !name.is_empty())
     }
 
     /// When the file under `hidden` was set aside, in ns since the epoch, as
     /// its name says (names of older versions do not say).
     fn set_aside_at_ns(hidden: &[u8]) -> Option<i128> {
-        let rest = hidden.strip_prefix(ASIDE_PREFIX.as_bytes())?;
-        let n = rest.split(|&b| b == b'-').nth(1)?;
-        let (ms, _) = std::str::from_utf8(n).ok()?.split_once('_')?;
+        let n = std::str::from_utf8(Aside::field(hidden, 1)?).ok()?;
+        let (ms, _) = n.split_once('_')?;
         Some(ms.parse::<i128>().ok()? * 1_000_000)
     }
 
     /// The process that set a file aside under `hidden`.
     fn set_aside_by(hidden: &[u8]) -> Option<u32> {
-        let rest = hidden.strip_prefix(ASIDE_PREFIX.as_bytes())?;
-        let pid = rest.split(|&b| b == b'-').next()?;
-        std::str::from_utf8(pid).ok()?.parse().ok()
+        std::str::from_utf8(Aside::field(hidden, 0)?)
+            .ok()?
+            .parse()
+            .ok()
     }
 
     /// Claims an existing hidden name, unless another delete uses it.
@@ -377,14 +382,16 @@ fn gone(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
         match entry.metadata() {
             Ok(m) if m.is_file() && FileIdentity::of(&m).same_contents(expected) => {}
             found => {
-                let older = |m: &std::fs::Metadata| {
-                    !matches!(
-                        may_go_back(&entry.path(), abs, &FileIdentity::of(m), &recorded),
+                // One that cannot be looked at is tried: the rename back tells.
+                let goes_back = |m: &std::fs::Metadata| {
+                    let aside = FileIdentity::of(m);
+                    matches!(
+                        may_go_back(&entry.path(), abs, &aside, &recorded),
                         GoBack::Yes
                     )
                 };
                 if Aside::came_from(entry.file_name().as_bytes()) == Some(name)
-                    && !found.as_ref().is_ok_and(older)
+                    && found.as_ref().map_or(true, goes_back)
                 {
                     from_this_name.push(entry.path());
                 }
@@ -444,9 +451,9 @@ pub enum Recorded {
 
 /// Whether `aside` (the file under `hidden`, set aside from `to`) may go
 /// back under its name: only where the upload recorded there is of this
-/// very file, or of one last changed before this one was set aside (which
-/// the rename aside dated by the ctime it gave; the same coarse tick counts
-/// as after). A file set aside is always one a record named, or one that
+/// very file, or of one last changed before this one was set aside (the
+/// time its hidden name carries, or in older names the ctime the rename
+/// aside gave; the same coarse tick counts as after). A file set aside is always one a record named, or one that
 /// took that file's name during its delete: with no record to compare, or
 /// a record of a file changed since (written, or moved in), it may be an
 /// older version, which put back would be uploaded over the newer object.
