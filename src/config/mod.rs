@@ -718,10 +718,16 @@ impl Config {
     }
 
     /// The public URL base of provider `name` (`public_url` or its kind's
-    /// own address); needs no secret, so the CLI can answer `locate`.
+    /// own address); needs no secret, so the CLI can answer `locate`. A
+    /// given `public_url` needs nothing else either: a retired section kept
+    /// for its URLs may lack the bucket, region or account id an upload
+    /// would need.
     pub fn public_url_base(&self, name: &str) -> Option<String> {
         let section = self.storage.providers.get(name)?;
-        provider::place(name, section).ok()?.public_url_base
+        match &section.public_url {
+            Some(url) => Some(url.trim_end_matches('/').to_owned()),
+            None => provider::place(name, section).ok()?.public_url_base,
+        }
     }
 
     /// The provider uploads go to, or local mode with the reason.
@@ -1907,6 +1913,15 @@ mod tests {
         assert_eq!(
             c.public_url_base("old").as_deref(),
             Some("https://cdn.example.com")
+        );
+        // Retired and kept only for its URLs: no account id, no bucket.
+        let c = fx
+            .load("storage:\n  active: local\n  providers:\n    old:\n      kind: r2\n      enabled: false\n      public_url: https://pub-1.r2.dev\n")
+            .unwrap()
+            .config;
+        assert_eq!(
+            c.public_url_base("old").as_deref(),
+            Some("https://pub-1.r2.dev")
         );
     }
 

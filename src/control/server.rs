@@ -61,6 +61,9 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// After an accept error, the pause before the next accept.
+const ACCEPT_ERROR_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Accepts connections until shutdown; every connection's task is joined.
 pub async fn serve(listener: UnixListener, handle: Handle, mut shutdown: Shutdown) {
     let path = settings::current(&handle.shared)
@@ -71,7 +74,12 @@ pub async fn serve(listener: UnixListener, handle: Handle, mut shutdown: Shutdow
     loop {
         tokio::select! {
             conn = listener.accept() => {
-                let Ok((stream, _)) = conn else { continue };
+                let Ok((stream, _)) = conn else {
+                    // Out of descriptors, say: pause rather than spin while
+                    // it lasts.
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                };
                 let h = handle.clone();
                 conns.spawn(async move { serve_one(stream, h).await });
             }

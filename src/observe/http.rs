@@ -5,6 +5,9 @@
 //! 404. `/r/` percent-decodes the path, refuses empty, `.` and `..` segments
 //! and non-UTF-8 names (404), and answers 302 to whatever the [`Resolver`]
 //! returns, else 404. Stops accepting and drains open requests at shutdown.
+//!
+//! Bounded: at most [`MAX_CONNECTIONS`] open at once, each closed when it
+//! sends no request head for [`HEADER_READ_TIMEOUT`].
 
 use crate::observe::metrics::{Metrics, CONTENT_TYPE};
 use crate::shutdown::Shutdown;
@@ -13,7 +16,12 @@ use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 
 /// Maps a path relative to the watch root to the public URL to redirect to.
 pub type Resolver = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -34,20 +42,101 @@ pub fn router(app: App) -> Router {
         .with_state(app)
 }
 
-/// Serves until shutdown, then drains open requests.
-pub async fn serve(listener: tokio::net::TcpListener, app: App, mut shutdown: Shutdown) {
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let shutdown = async move { shutdown.recv().await };
-    if let Err(e) = axum::serve(listener, router(app))
-        .with_graceful_shutdown(shutdown)
+/// At most this many connections are open at once; more wait in the
+/// kernel's backlog. A file descriptor per connection: without a cap, idle
+/// connections (anyone on the host can open them) would take the descriptors
+/// the uploads need for their files and sockets.
+const MAX_CONNECTIONS: usize = 256;
+
+/// A connection that has not sent a whole request head this long after it
+/// opened, or after its last response, is closed: an idle or slow client
+/// cannot hold one of the [`MAX_CONNECTIONS`] for ever.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long requests in progress are given at shutdown.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// After an accept error (out of descriptors, say), the pause before the
+/// next accept, so that the loop does not spin while the error lasts.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Serves until shutdown, then drains open requests (for up to [`DRAIN`]);
+/// every connection's task is joined.
+pub async fn serve(listener: tokio::net::TcpListener, app: App, shutdown: Shutdown) {
+    serve_with(listener, app, shutdown, MAX_CONNECTIONS).await
+}
+
+async fn serve_with(
+    listener: tokio::net::TcpListener,
+    app: App,
+    mut shutdown: Shutdown,
+    max_connections: usize,
+) {
+    let service = TowerToHyperService::new(router(app));
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let (closing, closed) = watch::channel(());
+    let mut conns = JoinSet::new();
+    let mut told = false;
+    loop {
+        while conns.try_join_next().is_some() {}
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            _ = shutdown.recv() => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    if !told {
+                        let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                        tracing::warn!("the HTTP listener on {addr} (http.listen) cannot accept connections: {e}; it tries again");
+                        told = true;
+                    }
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            _ = shutdown.recv() => break,
+        };
+        told = false;
+        conns.spawn(serve_connection(
+            stream,
+            service.clone(),
+            closed.clone(),
+            slot,
+        ));
+    }
+    drop(listener);
+    drop(closing);
+    if tokio::time::timeout(DRAIN, async { while conns.join_next().await.is_some() {} })
         .await
+        .is_err()
     {
-        tracing::error!(
-            "the HTTP listener on {addr} (http.listen) stopped: {e}; /healthz, /metrics and /r/ are unavailable until offloadd restarts"
-        );
+        conns.shutdown().await;
+    }
+}
+
+/// One connection, HTTP/1.1 only, until the client closes it, it times out
+/// ([`HEADER_READ_TIMEOUT`]), or shutdown (the request in progress is
+/// answered first). Holds its `slot` of [`MAX_CONNECTIONS`] throughout.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    service: TowerToHyperService<Router>,
+    mut closed: watch::Receiver<()>,
+    _slot: OwnedSemaphorePermit,
+) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = closed.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }
 
@@ -132,6 +221,13 @@ mod tests {
     async fn start(
         resolve: Resolver,
     ) -> (String, crate::shutdown::Stop, tokio::task::JoinHandle<()>) {
+        start_with(resolve, MAX_CONNECTIONS).await
+    }
+
+    async fn start_with(
+        resolve: Resolver,
+        max_connections: usize,
+    ) -> (String, crate::shutdown::Stop, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = crate::shutdown::Stop::new();
@@ -139,7 +235,7 @@ mod tests {
             metrics: Metrics::new(),
             resolve,
         };
-        let h = tokio::spawn(serve(listener, app, rx));
+        let h = tokio::spawn(serve_with(listener, app, rx, max_connections));
         (addr.to_string(), tx, h)
     }
 
@@ -206,5 +302,36 @@ mod tests {
             .await
             .expect("serve returns after stop")
             .unwrap();
+    }
+
+    /// Idle connections (opened, nothing sent) cannot take the listener:
+    /// with every slot held by one, a request waits for a slot, and gets it
+    /// once the idle ones time out.
+    #[tokio::test(start_paused = true)]
+    async fn idle_connections_time_out_and_free_their_slots() {
+        use tokio::io::AsyncReadExt;
+        let resolve: Resolver = Arc::new(|_: &str| None);
+        let (addr, stop, handle) = start_with(resolve, 3).await;
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+        }
+        let began = tokio::time::Instant::now();
+        let (code, _, body) = request(&addr, "GET", "/healthz").await;
+        assert_eq!((code, body.as_str()), (200, "ok\n"));
+        assert!(
+            began.elapsed() >= HEADER_READ_TIMEOUT,
+            "answered after {:?}: the cap did not hold it back",
+            began.elapsed()
+        );
+        for mut s in idle {
+            let mut buf = [0u8; 64];
+            // Closed by the server (a 408 or nothing), not left open.
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            let rest = s.read(&mut buf).await.unwrap_or(0);
+            assert!(n == 0 || rest == 0, "an idle connection stayed open");
+        }
+        stop.fire();
+        handle.await.unwrap();
     }
 }
