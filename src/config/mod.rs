@@ -809,8 +809,16 @@ impl Config {
                 // The state line says why (a secret file missing or blank, say).
                 Err(e) => ("unusable".to_owned(), Err(e.clone())),
             };
-            let shown = provider::resolve(name, section, Some(Secret::new(String::new()))).ok();
-            let derived = |f: fn(&Resolved) -> String| shown.as_ref().map_or("-".to_owned(), f);
+            // Where it would go needs no key or CA: shown for an incomplete
+            // section too, whatever else it lacks.
+            let shown = provider::place(name, section).ok();
+            let derived =
+                |f: fn(&provider::Place) -> String| shown.as_ref().map_or("-".to_owned(), f);
+            let public_url = match (self.public_url_base(name), &shown) {
+                (Some(url), _) => url,
+                (None, Some(_)) => "none".to_owned(),
+                (None, None) => "-".to_owned(),
+            };
             let _ = writeln!(
                 out,
                 "\nprovider {name}{}",
@@ -836,10 +844,7 @@ impl Config {
                         .unwrap_or("none")
                         .to_owned(),
                 ),
-                (
-                    "public URL",
-                    derived(|r| r.public_url_base.clone().unwrap_or_else(|| "none".into())),
-                ),
+                ("public URL", public_url),
                 (
                     "access key",
                     section.access_key_id.as_deref().map_or("-".into(), mask),
@@ -1863,6 +1868,27 @@ mod tests {
             "{report}"
         );
         assert!(!report.contains("env-secret-value"));
+    }
+
+    /// Where an incomplete section would upload is shown all the same, so
+    /// that its report helps to complete it.
+    #[test]
+    fn report_shows_where_an_incomplete_provider_goes() {
+        let fx = Fixture::new();
+        let c = fx
+            .load("storage:\n  active: m\n  providers:\n    m:\n      kind: minio\n      endpoint: https://minio.lan:9000\n      bucket: media\n")
+            .unwrap()
+            .config;
+        let report = c.report_with(&no_env);
+        for want in [
+            "  endpoint:   https://minio.lan:9000",
+            "  region:     us-east-1",
+            "  addressing: path",
+            "  public URL: https://minio.lan:9000/media",
+            "  state:      incomplete:",
+        ] {
+            assert!(report.contains(want), "missing {want:?} in\n{report}");
+        }
     }
 
     #[test]
