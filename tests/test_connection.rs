@@ -84,7 +84,7 @@ fn missing_bucket() {
     env.write_config(&Cfg::new(&moto.endpoint()));
     assert_failed(
         probe(&env),
-        &format!("bucket `{BUCKET}` does not exist at provider `{PROVIDER}` (NoSuchBucket); create it or fix `bucket`"),
+        &format!("bucket `{BUCKET}` does not exist at provider `{PROVIDER}` (NoSuchBucket: The specified bucket does not exist); create it, or fix `bucket`, `region` or `endpoint`"),
     );
 }
 
@@ -243,6 +243,29 @@ fn wrong_region_named_by_the_bucket_region_header() {
     assert_failed(
         probe(&env),
         &format!("bucket `{BUCKET}` is in region `ap-southeast-2`, not `us-east-1` as configured for provider `{PROVIDER}` (PermanentRedirect); set `region: ap-southeast-2` (or an `endpoint` in that region)"),
+    );
+}
+
+/// A redirect is not followed (a signed request sent elsewhere is refused
+/// there): the error names where it leads.
+#[test]
+fn a_redirect_is_named_not_followed() {
+    let env = TestEnv::new();
+    let elsewhere = free_port();
+    let fake = FakeS3::start(move |_| {
+        (
+            307,
+            vec![(
+                "Location".to_string(),
+                format!("http://127.0.0.1:{elsewhere}/media/x"),
+            )],
+            String::new(),
+        )
+    });
+    env.write_config(&Cfg::new(&fake.endpoint()));
+    assert_failed(
+        probe(&env),
+        &format!("the endpoint of provider `{PROVIDER}` redirects to 127.0.0.1:{elsewhere} (HTTP 307); fix `endpoint`"),
     );
 }
 

@@ -32,6 +32,7 @@ use crate::pipeline::root::{RootGuard, RootStatus};
 use crate::pipeline::upload::{self, AbortOutcome, Uploader};
 use crate::pipeline::worker::{delete_due_ms, Lane, Outcome, Worker};
 use crate::remote::error::{ErrorClass, StorageError};
+use crate::remote::store::Probe;
 use crate::shutdown::Shutdown;
 use crate::statedir;
 use lanes::{Entry, Lanes};
@@ -905,11 +906,17 @@ impl Scheduler {
         let Some(ticket) = self.health.want_probe(Instant::now()) else {
             return;
         };
+        // Uploads whose local copy goes are verified by a HEAD: the probe
+        // reads too, or a key that may not read fails every item instead.
+        let check = match plan.deletion() {
+            Deletion::Keep => Probe::Write,
+            Deletion::After(_) => Probe::WriteAndRead,
+        };
         let store = store.clone();
         let provider = store.provider().name.clone();
         tracing::debug!(provider = %provider, "probing the provider");
         self.tasks.spawn(async move {
-            let result = store.probe().await;
+            let result = store.probe(check).await;
             Done::Probe {
                 provider,
                 ticket,

@@ -518,8 +518,12 @@ impl Uploader {
             return Ok(None);
         }
         let (reader, abs) = (file.clone(), job.abs.to_path_buf());
+        // Each part hashed is a step for the watchdog: a huge file takes
+        // longer to read than the time allowed between two steps.
+        let progress = self.progress.clone();
         let computed = tokio::task::spawn_blocking(move || {
-            composite_etag(&reader, identity.size, part_size)
+            let step = || progress.step(crate::statedir::now_ms());
+            composite_etag_stepping(&reader, identity.size, part_size, step)
                 .map_err(|e| read_failed(&abs, &reader, &identity, e))
         })
         .await
@@ -558,6 +562,16 @@ impl Uploader {
 
 /// The composite ETag of `size` bytes of `file` cut into `part_size` parts.
 pub fn composite_etag(file: &File, size: u64, part_size: u64) -> std::io::Result<String> {
+    composite_etag_stepping(file, size, part_size, || ())
+}
+
+/// [`composite_etag`], calling `step` after each part.
+fn composite_etag_stepping(
+    file: &File,
+    size: u64,
+    part_size: u64,
+    step: impl Fn(),
+) -> std::io::Result<String> {
     if part_size == 0 {
         return Err(std::io::Error::other("part size 0"));
     }
@@ -576,6 +590,7 @@ pub fn composite_etag(file: &File, size: u64, part_size: u64) -> std::io::Result
             offset += n as u64;
         }
         md5s.push(h.finalize().into());
+        step();
     }
     Ok(multipart_etag(&md5s))
 }
@@ -703,6 +718,13 @@ mod tests {
             multipart_etag(&md5s)
         );
         assert!(multipart_etag(&md5s).ends_with("-3"));
+        // Each part hashed is a step for the watchdog.
+        let steps = std::cell::Cell::new(0);
+        composite_etag_stepping(&f, data.len() as u64, 2 * MIB, || {
+            steps.set(steps.get() + 1)
+        })
+        .unwrap();
+        assert_eq!(steps.get(), 3);
     }
 
     #[test]

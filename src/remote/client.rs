@@ -4,7 +4,10 @@
 //! rust-s3 builds and signs every request (URL, SigV4 headers, XML bodies);
 //! this client sends them over an HTTP client of its own, one connection pool
 //! per provider, which trusts the system store (`SSL_CERT_FILE` honoured)
-//! plus the provider's `ca_file`, and honours `HTTPS_PROXY`/`NO_PROXY`.
+//! plus the provider's `ca_file`, honours `HTTPS_PROXY`/`NO_PROXY`, and
+//! follows no redirect (a signed request re-sent elsewhere is refused). Of
+//! an answer's body it reads at most [`ERROR_BODY_MAX`] of an error and
+//! [`ANSWER_BODY_MAX`] of anything else.
 //!
 //! Owns request building (headers for storage class, encryption, cache control,
 //! Content-Type, the part-size metadata of multipart uploads) and turns every
@@ -20,13 +23,13 @@
 
 use crate::keys::ObjectKey;
 use crate::remote::error::{
-    classify, error_chain, region_from_error, root_cause, transport_of, valid_region, xml_field,
-    ErrorClass, Fault, StorageError, Transport,
+    classify, error_chain, region_from_error, root_cause, server_message, transport_of,
+    valid_region, xml_field, Answer, ErrorClass, Fault, Request, StorageError, Transport,
 };
 use crate::remote::object_options::ObjectOptions;
 use crate::remote::provider::{Addressing, Resolved, Sse};
 use crate::remote::store::{
-    self, normal_etag, Head, Listed, PendingUpload, Reply, Store, PART_SIZE_META,
+    self, normal_etag, Head, Listed, PendingUpload, Probe, Reply, Store, PART_SIZE_META,
 };
 use s3::command::{Command, HttpMethod};
 use s3::creds::Credentials;
@@ -234,26 +237,24 @@ impl Client {
         if provider.addressing == Addressing::Path {
             signer = *signer.with_path_style();
         }
-        // rust-s3's own client is reqwest's default one (system store,
-        // proxies from the environment): used as it is unless the provider
-        // adds a CA, so the system store is held in memory once.
-        let http = match &provider.ca {
-            None => signer.http_client(),
-            Some(ca) => ca
-                .certificates()
-                .into_iter()
-                .fold(reqwest::Client::builder(), |b, cert| {
-                    b.add_root_certificate(cert)
-                })
-                .build()
-                .map_err(|e| {
-                    provider_wide(format!(
-                        "cannot set up the HTTP client for provider `{}`: {}",
-                        provider.name,
-                        root_cause(&e)
-                    ))
-                })?,
-        };
+        // reqwest's defaults (system store, proxies from the environment),
+        // the provider's CA, and no redirect followed: a signed request
+        // sent on to another host would be refused there with a misleading
+        // SignatureDoesNotMatch.
+        let builder = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
+        let http = provider
+            .ca
+            .iter()
+            .flat_map(|ca| ca.certificates())
+            .fold(builder, |b, cert| b.add_root_certificate(cert))
+            .build()
+            .map_err(|e| {
+                provider_wide(format!(
+                    "cannot set up the HTTP client for provider `{}`: {}",
+                    provider.name,
+                    root_cause(&e)
+                ))
+            })?;
         Ok(Client {
             provider: provider.clone(),
             signer,
@@ -297,12 +298,10 @@ impl Client {
             .timeout(timeout)
             .send()
             .await?;
-        let status = answer.status().as_u16();
-        if (200..300).contains(&status) {
+        if answer.status().is_success() {
             return Ok(answer);
         }
-        let body = answer.text().await.unwrap_or_default();
-        Err(S3Error::HttpFailWithBody(status, body))
+        Err(refusal(answer).await)
     }
 
     /// [`Client::send`] with the default timeout; the answer's body as text.
@@ -330,23 +329,33 @@ impl Client {
         let answer = self.send(signer, path, command, timeout).await?;
         let status = answer.status().as_u16();
         let headers = answer.headers().clone();
-        let text = answer.text().await?;
+        let (text, fits) = read_at_most(answer, ANSWER_BODY_MAX).await?;
+        if fits == Fits::Cut {
+            return Err(S3Error::Io(std::io::Error::other(format!(
+                "it answered with more than {} MiB, more than any answer offloadd asks for (a proxy's page?)",
+                ANSWER_BODY_MAX >> 20
+            ))));
+        }
         if xml_field(&text, "Code").is_some() && text.contains("<Error>") {
             return Err(S3Error::HttpFailWithBody(status.max(500), text));
         }
         Ok((headers, text))
     }
 
-    fn err(&self, e: S3Error) -> StorageError {
-        match e {
+    /// A failed `request` as a classified error.
+    fn err(&self, request: Request, e: S3Error) -> StorageError {
+        match without_url(e) {
             S3Error::HttpFailWithBody(status, body) => {
                 let code = xml_field(&body, "Code");
-                classify(
+                let said = server_message(&body, self.provider.secret.expose());
+                let location = xml_field(&body, LOCATION_TAG);
+                let answer = Answer {
                     status,
-                    code.as_deref(),
-                    &self.provider.name,
-                    &self.provider.bucket,
-                )
+                    code: code.as_deref(),
+                    said: said.as_deref(),
+                    location: location.as_deref(),
+                };
+                classify(answer, request, &self.provider)
             }
             S3Error::Reqwest(e) => {
                 if let Transport::Tls(cause) = transport_of(e.is_timeout(), &error_chain(&e)) {
@@ -459,10 +468,10 @@ impl Client {
                 Err(S3Error::HttpFailWithBody(status, _)) if (400..500).contains(&status) => {
                     return Ok(None)
                 }
-                Err(e) => return Err(self.err(e)),
+                Err(e) => return Err(self.err(Request::List, e)),
             };
             let answer: ListBucketResult =
-                quick_xml::de::from_str(&text).map_err(|e| self.err(e.into()))?;
+                quick_xml::de::from_str(&text).map_err(|e| self.err(Request::List, e.into()))?;
             let echoed = answer
                 .prefix
                 .filter(|_| answer.encoding_type.as_deref() == Some("url"));
@@ -530,7 +539,7 @@ impl Client {
             .signer
             .presign_put(key, PRESIGN_EXPIRY_SECS, Some(headers.clone()), queries)
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err(Request::Write, e))?;
         let going = self.sending.start(body.len() as u64);
         let timeout = self.timeout.max(request_timeout(going.sharing));
         let sent = self
@@ -541,14 +550,13 @@ impl Client {
             .body(body)
             .send()
             .await
-            .map_err(|e| self.err(S3Error::Reqwest(e)))?;
+            .map_err(|e| self.err(Request::Write, S3Error::Reqwest(e)))?;
         let status = sent.status().as_u16();
         let etag = answered_etag(sent.headers(), of);
         if (200..300).contains(&status) {
             return Ok(etag);
         }
-        let text = sent.text().await.unwrap_or_default();
-        Err(self.err(S3Error::HttpFailWithBody(status, text)))
+        Err(self.err(Request::Write, refusal(sent).await))
     }
 
     /// Uploads a whole object in one PUT; the ETag of the answer.
@@ -588,9 +596,9 @@ impl Client {
                 self.timeout,
             )
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err(Request::Write, e))?;
         let answer: InitiateMultipartUploadResponse =
-            quick_xml::de::from_str(&text).map_err(|e| self.err(e.into()))?;
+            quick_xml::de::from_str(&text).map_err(|e| self.err(Request::Write, e.into()))?;
         Ok(answer.upload_id)
     }
 
@@ -650,7 +658,7 @@ impl Client {
         let (headers, text) = self
             .send_for_answer(&self.signer, key.as_str(), command, timeout)
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err(Request::Write, e))?;
         Ok(xml_field(&text, "ETag")
             .filter(|_| !kms_encrypted(&headers))
             .map(|e| normal_etag(&e)))
@@ -661,7 +669,7 @@ impl Client {
         let command = Command::AbortMultipartUpload { upload_id };
         self.send(&self.signer, key, command, self.timeout)
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err(Request::Abort, e))?;
         Ok(())
     }
 
@@ -678,7 +686,7 @@ impl Client {
         {
             Ok(a) => a,
             Err(S3Error::HttpFailWithBody(404, _)) => return Ok(None),
-            Err(e) => return Err(self.err(e)),
+            Err(e) => return Err(self.err(Request::Read, e)),
         };
         let h = answer.headers();
         let text = |name: &str| h.get(name).and_then(|v| v.to_str().ok());
@@ -710,9 +718,9 @@ impl Client {
         let text = self
             .send_for_text(&self.listing_signer(encoding), "/", command, self.timeout)
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err(Request::List, e))?;
         let page: ListBucketResult =
-            quick_xml::de::from_str(&text).map_err(|e| self.err(e.into()))?;
+            quick_xml::de::from_str(&text).map_err(|e| self.err(Request::List, e.into()))?;
         // The continuation token is not a key: S3 sends it as it is.
         let url = decodes(encoding, page.encoding_type.as_deref());
         let next = match (page.is_truncated, page.next_continuation_token) {
@@ -751,7 +759,7 @@ impl Client {
             self.timeout,
         )
         .await
-        .map_err(|e| self.err(e))?;
+        .map_err(|e| self.err(Request::Delete, e))?;
         Ok(())
     }
 
@@ -778,9 +786,10 @@ impl Client {
                 .send_for_text(&self.signer, "/", command, self.timeout)
                 .await
             {
-                Ok(text) => quick_xml::de::from_str(&text).map_err(|e| self.err(e.into()))?,
+                Ok(text) => quick_xml::de::from_str(&text)
+                    .map_err(|e| self.err(Request::ListUploads, e.into()))?,
                 Err(e) => {
-                    let e = self.err(e);
+                    let e = self.err(Request::ListUploads, e);
                     let unsupported = matches!(e.status, Some(400 | 404 | 405 | 501))
                         || matches!(e.code.as_deref(), Some("NotImplemented"));
                     return if unsupported { Ok(None) } else { Err(e) };
@@ -800,12 +809,23 @@ impl Client {
         }
     }
 
-    /// A zero-byte PUT of the health object, with the upload options.
-    pub async fn probe(&self) -> Result<(), StorageError> {
+    /// A zero-byte PUT of the health object, with the upload options; with
+    /// [`Probe::WriteAndRead`], then a HEAD of it.
+    pub async fn probe(&self, check: Probe) -> Result<(), StorageError> {
         let key = store::health_key(&self.provider.prefix);
         self.put_small_raw(key.as_str(), b"", "application/octet-stream")
             .await
-            .map_err(|e| self.err(e))
+            .map_err(|e| self.err(Request::Write, e))?;
+        if check == Probe::Write || self.head(&key).await?.is_some() {
+            return Ok(());
+        }
+        Err(StorageError::new(
+            ErrorClass::ProviderWide,
+            format!(
+                "provider `{}` accepted the health object `{key}` but a HEAD right after does not find it, so uploads cannot be verified; check that `endpoint` points at the server itself, not a gateway or cache",
+                self.provider.name
+            ),
+        ))
     }
 
     /// A small signed PUT with the provider's upload headers.
@@ -891,21 +911,22 @@ impl Store for Client {
         Box::pin(Client::list_uploads(self, prefix))
     }
 
-    fn probe(&self) -> Reply<'_, ()> {
-        Box::pin(Client::probe(self))
+    fn probe(&self, check: Probe) -> Reply<'_, ()> {
+        Box::pin(Client::probe(self, check))
     }
 }
 
 /// What `test-connection` needs beyond the [`Store`].
 impl Client {
-    fn fault(&self, e: S3Error) -> Fault {
+    fn fault(&self, request: Request, e: S3Error) -> Fault {
+        let e = without_url(e);
         let (transport, region) = match &e {
             S3Error::HttpFailWithBody(_, body) => (None, region_from_error(body)),
             S3Error::Reqwest(r) => (Some(transport_of(r.is_timeout(), &error_chain(r))), None),
             _ => (None, None),
         };
         Fault {
-            error: self.err(e),
+            error: self.err(request, e),
             transport,
             region,
         }
@@ -929,7 +950,7 @@ impl Client {
     pub async fn put_small(&self, key: &str, body: &[u8], content_type: &str) -> Result<(), Fault> {
         self.put_small_raw(key, body, content_type)
             .await
-            .map_err(|e| self.fault(e))
+            .map_err(|e| self.fault(Request::Write, e))
     }
 
     /// The bytes of an object.
@@ -937,11 +958,11 @@ impl Client {
         let answer = self
             .send(&self.signer, key, Command::GetObject, self.timeout)
             .await
-            .map_err(|e| self.fault(e))?;
+            .map_err(|e| self.fault(Request::Read, e))?;
         let bytes = answer
             .bytes()
             .await
-            .map_err(|e| self.fault(S3Error::Reqwest(e)))?;
+            .map_err(|e| self.fault(Request::Read, S3Error::Reqwest(e)))?;
         Ok(bytes.to_vec())
     }
 
@@ -949,8 +970,98 @@ impl Client {
     pub async fn delete_key(&self, key: &str) -> Result<(), Fault> {
         self.send(&self.signer, key, Command::DeleteObject, self.timeout)
             .await
-            .map_err(|e| self.fault(e))?;
+            .map_err(|e| self.fault(Request::Delete, e))?;
         Ok(())
+    }
+}
+
+/// The most of an error answer's body read: an S3 error document is small,
+/// and a proxy's page need not be.
+const ERROR_BODY_MAX: usize = 64 * 1024;
+
+/// The most of any other answer's body read: a listing page of 1,000 keys is
+/// about 1 MiB at most.
+const ANSWER_BODY_MAX: usize = 8 << 20;
+
+/// The element that carries the host a redirect's `Location` names, put
+/// ahead of the body of its [`S3Error::HttpFailWithBody`] (which has no
+/// room for headers) by [`refusal`] and read by [`Client::err`].
+const LOCATION_TAG: &str = "offloadd-location";
+
+/// Whether a body was read whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Fits {
+    #[default]
+    Whole,
+    /// The rest, past the limit, was dropped unread.
+    Cut,
+}
+
+/// At most `max` bytes of an answer's body, as text.
+async fn read_at_most(
+    mut answer: reqwest::Response,
+    max: usize,
+) -> Result<(String, Fits), reqwest::Error> {
+    let mut body = Vec::new();
+    let mut fits = Fits::Whole;
+    while let Some(chunk) = answer.chunk().await? {
+        let room = max - body.len();
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            fits = Fits::Cut;
+            break;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((String::from_utf8_lossy(&body).into_owned(), fits))
+}
+
+/// An answer outside 2xx as an error: its status, and what it says in at
+/// most [`ERROR_BODY_MAX`] bytes, with the host a redirect leads to.
+async fn refusal(answer: reqwest::Response) -> S3Error {
+    let status = answer.status().as_u16();
+    let location = answer
+        .headers()
+        .get(http::header::LOCATION)
+        .filter(|_| answer.status().is_redirection())
+        .and_then(|v| v.to_str().ok())
+        .map(redirect_target);
+    let (body, _) = read_at_most(answer, ERROR_BODY_MAX)
+        .await
+        .unwrap_or_default();
+    let body = match location {
+        Some(to) => format!("<{LOCATION_TAG}>{to}</{LOCATION_TAG}>{body}"),
+        None => body,
+    };
+    S3Error::HttpFailWithBody(status, body)
+}
+
+/// Where a `Location` leads, as an error names it: the host (and port) of
+/// an absolute URL, else the location itself, cleaned and short.
+fn redirect_target(location: &str) -> String {
+    match reqwest::Url::parse(location) {
+        Ok(url) if url.host_str().is_some() => {
+            let host = url.host_str().unwrap_or_default();
+            match url.port() {
+                Some(port) => format!("{host}:{port}"),
+                None => host.to_string(),
+            }
+        }
+        _ => location
+            .chars()
+            .filter(|c| !c.is_control() && !matches!(c, '<' | '>'))
+            .take(100)
+            .collect(),
+    }
+}
+
+/// A connection failure without the request's URL, whose bucket, key and
+/// host would otherwise be read as a diagnosis (a key `certificates/a.png`
+/// as a TLS failure).
+fn without_url(e: S3Error) -> S3Error {
+    match e {
+        S3Error::Reqwest(e) => S3Error::Reqwest(e.without_url()),
+        other => other,
     }
 }
 
@@ -1249,6 +1360,217 @@ mod tests {
         assert_eq!(param(&next, "encoding-type"), None);
         assert_eq!(param(&next, "key-marker"), Some("pre/a+b.mp4"));
         assert_eq!(param(&next, "upload-id-marker"), Some("id+1"));
+    }
+
+    fn object_key(rel: &str) -> ObjectKey {
+        ObjectKey::new("pre", &crate::keys::RelPath::parse(rel).unwrap()).unwrap()
+    }
+
+    fn no_options() -> ObjectOptions {
+        ObjectOptions {
+            content_type: "image/png".into(),
+            cache_control: None,
+            storage_class: None,
+            content_disposition: None,
+            rule: None,
+        }
+    }
+
+    /// A redirect is not followed (the signed request would go to another
+    /// host): it is refused, naming where it leads.
+    #[tokio::test]
+    async fn redirects_are_not_followed_but_named() {
+        // Nothing listens where it leads: followed, it would fail to connect.
+        let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port2 = elsewhere.local_addr().unwrap().port();
+        drop(elsewhere);
+        let moved = |status: &str| {
+            format!("HTTP/1.1 {status}\r\nLocation: http://127.0.0.1:{port2}/media/pre/a.png\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        };
+        let key = object_key("a.png");
+        let body = bytes::Bytes::from_static(b"bytes");
+        let md5: [u8; 16] = Md5::digest(b"bytes").into();
+        for status in ["307 Temporary Redirect", "301 Moved Permanently"] {
+            let (port, _) = answer_each(vec![moved(status)]);
+            let err = client(port)
+                .put(&key, body.clone(), md5, &no_options())
+                .await
+                .unwrap_err();
+            assert_eq!(err.class, ErrorClass::ProviderWide, "{status}");
+            assert_eq!(
+                err.message,
+                format!(
+                    "the endpoint of provider `fake` redirects to 127.0.0.1:{port2} (HTTP {}); fix `endpoint`",
+                    &status[..3]
+                )
+            );
+        }
+        let (port, _) = answer_each(vec![moved("308 Permanent Redirect")]);
+        let err = client(port).head(&key).await.unwrap_err();
+        assert_eq!(
+            err.message,
+            format!("the endpoint of provider `fake` redirects to 127.0.0.1:{port2} (HTTP 308); fix `endpoint`")
+        );
+    }
+
+    /// The server's `<Message>` is quoted in the error, and picks the
+    /// sentence: R2's answer to an access key id of the wrong length.
+    #[tokio::test]
+    async fn the_server_message_is_quoted() {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>InvalidArgument</Code><Message>Credential access key has length 40, should be 32 (not SECRET)</Message></Error>";
+        let answer = format!(
+            "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let (port, _) = answer_each(vec![answer]);
+        let md5: [u8; 16] = Md5::digest(b"bytes").into();
+        let err = client(port)
+            .put(
+                &object_key("a.png"),
+                bytes::Bytes::from_static(b"bytes"),
+                md5,
+                &no_options(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.message,
+            "provider `fake` rejected the access key id (InvalidArgument: Credential access key has length 40, should be 32 (not [redacted])); check `access_key_id`"
+        );
+    }
+
+    /// A probe of uploads verified by a HEAD also reads: a key that may
+    /// write but not read fails it, saying so.
+    #[tokio::test]
+    async fn a_probe_that_reads_fails_on_a_refused_head() {
+        let put = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        let refused = "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+        let (port, seen) = answer_each(vec![put.into(), refused.into()]);
+        let err = client(port).probe(Probe::WriteAndRead).await.unwrap_err();
+        assert_eq!(err.class, ErrorClass::ProviderWide);
+        assert_eq!(
+            err.message,
+            "provider `fake` refused to show an object of bucket `media` (HTTP 403), so an upload cannot be verified before its local copy is deleted; grant the key s3:GetObject on the bucket"
+        );
+        let heads = seen.join().unwrap();
+        assert!(
+            heads[0].starts_with("PUT /media/pre/.offloadd-health "),
+            "{}",
+            heads[0]
+        );
+        assert!(
+            heads[1].starts_with("HEAD /media/pre/.offloadd-health "),
+            "{}",
+            heads[1]
+        );
+
+        let (port, seen) = answer_each(vec![put.into()]);
+        client(port).probe(Probe::Write).await.unwrap();
+        assert_eq!(seen.join().unwrap().len(), 1);
+    }
+
+    /// Words in the URL (a key under `certificates/`) are not read as the
+    /// cause of a connection failure.
+    #[tokio::test]
+    async fn a_connection_failure_is_not_diagnosed_from_the_url() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            for _ in 0..2 {
+                // Closed without an answer once the request is in.
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut byte = [0u8; 1];
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap() == 1 {
+                    head.push(byte[0]);
+                }
+            }
+        });
+        let c = client(port);
+        let err = c
+            .head(&object_key("certificates/tls-handshake.png"))
+            .await
+            .unwrap_err();
+        assert!(
+            err.message
+                .starts_with("request to provider `fake` failed (http://127.0.0.1:"),
+            "{}",
+            err.message
+        );
+        let fault = c
+            .get("pre/certificates/tls-handshake.png")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(fault.transport, Some(Transport::Other(_))),
+            "{:?}",
+            fault.transport
+        );
+        server.join().unwrap();
+    }
+
+    /// An error answer's body is read up to a limit and the rest dropped:
+    /// an endless one does not hold the request until it times out.
+    #[tokio::test]
+    async fn an_endless_error_body_is_cut_short() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut byte = [0u8; 1];
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap() == 1 {
+                head.push(byte[0]);
+            }
+            let start = "<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message>";
+            let mut out = format!(
+                "HTTP/1.1 500 Internal Server Error\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{start}\r\n",
+                start.len()
+            )
+            .into_bytes();
+            let pad = vec![b' '; 64 * 1024];
+            // Bounded: 1 GiB at most, until the client hangs up.
+            for _ in 0..16 * 1024 {
+                out.extend_from_slice(format!("{:x}\r\n", pad.len()).as_bytes());
+                out.extend_from_slice(&pad);
+                out.extend_from_slice(b"\r\n");
+                if conn.write_all(&out).is_err() {
+                    return;
+                }
+                out.clear();
+            }
+        });
+        let mut c = client(port);
+        c.set_request_timeout(Duration::from_secs(10));
+        let started = std::time::Instant::now();
+        let err = c.delete(&object_key("a.png")).await.unwrap_err();
+        assert_eq!(
+            err.code.as_deref(),
+            Some("InternalError"),
+            "{}",
+            err.message
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    /// A listing answer larger than any page is an error, not read whole.
+    #[tokio::test]
+    async fn an_oversized_answer_is_an_error() {
+        let big = format!(
+            "<ListBucketResult>{}</ListBucketResult>",
+            " ".repeat(ANSWER_BODY_MAX)
+        );
+        let (port, _) = answer_each(vec![probe_encoded(), xml_answer(&big)]);
+        let err = client(port).list_page("pre/", None).await.unwrap_err();
+        assert!(
+            err.message.contains("answered with more than 8 MiB"),
+            "{}",
+            err.message
+        );
     }
 
     fn client(port: u16) -> Client {

@@ -116,7 +116,12 @@ pub fn diagnose(
     }
     let e = &fault.error;
     let code = e.code.as_deref();
-    if error::is_wrong_region(e.status, code) {
+    // A redirect S3 did not explain (a proxy's to https, say) names where
+    // it leads.
+    let unexplained_redirect = code.is_none()
+        && e.status.is_some_and(|s| (300..400).contains(&s))
+        && fault.region.is_none();
+    if error::is_wrong_region(e.status, code) && !unexplained_redirect {
         let what = code
             .map(str::to_string)
             .unwrap_or_else(|| format!("HTTP {}", e.status.unwrap_or(0)));
@@ -130,7 +135,8 @@ pub fn diagnose(
         // s3s answers an unknown key with NotSignedUp.
         Some(c @ ("InvalidAccessKeyId" | "NotSignedUp")) => return format!("provider `{provider}` does not know the access key id ({c}); check `access_key_id`"),
         Some("SignatureDoesNotMatch") => return format!("provider `{provider}` rejected the signature (SignatureDoesNotMatch): the secret access key is wrong; fix the secret of provider `{provider}`"),
-        Some("NoSuchBucket") => return format!("bucket `{bucket}` does not exist at provider `{provider}` (NoSuchBucket); create it or fix `bucket`"),
+        // Classified with what the server said and, for R2, `jurisdiction`.
+        Some("NoSuchBucket") => return e.message.clone(),
         Some("RequestTimeTooSkewed") => return format!("provider `{provider}` says this machine's clock is off (RequestTimeTooSkewed); fix the clock (e.g. enable NTP)"),
         _ => {}
     }
@@ -146,6 +152,9 @@ pub fn diagnose(
                 Phase::ReadBack => "reading the probe back",
                 Phase::Delete => "deleting the probe",
             };
+            if unexplained_redirect {
+                return e.message.clone();
+            }
             let after = if e.class == ErrorClass::Transient { "; try again later" } else { "" };
             format!("{step} failed: {}{after}", e.message.trim_end_matches("; will retry"))
         }
@@ -345,11 +354,14 @@ fn name_list(names: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::remote::error::{classify, StorageError};
+    use crate::remote::error::{classify, Answer, Request, StorageError};
+    use crate::remote::fake;
 
     fn http(status: u16, code: Option<&str>, region: Option<&str>) -> Fault {
+        let mut p = fake::provider();
+        p.name = "p".into();
         Fault {
-            error: classify(status, code, "p", "media"),
+            error: classify(Answer::new(status, code), Request::Write, &p),
             transport: None,
             region: region.map(str::to_string),
         }
@@ -383,7 +395,7 @@ mod tests {
         );
         assert_eq!(
             d(Phase::Put, &http(404, Some("NoSuchBucket"), None)),
-            "bucket `media` does not exist at provider `p` (NoSuchBucket); create it or fix `bucket`"
+            "bucket `media` does not exist at provider `p` (NoSuchBucket); create it, or fix `bucket`, `region` or `endpoint`"
         );
     }
 
@@ -400,6 +412,27 @@ mod tests {
         assert_eq!(
             d(Phase::Put, &http(301, Some("PermanentRedirect"), None)),
             "bucket `media` is not in region `us-east-1` as configured for provider `p` (PermanentRedirect), and the server did not say which region it is in; fix `region` or `endpoint`"
+        );
+    }
+
+    /// A redirect that S3 did not explain and that tells no region (a
+    /// proxy's, to https) names where it leads, not a region.
+    #[test]
+    fn an_unexplained_redirect_names_where_it_leads() {
+        let mut p = fake::provider();
+        p.name = "p".into();
+        let answer = Answer {
+            location: Some("s3.example:443"),
+            ..Answer::new(301, None)
+        };
+        let fault = Fault {
+            error: classify(answer, Request::Write, &p),
+            transport: None,
+            region: None,
+        };
+        assert_eq!(
+            d(Phase::Put, &fault),
+            "the endpoint of provider `p` redirects to s3.example:443 (HTTP 301); fix `endpoint`"
         );
     }
 

@@ -5,6 +5,8 @@
 //! error it is; what happens next (retry, probe, pause, park) is the
 //! pipeline's policy, not decided here.
 
+use crate::remote::provider::{Kind, Resolved};
+
 /// What kind of failure it is; the pipeline decides what follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
@@ -56,37 +58,182 @@ pub(crate) fn xml_field(body: &str, tag: &str) -> Option<String> {
     Some(body[start..end].trim().to_string())
 }
 
-/// Classifies an HTTP status and S3 error code into a class and an explanation.
-pub fn classify(status: u16, code: Option<&str>, provider: &str, bucket: &str) -> StorageError {
+/// The request that failed: a refusal names the permission it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// PUT, and a multipart upload's initiation, parts and completion.
+    Write,
+    /// HEAD or GET of an object.
+    Read,
+    Delete,
+    /// ListObjectsV2 (rebuild).
+    List,
+    ListUploads,
+    Abort,
+}
+
+impl Request {
+    /// The IAM action that allows it.
+    pub fn permission(self) -> &'static str {
+        match self {
+            Request::Write => "s3:PutObject",
+            Request::Read => "s3:GetObject",
+            Request::Delete => "s3:DeleteObject",
+            Request::List => "s3:ListBucket",
+            Request::ListUploads => "s3:ListBucketMultipartUploads",
+            Request::Abort => "s3:AbortMultipartUpload",
+        }
+    }
+
+    /// What it does, before "bucket `x`".
+    fn doing(self) -> &'static str {
+        match self {
+            Request::Write => "writing to",
+            Request::Read => "reading from",
+            Request::Delete => "deleting from",
+            Request::List => "listing",
+            Request::ListUploads => "listing the multipart uploads of",
+            Request::Abort => "aborting multipart uploads in",
+        }
+    }
+}
+
+/// An answer outside 2xx, as far as classification reads it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Answer<'a> {
+    pub status: u16,
+    /// `<Code>` of the error document.
+    pub code: Option<&'a str>,
+    /// `<Message>` of the error document, cleaned ([`server_message`]).
+    pub said: Option<&'a str>,
+    /// The host a redirect's `Location` names.
+    pub location: Option<&'a str>,
+}
+
+impl<'a> Answer<'a> {
+    pub fn new(status: u16, code: Option<&'a str>) -> Answer<'a> {
+        Answer {
+            status,
+            code,
+            ..Answer::default()
+        }
+    }
+}
+
+/// The longest server message quoted in an error, in characters.
+const SAID_MAX_CHARS: usize = 200;
+
+/// The `<Message>` of an S3 error document as an error may quote it: XML
+/// entities decoded, control characters dropped, blanks collapsed, at most
+/// [`SAID_MAX_CHARS`] characters, and `secret` (if it were ever echoed)
+/// redacted. `None` if there is none.
+pub fn server_message(body: &str, secret: &str) -> Option<String> {
+    let raw = xml_field(body, "Message")?;
+    let decoded = raw
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&");
+    let redacted = if secret.is_empty() {
+        decoded
+    } else {
+        decoded.replace(secret, "[redacted]")
+    };
+    let clean: String = redacted
+        .split(|c: char| c.is_whitespace() || c.is_control())
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut said: String = clean.chars().take(SAID_MAX_CHARS).collect();
+    if said.len() < clean.len() {
+        said.push('…');
+    }
+    (!said.is_empty()).then_some(said)
+}
+
+/// The headers and options offloadd sends with objects, which a provider
+/// may not implement.
+const UPLOAD_OPTIONS: &str = "storage_class, server_side_encryption, kms_key_id, cache_control, and the `rules:` that set storage_class, cache_control or content_disposition";
+
+/// Classifies a refusal of `request` into a class and an explanation that
+/// quotes what the server said.
+pub fn classify(answer: Answer<'_>, request: Request, provider: &Resolved) -> StorageError {
     use ErrorClass::*;
+    let Answer {
+        status,
+        code,
+        said,
+        location,
+    } = answer;
+    let (p, bucket) = (provider.name.as_str(), provider.bucket.as_str());
+    // `(Code: message)`, `(Code)`, or `(HTTP 403)` without a code.
+    let why = match (code, said) {
+        (Some(c), Some(s)) => format!("{c}: {s}"),
+        (Some(c), None) => c.to_string(),
+        (None, Some(s)) => format!("HTTP {status}: {s}"),
+        (None, None) => format!("HTTP {status}"),
+    };
+    let says = |words: &str| said.is_some_and(|s| s.to_ascii_lowercase().contains(words));
+    let clock = || {
+        (ProviderWide, format!("provider `{p}` says this machine's clock is off ({why}); fix the clock (e.g. enable NTP)"))
+    };
+    let region = || {
+        (ProviderWide, format!("bucket `{bucket}` is in another region than configured for provider `{p}` ({why}); fix `region` or `endpoint`"))
+    };
+    let credentials = || {
+        (
+            ProviderWide,
+            format!("provider `{p}` rejected the access key id ({why}); check `access_key_id`"),
+        )
+    };
     let (class, message) = match code.unwrap_or("") {
-        "InvalidAccessKeyId" => (ProviderWide, format!("provider `{provider}` rejected the access key id (InvalidAccessKeyId); check `access_key_id`")),
-        "SignatureDoesNotMatch" => (ProviderWide, format!("provider `{provider}` rejected our signature (SignatureDoesNotMatch): the secret access key is wrong; fix the secret and restart or reload")),
-        "NoSuchBucket" => (ProviderWide, format!("bucket `{bucket}` does not exist at provider `{provider}` (NoSuchBucket); create it or fix `bucket`")),
-        "AccessDenied" | "AllAccessDisabled" | "AccountProblem" => (ProviderWide, format!("provider `{provider}` denied writing to bucket `{bucket}` ({}); grant the key PutObject on the bucket", code.unwrap_or("AccessDenied"))),
-        "RequestTimeTooSkewed" => (ProviderWide, format!("provider `{provider}` says this machine's clock is off (RequestTimeTooSkewed); fix the clock (e.g. enable NTP)")),
-        "PermanentRedirect" | "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException" => (ProviderWide, format!("bucket `{bucket}` is in another region than configured for provider `{provider}` ({}); fix `region` or `endpoint`", code.unwrap_or(""))),
-        "InvalidBucketName" => (ProviderWide, format!("provider `{provider}` says `{bucket}` is not a valid bucket name; fix `bucket`")),
-        "NoSuchUpload" | "InvalidPart" | "InvalidPartOrder" => (RestartUpload, format!("provider `{provider}` no longer knows this multipart upload ({}); starting it again", code.unwrap_or(""))),
-        "EntityTooLarge" => (Item, "the object is larger than the provider accepts (EntityTooLarge)".to_string()),
-        "KeyTooLongError" => (Item, "the object key is longer than the provider accepts (KeyTooLongError); shorten the path or the prefix".to_string()),
-        "SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable" | "BadDigest" | "XAmzContentSHA256Mismatch" | "OperationAborted" => (Transient, format!("provider `{provider}` answered {} (HTTP {status}); will retry", code.unwrap_or(""))),
-        other => match status {
-            401 | 403 => (ProviderWide, format!("provider `{provider}` refused the request (HTTP {status}{}); check the access key, secret and the key's permissions on bucket `{bucket}`", if other.is_empty() { String::new() } else { format!(", {other}") })),
-            404 => (ProviderWide, format!("bucket `{bucket}` was not found at provider `{provider}` (HTTP 404); create it or fix `bucket` and `endpoint`")),
-            301 | 307 => (ProviderWide, format!("provider `{provider}` redirected us (HTTP {status}): bucket `{bucket}` is probably in another region; fix `region` or `endpoint`")),
-            408 | 429 | 500..=599 => (Transient, format!("provider `{provider}` answered HTTP {status}{}; will retry", if other.is_empty() { String::new() } else { format!(" ({other})") })),
+        "InvalidAccessKeyId" => credentials(),
+        // R2 answers a key id of the wrong length so.
+        "InvalidArgument" if says("access key") => credentials(),
+        "SignatureDoesNotMatch" => (ProviderWide, format!("provider `{p}` rejected our signature ({why}): the secret access key is wrong; fix the secret and restart or reload")),
+        "NoSuchBucket" => {
+            let also = if provider.kind == Kind::R2 { ", `jurisdiction`" } else { "" };
+            (ProviderWide, format!("bucket `{bucket}` does not exist at provider `{p}` ({why}); create it, or fix `bucket`{also}, `region` or `endpoint`"))
+        }
+        // A presigned request (a body) signed over an hour ago by the
+        // server's clock.
+        "AccessDenied" if says("request has expired") => clock(),
+        "AccessDenied" | "AllAccessDisabled" | "AccountProblem" => (ProviderWide, format!("provider `{p}` denied {} bucket `{bucket}` ({why}); grant the key {} on the bucket", request.doing(), request.permission())),
+        "RequestTimeTooSkewed" => clock(),
+        "PermanentRedirect" | "AuthorizationHeaderMalformed" | "AuthorizationQueryParametersError" | "IllegalLocationConstraintException" => region(),
+        "InvalidBucketName" => (ProviderWide, format!("provider `{p}` says `{bucket}` is not a valid bucket name ({why}); fix `bucket`")),
+        "NoSuchUpload" | "InvalidPart" | "InvalidPartOrder" => (RestartUpload, format!("provider `{p}` no longer knows this multipart upload ({why}); starting it again")),
+        "EntityTooLarge" => (Item, format!("the object is larger than provider `{p}` accepts ({why})")),
+        "KeyTooLongError" => (Item, format!("the object key is longer than provider `{p}` accepts ({why}); shorten the path or the prefix")),
+        // The probe sends the provider's options: if it is refused too, the
+        // provider pauses; else a rule's option is refused again and again,
+        // and the item is parked.
+        "NotImplemented" => not_implemented(p, &why),
+        "SlowDown" | "RequestTimeout" | "InternalError" | "ServiceUnavailable" | "BadDigest" | "XAmzContentSHA256Mismatch" | "OperationAborted" => (Transient, format!("provider `{p}` answered {why} (HTTP {status}); will retry")),
+        _ => match status {
+            // Requests are signed for the endpoint: re-sent to another
+            // host they are refused, so redirects are not followed.
+            300..=399 => (ProviderWide, match location {
+                Some(host) => format!("the endpoint of provider `{p}` redirects to {host} ({why}); fix `endpoint`"),
+                None => format!("the endpoint of provider `{p}` redirects without saying where ({why}); fix `endpoint`"),
+            }),
+            // A HEAD's refusal has no body to say why; the upload before
+            // it was accepted.
+            403 if request == Request::Read && code.is_none() => (ProviderWide, format!("provider `{p}` refused to show an object of bucket `{bucket}` ({why}), so an upload cannot be verified before its local copy is deleted; grant the key s3:GetObject on the bucket")),
+            401 | 403 => (ProviderWide, format!("provider `{p}` refused {} bucket `{bucket}` ({why}); check the access key, secret and the key's {} permission on the bucket", request.doing(), request.permission())),
+            404 => (ProviderWide, format!("bucket `{bucket}` was not found at provider `{p}` ({why}); create it or fix `bucket` and `endpoint`")),
+            501 => not_implemented(p, &why),
+            408 | 429 | 500..=599 => (Transient, format!("provider `{p}` answered {why}; will retry")),
             // A proxy in front of the server (nginx's client_max_body_size,
             // say) refuses a body or a URL as too large: this item only.
-            413 => (Item, format!("provider `{provider}`, or a proxy in front of it, refused the body as too large (HTTP 413); raise that limit (nginx: client_max_body_size) or lower upload.multipart_threshold and part_size")),
-            414 => (Item, format!("provider `{provider}`, or a proxy in front of it, refused the object key as too long (HTTP 414); shorten the path or the prefix")),
-            // A probe sends the same upload headers: if it is refused too, a
-            // provider option is wrong (a typo in `storage_class`, say) and
-            // the provider pauses; else the item is refused again and again,
-            // and parked.
-            400 => (ProviderWide, format!("provider `{provider}` rejected the request as invalid (HTTP 400{}); check the provider's upload options (storage_class, server_side_encryption, kms_key_id, cache_control)", if other.is_empty() { String::new() } else { format!(", {other}") })),
-            401..=499 => (ProviderWide, format!("provider `{provider}` refused the request (HTTP {status}{}); check that `endpoint` is the S3 API of the bucket and the provider's upload options", if other.is_empty() { String::new() } else { format!(", {other}") })),
-            _ => (Transient, format!("provider `{provider}` answered HTTP {status}{}; will retry", if other.is_empty() { String::new() } else { format!(" ({other})") })),
+            413 => (Item, format!("provider `{p}`, or a proxy in front of it, refused the body as too large ({why}); raise that limit (nginx: client_max_body_size) or lower upload.multipart_threshold and part_size")),
+            414 => (Item, format!("provider `{p}`, or a proxy in front of it, refused the object key as too long ({why}); shorten the path or the prefix")),
+            // As NotImplemented: the probe decides.
+            400 if request == Request::Write => (ProviderWide, format!("provider `{p}` rejected the upload as invalid ({why}); check its upload options ({UPLOAD_OPTIONS})")),
+            400 => (ProviderWide, format!("provider `{p}` rejected the request as invalid ({why})")),
+            401..=499 => (ProviderWide, format!("provider `{p}` refused the request ({why}); check that `endpoint` is the S3 API of the bucket and the provider's upload options")),
+            _ => (Transient, format!("provider `{p}` answered {why}; will retry")),
         },
     };
     StorageError {
@@ -95,6 +242,14 @@ pub fn classify(status: u16, code: Option<&str>, provider: &str, bucket: &str) -
         status: Some(status),
         message,
     }
+}
+
+/// A header or option the provider does not implement (501).
+fn not_implemented(provider: &str, why: &str) -> (ErrorClass, String) {
+    (
+        ErrorClass::ProviderWide,
+        format!("provider `{provider}` does not implement a header or option offloadd sent ({why}); check {UPLOAD_OPTIONS}"),
+    )
 }
 
 /// What failed below HTTP, for diagnosis.
@@ -138,6 +293,7 @@ pub fn is_wrong_region(status: Option<u16>, code: Option<&str>) -> bool {
         Some(
             "PermanentRedirect"
                 | "AuthorizationHeaderMalformed"
+                | "AuthorizationQueryParametersError"
                 | "IllegalLocationConstraintException"
         )
     ) || (code.is_none() && matches!(status, Some(301 | 307)))
@@ -163,7 +319,9 @@ pub(crate) fn valid_region(r: &str) -> bool {
     !r.is_empty() && r.len() <= 64 && r.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
-/// Classifies a connection-level failure from its error chain.
+/// Classifies a connection-level failure from its error chain, which must
+/// not hold the request's URL (see `reqwest::Error::without_url`): a key
+/// such as `certificates/a.png` would read as a TLS failure.
 pub fn transport_of(timeout: bool, chain: &[String]) -> Transport {
     if timeout {
         return Transport::Timeout;
@@ -221,10 +379,21 @@ pub(crate) fn root_cause(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::remote::fake;
+
+    /// The message for `status`, `code` and `said` of a `request` to
+    /// provider `fake` (bucket `media`).
+    fn said(status: u16, code: Option<&str>, said: Option<&str>, request: Request) -> String {
+        let answer = Answer {
+            said,
+            ..Answer::new(status, code)
+        };
+        classify(answer, request, &fake::provider()).message
+    }
 
     #[test]
     fn codes_map_to_classes() {
-        let c = |s, code| classify(s, code, "p", "b").class;
+        let c = |s, code| classify(Answer::new(s, code), Request::Write, &fake::provider()).class;
         assert_eq!(
             c(403, Some("SignatureDoesNotMatch")),
             ErrorClass::ProviderWide
@@ -247,7 +416,7 @@ mod tests {
     /// refused until it is parked).
     #[test]
     fn other_client_errors_are_refusals() {
-        let c = |s| classify(s, None, "p", "b");
+        let c = |s| classify(Answer::new(s, None), Request::Write, &fake::provider());
         assert_eq!(c(413).class, ErrorClass::Item);
         assert!(
             c(413).message.contains("client_max_body_size"),
@@ -263,8 +432,147 @@ mod tests {
 
     #[test]
     fn wrong_secret_message_names_the_secret() {
-        let e = classify(403, Some("SignatureDoesNotMatch"), "r2", "media");
+        let e = classify(
+            Answer::new(403, Some("SignatureDoesNotMatch")),
+            Request::Write,
+            &fake::provider(),
+        );
         assert!(e.message.contains("secret access key"), "{}", e.message);
+    }
+
+    /// The server's `<Message>` is quoted, cleaned and cut short; a secret
+    /// it might echo is redacted.
+    #[test]
+    fn the_server_message_is_quoted_clean_and_short() {
+        let body = "<Error><Code>InvalidArgument</Code><Message>Credential access key has length 40,\r\n\tshould be 32 &amp; \x07 &quot;x&quot;</Message></Error>";
+        assert_eq!(
+            server_message(body, "SECRET").as_deref(),
+            Some("Credential access key has length 40, should be 32 & \"x\"")
+        );
+        let long = format!("<Error><Message>{}</Message></Error>", "é".repeat(300));
+        assert_eq!(
+            server_message(&long, "SECRET"),
+            Some(format!("{}…", "é".repeat(200)))
+        );
+        let echo = "<Error><Message>bad key SECRET-abc here</Message></Error>";
+        assert_eq!(
+            server_message(echo, "SECRET-abc").as_deref(),
+            Some("bad key [redacted] here")
+        );
+        assert_eq!(
+            server_message("<Error><Message> </Message></Error>", "S"),
+            None
+        );
+        assert_eq!(server_message("<html>proxy</html>", "S"), None);
+    }
+
+    /// Each refusal names what to fix, with what the server said.
+    #[test]
+    fn refusals_name_what_to_fix_and_quote_the_server() {
+        use Request::*;
+        assert_eq!(
+            said(400, Some("InvalidArgument"), Some("Credential access key has length 40, should be 32"), Write),
+            "provider `fake` rejected the access key id (InvalidArgument: Credential access key has length 40, should be 32); check `access_key_id`"
+        );
+        assert_eq!(
+            said(400, Some("AuthorizationQueryParametersError"), Some("Error parsing the X-Amz-Credential parameter; the region 'us-east-1' is wrong; expecting 'eu-west-1'"), Write),
+            "bucket `media` is in another region than configured for provider `fake` (AuthorizationQueryParametersError: Error parsing the X-Amz-Credential parameter; the region 'us-east-1' is wrong; expecting 'eu-west-1'); fix `region` or `endpoint`"
+        );
+        assert_eq!(
+            said(403, Some("AccessDenied"), Some("Request has expired"), Write),
+            "provider `fake` says this machine's clock is off (AccessDenied: Request has expired); fix the clock (e.g. enable NTP)"
+        );
+        assert_eq!(
+            said(403, Some("AccessDenied"), Some("Access Denied"), Write),
+            "provider `fake` denied writing to bucket `media` (AccessDenied: Access Denied); grant the key s3:PutObject on the bucket"
+        );
+        assert_eq!(
+            said(403, Some("AccessDenied"), None, Delete),
+            "provider `fake` denied deleting from bucket `media` (AccessDenied); grant the key s3:DeleteObject on the bucket"
+        );
+        assert_eq!(
+            said(403, Some("AccessDenied"), None, List),
+            "provider `fake` denied listing bucket `media` (AccessDenied); grant the key s3:ListBucket on the bucket"
+        );
+        assert_eq!(
+            said(404, Some("NoSuchBucket"), Some("The specified bucket does not exist"), Write),
+            "bucket `media` does not exist at provider `fake` (NoSuchBucket: The specified bucket does not exist); create it, or fix `bucket`, `region` or `endpoint`"
+        );
+        let mut r2 = fake::provider();
+        r2.kind = Kind::R2;
+        assert_eq!(
+            classify(Answer::new(404, Some("NoSuchBucket")), Write, &r2).message,
+            "bucket `media` does not exist at provider `fake` (NoSuchBucket); create it, or fix `bucket`, `jurisdiction`, `region` or `endpoint`"
+        );
+        assert_eq!(
+            said(400, Some("InvalidStorageClass"), Some("The storage class you specified is not valid"), Write),
+            "provider `fake` rejected the upload as invalid (InvalidStorageClass: The storage class you specified is not valid); check its upload options (storage_class, server_side_encryption, kms_key_id, cache_control, and the `rules:` that set storage_class, cache_control or content_disposition)"
+        );
+        assert_eq!(
+            said(400, Some("InvalidArgument"), Some("Invalid max-keys"), List),
+            "provider `fake` rejected the request as invalid (InvalidArgument: Invalid max-keys)"
+        );
+    }
+
+    /// A HEAD refused without a body (a key without s3:GetObject) says the
+    /// upload cannot be verified and which permission is missing.
+    #[test]
+    fn a_refused_head_names_get_object() {
+        let e = classify(Answer::new(403, None), Request::Read, &fake::provider());
+        assert_eq!(e.class, ErrorClass::ProviderWide);
+        assert_eq!(
+            e.message,
+            "provider `fake` refused to show an object of bucket `media` (HTTP 403), so an upload cannot be verified before its local copy is deleted; grant the key s3:GetObject on the bucket"
+        );
+    }
+
+    /// A provider that does not implement a header offloadd sends is not
+    /// retried for ever: the probe decides.
+    #[test]
+    fn not_implemented_is_a_refusal() {
+        for code in [Some("NotImplemented"), None] {
+            let e = classify(
+                Answer {
+                    said: Some(
+                        "A header you provided implies functionality that is not implemented",
+                    ),
+                    ..Answer::new(501, code)
+                },
+                Request::Write,
+                &fake::provider(),
+            );
+            assert_eq!(e.class, ErrorClass::ProviderWide, "{code:?}");
+            assert!(
+                e.message.starts_with(
+                    "provider `fake` does not implement a header or option offloadd sent ("
+                ),
+                "{}",
+                e.message
+            );
+            assert!(e.message.ends_with("); check storage_class, server_side_encryption, kms_key_id, cache_control, and the `rules:` that set storage_class, cache_control or content_disposition"), "{}", e.message);
+        }
+    }
+
+    /// A redirect is not followed: it names where it leads.
+    #[test]
+    fn redirects_name_the_host() {
+        let e = classify(
+            Answer {
+                location: Some("other.example"),
+                ..Answer::new(307, None)
+            },
+            Request::Write,
+            &fake::provider(),
+        );
+        assert_eq!(e.class, ErrorClass::ProviderWide);
+        assert_eq!(
+            e.message,
+            "the endpoint of provider `fake` redirects to other.example (HTTP 307); fix `endpoint`"
+        );
+        assert_eq!(
+            said(302, None, None, Request::Read),
+            "the endpoint of provider `fake` redirects without saying where (HTTP 302); fix `endpoint`"
+        );
     }
 
     #[test]

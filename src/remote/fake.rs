@@ -4,10 +4,10 @@
 //! whose answer can be held back.
 
 use crate::keys::ObjectKey;
-use crate::remote::error::{classify, ErrorClass, StorageError};
+use crate::remote::error::{classify, Answer, ErrorClass, Request, StorageError};
 use crate::remote::object_options::ObjectOptions;
 use crate::remote::provider::{Addressing, Kind, Resolved, Secret};
-use crate::remote::store::{Head, Listed, PendingUpload, Reply, Store};
+use crate::remote::store::{Head, Listed, PendingUpload, Probe, Reply, Store};
 use md5::{Digest, Md5};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -83,9 +83,14 @@ pub fn provider() -> Resolved {
     }
 }
 
-/// An error as the server would send it.
+/// An error as the server would send it to an upload.
 pub fn http_error(status: u16, code: &str) -> StorageError {
-    classify(status, Some(code), "fake", "media")
+    classify(Answer::new(status, Some(code)), Request::Write, &provider())
+}
+
+/// A HEAD refused as a key without s3:GetObject is (403, no body).
+pub fn head_refused() -> StorageError {
+    classify(Answer::new(403, None), Request::Read, &provider())
 }
 
 /// A connection failure.
@@ -349,10 +354,16 @@ impl Store for FakeStore {
         })
     }
 
-    fn probe(&self) -> Reply<'_, ()> {
+    /// Logged as [`Op::Probe`], and its HEAD (with [`Probe::WriteAndRead`])
+    /// as [`Op::Head`] of `.offloadd-health`.
+    fn probe(&self, check: Probe) -> Reply<'_, ()> {
         Box::pin(async move {
             let _ = self.probes_held.subscribe().wait_for(|held| !*held).await;
-            self.enter(Op::Probe, ".offloadd-health")
+            self.enter(Op::Probe, ".offloadd-health")?;
+            if check == Probe::WriteAndRead {
+                self.enter(Op::Head, ".offloadd-health")?;
+            }
+            Ok(())
         })
     }
 }

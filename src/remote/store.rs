@@ -116,8 +116,20 @@ pub trait Store: Send + Sync {
     fn list_uploads<'a>(&'a self, prefix: &'a str) -> Reply<'a, Option<Vec<PendingUpload>>>;
 
     /// A request that involves no queued file: a zero-byte PUT of the
-    /// provider's health object. It fails when the provider as a whole does.
-    fn probe(&self) -> Reply<'_, ()>;
+    /// provider's health object, and what `check` adds. It fails when the
+    /// provider as a whole does.
+    fn probe(&self, check: Probe) -> Reply<'_, ()>;
+}
+
+/// What a [`Store::probe`] checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// Uploads: the PUT of the health object.
+    Write,
+    /// Uploads verified by a HEAD (those whose local copy is deleted): the
+    /// PUT, then a HEAD of the object, so that a key that may write but
+    /// not read pauses the provider rather than failing every item.
+    WriteAndRead,
 }
 
 /// The key of the health object [`Store::probe`] writes: `{prefix}/.offloadd-health`.

@@ -386,6 +386,41 @@ async fn a_provider_wide_error_pauses_only_when_the_probe_fails_and_probes_are_p
     h.stop().await;
 }
 
+/// A key that may write but not read: with deletion on, every upload's
+/// verifying HEAD is refused. The probe reads too, so the provider pauses
+/// with that reason instead of each file being sent again until it is
+/// parked; with the permission granted, everything is verified.
+#[tokio::test(start_paused = true)]
+async fn a_key_that_cannot_read_pauses_the_provider_when_copies_are_deleted() {
+    let mut h = Harness::new(Deletion::After(Duration::ZERO));
+    let broken = Arc::new(AtomicBool::new(true));
+    let b = broken.clone();
+    h.store.script(move |r| {
+        (b.load(Ordering::SeqCst) && r.op == Op::Head).then(crate::remote::fake::head_refused)
+    });
+    for i in 0..5 {
+        h.write(&format!("f{i}.png"), b"data").await;
+    }
+    until(10, "paused", || h.live.shown().paused.is_some()).await;
+    let reason = h.live.shown().paused.unwrap().reason;
+    assert!(reason.contains("s3:GetObject"), "{reason}");
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert!(
+        h.live.shown().failed.is_empty(),
+        "a key that cannot read parks nothing"
+    );
+    let puts = h.count(Op::Put);
+    assert!(puts <= 5, "{puts} uploads: each file sent at most once");
+    broken.store(false, Ordering::SeqCst);
+    until(60, "resumed", || h.live.shown().paused.is_none()).await;
+    until(60, "all verified and deleted", || {
+        (0..5).all(|i| !h.root.join(format!("f{i}.png")).exists())
+    })
+    .await;
+    assert!(h.live.shown().failed.is_empty());
+    h.stop().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn throttling_and_connection_errors_never_park() {
     let mut h = Harness::new(Deletion::Keep);
