@@ -214,6 +214,9 @@ pub fn classify(answer: Answer<'_>, request: Request, provider: &Resolved) -> St
         _ => match status {
             // Requests are signed for the endpoint: re-sent to another
             // host they are refused, so redirects are not followed.
+            // S3 answers a HEAD in the wrong region so: no body, no
+            // Location (the region is in `x-amz-bucket-region`).
+            301 | 307 if location.is_none() => region(),
             300..=399 => (ProviderWide, match location {
                 Some(host) => format!("the endpoint of provider `{p}` redirects to {host} ({why}); fix `endpoint`"),
                 None => format!("the endpoint of provider `{p}` redirects without saying where ({why}); fix `endpoint`"),
@@ -511,6 +514,17 @@ mod tests {
         assert_eq!(
             said(400, Some("InvalidArgument"), Some("Invalid max-keys"), List),
             "provider `fake` rejected the request as invalid (InvalidArgument: Invalid max-keys)"
+        );
+    }
+
+    /// S3's answer to a HEAD in another region: 301, no body, no Location.
+    #[test]
+    fn a_bare_redirect_says_region() {
+        let e = classify(Answer::new(301, None), Request::Read, &fake::provider());
+        assert_eq!(e.class, ErrorClass::ProviderWide);
+        assert_eq!(
+            e.message,
+            "bucket `media` is in another region than configured for provider `fake` (HTTP 301); fix `region` or `endpoint`"
         );
     }
 
