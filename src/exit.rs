@@ -21,7 +21,9 @@ pub fn of_fatal(e: &Fatal) -> u8 {
         Fatal::State(StateError::Failed { .. }) => NEGATIVE,
         // An unusable state_dir (missing, unwritable, a database that cannot
         // open): restarting does not help until ops fix it.
-        Fatal::State(StateError::Unusable { .. } | StateError::Database { .. }) => CONFIG,
+        Fatal::State(
+            StateError::Unusable { .. } | StateError::Denied { .. } | StateError::Database { .. },
+        ) => CONFIG,
         Fatal::Runtime(_) => NEGATIVE,
     }
 }

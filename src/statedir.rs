@@ -68,7 +68,13 @@ impl Lock {
     }
 
     fn try_acquire(state_dir: &Path, holder: Holder) -> Result<Lock, StateError> {
-        let unusable = |e: std::io::Error| StateError::unusable(state_dir, e);
+        let unusable = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => StateError::Denied {
+                dir: state_dir.to_path_buf(),
+                message: e.to_string(),
+            },
+            _ => StateError::unusable(state_dir, e),
+        };
         std::fs::create_dir_all(state_dir).map_err(unusable)?;
         let mut file = OpenOptions::new()
             .read(true)

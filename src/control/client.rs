@@ -1,17 +1,23 @@
 //! The CLI side of the control commands: each one asks the running daemon
 //! over the control socket, or, when no daemon answers, opens the state
-//! directory itself (taking the instance lock, so the two never meet).
+//! directory itself (taking the instance lock, so the two never meet), as
+//! the state's owner when run as root ([`owner`]). An offline backfill
+//! holds the lock only a moment at a time, so a daemon starting meanwhile
+//! is not kept out.
 
 use crate::config::Config;
 use crate::control::commands;
+use crate::control::owner;
 use crate::control::protocol::{err_line, line, Envelope, Reply, Request};
 use crate::control::status;
+use crate::failpoint;
 use crate::keys::{ItemKey, RelPath};
 use crate::pipeline::filter::Rules;
 use crate::pipeline::finished::FileIdentity;
-use crate::pipeline::queue::{Admission, Admit, Queue};
+use crate::pipeline::queue::{Admission, Admit, Queue, StateError};
 use crate::statedir::{self, Holder, Lock};
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 /// Sends `req` to the running daemon. `Ok(None)` when no daemon answers (the
 /// caller then works on the state directly).
@@ -86,11 +92,23 @@ fn live_or(config: &Config, req: Request, offline: impl FnOnce() -> Reply) -> Ex
     }
 }
 
-/// Opens the state of a stopped daemon.
+/// Works as the state_dir's owner when run as root ([`owner`]): called
+/// before a command touches the state of a stopped daemon.
+fn as_state_owner(config: &Config) -> Result<(), Reply> {
+    owner::become_state_owner(&config.state_dir).map_err(|e| Reply::fail(1, err_line(e)))
+}
+
+/// Opens the state of a stopped daemon, as its owner.
 fn open_offline(config: &Config) -> Result<(Lock, Queue), Reply> {
-    let lock = Lock::acquire(&config.state_dir, Holder::Command)
-        .map_err(|e| Reply::fail(1, err_line(e)))?;
-    let (queue, _) = Queue::open(&config.state_dir).map_err(|e| Reply::fail(1, err_line(e)))?;
+    as_state_owner(config)?;
+    open_state(config).map_err(|e| Reply::fail(1, err_line(e.for_command())))
+}
+
+/// Takes the lock and opens the database (the caller is the state's owner
+/// already).
+fn open_state(config: &Config) -> Result<(Lock, Queue), StateError> {
+    let lock = Lock::acquire(&config.state_dir, Holder::Command)?;
+    let (queue, _) = Queue::open(&config.state_dir)?;
     Ok((lock, queue))
 }
 
@@ -103,6 +121,9 @@ fn runtime() -> tokio::runtime::Runtime {
 
 pub fn status(config: &Config, json: bool) -> ExitCode {
     live_or(config, Request::Status { json }, || {
+        if let Err(r) = as_state_owner(config) {
+            return r;
+        }
         match status::report(config) {
             Ok(r) if json => Reply::ok(line(serde_json::to_string(&r).expect("report serializes"))),
             Ok(r) => Reply::ok(status::render(&r)),
@@ -210,12 +231,12 @@ impl Unread {
     }
 }
 
-/// Files under the root that backfill would queue: included, regular, changed
-/// before the managed-since mark, and not recorded as they are now; and what
-/// could not be read on the way.
+/// Files under the root that backfill may queue: included, regular and
+/// changed before the managed-since mark; and what could not be read on the
+/// way. Read without the state: which are recorded as they are now is the
+/// queue's to say (the daemon's, or [`backfill_offline`]'s).
 fn backfill_candidates(
     config: &Config,
-    queue: Option<&Queue>,
     mark: i128,
 ) -> Result<(Vec<(ItemKey, FileIdentity)>, Unread), String> {
     let rules = Rules::new(
@@ -260,15 +281,6 @@ fn backfill_candidates(
         let Some(key) = ItemKey::of(root, e.path()) else {
             continue;
         };
-        if let Some(q) = queue {
-            if q.record(&key)
-                .ok()
-                .flatten()
-                .is_some_and(|r| r.identity == id)
-            {
-                continue;
-            }
-        }
         keys.push((key, id));
     }
     Ok((keys, unread))
@@ -352,15 +364,13 @@ pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
         .finish();
     }
     let running = matches!(probe, Ok(Some(_)));
-    let offline = if running {
-        None
-    } else {
-        match open_offline(config) {
-            Ok(x) => Some(x),
-            Err(r) => return r.finish(),
+    // The walk too: as the service user, it reads what the service reads.
+    if !running {
+        if let Err(r) = as_state_owner(config) {
+            return r.finish();
         }
-    };
-    let (keys, unread) = match backfill_candidates(config, offline.as_ref().map(|(_, s)| s), mark) {
+    }
+    let (keys, unread) = match backfill_candidates(config, mark) {
         Ok(found) => found,
         Err(e) => return Reply::fail(78, err_line(e)).finish(),
     };
@@ -369,22 +379,30 @@ pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
         None => Reply::ok(line(text)),
         Some(left_out) => Reply::fail(1, err_line(format!("{text}; {left_out}"))),
     };
+    if !running {
+        return match backfill_offline(config, &keys, dry_run) {
+            Ok(Offline::Done { queued, .. }) if dry_run => summary(format!(
+                "backfill (dry run): {queued} file(s) would be queued"
+            )),
+            Ok(Offline::Done { queued, considered }) => summary(format!(
+                "backfill: {queued} of {considered} file(s) queued; they upload when offloadd runs (run it again to resume)"
+            )),
+            Ok(Offline::DaemonStarted { queued }) => Reply::fail(
+                1,
+                err_line(format!(
+                    "offloadd started while backfill ran ({queued} file(s) queued by then); run backfill again to let the daemon queue the rest"
+                )),
+            ),
+            Err(r) => r,
+        }
+        .finish();
+    }
     if dry_run {
-        // As the real run counts: files not in the queue yet.
-        let mut would = match &offline {
-            Some((_, queue)) => keys
-                .iter()
-                .filter(|(k, _)| queue.item(k).is_ok_and(|i| i.is_none()))
-                .count(),
-            None => keys.len(),
-        };
-        if running {
-            would = 0;
-            for chunk in keys.chunks(1000) {
-                match enqueue_live(config, chunk, true) {
-                    Ok(n) => would += n,
-                    Err(r) => return r.finish(),
-                }
+        let mut would = 0;
+        for chunk in keys.chunks(1000) {
+            match enqueue_live(config, chunk, true) {
+                Ok(n) => would += n,
+                Err(r) => return r.finish(),
             }
         }
         return summary(format!(
@@ -395,39 +413,104 @@ pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
     let bar = progress(keys.len());
     let mut queued = 0usize;
     for chunk in keys.chunks(1000) {
-        match &offline {
-            Some((_, queue)) => {
-                for (k, id) in chunk {
-                    let already = match queue.item(k) {
-                        Ok(item) => item.is_some(),
-                        Err(e) => return Reply::fail(1, err_line(e)).finish(),
-                    };
-                    match queue.admit(k, id, Admit::Event) {
-                        Ok(Admission::Queued(_)) if !already => queued += 1,
-                        Ok(_) => {}
-                        Err(e) => return Reply::fail(1, err_line(e)).finish(),
-                    }
-                }
-            }
-            None => match enqueue_live(config, chunk, false) {
-                Ok(n) => queued += n,
-                Err(r) => return r.finish(),
-            },
+        match enqueue_live(config, chunk, false) {
+            Ok(n) => queued += n,
+            Err(r) => return r.finish(),
         }
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
-    if let Some((_, queue)) = &offline {
-        if let Err(e) = queue.flush() {
-            return Reply::fail(1, err_line(e)).finish();
-        }
-    }
-    let when = if running { "now" } else { "when offloadd runs" };
     summary(format!(
-        "backfill: {queued} of {} file(s) queued; they upload {when} (run it again to resume)",
+        "backfill: {queued} of {} file(s) queued; they upload now (run it again to resume)",
         keys.len()
     ))
     .finish()
+}
+
+/// How long an offline backfill holds a stopped daemon's state at a time.
+/// Between two holds it lets go for [`LET_GO`], so that a daemon starting
+/// meanwhile takes the lock well within [`statedir::COMMAND_PATIENCE`]
+/// instead of giving up (and systemd after it).
+const HOLD: Duration = Duration::from_secs(1);
+
+/// Longer than a waiting daemon's poll of the lock (50 ms).
+const LET_GO: Duration = Duration::from_millis(200);
+
+/// How an offline backfill ended.
+enum Offline {
+    /// Every file was seen: `queued` (or, in a dry run, would be) of the
+    /// `considered` not recorded as they are now.
+    Done { queued: usize, considered: usize },
+    /// offloadd started and holds the state now; `queued` were queued (and
+    /// flushed) before.
+    DaemonStarted { queued: usize },
+}
+
+/// Queues `keys` into a stopped daemon's state (`dry_run`: counts them), a
+/// [`HOLD`] at a time. Each hold ends with a flush, so what was counted
+/// queued stays queued; a daemon that took the lock meanwhile ends it, and
+/// a backfill run again through the daemon skips what is queued already.
+fn backfill_offline(
+    config: &Config,
+    keys: &[(ItemKey, FileIdentity)],
+    dry_run: bool,
+) -> Result<Offline, Reply> {
+    let failed = |e: StateError| Reply::fail(1, err_line(e));
+    let bar = if dry_run {
+        indicatif::ProgressBar::hidden()
+    } else {
+        progress(keys.len())
+    };
+    let (mut queued, mut recorded, mut next) = (0usize, 0usize, 0usize);
+    while next < keys.len() {
+        if next > 0 {
+            std::thread::sleep(LET_GO);
+        }
+        let (lock, queue) = match open_state(config) {
+            Ok(x) => x,
+            Err(StateError::AlreadyRunning { .. }) => {
+                bar.finish_and_clear();
+                return Ok(Offline::DaemonStarted { queued });
+            }
+            Err(e) => return Err(Reply::fail(1, err_line(e.for_command()))),
+        };
+        let until = Instant::now() + HOLD;
+        while next < keys.len() && Instant::now() < until {
+            let (k, id) = &keys[next];
+            next += 1;
+            bar.inc(1);
+            if queue
+                .record(k)
+                .map_err(failed)?
+                .is_some_and(|r| r.identity == *id)
+            {
+                recorded += 1;
+                continue;
+            }
+            let already = queue.item(k).map_err(failed)?.is_some();
+            if dry_run {
+                queued += usize::from(!already);
+                continue;
+            }
+            if failpoint::fails(failpoint::BACKFILL_ADMITS_SLOWLY) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if let Admission::Queued(_) = queue.admit(k, id, Admit::Event).map_err(failed)? {
+                queued += usize::from(!already);
+            }
+        }
+        if !dry_run {
+            queue.flush().map_err(failed)?;
+        }
+        // The database closed before the lock goes.
+        drop(queue);
+        drop(lock);
+    }
+    bar.finish_and_clear();
+    Ok(Offline::Done {
+        queued,
+        considered: keys.len() - recorded,
+    })
 }
 
 #[cfg(test)]
@@ -466,7 +549,7 @@ mod tests {
         let (keys, unread) = std::thread::spawn(move || {
             // SAFETY: setfsuid only changes this thread's file system uid.
             unsafe { libc::setfsuid(65534) };
-            backfill_candidates(&config, None, mark)
+            backfill_candidates(&config, mark)
         })
         .join()
         .unwrap()

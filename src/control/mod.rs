@@ -6,10 +6,13 @@
 //!   the scheduler;
 //! - [`client`]: the CLI side, over the socket or on a stopped daemon's state;
 //! - [`commands`]: what each command does against an open state;
+//! - [`owner`]: a command run as root on a stopped daemon's state works as
+//!   the state's owner;
 //! - [`status`]: the status report and `locate`'s answer.
 
 pub mod client;
 pub mod commands;
+pub mod owner;
 pub mod protocol;
 pub mod server;
 pub mod status;

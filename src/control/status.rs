@@ -119,8 +119,9 @@ pub fn report(config: &Config) -> anyhow::Result<Report> {
         r.pid = Some(pid);
         return Ok(r);
     }
-    let _lock = Lock::acquire(&config.state_dir, Holder::Command)?;
-    let (queue, _) = Queue::open(&config.state_dir)?;
+    let command = |e: StateError| anyhow::anyhow!(e.for_command());
+    let _lock = Lock::acquire(&config.state_dir, Holder::Command).map_err(command)?;
+    let (queue, _) = Queue::open(&config.state_dir).map_err(command)?;
     let totals = queue.totals()?;
     let items = queue.items()?;
     let failed = items

@@ -60,6 +60,9 @@ pub enum StateError {
     Busy { pid: u32, dir: PathBuf },
     #[error("cannot use state_dir {dir}: {message}; create it and make it writable by the offloadd user")]
     Unusable { dir: PathBuf, message: String },
+    /// This user may not open state_dir or a file in it (EACCES, EPERM).
+    #[error("cannot use state_dir {dir}: {message}; create it and make it writable by the offloadd user")]
+    Denied { dir: PathBuf, message: String },
     #[error("the state database in {dir} cannot be opened: {message}; check its permissions and free disk space")]
     Database { dir: PathBuf, message: String },
     #[error("cannot write to state_dir {dir}: {message}; free space there or fix the disk (uploads and deletes wait, nothing is lost, and offloadd resumes by itself)")]
@@ -78,12 +81,25 @@ impl StateError {
     /// disk may clear, so `run` exits 1 and systemd tries again; anything
     /// else (permissions, a read-only mount) waits for ops (exit 78).
     pub fn of_io(dir: &Path, e: &std::io::Error, message: String) -> StateError {
+        let dir = dir.to_path_buf();
         match e.raw_os_error() {
-            Some(libc::ENOSPC | libc::EDQUOT | libc::EIO) => StateError::Failed {
-                dir: dir.to_path_buf(),
-                message,
-            },
-            _ => StateError::unusable(dir, message),
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EIO) => StateError::Failed { dir, message },
+            Some(libc::EACCES | libc::EPERM) => StateError::Denied { dir, message },
+            _ => StateError::Unusable { dir, message },
+        }
+    }
+
+    /// The sentence for a command (status, locate, …) that opens the state
+    /// of a stopped daemon: the daemon's fix for a denied state_dir ("make
+    /// it writable by the offloadd user") is wrong for an operator who
+    /// merely may not open the service's files.
+    pub fn for_command(&self) -> String {
+        match self {
+            StateError::Denied { dir, message } => format!(
+                "offloadd is not running (nothing answers on its control socket) and this user may not open its state in {} ({message}); run the command as root or as the service user",
+                dir.display()
+            ),
+            e => e.to_string(),
         }
     }
 }
