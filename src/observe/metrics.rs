@@ -24,6 +24,7 @@ pub const RESULTS: &[&str] = &[
     "parked",
     "changed",
     "vanished",
+    "unchanged",
 ];
 
 type ResultLabel = [(&'static str, String); 1];
@@ -101,7 +102,7 @@ impl Metrics {
         registry.register("in_flight", "Uploads in progress", in_flight.clone());
         registry.register(
             "uploads",
-            "Upload attempts by result (success, transient, provider, parked, changed, vanished)",
+            "Upload attempts by result (success, transient, provider, parked, changed, vanished, unchanged: only the file's metadata changed and the bucket already held its bytes, not sent again)",
             uploads.clone(),
         );
         registry.register_with_unit(
@@ -133,7 +134,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "last_success_timestamp",
-            "Unix time of the last successful upload (0 = none since start)",
+            "Unix time of the last successful upload, or of a file found already in the bucket (0 = none since start)",
             Unit::Seconds,
             last_success.clone(),
         );
@@ -150,7 +151,7 @@ impl Metrics {
         );
         registry.register_with_unit(
             "last_success_age",
-            "Time since the last successful upload (or since start, if none yet)",
+            "Time since the last successful upload, or file found already in the bucket (or since start, if none yet)",
             Unit::Seconds,
             last_success_age.clone(),
         );
@@ -218,6 +219,21 @@ impl Metrics {
             .inc();
         m.bytes.inc_by(bytes);
         m.duration.observe(seconds.max(0.0));
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        m.last_success.set(now);
+    }
+
+    /// One file recorded again without sending its body: only its metadata
+    /// (ctime) changed, and the bucket already held its bytes. The pipeline
+    /// is making progress, as after an upload.
+    pub fn upload_not_needed(&self) {
+        let m = &self.inner;
+        m.uploads
+            .get_or_create(&[("result", "unchanged".to_owned())])
+            .inc();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())

@@ -24,7 +24,8 @@
 //! hidden name; the next attempt finds the name gone, finds that inode among
 //! the hidden names and finishes the delete. An unlink in 4 that fails puts
 //! the file back under its name (its ctime, moved by the renames, then makes
-//! it another file, uploaded again): left hidden, a newer file written at the
+//! it another file, uploaded again; its body is not sent where the bucket
+//! provably holds it, see `upload`): left hidden, a newer file written at the
 //! name meanwhile could later be overwritten in the bucket by this older one.
 //! A delete refused for good (no permission, a read-only file system) keeps
 //! the local copy under its name; one refused for a passing reason (a full

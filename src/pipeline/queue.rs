@@ -745,7 +745,7 @@ impl Queue {
     }
 
     /// A file's record and queue item, read together.
-    fn entry(&self, key: &ItemKey) -> Result<(Option<Record>, Option<QueueItem>), StateError> {
+    pub fn entry(&self, key: &ItemKey) -> Result<(Option<Record>, Option<QueueItem>), StateError> {
         let k = key.as_bytes();
         self.read(|t| {
             Ok(t.files

@@ -11,6 +11,15 @@
 //! changed while being read is reported as [`UploadError::Changed`], never as
 //! uploaded; a read that fails while the file is unchanged (a bad sector, a
 //! mount that dropped out) is [`UploadError::Local`], not a change.
+//!
+//! A file whose record shows it uploaded from the same inode with the same
+//! size and mtime, to the key it maps to now on the active provider (only
+//! its ctime changed: chmod, chown, setfacl, a rename back), is first
+//! compared with the object ([`held_by`], [`Uploader::already_held`]): a
+//! HEAD showing the recorded size and ETag, and that ETag recomputed from
+//! the file, spare sending its body again. Only such files pay the HEAD and
+//! the read; where the provider's ETags are not MD5s (SSE-KMS) the body is
+//! sent.
 
 use crate::failpoint;
 use crate::keys::{ItemKey, ObjectKey};
@@ -20,11 +29,12 @@ use crate::pipeline::live::Progress;
 use crate::pipeline::localfs::{self, Call, Counts};
 use crate::pipeline::plan::Plan;
 use crate::pipeline::queue::{
-    GivenUp, MultipartProgress, PartDone, PendingAbort, Queue, StateError,
+    GivenUp, MultipartProgress, PartDone, PendingAbort, Queue, Record, StateError,
 };
 use crate::remote::client::{complete_timeout, request_timeout};
 use crate::remote::error::{ErrorClass, StorageError};
 use crate::remote::object_options::ObjectOptions;
+use crate::remote::provider::Resolved;
 use crate::remote::store::Store;
 use md5::{Digest, Md5};
 use std::fs::File;
@@ -133,6 +143,64 @@ pub fn multipart_etag(part_md5s: &[[u8; 16]]) -> String {
         h.update(m);
     }
     format!("{}-{}", hex::encode(h.finalize()), part_md5s.len())
+}
+
+/// How an object's ETag is made from its bytes, where it is an MD5 at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EtagKind {
+    /// The MD5 of the whole body (a single PUT).
+    Md5,
+    /// The MD5 of the parts' MD5s, then `-parts` (a multipart upload).
+    Composite { parts: u64 },
+}
+
+impl EtagKind {
+    /// The kind of `etag` (quotes stripped), if it has the shape of either.
+    pub fn of(etag: &str) -> Option<EtagKind> {
+        let (hash, kind) = match etag.split_once('-') {
+            None => (etag, EtagKind::Md5),
+            Some((hash, n)) => {
+                let parts = n.parse().ok().filter(|n| *n > 0)?;
+                (hash, EtagKind::Composite { parts })
+            }
+        };
+        let hex = hash.len() == 32 && hash.bytes().all(|b| b.is_ascii_hexdigit());
+        hex.then_some(kind)
+    }
+}
+
+/// What the bucket holds of a file whose body may not need sending again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// The recorded size and ETag of the object.
+    pub size: u64,
+    pub etag: String,
+    pub kind: EtagKind,
+}
+
+/// Whether the bucket may already hold the bytes of the file `checked`,
+/// uploaded to `key` on `provider`: its `record` names that provider and
+/// key, was made from the same inode with the same size and mtime (only
+/// the ctime may differ), and its ETag is an MD5 the file can be compared
+/// with. Then what the object should show; else `None` (the body is sent).
+pub fn held_by(
+    record: Option<&Record>,
+    provider: &Resolved,
+    key: &ObjectKey,
+    checked: &FileIdentity,
+) -> Option<Held> {
+    let r = record?;
+    let same_place = r.provider == provider.name && r.key == key.as_str();
+    let same_bytes = r.identity.same_contents(checked) && r.size == checked.size;
+    if !(same_place && same_bytes && provider.etag_is_md5) {
+        return None;
+    }
+    let kind = EtagKind::of(&r.etag)?;
+    Some(Held {
+        size: r.size,
+        etag: r.etag.clone(),
+        kind,
+    })
 }
 
 /// Fills `buf` from the file at `offset` and hashes it.
@@ -537,6 +605,69 @@ impl Uploader {
         }))
     }
 
+    /// Whether the object at `job.key` already is this file, as `held`
+    /// says it should be: a HEAD shows the recorded size and ETag, and that
+    /// ETag recomputed from the file (unchanged while read) is the same.
+    /// `Ok(None)` when it is not, or cannot be told (the object is missing,
+    /// the HEAD refused): the body is then sent. A transient error of the
+    /// HEAD is returned, to be retried as any upload's.
+    pub async fn already_held(
+        &self,
+        job: &Job<'_>,
+        held: &Held,
+        settings: Settings,
+    ) -> Result<Option<Sent>, UploadError> {
+        let head = match job.store.head(job.key).await {
+            Ok(Some(head)) => head,
+            Ok(None) => return Ok(None),
+            Err(e) if e.class == ErrorClass::Transient => return Err(e.into()),
+            Err(e) => {
+                tracing::debug!(path = %job.abs.display(), error = %e, "could not look at the object the file was uploaded to; sending it again");
+                return Ok(None);
+            }
+        };
+        self.progressed();
+        if head.size != Some(held.size) || head.etag.as_deref() != Some(held.etag.as_str()) {
+            return Ok(None);
+        }
+        // The object's own part size, which offloadd records in its metadata.
+        let part_size = match held.kind {
+            EtagKind::Md5 => None,
+            EtagKind::Composite { parts } => {
+                let part_size = head
+                    .part_size
+                    .unwrap_or_else(|| part_size_for(held.size, settings.part_size));
+                if part_size == 0 || held.size.div_ceil(part_size) != parts {
+                    return Ok(None);
+                }
+                Some(part_size)
+            }
+        };
+        let (file, identity) = open(job.abs)?;
+        if identity != *job.checked {
+            return Err(UploadError::Changed);
+        }
+        let (abs, progress) = (job.abs.to_path_buf(), self.progress.clone());
+        let computed = tokio::task::spawn_blocking(move || {
+            let step = || progress.step(crate::statedir::now_ms());
+            let computed = match part_size {
+                Some(part_size) => composite_etag_stepping(&file, identity.size, part_size, step),
+                None => md5_etag_stepping(&file, identity.size, step),
+            }
+            .map_err(|e| read_failed(&abs, &file, &identity, e))?;
+            unchanged(&abs, &file, &identity)?;
+            Ok::<_, UploadError>(computed)
+        })
+        .await
+        .expect("hashing task never panics")?;
+        Ok((computed == held.etag).then(|| Sent {
+            identity,
+            expected_etag: computed,
+            answered_etag: head.etag,
+            multipart: part_size.is_some(),
+        }))
+    }
+
     /// Forgets the recorded multipart upload, filed for an abort (the
     /// scheduler sends it).
     fn abandon(&self, job: &Job<'_>) -> Result<(), StateError> {
@@ -562,10 +693,11 @@ impl Uploader {
 
 /// The composite ETag of `size` bytes of `file` cut into `part_size` parts.
 pub fn composite_etag(file: &File, size: u64, part_size: u64) -> std::io::Result<String> {
-    composite_etag_stepping(file, size, part_size, || ())
+    composite_etag_stepping(file, size, part_size, || {})
 }
 
-/// [`composite_etag`], calling `step` after each part.
+/// [`composite_etag`], calling `step` after every block read (a long read
+/// is progress for the watchdog).
 fn composite_etag_stepping(
     file: &File,
     size: u64,
@@ -575,6 +707,26 @@ fn composite_etag_stepping(
     if part_size == 0 {
         return Err(std::io::Error::other("part size 0"));
     }
+    part_md5s(file, size, part_size, step).map(|md5s| multipart_etag(&md5s))
+}
+
+/// The MD5 of `size` bytes of `file`, hex: a single PUT's ETag.
+fn md5_etag_stepping(file: &File, size: u64, step: impl Fn()) -> std::io::Result<String> {
+    let md5s = part_md5s(file, size, size.max(1), step)?;
+    let md5 = md5s
+        .first()
+        .copied()
+        .unwrap_or_else(|| Md5::digest([]).into());
+    Ok(hex::encode(md5))
+}
+
+/// The MD5s of the `part_size` parts of the first `size` bytes of `file`.
+fn part_md5s(
+    file: &File,
+    size: u64,
+    part_size: u64,
+    step: impl Fn(),
+) -> std::io::Result<Vec<[u8; 16]>> {
     let mut md5s = Vec::new();
     // Hashing needs no big buffer, and this one is outside the budget.
     let mut buf = vec![0u8; part_size.min(256 * 1024) as usize];
@@ -588,17 +740,14 @@ fn composite_etag_stepping(
             file.read_exact_at(&mut buf[..n], offset)?;
             h.update(&buf[..n]);
             offset += n as u64;
+            step();
         }
         md5s.push(h.finalize().into());
         step();
     }
-    Ok(multipart_etag(&md5s))
+    Ok(md5s)
 }
 
-/// Aborts a multipart upload we no longer continue, on the provider of `plan`
-/// it was started on (the target, or another one since a switch); failures,
-/// or a provider no longer configured, only leave parts that the bucket's
-/// lifecycle rules or a later rebuild clean up.
 /// Whether a filed abort is done with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AbortOutcome {
@@ -612,8 +761,11 @@ pub enum AbortOutcome {
     Refused,
 }
 
-/// Sends the abort of a multipart upload given up (see
-/// [`Queue`]'s `PendingAbort`).
+/// Sends the abort of a multipart upload given up (see [`Queue`]'s
+/// `PendingAbort`), on the provider of `plan` it was started on (the target,
+/// or another one since a switch); failures, or a provider no longer
+/// configured, only leave parts that the bucket's lifecycle rules or a later
+/// rebuild clean up.
 pub async fn abort_filed(plan: &Plan, p: &PendingAbort) -> AbortOutcome {
     // Kept filed: a provider that cannot be used now (a secret unreadable
     // at this start) may be again, and one removed from the config costs a
@@ -718,13 +870,150 @@ mod tests {
             multipart_etag(&md5s)
         );
         assert!(multipart_etag(&md5s).ends_with("-3"));
-        // Each part hashed is a step for the watchdog.
+        // Each part hashed (each block read, in fact) is a step for the
+        // watchdog.
         let steps = std::cell::Cell::new(0);
         composite_etag_stepping(&f, data.len() as u64, 2 * MIB, || {
             steps.set(steps.get() + 1)
         })
         .unwrap();
-        assert_eq!(steps.get(), 3);
+        assert!(steps.get() >= 3, "{} steps", steps.get());
+    }
+
+    #[test]
+    fn etag_kinds() {
+        let md5 = "0123456789abcdef0123456789ABCDEF";
+        assert_eq!(EtagKind::of(md5), Some(EtagKind::Md5));
+        assert_eq!(
+            EtagKind::of(&format!("{md5}-12")),
+            Some(EtagKind::Composite { parts: 12 })
+        );
+        for not in [
+            "",
+            "abc",
+            &format!("{md5}-0"),
+            &format!("{md5}-x"),
+            &format!("{md5}0"),
+        ] {
+            assert_eq!(EtagKind::of(not), None, "{not}");
+        }
+        let kms = "g123456789abcdef0123456789abcdef";
+        assert_eq!(EtagKind::of(kms), None);
+    }
+
+    /// Only a record of this inode with the same size and mtime, on the
+    /// active provider under the key the file maps to now, with an MD5
+    /// ETag, spares sending the body.
+    #[test]
+    fn which_records_may_spare_sending_the_body() {
+        use crate::keys::RelPath;
+        use crate::pipeline::queue::Local;
+        let provider = crate::remote::fake::provider();
+        let key = ObjectKey::new("pre", &RelPath::parse("a/b.png").unwrap()).unwrap();
+        let uploaded = FileIdentity {
+            dev: 1,
+            ino: 2,
+            size: 3,
+            mtime_ns: 4,
+            ctime_ns: 5,
+        };
+        let md5 = "0123456789abcdef0123456789abcdef".to_string();
+        let record = Record {
+            provider: "fake".into(),
+            key: key.as_str().into(),
+            size: 3,
+            etag: md5.clone(),
+            uploaded_ms: 1,
+            identity: uploaded,
+            local: Local::Present,
+        };
+        let chmoded = FileIdentity {
+            ctime_ns: 9,
+            ..uploaded
+        };
+        let held = |r: &Record, p: &Resolved, now: &FileIdentity| held_by(Some(r), p, &key, now);
+        let expected = Some(Held {
+            size: 3,
+            etag: md5.clone(),
+            kind: EtagKind::Md5,
+        });
+        assert_eq!(held(&record, &provider, &chmoded), expected);
+        assert_eq!(held(&record, &provider, &uploaded), expected);
+        assert_eq!(held_by(None, &provider, &key, &chmoded), None);
+
+        // Another file, or other contents.
+        for now in [
+            FileIdentity { dev: 7, ..chmoded },
+            FileIdentity { ino: 7, ..chmoded },
+            FileIdentity { size: 7, ..chmoded },
+            FileIdentity {
+                mtime_ns: 7,
+                ..chmoded
+            },
+        ] {
+            assert_eq!(held(&record, &provider, &now), None, "{now:?}");
+        }
+        // Recorded on another provider, or under another key (a prefix
+        // changed since).
+        let elsewhere = Record {
+            provider: "other".into(),
+            ..record.clone()
+        };
+        assert_eq!(held(&elsewhere, &provider, &chmoded), None);
+        let other_key = Record {
+            key: "old/a/b.png".into(),
+            ..record.clone()
+        };
+        assert_eq!(held(&other_key, &provider, &chmoded), None);
+        // ETags that prove nothing: SSE-KMS, or none recorded.
+        let kms = Resolved {
+            etag_is_md5: false,
+            ..provider.clone()
+        };
+        assert_eq!(held(&record, &kms, &chmoded), None);
+        let no_etag = Record {
+            etag: String::new(),
+            ..record.clone()
+        };
+        assert_eq!(held(&no_etag, &provider, &chmoded), None);
+        // A record whose size disagrees with its identity proves nothing.
+        let odd = Record {
+            size: 4,
+            ..record.clone()
+        };
+        assert_eq!(held(&odd, &provider, &chmoded), None);
+        // A multipart object.
+        let multipart = Record {
+            etag: format!("{md5}-2"),
+            ..record.clone()
+        };
+        assert_eq!(
+            held(&multipart, &provider, &chmoded),
+            Some(Held {
+                size: 3,
+                etag: format!("{md5}-2"),
+                kind: EtagKind::Composite { parts: 2 },
+            })
+        );
+    }
+
+    #[test]
+    fn md5_etag_of_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let data: Vec<u8> = (0..(700 * 1024)).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let steps = std::cell::Cell::new(0);
+        let f = File::open(&p).unwrap();
+        let etag = md5_etag_stepping(&f, data.len() as u64, || steps.set(steps.get() + 1));
+        assert_eq!(etag.unwrap(), hex::encode(Md5::digest(&data)));
+        assert_eq!(steps.get(), 3, "a step per block read");
+        std::fs::write(&p, b"").unwrap();
+        let f = File::open(&p).unwrap();
+        assert_eq!(
+            md5_etag_stepping(&f, 0, || {}).unwrap(),
+            hex::encode(Md5::digest(b""))
+        );
     }
 
     #[test]

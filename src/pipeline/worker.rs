@@ -2,6 +2,12 @@
 //! record → delete. Every step checks its rule at the moment it acts and
 //! every outcome goes back to the scheduler as an [`Outcome`]; storage errors
 //! are reported, not judged (the scheduler's policy decides what follows).
+//!
+//! A file whose only change since its recorded upload is its ctime (chmod,
+//! chown, setfacl, a rename back) goes through the same steps, but its body
+//! is not sent when the bucket provably holds these bytes already (see
+//! [`upload`]'s module docs): it is verified, recorded and deleted as after
+//! an upload.
 
 use crate::failpoint;
 use crate::keys::ItemKey;
@@ -10,9 +16,9 @@ use crate::pipeline::delete::{self, LocalOutcome};
 use crate::pipeline::finished::{self, FileIdentity, Readiness};
 use crate::pipeline::localfs::Counts;
 use crate::pipeline::plan::{Deletion, Plan};
-use crate::pipeline::queue::{AfterUpload, Blame, Queue, QueueItem, Stage, StateError};
+use crate::pipeline::queue::{AfterUpload, Blame, Queue, QueueItem, Record, Stage, StateError};
 use crate::pipeline::root::RootGuard;
-use crate::pipeline::upload::{Job, UploadError, Uploader};
+use crate::pipeline::upload::{self, Job, UploadError, Uploader};
 use crate::pipeline::{record, verify};
 use crate::remote::error::StorageError;
 use crate::remote::store::Store;
@@ -47,6 +53,16 @@ impl Lane {
 /// directory as its ctime says, and is served from local disk that long.
 pub fn delete_due_ms(identity: &FileIdentity, min_age: Duration) -> u64 {
     (identity.changed_ns() / 1_000_000).max(0) as u64 + min_age.as_millis() as u64
+}
+
+/// How the bytes of an upload came to be in the bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// Sent now.
+    Sent,
+    /// Already there: only the file's ctime changed since its recorded
+    /// upload, and the object proved to hold these bytes.
+    AlreadyHeld,
 }
 
 /// What became of one dispatched item.
@@ -116,15 +132,19 @@ macro_rules! state {
 
 impl Worker {
     pub async fn process(&self, key: &ItemKey) -> Outcome {
-        let item = match state!(self.queue.item(key)) {
-            Some(i) => i,
-            None => return Outcome::Settled,
+        // The record comes with the item, in the same read.
+        let (record, item) = state!(self.queue.entry(key));
+        let Some(item) = item else {
+            return Outcome::Settled;
         };
         match &item.stage {
             Stage::Parked { reason } => Outcome::Parked(reason.clone()),
             Stage::Delete { .. } => self.delete(key).await,
             Stage::Upload { .. } => match self.started.target.store() {
-                Some(store) => self.upload(key, &item, store.as_ref()).await,
+                Some(store) => {
+                    self.upload(key, &item, record.as_ref(), store.as_ref())
+                        .await
+                }
                 None => Outcome::Later {
                     due_ms: now_ms() + 60_000,
                     lane: Lane::Upload,
@@ -191,7 +211,13 @@ impl Worker {
         Outcome::Settled
     }
 
-    async fn upload(&self, key: &ItemKey, item: &QueueItem, store: &dyn Store) -> Outcome {
+    async fn upload(
+        &self,
+        key: &ItemKey,
+        item: &QueueItem,
+        record: Option<&Record>,
+        store: &dyn Store,
+    ) -> Outcome {
         let opts = &self.started.options;
         let abs = key.to_local(&opts.root);
         // A folder replaced by a symlink since the file was queued (moved
@@ -258,7 +284,25 @@ impl Worker {
             checked: &checked,
             strikes: item.strikes,
         };
-        let sent = match self.uploader.send(&job, opts.upload).await {
+        // Only a file whose record matches it but for the ctime pays a HEAD
+        // and a read here; any other is sent at once, and a multipart upload
+        // under way is resumed as ever.
+        let held = match upload::held_by(record, provider, &object, &checked) {
+            Some(held) if job.previous.is_none() => {
+                self.uploader.already_held(&job, &held, opts.upload).await
+            }
+            _ => Ok(None),
+        };
+        let attempt = match held {
+            Ok(Some(sent)) => Ok((sent, Delivery::AlreadyHeld)),
+            Ok(None) => self
+                .uploader
+                .send(&job, opts.upload)
+                .await
+                .map(|sent| (sent, Delivery::Sent)),
+            Err(e) => Err(e),
+        };
+        let (sent, delivery) = match attempt {
             Ok(s) => s,
             Err(UploadError::Vanished) => return self.vanished(key).await,
             Err(UploadError::Changed) => {
@@ -287,16 +331,30 @@ impl Worker {
         let provider = &provider.name;
         state!(record::commit(&self.queue, key, provider, &object, &sent, &verified).await);
         let size = sent.identity.size;
-        self.metrics
-            .upload_succeeded(size, started.elapsed().as_secs_f64());
-        tracing::info!(
-            path = %rel,
-            key = %object,
-            bytes = size,
-            duration_ms = started.elapsed().as_millis() as u64,
-            provider = %provider,
-            "uploaded {rel}"
-        );
+        match delivery {
+            Delivery::Sent => {
+                self.metrics
+                    .upload_succeeded(size, started.elapsed().as_secs_f64());
+                tracing::info!(
+                    path = %rel,
+                    key = %object,
+                    bytes = size,
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    provider = %provider,
+                    "uploaded {rel}"
+                );
+            }
+            Delivery::AlreadyHeld => {
+                self.metrics.upload_not_needed();
+                tracing::info!(
+                    path = %rel,
+                    key = %object,
+                    bytes = size,
+                    provider = %provider,
+                    "{rel} only changed its metadata; the bucket already holds these bytes, not sent again"
+                );
+            }
+        }
         failpoint::hit(failpoint::AFTER_RECORD_BEFORE_DELETE);
         if verified.next() == AfterUpload::Finish {
             return Outcome::Uploaded { then: None };

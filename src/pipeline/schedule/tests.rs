@@ -1810,3 +1810,106 @@ async fn a_new_plan_is_applied_once_the_deletes_that_read_the_old_one_are_done()
     assert!(done.is_finished(), "applied without the stuck delete");
     drop(stuck);
 }
+
+/// A file whose only change after its upload is its ctime (a chmod) is
+/// compared with its object (a HEAD, and its ETag recomputed from the
+/// file), not sent again; a HEAD that fails for a passing reason is tried
+/// again, never answered by sending the body.
+#[tokio::test(start_paused = true)]
+async fn a_file_only_chmoded_after_its_upload_is_compared_not_sent() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut h = Harness::new(Deletion::Keep);
+    let big: Vec<u8> = (0..9 * MIB).map(|i| (i % 251) as u8).collect();
+    let files = [
+        (h.write("small.png", b"small").await, "small.png"),
+        (h.write("big.mp4", &big).await, "big.mp4"),
+    ];
+    until(60, "both recorded", || {
+        files
+            .iter()
+            .all(|(_, r)| h.queue.record(&Harness::key(r)).unwrap().is_some())
+    })
+    .await;
+    let sent = (h.count(Op::Put), h.count(Op::Part));
+    assert_eq!(h.count(Op::Head), 0);
+    let mut once = true;
+    h.store.script(move |r| {
+        (r.op == Op::Head && std::mem::take(&mut once)).then(|| http_error(503, "SlowDown"))
+    });
+    for (abs, _) in &files {
+        std::fs::set_permissions(abs, std::fs::Permissions::from_mode(0o600)).unwrap();
+        h.candidates
+            .send(Candidate {
+                abs: abs.clone(),
+                trigger: Trigger::Scan,
+            })
+            .await
+            .unwrap();
+    }
+    let identity_now = |abs: &PathBuf| {
+        crate::pipeline::finished::FileIdentity::of(&std::fs::metadata(abs).unwrap())
+    };
+    until(60, "both recorded as they are now", || {
+        files.iter().all(|(abs, r)| {
+            h.queue
+                .record(&Harness::key(r))
+                .unwrap()
+                .is_some_and(|rec| rec.identity == identity_now(abs))
+        })
+    })
+    .await;
+    assert_eq!(
+        (h.count(Op::Put), h.count(Op::Part)),
+        sent,
+        "{:?}",
+        h.store.requests()
+    );
+    assert_eq!(h.count(Op::Head), 3, "{:?}", h.store.requests());
+    assert!(h.queue.items().unwrap().is_empty());
+    assert_eq!(h.store.object("pre/big.mp4").unwrap(), big);
+    h.stop().await;
+}
+
+/// Other bytes in the bucket under the recorded key (an ETag other than the
+/// record's): the chmoded file is sent again.
+#[tokio::test(start_paused = true)]
+async fn a_chmoded_file_whose_object_changed_is_sent_again() {
+    use crate::keys::ObjectKey;
+    use crate::remote::store::Store;
+    use md5::Digest;
+    use std::os::unix::fs::PermissionsExt;
+    let mut h = Harness::new(Deletion::Keep);
+    let abs = h.write("a.png", b"first").await;
+    let key = Harness::key("a.png");
+    until(30, "recorded", || h.queue.record(&key).unwrap().is_some()).await;
+    // Another writer of the bucket, behind offloadd's back.
+    let other = ObjectKey::from_raw("pre/a.png".into());
+    h.store
+        .put(
+            &other,
+            bytes::Bytes::from_static(b"other"),
+            md5::Md5::digest(b"other").into(),
+            &crate::remote::object_options::Rules::default().options_for(
+                &crate::keys::RelPath::parse("a.png").unwrap(),
+                None,
+                None,
+            ),
+        )
+        .await
+        .unwrap();
+    std::fs::set_permissions(&abs, std::fs::Permissions::from_mode(0o600)).unwrap();
+    h.candidates
+        .send(Candidate {
+            abs: abs.clone(),
+            trigger: Trigger::Scan,
+        })
+        .await
+        .unwrap();
+    until(30, "the file's bytes back", || {
+        h.store.object("pre/a.png").as_deref() == Some(&b"first"[..])
+    })
+    .await;
+    assert_eq!(h.count(Op::Put), 3, "{:?}", h.store.requests());
+    assert_eq!(h.count(Op::Head), 1, "{:?}", h.store.requests());
+    h.stop().await;
+}
