@@ -743,7 +743,6 @@ fn part_md5s(
             step();
         }
         md5s.push(h.finalize().into());
-        step();
     }
     Ok(md5s)
 }
