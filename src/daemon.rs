@@ -13,6 +13,11 @@
 //! nothing of it is applied. Otherwise every other key takes effect at once:
 //! uploads in flight finish on the provider they started with, later ones go
 //! to the new active provider, and a paused provider is probed again.
+//!
+//! At start and at each reload that applies, the active provider's endpoint,
+//! bucket and prefix are compared with those uploaded under before
+//! (`statedir::prefix_history`), a nesting prefix is warned about, and they
+//! are recorded before the scheduler may upload under them.
 
 use crate::config::{self, Config, RootCheck};
 use crate::control::{self, status::Report};
@@ -27,8 +32,9 @@ use crate::pipeline::root::RootGuard;
 use crate::pipeline::schedule::{Command, Scheduler};
 use crate::settings::{self, Settings, Shared};
 use crate::shutdown::{Shutdown, Stop};
-use crate::statedir::{self, Holder, Lock};
+use crate::statedir::{self, prefix_history, Holder, Lock};
 use std::future::Future;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -82,6 +88,10 @@ pub async fn run(
     let settings = Arc::new(Settings::build(config).map_err(Fatal::Config)?);
     let shared: Shared = Arc::new(RwLock::new(settings.clone()));
     let live = Arc::new(Live::default());
+    // Before the scheduler, the only task that uploads, is spawned below: a
+    // place is in the history before any upload under it can complete.
+    let mut earlier = EarlierPlaces::load(&settings.config.state_dir);
+    earlier.check_and_record(&settings, &live);
     let (stop, stopped) = Stop::new();
     let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
 
@@ -277,6 +287,7 @@ pub async fn run(
         rescans: rescan_rx,
         records: detect::records_in(queue.clone()),
         reloaded: None,
+        earlier,
         stopped: stopped.clone(),
     };
     if let Target::Provider(_) = settings.plan.target {
@@ -411,6 +422,7 @@ struct Reloader {
     records: detect::RecordsAt,
     /// Bumped after every applied reload.
     reloaded: Option<tokio::sync::watch::Sender<u64>>,
+    earlier: EarlierPlaces,
     stopped: Shutdown,
 }
 
@@ -514,15 +526,6 @@ impl Reloader {
             tracing::warn!("{w}");
         }
         let cur = Arc::new(Settings::build(new)?);
-        if let (Some(was), Some(now)) = (old.plan.target.store(), cur.plan.target.store()) {
-            let (was, now) = (was.provider(), now.provider());
-            if was.name == now.name && now.shares_keys_with(was) {
-                tracing::warn!(
-                    "{}",
-                    now.shared_keys_warning(was, "its prefix before this reload")
-                );
-            }
-        }
         // All or nothing: what can fail (a watcher needs inotify and a
         // thread) is taken before anything changes. Leaving local mode for
         // the first time needs a watcher.
@@ -533,6 +536,10 @@ impl Reloader {
             _ => None,
         };
         cur.commit_mark().map_err(|e| e.to_string())?;
+        // Before the scheduler has the new plan: a place is in the history
+        // before any upload under it can complete. The old target is in it
+        // already, so a prefix changed by this reload is compared too.
+        self.earlier.check_and_record(&cur, &self.live);
         // The scheduler takes the new plan first, so that what the watcher
         // finds from now on is judged by it.
         let (applied, done) = tokio::sync::oneshot::channel();
@@ -576,6 +583,67 @@ impl Reloader {
             r.send_modify(|n| *n += 1);
         }
         Ok(started)
+    }
+}
+
+/// The places uploaded under before ([`prefix_history`]), and the notices
+/// `status` shows about those the active provider's prefix nests with.
+struct EarlierPlaces {
+    history: prefix_history::History,
+    shown: Vec<String>,
+}
+
+impl EarlierPlaces {
+    /// The history in `state_dir`; one that cannot be read is an empty one,
+    /// said once (it is advisory).
+    fn load(state_dir: &Path) -> EarlierPlaces {
+        let (history, trouble) = prefix_history::History::load(state_dir);
+        if let Some(why) = trouble {
+            tracing::warn!("{why}; offloadd starts that history afresh, so a prefix nesting with one used before is not warned about until it is used again");
+        }
+        EarlierPlaces {
+            history,
+            shown: Vec::new(),
+        }
+    }
+
+    /// Warns, in the log and in `status`, about each earlier place that the
+    /// active provider of `s` shares keys with, then records the provider's.
+    /// Places of the config's other sections are left out: building `s`
+    /// warned about those already.
+    fn check_and_record(&mut self, s: &Settings, live: &Live) {
+        for text in self.shown.drain(..) {
+            live.withdraw(&text);
+        }
+        let Target::Provider(store) = &s.plan.target else {
+            return;
+        };
+        let now = store.provider();
+        let place = now.key_space();
+        let configured: Vec<_> = s
+            .plan
+            .others
+            .values()
+            .map(|o| o.provider().key_space())
+            .collect();
+        for earlier in self.history.nesting_with(&place) {
+            if configured.contains(earlier) {
+                continue;
+            }
+            let text = now.earlier_keys_warning(earlier);
+            tracing::warn!(provider = %now.name, "{text}");
+            live.notice(text.clone());
+            self.shown.push(text);
+        }
+        if let Err(e) = self.history.record(place) {
+            let file = prefix_history::path(&s.config.state_dir);
+            tracing::warn!(
+                error = %e,
+                "cannot write {}: {e}; after a restart, a prefix that nests with provider `{}`'s is not warned about",
+                file.display(),
+                now.name
+            );
+        }
     }
 }
 

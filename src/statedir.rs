@@ -1,13 +1,15 @@
 //! What lives in `state_dir` besides the database: the instance lock, the
-//! "managed since" mark, the identity of the watch root, and the status
-//! snapshot written when the control socket cannot be bound. Plus the clock
-//! helpers every module shares.
+//! "managed since" mark, the identity of the watch root, the count of records
+//! written, the places (endpoint, bucket, prefix) uploaded under, and the
+//! status snapshot written when the control socket cannot be bound. Plus the
+//! clock helpers every module shares.
 //!
 //! Guarantees: the lock file is taken before sled opens, so a second instance
 //! on the same state_dir is refused with the pid of the first (a command
-//! holding it for a moment is waited for instead); the mark and
-//! the root identity are small files written atomically (write, fsync,
-//! rename), kept outside the database so a database rebuild never moves them.
+//! holding it for a moment is waited for instead); the mark, the root
+//! identity and the places uploaded under are small files written atomically
+//! (write, fsync, rename), kept outside the database so a database rebuild
+//! never moves them.
 
 use crate::pipeline::queue::StateError;
 use std::fs::{File, OpenOptions};
@@ -370,6 +372,101 @@ pub mod record_count {
     }
 }
 
+/// The places offloadd has uploaded under (`prefix-history`): endpoint,
+/// bucket and prefix of each active provider, so that a prefix nesting with
+/// one used earlier on the same bucket is warned about after a restart too,
+/// not only at the reload that changes it. Advisory: a file that cannot be
+/// read or parsed is taken for an empty history (and replaced at the next
+/// write); it holds no credentials ([`KeySpace`]).
+///
+/// The file is a JSON array, oldest first, without duplicates, of at most
+/// [`MAX_KEPT`] entries: the least recently used are dropped.
+pub mod prefix_history {
+    use super::*;
+    use crate::remote::provider::KeySpace;
+
+    /// Most places kept.
+    pub const MAX_KEPT: usize = 256;
+
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("prefix-history")
+    }
+
+    /// See the module docs. Held in memory by the daemon, which writes it
+    /// through on each change.
+    #[derive(Debug)]
+    pub struct History {
+        path: PathBuf,
+        /// Oldest first.
+        used: Vec<KeySpace>,
+    }
+
+    impl History {
+        /// The history in `state_dir` (none yet: an empty one), and why the
+        /// file could not be read if it could not (an empty one then).
+        pub fn load(state_dir: &Path) -> (History, Option<String>) {
+            let path = path(state_dir);
+            let (used, trouble) = match std::fs::read(&path) {
+                Ok(bytes) => match serde_json::from_slice::<Vec<KeySpace>>(&bytes) {
+                    Ok(used) => (used, None),
+                    Err(e) => (
+                        Vec::new(),
+                        Some(format!("{} is damaged ({e})", path.display())),
+                    ),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), None),
+                Err(e) => (
+                    Vec::new(),
+                    Some(format!("cannot read {}: {e}", path.display())),
+                ),
+            };
+            let mut history = History {
+                path,
+                used: Vec::new(),
+            };
+            // A file edited by hand may repeat a place or hold too many.
+            for space in used {
+                history.add(space);
+            }
+            (history, trouble)
+        }
+
+        /// Oldest first.
+        pub fn used(&self) -> &[KeySpace] {
+            &self.used
+        }
+
+        /// The places used earlier that share keys with `now`.
+        pub fn nesting_with<'a>(
+            &'a self,
+            now: &'a KeySpace,
+        ) -> impl Iterator<Item = &'a KeySpace> + 'a {
+            self.used.iter().filter(move |u| u.shares_keys_with(now))
+        }
+
+        /// Makes `now` the latest place used, in memory and durably in the
+        /// file (unless it is the latest already). In memory even if the
+        /// write fails.
+        pub fn record(&mut self, now: KeySpace) -> std::io::Result<()> {
+            if self.used.last() == Some(&now) {
+                return Ok(());
+            }
+            self.add(now);
+            let json = serde_json::to_vec_pretty(&self.used).expect("places serialize");
+            write_atomically(&self.path, &json)
+        }
+
+        fn add(&mut self, now: KeySpace) {
+            self.used.retain(|u| *u != now);
+            self.used.push(now);
+            if self.used.len() > MAX_KEPT {
+                let over = self.used.len() - MAX_KEPT;
+                self.used.drain(..over);
+            }
+        }
+    }
+}
+
 /// Free bytes on the filesystem of `dir` (for unprivileged users).
 pub fn free_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -616,5 +713,82 @@ mod tests {
         assert!(mark::load(dir.path())
             .unwrap_err()
             .contains("does not hold a time"));
+    }
+
+    fn place(bucket: &str, prefix: &str) -> crate::remote::provider::KeySpace {
+        crate::remote::provider::KeySpace {
+            endpoint: "https://s3.example".into(),
+            bucket: bucket.into(),
+            prefix: prefix.into(),
+        }
+    }
+
+    #[test]
+    fn prefix_history_round_trips_and_dedupes() {
+        use prefix_history::History;
+        let dir = tempfile::tempdir().unwrap();
+        let (mut h, trouble) = History::load(dir.path());
+        assert_eq!((h.used(), trouble), (&[][..], None), "none yet");
+        h.record(place("m", "pre")).unwrap();
+        h.record(place("m", "pre/sub")).unwrap();
+        h.record(place("m", "pre")).unwrap();
+        h.record(place("m", "pre")).unwrap();
+        let (back, trouble) = History::load(dir.path());
+        assert_eq!(trouble, None);
+        // Once each, the latest last.
+        assert_eq!(back.used(), &[place("m", "pre/sub"), place("m", "pre")]);
+        let now = place("m", "pre/sub/deeper");
+        let nesting: Vec<_> = back.nesting_with(&now).collect();
+        assert_eq!(nesting, [&place("m", "pre/sub"), &place("m", "pre")]);
+        let mode = std::fs::metadata(prefix_history::path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o640, "group-readable like the other files");
+        let text = std::fs::read_to_string(prefix_history::path(dir.path())).unwrap();
+        assert!(
+            text.contains("\"endpoint\": \"https://s3.example\""),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn prefix_history_keeps_the_latest_places() {
+        use prefix_history::{History, MAX_KEPT};
+        let dir = tempfile::tempdir().unwrap();
+        let (mut h, _) = History::load(dir.path());
+        for i in 0..MAX_KEPT + 5 {
+            h.record(place("m", &format!("p{i}"))).unwrap();
+        }
+        let (back, _) = History::load(dir.path());
+        assert_eq!(back.used().len(), MAX_KEPT);
+        assert_eq!(back.used()[0], place("m", "p5"), "the oldest dropped");
+        assert_eq!(
+            back.used()[MAX_KEPT - 1],
+            place("m", &format!("p{}", MAX_KEPT + 4))
+        );
+    }
+
+    /// The history is advisory: a damaged or unreadable file is an empty
+    /// history and a reason, and the next write replaces it.
+    #[test]
+    fn a_damaged_prefix_history_is_an_empty_one() {
+        use prefix_history::History;
+        let dir = tempfile::tempdir().unwrap();
+        let path = prefix_history::path(dir.path());
+        std::fs::write(&path, b"\0garbage{").unwrap();
+        let (mut h, trouble) = History::load(dir.path());
+        assert!(h.used().is_empty());
+        let trouble = trouble.unwrap();
+        assert!(trouble.contains("prefix-history is damaged"), "{trouble}");
+        h.record(place("m", "pre")).unwrap();
+        let (back, trouble) = History::load(dir.path());
+        assert_eq!((back.used(), trouble), (&[place("m", "pre")][..], None));
+
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let (h, trouble) = History::load(dir.path());
+        assert!(h.used().is_empty());
+        assert!(trouble.unwrap().starts_with("cannot read "));
     }
 }

@@ -2,7 +2,8 @@
 //! change of `watch.root` are refused whole while the old config keeps running;
 //! switching the active provider mid-queue lets uploads in flight finish on the
 //! old provider, sends the rest to the new one, and leaves old records pointing
-//! at the old bucket.
+//! at the old bucket; a prefix nesting with one used earlier on the same
+//! bucket is warned about, whether a reload or a restart changed it.
 
 mod common;
 use common::*;
@@ -398,10 +399,69 @@ fn a_reload_to_a_nesting_prefix_in_the_same_bucket_is_warned_about() {
     ));
     daemon.reload_and_wait("configuration reloaded");
     let log = daemon.stop();
-    assert!(
-        log.contains(&format!(
-            "provider `{PROVIDER}` (prefix `{PREFIX}/sub`) and its prefix before this reload (prefix `{PREFIX}`) write to one bucket, {BUCKET}, under prefixes that nest"
-        )),
-        "{log}"
+    assert!(log.contains(&nesting_warning()), "{log}");
+    assert_eq!(
+        log.matches("used earlier on this bucket").count(),
+        1,
+        "once: {log}"
     );
+}
+
+/// The warning for the active provider at `{PREFIX}/sub` after `{PREFIX}`.
+fn nesting_warning() -> String {
+    format!(
+        "provider `{PROVIDER}` (prefix `{PREFIX}/sub`) writes to bucket {BUCKET}, where prefix `{PREFIX}` was used earlier on this bucket, and the two nest: one object can stand for a file under each"
+    )
+}
+
+/// The same change made the usual way, in the file and then a restart
+/// (`magicads` → `magicads/sub`): `sub/x.png` uploaded by the first run
+/// and `x.png` by the second would share one object. The second run says
+/// so in its log and in `status`, although no reload saw the old prefix.
+/// A prefix that nests with neither (`other`) is not warned about.
+#[test]
+fn a_restart_with_a_prefix_nesting_with_an_earlier_one_is_warned_about() {
+    let env = TestEnv::new();
+    let moto = MotoServer::start();
+    moto.create_bucket(BUCKET);
+    let yaml = env.config_yaml(&Cfg::new(&moto.endpoint()));
+    let with_prefix = |prefix: &str| {
+        yaml.replace(
+            &format!("      prefix: {PREFIX}\n"),
+            &format!("      prefix: {prefix}\n"),
+        )
+    };
+    env.write_raw_config(&yaml);
+    let daemon = Daemon::start(&env, &[]);
+    write_file(&env.path("sub/x.png"), b"first run");
+    wait_until(LONG, "sub/x.png uploaded", || {
+        moto.head(BUCKET, &format!("{PREFIX}/sub/x.png")).is_some()
+    });
+    let first = daemon.stop();
+    assert!(!first.contains("used earlier"), "{first}");
+
+    env.write_raw_config(&with_prefix(&format!("{PREFIX}/sub")));
+    let daemon = Daemon::start(&env, &[]);
+    let notices = env.status()["notices"].clone();
+    let second = daemon.stop();
+    assert!(second.contains(&nesting_warning()), "{second}");
+    assert_eq!(
+        second.matches("used earlier on this bucket").count(),
+        1,
+        "once: {second}"
+    );
+    assert!(
+        notices.as_array().is_some_and(|n| n
+            .iter()
+            .any(|n| n.as_str().is_some_and(|n| n.contains(&nesting_warning())))),
+        "{notices}"
+    );
+
+    env.write_raw_config(&with_prefix("other"));
+    let daemon = Daemon::start(&env, &[]);
+    let notices = env.status()["notices"].clone();
+    let third = daemon.stop();
+    assert!(third.contains("offloadd started"), "{third}");
+    assert!(!third.contains("used earlier"), "{third}");
+    assert!(!notices.to_string().contains("used earlier"), "{notices}");
 }

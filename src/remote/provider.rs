@@ -233,11 +233,83 @@ impl Resolved {
         ObjectKey::new(&self.prefix, rel)
     }
 
+    /// Where this provider's objects go, for [`KeySpace::shares_keys_with`].
+    pub fn key_space(&self) -> KeySpace {
+        KeySpace {
+            endpoint: self.endpoint.clone(),
+            bucket: self.bucket.clone(),
+            prefix: self.prefix.clone(),
+        }
+    }
+
+    /// Whether two different paths can name one object here and in `other`
+    /// (see [`KeySpace::shares_keys_with`]).
+    pub fn shares_keys_with(&self, other: &Resolved) -> bool {
+        self.key_space().shares_keys_with(&other.key_space())
+    }
+
+    /// The warning for [`Resolved::shares_keys_with`], naming both.
+    pub fn shared_keys_warning(&self, other: &Resolved, other_is: &str) -> String {
+        format!(
+            "provider `{}` ({}) and {other_is} ({}) write to one bucket, {}, under prefixes that nest: {NESTING_HARM}; give them prefixes that do not nest",
+            self.name,
+            shown_prefix(&self.prefix),
+            shown_prefix(&other.prefix),
+            self.bucket,
+        )
+    }
+
+    /// The warning for an `earlier` key space, from the history of those
+    /// uploaded under, that shares keys with this provider's.
+    pub fn earlier_keys_warning(&self, earlier: &KeySpace) -> String {
+        format!(
+            "provider `{}` ({}) writes to bucket {}, where {} was used earlier on this bucket, and the two nest: {NESTING_HARM}; give provider `{}` a prefix that does not nest with the earlier one",
+            self.name,
+            shown_prefix(&self.prefix),
+            self.bucket,
+            shown_prefix(&earlier.prefix),
+            self.name,
+        )
+    }
+
+    pub fn public_url(&self, key: &ObjectKey) -> Option<PublicUrl> {
+        self.public_url_base
+            .as_deref()
+            .map(|base| PublicUrl::new(base, key))
+    }
+}
+
+/// What nesting prefixes do, for the warnings about them.
+const NESTING_HARM: &str =
+    "one object can stand for a file under each, and an upload under the one replaces the other's";
+
+/// `prefix `p`` or `no prefix`.
+fn shown_prefix(prefix: &str) -> String {
+    match prefix {
+        "" => "no prefix".to_string(),
+        p => format!("prefix `{p}`"),
+    }
+}
+
+/// Where a provider's objects go, as far as which keys it shares with
+/// another: endpoint, bucket and prefix, nothing that signs. The endpoint is
+/// a resolved one (`scheme://host[:port]`), the kind's own or a configured
+/// one, which [`endpoint_base`] refuses if it holds a user name or password:
+/// it carries no credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySpace {
+    pub endpoint: String,
+    pub bucket: String,
+    /// Trimmed of `/`; may be empty.
+    pub prefix: String,
+}
+
+impl KeySpace {
     /// Whether two different paths can name one object here and in `other`:
     /// the same bucket at the same endpoint, under prefixes that nest
     /// without being equal (`pre` and `pre/sub`: `sub/x.png` under the one
     /// and `x.png` under the other; no prefix nests with any).
-    pub fn shares_keys_with(&self, other: &Resolved) -> bool {
+    pub fn shares_keys_with(&self, other: &KeySpace) -> bool {
         let nests = |outer: &str, inner: &str| {
             outer.is_empty()
                 || inner
@@ -247,27 +319,6 @@ impl Resolved {
         (&self.endpoint, &self.bucket) == (&other.endpoint, &other.bucket)
             && self.prefix != other.prefix
             && (nests(&self.prefix, &other.prefix) || nests(&other.prefix, &self.prefix))
-    }
-
-    /// The warning for [`Resolved::shares_keys_with`], naming both.
-    pub fn shared_keys_warning(&self, other: &Resolved, other_is: &str) -> String {
-        let shown = |p: &str| match p {
-            "" => "no prefix".to_string(),
-            p => format!("prefix `{p}`"),
-        };
-        format!(
-            "provider `{}` ({}) and {other_is} ({}) write to one bucket, {}, under prefixes that nest: one object can stand for a file under each, and an upload under the one replaces the other's; give them prefixes that do not nest",
-            self.name,
-            shown(&self.prefix),
-            shown(&other.prefix),
-            self.bucket,
-        )
-    }
-
-    pub fn public_url(&self, key: &ObjectKey) -> Option<PublicUrl> {
-        self.public_url_base
-            .as_deref()
-            .map(|base| PublicUrl::new(base, key))
     }
 }
 
@@ -1182,6 +1233,11 @@ mod tests {
         assert!(
             text.starts_with("provider `p` (no prefix) and provider `q` (prefix `pre`) write to one bucket, m, under prefixes that nest"),
             "{text}"
+        );
+        let text = at("m", "pre/sub").earlier_keys_warning(&at("m", "pre").key_space());
+        assert_eq!(
+            text,
+            "provider `p` (prefix `pre/sub`) writes to bucket m, where prefix `pre` was used earlier on this bucket, and the two nest: one object can stand for a file under each, and an upload under the one replaces the other's; give provider `p` a prefix that does not nest with the earlier one"
         );
     }
 }
