@@ -114,6 +114,7 @@ pub async fn run(
             resolve: Arc::new(move |rel: &str| {
                 let c = settings::current(&sh);
                 control::status::public_url(&c.config, &q, c.predictable.as_ref(), rel)
+                    .map_err(|e| e.to_string())
             }),
         };
         tasks.push((
@@ -122,6 +123,8 @@ pub async fn run(
         ));
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    // Published to the control socket once the scheduler runs.
+    let commands = control::server::Commands::default();
     let socket = settings.config.control_socket.clone();
     let socket_bound = match control::server::bind(&socket) {
         Ok(listener) => {
@@ -129,7 +132,7 @@ pub async fn run(
                 shared: shared.clone(),
                 queue: queue.clone(),
                 live: live.clone(),
-                commands: cmd_tx.clone(),
+                commands: commands.clone(),
             };
             tasks.push((
                 "control socket",
@@ -281,7 +284,7 @@ pub async fn run(
         shared: shared.clone(),
         live: live.clone(),
         root: root.clone(),
-        commands: cmd_tx,
+        commands: cmd_tx.clone(),
         candidates: cand_tx,
         watcher: None,
         rescans: rescan_rx,
@@ -317,6 +320,7 @@ pub async fn run(
         rescan_tx,
     );
     let scheduler = tokio::spawn(scheduler.run(cand_rx, cmd_rx, stopped.clone(), STOP_GRACE));
+    let _ = commands.set(cmd_tx);
 
     tracing::info!(
         root = %settings.config.watch.root.display(),

@@ -66,6 +66,23 @@ impl ItemKey {
         ItemKey::from_bytes(rel.as_os_str().as_bytes().to_vec())
     }
 
+    /// A path a client sent (backfill's walk of the root), held to
+    /// [`RelPath`]'s rules but in raw bytes, since a name that is not UTF-8
+    /// is queued all the same (and parked with its reason).
+    pub fn from_request(bytes: Vec<u8>) -> Result<ItemKey, KeyError> {
+        let lossy = || String::from_utf8_lossy(&bytes).into_owned();
+        if bytes.is_empty() {
+            return Err(KeyError::Empty);
+        }
+        if bytes[0] == b'/' {
+            return Err(KeyError::Absolute { path: lossy() });
+        }
+        if !plain_components(&bytes) {
+            return Err(KeyError::BadComponent { path: lossy() });
+        }
+        Ok(ItemKey(bytes.into()))
+    }
+
     pub fn from_rel(rel: &RelPath) -> ItemKey {
         ItemKey(rel.0.as_bytes().into())
     }
@@ -110,6 +127,13 @@ pub fn symlinked_folder(root: &Path, abs: &Path) -> Option<PathBuf> {
         .map(Path::to_path_buf)
 }
 
+/// Whether no `/`-separated component is empty, `.` or `..`, or holds a NUL.
+fn plain_components(path: &[u8]) -> bool {
+    !path
+        .split(|b| *b == b'/')
+        .any(|c| c.is_empty() || c == b"." || c == b".." || c.contains(&0))
+}
+
 /// A file's path relative to the watch root, `/`-separated.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -128,10 +152,7 @@ impl RelPath {
         if rest.starts_with('/') {
             return Err(KeyError::Absolute { path: s.into() });
         }
-        if rest
-            .split('/')
-            .any(|c| c.is_empty() || c == "." || c == ".." || c.contains('\0'))
-        {
+        if !plain_components(rest.as_bytes()) {
             return Err(KeyError::BadComponent { path: s.into() });
         }
         Ok(RelPath(rest.into()))
@@ -283,6 +304,20 @@ mod tests {
         for bad in ["a//b", "a/./b", "../a", "a/..", "a/", "a\0b"] {
             assert!(
                 matches!(RelPath::parse(bad), Err(KeyError::BadComponent { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn item_key_from_request_keeps_to_relpath_rules_in_bytes() {
+        let key = |b: &[u8]| ItemKey::from_request(b.to_vec());
+        assert_eq!(key(b"a/b\xffc.png").unwrap().as_bytes(), b"a/b\xffc.png");
+        assert_eq!(key(b""), Err(KeyError::Empty));
+        assert!(matches!(key(b"/etc/x"), Err(KeyError::Absolute { .. })));
+        for bad in [&b"../x"[..], b"a/../../x", b"a//b", b"./a", b"a/", b"a\0b"] {
+            assert!(
+                matches!(key(bad), Err(KeyError::BadComponent { .. })),
                 "{bad:?}"
             );
         }

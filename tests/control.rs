@@ -47,6 +47,9 @@ fn status_locate_and_retry_live_and_stopped() {
     let (code, out, err) = env.cli(&["retry", "--all"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("queued 1 failed item(s) again"), "{out}");
+    let not_failed = "offloadd: a/ok.png is not a failed item, so nothing was queued again; `status` lists the failed ones\n";
+    let (code, out, err) = env.cli(&["retry", "a/ok.png"]);
+    assert_eq!((code, out.as_str(), err.as_str()), (1, "", not_failed));
     // The name is still not UTF-8, so it is parked again with its reason.
     wait_until(LONG, "re-parked after retry", || {
         env.status()["failed"][0]["reason"]
@@ -66,6 +69,8 @@ fn status_locate_and_retry_live_and_stopped() {
     assert!(out.contains("queued 1 failed item(s) again"), "{out}");
     assert_eq!(env.status()["failed"].as_array().unwrap().len(), 0);
     assert_eq!(env.status()["queue_depth"], 1);
+    let (code, out, err) = env.cli(&["retry", "a/ok.png"]);
+    assert_eq!((code, out.as_str(), err.as_str()), (1, "", not_failed));
 }
 
 #[test]
@@ -310,4 +315,190 @@ fn backfill_that_cannot_read_the_mark_says_so() {
         "{stderr}"
     );
     assert!(!stdout.contains("nothing to backfill"), "{stdout}");
+}
+
+/// Sends one raw request line over the control socket, as a client other
+/// than our CLI could, and reads the reply line (within `within`).
+fn raw_request(
+    env: &TestEnv,
+    body: serde_json::Value,
+    within: std::time::Duration,
+) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    let mut envelope = body;
+    envelope["state_dir"] = serde_json::Value::from(env.state_dir.to_str().unwrap());
+    let mut s = std::os::unix::net::UnixStream::connect(&env.socket).unwrap();
+    s.set_read_timeout(Some(within)).unwrap();
+    s.write_all(format!("{envelope}\n").as_bytes()).unwrap();
+    let mut reply = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut reply)
+        .unwrap_or_else(|e| panic!("no answer within {within:?}: {e}"));
+    serde_json::from_str(&reply).unwrap_or_else(|e| panic!("{e}: {reply:?}"))
+}
+
+/// A backfill path with `..` sent over the socket is refused whole: it used
+/// to be parked as a failed entry, telling whether a file outside the root
+/// exists.
+#[test]
+fn backfill_paths_leaving_the_root_are_refused() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    fs::write(env.outside().join("secret.png"), b"outside").unwrap();
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "socket exists", || env.socket.exists());
+    for dry_run in [false, true] {
+        let reply = raw_request(
+            &env,
+            serde_json::json!({
+                "op": "enqueue",
+                "keys": [b"../outside/secret.png".to_vec()],
+                "dry_run": dry_run,
+            }),
+            std::time::Duration::from_secs(30),
+        );
+        assert_eq!(reply["exit"], 2, "{reply}");
+        assert_eq!(
+            reply["err"],
+            "offloadd: the path `../outside/secret.png` has an empty, `.` or `..` component; give a plain relative path, e.g. images/a.png\n",
+            "{reply}"
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let st = env.status();
+    assert_eq!(st["failed"].as_array().unwrap().len(), 0, "{st}");
+    assert_eq!(st["queue_depth"], 0, "{st}");
+    assert!(s3.keys(BUCKET).is_empty());
+    daemon.stop();
+}
+
+/// What stops the local removal and can be known beforehand (here a
+/// directory where the file was) is found before the bucket is touched: the
+/// object and the record stay. It used to delete the object first and keep
+/// a record naming a missing object.
+#[test]
+fn delete_through_checks_the_local_copy_before_the_bucket() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    let daemon = Daemon::start(&env, &[]);
+    let bytes = file_content("dir", 100, 1000);
+    write_file(&env.path("x/a.jpg"), &bytes);
+    uploaded(&env, &s3, "x/a.jpg", &bytes);
+    fs::remove_file(env.path("x/a.jpg")).unwrap();
+    write_file(&env.path("x/a.jpg/inside.txt"), b"not offloadd's");
+
+    let (code, out, err) = env.cli(&["delete", "x/a.jpg"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(out, "");
+    assert_eq!(
+        err,
+        format!(
+            "offloadd: cannot delete {}: it is a directory, and offloadd deletes only files; nothing was deleted\n",
+            env.path("x/a.jpg").display()
+        )
+    );
+    assert_eq!(s3.object_bytes("x/a.jpg").as_deref(), Some(&bytes[..]));
+    assert_eq!(env.locate("x/a.jpg"), (0, public_url("x/a.jpg")));
+    assert!(env.path("x/a.jpg/inside.txt").exists());
+    daemon.stop();
+}
+
+/// Whether `chattr +i` works here (root, and a file system that has it).
+fn chattr(flag: &str, path: &std::path::Path) -> bool {
+    std::process::Command::new("chattr")
+        .arg(flag)
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A local copy that cannot be removed once its object is gone (an
+/// immutable file: nothing tells beforehand) loses its record too, and the
+/// operator is told: the record used to stay, naming a missing object, so
+/// `locate` and `/r/` handed out a dead URL and the file was never uploaded
+/// again.
+#[test]
+fn delete_through_forgets_the_record_when_only_the_object_could_go() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    let daemon = Daemon::start(&env, &[]);
+    let bytes = file_content("stuck", 100, 1000);
+    let local = env.path("x/stuck.jpg");
+    write_file(&local, &bytes);
+    uploaded(&env, &s3, "x/stuck.jpg", &bytes);
+    if !require(
+        chattr("+i", &local),
+        "chattr +i (root, and a file system with the immutable flag)",
+    ) {
+        daemon.stop();
+        return;
+    }
+
+    let (code, out, err) = env.cli(&["delete", "x/stuck.jpg"]);
+    chattr("-i", &local);
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(out, "");
+    assert_eq!(
+        err,
+        format!(
+            "deleted object {PREFIX}/x/stuck.jpg at provider {PROVIDER}\noffloadd: cannot delete {}: Operation not permitted (os error 1); its object is gone, so its record was removed too and offloadd treats the file as never offloaded (a scan may upload it again): delete it by hand\n",
+            local.display()
+        )
+    );
+    assert!(!s3.has("x/stuck.jpg"), "object deleted");
+    assert_eq!(fs::read(&local).unwrap(), bytes, "local copy kept");
+    // No record: locate names the local copy, not a dead URL.
+    assert_eq!(env.locate("x/stuck.jpg"), (0, local.display().to_string()));
+    assert_eq!(env.status()["uploaded_count"], 0);
+    daemon.stop();
+}
+
+/// While the records are rebuilt (here a bucket that never answers its
+/// listing), retry, delete and backfill are refused at once; they used to
+/// wait for the scheduler, the CLI gave up, and the delete ran when the
+/// rebuild ended, long after the operator saw it fail.
+#[test]
+fn commands_that_need_the_scheduler_are_refused_while_rebuilding() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    let daemon = Daemon::start(&env, &[]);
+    write_and_wait(&env, &s3, "kept.png", b"still here");
+    daemon.stop();
+    fs::remove_dir_all(env.state_dir.join("db")).unwrap();
+    // Accepts connections (the kernel's backlog) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    env.write_config(&Cfg::new(&endpoint));
+    let mut daemon = Daemon::spawn(&env, &[]);
+    wait_until(LONG, "rebuilding", || {
+        env.socket.exists() && env.status()["rebuilding"].as_str().is_some()
+    });
+
+    let refusal = "offloadd: offloadd is rebuilding its location records from the bucket (0/0); try again when `status` no longer says rebuilding\n";
+    let at_once = std::time::Duration::from_secs(10);
+    for request in [
+        serde_json::json!({"op": "retry", "path": null, "all": true}),
+        serde_json::json!({"op": "delete", "path": "kept.png"}),
+        serde_json::json!({"op": "enqueue", "keys": [b"kept.png".to_vec()], "dry_run": true}),
+    ] {
+        let reply = raw_request(&env, request.clone(), at_once);
+        assert_eq!(reply["exit"], 1, "{request}: {reply}");
+        assert_eq!(reply["err"], refusal, "{request}: {reply}");
+    }
+    let (code, out, err) = env.cli(&["delete", "kept.png"]);
+    assert_eq!((code, out.as_str(), err.as_str()), (1, "", refusal));
+
+    // The listing fails, the rebuild ends, and nothing asked meanwhile runs.
+    drop(silent);
+    wait_until(LONG, "the rebuild ended", || {
+        env.status()["rebuilding"].is_null()
+    });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(fs::read(env.path("kept.png")).unwrap(), b"still here");
+    assert!(daemon.alive());
+    daemon.stop();
 }

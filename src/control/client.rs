@@ -176,6 +176,9 @@ pub fn retry(config: &Config, rel: Option<&str>, all: bool) -> ExitCode {
         if let Err(e) = queue.flush() {
             return Reply::fail(1, err_line(e));
         }
+        if let (0, Some(p)) = (n, rel) {
+            return commands::not_failed(p);
+        }
         Reply::ok(line(format!(
             "queued {n} failed item(s) again; they upload when offloadd runs"
         )))

@@ -7,6 +7,7 @@ use crate::control::status::{self, Location};
 use crate::keys::{ItemKey, RelPath};
 use crate::pipeline::queue::Queue;
 use crate::remote::client::Client;
+use std::path::Path;
 
 /// `locate`: the public URL, the bucket and key, or the local path.
 pub fn locate(config: &Config, queue: &Queue, path: &str) -> Reply {
@@ -30,8 +31,22 @@ pub fn locate(config: &Config, queue: &Queue, path: &str) -> Reply {
     }
 }
 
+/// `retry PATH` when PATH is not parked (or is being worked on right now).
+pub fn not_failed(path: &str) -> Reply {
+    Reply::fail(
+        1,
+        err_line(format!(
+            "{path} is not a failed item, so nothing was queued again; `status` lists the failed ones"
+        )),
+    )
+}
+
 /// `delete`: removes the bucket object (if recorded), the local copy and the
-/// record, in that order; a failure stops before anything later is touched.
+/// record, in that order. What can be known to stop the local removal (not a
+/// file, a folder we may not write) is checked before the bucket is touched;
+/// a failure stops before anything later is touched, except that a local
+/// copy that cannot be removed once its object is gone loses its record too
+/// (a record must never name a missing object).
 pub async fn delete_through(config: &Config, queue: &Queue, rel: &RelPath) -> Reply {
     if let Some(link) = rel.symlinked_folder(&config.watch.root) {
         return Reply::fail(
@@ -39,6 +54,16 @@ pub async fn delete_through(config: &Config, queue: &Queue, rel: &RelPath) -> Re
             err_line(format!(
                 "{rel} is below {}, a symlink, and offloadd does not follow symlinks inside the root; nothing was deleted",
                 link.display()
+            )),
+        );
+    }
+    let local = rel.to_local(&config.watch.root);
+    if let Err(why) = removable(&local) {
+        return Reply::fail(
+            1,
+            err_line(format!(
+                "cannot delete {}: {why}; nothing was deleted",
+                local.display()
             )),
         );
     }
@@ -80,25 +105,20 @@ pub async fn delete_through(config: &Config, queue: &Queue, rel: &RelPath) -> Re
             rec.key, rec.provider
         )));
     }
-    let local = rel.to_local(&config.watch.root);
-    let had_local = match std::fs::remove_file(&local) {
+    let (had_local, kept) = match std::fs::remove_file(&local) {
         Ok(()) => {
             out.push_str(&line(format!("deleted local copy {}", local.display())));
-            true
+            (true, None)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-        Err(e) => {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (false, None),
+        Err(e) if record.is_none() => {
             return Reply::fail(
                 1,
-                format!(
-                    "{out}{}",
-                    err_line(format!(
-                        "cannot delete {}: {e}; the record is kept",
-                        local.display()
-                    ))
-                ),
+                err_line(format!("cannot delete {}: {e}", local.display())),
             )
         }
+        // The object is gone: the record goes too, below.
+        Err(e) => (true, Some(e)),
     };
     if let Err(e) = queue.forget(&key) {
         return Reply::fail(
@@ -112,6 +132,18 @@ pub async fn delete_through(config: &Config, queue: &Queue, rel: &RelPath) -> Re
     if let Err(e) = queue.durable().await {
         return Reply::fail(1, format!("{out}{}", err_line(e)));
     }
+    if let Some(e) = kept {
+        return Reply::fail(
+            1,
+            format!(
+                "{out}{}",
+                err_line(format!(
+                    "cannot delete {}: {e}; its object is gone, so its record was removed too and offloadd treats the file as never offloaded (a scan may upload it again): delete it by hand",
+                    local.display()
+                ))
+            ),
+        );
+    }
     if record.is_none() && !had_local {
         return Reply::fail(
             1,
@@ -121,6 +153,41 @@ pub async fn delete_through(config: &Config, queue: &Queue, rel: &RelPath) -> Re
         );
     }
     Reply::ok(out)
+}
+
+/// Whether `remove_file` may succeed on `local`, as far as can be known
+/// beforehand: absent, or a regular file in a folder this process may write.
+fn removable(local: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let meta = match std::fs::symlink_metadata(local) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_symlink() {
+            "a symlink"
+        } else {
+            "not a regular file"
+        };
+        return Err(format!("it is {what}, and offloadd deletes only files"));
+    }
+    let Some(folder) = local.parent() else {
+        return Ok(());
+    };
+    let c = std::ffi::CString::new(folder.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(format!(
+            "offloadd may not remove files from {} ({e})",
+            folder.display()
+        ));
+    }
+    Ok(())
 }
 
 /// `test-connection`: put, read back, compare, delete.

@@ -3,7 +3,10 @@
 //! daemon runs.
 //!
 //! The daemon owns the database, so every change goes through the scheduler
-//! ([`Command`]). The socket is mode 0660 and every caller is checked by peer
+//! ([`Command`]); until the scheduler runs (a rebuild after state loss may
+//! take hours), retry, delete and backfill are refused at once rather than
+//! queued for later. A delete-through whose caller hangs up before it starts
+//! is not carried out. The socket is mode 0660 and every caller is checked by peer
 //! credentials: root, the daemon's user, or a process whose primary or
 //! supplementary groups include the daemon's group (as `usermod -aG` gives).
 
@@ -18,8 +21,10 @@ use crate::settings::{self, Shared};
 use crate::shutdown::Shutdown;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::Arc;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -30,8 +35,12 @@ pub struct Handle {
     pub shared: Shared,
     pub queue: Arc<Queue>,
     pub live: Arc<Live>,
-    pub commands: mpsc::Sender<Command>,
+    pub commands: Commands,
 }
+
+/// The scheduler's command channel, published by the daemon once the
+/// scheduler runs; empty before (while records are rebuilt, say).
+pub type Commands = Arc<OnceLock<mpsc::Sender<Command>>>;
 
 /// Binds the control socket (replacing a stale one) with mode 0660.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
@@ -146,8 +155,12 @@ async fn serve_one(stream: UnixStream, h: Handle) {
     let (read, mut write) = stream.into_split();
     // A caller not allowed is answered before anything it sent is read.
     let max_request = if permitted { MAX_REQUEST_BYTES } else { 0 };
-    let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(read, max_request)).lines();
+    let mut lines = BufReader::new(read.take(max_request)).lines();
     let request = lines.next_line().await;
+    let mut caller = Caller {
+        read: lines.into_inner().into_inner().into_inner(),
+        gone: false,
+    };
     let reply = if !permitted {
         Reply::fail(
             1,
@@ -157,7 +170,7 @@ async fn serve_one(stream: UnixStream, h: Handle) {
         match serde_json::from_str::<Envelope>(&request) {
             Ok(env) => match other_instance(&env, &h) {
                 Some(refusal) => refusal,
-                None => answer(env.request, &h).await,
+                None => answer(env.request, &h, &mut caller).await,
             },
             Err(e) => Reply::fail(
                 2,
@@ -193,10 +206,72 @@ fn other_instance(env: &Envelope, h: &Handle) -> Option<Reply> {
     ))
 }
 
-async fn ask<T>(h: &Handle, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
-    let (tx, rx) = oneshot::channel();
-    h.commands.send(make(tx)).await.ok()?;
+/// The caller's end of the connection once its request is read. The CLI
+/// sends nothing more, so a read returns only when it hangs up (it gave up
+/// waiting, or was interrupted).
+struct Caller {
+    read: OwnedReadHalf,
+    gone: bool,
+}
+
+impl Caller {
+    /// Resolves once the caller has hung up; cancel-safe.
+    async fn hung_up(&mut self) {
+        let mut buf = [0u8; 256];
+        while !self.gone {
+            match self.read.read(&mut buf).await {
+                Ok(0) | Err(_) => self.gone = true,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Whether the caller has hung up by now, without waiting.
+    async fn has_hung_up(&mut self) -> bool {
+        tokio::select! {
+            biased;
+            () = self.hung_up() => true,
+            () = std::future::ready(()) => false,
+        }
+    }
+}
+
+/// The scheduler's channel, or the refusal while it does not run yet: a
+/// command queued meanwhile would be carried out long after its caller
+/// gave up waiting.
+fn scheduler(h: &Handle) -> Result<&mpsc::Sender<Command>, Reply> {
+    if let Some(tx) = h.commands.get() {
+        return Ok(tx);
+    }
+    let why = match h.live.shown().rebuild {
+        Some(p) => format!(
+            "offloadd is rebuilding its location records from the bucket ({}/{}); try again when `status` no longer says rebuilding",
+            p.checked.load(Ordering::Relaxed),
+            p.listed.load(Ordering::Relaxed)
+        ),
+        None => "offloadd is still starting; try again in a few seconds".into(),
+    };
+    Err(Reply::fail(1, err_line(why)))
+}
+
+async fn ask<T>(
+    tx: &mpsc::Sender<Command>,
+    make: impl FnOnce(oneshot::Sender<T>) -> Command,
+) -> Option<T> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(make(reply)).await.ok()?;
     rx.await.ok()
+}
+
+/// A delete-through dropped because its caller hung up before it started.
+fn not_carried_out(rel: &RelPath) -> Reply {
+    tracing::info!(path = %rel, "delete-through of {rel} not carried out: its caller hung up before it started");
+    Reply::fail(
+        1,
+        err_line(format!(
+            "the delete-through of {rel} was not carried out since its caller hung up"
+        )),
+    )
 }
 
 fn stopping() -> Reply {
@@ -206,7 +281,7 @@ fn stopping() -> Reply {
     )
 }
 
-async fn answer(req: Request, h: &Handle) -> Reply {
+async fn answer(req: Request, h: &Handle, caller: &mut Caller) -> Reply {
     let cur = settings::current(&h.shared);
     match req {
         Request::Status { json } => {
@@ -219,27 +294,43 @@ async fn answer(req: Request, h: &Handle) -> Reply {
         }
         Request::Locate { path } => commands::locate(&cur.config, &h.queue, &path),
         Request::Retry { path, all } => {
-            let keys = match (path, all) {
-                (Some(p), _) => match RelPath::parse(&p) {
+            let keys = match (&path, all) {
+                (Some(p), _) => match RelPath::parse(p) {
                     Ok(r) => Some(vec![ItemKey::from_rel(&r)]),
                     Err(e) => return Reply::fail(2, err_line(e)),
                 },
                 (None, true) => None,
                 (None, false) => return Reply::fail(2, err_line("name a path or pass --all")),
             };
-            match ask(h, |reply| Command::Retry { keys, reply }).await {
-                Some(n) => Reply::ok(line(format!("queued {n} failed item(s) again"))),
+            let tx = match scheduler(h) {
+                Ok(tx) => tx,
+                Err(refused) => return refused,
+            };
+            match ask(tx, |reply| Command::Retry { keys, reply }).await {
+                Some(n) => match (n, &path) {
+                    (0, Some(p)) => commands::not_failed(p),
+                    _ => Reply::ok(line(format!("queued {n} failed item(s) again"))),
+                },
                 None => stopping(),
             }
         }
         Request::Enqueue { keys, dry_run } => {
-            let keys = keys.into_iter().filter_map(ItemKey::from_bytes).collect();
+            // Sent by our CLI from a walk of the root; anything else (`..`)
+            // is refused whole, never parked or looked up.
+            let keys = match keys.into_iter().map(ItemKey::from_request).collect() {
+                Ok(keys) => keys,
+                Err(e) => return Reply::fail(2, err_line(e)),
+            };
+            let tx = match scheduler(h) {
+                Ok(tx) => tx,
+                Err(refused) => return refused,
+            };
             let mode = if dry_run {
                 BackfillMode::Count
             } else {
                 BackfillMode::Queue
             };
-            match ask(h, |reply| Command::Backfill { keys, mode, reply }).await {
+            match ask(tx, |reply| Command::Backfill { keys, mode, reply }).await {
                 Some(n) => Reply::ok(line(n)),
                 None => stopping(),
             }
@@ -249,19 +340,45 @@ async fn answer(req: Request, h: &Handle) -> Reply {
                 Ok(r) => r,
                 Err(e) => return Reply::fail(2, err_line(e)),
             };
+            let tx = match scheduler(h) {
+                Ok(tx) => tx,
+                Err(refused) => return refused,
+            };
             let key = ItemKey::from_rel(&rel);
-            match ask(h, |reply| Command::Hold {
+            // A caller that hangs up before the delete starts (it gave up
+            // waiting) must not have it carried out later: a hold it cannot
+            // receive any more is undone by the scheduler, one already
+            // granted is released here.
+            let (reply, mut granted) = oneshot::channel();
+            let hold = Command::Hold {
                 key: key.clone(),
                 reply,
-            })
-            .await
-            {
-                Some(Ok(())) => {}
-                Some(Err(e)) => return Reply::fail(1, err_line(e)),
-                None => return stopping(),
+            };
+            if tx.send(hold).await.is_err() {
+                return stopping();
             }
-            let reply = commands::delete_through(&cur.config, &h.queue, &rel).await;
-            let _ = ask(h, |reply| Command::Release { key, reply }).await;
+            let held = tokio::select! {
+                held = &mut granted => held,
+                () = caller.hung_up() => {
+                    granted.close();
+                    if let Ok(Ok(())) = granted.try_recv() {
+                        let _ = ask(tx, |reply| Command::Release { key, reply }).await;
+                    }
+                    return not_carried_out(&rel);
+                }
+            };
+            match held {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Reply::fail(1, err_line(e)),
+                Err(_) => return stopping(),
+            }
+            // Once started, it runs to the end whatever the caller does.
+            let reply = if caller.has_hung_up().await {
+                not_carried_out(&rel)
+            } else {
+                commands::delete_through(&cur.config, &h.queue, &rel).await
+            };
+            let _ = ask(tx, |reply| Command::Release { key, reply }).await;
             reply
         }
         Request::TestConnection { provider } => {

@@ -235,21 +235,27 @@ pub enum Location {
 
 /// Where `/r/` redirects: the recorded object's public URL, else the URL the
 /// active provider would give the path (`predictable`: its public URL base and
-/// prefix), else nothing.
+/// prefix), else nothing. A state that cannot be read is an error, never
+/// "no record": the guess would miss files recorded on another provider or
+/// under an old prefix.
 pub fn public_url(
     config: &Config,
     queue: &Queue,
     predictable: Option<&(String, String)>,
     rel: &str,
-) -> Option<String> {
-    let rel = RelPath::parse(rel).ok()?;
-    if let Some(rec) = queue.record(&ItemKey::from_rel(&rel)).ok().flatten() {
-        let base = config.public_url_base(&rec.provider)?;
-        return Some(PublicUrl::new(&base, &ObjectKey::from_raw(rec.key)).to_string());
+) -> Result<Option<String>, StateError> {
+    let Ok(rel) = RelPath::parse(rel) else {
+        return Ok(None);
+    };
+    if let Some(rec) = queue.record(&ItemKey::from_rel(&rel))? {
+        return Ok(config
+            .public_url_base(&rec.provider)
+            .map(|base| PublicUrl::new(&base, &ObjectKey::from_raw(rec.key)).to_string()));
     }
-    let (base, prefix) = predictable?;
-    let key = ObjectKey::new(prefix, &rel).ok()?;
-    Some(PublicUrl::new(base, &key).to_string())
+    Ok(predictable.and_then(|(base, prefix)| {
+        let key = ObjectKey::new(prefix, &rel).ok()?;
+        Some(PublicUrl::new(base, &key).to_string())
+    }))
 }
 
 /// Answers `locate` from an open state.
@@ -275,4 +281,31 @@ pub fn locate_in(
     Ok(std::fs::symlink_metadata(&local)
         .is_ok_and(|m| m.is_file())
         .then_some(Location::Local(local)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load, RootCheck};
+
+    /// A state that cannot be read is not "no record": `/r/` used to guess
+    /// the active provider's URL, which misses files recorded elsewhere.
+    #[test]
+    fn public_url_of_an_unreadable_state_is_an_error_not_a_guess() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("results");
+        std::fs::create_dir_all(&root).unwrap();
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, format!("watch:\n  root: {}\n", root.display())).unwrap();
+        let config = load(&config, RootCheck::MustExist).unwrap().config;
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let (queue, _) = Queue::open(&state).unwrap();
+        let guess = ("https://cdn.test".to_string(), "p".to_string());
+        let url = public_url(&config, &queue, Some(&guess), "a.png").unwrap();
+        assert!(url.is_some_and(|u| u.ends_with("/p/a.png")));
+
+        queue.inject_closed("No space left on device");
+        assert!(public_url(&config, &queue, Some(&guess), "a.png").is_err());
+    }
 }

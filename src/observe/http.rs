@@ -4,7 +4,9 @@
 //! Read-only: nothing here changes state. Other methods get 405, other paths
 //! 404. `/r/` percent-decodes the path, refuses empty, `.` and `..` segments
 //! and non-UTF-8 names (404), and answers 302 to whatever the [`Resolver`]
-//! returns, else 404. Stops accepting and drains open requests at shutdown.
+//! returns, else 404, or 503 when the location records cannot be read (a
+//! guess then could send a recorded file to a missing object). Stops
+//! accepting and drains open requests at shutdown.
 //!
 //! Bounded: at most [`MAX_CONNECTIONS`] open at once, each closed when it
 //! sends no request head for [`HEADER_READ_TIMEOUT`].
@@ -23,8 +25,9 @@ use std::time::Duration;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
-/// Maps a path relative to the watch root to the public URL to redirect to.
-pub type Resolver = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+/// Maps a path relative to the watch root to the public URL to redirect to;
+/// an error when the location records cannot be read.
+pub type Resolver = Arc<dyn Fn(&str) -> Result<Option<String>, String> + Send + Sync>;
 
 /// What the handlers need.
 #[derive(Clone)]
@@ -156,13 +159,18 @@ async fn redirect(State(app): State<App>, uri: Uri) -> Response {
     match (app.resolve)(&rel) {
         // The resolver percent-encodes; encode anything left that a header
         // cannot carry (spaces, controls, non-ASCII) rather than fail.
-        Some(url) => match header::HeaderValue::from_str(
+        Ok(Some(url)) => match header::HeaderValue::from_str(
             &percent_encoding::utf8_percent_encode(&url, &HEADER_UNSAFE).to_string(),
         ) {
             Ok(loc) => (StatusCode::FOUND, [(header::LOCATION, loc)]).into_response(),
             Err(_) => not_found(),
         },
-        None => not_found(),
+        Ok(None) => not_found(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "offloadd cannot read its location records right now; try again later\n",
+        )
+            .into_response(),
     }
 }
 
@@ -259,7 +267,14 @@ mod tests {
         let s2 = seen.clone();
         let resolve: Resolver = Arc::new(move |rel: &str| {
             s2.lock().unwrap().push(rel.to_owned());
-            (rel != "missing.png").then(|| format!("https://cdn.test/{}", rel.replace(' ', "%20")))
+            match rel {
+                "missing.png" => Ok(None),
+                "unreadable.png" => Err("the database is closed".into()),
+                _ => Ok(Some(format!(
+                    "https://cdn.test/{}",
+                    rel.replace(' ', "%20")
+                ))),
+            }
         });
         let (addr, stop, handle) = start(resolve).await;
 
@@ -283,6 +298,14 @@ mod tests {
         assert_eq!(seen.lock().unwrap().last().unwrap(), "out/a bé.png");
 
         assert_eq!(request(&addr, "GET", "/r/missing.png").await.0, 404);
+        // Records that cannot be read: no guess, no 404 (the file may exist).
+        let (code, head, body) = request(&addr, "GET", "/r/unreadable.png").await;
+        assert_eq!(code, 503);
+        assert!(!head.contains("location:"), "{head}");
+        assert_eq!(
+            body,
+            "offloadd cannot read its location records right now; try again later\n"
+        );
         assert_eq!(request(&addr, "GET", "/r/a/%2e%2e/etc/passwd").await.0, 404);
         assert_eq!(request(&addr, "GET", "/r/").await.0, 404);
         assert_eq!(request(&addr, "GET", "/nothing").await.0, 404);
@@ -293,7 +316,7 @@ mod tests {
         assert_eq!(request(&addr, "HEAD", "/healthz").await.0, 200);
         assert_eq!(
             seen.lock().unwrap().len(),
-            2,
+            3,
             "resolver called for valid GETs only"
         );
 
@@ -310,7 +333,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_connections_time_out_and_free_their_slots() {
         use tokio::io::AsyncReadExt;
-        let resolve: Resolver = Arc::new(|_: &str| None);
+        let resolve: Resolver = Arc::new(|_: &str| Ok(None));
         let (addr, stop, handle) = start_with(resolve, 3).await;
         let mut idle = Vec::new();
         for _ in 0..3 {

@@ -672,6 +672,14 @@ impl Queue {
         self.fail(sled::Error::Io(std::io::Error::other(message.to_string())));
     }
 
+    /// Leaves the queue as a recover that could not reopen the database
+    /// does: failed, with no database to read (for tests of readers).
+    #[cfg(test)]
+    pub fn inject_closed(&self, message: &str) {
+        self.inject_failure(message);
+        *self.trees.write().expect("trees lock") = None;
+    }
+
     /// Makes the state writable again after a failure: a flush that succeeds
     /// clears it; otherwise the database is closed and opened again (sled's
     /// errors are sticky). Unflushed writes may be lost; the caller reloads

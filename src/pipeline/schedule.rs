@@ -1047,6 +1047,15 @@ impl Scheduler {
 
     /// Puts an item back as the queue has it: into its lane, or, parked, into
     /// the list `status` and `retry --all` show.
+    /// Ends a [`Command::Hold`].
+    fn release(&mut self, key: &ItemKey) {
+        self.held.remove(key);
+        // Still queued (the delete-through did not finish): resume it.
+        self.reinsert_from_queue(key);
+        // A file written meanwhile (its object deleted, or not).
+        self.recheck_if_asked(key);
+    }
+
     fn reinsert_from_queue(&mut self, key: &ItemKey) {
         let Ok(Some(item)) = self.queue.item(key) else {
             return;
@@ -1479,16 +1488,16 @@ impl Scheduler {
                 } else {
                     self.lanes.remove(&key);
                     self.live.update(|s| s.failed.remove(&key));
-                    self.held.insert(key);
-                    let _ = reply.send(Ok(()));
+                    self.held.insert(key.clone());
+                    // Its caller hung up meanwhile: no delete-through follows,
+                    // and no release would.
+                    if reply.send(Ok(())).is_err() {
+                        self.release(&key);
+                    }
                 }
             }
             Command::Release { key, reply } => {
-                self.held.remove(&key);
-                // Still queued (the delete-through did not finish): resume it.
-                self.reinsert_from_queue(&key);
-                // A file written meanwhile (its object deleted, or not).
-                self.recheck_if_asked(&key);
+                self.release(&key);
                 let _ = reply.send(());
             }
             Command::Replan {

@@ -839,6 +839,35 @@ async fn a_hold_is_refused_while_an_upload_waits_for_the_probe() {
     h.stop().await;
 }
 
+/// A hold whose caller hung up before its answer (a delete-through that
+/// will not follow, so no release either) is undone at once; it used to
+/// keep the item out of the pipeline until the next start.
+#[tokio::test(start_paused = true)]
+async fn a_hold_nobody_receives_is_undone() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.store
+        .script(|r| (r.op == Op::Put).then(|| http_error(400, "InvalidRequest")));
+    h.write("a.png", b"a").await;
+    let key = Harness::key("a.png");
+    until(300, "parked", || h.live.shown().failed.contains_key(&key)).await;
+    h.store.script(|_| None);
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    drop(answer);
+    let k = key.clone();
+    h.commands
+        .send(Command::Hold { key: k, reply })
+        .await
+        .unwrap();
+    // Commands are handled in order: the hold is done with once this answers.
+    let keys = Some(vec![key.clone()]);
+    assert_eq!(h.ask(|reply| Command::Retry { keys, reply }).await, 1);
+    until(30, "uploaded, as nothing holds it", || {
+        h.store.object("pre/a.png").is_some()
+    })
+    .await;
+    h.stop().await;
+}
+
 /// A held item (a delete-through under way) is not put back by anything
 /// else: here `offloadd retry` of the parked item while it is held. Its
 /// release resumes it.
