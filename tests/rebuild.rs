@@ -100,16 +100,12 @@ fn a_rebuild_never_deletes_a_zero_byte_file() {
     );
 }
 
-/// The config of two providers with `delete_local`: A (`PROVIDER`, on
-/// `s3a`) and B (`second`, on `s3b`), the one named active.
-fn two_providers<'a>(
-    env: &'a TestEnv,
-    s3a: &S3Server,
-    s3b: &S3Server,
-) -> impl Fn(&str) -> String + 'a {
-    let mut cfg = Cfg::new(&s3a.endpoint());
+/// The config of two providers with `delete_local`: A (`PROVIDER`, at
+/// endpoint `a`) and B (`second`, at endpoint `b`), the one named active.
+fn two_providers<'a>(env: &'a TestEnv, a: &str, b: &str) -> impl Fn(&str) -> String + 'a {
+    let mut cfg = Cfg::new(a);
     cfg.delete_local = true;
-    let second = ExtraProvider::second(s3b.endpoint());
+    let second = ExtraProvider::second(b.to_string());
     let base = env.config_yaml(&cfg);
     move |active| env.with_provider(&base, &second, active)
 }
@@ -117,11 +113,25 @@ fn two_providers<'a>(
 /// Runs the daemon on `config` until `rel`, written with `bytes`, is in `s3`
 /// and deleted locally.
 fn offload_via(env: &TestEnv, s3: &S3Server, config: &str, rel: &str, bytes: &[u8]) {
+    offload_until(env, config, rel, bytes, || {
+        s3.object_bytes(rel).as_deref() == Some(bytes)
+    });
+}
+
+/// Runs the daemon on `config` until `rel`, written with `bytes`, is
+/// `uploaded` and deleted locally.
+fn offload_until(
+    env: &TestEnv,
+    config: &str,
+    rel: &str,
+    bytes: &[u8],
+    uploaded: impl Fn() -> bool,
+) {
     env.write_raw_config(config);
     let daemon = Daemon::start(env, &[]);
     write_file(&env.path(rel), bytes);
     wait_until(LONG, &format!("{rel} uploaded, deleted locally"), || {
-        s3.object_bytes(rel).as_deref() == Some(bytes) && !env.path(rel).exists()
+        uploaded() && !env.path(rel).exists()
     });
     daemon.stop();
 }
@@ -137,7 +147,7 @@ fn a_rebuild_restores_records_of_every_provider() {
     let env = TestEnv::new();
     let s3a = S3Server::start_for(&env);
     let s3b = S3Server::start_for(&env);
-    let config = two_providers(&env, &s3a, &s3b);
+    let config = two_providers(&env, &s3a.endpoint(), &s3b.endpoint());
     let bytes = file_content("a.png", 100, 5_000);
     offload_via(&env, &s3a, &config(PROVIDER), "old/a.png", &bytes);
     offload_via(&env, &s3b, &config("second"), "new/b.png", b"to B");
@@ -175,7 +185,7 @@ fn an_unlisted_active_provider_leaves_the_others_for_later() {
     let env = TestEnv::new();
     let s3a = S3Server::start_for(&env);
     let mut s3b = S3Server::start_for(&env);
-    let config = two_providers(&env, &s3a, &s3b);
+    let config = two_providers(&env, &s3a.endpoint(), &s3b.endpoint());
     offload_via(
         &env,
         &s3a,
@@ -211,6 +221,57 @@ fn an_unlisted_active_provider_leaves_the_others_for_later() {
         "the record names B, which holds the current version"
     );
     daemon.stop();
+}
+
+/// With its local copy gone, a path's record goes to its newest object
+/// across the providers. Here `x.png` went to A, then (written again) to B,
+/// then A became the active provider again, and the database was lost. The
+/// rebuild lists A first, and A's older object used to take the record,
+/// which B's listing then skipped: `locate` and `/r/` served the old bytes.
+/// On two moto servers: they list LastModified (to the second, hence the
+/// pause between the uploads).
+#[test]
+fn a_rebuild_restores_the_newest_upload_of_a_gone_file() {
+    let env = TestEnv::new();
+    let (moto_a, moto_b) = (MotoServer::start(), MotoServer::start());
+    moto_a.create_bucket(BUCKET);
+    moto_b.create_bucket(BUCKET);
+    let config = two_providers(&env, &moto_a.endpoint(), &moto_b.endpoint());
+    let key = format!("{PREFIX}/x.png");
+    let etag_in = |moto: &MotoServer| {
+        let head = moto.head(BUCKET, &key)?;
+        Some(head.e_tag?.trim_matches('"').to_string())
+    };
+    let etag_of = |bytes: &[u8]| {
+        use md5::{Digest, Md5};
+        Some(hex::encode(Md5::digest(bytes)))
+    };
+    let (old, new) = (b"first version, to A", b"second version, to B");
+    offload_until(&env, &config(PROVIDER), "x.png", old, || {
+        etag_in(&moto_a) == etag_of(old)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    offload_until(&env, &config("second"), "x.png", new, || {
+        etag_in(&moto_b) == etag_of(new)
+    });
+
+    env.write_raw_config(&config(PROVIDER));
+    fs::remove_dir_all(env.state_dir.join("db")).unwrap();
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "both providers listed", || {
+        daemon.stderr().matches("rebuild finished").count() == 2
+    });
+    let located = env.locate("x.png");
+    let count = env.status()["uploaded_count"].clone();
+    let log = daemon.stop();
+    assert_eq!(
+        located,
+        (0, format!("{SECOND_PUBLIC_URL}/{PREFIX}/x.png")),
+        "the record names B, which holds the newer version: {log}"
+    );
+    assert_eq!(count, 1, "{log}");
+    assert_eq!(etag_in(&moto_b), etag_of(new), "B holds the newer bytes");
+    assert_eq!(etag_in(&moto_a), etag_of(old), "nothing was uploaded again");
 }
 
 /// A rebuild follows no symlink inside the root: an object whose path goes

@@ -1113,6 +1113,44 @@ impl Queue {
         Ok(true)
     }
 
+    /// Replaces a file's record `old` by `new` (a rebuild found a newer
+    /// object of the path), if the record is still `old`; the queue item
+    /// stays. Whether it was replaced.
+    pub fn replace_record(
+        &self,
+        key: &ItemKey,
+        old: &Record,
+        new: &Record,
+    ) -> Result<bool, StateError> {
+        let k = key.as_bytes();
+        let rec = encode_record(k, new);
+        self.write(|t| {
+            (&t.files, &t.meta)
+                .transaction(|(files, meta)| {
+                    let Some(current) = files.get(k)? else {
+                        return Ok(false);
+                    };
+                    if record_of(k, &current).as_ref() != Some(old) {
+                        return Ok(false);
+                    }
+                    let entry = Entry {
+                        record: Some(&rec),
+                        item: Entry::split(&current).and_then(|e| e.item),
+                    }
+                    .join()
+                    .expect("an entry with a record");
+                    files.insert(k, entry)?;
+                    add_u64(
+                        meta,
+                        META_UPLOADED_BYTES,
+                        new.size as i128 - old.size as i128,
+                    )?;
+                    Ok(true)
+                })
+                .map_err(tx_err)
+        })
+    }
+
     /// Waits until everything written so far is on disk; concurrent callers
     /// share one flush. A failed flush fails the queue (no delete follows).
     pub async fn durable(&self) -> Result<(), StateError> {

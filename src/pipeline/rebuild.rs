@@ -17,7 +17,11 @@
 //! back the records of what it holds and the local files no longer have (a
 //! file's record keeps the provider it was uploaded to), or that are proven
 //! equal; it never queues an upload or a delete. A key recorded by an earlier
-//! listing keeps that record.
+//! listing keeps that record, but for one whose local copy is gone: there
+//! the newest object wins, by LastModified across the providers listed (the
+//! restored record's upload time), so a later listing's strictly newer object
+//! takes the record; an object listed without a time never does, and a
+//! record of a real upload (one that read the file) is never replaced.
 //!
 //! Only keys that name a result count ([`Managed::path_of`]): the exact key
 //! of a path, not offloadd's own objects, not below a symlink. A local file
@@ -47,6 +51,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Multipart uploads older than this are ours to abort after state loss.
 const STALE_UPLOAD_MS: u64 = 24 * 3600 * 1000;
+
+/// The upload time of a restored record whose object was listed without a
+/// (readable) LastModified: older than any known one.
+const UNKNOWN_MODIFIED_MS: u64 = 0;
+
+/// Whether `record` was restored from a listing with its local copy gone
+/// (by this rebuild, or an earlier one that stopped: the database holds no
+/// other records of the file), which a newer object of the path listed later
+/// replaces. A record of a real upload names the file it read: never.
+fn restored_gone(record: &Record) -> bool {
+    record.local == Local::Deleted && !record.identity.was_seen()
+}
+
+/// Whether `o` is strictly newer than the object `record` names (whose
+/// LastModified is its `uploaded_ms`); an unknown time is never newer.
+fn newer(o: &Listed, record: &Record) -> bool {
+    o.modified_ms.is_some_and(|t| t > record.uploaded_ms)
+}
 
 /// Progress shown by `status` as "rebuilding n/m": objects checked of those
 /// listed so far.
@@ -154,7 +176,7 @@ fn judge(
         key: o.key.clone(),
         size: o.size,
         etag: o.etag.clone().unwrap_or_default(),
-        uploaded_ms: now_ms(),
+        uploaded_ms: o.modified_ms.unwrap_or(UNKNOWN_MODIFIED_MS),
         identity,
         local,
     };
@@ -265,9 +287,13 @@ pub async fn run(
                 continue;
             };
             let key = ItemKey::from_rel(&rel);
-            if queue.record(&key).ok().flatten().is_some() {
-                continue;
-            }
+            // A recorded path keeps its record, but for an older object
+            // restored with its local copy gone: the newest object wins.
+            let replaces = match queue.record(&key).ok().flatten() {
+                None => None,
+                Some(r) if restored_gone(&r) && newer(&o, &r) => Some(r),
+                Some(_) => continue,
+            };
             // A multipart object tells its part size on HEAD.
             let part_size = match o.etag.as_deref() {
                 Some(e) if e.contains('-') && rel.to_local(root.path()).is_file() => {
@@ -299,8 +325,13 @@ pub async fn run(
                     return Outcome::Stopped;
                 }
             }
-            let done = match verdict {
-                Verdict::Restore(record) => {
+            let done = match (verdict, replaces) {
+                // Replaced only while the local copy is still gone.
+                (Verdict::Restore(record), Some(old)) if record.local == Local::Deleted => {
+                    queue.replace_record(&key, &old, &record).map(|_| ())
+                }
+                (_, Some(_)) => Ok(()),
+                (Verdict::Restore(record), None) => {
                     let after = if record.local == Local::Present {
                         after
                     } else {
@@ -312,12 +343,12 @@ pub async fn run(
                         }
                     })
                 }
-                Verdict::Reupload(identity) if listing != Listing::Other => {
+                (Verdict::Reupload(identity), None) if listing != Listing::Other => {
                     progress.reupload.fetch_add(1, Ordering::Relaxed);
                     queue.admit(&key, &identity, Admit::Event).map(|_| ())
                 }
-                Verdict::Reupload(_) => Ok(()),
-                Verdict::Skip => Ok(()),
+                (Verdict::Reupload(_), None) => Ok(()),
+                (Verdict::Skip, None) => Ok(()),
             };
             if let Err(e) = done {
                 tracing::error!(error = %e, "rebuild stopped: {e}");
@@ -385,12 +416,14 @@ async fn abort_stale_uploads(store: &dyn Store, prefix: &str, managed: &Managed<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::remote::fake::FakeStore;
 
     fn listed(key: &str, size: u64, etag: Option<&str>) -> Listed {
         Listed {
             key: key.into(),
             size,
             etag: etag.map(str::to_string),
+            modified_ms: None,
         }
     }
 
@@ -479,7 +512,7 @@ mod tests {
     /// bucket), nor one for a path offloadd does not manage.
     #[tokio::test]
     async fn only_our_stale_uploads_are_aborted() {
-        use crate::remote::fake::{FakeStore, Op};
+        use crate::remote::fake::Op;
         use crate::remote::object_options::Rules as ObjectRules;
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
@@ -576,12 +609,129 @@ mod tests {
         ));
     }
 
+    /// Lists `stores` in turn, the first as the active provider, into `queue`.
+    async fn rebuild_from(stores: &[&FakeStore], root: &Path, state: &Path, queue: &Queue) {
+        let guard = RootGuard::new(root, state).unwrap();
+        let (_stop, mut shutdown) = crate::shutdown::Stop::new();
+        let rules = rules(root);
+        let managed = Managed {
+            rules: &rules,
+            mark_ns: 0,
+        };
+        for (i, store) in stores.iter().enumerate() {
+            let listing = match i {
+                0 => Listing::Active(Deletion::Keep),
+                _ => Listing::Other,
+            };
+            let outcome = run(
+                *store,
+                &guard,
+                queue,
+                listing,
+                &managed,
+                8 << 20,
+                &Progress::default(),
+                &mut shutdown,
+            )
+            .await;
+            assert_eq!(outcome, Outcome::Complete);
+        }
+    }
+
+    /// Puts `body` at `pre/{path}`, listed as last modified at `modified_ms`.
+    async fn put(store: &FakeStore, path: &str, body: &'static [u8], modified_ms: Option<u64>) {
+        use crate::remote::object_options::Rules;
+        let key = format!("pre/{path}");
+        let rel = RelPath::parse(path).unwrap();
+        let options = Rules::default().options_for(&rel, None, None);
+        let md5 = Md5::digest(body).into();
+        let body = bytes::Bytes::from_static(body);
+        store
+            .put(&ObjectKey::from_raw(key.clone()), body, md5, &options)
+            .await
+            .unwrap();
+        store.set_modified(&key, modified_ms);
+    }
+
+    /// A path whose local copy is gone gets the record of its newest object
+    /// (by LastModified) across the providers, whichever is listed first; an
+    /// object of unknown time, or of the same time, does not take a record
+    /// from another. A record of a real upload is never replaced.
+    #[tokio::test]
+    async fn the_newest_object_of_a_gone_file_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, state) = (dir.path().join("root"), dir.path().join("state"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        let (queue, _) = Queue::open(&state).unwrap();
+        let (a, b, c) = (
+            FakeStore::named("a"),
+            FakeStore::named("b"),
+            FakeStore::named("c"),
+        );
+        put(&a, "newer-on-b.png", b"old", Some(1_000)).await;
+        put(&b, "newer-on-b.png", b"newer", Some(2_000)).await;
+        put(&a, "older-on-b.png", b"newer", Some(2_000)).await;
+        put(&b, "older-on-b.png", b"old", Some(1_000)).await;
+        put(&a, "same-time.png", b"first", Some(1_000)).await;
+        put(&b, "same-time.png", b"second", Some(1_000)).await;
+        put(&a, "unknown-on-b.png", b"known", Some(1_000)).await;
+        put(&b, "unknown-on-b.png", b"unknown", None).await;
+        put(&a, "unknown-on-a.png", b"unknown", None).await;
+        put(&b, "unknown-on-a.png", b"known", Some(1_000)).await;
+        put(&b, "newest-on-c.png", b"old", Some(1_000)).await;
+        put(&c, "newest-on-c.png", b"newest", Some(3_000)).await;
+        put(&b, "uploaded.png", b"listed", Some(2_000)).await;
+        // Uploaded meanwhile, its local copy deleted since.
+        let seen = dir.path().join("seen");
+        std::fs::write(&seen, b"uploaded").unwrap();
+        let uploaded = Record {
+            provider: "a".into(),
+            key: "pre/uploaded.png".into(),
+            size: 8,
+            etag: hex::encode(Md5::digest(b"uploaded")),
+            uploaded_ms: 1,
+            identity: FileIdentity::of(&std::fs::metadata(&seen).unwrap()),
+            local: Local::Deleted,
+        };
+        let uploaded_key = ItemKey::from_rel(&RelPath::parse("uploaded.png").unwrap());
+        queue
+            .record_uploaded(&uploaded_key, &uploaded, AfterUpload::Finish)
+            .unwrap();
+
+        rebuild_from(&[&a, &b, &c], &root, &state, &queue).await;
+        let record = |path| {
+            let key = ItemKey::from_rel(&RelPath::parse(path).unwrap());
+            queue.record(&key).unwrap().unwrap()
+        };
+        for (path, provider, modified_ms) in [
+            ("newer-on-b.png", "b", 2_000),
+            ("older-on-b.png", "a", 2_000),
+            ("same-time.png", "a", 1_000),
+            ("unknown-on-b.png", "a", 1_000),
+            ("unknown-on-a.png", "b", 1_000),
+            ("newest-on-c.png", "c", 3_000),
+        ] {
+            let r = record(path);
+            assert_eq!(
+                (r.provider.as_str(), r.uploaded_ms, r.local),
+                (provider, modified_ms, Local::Deleted),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            record("newer-on-b.png").etag,
+            hex::encode(Md5::digest(b"newer"))
+        );
+        assert_eq!(record("uploaded.png"), uploaded);
+        assert_eq!(queue.uploaded().0, 7, "a record per path");
+    }
+
     /// A file missing because the whole root is gone says nothing: the
     /// listing stops, restores no "deleted" record, and runs again later.
     #[tokio::test]
     async fn a_root_gone_during_the_listing_restores_nothing() {
         use crate::keys::ObjectKey;
-        use crate::remote::fake::FakeStore;
         use crate::remote::object_options::Rules;
         let dir = tempfile::tempdir().unwrap();
         let (root, state) = (dir.path().join("root"), dir.path().join("state"));

@@ -745,6 +745,7 @@ impl Client {
                     key: self.listed_name(o.key, url)?,
                     size: o.size,
                     etag: o.e_tag.as_deref().map(normal_etag),
+                    modified_ms: store::parse_time_ms(&o.last_modified),
                 })
             })
             .collect::<Result<_, StorageError>>()?;
@@ -1264,6 +1265,8 @@ mod tests {
             ["pre/cr\rname.png", "pre/ctl\x01.png", "pre/sp ace.png"]
         );
         assert_eq!(token.as_deref(), Some("tok%2B/="));
+        // 2026-01-01T00:00:00.000Z, the LastModified each object is listed with.
+        assert_eq!(first[0].modified_ms, Some(1_767_225_600_000));
         let (second, token) = c.list_page("pre/", token).await.unwrap();
         assert_eq!(
             keys_of(&second),

@@ -1,7 +1,7 @@
 //! An in-memory [`Store`] for the pipeline's unit tests: objects in a map,
 //! MD5 ETags as S3 computes them, every request logged, a script that can
-//! fail any request, answers that can misreport an object's ETag, and probes
-//! whose answer can be held back.
+//! fail any request, answers that can misreport an object's ETag, probes
+//! whose answer can be held back, and LastModified times that can be set.
 
 use crate::keys::ObjectKey;
 use crate::remote::error::{classify, Answer, ErrorClass, Request, StorageError};
@@ -35,8 +35,26 @@ pub struct Req {
 
 type Script = Box<dyn FnMut(&Req) -> Option<StorageError> + Send>;
 
-/// An object: its bytes, ETag and recorded part size.
-type Object = (Vec<u8>, String, Option<u64>);
+/// An object as the fake holds it.
+struct Object {
+    body: Vec<u8>,
+    etag: String,
+    /// The recorded part size of a multipart object.
+    part_size: Option<u64>,
+    /// LastModified as listed (Unix ms): when it was written, unless set.
+    modified_ms: Option<u64>,
+}
+
+impl Object {
+    fn new(body: Vec<u8>, etag: String, part_size: Option<u64>) -> Object {
+        Object {
+            body,
+            etag,
+            part_size,
+            modified_ms: Some(crate::statedir::now_ms()),
+        }
+    }
+}
 
 #[derive(Default)]
 struct Upload {
@@ -117,8 +135,16 @@ fn checked_etag(body: &[u8], md5: [u8; 16]) -> Result<String, StorageError> {
 
 impl FakeStore {
     pub fn new() -> FakeStore {
+        FakeStore::named("fake")
+    }
+
+    /// A store of [`provider`] under another name.
+    pub fn named(name: &str) -> FakeStore {
         FakeStore {
-            provider: provider(),
+            provider: Resolved {
+                name: name.into(),
+                ..provider()
+            },
             objects: Mutex::new(HashMap::new()),
             uploads: Mutex::new(HashMap::new()),
             log: Mutex::new(Vec::new()),
@@ -167,7 +193,19 @@ impl FakeStore {
     }
 
     pub fn object(&self, key: &str) -> Option<Vec<u8>> {
-        self.objects.lock().unwrap().get(key).map(|o| o.0.clone())
+        self.objects
+            .lock()
+            .unwrap()
+            .get(key)
+            .map(|o| o.body.clone())
+    }
+
+    /// The LastModified the object `key` is listed with (`None`: none, as a
+    /// server that leaves it out or sends one that does not parse).
+    pub fn set_modified(&self, key: &str, modified_ms: Option<u64>) {
+        if let Some(o) = self.objects.lock().unwrap().get_mut(key) {
+            o.modified_ms = modified_ms;
+        }
     }
 
     fn enter(&self, op: Op, key: &str) -> Result<(), StorageError> {
@@ -208,7 +246,7 @@ impl Store for FakeStore {
             self.objects
                 .lock()
                 .unwrap()
-                .insert(key.as_str().into(), (body.to_vec(), etag, None));
+                .insert(key.as_str().into(), Object::new(body.to_vec(), etag, None));
             Ok(Some(answer))
         })
     }
@@ -281,7 +319,7 @@ impl Store for FakeStore {
             self.objects
                 .lock()
                 .unwrap()
-                .insert(up.key, (all, etag, part_size));
+                .insert(up.key, Object::new(all, etag, part_size));
             Ok(Some(answer))
         })
     }
@@ -302,11 +340,11 @@ impl Store for FakeStore {
                 .lock()
                 .unwrap()
                 .get(key.as_str())
-                .map(|(b, etag, part_size)| Head {
-                    size: Some(b.len() as u64),
-                    etag: Some(self.answer(Op::Head, etag)),
+                .map(|o| Head {
+                    size: Some(o.body.len() as u64),
+                    etag: Some(self.answer(Op::Head, &o.etag)),
                     content_type: None,
-                    part_size: *part_size,
+                    part_size: o.part_size,
                 }))
         })
     }
@@ -324,10 +362,11 @@ impl Store for FakeStore {
                 .unwrap()
                 .iter()
                 .filter(|(k, _)| k.starts_with(prefix))
-                .map(|(k, (b, etag, _))| Listed {
+                .map(|(k, o)| Listed {
                     key: k.clone(),
-                    size: b.len() as u64,
-                    etag: Some(etag.clone()),
+                    size: o.body.len() as u64,
+                    etag: Some(o.etag.clone()),
+                    modified_ms: o.modified_ms,
                 })
                 .collect();
             v.sort_by(|a, b| a.key.cmp(&b.key));

@@ -44,6 +44,8 @@ pub struct Listed {
     pub size: u64,
     /// Quotes stripped, lower case.
     pub etag: Option<String>,
+    /// Its LastModified as Unix ms, when the server gave one that parses.
+    pub modified_ms: Option<u64>,
 }
 
 /// A multipart upload in progress, found by listing.
