@@ -30,7 +30,7 @@ use crate::pipeline::queue::{
 };
 use crate::pipeline::root::{RootGuard, RootStatus};
 use crate::pipeline::upload::{self, AbortOutcome, Uploader};
-use crate::pipeline::worker::{delete_due_ms, Lane, Outcome, Worker};
+use crate::pipeline::worker::{delete_due_ms, Delivery, Lane, Outcome, Worker};
 use crate::remote::error::{ErrorClass, StorageError};
 use crate::remote::store::Probe;
 use crate::shutdown::Shutdown;
@@ -988,11 +988,12 @@ impl Scheduler {
 
     fn complete(&mut self, key: ItemKey, outcome: Outcome, flight: Flight) {
         match outcome {
-            Outcome::Uploaded { then } => {
+            Outcome::Uploaded { then, delivery } => {
                 self.live.update(|s| s.failed.remove(&key));
                 // An upload to the provider before a switch says nothing
-                // of the active one.
-                if self.health.is_current(flight.started) {
+                // of the active one; nor does an object found to hold the
+                // bytes already, which took a HEAD, not a write.
+                if delivery == Delivery::Sent && self.health.is_current(flight.started) {
                     let change = self.health.upload_succeeded(Instant::now());
                     self.health_changed(change);
                     // It answers for the probe the items awaiting a verdict
@@ -1045,8 +1046,6 @@ impl Scheduler {
         }
     }
 
-    /// Puts an item back as the queue has it: into its lane, or, parked, into
-    /// the list `status` and `retry --all` show.
     /// Ends a [`Command::Hold`].
     fn release(&mut self, key: &ItemKey) {
         self.held.remove(key);
@@ -1056,6 +1055,8 @@ impl Scheduler {
         self.recheck_if_asked(key);
     }
 
+    /// Puts an item back as the queue has it: into its lane, or, parked, into
+    /// the list `status` and `retry --all` show.
     fn reinsert_from_queue(&mut self, key: &ItemKey) {
         let Ok(Some(item)) = self.queue.item(key) else {
             return;
@@ -1484,6 +1485,11 @@ impl Scheduler {
                 if self.busy(&key) {
                     let _ = reply.send(Err(format!(
                         "{key} is being uploaded right now; try again in a few seconds"
+                    )));
+                } else if self.held.contains(&key) {
+                    // The first one's release would end this one's hold too.
+                    let _ = reply.send(Err(format!(
+                        "another `offloadd delete` of {key} is in progress; try again once it is done"
                     )));
                 } else {
                     self.lanes.remove(&key);

@@ -243,6 +243,14 @@ fn local_read_error(abs: &Path, e: &std::io::Error) -> UploadError {
 }
 
 /// Sends files within the memory budget and the bandwidth limit.
+/// Files hashed at once to compare them with an object
+/// ([`Uploader::already_held`], [`Uploader::already_there`]): each takes a
+/// 256 KiB block buffer outside `memory_limit`, and a blocking thread, so a
+/// `chmod -R` over thousands of files takes 1 MiB and 4 threads, not one of
+/// each per worker.
+const HASHED_AT_ONCE: usize = 4;
+static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(HASHED_AT_ONCE);
+
 pub struct Uploader {
     pub budget: Budget,
     pub pacer: Pacer,
@@ -589,6 +597,7 @@ impl Uploader {
         // Each part hashed is a step for the watchdog: a huge file takes
         // longer to read than the time allowed between two steps.
         let progress = self.progress.clone();
+        let _turn = HASHING.acquire().await.expect("never closed");
         let computed = tokio::task::spawn_blocking(move || {
             let step = || progress.step(crate::statedir::now_ms());
             composite_etag_stepping(&reader, identity.size, part_size, step)
@@ -648,6 +657,7 @@ impl Uploader {
             return Err(UploadError::Changed);
         }
         let (abs, progress) = (job.abs.to_path_buf(), self.progress.clone());
+        let _turn = HASHING.acquire().await.expect("never closed");
         let computed = tokio::task::spawn_blocking(move || {
             let step = || progress.step(crate::statedir::now_ms());
             let computed = match part_size {

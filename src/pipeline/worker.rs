@@ -57,7 +57,7 @@ pub fn delete_due_ms(identity: &FileIdentity, min_age: Duration) -> u64 {
 
 /// How the bytes of an upload came to be in the bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Delivery {
+pub enum Delivery {
     /// Sent now.
     Sent,
     /// Already there: only the file's ctime changed since its recorded
@@ -71,7 +71,13 @@ pub enum Outcome {
     /// Uploaded, verified and durably recorded; `then`: when (Unix ms) and in
     /// which lane the item comes back: its delete waits, or the file changed
     /// since and goes again.
-    Uploaded { then: Option<(Lane, u64)> },
+    /// `delivery`: whether a body was sent, which proves the provider
+    /// accepts writes, or the object already held the bytes (a HEAD, which
+    /// proves only that it reads).
+    Uploaded {
+        then: Option<(Lane, u64)>,
+        delivery: Delivery,
+    },
     /// The item left the queue without an upload: deleted locally, kept,
     /// dropped because the file vanished, or its delete was cancelled.
     Settled,
@@ -357,7 +363,10 @@ impl Worker {
         }
         failpoint::hit(failpoint::AFTER_RECORD_BEFORE_DELETE);
         if verified.next() == AfterUpload::Finish {
-            return Outcome::Uploaded { then: None };
+            return Outcome::Uploaded {
+                then: None,
+                delivery,
+            };
         }
         let then = match self.delete(key).await {
             Outcome::Later { due_ms, lane } => Some((lane, due_ms)),
@@ -367,7 +376,7 @@ impl Worker {
             }
             _ => None,
         };
-        Outcome::Uploaded { then }
+        Outcome::Uploaded { then, delivery }
     }
 
     /// Deletes the local copy of an uploaded file if every rule holds now.
