@@ -184,7 +184,8 @@ pub async fn run(
         let config = &settings.config;
         // The active provider first, then the others; every listing must go
         // through, or the next start rebuilds again (what was restored
-        // stays; restore skips recorded keys). A provider that cannot be
+        // stays, but for a gone file's record a newer version replaces). A
+        // provider that cannot be
         // used was named when the settings were built.
         let listings = std::iter::once((store, rebuild::Listing::Active(settings.plan.deletion())))
             .chain(
@@ -234,10 +235,9 @@ pub async fn run(
                     }
                     rebuild::Outcome::Stopped => outcome = rebuild::Outcome::Stopped,
                 }
-                // The others only fill what the active provider does not
-                // hold: listed before it, an older object of the same path
-                // elsewhere would take the record, and keep it (restore
-                // skips recorded paths) once the active one lists.
+                // The others only after the active one: for a path whose
+                // local copy is still there, the first listing's record
+                // stays, and an older object elsewhere must not be first.
                 if listing != rebuild::Listing::Other && outcome != rebuild::Outcome::Complete {
                     break;
                 }
@@ -603,7 +603,7 @@ impl EarlierPlaces {
     fn load(state_dir: &Path) -> EarlierPlaces {
         let (history, trouble) = prefix_history::History::load(state_dir);
         if let Some(why) = trouble {
-            tracing::warn!("{why}; offloadd starts that history afresh, so a prefix nesting with one used before is not warned about until it is used again");
+            tracing::warn!("{why}");
         }
         EarlierPlaces {
             history,

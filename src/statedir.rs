@@ -399,6 +399,17 @@ pub mod prefix_history {
         path: PathBuf,
         /// Oldest first.
         used: Vec<KeySpace>,
+        kept: Kept,
+    }
+
+    /// Where a [`History`] keeps what it is told.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Kept {
+        /// In its file too.
+        InFile,
+        /// In memory only: the file could not be read, and a write would
+        /// replace the places it holds.
+        InMemory,
     }
 
     impl History {
@@ -406,23 +417,38 @@ pub mod prefix_history {
         /// file could not be read if it could not (an empty one then).
         pub fn load(state_dir: &Path) -> (History, Option<String>) {
             let path = path(state_dir);
-            let (used, trouble) = match std::fs::read(&path) {
+            const UNTIL: &str =
+                "a prefix nesting with one used before is not warned about until it is used again";
+            let (used, trouble, kept) = match std::fs::read(&path) {
                 Ok(bytes) => match serde_json::from_slice::<Vec<KeySpace>>(&bytes) {
-                    Ok(used) => (used, None),
+                    Ok(used) => (used, None, Kept::InFile),
                     Err(e) => (
                         Vec::new(),
-                        Some(format!("{} is damaged ({e})", path.display())),
+                        Some(format!(
+                            "{} is damaged ({e}); offloadd starts it afresh, so {UNTIL}",
+                            path.display()
+                        )),
+                        Kept::InFile,
                     ),
                 },
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), None),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    (Vec::new(), None, Kept::InFile)
+                }
+                // Left as it is (its places may come back once it can be
+                // read): this run remembers its own in memory only.
                 Err(e) => (
                     Vec::new(),
-                    Some(format!("cannot read {}: {e}", path.display())),
+                    Some(format!(
+                        "cannot read {}: {e}; offloadd leaves it as it is and remembers this run's prefixes in memory only, so {UNTIL}",
+                        path.display()
+                    )),
+                    Kept::InMemory,
                 ),
             };
             let mut history = History {
                 path,
                 used: Vec::new(),
+                kept,
             };
             // A file edited by hand may repeat a place or hold too many.
             for space in used {
@@ -452,6 +478,9 @@ pub mod prefix_history {
                 return Ok(());
             }
             self.add(now);
+            if self.kept == Kept::InMemory {
+                return Ok(());
+            }
             let json = serde_json::to_vec_pretty(&self.used).expect("places serialize");
             write_atomically(&self.path, &json)
         }
@@ -770,7 +799,9 @@ mod tests {
     }
 
     /// The history is advisory: a damaged or unreadable file is an empty
-    /// history and a reason, and the next write replaces it.
+    /// history and a reason. The next write replaces a damaged file; one
+    /// that cannot be read is left as it is (its places may be read again
+    /// later), and the history is kept in memory.
     #[test]
     fn a_damaged_prefix_history_is_an_empty_one() {
         use prefix_history::History;
@@ -787,8 +818,16 @@ mod tests {
 
         std::fs::remove_file(&path).unwrap();
         std::fs::create_dir(&path).unwrap();
-        let (h, trouble) = History::load(dir.path());
+        std::fs::write(path.join("inside"), b"x").unwrap();
+        let (mut h, trouble) = History::load(dir.path());
         assert!(h.used().is_empty());
         assert!(trouble.unwrap().starts_with("cannot read "));
+        h.record(place("m", "pre/sub")).unwrap();
+        assert_eq!(
+            h.nesting_with(&place("m", "pre")).count(),
+            1,
+            "kept in memory"
+        );
+        assert!(path.join("inside").exists(), "left as it is");
     }
 }

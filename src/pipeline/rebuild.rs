@@ -18,10 +18,11 @@
 //! file's record keeps the provider it was uploaded to), or that are proven
 //! equal; it never queues an upload or a delete. A key recorded by an earlier
 //! listing keeps that record, but for one whose local copy is gone: there
-//! the newest object wins, by LastModified across the providers listed (the
+//! the newest version wins, by LastModified across the providers listed (the
 //! restored record's upload time), so a later listing's strictly newer object
-//! takes the record; an object listed without a time never does, and a
-//! record of a real upload (one that read the file) is never replaced.
+//! of other bytes (size or ETag) takes the record; a later copy of the same
+//! bytes does not, nor does a time unknown on either side, and a record of a
+//! real upload (one that read the file) is never replaced.
 //!
 //! Only keys that name a result count ([`Managed::path_of`]): the exact key
 //! of a path, not offloadd's own objects, not below a symlink. A local file
@@ -64,10 +65,17 @@ fn restored_gone(record: &Record) -> bool {
     record.local == Local::Deleted && !record.identity.was_seen()
 }
 
-/// Whether `o` is strictly newer than the object `record` names (whose
-/// LastModified is its `uploaded_ms`); an unknown time is never newer.
+/// Whether `o` is another version of the file than the object `record`
+/// names (another size or ETag) and strictly newer (LastModified, which is
+/// the record's `uploaded_ms`). An unknown time on either side says nothing,
+/// and a copy of the same bytes made later (replication, `rclone copy` to a
+/// backup bucket) is no newer version: the record listed first (the active
+/// provider's) stays.
 fn newer(o: &Listed, record: &Record) -> bool {
-    o.modified_ms.is_some_and(|t| t > record.uploaded_ms)
+    let other_version = o.size != record.size || o.etag.as_deref() != Some(record.etag.as_str());
+    other_version
+        && record.uploaded_ms != UNKNOWN_MODIFIED_MS
+        && o.modified_ms.is_some_and(|t| t > record.uploaded_ms)
 }
 
 /// Progress shown by `status` as "rebuilding n/m": objects checked of those
@@ -655,8 +663,9 @@ mod tests {
 
     /// A path whose local copy is gone gets the record of its newest object
     /// (by LastModified) across the providers, whichever is listed first; an
-    /// object of unknown time, or of the same time, does not take a record
-    /// from another. A record of a real upload is never replaced.
+    /// object of unknown time, of the same time, or a later copy of the same
+    /// bytes, does not take a record from another, nor is a record of unknown
+    /// time taken. A record of a real upload is never replaced.
     #[tokio::test]
     async fn the_newest_object_of_a_gone_file_wins() {
         let dir = tempfile::tempdir().unwrap();
@@ -682,6 +691,8 @@ mod tests {
         put(&b, "newest-on-c.png", b"old", Some(1_000)).await;
         put(&c, "newest-on-c.png", b"newest", Some(3_000)).await;
         put(&b, "uploaded.png", b"listed", Some(2_000)).await;
+        put(&a, "copied-to-b.png", b"same", Some(1_000)).await;
+        put(&b, "copied-to-b.png", b"same", Some(2_000)).await;
         // Uploaded meanwhile, its local copy deleted since.
         let seen = dir.path().join("seen");
         std::fs::write(&seen, b"uploaded").unwrap();
@@ -709,7 +720,8 @@ mod tests {
             ("older-on-b.png", "a", 2_000),
             ("same-time.png", "a", 1_000),
             ("unknown-on-b.png", "a", 1_000),
-            ("unknown-on-a.png", "b", 1_000),
+            ("unknown-on-a.png", "a", 0),
+            ("copied-to-b.png", "a", 1_000),
             ("newest-on-c.png", "c", 3_000),
         ] {
             let r = record(path);
@@ -724,7 +736,7 @@ mod tests {
             hex::encode(Md5::digest(b"newer"))
         );
         assert_eq!(record("uploaded.png"), uploaded);
-        assert_eq!(queue.uploaded().0, 7, "a record per path");
+        assert_eq!(queue.uploaded().0, 8, "a record per path");
     }
 
     /// A file missing because the whole root is gone says nothing: the
