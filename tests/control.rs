@@ -414,6 +414,15 @@ fn chattr(flag: &str, path: &std::path::Path) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Clears the immutable flag of its path when dropped.
+struct Unchattr(std::path::PathBuf);
+
+impl Drop for Unchattr {
+    fn drop(&mut self) {
+        chattr("-i", &self.0);
+    }
+}
+
 /// A local copy that cannot be removed once its object is gone (an
 /// immutable file: nothing tells beforehand) loses its record too, and the
 /// operator is told: the record used to stay, naming a missing object, so
@@ -437,8 +446,11 @@ fn delete_through_forgets_the_record_when_only_the_object_could_go() {
         return;
     }
 
+    // Cleared however the test ends: an immutable file outlives its
+    // temporary folder.
+    let mutable_again = Unchattr(local.clone());
     let (code, out, err) = env.cli(&["delete", "x/stuck.jpg"]);
-    chattr("-i", &local);
+    drop(mutable_again);
     assert_eq!(code, 1, "{out}{err}");
     assert_eq!(out, "");
     assert_eq!(

@@ -31,24 +31,16 @@ fn chmod(path: &Path, mode: u32) {
 /// PUTs `body` to `rel`'s key through the S3 API, as another writer of the
 /// bucket would.
 fn put_object(s3: &S3Server, rel: &str, body: &[u8]) {
-    let region = s3::Region::Custom {
-        region: "us-east-1".into(),
-        endpoint: s3.endpoint(),
-    };
-    let creds =
-        s3::creds::Credentials::new(Some(&s3.access_key), Some(&s3.secret_key), None, None, None)
-            .unwrap();
-    let bucket = s3::Bucket::new(BUCKET, region, creds)
-        .unwrap()
-        .with_path_style();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let answer = rt
-        .block_on(bucket.put_object(format!("{PREFIX}/{rel}"), body))
-        .expect("PUT object");
-    assert_eq!(answer.status_code(), 200);
+    let key = format!("{PREFIX}/{rel}");
+    let status = common::put_object(
+        &s3.endpoint(),
+        &s3.access_key,
+        &s3.secret_key,
+        BUCKET,
+        &key,
+        body,
+    );
+    assert_eq!(status, 200);
 }
 
 fn wait_uploaded_line(daemon: &Daemon, rel: &str) {

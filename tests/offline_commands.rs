@@ -8,7 +8,6 @@ mod common;
 use common::*;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const NOBODY: u32 = 65534;
@@ -119,21 +118,7 @@ fn a_group_member_is_told_to_run_the_command_as_root_or_the_service_user() {
     daemon.stop();
     mode(&env.config_path, 0o644);
     // uid 65533, in the service's group (nobody's, 65534) only.
-    let as_member = |args: &[&str]| {
-        let out = Command::new("setpriv")
-            .args(["--reuid=65533", "--regid=65534", "--clear-groups"])
-            .arg(bin_path())
-            .arg("--config")
-            .arg(&env.config_path)
-            .args(args)
-            .output()
-            .expect("run setpriv");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let as_member = |args: &[&str]| output_of(offloadd_as(&env, 65533, 65534).args(args));
     let expected = format!(
         "offloadd: offloadd is not running (nothing answers on its control socket) and this user may not open its state in {} (Permission denied (os error 13)); run the command as root or as the service user\n",
         env.state_dir.display()

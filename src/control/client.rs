@@ -367,16 +367,19 @@ pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
         .finish();
     }
     let running = matches!(probe, Ok(Some(_)));
-    // The walk too: as the service user, it reads what the service reads.
+    // The walk needs no state, and goes with the caller's rights: root may
+    // read what the service reads through groups its unit adds
+    // (`SupplementaryGroups=`), which the state's owner alone lacks. A file
+    // the service cannot read is parked by it with the reason.
+    let (keys, unread) = match backfill_candidates(config, mark) {
+        Ok(found) => found,
+        Err(e) => return Reply::fail(78, err_line(e)).finish(),
+    };
     if !running {
         if let Err(r) = as_state_owner(config) {
             return r.finish();
         }
     }
-    let (keys, unread) = match backfill_candidates(config, mark) {
-        Ok(found) => found,
-        Err(e) => return Reply::fail(78, err_line(e)).finish(),
-    };
     // The summary, and exit 1 when something could not be read.
     let summary = |text: String| match unread.sentence() {
         None => Reply::ok(line(text)),
@@ -390,6 +393,12 @@ pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
             Ok(Offline::Done { queued, considered }) => summary(format!(
                 "backfill: {queued} of {considered} file(s) queued; they upload when offloadd runs (run it again to resume)"
             )),
+            Ok(Offline::DaemonStarted { queued }) if dry_run => Reply::fail(
+                1,
+                err_line(format!(
+                    "offloadd started while the dry run ran ({queued} file(s) would have been queued by then); run backfill --dry-run again to ask the daemon"
+                )),
+            ),
             Ok(Offline::DaemonStarted { queued }) => Reply::fail(
                 1,
                 err_line(format!(
@@ -469,6 +478,11 @@ fn backfill_offline(
         if next > 0 {
             std::thread::sleep(LET_GO);
         }
+        // At least one file a hold, however slow the open.
+        let first = next;
+        // The hold counts from before the open: opening a large database
+        // takes a while, and a daemon waiting meanwhile waits that too.
+        let until = Instant::now() + HOLD;
         let (lock, queue) = match open_state(config) {
             Ok(x) => x,
             Err(StateError::AlreadyRunning { .. }) => {
@@ -477,8 +491,7 @@ fn backfill_offline(
             }
             Err(e) => return Err(Reply::fail(1, err_line(e.for_command()))),
         };
-        let until = Instant::now() + HOLD;
-        while next < keys.len() && Instant::now() < until {
+        while next < keys.len() && (Instant::now() < until || next == first) {
             let (k, id) = &keys[next];
             next += 1;
             bar.inc(1);

@@ -182,7 +182,16 @@ async fn serve_one(stream: UnixStream, h: Handle) {
     };
     let mut bytes = serde_json::to_vec(&reply).expect("reply serializes");
     bytes.push(b'\n');
-    let _ = write.write_all(&bytes).await;
+    if write.write_all(&bytes).await.is_err() {
+        // The caller left (Ctrl-C, its timeout): what was done is not lost
+        // with the answer (a delete-through runs to its end).
+        let said = format!("{}{}", reply.out, reply.err);
+        tracing::info!(
+            "a command's caller left before its answer (exit {}): {}",
+            reply.exit,
+            said.trim_end().replace('\n', "; ")
+        );
+    }
 }
 
 /// The refusal of a request meant for another instance (its config names

@@ -1048,7 +1048,12 @@ fn redirect_target(location: &str) -> String {
                 None => host.to_string(),
             }
         }
+        // A relative or odd one: its path only (a presigned query would
+        // carry the access key id).
         _ => location
+            .split(['?', '#'])
+            .next()
+            .unwrap_or_default()
             .chars()
             .filter(|c| !c.is_control() && !matches!(c, '<' | '>'))
             .take(100)

@@ -87,12 +87,29 @@ pub fn require(available: bool, what: &str) -> bool {
 /// `offloadd --config <env's config>` run as `nobody` (uid and gid 65534, no
 /// other groups) through `setpriv`: add the command and its arguments.
 pub fn offloadd_as_nobody(env: &TestEnv) -> Command {
+    offloadd_as(env, 65534, 65534)
+}
+
+/// `offloadd --config <config>` run as `uid` with only the group `gid`.
+pub fn offloadd_as(env: &TestEnv, uid: u32, gid: u32) -> Command {
     let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+    cmd.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
         .arg(bin_path())
         .arg("--config")
         .arg(&env.config_path);
     cmd
+}
+
+/// The exit code, stdout and stderr of `cmd`.
+pub fn output_of(cmd: &mut Command) -> (Option<i32>, String, String) {
+    let out = cmd.output().expect("run the command");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Lets `nobody` reach the env's folder (the socket's, the state_dir's
@@ -104,15 +121,7 @@ pub fn offloadd_as_nobody_output(env: &TestEnv, args: &[&str]) -> (Option<i32>, 
         let mode = if p.is_dir() { 0o755 } else { 0o644 };
         fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
     }
-    let out = offloadd_as_nobody(env)
-        .args(args)
-        .output()
-        .expect("run setpriv");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    output_of(offloadd_as_nobody(env).args(args))
 }
 
 /// Whether this process runs as root.
@@ -521,20 +530,49 @@ pub fn head_object(
     bucket: &str,
     key: &str,
 ) -> Result<(s3::serde_types::HeadObjectResult, u16), s3::error::S3Error> {
+    let b = path_style_bucket(endpoint, access_key, secret_key, bucket);
+    block_on(b.head_object(key))
+}
+
+/// PUTs `body` at `bucket/key` through rust-s3, signed, as another writer of
+/// the bucket would; the HTTP status.
+pub fn put_object(
+    endpoint: &str,
+    access_key: &str,
+    secret_key: &str,
+    bucket: &str,
+    key: &str,
+    body: &[u8],
+) -> u16 {
+    let b = path_style_bucket(endpoint, access_key, secret_key, bucket);
+    block_on(b.put_object(key, body))
+        .expect("PUT object")
+        .status_code()
+}
+
+fn path_style_bucket(
+    endpoint: &str,
+    access_key: &str,
+    secret_key: &str,
+    bucket: &str,
+) -> Box<s3::Bucket> {
     let region = s3::Region::Custom {
         region: "us-east-1".into(),
         endpoint: endpoint.to_string(),
     };
     let creds =
         s3::creds::Credentials::new(Some(access_key), Some(secret_key), None, None, None).unwrap();
-    let b = s3::Bucket::new(bucket, region, creds)
+    s3::Bucket::new(bucket, region, creds)
         .unwrap()
-        .with_path_style();
-    let rt = tokio::runtime::Builder::new_current_thread()
+        .with_path_style()
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap();
-    rt.block_on(b.head_object(key))
+        .unwrap()
+        .block_on(f)
 }
 
 impl Drop for S3Server {
