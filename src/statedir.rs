@@ -393,7 +393,8 @@ pub mod prefix_history {
     }
 
     /// See the module docs. Held in memory by the daemon, which writes it
-    /// through on each change.
+    /// through on each change (unless the file could not be read: see
+    /// [`History::load`]).
     #[derive(Debug)]
     pub struct History {
         path: PathBuf,
@@ -471,7 +472,8 @@ pub mod prefix_history {
         }
 
         /// Makes `now` the latest place used, in memory and durably in the
-        /// file (unless it is the latest already). In memory even if the
+        /// file (unless it is the latest already, or the file could not be
+        /// read at load, when it is left as it is). In memory even if the
         /// write fails.
         pub fn record(&mut self, now: KeySpace) -> std::io::Result<()> {
             if self.used.last() == Some(&now) {

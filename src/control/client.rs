@@ -445,6 +445,10 @@ pub fn backfill(config: &Config, dry_run: bool) -> ExitCode {
 /// instead of giving up (and systemd after it).
 const HOLD: Duration = Duration::from_secs(1);
 
+/// The least work an offline backfill does in a hold after the database
+/// opened.
+const MIN_BATCH: Duration = Duration::from_millis(250);
+
 /// Longer than a waiting daemon's poll of the lock (50 ms).
 const LET_GO: Duration = Duration::from_millis(200);
 
@@ -478,11 +482,11 @@ fn backfill_offline(
         if next > 0 {
             std::thread::sleep(LET_GO);
         }
-        // At least one file a hold, however slow the open.
-        let first = next;
-        // The hold counts from before the open: opening a large database
-        // takes a while, and a daemon waiting meanwhile waits that too.
-        let until = Instant::now() + HOLD;
+        // The hold counts from before the open (a large database takes a
+        // while to open, and a daemon waiting meanwhile waits that too),
+        // but leaves at least `MIN_BATCH` of work after it, however slow
+        // the open.
+        let began = Instant::now();
         let (lock, queue) = match open_state(config) {
             Ok(x) => x,
             Err(StateError::AlreadyRunning { .. }) => {
@@ -491,7 +495,8 @@ fn backfill_offline(
             }
             Err(e) => return Err(Reply::fail(1, err_line(e.for_command()))),
         };
-        while next < keys.len() && (Instant::now() < until || next == first) {
+        let until = (began + HOLD).max(Instant::now() + MIN_BATCH);
+        while next < keys.len() && Instant::now() < until {
             let (k, id) = &keys[next];
             next += 1;
             bar.inc(1);

@@ -37,6 +37,21 @@ pub enum Request {
 }
 
 impl Request {
+    /// What it is called in a log line; `Some` only for a request that
+    /// changes something (a delete-through, a retry, a backfill that is no
+    /// dry run), whose outcome is logged if its caller is gone.
+    pub fn changes(&self) -> Option<&'static str> {
+        match self {
+            Request::Delete { .. } => Some("delete"),
+            Request::Retry { .. } => Some("retry"),
+            Request::Enqueue { dry_run: false, .. } => Some("backfill"),
+            Request::Enqueue { dry_run: true, .. }
+            | Request::Status { .. }
+            | Request::Locate { .. }
+            | Request::TestConnection { .. } => None,
+        }
+    }
+
     /// How long the CLI waits for the answer: a delete-through, a backfill
     /// batch and a connection test talk to the bucket meanwhile.
     pub fn patience(&self) -> std::time::Duration {

@@ -161,6 +161,7 @@ async fn serve_one(stream: UnixStream, h: Handle) {
         read: lines.into_inner().into_inner().into_inner(),
         gone: false,
     };
+    let mut changes = None;
     let reply = if !permitted {
         Reply::fail(
             1,
@@ -170,7 +171,10 @@ async fn serve_one(stream: UnixStream, h: Handle) {
         match serde_json::from_str::<Envelope>(&request) {
             Ok(env) => match other_instance(&env, &h) {
                 Some(refusal) => refusal,
-                None => answer(env.request, &h, &mut caller).await,
+                None => {
+                    changes = env.request.changes();
+                    answer(env.request, &h, &mut caller).await
+                }
             },
             Err(e) => Reply::fail(
                 2,
@@ -182,14 +186,20 @@ async fn serve_one(stream: UnixStream, h: Handle) {
     };
     let mut bytes = serde_json::to_vec(&reply).expect("reply serializes");
     bytes.push(b'\n');
-    if write.write_all(&bytes).await.is_err() {
-        // The caller left (Ctrl-C, its timeout): what was done is not lost
-        // with the answer (a delete-through runs to its end).
+    if let (Err(_), Some(command)) = (write.write_all(&bytes).await, changes) {
+        // The caller left (Ctrl-C, its timeout): what a command that
+        // changes something did is not lost with the answer (a
+        // delete-through runs to its end).
         let said = format!("{}{}", reply.out, reply.err);
+        let said: String = said
+            .trim_end()
+            .replace('\n', "; ")
+            .chars()
+            .take(500)
+            .collect();
         tracing::info!(
-            "a command's caller left before its answer (exit {}): {}",
+            "the caller of `offloadd {command}` left before its answer (exit {}): {said}",
             reply.exit,
-            said.trim_end().replace('\n', "; ")
         );
     }
 }

@@ -20,9 +20,11 @@
 //! listing keeps that record, but for one whose local copy is gone: there
 //! the newest version wins, by LastModified across the providers listed (the
 //! restored record's upload time), so a later listing's strictly newer object
-//! of other bytes (size or ETag) takes the record; a later copy of the same
-//! bytes does not, nor does a time unknown on either side, and a record of a
-//! real upload (one that read the file) is never replaced.
+//! of other bytes (size, or an ETag of the same form) takes the record; a
+//! later copy of the same bytes does not (nor one of the same size whose
+//! ETag has another form: a copy by another tool cuts other parts), nor does
+//! a time unknown on either side, and a record of a real upload (one that
+//! read the file) is never replaced.
 //!
 //! Only keys that name a result count ([`Managed::path_of`]): the exact key
 //! of a path, not offloadd's own objects, not below a symlink. A local file
@@ -66,16 +68,31 @@ fn restored_gone(record: &Record) -> bool {
 }
 
 /// Whether `o` is another version of the file than the object `record`
-/// names (another size or ETag) and strictly newer (LastModified, which is
+/// names ([`other_version`]) and strictly newer (LastModified, which is
 /// the record's `uploaded_ms`). An unknown time on either side says nothing,
 /// and a copy of the same bytes made later (replication, `rclone copy` to a
 /// backup bucket) is no newer version: the record listed first (the active
 /// provider's) stays.
 fn newer(o: &Listed, record: &Record) -> bool {
-    let other_version = o.size != record.size || o.etag.as_deref() != Some(record.etag.as_str());
-    other_version
+    other_version(o, record)
         && record.uploaded_ms != UNKNOWN_MODIFIED_MS
         && o.modified_ms.is_some_and(|t| t > record.uploaded_ms)
+}
+
+/// Whether `o` holds other bytes than the object `record` names: another
+/// size, or an ETag of the same form (an MD5, or a composite of as many
+/// parts) with another value. ETags of different forms tell nothing (a copy
+/// by another tool cuts other parts, or none), so such objects of one size
+/// count as the same version.
+fn other_version(o: &Listed, record: &Record) -> bool {
+    if o.size != record.size {
+        return true;
+    }
+    let form = |etag: &str| etag.split_once('-').map(|(_, parts)| parts.to_owned());
+    match o.etag.as_deref() {
+        Some(etag) if form(etag) == form(&record.etag) => etag != record.etag,
+        _ => false,
+    }
 }
 
 /// Progress shown by `status` as "rebuilding n/m": objects checked of those
@@ -693,6 +710,8 @@ mod tests {
         put(&b, "uploaded.png", b"listed", Some(2_000)).await;
         put(&a, "copied-to-b.png", b"same", Some(1_000)).await;
         put(&b, "copied-to-b.png", b"same", Some(2_000)).await;
+        put(&a, "same-size-newer-on-b.png", b"aaa", Some(1_000)).await;
+        put(&b, "same-size-newer-on-b.png", b"bbb", Some(2_000)).await;
         // Uploaded meanwhile, its local copy deleted since.
         let seen = dir.path().join("seen");
         std::fs::write(&seen, b"uploaded").unwrap();
@@ -722,6 +741,7 @@ mod tests {
             ("unknown-on-b.png", "a", 1_000),
             ("unknown-on-a.png", "a", 0),
             ("copied-to-b.png", "a", 1_000),
+            ("same-size-newer-on-b.png", "b", 2_000),
             ("newest-on-c.png", "c", 3_000),
         ] {
             let r = record(path);
@@ -736,7 +756,7 @@ mod tests {
             hex::encode(Md5::digest(b"newer"))
         );
         assert_eq!(record("uploaded.png"), uploaded);
-        assert_eq!(queue.uploaded().0, 8, "a record per path");
+        assert_eq!(queue.uploaded().0, 9, "a record per path");
     }
 
     /// A file missing because the whole root is gone says nothing: the

@@ -29,8 +29,8 @@ use crate::pipeline::queue::{
     Stage,
 };
 use crate::pipeline::root::{RootGuard, RootStatus};
-use crate::pipeline::upload::{self, AbortOutcome, Uploader};
-use crate::pipeline::worker::{delete_due_ms, Delivery, Lane, Outcome, Worker};
+use crate::pipeline::upload::{self, AbortOutcome, Delivery, Uploader};
+use crate::pipeline::worker::{delete_due_ms, Lane, Outcome, Worker};
 use crate::remote::error::{ErrorClass, StorageError};
 use crate::remote::store::Probe;
 use crate::shutdown::Shutdown;
@@ -279,6 +279,7 @@ impl Scheduler {
     ) -> Scheduler {
         let uploader = Arc::new(Uploader {
             budget,
+            hashing: upload::hashing_turns(),
             pacer,
             progress: live.progress.clone(),
             queue: queue.clone(),
@@ -1563,6 +1564,7 @@ impl Scheduler {
         budget.set_limit(memory_limit);
         self.uploader = Arc::new(Uploader {
             budget,
+            hashing: self.uploader.hashing.clone(),
             pacer: self.uploader.pacer.clone(),
             progress: self.live.progress.clone(),
             queue: self.queue.clone(),

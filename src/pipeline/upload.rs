@@ -56,10 +56,27 @@ pub struct Settings {
     pub part_concurrency: usize,
 }
 
+/// How the bytes of an upload came to be in the bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// A body sent now, which proves the provider accepts writes.
+    Sent,
+    /// Found there by a HEAD after a resumed multipart upload was refused:
+    /// it had completed before (a crash before its record). Proves only
+    /// that the provider reads.
+    FoundComplete,
+    /// Found there by a HEAD: only the file's ctime changed since its
+    /// recorded upload, and the object proved to hold these bytes. Proves
+    /// only that the provider reads.
+    AlreadyHeld,
+}
+
 /// What was sent: enough to verify it and write the location record.
 #[derive(Debug, Clone)]
 pub struct Sent {
     pub identity: FileIdentity,
+    /// How the bytes came to be in the bucket.
+    pub delivery: Delivery,
     /// The ETag an S3-compatible server computes for these bytes (quotes stripped).
     pub expected_etag: String,
     /// The ETag the server answered the PUT or the completion with (or
@@ -242,17 +259,23 @@ fn local_read_error(abs: &Path, e: &std::io::Error) -> UploadError {
     }
 }
 
-/// Sends files within the memory budget and the bandwidth limit.
 /// Files hashed at once to compare them with an object
 /// ([`Uploader::already_held`], [`Uploader::already_there`]): each takes a
 /// 256 KiB block buffer outside `memory_limit`, and a blocking thread, so a
 /// `chmod -R` over thousands of files takes 1 MiB and 4 threads, not one of
 /// each per worker.
 const HASHED_AT_ONCE: usize = 4;
-static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(HASHED_AT_ONCE);
 
+/// The turns of [`HASHED_AT_ONCE`], for [`Uploader::hashing`].
+pub fn hashing_turns() -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(HASHED_AT_ONCE))
+}
+
+/// Sends files within the memory budget and the bandwidth limit.
 pub struct Uploader {
     pub budget: Budget,
+    /// Turns to hash a file ([`hashing_turns`]).
+    pub hashing: Arc<tokio::sync::Semaphore>,
     pub pacer: Pacer,
     /// When the watchdog expects the next step (see [`Progress`]).
     pub progress: Arc<Progress>,
@@ -336,6 +359,7 @@ impl Uploader {
         self.progressed();
         Ok(Sent {
             identity,
+            delivery: Delivery::Sent,
             expected_etag: hex::encode(md5),
             answered_etag: answered?,
             multipart: false,
@@ -525,6 +549,7 @@ impl Uploader {
         };
         Ok(Sent {
             identity,
+            delivery: Delivery::Sent,
             expected_etag: multipart_etag(&md5s),
             answered_etag: answered,
             multipart: true,
@@ -597,7 +622,7 @@ impl Uploader {
         // Each part hashed is a step for the watchdog: a huge file takes
         // longer to read than the time allowed between two steps.
         let progress = self.progress.clone();
-        let _turn = HASHING.acquire().await.expect("never closed");
+        let _turn = self.hashing.acquire().await.expect("never closed");
         let computed = tokio::task::spawn_blocking(move || {
             let step = || progress.step(crate::statedir::now_ms());
             composite_etag_stepping(&reader, identity.size, part_size, step)
@@ -608,6 +633,7 @@ impl Uploader {
         unchanged(job.abs, file, &identity)?;
         Ok((computed == etag).then_some(Sent {
             identity,
+            delivery: Delivery::FoundComplete,
             expected_etag: computed,
             answered_etag: Some(etag),
             multipart: true,
@@ -657,7 +683,7 @@ impl Uploader {
             return Err(UploadError::Changed);
         }
         let (abs, progress) = (job.abs.to_path_buf(), self.progress.clone());
-        let _turn = HASHING.acquire().await.expect("never closed");
+        let _turn = self.hashing.acquire().await.expect("never closed");
         let computed = tokio::task::spawn_blocking(move || {
             let step = || progress.step(crate::statedir::now_ms());
             let computed = match part_size {
@@ -672,6 +698,7 @@ impl Uploader {
         .expect("hashing task never panics")?;
         Ok((computed == held.etag).then(|| Sent {
             identity,
+            delivery: Delivery::AlreadyHeld,
             expected_etag: computed,
             answered_etag: head.etag,
             multipart: part_size.is_some(),
@@ -820,6 +847,7 @@ mod tests {
         let (queue, _) = Queue::open(dir.path()).unwrap();
         let up = Uploader {
             budget: Budget::new(64 * MIB),
+            hashing: hashing_turns(),
             pacer: Pacer::new(1_000),
             progress: Arc::new(Progress::default()),
             queue: Arc::new(queue),

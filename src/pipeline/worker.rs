@@ -18,7 +18,7 @@ use crate::pipeline::localfs::Counts;
 use crate::pipeline::plan::{Deletion, Plan};
 use crate::pipeline::queue::{AfterUpload, Blame, Queue, QueueItem, Record, Stage, StateError};
 use crate::pipeline::root::RootGuard;
-use crate::pipeline::upload::{self, Job, UploadError, Uploader};
+use crate::pipeline::upload::{self, Delivery, Job, UploadError, Uploader};
 use crate::pipeline::{record, verify};
 use crate::remote::error::StorageError;
 use crate::remote::store::Store;
@@ -53,16 +53,6 @@ impl Lane {
 /// directory as its ctime says, and is served from local disk that long.
 pub fn delete_due_ms(identity: &FileIdentity, min_age: Duration) -> u64 {
     (identity.changed_ns() / 1_000_000).max(0) as u64 + min_age.as_millis() as u64
-}
-
-/// How the bytes of an upload came to be in the bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    /// Sent now.
-    Sent,
-    /// Already there: only the file's ctime changed since its recorded
-    /// upload, and the object proved to hold these bytes.
-    AlreadyHeld,
 }
 
 /// What became of one dispatched item.
@@ -300,15 +290,11 @@ impl Worker {
             _ => Ok(None),
         };
         let attempt = match held {
-            Ok(Some(sent)) => Ok((sent, Delivery::AlreadyHeld)),
-            Ok(None) => self
-                .uploader
-                .send(&job, opts.upload)
-                .await
-                .map(|sent| (sent, Delivery::Sent)),
+            Ok(Some(sent)) => Ok(sent),
+            Ok(None) => self.uploader.send(&job, opts.upload).await,
             Err(e) => Err(e),
         };
-        let (sent, delivery) = match attempt {
+        let sent = match attempt {
             Ok(s) => s,
             Err(UploadError::Vanished) => return self.vanished(key).await,
             Err(UploadError::Changed) => {
@@ -337,8 +323,9 @@ impl Worker {
         let provider = &provider.name;
         state!(record::commit(&self.queue, key, provider, &object, &sent, &verified).await);
         let size = sent.identity.size;
+        let delivery = sent.delivery;
         match delivery {
-            Delivery::Sent => {
+            Delivery::Sent | Delivery::FoundComplete => {
                 self.metrics
                     .upload_succeeded(size, started.elapsed().as_secs_f64());
                 tracing::info!(
