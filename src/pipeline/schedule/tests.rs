@@ -1942,3 +1942,61 @@ async fn a_chmoded_file_whose_object_changed_is_sent_again() {
     assert_eq!(h.count(Op::Head), 1, "{:?}", h.store.requests());
     h.stop().await;
 }
+
+/// A file whose bytes the bucket already held (found by a HEAD after a
+/// `chmod`: no body sent) proves only that the provider reads. When a key
+/// that lost PutObject had a probe's verdict pending, such a file in flight
+/// used to count as an upload: it answered for the probe, and the items
+/// awaiting the verdict were struck as if they failed on their own.
+#[tokio::test(start_paused = true)]
+async fn a_file_found_in_the_bucket_does_not_answer_for_the_probe() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut h = Harness::new(Deletion::Keep);
+    // Big enough that hashing it takes longer than a refused PUT.
+    let big: Vec<u8> = (0..4 * MIB).map(|i| (i % 251) as u8).collect();
+    let kept = h.write("kept.png", &big).await;
+    let kept_key = Harness::key("kept.png");
+    // Its success counted (once its record is durable, which takes real
+    // time on this paused clock), then a while later.
+    until(30, "kept.png uploaded", || {
+        h.live
+            .metrics
+            .encode()
+            .contains("offloadd_uploads_total{result=\"success\"} 1")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    // The key loses PutObject; a probe's verdict stays pending.
+    h.store.hold_probes(true);
+    h.store
+        .script(|r| matches!(r.op, Op::Put | Op::Probe).then(|| http_error(403, "AccessDenied")));
+    // A chmod (the bucket holds kept.png's bytes: compared, not sent) while
+    // a new file is refused.
+    std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let now = crate::pipeline::finished::FileIdentity::of(&std::fs::metadata(&kept).unwrap());
+    h.candidates
+        .send(Candidate {
+            abs: kept.clone(),
+            trigger: Trigger::Scan,
+        })
+        .await
+        .unwrap();
+    h.write("new.png", b"new").await;
+    until(30, "kept.png recorded as it is now", || {
+        h.queue
+            .record(&kept_key)
+            .unwrap()
+            .is_some_and(|r| r.identity == now)
+    })
+    .await;
+    assert_eq!(h.count(Op::Put), 2, "{:?}", h.store.requests());
+    let new_key = Harness::key("new.png");
+    let strikes = |h: &Harness| h.queue.item(&new_key).unwrap().map(|i| i.strikes);
+    assert_eq!(strikes(&h), Some(0), "new.png was not blamed");
+    // The verdict: the provider pauses, and new.png is not parked.
+    h.store.hold_probes(false);
+    until(30, "paused", || h.live.shown().paused.is_some()).await;
+    assert_eq!(strikes(&h), Some(0));
+    assert!(h.live.shown().failed.is_empty(), "nothing parked");
+    h.stop().await;
+}
