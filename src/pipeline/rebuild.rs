@@ -44,11 +44,10 @@ use crate::pipeline::finished::FileIdentity;
 use crate::pipeline::plan::Deletion;
 use crate::pipeline::queue::{Admit, AfterUpload, Local, Queue, Record};
 use crate::pipeline::root::RootGuard;
-use crate::pipeline::upload::{composite_etag, part_size_for};
+use crate::pipeline::upload::{etag_of_file, part_size_for};
 use crate::remote::store::{Listed, Store};
 use crate::shutdown::Shutdown;
 use crate::statedir::now_ms;
-use md5::{Digest, Md5};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -166,13 +165,6 @@ impl Managed<'_> {
     }
 }
 
-fn md5_of(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Md5::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
-}
-
 /// The relative path of a listed key under `prefix`, if the path maps back
 /// to exactly this key.
 fn rel_of(prefix: &str, key: &str) -> Option<RelPath> {
@@ -225,14 +217,15 @@ fn judge(
     if meta.len() != o.size || !etag_is_md5 || etag.is_empty() {
         return Verdict::Reupload(identity);
     }
-    let computed = if etag.contains('-') {
-        match (part_size, std::fs::File::open(&local)) {
-            (Some(ps), Ok(f)) => composite_etag(&f, o.size, ps).ok(),
-            _ => None,
-        }
-    } else {
-        md5_of(&local).ok()
+    // A multipart object's ETag needs its part size.
+    let part_size = match (etag.contains('-'), part_size) {
+        (false, _) => None,
+        (true, Some(ps)) => Some(ps),
+        (true, None) => return Verdict::Reupload(identity),
     };
+    let computed = std::fs::File::open(&local)
+        .and_then(|f| etag_of_file(&f, o.size, part_size, || {}))
+        .ok();
     let still = std::fs::symlink_metadata(&local).map(|m| FileIdentity::of(&m));
     match (computed, still) {
         (Some(c), Ok(now)) if c == etag && now == identity => {
@@ -441,7 +434,9 @@ async fn abort_stale_uploads(store: &dyn Store, prefix: &str, managed: &Managed<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::upload::composite_etag;
     use crate::remote::fake::FakeStore;
+    use md5::{Digest, Md5};
 
     fn listed(key: &str, size: u64, etag: Option<&str>) -> Listed {
         Listed {

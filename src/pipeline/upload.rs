@@ -618,19 +618,9 @@ impl Uploader {
         if head.size != Some(identity.size) || !etag.contains('-') {
             return Ok(None);
         }
-        let (reader, abs) = (file.clone(), job.abs.to_path_buf());
-        // Each part hashed is a step for the watchdog: a huge file takes
-        // longer to read than the time allowed between two steps.
-        let progress = self.progress.clone();
-        let _turn = self.hashing.acquire().await.expect("never closed");
-        let computed = tokio::task::spawn_blocking(move || {
-            let step = || progress.step(crate::statedir::now_ms());
-            composite_etag_stepping(&reader, identity.size, part_size, step)
-                .map_err(|e| read_failed(&abs, &reader, &identity, e))
-        })
-        .await
-        .expect("hashing task never panics")?;
-        unchanged(job.abs, file, &identity)?;
+        let computed = self
+            .etag_of(job.abs, file.clone(), identity, Some(part_size))
+            .await?;
         Ok((computed == etag).then_some(Sent {
             identity,
             delivery: Delivery::FoundComplete,
@@ -682,20 +672,9 @@ impl Uploader {
         if identity != *job.checked {
             return Err(UploadError::Changed);
         }
-        let (abs, progress) = (job.abs.to_path_buf(), self.progress.clone());
-        let _turn = self.hashing.acquire().await.expect("never closed");
-        let computed = tokio::task::spawn_blocking(move || {
-            let step = || progress.step(crate::statedir::now_ms());
-            let computed = match part_size {
-                Some(part_size) => composite_etag_stepping(&file, identity.size, part_size, step),
-                None => md5_etag_stepping(&file, identity.size, step),
-            }
-            .map_err(|e| read_failed(&abs, &file, &identity, e))?;
-            unchanged(&abs, &file, &identity)?;
-            Ok::<_, UploadError>(computed)
-        })
-        .await
-        .expect("hashing task never panics")?;
+        let computed = self
+            .etag_of(job.abs, Arc::new(file), identity, part_size)
+            .await?;
         Ok((computed == held.etag).then(|| Sent {
             identity,
             delivery: Delivery::AlreadyHeld,
@@ -703,6 +682,31 @@ impl Uploader {
             answered_etag: head.etag,
             multipart: part_size.is_some(),
         }))
+    }
+
+    /// The ETag an S3-compatible server gives `file` ([`etag_of_file`]),
+    /// read at `abs` as `identity` says it is, and unchanged while read.
+    /// Waits for a turn of [`Uploader::hashing`]; each block read is a step
+    /// for the watchdog (a huge file takes longer to read than the time
+    /// allowed between two steps).
+    async fn etag_of(
+        &self,
+        abs: &Path,
+        file: Arc<File>,
+        identity: FileIdentity,
+        part_size: Option<u64>,
+    ) -> Result<String, UploadError> {
+        let (abs, progress) = (abs.to_path_buf(), self.progress.clone());
+        let _turn = self.hashing.acquire().await.expect("never closed");
+        tokio::task::spawn_blocking(move || {
+            let step = || progress.step(crate::statedir::now_ms());
+            let computed = etag_of_file(&file, identity.size, part_size, step)
+                .map_err(|e| read_failed(&abs, &file, &identity, e))?;
+            unchanged(&abs, &file, &identity)?;
+            Ok(computed)
+        })
+        .await
+        .expect("hashing task never panics")
     }
 
     /// Forgets the recorded multipart upload, filed for an abort (the
@@ -745,6 +749,21 @@ fn composite_etag_stepping(
         return Err(std::io::Error::other("part size 0"));
     }
     part_md5s(file, size, part_size, step).map(|md5s| multipart_etag(&md5s))
+}
+
+/// The ETag of `size` bytes of `file` as uploaded: the composite of its
+/// `part_size` parts (a multipart upload), or its MD5 (a single PUT);
+/// `step` is called after every block read.
+pub fn etag_of_file(
+    file: &File,
+    size: u64,
+    part_size: Option<u64>,
+    step: impl Fn(),
+) -> std::io::Result<String> {
+    match part_size {
+        Some(part_size) => composite_etag_stepping(file, size, part_size, step),
+        None => md5_etag_stepping(file, size, step),
+    }
 }
 
 /// The MD5 of `size` bytes of `file`, hex: a single PUT's ETag.
