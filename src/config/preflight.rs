@@ -110,9 +110,7 @@ fn probe_existing(root: &Path, delete_local: bool) -> Probe {
             };
         }
         let dir = entry.path().parent().unwrap_or(root);
-        let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()));
-        // SAFETY: access(2) with a valid NUL-terminated path.
-        let writable = c.is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0);
+        let writable = crate::pipeline::localfs::may_write_in(dir).is_ok();
         if delete_local && !writable {
             return Probe {
                 ok: false,

@@ -158,7 +158,6 @@ pub async fn delete_through(config: &Config, queue: &Queue, rel: &RelPath) -> Re
 /// Whether `remove_file` may succeed on `local`, as far as can be known
 /// beforehand: absent, or a regular file in a folder this process may write.
 fn removable(local: &Path) -> Result<(), String> {
-    use std::os::unix::ffi::OsStrExt;
     let meta = match std::fs::symlink_metadata(local) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -178,16 +177,12 @@ fn removable(local: &Path) -> Result<(), String> {
     let Some(folder) = local.parent() else {
         return Ok(());
     };
-    let c = std::ffi::CString::new(folder.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
-    // SAFETY: `c` is a NUL-terminated path that outlives the call.
-    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(format!(
+    crate::pipeline::localfs::may_write_in(folder).map_err(|e| {
+        format!(
             "offloadd may not remove files from {} ({e})",
             folder.display()
-        ));
-    }
-    Ok(())
+        )
+    })
 }
 
 /// `test-connection`: put, read back, compare, delete.

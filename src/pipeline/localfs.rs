@@ -8,10 +8,25 @@
 //! gone pauses the whole pipeline instead (see [`crate::pipeline::root`]).
 //!
 //! Unit tests inject errors that no file system at hand produces ([`fault`]);
-//! in any other build the seam does nothing.
+//! in any other build the seam does nothing. [`may_write_in`] asks the
+//! kernel beforehand whether a folder's entries may be removed.
 
 use std::io;
 use std::path::Path;
+
+/// Whether this process may create and remove entries in `dir` (access(2)
+/// with W_OK, by its real ids): what deleting a file there needs, asked
+/// before anything is done.
+pub fn may_write_in(dir: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    match unsafe { libc::access(c.as_ptr(), libc::W_OK) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
 
 /// How a failure of the local file system counts against its item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
