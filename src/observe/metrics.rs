@@ -214,25 +214,23 @@ impl Metrics {
     /// One upload verified and recorded.
     pub fn upload_succeeded(&self, bytes: u64, seconds: f64) {
         let m = &self.inner;
-        m.uploads
-            .get_or_create(&[("result", "success".to_owned())])
-            .inc();
         m.bytes.inc_by(bytes);
         m.duration.observe(seconds.max(0.0));
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        m.last_success.set(now);
+        self.recorded("success");
     }
 
     /// One file recorded again without sending its body: only its metadata
     /// (ctime) changed, and the bucket already held its bytes. The pipeline
     /// is making progress, as after an upload.
     pub fn upload_not_needed(&self) {
+        self.recorded("unchanged");
+    }
+
+    /// A file recorded as in the bucket, counted under `result`, now.
+    fn recorded(&self, result: &str) {
         let m = &self.inner;
         m.uploads
-            .get_or_create(&[("result", "unchanged".to_owned())])
+            .get_or_create(&[("result", result.to_owned())])
             .inc();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
