@@ -109,10 +109,8 @@ fn delete_after_counts_from_when_a_file_was_moved_in() {
     let s3 = S3Server::start_for(&env);
     let mut cfg = Cfg::new(&s3.endpoint());
     cfg.delete_local = true;
-    env.write_raw_config(&env.config_yaml(&cfg).replace(
-        "  delete_local: true\n",
-        "  delete_local: true\n  delete_after: 1h\n",
-    ));
+    cfg.delete_after = Some("1h".into());
+    env.write_config(&cfg);
     let daemon = Daemon::start(&env, &[]);
 
     let outside = env.dir.path().join("old.png");

@@ -131,10 +131,8 @@ fn a_file_chmoded_before_its_delete_is_deleted_without_being_sent_again() {
     let s3 = S3Server::start_for(&env);
     let mut cfg = Cfg::new(&s3.endpoint());
     cfg.delete_local = true;
-    env.write_raw_config(&env.config_yaml(&cfg).replace(
-        "  delete_local: true\n",
-        "  delete_local: true\n  delete_after: 4s\n",
-    ));
+    cfg.delete_after = Some("4s".into());
+    env.write_config(&cfg);
     let daemon = Daemon::start(&env, &[]);
 
     let rel = "meta/c.png";

@@ -705,6 +705,8 @@ pub struct Cfg {
     pub settle: String,
     pub rescan_interval: String,
     pub delete_local: bool,
+    /// `storage.delete_after`, written only when set.
+    pub delete_after: Option<String>,
     pub workers: u32,
     pub multipart_threshold: Option<String>,
     pub part_size: Option<String>,
@@ -722,6 +724,7 @@ impl Cfg {
             settle: "300ms".into(),
             rescan_interval: "0".into(),
             delete_local: false,
+            delete_after: None,
             workers: 4,
             multipart_threshold: None,
             part_size: None,
@@ -841,7 +844,7 @@ impl TestEnv {
 watch:\n  root: {root}\n  settle: {settle}\n  rescan_interval: {rescan}\n\
 state_dir: {state}\n\
 control_socket: {socket}\n\
-storage:\n  active: {PROVIDER}\n  delete_local: {delete}\n  providers:\n    {PROVIDER}:\n      kind: minio\n      endpoint: {endpoint}\n      bucket: {BUCKET}\n      access_key_id: {ACCESS_KEY}\n{secret}      public_url: {PUBLIC_URL}\n      prefix: {PREFIX}\n\
+storage:\n  active: {PROVIDER}\n  delete_local: {delete}\n{delete_after}  providers:\n    {PROVIDER}:\n      kind: minio\n      endpoint: {endpoint}\n      bucket: {BUCKET}\n      access_key_id: {ACCESS_KEY}\n{secret}      public_url: {PUBLIC_URL}\n      prefix: {PREFIX}\n\
 upload:\n{upload}\
 http:\n  listen: \"\"\n",
             root = self.root.display(),
@@ -850,6 +853,11 @@ http:\n  listen: \"\"\n",
             state = self.state_dir.display(),
             socket = self.socket.display(),
             delete = c.delete_local,
+            delete_after = c
+                .delete_after
+                .as_ref()
+                .map(|d| format!("  delete_after: {d}\n"))
+                .unwrap_or_default(),
             endpoint = c.endpoint,
         )
     }

@@ -13,14 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-/// The config of `cfg` with `delete_after` set.
-fn with_delete_after(env: &TestEnv, cfg: &Cfg, after: &str) -> String {
-    env.config_yaml(cfg).replace(
-        "  delete_local: true\n",
-        &format!("  delete_local: true\n  delete_after: {after}\n"),
-    )
-}
-
 fn multipart_cfg(endpoint: &str) -> Cfg {
     let mut cfg = Cfg::new(endpoint);
     cfg.multipart_threshold = Some("5MiB".into());
@@ -37,7 +29,8 @@ fn a_reopened_file_is_never_deleted_while_open() {
     let s3 = S3Server::start_for(&env);
     let mut cfg = Cfg::new(&s3.endpoint());
     cfg.delete_local = true;
-    env.write_raw_config(&with_delete_after(&env, &cfg, "2s"));
+    cfg.delete_after = Some("2s".into());
+    env.write_config(&cfg);
     let daemon = Daemon::start(&env, &[]);
     let path = env.path("video/reopened.bin");
     let mut content = file_content("reopened", 1000, 2000);
@@ -153,7 +146,8 @@ fn pending_deletes_stop_when_deletion_is_turned_off() {
     let s3 = S3Server::start_for(&env);
     let mut cfg = Cfg::new(&s3.endpoint());
     cfg.delete_local = true;
-    env.write_raw_config(&with_delete_after(&env, &cfg, "4s"));
+    cfg.delete_after = Some("4s".into());
+    env.write_config(&cfg);
     let daemon = Daemon::start(&env, &[]);
     let mut files: Expected = Vec::new();
     for i in 0..5 {
@@ -182,7 +176,8 @@ fn pending_deletes_stop_when_deletion_is_turned_off() {
 
     // The same across a restart.
     cfg.delete_local = true;
-    env.write_raw_config(&with_delete_after(&env, &cfg, "4s"));
+    cfg.delete_after = Some("4s".into());
+    env.write_config(&cfg);
     daemon.reload_and_wait("configuration reloaded");
     let mut more: Expected = Vec::new();
     for i in 0..5 {

@@ -179,10 +179,8 @@ fn an_unmounted_root_pauses_and_resumes_when_mounted_again() {
     let proxy = Proxy::start(s3.addr());
     let mut cfg = Cfg::new(&proxy.endpoint());
     cfg.delete_local = true;
-    env.write_raw_config(&env.config_yaml(&cfg).replace(
-        "  delete_local: true\n",
-        "  delete_local: true\n  delete_after: 4s\n",
-    ));
+    cfg.delete_after = Some("4s".into());
+    env.write_config(&cfg);
     let daemon = Daemon::start(&env, &[]);
     let watch = DeleteWatch::start(&env, &s3);
     // Uploaded, waiting for their delete.
