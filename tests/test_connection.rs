@@ -331,3 +331,19 @@ fn read_back_differs() {
         "{err}"
     );
 }
+
+/// A read-back answered with far more than was written (a gateway's page, a
+/// video) is reported as longer, after reading one byte past the probe.
+#[test]
+fn read_back_longer_is_not_read_whole() {
+    let env = TestEnv::new();
+    let fake = fake_bucket(|r| (r.method == "GET").then(|| (200, vec![], "x".repeat(4 << 20))));
+    env.write_config(&Cfg::new(&fake.endpoint()));
+    let (code, out, err) = probe(&env);
+    assert_eq!(code, 1, "stdout={out} stderr={err}");
+    assert!(
+        err.contains("differs from what was written (more than ")
+            && err.contains(" bytes instead of "),
+        "{err}"
+    );
+}

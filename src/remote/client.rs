@@ -954,17 +954,18 @@ impl Client {
             .map_err(|e| self.fault(Request::Write, e))
     }
 
-    /// The bytes of an object.
-    pub async fn get(&self, key: &str) -> Result<Vec<u8>, Fault> {
+    /// The bytes of an object, at most `max` of them: a probe reads back
+    /// what it wrote, and a gateway that answers with something else (a
+    /// page, a video) is not read whole.
+    pub async fn get(&self, key: &str, max: usize) -> Result<Vec<u8>, Fault> {
         let answer = self
             .send(&self.signer, key, Command::GetObject, self.timeout)
             .await
             .map_err(|e| self.fault(Request::Read, e))?;
-        let bytes = answer
-            .bytes()
+        let (bytes, _) = read_bytes_at_most(answer, max)
             .await
             .map_err(|e| self.fault(Request::Read, S3Error::Reqwest(e)))?;
-        Ok(bytes.to_vec())
+        Ok(bytes)
     }
 
     /// Deletes an object by its raw key; for probes.
@@ -1000,21 +1001,28 @@ enum Fits {
 
 /// At most `max` bytes of an answer's body, as text.
 async fn read_at_most(
-    mut answer: reqwest::Response,
+    answer: reqwest::Response,
     max: usize,
 ) -> Result<(String, Fits), reqwest::Error> {
+    let (body, fits) = read_bytes_at_most(answer, max).await?;
+    Ok((String::from_utf8_lossy(&body).into_owned(), fits))
+}
+
+/// The first `max` bytes of an answer's body, and whether that was all of it.
+async fn read_bytes_at_most(
+    mut answer: reqwest::Response,
+    max: usize,
+) -> Result<(Vec<u8>, Fits), reqwest::Error> {
     let mut body = Vec::new();
-    let mut fits = Fits::Whole;
     while let Some(chunk) = answer.chunk().await? {
         let room = max - body.len();
         if chunk.len() > room {
             body.extend_from_slice(&chunk[..room]);
-            fits = Fits::Cut;
-            break;
+            return Ok((body, Fits::Cut));
         }
         body.extend_from_slice(&chunk);
     }
-    Ok((String::from_utf8_lossy(&body).into_owned(), fits))
+    Ok((body, Fits::Whole))
 }
 
 /// An answer outside 2xx as an error: its status, and what it says in at
@@ -1506,7 +1514,7 @@ mod tests {
             err.message
         );
         let fault = c
-            .get("pre/certificates/tls-handshake.png")
+            .get("pre/certificates/tls-handshake.png", 1024)
             .await
             .unwrap_err();
         assert!(
