@@ -44,7 +44,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::watch;
 
 mod encoding;
@@ -365,6 +365,11 @@ const META_ALIVE: &[u8] = b"alive";
 
 struct Trees {
     db: sled::Db,
+    /// sled's log file. sled ends a flush with `sync_file_range`, which
+    /// neither empties the drive's write cache nor saves the size of a log
+    /// that grew, so a power cut could take writes a delete relied on: a
+    /// durable write ends with an `fdatasync` of it ([`Trees::flush`]).
+    log: Arc<std::fs::File>,
     /// Per file (keyed by its path): an [`Entry`] of its record and queue item.
     files: sled::Tree,
     meta: sled::Tree,
@@ -389,7 +394,23 @@ fn open_trees(db_path: &Path) -> sled::Result<Trees> {
     let files = db.open_tree("files")?;
     let meta = db.open_tree("meta")?;
     move_old_trees(&db, &files, &meta)?;
-    Ok(Trees { meta, files, db })
+    // sled 0.34 keeps its log in `db` inside its directory.
+    let log = Arc::new(std::fs::File::open(db_path.join("db"))?);
+    Ok(Trees {
+        meta,
+        files,
+        db,
+        log,
+    })
+}
+
+impl Trees {
+    /// Everything written so far, on disk (blocking).
+    fn flush(&self) -> sled::Result<()> {
+        self.db.flush()?;
+        self.log.sync_data()?;
+        Ok(())
+    }
 }
 
 /// Moves the records and queue items of the older layout into `files`. It
@@ -693,7 +714,7 @@ impl Queue {
             let probe = t
                 .meta
                 .insert(b"probe", &statedir::now_ms().to_be_bytes())
-                .and_then(|_| t.db.flush());
+                .and_then(|_| t.flush());
             if probe.is_ok() {
                 *self.failure.lock().expect("failure lock") = None;
                 tracing::info!(state_dir = %self.dir.display(), "state_dir is writable again; uploads and deletes resume");
@@ -706,7 +727,7 @@ impl Queue {
                 let writable = t
                     .meta
                     .insert(b"probe", &statedir::now_ms().to_be_bytes())
-                    .and_then(|_| t.db.flush());
+                    .and_then(|_| t.flush());
                 *guard = Some(t);
                 match writable {
                     Ok(_) => {
@@ -1157,9 +1178,9 @@ impl Queue {
         if let Some(message) = self.failure() {
             return Err(self.failed(message));
         }
-        let db = self.read(|t| Ok(t.db.clone()))?;
+        let (db, log) = self.read(|t| Ok((t.db.clone(), t.log.clone())))?;
         let written = self.records_written();
-        if self.commit.wait(&db).await.map_err(|e| self.fail(e))? {
+        if self.commit.wait(&db, log).await.map_err(|e| self.fail(e))? {
             self.note_record_count(written);
         }
         Ok(())
@@ -1283,7 +1304,7 @@ impl Queue {
     /// Flushes everything to disk (at exit).
     pub fn flush(&self) -> Result<(), StateError> {
         let written = self.records_written();
-        self.read(|t| t.db.flush().map(|_| ()))?;
+        self.read(|t| t.flush())?;
         self.note_record_count(written);
         Ok(())
     }
@@ -1346,7 +1367,7 @@ impl GroupCommit {
 
     /// Waits until everything written is flushed; true when this flush is
     /// the one to note the record count (at most every [`NOTE_EVERY`]).
-    async fn wait(&self, db: &sled::Db) -> sled::Result<bool> {
+    async fn wait(&self, db: &sled::Db, log: Arc<std::fs::File>) -> sled::Result<bool> {
         let target = self.written.load(Ordering::SeqCst);
         if *self.flushed.borrow() >= target {
             return Ok(false);
@@ -1357,6 +1378,9 @@ impl GroupCommit {
         }
         let upto = self.written.load(Ordering::SeqCst);
         db.flush_async().await?;
+        tokio::task::spawn_blocking(move || log.sync_data())
+            .await
+            .expect("fdatasync never panics")?;
         self.flushed.send_replace(upto);
         let mut noted = self.noted.lock().expect("noted lock");
         let due = noted.is_none_or(|t| t.elapsed() >= NOTE_EVERY);
