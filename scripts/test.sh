@@ -30,12 +30,16 @@ missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
 done
+# pip installs moto (below); a fresh Debian/Ubuntu has python3 without it.
+if ! command -v moto_server >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then
+    missing+=(python3-pip)
+fi
 if ((${#missing[@]})); then
     say "installing ${missing[*]}"
     sudo=()
     ((EUID == 0)) || sudo=(sudo)
     "${sudo[@]}" apt-get update
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
 # --- Rust components ------------------------------------------------------------

@@ -90,6 +90,9 @@ fn units_have_the_operations_settings() {
             "ExecReload=/bin/kill -HUP $MAINPID",
             "Restart=on-failure",
             "RestartPreventExitStatus=78",
+            // Exit 1 (a full disk, a listen address in use) is retried for
+            // as long as it lasts: a start limit would give up after a few.
+            "StartLimitIntervalSec=0",
             "TimeoutStopSec=45s",
             "WatchdogSec=",
             "StateDirectory=offloadd",
@@ -107,6 +110,10 @@ fn units_have_the_operations_settings() {
         ] {
             assert!(unit.contains(want), "{name} lacks {want}");
         }
+        assert!(
+            !unit.contains("StartLimitBurst="),
+            "{name} must not give up restarting"
+        );
         // Every unicast address but link-local (instance metadata).
         let allowed: Vec<&str> = unit
             .lines()

@@ -548,9 +548,17 @@ SupplementaryGroups=app\nWatchdogSec=3s\nTimeoutAbortSec=10s\nRestartSec=1s\n"
     );
 
     // --- upgrade (reinstall) keeps an edited config and the state ---------
+    // ... and the owner and mode ops narrowed it to (offloadd's advice for
+    // a config with a secret inline), which the first install set wider.
     sh("echo '# edited by ops' >> /etc/offloadd/config.yaml");
+    sh("chown offloadd:offloadd /etc/offloadd/config.yaml; chmod 0600 /etc/offloadd/config.yaml");
     sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --reinstall /tmp/offloadd.deb >/dev/null");
     assert!(sh("tail -1 /etc/offloadd/config.yaml").contains("edited by ops"));
+    assert_eq!(
+        sh("stat -c '%a %U:%G' /etc/offloadd/config.yaml").trim(),
+        "600 offloadd:offloadd",
+        "an upgrade must not widen the config's permissions again"
+    );
     sh("test -n \"$(ls -A /var/lib/offloadd)\"");
     println!("[{:>5.1}s] done", t0.elapsed().as_secs_f64());
 }
