@@ -6,7 +6,8 @@
 //! first, so `/r/` answers by predictable key while records are rebuilt), the
 //! control socket, the status publisher, the watchdog heartbeat, the watcher
 //! and the scheduler. On stop no new work starts; uploads in flight get
-//! [`STOP_GRACE`]; the rest stays queued.
+//! [`STOP_GRACE`]; the rest stays queued. Any of them that ends early (a
+//! panic) stops the daemon with exit 1, for systemd to restart it.
 //!
 //! Reload: the new file is parsed and validated first; if it is invalid, or
 //! changes `watch.root`, `state_dir`, `http.listen` or `control_socket`,
@@ -93,14 +94,14 @@ pub async fn run(
     let mut earlier = EarlierPlaces::load(&settings.config.state_dir);
     earlier.check_and_record(&settings, &live);
     let (stop, stopped) = Stop::new();
-    let mut tasks: Vec<(&'static str, JoinHandle<()>)> = Vec::new();
+    let mut tasks = Tasks::default();
 
     {
         let (root, sd) = (root.clone(), stopped.clone());
-        tasks.push((
+        tasks.push(
             "root guard",
             tokio::spawn(async move { root.run(sd).await }),
-        ));
+        );
     }
     if let Some(addr) = settings.config.http.listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -117,10 +118,10 @@ pub async fn run(
                     .map_err(|e| e.to_string())
             }),
         };
-        tasks.push((
+        tasks.push(
             "http",
             tokio::spawn(http::serve(listener, app, stopped.clone())),
-        ));
+        );
     }
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     // Published to the control socket once the scheduler runs.
@@ -134,10 +135,10 @@ pub async fn run(
                 live: live.clone(),
                 commands: commands.clone(),
             };
-            tasks.push((
+            tasks.push(
                 "control socket",
                 tokio::spawn(control::server::serve(listener, handle, stopped.clone())),
-            ));
+            );
             true
         }
         // Another instance (this state_dir's lock is ours) was given the
@@ -159,7 +160,7 @@ pub async fn run(
             false
         }
     };
-    tasks.push((
+    tasks.push(
         "status",
         tokio::spawn(publish_status(
             shared.clone(),
@@ -168,7 +169,7 @@ pub async fn run(
             socket_bound,
             stopped.clone(),
         )),
-    ));
+    );
 
     tokio::pin!(shutdown);
     // Rebuild the records first when the database was lost; a stop meanwhile
@@ -296,11 +297,11 @@ pub async fn run(
     if let Target::Provider(_) = settings.plan.target {
         let prepared = reloader.prepare_watcher(&settings)?;
         settings.commit_mark().map_err(Fatal::State)?;
-        tasks.push(("watcher", reloader.launch_watcher(prepared)));
+        tasks.push("watcher", reloader.launch_watcher(prepared));
     }
     let pacer = Pacer::new(settings.bandwidth_now().limit.bytes_per_sec());
     let (reloaded_tx, reloaded_rx) = tokio::sync::watch::channel(0u64);
-    tasks.push((
+    tasks.push(
         "bandwidth",
         tokio::spawn(follow_bandwidth(
             shared.clone(),
@@ -309,7 +310,7 @@ pub async fn run(
             reloaded_rx,
             stopped.clone(),
         )),
-    ));
+    );
     reloader.reloaded = Some(reloaded_tx);
     let scheduler = Scheduler::new(
         settings.plan.clone(),
@@ -347,11 +348,11 @@ pub async fn run(
             None
         }
     }) {
-        tasks.push(("watchdog", task));
-        tasks.push((
+        tasks.push("watchdog", task);
+        tasks.push(
             "state probe",
             tokio::spawn(probe_state(queue.clone(), state_answered, stopped.clone())),
-        ));
+        );
     }
 
     let mut scheduler = scheduler;
@@ -361,10 +362,14 @@ pub async fn run(
     let ended_early = loop {
         tokio::select! {
             () = &mut shutdown => break None,
-            ended = &mut scheduler => break Some(ended),
+            ended = &mut scheduler => break Some(Early::Scheduler(match ended {
+                Ok(()) => "the scheduler stopped before the daemon did".to_string(),
+                Err(e) => format!("the scheduler failed: {e}"),
+            })),
+            Some(name) = tasks.panicked.recv() => break Some(Early::Task(name)),
             Some(()) = reloads.recv() => {
                 if let Some(task) = reloader.reload().await {
-                    tasks.push(("watcher", task));
+                    tasks.push("watcher", task);
                 }
             }
         }
@@ -373,16 +378,15 @@ pub async fn run(
     systemd::stopping();
     stop.fire();
     // Why it ended before the stop, if it did.
-    let died = match ended_early {
-        Some(Ok(())) => Some("the scheduler stopped before the daemon did".to_string()),
-        Some(Err(e)) => Some(format!("the scheduler failed: {e}")),
-        None => {
-            if let Err(e) = scheduler.await {
-                tracing::error!("the scheduler failed: {e}");
-            }
-            None
+    if !matches!(ended_early, Some(Early::Scheduler(_))) {
+        if let Err(e) = scheduler.await {
+            tracing::error!("the scheduler failed: {e}");
         }
-    };
+    }
+    let died = ended_early.map(|early| match early {
+        Early::Scheduler(why) => why,
+        Early::Task(name) => format!("the {name} task failed"),
+    });
     drop(reloader);
     finish(stop, tasks, &queue, &settings).await?;
     match died {
@@ -393,18 +397,60 @@ pub async fn run(
     }
 }
 
+/// What ended the daemon's main loop before a stop.
+enum Early {
+    /// The scheduler ended (it runs until the stop), with why.
+    Scheduler(String),
+    /// Another task panicked.
+    Task(&'static str),
+}
+
+/// The daemon's long-lived tasks (all but the scheduler, which the main
+/// loop awaits itself): each is joined at the stop, and one that panics
+/// before it is named on `panicked`, so that the daemon stops and is
+/// restarted instead of living on without, say, its watcher while `status`
+/// and `/healthz` answer as if all were well.
+struct Tasks {
+    running: Vec<(&'static str, JoinHandle<()>)>,
+    report: mpsc::UnboundedSender<&'static str>,
+    panicked: mpsc::UnboundedReceiver<&'static str>,
+}
+
+impl Default for Tasks {
+    fn default() -> Self {
+        let (report, panicked) = mpsc::unbounded_channel();
+        Tasks {
+            running: Vec::new(),
+            report,
+            panicked,
+        }
+    }
+}
+
+impl Tasks {
+    /// Follows `task`: its end is awaited at the stop through a sentinel
+    /// that reports a panic at once.
+    fn push(&mut self, name: &'static str, task: JoinHandle<()>) {
+        let report = self.report.clone();
+        let sentinel = tokio::spawn(async move {
+            if let Err(e) = task.await {
+                tracing::error!(task = name, error = %e, "a task ended abnormally");
+                if e.is_panic() {
+                    let _ = report.send(name);
+                }
+            }
+        });
+        self.running.push((name, sentinel));
+    }
+}
+
 /// Joins every task and makes the state durable.
-async fn finish(
-    stop: Stop,
-    tasks: Vec<(&'static str, JoinHandle<()>)>,
-    queue: &Queue,
-    settings: &Settings,
-) -> Result<(), Fatal> {
+async fn finish(stop: Stop, tasks: Tasks, queue: &Queue, settings: &Settings) -> Result<(), Fatal> {
     stop.fire();
-    for (name, task) in tasks {
+    for (name, task) in tasks.running {
         match tokio::time::timeout(Duration::from_secs(10), task).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(task = name, error = %e, "a task ended abnormally"),
+            // A failure was logged by the sentinel.
+            Ok(_) => {}
             Err(_) => tracing::warn!(task = name, "a task did not stop in time"),
         }
     }
@@ -741,6 +787,9 @@ async fn publish_status(
         tokio::select! {
             _ = tick.tick() => {}
             _ = stopped.recv() => break,
+        }
+        if crate::failpoint::fails(crate::failpoint::STATUS_PANICS) {
+            panic!("failpoint {} reached", crate::failpoint::STATUS_PANICS);
         }
     }
 }

@@ -25,6 +25,9 @@ pub const AFTER_FIRST_PART: &str = "after_first_part";
 pub const WATCH_START_FAILS: &str = "watch_start_fails";
 /// Error point: the scheduler panics when the watcher hands it its first file.
 pub const SCHEDULER_PANICS: &str = "scheduler_panics";
+/// Error point: the status publisher panics on its second turn (a second
+/// after the start).
+pub const STATUS_PANICS: &str = "status_panics";
 /// Error point: an offline backfill takes 50 ms more for each file it
 /// queues, as on a huge tree or a slow disk.
 pub const BACKFILL_ADMITS_SLOWLY: &str = "backfill_admits_slowly";

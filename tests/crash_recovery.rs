@@ -100,6 +100,29 @@ fn a_scheduler_that_dies_stops_the_daemon_and_loses_nothing() {
     daemon.stop();
 }
 
+/// Any other task that dies (here the status publisher) also takes the
+/// daemon down, so that systemd restarts it, rather than leaving a process
+/// that answers `/healthz` without, say, its watcher.
+#[test]
+fn a_task_that_dies_stops_the_daemon() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    env.write_config(&Cfg::new(&s3.endpoint()));
+    let mut daemon = Daemon::start(&env, &[("OFFLOADD_FAILPOINTS", "status_panics")]);
+    let st = daemon.wait_exit(LONG).unwrap_or_else(|| {
+        panic!(
+            "the daemon lived on without its status task:\n{}",
+            daemon.stderr()
+        )
+    });
+    let log = daemon.stderr();
+    assert_eq!(st.code(), Some(1), "{st:?}\n{log}");
+    assert!(
+        log.contains("the status task failed; offloadd exits so that it is restarted"),
+        "{log}"
+    );
+}
+
 #[test]
 fn crash_after_upload_before_record() {
     crash_at("after_upload_before_record");
