@@ -80,10 +80,15 @@ pub async fn run(
         queue.set_paused(&info.provider, None)?;
     }
     let root = RootGuard::new(&config.watch.root, &config.state_dir).map_err(|e| {
-        Fatal::Config(format!(
-            "cannot record the identity of watch.root {} in state_dir: {e}; check both paths",
-            config.watch.root.display()
-        ))
+        let root = config.watch.root.display();
+        let what = format!("recording the identity of watch.root {root}: {e}");
+        match StateError::of_io(&config.state_dir, &e, what) {
+            // A full disk may clear: exit 1, and systemd tries again.
+            full @ StateError::Failed { .. } => Fatal::State(full),
+            _ => Fatal::Config(format!(
+                "cannot record the identity of watch.root {root} in state_dir: {e}; check both paths"
+            )),
+        }
     })?;
     let root = Arc::new(root);
     let settings = Arc::new(Settings::build(config).map_err(Fatal::Config)?);

@@ -89,8 +89,7 @@ fn main() -> ExitCode {
             match result {
                 Ok(()) => ExitCode::from(exit::SUCCESS),
                 Err(e) => {
-                    tracing::error!("{e}");
-                    eprintln!("offloadd: {e}");
+                    logging::fatal(&e.to_string());
                     ExitCode::from(exit::of_fatal(&e))
                 }
             }

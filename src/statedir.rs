@@ -70,13 +70,9 @@ impl Lock {
     }
 
     fn try_acquire(state_dir: &Path, holder: Holder) -> Result<Lock, StateError> {
-        let unusable = |e: std::io::Error| match e.kind() {
-            std::io::ErrorKind::PermissionDenied => StateError::Denied {
-                dir: state_dir.to_path_buf(),
-                message: e.to_string(),
-            },
-            _ => StateError::unusable(state_dir, e),
-        };
+        // A full disk may clear (exit 1, systemd tries again); a denial
+        // waits for ops.
+        let unusable = |e: std::io::Error| StateError::of_io(state_dir, &e, e.to_string());
         std::fs::create_dir_all(state_dir).map_err(unusable)?;
         let mut file = OpenOptions::new()
             .read(true)

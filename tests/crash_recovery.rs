@@ -118,9 +118,11 @@ fn a_task_that_dies_stops_the_daemon() {
     let log = daemon.stderr();
     assert_eq!(st.code(), Some(1), "{st:?}\n{log}");
     assert!(
-        log.contains("the status task failed; offloadd exits so that it is restarted"),
+        log.contains("offloadd: the status task failed; offloadd exits so that it is restarted"),
         "{log}"
     );
+    // Once: on a terminal the sentence is not also a log line.
+    assert_eq!(log.matches("the status task failed").count(), 1, "{log}");
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! records under systemd. A reload changes the level and the format live.
 
 use crate::config::LogFormat;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 use tracing_journald::{Priority, PriorityMappings};
 use tracing_subscriber::{fmt, layer::Layered, prelude::*, reload, EnvFilter, Layer, Registry};
@@ -10,6 +11,13 @@ use tracing_subscriber::{fmt, layer::Layered, prelude::*, reload, EnvFilter, Lay
 type Filtered = Layered<reload::Layer<EnvFilter, Registry>, Registry>;
 /// One output (journald, JSON or text), swapped whole by a reload.
 type Output = Box<dyn Layer<Filtered> + Send + Sync>;
+
+/// Where log lines go now (set with the output): how `main` writes a fatal
+/// error once, not twice ([`fatal`]).
+static WHERE: AtomicU8 = AtomicU8::new(STDERR_OTHER);
+const STDERR_TEXT: u8 = 0;
+const STDERR_OTHER: u8 = 1;
+const JOURNAL_ALSO_STDERR: u8 = 2;
 
 static LEVEL: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 static OUTPUT: OnceLock<reload::Handle<Output, Filtered>> = OnceLock::new();
@@ -48,6 +56,20 @@ pub fn init(format: LogFormat, level: &str) {
         .init();
 }
 
+/// The one sentence of a fatal error, once wherever it is read: in the
+/// journal as a record of priority `err` (not again as a line of stderr,
+/// which is the journal too), on a terminal as `offloadd: …` (not again
+/// as a log line), and both where they differ (JSON logs, say).
+pub fn fatal(sentence: &str) {
+    let to = WHERE.load(Ordering::Relaxed);
+    if to != STDERR_TEXT {
+        tracing::error!("{sentence}");
+    }
+    if to != JOURNAL_ALSO_STDERR {
+        eprintln!("offloadd: {sentence}");
+    }
+}
+
 /// The output `format` asks for. `auto` is journald when stderr is the
 /// journal; journald falls back to text on stderr when its socket is absent.
 fn output(format: LogFormat) -> Output {
@@ -58,6 +80,12 @@ fn output(format: LogFormat) -> Output {
     };
     if journald {
         if let Ok(layer) = tracing_journald::layer() {
+            let to = if stderr_is_journal() {
+                JOURNAL_ALSO_STDERR
+            } else {
+                STDERR_OTHER
+            };
+            WHERE.store(to, Ordering::Relaxed);
             // Fields become OFFLOADD_PATH, OFFLOADD_KEY, ... (the prefix
             // replaces tracing-journald's default `F`). Priorities follow
             // syslog use: info is 6 (not the crate's default 5, notice), so
@@ -77,8 +105,10 @@ fn output(format: LogFormat) -> Output {
         }
     }
     if format == LogFormat::Json {
+        WHERE.store(STDERR_OTHER, Ordering::Relaxed);
         Box::new(fmt::layer().json().with_writer(std::io::stderr))
     } else {
+        WHERE.store(STDERR_TEXT, Ordering::Relaxed);
         // Colours only for a terminal, not in a file or a pipe.
         use std::io::IsTerminal;
         Box::new(

@@ -99,6 +99,10 @@ impl StateError {
                 "offloadd is not running (nothing answers on its control socket) and this user may not open its state in {} ({message}); run the command as root or as the service user",
                 dir.display()
             ),
+            // The daemon holds the state, yet its socket did not answer.
+            StateError::AlreadyRunning { pid, .. } => format!(
+                "offloadd is running (pid {pid}) but did not answer on its control socket; it may still be starting, so try again in a moment (if it keeps failing, check control_socket and the socket's directory, RuntimeDirectory= under systemd)"
+            ),
             e => e.to_string(),
         }
     }

@@ -159,6 +159,38 @@ fn a_full_state_dir_pauses_without_deleting_and_recovers() {
     daemon.stop();
 }
 
+/// A state_dir already full at the first start (the lock's pid, the root's
+/// identity cannot be written) exits 1, which systemd retries, and says to
+/// free space; not 78, which would end the retries for good.
+#[test]
+fn a_state_dir_full_at_the_first_start_exits_1() {
+    if !require(is_root(), "root (mount a tmpfs)") {
+        return;
+    }
+    let env = TestEnv::new();
+    sh(&format!(
+        "mount -t tmpfs -o size=1m tmpfs {}",
+        env.state_dir.display()
+    ));
+    let _m = Mount(env.state_dir.clone());
+    fill(&env.state_dir);
+    env.write_config(&Cfg::new("http://127.0.0.1:9"));
+    let (code, _, err) = output_of(
+        Command::new(bin_path())
+            .arg("--config")
+            .arg(&env.config_path)
+            .arg("run"),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot write to state_dir {}",
+            env.state_dir.display()
+        )) && err.contains("free space there"),
+        "{err}"
+    );
+}
+
 /// Defect 5: the root unmounted and mounted again: queued work stays queued,
 /// no record is marked "local deleted", the watches come back.
 #[test]
