@@ -302,8 +302,16 @@ struct WalkerShared {
     inputs: mpsc::Sender<Input>,
     stop: AtomicBool,
     live: Arc<Live>,
-    /// Directories a watch could not be added to (they need rescans).
+    /// Directories beyond the watch limit (they need rescans).
     unwatched: AtomicU64,
+    /// Directories that could not be read or watched, told once each (in
+    /// the log and `status`) until they are watched.
+    unreachable: Mutex<HashSet<PathBuf>>,
+    /// File events were lost: the next scan of the whole tree adds the
+    /// watch of every directory again, those recorded as watched too (a
+    /// lost removal leaves a record that may match a directory created
+    /// again with the same inode number).
+    rewatch_known: AtomicBool,
     /// The watch limit was reported.
     limit_warned: AtomicBool,
     /// The root came back: every watch is removed before the next walk adds
@@ -373,6 +381,8 @@ pub fn prepare(what: Watching, links: Links) -> notify::Result<Prepared> {
         stop: AtomicBool::new(false),
         live: live.clone(),
         unwatched: AtomicU64::new(0),
+        unreachable: Mutex::default(),
+        rewatch_known: AtomicBool::new(false),
         limit_warned: AtomicBool::new(false),
         unwatch_all: AtomicBool::new(false),
         held: Held::default(),
@@ -434,6 +444,18 @@ impl Prepared {
     }
 }
 
+/// How often the loop looks at what settles: a quarter of `settle`, within
+/// 25 to 500 ms.
+fn tick_for(settle: Duration) -> Duration {
+    (settle / 4).clamp(Duration::from_millis(25), Duration::from_millis(500))
+}
+
+fn new_ticker(settle: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval(tick_for(settle));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
+}
+
 struct Detect {
     rules: Rules,
     shared: Arc<WalkerShared>,
@@ -470,15 +492,18 @@ impl Detect {
         mut rescans: watch::Receiver<u64>,
         mut shutdown: Shutdown,
     ) {
-        let tick =
-            (self.rules.settle / 4).clamp(Duration::from_millis(25), Duration::from_millis(500));
-        let mut ticker = tokio::time::interval(tick);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticker = new_ticker(self.rules.settle);
         let (mut root_open, mut rescans_open) = (true, true);
         loop {
             tokio::select! {
                 Some(ev) = events.recv() => self.event(ev),
-                Some(input) = inputs.recv() => self.input(input),
+                Some(input) = inputs.recv() => {
+                    self.input(input);
+                    // A reload may have changed `settle`, and so the tick.
+                    if ticker.period() != tick_for(self.rules.settle) {
+                        ticker = new_ticker(self.rules.settle);
+                    }
+                }
                 changed = root.changed(), if root_open => match changed {
                     Ok(()) => {
                         if *root.borrow_and_update() == RootStatus::Present {
@@ -595,9 +620,7 @@ impl Detect {
             Input::Reconfigure(rules, every) => {
                 *self.shared.rules.lock().expect("rules lock") = rules.clone();
                 self.rules = rules;
-                // Events of paths the new rules leave out are ignored, closes
-                // among them.
-                self.closes_may_be_lost();
+                self.forget_left_out();
                 if every != self.rescan_every {
                     self.rescan_every = every;
                     self.next_rescan = every.map(|d| Instant::now() + d);
@@ -627,18 +650,35 @@ impl Detect {
         });
     }
 
+    /// New rules (a reload): what they leave out is forgotten, except a file
+    /// seen being written, whose events are still followed (its close ends
+    /// the wait, and it is then dropped, not handed over) so that rules
+    /// that leave it out and take it back meanwhile do not hand it to a scan
+    /// while its writer pauses. Everything else keeps what is known of it:
+    /// the events of paths both rules take were all seen.
+    fn forget_left_out(&mut self) {
+        let rules = &self.rules;
+        self.pending
+            .retain(|path, p| p.phase == Phase::Writing || rules.matches(path));
+        self.share_writing();
+    }
+
     /// File events were lost (an overflow, here or in the kernel): a close
     /// may be among them, so a file seen being written waits for its close no
     /// more than one seen created (a scan takes it over), and the tree is
-    /// rescanned.
+    /// rescanned. So may the removal of a directory: one created again
+    /// with the same inode number (ext4 reuses them) would look watched, so
+    /// that rescan adds the watch of every directory again.
     fn events_lost(&mut self) {
+        // Before the rescan asked for below (see `rewatch`).
+        self.shared.rewatch_known.store(true, Ordering::SeqCst);
         self.closes_may_be_lost();
         self.rescan(Why::Overflow);
     }
 
     /// A file seen being written no longer waits for a close that may never
-    /// come (events lost, or ignored under other rules): it is `Created`, and
-    /// the walker learns so before it next looks.
+    /// come (events lost): it is `Created`, and the walker learns so before
+    /// it next looks.
     fn closes_may_be_lost(&mut self) {
         for p in self.pending.values_mut() {
             if p.phase == Phase::Writing {
@@ -664,19 +704,28 @@ impl Detect {
     }
 
     /// The root is back: every watch is added again and the tree rescanned.
+    /// What waited to settle is found again by that rescan; a file seen
+    /// being written keeps waiting for its close (its writer may hold it
+    /// across a network share's brief error), unless the root is another
+    /// filesystem or directory than before.
     fn rewatch(&mut self) {
         self.root_lost = false;
+        let was = self.root_id;
         self.root_id = root::identity(&self.rules.root);
+        let same_root = matches!((self.root_id, was), (Some(now), Some(was)) if now.is(&was));
         // Before the rescan asked for below, which may be merged into one
         // that has not begun (and so has not looked at this yet).
         self.shared.unwatch_all.store(true, Ordering::SeqCst);
-        self.pending.clear();
+        self.pending
+            .retain(|_, p| same_root && p.phase == Phase::Writing);
         self.share_writing();
         self.rescan(Why::RootBack);
     }
 
     fn touch(&mut self, path: &Path, phase: Option<Phase>) {
-        if !self.rules.matches(path) {
+        // One the rules leave out is followed only if it waits already (see
+        // `forget_left_out`).
+        if !self.rules.matches(path) && !self.pending.contains_key(path) {
             return;
         }
         let now = Instant::now();
@@ -899,7 +948,7 @@ impl Detect {
         let writing: Vec<&PathBuf> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.phase.open())
+            .filter(|(path, p)| p.phase.open() && self.rules.matches(path))
             .map(|(k, _)| k)
             .collect();
         let count = writing.len() as u64;
@@ -971,6 +1020,11 @@ impl Detect {
             }
         }
         for (path, trigger) in done {
+            // Left out by rules reloaded while it was being written.
+            if !self.rules.matches(&path) {
+                self.pending.remove(&path);
+                continue;
+            }
             if finished::open_for_writing(&path) == Some(true) {
                 if let Some(p) = self.pending.get_mut(&path) {
                     p.phase = Phase::Writing;
@@ -1072,8 +1126,12 @@ fn walk_and_report(shared: &WalkerShared, dir: &Path, why: Why, between: &Betwee
     if shared.unwatch_all.swap(false, Ordering::SeqCst) {
         unwatch_all(shared);
     }
+    let known = match why.is_full_scan() && shared.rewatch_known.swap(false, Ordering::SeqCst) {
+        true => Known::Rewatch,
+        false => Known::Trust,
+    };
     let started = Instant::now();
-    let (found, old) = walk(shared, dir, between);
+    let (found, old) = walk(shared, dir, between, known);
     // A walk cut short by a stop is not heard of (the loop has ended); one
     // cut short because the scheduler is gone hands nothing over any more.
     let _ = shared.inputs.blocking_send(Input::WalkEnded {
@@ -1099,8 +1157,17 @@ fn walk_and_report(shared: &WalkerShared, dir: &Path, why: Why, between: &Betwee
     }
 }
 
+/// What a walk makes of a directory recorded as watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    /// Watched already, if it is the same directory (device, inode).
+    Trust,
+    /// Its watch is added again: the record may be stale (events lost).
+    Rewatch,
+}
+
 /// Returns (candidate files found, files left alone as older than the mark).
-fn walk(shared: &WalkerShared, dir: &Path, between: &Between) -> (usize, usize) {
+fn walk(shared: &WalkerShared, dir: &Path, between: &Between, known: Known) -> (usize, usize) {
     let rules = shared.rules.lock().expect("rules lock").clone();
     let settle_ns = rules.settle.as_nanos() as i128;
     let mut batch = Vec::new();
@@ -1120,14 +1187,7 @@ fn walk(shared: &WalkerShared, dir: &Path, between: &Between) -> (usize, usize) 
                     .io_error()
                     .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied);
                 match e.path() {
-                    Some(p) if denied => {
-                        let text = format!(
-                            "cannot read {}: permission denied; files in it are not offloaded until the service may read it (see the README on the group or default-ACL recipe)",
-                            p.display()
-                        );
-                        tracing::warn!("{text}");
-                        shared.live.notice(text);
-                    }
+                    Some(p) if denied => report_denied(shared, p),
                     // Gone while walked, say: nothing to tell an operator.
                     _ => tracing::debug!(error = %e, "cannot read part of the tree; skipping it"),
                 }
@@ -1136,7 +1196,7 @@ fn walk(shared: &WalkerShared, dir: &Path, between: &Between) -> (usize, usize) 
         };
         let ft = entry.file_type();
         if ft.is_dir() {
-            watch_dir(shared, entry.path());
+            watch_dir(shared, entry.path(), known);
             between.take_walks(shared);
             continue;
         }
@@ -1224,32 +1284,100 @@ fn unwatch_all(shared: &WalkerShared) {
     }
 }
 
-/// Adds a watch unless this very directory (device, inode) is watched already.
-fn watch_dir(shared: &WalkerShared, dir: &Path) {
+/// Why a directory's watch could not be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WatchFailure {
+    /// The inotify watch limit: its files are found by rescans, which come
+    /// at least every [`LIMITED_RESCAN`] meanwhile.
+    Limit,
+    /// The service may not read it: nothing in it can be offloaded, by
+    /// events or by rescans.
+    Denied,
+    /// Gone since it was listed: its removal is an event of its parent.
+    Gone,
+    /// Anything else: its new files are found by the periodic rescans.
+    Other,
+}
+
+impl WatchFailure {
+    fn of(e: &notify::Error) -> WatchFailure {
+        match &e.kind {
+            notify::ErrorKind::MaxFilesWatch => WatchFailure::Limit,
+            notify::ErrorKind::PathNotFound => WatchFailure::Gone,
+            notify::ErrorKind::Io(io) => match io.kind() {
+                std::io::ErrorKind::PermissionDenied => WatchFailure::Denied,
+                std::io::ErrorKind::NotFound => WatchFailure::Gone,
+                _ => WatchFailure::Other,
+            },
+            _ => WatchFailure::Other,
+        }
+    }
+}
+
+/// Tells once (until it is watched) that the service may not read `dir`.
+fn report_denied(shared: &WalkerShared, dir: &Path) {
+    report_once(shared, dir, || {
+        format!(
+        "cannot read {}: permission denied; files in it are not offloaded until the service may read it (see the README on the group or default-ACL recipe)",
+        dir.display()
+    )
+    });
+}
+
+/// Logs and shows in `status` what `text` says of `dir`, unless that was
+/// told of it already since it was last watched.
+fn report_once(shared: &WalkerShared, dir: &Path, text: impl FnOnce() -> String) {
+    let new = shared
+        .unreachable
+        .lock()
+        .expect("unreachable lock")
+        .insert(dir.to_path_buf());
+    if new {
+        let text = text();
+        tracing::warn!("{text}");
+        shared.live.notice(text);
+    }
+}
+
+/// Adds a watch unless this very directory (device, inode) is watched
+/// already (and `known` trusts that record).
+fn watch_dir(shared: &WalkerShared, dir: &Path, known: Known) {
     let Ok(meta) = std::fs::symlink_metadata(dir) else {
         return;
     };
     let id = (meta.dev(), meta.ino());
-    if shared.watched.lock().expect("watched lock").get(dir) == Some(&id) {
+    // Held until the watch is recorded: the loop's `forget_dir` of a
+    // removal meanwhile comes before the check or after the record, never
+    // between them (which would leave a stale record).
+    let mut watched = shared.watched.lock().expect("watched lock");
+    if known == Known::Trust && watched.get(dir) == Some(&id) {
         return;
     }
-    match shared
+    let result = shared
         .notify
         .lock()
         .expect("notify lock")
-        .watch(dir, RecursiveMode::NonRecursive)
-    {
+        .watch(dir, RecursiveMode::NonRecursive);
+    let e = match result {
         Ok(()) => {
+            watched.insert(dir.to_path_buf(), id);
+            drop(watched);
             shared
-                .watched
+                .unreachable
                 .lock()
-                .expect("watched lock")
-                .insert(dir.to_path_buf(), id);
+                .expect("unreachable lock")
+                .remove(dir);
+            return;
         }
-        Err(e) => {
-            let n = shared.unwatched.fetch_add(1, Ordering::Relaxed);
-            let at_limit = matches!(e.kind, notify::ErrorKind::MaxFilesWatch);
-            if at_limit && !shared.limit_warned.swap(true, Ordering::Relaxed) {
+        Err(e) => e,
+    };
+    // Whatever the record said, this directory has no watch of ours.
+    watched.remove(dir);
+    drop(watched);
+    match WatchFailure::of(&e) {
+        WatchFailure::Limit => {
+            shared.unwatched.fetch_add(1, Ordering::Relaxed);
+            if !shared.limit_warned.swap(true, Ordering::Relaxed) {
                 let limit = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
                     .map(|s| s.trim().to_string())
                     .unwrap_or_else(|_| "?".into());
@@ -1259,12 +1387,20 @@ fn watch_dir(shared: &WalkerShared, dir: &Path) {
                 );
                 tracing::warn!(dir = %dir.display(), "{text}");
                 shared.live.notice(text);
-            } else if !at_limit && n < 10 {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory {}: {e}; its files are found by rescans only", dir.display());
             } else {
-                tracing::debug!(dir = %dir.display(), error = %e, "cannot watch directory");
+                tracing::debug!(dir = %dir.display(), "cannot watch directory: the watch limit is reached");
             }
         }
+        WatchFailure::Denied => report_denied(shared, dir),
+        WatchFailure::Gone => {
+            tracing::debug!(dir = %dir.display(), error = %e, "cannot watch directory: it is gone")
+        }
+        WatchFailure::Other => report_once(shared, dir, || {
+            format!(
+                "cannot watch directory {}: {e}; its new files are found by the periodic rescans only",
+                dir.display()
+            )
+        }),
     }
 }
 
@@ -1328,6 +1464,8 @@ mod tests {
             stop: AtomicBool::new(false),
             live: live.clone(),
             unwatched: AtomicU64::new(0),
+            unreachable: Mutex::default(),
+            rewatch_known: AtomicBool::new(false),
             limit_warned: AtomicBool::new(false),
             unwatch_all: AtomicBool::new(false),
             held: Held::default(),
@@ -1486,7 +1624,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut d, _rx, walks) = detect_at(dir.path());
         let root = d.rules.root.clone();
-        walk(&d.shared, &root, &Between::Nothing);
+        walk(&d.shared, &root, &Between::Nothing, Known::Trust);
         let waiting = root.join("a.png");
         d.pending
             .insert(waiting.clone(), pending(Phase::Closed, Instant::now()));
@@ -1507,7 +1645,7 @@ mod tests {
         std::fs::create_dir(dir.path().join("a")).unwrap();
         let (mut d, _rx, walks) = detect_at(dir.path());
         let root = d.rules.root.clone();
-        walk(&d.shared, &root, &Between::Nothing);
+        walk(&d.shared, &root, &Between::Nothing, Known::Trust);
         let stale = root.join("gone");
         d.shared
             .watched
@@ -1915,19 +2053,222 @@ mod tests {
                 .insert(written.clone(), pending(Phase::Writing, old));
             d.tick();
             assert!(d.shared.writing.lock().unwrap().contains(&written));
-            // Rules reloaded: a close under the old ones may have been
-            // ignored; the walker knows at once.
+            // A reload (of anything: the rules take it still) loses no
+            // event of it: it keeps waiting for its close.
             let rules = d.rules.clone();
-            d.input(Input::Reconfigure(rules, None));
-            assert_eq!(d.pending[&written].phase, Phase::Created);
-            assert!(d.shared.writing.lock().unwrap().is_empty());
-            d.pending
-                .insert(written.clone(), pending(Phase::Writing, old));
+            d.input(Input::Reconfigure(rules.clone(), None));
+            scan(&mut d, &mut inputs);
+            assert!(rx.try_recv().is_err(), "a reload left it to its close");
+            assert_eq!(d.pending[&written].phase, Phase::Writing);
+            // Rules that leave it out, then take it back: its events were
+            // followed meanwhile, and it still waits for its close.
+            let without =
+                Rules::new(dir.path(), &["**".into()], &["*.jpg".into()], rules.settle).unwrap();
+            d.input(Input::Reconfigure(without, None));
             d.tick();
+            d.input(Input::Reconfigure(rules, None));
+            scan(&mut d, &mut inputs);
+            assert!(
+                rx.try_recv().is_err(),
+                "rules out and in left it to its close"
+            );
+            assert_eq!(d.pending[&written].phase, Phase::Writing);
+            // The root back after a moment away (a network share's error):
+            // the same root, and the same writer may hold the file.
+            d.rewatch();
+            scan(&mut d, &mut inputs);
+            assert!(
+                rx.try_recv().is_err(),
+                "the root's return left it to its close"
+            );
+            assert_eq!(d.pending[&written].phase, Phase::Writing);
+            assert!(d.shared.writing.lock().unwrap().contains(&written));
 
             d.dropped.store(true, Ordering::Relaxed);
             scan(&mut d, &mut inputs);
             assert_eq!(rx.try_recv().unwrap().abs, written, "events were lost");
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Rules reloaded that leave out a file being written: its events are
+    /// still followed, it is not listed as waiting, and its close drops it
+    /// (it is not handed over). Other files they leave out are forgotten;
+    /// those they take are kept as they were.
+    #[tokio::test]
+    async fn a_file_being_written_that_reloaded_rules_leave_out_is_followed_to_its_close_and_dropped(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut d, mut rx, _walks) = detect_at(dir.path());
+        let root = d.rules.root.clone();
+        let old = Instant::now() - Duration::from_secs(10);
+        let (written, created, kept) = (root.join("a.jpg"), root.join("b.jpg"), root.join("c.png"));
+        d.pending
+            .insert(written.clone(), pending(Phase::Writing, old));
+        d.pending
+            .insert(created.clone(), pending(Phase::Created, old));
+        d.pending.insert(kept.clone(), pending(Phase::Writing, old));
+        let without = Rules::new(&root, &["**".into()], &["*.jpg".into()], d.rules.settle).unwrap();
+        d.input(Input::Reconfigure(without, None));
+        assert!(!d.pending.contains_key(&created), "left out: forgotten");
+        assert_eq!(d.pending[&written].phase, Phase::Writing);
+        assert_eq!(d.pending[&kept].phase, Phase::Writing);
+        d.publish();
+        assert_eq!(
+            d.live.shown().writers_waiting,
+            1,
+            "only the one still taken"
+        );
+
+        let close = notify::Event::new(EventKind::Access(AccessKind::Close(AccessMode::Write)))
+            .add_path(written.clone());
+        d.event(Ok(close));
+        assert_eq!(d.pending[&written].phase, Phase::Closed);
+        d.pending.get_mut(&written).unwrap().last_event = old;
+        d.settle_due();
+        assert!(rx.try_recv().is_err(), "left out: not handed over");
+        assert!(!d.pending.contains_key(&written));
+        assert_eq!(d.pending[&kept].phase, Phase::Writing);
+    }
+
+    /// The root back: a file seen being written keeps waiting if it is the
+    /// same root; on another filesystem (or directory) nothing known holds.
+    #[tokio::test]
+    async fn the_root_back_keeps_files_being_written_only_if_it_is_the_same_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut d, _rx, walks) = detect_at(dir.path());
+        let root = d.rules.root.clone();
+        let old = Instant::now() - Duration::from_secs(10);
+        let (written, closed) = (root.join("a.jpg"), root.join("b.jpg"));
+        d.pending
+            .insert(written.clone(), pending(Phase::Writing, old));
+        d.pending
+            .insert(closed.clone(), pending(Phase::Closed, old));
+        d.rewatch();
+        assert_eq!(walks.try_recv().unwrap(), (root.clone(), Why::RootBack));
+        assert!(d.pending.contains_key(&written));
+        assert!(
+            !d.pending.contains_key(&closed),
+            "found again by the rescan"
+        );
+        assert!(d.shared.writing.lock().unwrap().contains(&written));
+
+        d.root_id = Some(RootId {
+            fsid: 0,
+            uuid: None,
+            ino: 0,
+        });
+        d.rewatch();
+        assert!(d.pending.is_empty(), "another root: {:?}", d.pending);
+        assert!(d.shared.writing.lock().unwrap().is_empty());
+    }
+
+    /// After lost events, a folder whose record matches (removed, its
+    /// removal lost, and created again with the same inode number, as ext4
+    /// does) but that has no watch is watched again by the rescan.
+    #[test]
+    fn after_lost_events_a_folder_recorded_as_watched_is_watched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut d, _rx, walks, _inputs) = detect_with_inputs(dir.path(), 64);
+        let (tx, events) = std::sync::mpsc::channel();
+        *d.shared.notify.lock().unwrap() = notify::RecommendedWatcher::new(
+            move |ev: notify::Result<notify::Event>| {
+                let _ = tx.send(ev);
+            },
+            watcher_config(),
+        )
+        .unwrap();
+        let root = d.rules.root.clone();
+        walk(&d.shared, &root, &Between::Nothing, Known::Trust);
+        let current = root.join("current");
+        std::fs::create_dir(&current).unwrap();
+        let m = std::fs::metadata(&current).unwrap();
+        d.shared
+            .watched
+            .lock()
+            .unwrap()
+            .insert(current.clone(), (m.dev(), m.ino()));
+
+        d.events_lost();
+        let (scanned, why) = walks.try_recv().unwrap();
+        assert_eq!((&scanned, why), (&root, Why::Overflow));
+        walk_and_report(&d.shared, &scanned, why, &Between::Nothing);
+        while events.try_recv().is_ok() {}
+        let file = current.join("a.png");
+        std::fs::write(&file, b"x").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match events.recv_timeout(left) {
+                Ok(Ok(ev)) if ev.paths.contains(&file) => break,
+                Ok(_) => {}
+                Err(_) => panic!("no event from the folder: it has no watch"),
+            }
+        }
+        assert!(!d.shared.rewatch_known.load(Ordering::SeqCst), "once");
+    }
+
+    #[test]
+    fn only_the_watch_limit_counts_as_a_folder_needing_rescans() {
+        let io = |errno| notify::Error::io(std::io::Error::from_raw_os_error(errno));
+        let limit = notify::Error::new(notify::ErrorKind::MaxFilesWatch);
+        assert_eq!(WatchFailure::of(&limit), WatchFailure::Limit);
+        assert_eq!(WatchFailure::of(&io(libc::EACCES)), WatchFailure::Denied);
+        let gone = notify::Error::new(notify::ErrorKind::PathNotFound);
+        assert_eq!(WatchFailure::of(&gone), WatchFailure::Gone);
+        assert_eq!(WatchFailure::of(&io(libc::ENOENT)), WatchFailure::Gone);
+        assert_eq!(WatchFailure::of(&io(libc::ENOMEM)), WatchFailure::Other);
+    }
+
+    /// A folder the service may not read (`lost+found` at a mount point's
+    /// root): named once, in the log and `status`, and no cause for
+    /// rescans every minute (its files cannot be read by them either).
+    /// Needs root, to run the watcher as another user.
+    #[test]
+    fn a_folder_the_service_may_not_read_is_named_once_and_brings_no_rescans() {
+        use std::os::unix::fs::PermissionsExt;
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var_os("CI").is_none(), "this test needs root");
+            eprintln!("SKIP: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+        mode(dir.path(), 0o755).unwrap();
+        let private = dir.path().join("lost+found");
+        std::fs::create_dir(&private).unwrap();
+        mode(&private, 0o700).unwrap();
+        let root = dir.path().to_path_buf();
+        // In a thread of its own, which becomes nobody (notify's thread,
+        // started by it, too).
+        std::thread::spawn(move || {
+            // SAFETY: the raw syscall changes this thread's ids only.
+            let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+            assert_eq!(rc, 0, "setresuid: {}", std::io::Error::last_os_error());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let (mut d, _rx, walks, _inputs) = detect_with_inputs(&root, 64);
+            let _guard = rt.enter();
+            for _ in 0..2 {
+                d.rescan(Why::Periodic);
+                let (scanned, why) = walks.try_recv().unwrap();
+                walk_and_report(&d.shared, &scanned, why, &Between::Nothing);
+            }
+            assert_eq!(d.shared.unwatched.load(Ordering::Relaxed), 0);
+            let notices = d.live.shown().notices;
+            assert_eq!(notices.len(), 1, "{notices:?}");
+            assert!(
+                notices[0].starts_with(&format!(
+                    "cannot read {}: permission denied",
+                    private.display()
+                )),
+                "{notices:?}"
+            );
+            d.tick();
+            assert_eq!(d.next_rescan, None, "no rescans: rescan_interval is 0");
         })
         .join()
         .unwrap();
