@@ -302,7 +302,8 @@ struct WalkerShared {
     inputs: mpsc::Sender<Input>,
     stop: AtomicBool,
     live: Arc<Live>,
-    /// Directories beyond the watch limit (they need rescans).
+    /// Directories without a watch whose files only rescans find (beyond
+    /// the watch limit, or an unexpected error).
     unwatched: AtomicU64,
     /// Directories that could not be read or watched, told once each (in
     /// the log and `status`) until they are watched.
@@ -1126,9 +1127,10 @@ fn walk_and_report(shared: &WalkerShared, dir: &Path, why: Why, between: &Betwee
     if shared.unwatch_all.swap(false, Ordering::SeqCst) {
         unwatch_all(shared);
     }
-    let known = match why.is_full_scan() && shared.rewatch_known.swap(false, Ordering::SeqCst) {
-        true => Known::Rewatch,
-        false => Known::Trust,
+    let known = if why.is_full_scan() && shared.rewatch_known.swap(false, Ordering::SeqCst) {
+        Known::Rewatch
+    } else {
+        Known::Trust
     };
     let started = Instant::now();
     let (found, old) = walk(shared, dir, between, known);
@@ -1295,7 +1297,8 @@ enum WatchFailure {
     Denied,
     /// Gone since it was listed: its removal is an event of its parent.
     Gone,
-    /// Anything else: its new files are found by the periodic rescans.
+    /// Anything else (ENOMEM, say): its new files are found by rescans,
+    /// at least every [`LIMITED_RESCAN`], as beyond the limit.
     Other,
 }
 
@@ -1395,12 +1398,16 @@ fn watch_dir(shared: &WalkerShared, dir: &Path, known: Known) {
         WatchFailure::Gone => {
             tracing::debug!(dir = %dir.display(), error = %e, "cannot watch directory: it is gone")
         }
-        WatchFailure::Other => report_once(shared, dir, || {
-            format!(
-                "cannot watch directory {}: {e}; its new files are found by the periodic rescans only",
-                dir.display()
-            )
-        }),
+        WatchFailure::Other => {
+            shared.unwatched.fetch_add(1, Ordering::Relaxed);
+            report_once(shared, dir, || {
+                format!(
+                    "cannot watch directory {}: {e}; its new files are found by rescans only, at least every {} s",
+                    dir.display(),
+                    LIMITED_RESCAN.as_secs()
+                )
+            })
+        }
     }
 }
 
@@ -2210,7 +2217,7 @@ mod tests {
     }
 
     #[test]
-    fn only_the_watch_limit_counts_as_a_folder_needing_rescans() {
+    fn watch_failures_by_cause() {
         let io = |errno| notify::Error::io(std::io::Error::from_raw_os_error(errno));
         let limit = notify::Error::new(notify::ErrorKind::MaxFilesWatch);
         assert_eq!(WatchFailure::of(&limit), WatchFailure::Limit);
