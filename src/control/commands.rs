@@ -67,6 +67,14 @@ pub async fn delete_through(config: &Config, queue: &Queue, rel: &RelPath) -> Re
             )),
         );
     }
+    // The record cannot be removed while the state cannot be written: the
+    // object and the local copy stay, rather than a record naming neither.
+    if let Some(e) = queue.failed_state() {
+        return Reply::fail(
+            1,
+            err_line(format!("cannot delete {rel}: {e}; nothing was deleted")),
+        );
+    }
     let key = ItemKey::from_rel(rel);
     let record = match queue.record(&key) {
         Ok(r) => r,
@@ -189,4 +197,38 @@ fn removable(local: &Path) -> Result<(), String> {
 pub async fn test_connection(config: &Config, provider: Option<&str>) -> Reply {
     let (exit, out, err) = crate::remote::connection_test::outcome(config, provider).await;
     Reply { exit, out, err }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load, RootCheck};
+
+    /// With the state unwritable (a full disk), a delete-through touches
+    /// nothing: the record could not go, and would name a missing object or
+    /// file.
+    #[tokio::test]
+    async fn a_delete_while_the_state_cannot_be_written_touches_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("results");
+        std::fs::create_dir_all(&root).unwrap();
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, format!("watch:\n  root: {}\n", root.display())).unwrap();
+        let config = load(&config, RootCheck::MustExist).unwrap().config;
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let (queue, _) = Queue::open(&state).unwrap();
+        std::fs::write(root.join("a.png"), b"kept").unwrap();
+        queue.inject_failure("No space left on device");
+
+        let reply = delete_through(&config, &queue, &RelPath::parse("a.png").unwrap()).await;
+        assert_eq!(reply.exit, 1);
+        assert!(
+            reply.err.contains("cannot write to state_dir")
+                && reply.err.contains("nothing was deleted"),
+            "{}",
+            reply.err
+        );
+        assert!(root.join("a.png").exists(), "the local copy was deleted");
+    }
 }
