@@ -67,6 +67,10 @@ pub enum StateError {
     Database { dir: PathBuf, message: String },
     #[error("cannot write to state_dir {dir}: {message}; free space there or fix the disk (uploads and deletes wait, nothing is lost, and offloadd resumes by itself)")]
     Failed { dir: PathBuf, message: String },
+    /// A multipart upload's progress was to be saved for an item that is no
+    /// longer waiting for its upload (a reopened database lost its admission).
+    #[error("{key} is no longer queued for upload in the state database, so its multipart upload was given up; a rescan queues it again")]
+    NotQueued { key: String },
 }
 
 impl StateError {
@@ -894,13 +898,20 @@ impl Queue {
     }
 
     /// Makes a multipart upload's progress durable (call before sending the
-    /// first part of a new upload id).
+    /// first part of a new upload id). An item no longer waiting for its
+    /// upload is an error ([`StateError::NotQueued`]): nothing would hold the
+    /// upload id, and the caller aborts the upload.
     pub async fn save_multipart(
         &self,
         key: &ItemKey,
         progress: &MultipartProgress,
     ) -> Result<(), StateError> {
-        self.set_multipart(key, Some(progress.clone()))?;
+        let Some(item) = self.with_multipart(key, Some(progress.clone()))? else {
+            return Err(StateError::NotQueued {
+                key: key.to_string(),
+            });
+        };
+        self.set_item(key, Some(&item))?;
         self.durable().await
     }
 
@@ -1538,6 +1549,35 @@ mod tests {
         drop(q);
         let (_q, opened) = Queue::open(dir.path()).unwrap();
         assert_eq!(opened, Opened::Intact);
+    }
+
+    /// An upload id is saved only with an item waiting for its upload: for
+    /// any other, saving fails (the caller aborts the upload) instead of
+    /// reporting a durable id nothing holds.
+    #[tokio::test]
+    async fn a_multipart_upload_is_saved_only_for_an_item_waiting_to_upload() {
+        let (_d, q) = open();
+        let progress = MultipartProgress {
+            provider: "p".into(),
+            key: "pre/v.mp4".into(),
+            upload_id: "u".into(),
+            part_size: 5,
+            identity: id(2, 10),
+            parts: Vec::new(),
+            started_ms: 0,
+        };
+        let v = key("v.mp4");
+        let e = q.save_multipart(&v, &progress).await.unwrap_err();
+        assert!(matches!(e, StateError::NotQueued { .. }), "{e}");
+        assert!(e.to_string().contains("v.mp4 is no longer queued"), "{e}");
+        q.record_uploaded(&v, &record(id(2, 10)), AfterUpload::DeleteLocal)
+            .unwrap();
+        let e = q.save_multipart(&v, &progress).await.unwrap_err();
+        assert!(matches!(e, StateError::NotQueued { .. }), "{e}");
+        q.reupload(&v).unwrap();
+        q.save_multipart(&v, &progress).await.unwrap();
+        assert_eq!(q.item(&v).unwrap().unwrap().multipart(), Some(&progress));
+        assert!(q.failure().is_none());
     }
 
     #[test]
