@@ -341,7 +341,7 @@ pub async fn run(
     let live_w = live.clone();
     let state_answered = Arc::new(AtomicU64::new(statedir::now_ms()));
     let answered = state_answered.clone();
-    if let Some(task) = systemd::spawn_watchdog(stopped.clone(), move || {
+    let watchdog = systemd::spawn_watchdog(stopped.clone(), move || {
         let now = statedir::now_ms();
         if now.saturating_sub(answered.load(Ordering::Relaxed)) > STATE_HUNG_AFTER_MS {
             Some("the state database stopped answering")
@@ -352,21 +352,30 @@ pub async fn run(
         } else {
             None
         }
-    }) {
+    });
+    // The database is pinged for the watchdog only.
+    let answered = watchdog.is_some().then_some(state_answered);
+    if let Some(task) = watchdog {
         tasks.push("watchdog", task);
-        tasks.push(
-            "state probe",
-            tokio::spawn(probe_state(queue.clone(), state_answered, stopped.clone())),
-        );
     }
+    tasks.push(
+        "state probe",
+        tokio::spawn(probe_state(queue.clone(), answered, stopped.clone())),
+    );
 
     let mut scheduler = scheduler;
     // The scheduler ends only after a stop; if it ends before one (a
     // panic), nothing would be uploaded again while the process lived on,
-    // so the daemon stops with an error and systemd restarts it.
+    // so the daemon stops with an error and systemd restarts it. So it does
+    // when the state failed for good: the restart moves aside or rebuilds.
+    let mut state_lost = None;
     let ended_early = loop {
         tokio::select! {
             () = &mut shutdown => break None,
+            e = queue.restart_needed() => {
+                state_lost = Some(e);
+                break None;
+            }
             ended = &mut scheduler => break Some(Early::Scheduler(match ended {
                 Ok(()) => "the scheduler stopped before the daemon did".to_string(),
                 Err(e) => format!("the scheduler failed: {e}"),
@@ -393,7 +402,11 @@ pub async fn run(
         Early::Task(name) => format!("the {name} task failed"),
     });
     drop(reloader);
-    finish(stop, tasks, &queue, &settings).await?;
+    let finished = finish(stop, tasks, &queue, &settings).await;
+    if let Some(e) = state_lost {
+        return Err(Fatal::State(e));
+    }
+    finished?;
     match died {
         Some(why) => Err(Fatal::Runtime(format!(
             "{why}; offloadd exits so that it is restarted, and queued files are kept"
@@ -747,25 +760,39 @@ const STATE_HUNG_AFTER_MS: u64 = 60_000;
 /// blocked or endlessly spinning scheduler uploads nothing.
 const LOOP_STUCK_AFTER_MS: u64 = 60_000;
 
-/// Asks the state database for one small write every few seconds, off the
-/// runtime, and notes when it answered (an error is an answer). A database
-/// that hangs (sled can, under load) leaves `answered` stale, and the watchdog
-/// stops its pings. Only one probe is outstanding at a time.
-async fn probe_state(queue: Arc<Queue>, answered: Arc<AtomicU64>, mut stopped: Shutdown) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+/// Every few seconds, off the runtime: checks that state_dir and the
+/// database are still those opened ([`Queue::check_place`]: one removed or
+/// replaced fails the state for good, and the daemon exits), and, with the
+/// watchdog on, asks the database for one small write and notes when it
+/// answered (an error is an answer). A database that hangs (sled can, under
+/// load) leaves `answered` stale, and the watchdog stops its pings. Only one
+/// probe is outstanding at a time.
+async fn probe_state(queue: Arc<Queue>, answered: Option<Arc<AtomicU64>>, mut stopped: Shutdown) {
+    let mut tick = tokio::time::interval(PROBE_STATE_EVERY);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stopped.recv() => return,
         }
         let q = queue.clone();
-        let probe = tokio::task::spawn_blocking(move || q.ping());
+        let ping = answered.is_some();
+        let probe = tokio::task::spawn_blocking(move || {
+            let _ = q.check_place();
+            if ping {
+                let _ = q.ping();
+            }
+        });
         tokio::select! {
-            _ = probe => answered.store(statedir::now_ms(), Ordering::Relaxed),
+            _ = probe => if let Some(a) = &answered {
+                a.store(statedir::now_ms(), Ordering::Relaxed);
+            },
             _ = stopped.recv() => return,
         }
     }
 }
+
+/// How often [`probe_state`] looks.
+const PROBE_STATE_EVERY: Duration = Duration::from_secs(5);
 
 /// Keeps systemd's `STATUS=` current, and writes the status snapshot when the
 /// control socket could not be bound.

@@ -19,6 +19,11 @@ pub fn of_fatal(e: &Fatal) -> u8 {
         // A write that failed (a full disk, at start-up or in the last
         // flush of a stop): systemd's restart may find the space back.
         Fatal::State(StateError::Failed { .. }) => NEGATIVE,
+        // Not fatal where it arises (a worker's upload); a retry may do.
+        Fatal::State(StateError::NotQueued { .. }) => NEGATIVE,
+        // The state failed for good while running (a corrupt or replaced
+        // database): the restart moves aside or rebuilds it.
+        Fatal::State(StateError::Restart { .. }) => NEGATIVE,
         // An unusable state_dir (missing, unwritable, a database that cannot
         // open): restarting does not help until ops fix it.
         Fatal::State(

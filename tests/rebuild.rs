@@ -476,3 +476,62 @@ fn a_rebuild_on_a_server_that_does_not_encode_keys_reads_them_as_they_are() {
     let cfg = Cfg::new(&s3.endpoint());
     rebuild_maps_every_name_back(&env, cfg, &["100%41.png", "a+b.png", "d/sp ace.png"]);
 }
+
+/// A state_dir removed while the daemon runs (`rm -rf` by config
+/// management, say) is noticed: the daemon exits 1 with one sentence, and
+/// the restart rebuilds the records of files already deleted locally (not a
+/// "fresh" start), and still uploads a file queued while the bucket was
+/// away (the managed-since mark is kept).
+#[test]
+fn a_state_dir_removed_while_running_is_rebuilt_at_the_restart() {
+    let env = TestEnv::new();
+    let mut s3 = S3Server::start_for(&env);
+    let mut cfg = Cfg::new(&s3.endpoint());
+    cfg.delete_local = true;
+    env.write_config(&cfg);
+    let mut daemon = Daemon::start(&env, &[]);
+    let files: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| {
+            let rel = format!("r/{i}.png");
+            let bytes = file_content(&rel, 100, 5_000);
+            write_file(&env.path(&rel), &bytes);
+            (rel, bytes)
+        })
+        .collect();
+    for (rel, bytes) in &files {
+        wait_until(LONG, rel, || {
+            s3.object_bytes(rel).as_deref() == Some(bytes.as_slice()) && !env.path(rel).exists()
+        });
+    }
+    // A backlog: queued while the bucket is away.
+    s3.stop();
+    let late = file_content("late.png", 100, 5_000);
+    write_file(&env.path("late.png"), &late);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    fs::remove_dir_all(&env.state_dir).unwrap();
+
+    let st = daemon
+        .wait_exit(std::time::Duration::from_secs(30))
+        .expect("offloadd exits once its state_dir is gone");
+    assert_eq!(st.code(), Some(1), "{}", daemon.stderr());
+    let said = format!(
+        "state_dir {} was removed or replaced while offloadd ran",
+        env.state_dir.display()
+    );
+    assert!(daemon.stderr().contains(&said), "{}", daemon.stderr());
+
+    s3.restart();
+    let daemon = Daemon::start(&env, &[]);
+    wait_until(LONG, "records rebuilt, the backlog uploaded", || {
+        env.status()["uploaded_count"] == files.len() + 1
+    });
+    for (rel, _) in &files {
+        assert_eq!(env.locate(rel), (0, public_url(rel)));
+    }
+    assert_eq!(
+        s3.object_bytes("late.png").as_deref(),
+        Some(late.as_slice())
+    );
+    let log = daemon.stop();
+    assert!(log.contains("rebuilt from the bucket"), "{log}");
+}

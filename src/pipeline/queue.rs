@@ -21,7 +21,14 @@
 //!
 //! A failed write puts the queue into a failed state that names the disk
 //! ([`StateError::Failed`]); writes are refused until [`Queue::recover`]
-//! succeeds, which reopens the database when sled's error is sticky.
+//! succeeds, which reopens the database when sled's error is sticky. What a
+//! reopen cannot mend fails it for good ([`StateError::Restart`], which
+//! [`Queue::restart_needed`] announces, and the daemon exits with): a
+//! database found corrupt on a read (the next open moves it aside), one that
+//! lost records when it was reopened (the same check as at open), and a
+//! state_dir or database removed or replaced while the daemon ran
+//! ([`Queue::check_place`]; the new state_dir is told that records were
+//! lost, so the restart rebuilds them and keeps the managed-since mark).
 //!
 //! Finished items leave nothing behind; a record holds a provider name and a
 //! key (bounded size), never a full URL.
@@ -67,6 +74,15 @@ pub enum StateError {
     Database { dir: PathBuf, message: String },
     #[error("cannot write to state_dir {dir}: {message}; free space there or fix the disk (uploads and deletes wait, nothing is lost, and offloadd resumes by itself)")]
     Failed { dir: PathBuf, message: String },
+    /// A multipart upload's progress was to be saved for an item that is no
+    /// longer waiting for its upload (a reopened database lost its admission).
+    #[error("{key} is no longer queued for upload in the state database, so its multipart upload was given up; a rescan queues it again")]
+    NotQueued { key: String },
+    /// Only a restart mends the state (a database that lost records or is
+    /// corrupt, a state_dir removed or replaced): `run` exits 1 with this
+    /// sentence, and the restart moves aside or rebuilds what it must.
+    #[error("{message}")]
+    Restart { dir: PathBuf, message: String },
 }
 
 impl StateError {
@@ -105,6 +121,51 @@ impl StateError {
             ),
             e => e.to_string(),
         }
+    }
+}
+
+/// Left in state_dir when a read found the database corrupt: the next open
+/// moves it aside as it would one it found corrupt itself.
+const CORRUPT_NOTE: &str = "db-corrupt";
+
+/// Why the state cannot be written.
+#[derive(Debug, Clone)]
+enum Failure {
+    /// A write failed (a full or failing disk): [`Queue::recover`] tries again.
+    Write(String),
+    /// Only a restart mends it; the sentence.
+    Restart(String),
+}
+
+/// The state_dir and sled's log file as opened (device, inode): a state_dir
+/// removed or replaced while the daemon runs has others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Place {
+    dir: (u64, u64),
+    log: (u64, u64),
+}
+
+impl Place {
+    fn id(m: &std::fs::Metadata) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        (m.dev(), m.ino())
+    }
+
+    /// The place the open database is in: the state_dir by path, the log by
+    /// the file held.
+    fn held(state_dir: &Path, log: &std::fs::File) -> std::io::Result<Place> {
+        Ok(Place {
+            dir: Place::id(&std::fs::metadata(state_dir)?),
+            log: Place::id(&log.metadata()?),
+        })
+    }
+
+    /// What the paths name now.
+    fn now(state_dir: &Path) -> std::io::Result<Place> {
+        Ok(Place {
+            dir: Place::id(&std::fs::metadata(state_dir)?),
+            log: Place::id(&std::fs::metadata(state_dir.join("db").join("db"))?),
+        })
     }
 }
 
@@ -470,6 +531,53 @@ fn record_of(key: &[u8], value: &[u8]) -> Option<Record> {
     decode_record(key, Entry::split(value)?.record?)
 }
 
+/// How many records were ever written to `t` and not lost (see
+/// [`Queue::records_written`]).
+fn written_in(t: &Trees) -> sled::Result<u64> {
+    // Forgotten first: a removal between the two reads then counts once
+    // too few, never once too many (which would look like a loss).
+    let forgotten = get_u64(&t.meta, META_FORGOTTEN)?;
+    Ok(get_u64(&t.meta, META_UPLOADED_COUNT)? + forgotten)
+}
+
+/// How the database `t` of `state_dir`, just opened (at start, or again after
+/// a failure), compares with what was noted beside it: empty although the
+/// state_dir was managed before, or holding fewer records than noted, it lost
+/// records. It then no longer counts as whole until a rebuild completes
+/// (the next note of the count, at the first flush, forgets the loss), so a
+/// stop before that rebuilds again.
+fn judge(state_dir: &Path, t: &Trees) -> sled::Result<Opened> {
+    let fresh = t.meta.get(META_INITIALIZED)?.is_none();
+    // Records noted before count as having been managed too, should the
+    // mark be gone.
+    let held = statedir::record_count::read(state_dir);
+    if fresh {
+        let managed_before =
+            statedir::mark::read(state_dir).is_some() || held.is_some_and(|n| n > 0);
+        if !managed_before {
+            return Ok(Opened::Fresh);
+        }
+        tracing::warn!("the state database is empty although this state_dir was managed before; the location records are to be rebuilt from the bucket");
+        return Ok(Opened::Lost);
+    }
+    // sled recovers a damaged log by dropping what follows the damage: fewer
+    // records written than were durable before means records were lost.
+    let now = written_in(t)?;
+    match held {
+        Some(before) if now < before => {
+            tracing::warn!(
+                records = now,
+                before,
+                "the state database holds fewer location records than it did ({now} < {before}): it was damaged; the location records are to be rebuilt from the bucket"
+            );
+            t.meta.remove(META_INITIALIZED)?;
+            t.flush()?;
+            Ok(Opened::Lost)
+        }
+        _ => Ok(Opened::Intact),
+    }
+}
+
 /// How the database was found when it was opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opened {
@@ -487,7 +595,14 @@ pub struct Queue {
     dir: PathBuf,
     trees: RwLock<Option<Trees>>,
     commit: GroupCommit,
-    failure: Mutex<Option<String>>,
+    failure: Mutex<Option<Failure>>,
+    /// Set once the state fails for good ([`Failure::Restart`]).
+    restart: watch::Sender<bool>,
+    /// The state_dir and log as opened (`None` if they could not be told).
+    place: Option<Place>,
+    /// The managed-since mark last seen in state_dir, to write back into a
+    /// state_dir that replaced it.
+    mark: Mutex<Option<i128>>,
     /// An abort was filed since [`Queue::take_filed_aborts`] last looked.
     aborts_filed: AtomicBool,
 }
@@ -545,7 +660,13 @@ impl Queue {
     /// `db.corrupt-<time>`; a held lock or a permission error is an error.
     pub fn open(state_dir: &Path) -> Result<(Queue, Opened), StateError> {
         let db_path = state_dir.join("db");
-        let (trees, moved_aside) = match open_trees(&db_path) {
+        let corrupt_note = state_dir.join(CORRUPT_NOTE);
+        let found_corrupt = if corrupt_note.exists() && db_path.exists() {
+            Err(sled::Error::Corruption { at: None, bt: () })
+        } else {
+            open_trees(&db_path)
+        };
+        let (trees, moved_aside) = match found_corrupt {
             Ok(t) => (t, false),
             Err(sled::Error::Corruption { .. }) => {
                 let aside = state_dir.join(format!("db.corrupt-{}", statedir::now_ms()));
@@ -561,55 +682,26 @@ impl Queue {
                     "the state database was corrupt and has been moved aside; a fresh one is started, and the location records are to be rebuilt from the bucket"
                 );
                 let t = open_trees(&db_path).map_err(|e| open_error(state_dir, e))?;
+                let _ = std::fs::remove_file(&corrupt_note);
                 (t, true)
             }
             Err(e) => return Err(open_error(state_dir, e)),
         };
-        let fresh = trees
-            .meta
-            .get(META_INITIALIZED)
-            .map_err(|e| open_error(state_dir, e))?
-            .is_none();
-        // Records noted before count as having been managed too, should the
-        // mark be gone.
-        let held = statedir::record_count::read(state_dir);
-        let managed_before =
-            statedir::mark::read(state_dir).is_some() || held.is_some_and(|n| n > 0);
-        let opened = match (moved_aside, fresh, managed_before) {
-            (true, _, _) => Opened::Lost,
-            (false, true, true) => {
-                tracing::warn!("the state database is empty although this state_dir was managed before; the location records are to be rebuilt from the bucket");
-                Opened::Lost
-            }
-            (false, true, false) => Opened::Fresh,
-            (false, false, _) => Opened::Intact,
+        let opened = if moved_aside {
+            Opened::Lost
+        } else {
+            judge(state_dir, &trees).map_err(|e| open_error(state_dir, e))?
         };
+        let place = Place::held(state_dir, &trees.log).ok();
         let queue = Queue {
             dir: state_dir.to_path_buf(),
             trees: RwLock::new(Some(trees)),
             commit: GroupCommit::new(),
             failure: Mutex::new(None),
+            restart: watch::channel(false).0,
+            place,
+            mark: Mutex::new(statedir::mark::read(state_dir)),
             aborts_filed: AtomicBool::new(false),
-        };
-        // sled recovers a damaged log by dropping what follows the damage:
-        // fewer records written than were durable before means records were
-        // lost.
-        let now = queue.records_written();
-        let opened = match held {
-            Some(before) if opened == Opened::Intact && now < before => {
-                tracing::warn!(
-                    records = now,
-                    before,
-                    "the state database holds fewer location records than it did ({now} < {before}): it was damaged; the location records are to be rebuilt from the bucket"
-                );
-                // The next note of the count (the first flush) forgets the
-                // loss; the database no longer counts as whole until a
-                // rebuild completes, so a stop before that rebuilds again.
-                queue.write(|t| t.meta.remove(META_INITIALIZED).map(|_| ()))?;
-                queue.flush()?;
-                Opened::Lost
-            }
-            _ => opened,
         };
         Ok((queue, opened))
     }
@@ -619,11 +711,7 @@ impl Queue {
     /// flush is durable once the flush is, whatever was written or removed
     /// meanwhile.
     fn records_written(&self) -> u64 {
-        // Forgotten first: a removal between the two reads then counts once
-        // too few, never once too many (which would look like a loss).
-        let forgotten = self.read(|t| get_u64(&t.meta, META_FORGOTTEN)).unwrap_or(0);
-        let (held, _) = self.uploaded();
-        held + forgotten
+        self.read(written_in).unwrap_or(0)
     }
 
     /// Notes `written` (a [`Queue::records_written`] taken before a flush that
@@ -637,12 +725,28 @@ impl Queue {
 
     /// Why the state cannot be written right now, if it cannot.
     pub fn failure(&self) -> Option<String> {
+        self.failure_kind().map(|f| match f {
+            Failure::Write(m) | Failure::Restart(m) => m,
+        })
+    }
+
+    fn failure_kind(&self) -> Option<Failure> {
         self.failure.lock().expect("failure lock").clone()
     }
 
     /// The failure as an error naming the state_dir, if the state is failed.
     pub fn failed_state(&self) -> Option<StateError> {
-        self.failure().map(|m| self.failed(m))
+        self.failure_kind().map(|f| self.error_of(f))
+    }
+
+    fn error_of(&self, f: Failure) -> StateError {
+        match f {
+            Failure::Write(message) => self.failed(message),
+            Failure::Restart(message) => StateError::Restart {
+                dir: self.dir.clone(),
+                message,
+            },
+        }
     }
 
     fn failed(&self, message: String) -> StateError {
@@ -652,10 +756,32 @@ impl Queue {
         }
     }
 
-    /// Records a failure (the first one wins until [`Queue::recover`]).
+    /// The error of the state failing now: the failure in force, else
+    /// `message` as a write failure.
+    fn failed_now(&self, message: String) -> StateError {
+        self.failed_state().unwrap_or_else(|| self.failed(message))
+    }
+
+    /// Records a failure (the first one wins until [`Queue::recover`]). A
+    /// corrupt database (or a bug sled reports) is one only a restart mends.
     fn fail(&self, e: sled::Error) -> StateError {
         let message = match e {
             sled::Error::Io(io) => io.to_string(),
+            sled::Error::Corruption { .. } => {
+                if let Err(e) = self.note_corrupt() {
+                    tracing::warn!(error = %e, "cannot note in state_dir that the database is corrupt: {e}");
+                }
+                return self.must_restart(format!(
+                    "the state database in {} is corrupt; offloadd exits so that its restart moves it aside and rebuilds the location records from the bucket",
+                    self.dir.display()
+                ));
+            }
+            e @ sled::Error::ReportableBug(_) => {
+                return self.must_restart(format!(
+                    "the state database in {} failed ({e}); offloadd exits so that its restart opens it again",
+                    self.dir.display()
+                ))
+            }
             other => other.to_string(),
         };
         let mut f = self.failure.lock().expect("failure lock");
@@ -666,25 +792,104 @@ impl Queue {
                 "cannot write to state_dir {}: {message}; uploads and deletes wait until it is writable again",
                 self.dir.display()
             );
-            *f = Some(message.clone());
+            *f = Some(Failure::Write(message.clone()));
         }
-        self.failed(f.clone().unwrap_or(message))
+        self.error_of(f.clone().unwrap_or(Failure::Write(message)))
+    }
+
+    /// Fails the state for good with `message` (one sentence): writes are
+    /// refused, [`Queue::recover`] does not clear it, and
+    /// [`Queue::restart_needed`] returns. The first such failure wins.
+    fn must_restart(&self, message: String) -> StateError {
+        let mut f = self.failure.lock().expect("failure lock");
+        if !matches!(*f, Some(Failure::Restart(_))) {
+            tracing::error!(state_dir = %self.dir.display(), "{message}");
+            *f = Some(Failure::Restart(message));
+        }
+        let out = self.error_of(f.clone().expect("a failure"));
+        drop(f);
+        self.restart.send_replace(true);
+        out
+    }
+
+    /// Waits until the state has failed for good; the error to exit with.
+    pub async fn restart_needed(&self) -> StateError {
+        let mut rx = self.restart.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+        match self.failure_kind() {
+            Some(f @ Failure::Restart(_)) => self.error_of(f),
+            _ => unreachable!("a restart is announced after its failure is set"),
+        }
+    }
+
+    /// Leaves [`CORRUPT_NOTE`] in state_dir (durably).
+    fn note_corrupt(&self) -> std::io::Result<()> {
+        let path = self.dir.join(CORRUPT_NOTE);
+        let f = std::fs::File::create(&path)?;
+        f.sync_all()?;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+
+    /// Compares the state_dir and the database's log with those opened: if
+    /// either was removed or replaced (an `rm -rf`, a restored copy, a
+    /// lazily unmounted filesystem), the records written since go to a file
+    /// nobody will open again. The state then fails for good, and the
+    /// state_dir now at the path is told that records were lost (the record
+    /// count, the managed-since mark), so that the restart rebuilds them and
+    /// still uploads what was queued. An error other than a missing path
+    /// (a failing disk) tells nothing and is left to the writes.
+    pub fn check_place(&self) -> Result<(), StateError> {
+        if let Some(e @ StateError::Restart { .. }) = self.failed_state() {
+            return Err(e);
+        }
+        let Some(held) = self.place else {
+            return Ok(());
+        };
+        match Place::now(&self.dir) {
+            Ok(now) if now == held => {
+                if let Some(mark) = statedir::mark::read(&self.dir) {
+                    *self.mark.lock().expect("mark lock") = Some(mark);
+                }
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {}
+            Err(_) => return Ok(()),
+        }
+        if let Err(e) = self.tell_new_place() {
+            tracing::warn!(error = %e, "cannot note in the new state_dir {} that records were lost: {e}", self.dir.display());
+        }
+        Err(self.must_restart(format!(
+            "state_dir {} was removed or replaced while offloadd ran; offloadd exits so that its restart rebuilds the location records from the bucket",
+            self.dir.display()
+        )))
+    }
+
+    /// Tells the state_dir now at the path that this one's records are not
+    /// in it: the record count (if higher than it notes) and the mark.
+    fn tell_new_place(&self) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        let written = self.records_written();
+        if statedir::record_count::read(&self.dir).is_none_or(|n| n < written) {
+            statedir::record_count::write(&self.dir, written)?;
+        }
+        if let Some(mark) = *self.mark.lock().expect("mark lock") {
+            statedir::mark::set_once(&self.dir, mark)?;
+        }
+        Ok(())
     }
 
     fn read<T>(&self, f: impl FnOnce(&Trees) -> sled::Result<T>) -> Result<T, StateError> {
         let guard = self.trees.read().expect("trees lock");
         let Some(trees) = guard.as_ref() else {
-            return Err(self.failed(
-                self.failure()
-                    .unwrap_or_else(|| "the database is closed".into()),
-            ));
+            return Err(self.failed_now("the database is closed".into()));
         };
         f(trees).map_err(|e| self.fail(e))
     }
 
     fn write<T>(&self, f: impl FnOnce(&Trees) -> sled::Result<T>) -> Result<T, StateError> {
-        if let Some(message) = self.failure() {
-            return Err(self.failed(message));
+        if let Some(e) = self.failed_state() {
+            return Err(e);
         }
         let out = self.read(f)?;
         self.commit.wrote();
@@ -708,12 +913,16 @@ impl Queue {
     /// Makes the state writable again after a failure: a flush that succeeds
     /// clears it; otherwise the database is closed and opened again (sled's
     /// errors are sticky). Unflushed writes may be lost; the caller reloads
-    /// its view of the queue.
+    /// its view of the queue. A failure only a restart mends is not cleared;
+    /// nor is a database reopened that lost records, or in a state_dir
+    /// removed or replaced meanwhile (both fail the state for good).
     pub fn recover(&self) -> Result<Recovered, StateError> {
-        let Some(message) = self.failure() else {
-            return Ok(Recovered::Flushed);
+        let message = match self.failure_kind() {
+            None => return Ok(Recovered::Flushed),
+            Some(f @ Failure::Restart(_)) => return Err(self.error_of(f)),
+            Some(Failure::Write(message)) => message,
         };
-        let mut guard = self.trees.write().expect("trees lock");
+        let guard = self.trees.write().expect("trees lock");
         if let Some(t) = guard.as_ref() {
             let probe = t
                 .meta
@@ -725,6 +934,10 @@ impl Queue {
                 return Ok(Recovered::Flushed);
             }
         }
+        // Never a new database in a state_dir removed or replaced meanwhile.
+        drop(guard);
+        self.check_place()?;
+        let mut guard = self.trees.write().expect("trees lock");
         *guard = None;
         match open_trees(&self.dir.join("db")) {
             Ok(t) => {
@@ -732,8 +945,18 @@ impl Queue {
                     .meta
                     .insert(b"probe", &statedir::now_ms().to_be_bytes())
                     .and_then(|_| t.flush());
+                // The same check as at open: sled may have dropped what
+                // followed damage in its log.
+                let judged = writable.as_ref().ok().map(|_| judge(&self.dir, &t));
                 *guard = Some(t);
-                match writable {
+                drop(guard);
+                match judged {
+                    Some(Ok(Opened::Lost)) => Err(self.must_restart(format!(
+                        "the state database in {} lost location records when it was reopened; offloadd exits so that its restart rebuilds them from the bucket",
+                        self.dir.display()
+                    ))),
+                    Some(Err(e)) => Err(self.fail(e)),
+                    _ => match writable {
                     Ok(_) => {
                         *self.failure.lock().expect("failure lock") = None;
                         self.commit.reset();
@@ -741,6 +964,7 @@ impl Queue {
                         Ok(Recovered::Reopened)
                     }
                     Err(e) => Err(self.failed(format!("{message} (still: {e})"))),
+                    },
                 }
             }
             Err(e) => Err(self.failed(format!("{message} (reopening: {e})"))),
@@ -898,13 +1122,20 @@ impl Queue {
     }
 
     /// Makes a multipart upload's progress durable (call before sending the
-    /// first part of a new upload id).
+    /// first part of a new upload id). An item no longer waiting for its
+    /// upload is an error ([`StateError::NotQueued`]): nothing would hold the
+    /// upload id, and the caller aborts the upload.
     pub async fn save_multipart(
         &self,
         key: &ItemKey,
         progress: &MultipartProgress,
     ) -> Result<(), StateError> {
-        self.set_multipart(key, Some(progress.clone()))?;
+        let Some(item) = self.with_multipart(key, Some(progress.clone()))? else {
+            return Err(StateError::NotQueued {
+                key: key.to_string(),
+            });
+        };
+        self.set_item(key, Some(&item))?;
         self.durable().await
     }
 
@@ -1179,8 +1410,8 @@ impl Queue {
     /// Waits until everything written so far is on disk; concurrent callers
     /// share one flush. A failed flush fails the queue (no delete follows).
     pub async fn durable(&self) -> Result<(), StateError> {
-        if let Some(message) = self.failure() {
-            return Err(self.failed(message));
+        if let Some(e) = self.failed_state() {
+            return Err(e);
         }
         let (db, log) = self.read(|t| Ok((t.db.clone(), t.log.clone())))?;
         let written = self.records_written();
@@ -1542,6 +1773,151 @@ mod tests {
         drop(q);
         let (_q, opened) = Queue::open(dir.path()).unwrap();
         assert_eq!(opened, Opened::Intact);
+    }
+
+    /// An upload id is saved only with an item waiting for its upload: for
+    /// any other, saving fails (the caller aborts the upload) instead of
+    /// reporting a durable id nothing holds.
+    #[tokio::test]
+    async fn a_multipart_upload_is_saved_only_for_an_item_waiting_to_upload() {
+        let (_d, q) = open();
+        let progress = MultipartProgress {
+            provider: "p".into(),
+            key: "pre/v.mp4".into(),
+            upload_id: "u".into(),
+            part_size: 5,
+            identity: id(2, 10),
+            parts: Vec::new(),
+            started_ms: 0,
+        };
+        let v = key("v.mp4");
+        let e = q.save_multipart(&v, &progress).await.unwrap_err();
+        assert!(matches!(e, StateError::NotQueued { .. }), "{e}");
+        assert!(e.to_string().contains("v.mp4 is no longer queued"), "{e}");
+        q.record_uploaded(&v, &record(id(2, 10)), AfterUpload::DeleteLocal)
+            .unwrap();
+        let e = q.save_multipart(&v, &progress).await.unwrap_err();
+        assert!(matches!(e, StateError::NotQueued { .. }), "{e}");
+        q.reupload(&v).unwrap();
+        q.save_multipart(&v, &progress).await.unwrap();
+        assert_eq!(q.item(&v).unwrap().unwrap().multipart(), Some(&progress));
+        assert!(q.failure().is_none());
+    }
+
+    /// Opens `dir` again, waiting for sled's threads of an earlier handle
+    /// to let go of its file lock.
+    fn reopen(dir: &Path) -> (Queue, Opened) {
+        for _ in 0..50 {
+            match Queue::open(dir) {
+                Ok(opened) => return opened,
+                Err(e) => eprintln!("reopening: {e}"),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("cannot open {}", dir.display());
+    }
+
+    /// A reopen after a failure runs the loss check of an open: a database
+    /// that comes back with fewer records than noted fails the state for
+    /// good (the daemon exits), and the next start still rebuilds, although
+    /// the count noted meanwhile is the lower one.
+    #[tokio::test]
+    async fn a_reopen_that_lost_records_needs_a_restart_that_rebuilds() {
+        let (dir, q) = open();
+        q.set_initialized().unwrap();
+        for k in ["a", "b"] {
+            q.record_uploaded(&key(k), &record(id(2, 10)), AfterUpload::Finish)
+                .unwrap();
+        }
+        q.durable().await.unwrap();
+        // As if sled dropped a third record when it recovered its log.
+        statedir::record_count::write(dir.path(), 3).unwrap();
+        q.inject_closed("Input/output error");
+        let e = loop {
+            match q.recover() {
+                Err(e @ StateError::Restart { .. }) => break e,
+                Err(e) => eprintln!("recovering: {e}"),
+                Ok(r) => panic!("recovered ({r:?}) although records were lost"),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        assert!(e.to_string().contains("lost location records"), "{e}");
+        let needed = tokio::time::timeout(std::time::Duration::from_secs(5), q.restart_needed())
+            .await
+            .expect("the restart is announced");
+        assert_eq!(needed.to_string(), e.to_string());
+        assert!(q.recover().is_err(), "a restart is needed, not a reopen");
+        assert!(q.admit(&key("c"), &id(3, 1), Admit::Event).is_err());
+        q.flush().unwrap();
+        drop(q);
+        assert_eq!(statedir::record_count::read(dir.path()), Some(2));
+        let (_q, opened) = reopen(dir.path());
+        assert_eq!(opened, Opened::Lost);
+    }
+
+    /// Corruption found on a read is not a full disk: the state fails for
+    /// good with its own sentence, and the next open moves the database
+    /// aside and rebuilds.
+    #[tokio::test]
+    async fn corruption_found_on_a_read_moves_the_database_aside_at_the_restart() {
+        let (dir, q) = open();
+        q.set_initialized().unwrap();
+        q.record_uploaded(&key("a"), &record(id(2, 10)), AfterUpload::Finish)
+            .unwrap();
+        q.durable().await.unwrap();
+        let e = q
+            .read(|_| -> sled::Result<()> { Err(sled::Error::Corruption { at: None, bt: () }) })
+            .unwrap_err();
+        assert!(matches!(e, StateError::Restart { .. }), "{e}");
+        assert!(e.to_string().contains("is corrupt"), "{e}");
+        assert!(!e.to_string().contains("free space"), "{e}");
+        assert!(q.recover().is_err(), "a restart is needed, not a probe");
+        assert!(q.failed_state().is_some());
+        drop(q);
+        let (q, opened) = reopen(dir.path());
+        assert_eq!(opened, Opened::Lost);
+        assert_eq!(q.record(&key("a")).unwrap(), None, "a fresh database");
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("db.corrupt-")
+            })
+            .count();
+        assert_eq!(aside, 1);
+        assert!(!dir.path().join(CORRUPT_NOTE).exists());
+    }
+
+    /// A state_dir replaced while the queue is open is noticed: the state
+    /// fails for good, and the new state_dir learns the record count and the
+    /// mark, so that the next start rebuilds (not "fresh") and keeps the
+    /// mark (the queued backlog is still walked).
+    #[tokio::test]
+    async fn a_replaced_state_dir_fails_the_state_and_the_restart_rebuilds() {
+        let top = tempfile::tempdir().unwrap();
+        let dir = top.path().join("state");
+        std::fs::create_dir(&dir).unwrap();
+        let (q, _) = Queue::open(&dir).unwrap();
+        q.set_initialized().unwrap();
+        statedir::mark::set_once(&dir, 1234).unwrap();
+        q.record_uploaded(&key("a"), &record(id(2, 10)), AfterUpload::Finish)
+            .unwrap();
+        q.durable().await.unwrap();
+        q.check_place().unwrap();
+        std::fs::rename(&dir, top.path().join("state.old")).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        let e = q.check_place().unwrap_err();
+        assert!(matches!(e, StateError::Restart { .. }), "{e}");
+        assert!(e.to_string().contains("was removed or replaced"), "{e}");
+        assert!(q.recover().is_err());
+        assert_eq!(statedir::record_count::read(&dir), Some(1));
+        assert_eq!(statedir::mark::read(&dir), Some(1234));
+        drop(q);
+        let (_q, opened) = reopen(&dir);
+        assert_eq!(opened, Opened::Lost);
     }
 
     #[test]
