@@ -80,6 +80,10 @@ pub async fn run(
         queue.set_paused(&info.provider, None)?;
     }
     let root = RootGuard::new(&config.watch.root, &config.state_dir).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            // A hung mount may answer again: exit 1, so systemd tries again.
+            return Fatal::Runtime(e.to_string());
+        }
         let root = config.watch.root.display();
         let what = format!("recording the identity of watch.root {root}: {e}");
         match StateError::of_io(&config.state_dir, &e, what) {
@@ -508,6 +512,7 @@ impl Reloader {
                 out: self.candidates.clone(),
                 live: self.live.clone(),
                 root: self.root.subscribe(),
+                root_seen: self.root.sightings(),
                 rescans: self.rescans.clone(),
                 records: self.records.clone(),
                 shutdown: self.stopped.clone(),
@@ -564,7 +569,13 @@ impl Reloader {
         // A root that is away (unmounted) keeps its path as written, which
         // differs from the resolved one in force when it goes through a
         // symbolic link: then the written paths tell.
-        let root_away = std::fs::canonicalize(&new.watch.root_as_written).is_err();
+        // Bounded: a root on a hung mount never answers, and counts as away.
+        let root_away = {
+            let written = new.watch.root_as_written.clone();
+            crate::pipeline::root::within(crate::pipeline::root::ANSWER_WITHIN, move || {
+                std::fs::canonicalize(written).is_ok()
+            }) != Some(true)
+        };
         let root_changed = if root_away {
             new.watch.root_as_written != old.config.watch.root_as_written
         } else {

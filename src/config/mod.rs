@@ -9,6 +9,7 @@
 //! not an error: [`Config::active`] falls back to local mode with a reason.
 //! Secret values never appear in any error, warning or report.
 
+use crate::pipeline::root;
 use crate::remote::provider::{self, Resolved, Secret};
 
 pub mod preflight;
@@ -290,9 +291,14 @@ impl Default for Log {
     }
 }
 
-/// A configuration the daemon cannot run with; always exit code 78.
+/// A configuration the daemon cannot run with: exit code 78, but for a root
+/// that does not answer (1, which systemd retries).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// `watch.root` did not answer within [`root::ANSWER_WITHIN`] (a hung
+    /// network mount): not the configuration's fault, and it may clear.
+    #[error("{}: `watch.root` {} does not answer within {} s (a hung network mount?); offloadd cannot start until it does", .file.display(), .root.display(), root::ANSWER_WITHIN.as_secs())]
+    RootHung { file: PathBuf, root: PathBuf },
     #[error("{}: cannot read the configuration file ({source}); check the path and its permissions, or pass --config", .file.display())]
     Read {
         file: PathBuf,
@@ -314,9 +320,12 @@ fn at(position: &Option<(usize, usize)>) -> String {
 }
 
 impl ConfigError {
-    /// EX_CONFIG.
+    /// EX_CONFIG, but 1 for a root that does not answer.
     pub fn exit_code(&self) -> u8 {
-        crate::exit::CONFIG
+        match self {
+            ConfigError::RootHung { .. } => crate::exit::NEGATIVE,
+            ConfigError::Read { .. } | ConfigError::Invalid { .. } => crate::exit::CONFIG,
+        }
     }
 }
 
@@ -365,10 +374,21 @@ pub fn load(path: &Path, root: RootCheck) -> Result<Loaded, ConfigError> {
         invalid(&key.iter().map(String::as_str).collect::<Vec<_>>(), message)
     })?;
     config.watch.root_as_written = config.watch.root.clone();
-    config.watch.root = match (canonical_root(&config.watch.root), root) {
-        (Ok(resolved), _) => resolved,
-        (Err(_), RootCheck::MayBeAway) => config.watch.root,
-        (Err(m), RootCheck::MustExist) => return Err(invalid(&["watch", "root"], m)),
+    // Off this thread and bounded: a root on a hung mount never answers.
+    let resolved = {
+        let at = config.watch.root.clone();
+        root::within(root::ANSWER_WITHIN, move || canonical_root(&at))
+    };
+    config.watch.root = match (resolved, root) {
+        (Some(Ok(resolved)), _) => resolved,
+        (Some(Err(_)) | None, RootCheck::MayBeAway) => config.watch.root,
+        (Some(Err(m)), RootCheck::MustExist) => return Err(invalid(&["watch", "root"], m)),
+        (None, RootCheck::MustExist) => {
+            return Err(ConfigError::RootHung {
+                file: path.into(),
+                root: config.watch.root,
+            })
+        }
     };
     // The state's own files would be watched, uploaded and (with
     // `delete_local`) deleted: the mark, the root's identity, the database.
@@ -1212,6 +1232,21 @@ mod tests {
 
     fn no_env(_: &str) -> Option<OsString> {
         None
+    }
+
+    /// A root on a hung mount may answer later: exit 1, so systemd tries
+    /// again, where a configuration error (78) would make it give up.
+    #[test]
+    fn a_root_that_does_not_answer_exits_1() {
+        let e = ConfigError::RootHung {
+            file: "/etc/offloadd/config.yaml".into(),
+            root: "/data/results".into(),
+        };
+        assert_eq!(e.exit_code(), crate::exit::NEGATIVE);
+        assert_eq!(
+            e.to_string(),
+            "/etc/offloadd/config.yaml: `watch.root` /data/results does not answer within 5 s (a hung network mount?); offloadd cannot start until it does"
+        );
     }
 
     #[test]

@@ -272,6 +272,9 @@ pub struct Links {
     pub live: Arc<Live>,
     /// The root's presence: when it returns, watches are re-added.
     pub root: watch::Receiver<RootStatus>,
+    /// The root guard's looks at the root: its identity, never looked up on
+    /// the async loop (a hung mount would block it).
+    pub root_seen: root::RootSightings,
     /// Each change asks for a full rescan.
     pub rescans: watch::Receiver<u64>,
     /// What is recorded at a path: a scan puts a file a crashed delete set
@@ -358,6 +361,7 @@ pub fn prepare(what: Watching, links: Links) -> notify::Result<Prepared> {
         out,
         live,
         root,
+        root_seen,
         rescans,
         records,
         shutdown,
@@ -399,7 +403,9 @@ pub fn prepare(what: Watching, links: Links) -> notify::Result<Prepared> {
         .map_err(notify::Error::io)?;
 
     let d = Detect {
-        root_id: root::identity(&rules.root),
+        root_id: root_seen.latest(),
+        root_seen,
+        root_lost_mark: None,
         rules,
         shared,
         walks: walks_tx,
@@ -477,6 +483,10 @@ struct Detect {
     root_lost: bool,
     /// The root's filesystem and inode when its watches were last added.
     root_id: Option<RootId>,
+    root_seen: root::RootSightings,
+    /// While `root_lost`: only looks begun after this tell whether the root
+    /// is back.
+    root_lost_mark: Option<u64>,
     /// The writer probe's silence was reported ([`Detect::warn_unanswered_probe`]).
     probe_warned: bool,
     rescan_every: Option<Duration>,
@@ -712,7 +722,7 @@ impl Detect {
     fn rewatch(&mut self) {
         self.root_lost = false;
         let was = self.root_id;
-        self.root_id = root::identity(&self.rules.root);
+        self.root_id = self.root_seen.latest();
         let same_root = matches!((self.root_id, was), (Some(now), Some(was)) if now.is(&was));
         // Before the rescan asked for below, which may be merged into one
         // that has not begun (and so has not looked at this yet).
@@ -843,12 +853,25 @@ impl Detect {
 
     fn tick(&mut self) {
         self.send_owed_scan();
-        let same_root = match (root::identity(&self.rules.root), self.root_id) {
-            (Some(now), Some(was)) => now.is(&was),
-            (now, was) => now.is_none() && was.is_none(),
-        };
-        if self.root_lost && same_root {
-            self.rewatch();
+        // Whether the same root is back, from the root guard's looks (off
+        // this loop) begun after the loss was seen.
+        if !self.root_lost {
+            self.root_lost_mark = None;
+        } else {
+            let mark = *self
+                .root_lost_mark
+                .get_or_insert_with(|| self.root_seen.mark());
+            self.root_seen.ask();
+            let same_root =
+                self.root_seen
+                    .since(mark)
+                    .is_some_and(|now| match (now, self.root_id) {
+                        (Some(now), Some(was)) => now.is(&was),
+                        (now, was) => now.is_none() && was.is_none(),
+                    });
+            if same_root {
+                self.rewatch();
+            }
         }
         if self.dropped.swap(false, Ordering::Relaxed) {
             tracing::warn!(
@@ -1483,6 +1506,8 @@ mod tests {
         let (walks, wrx) = std::sync::mpsc::sync_channel(1);
         let d = Detect {
             root_id: root::identity(root),
+            root_seen: root::RootSightings::of(root),
+            root_lost_mark: None,
             root_lost: false,
             full_scans: FullScans::default(),
             probe_warned: false,
@@ -1614,13 +1639,33 @@ mod tests {
         d.event(Ok(unmount.clone()));
         d.tick();
         assert!(walks.try_recv().is_err());
-        // The same root again (a remount at once): every watch comes back.
+        // The same root again (a remount at once): every watch comes back,
+        // once the root guard's thread has looked.
         d.root_id = root::identity(&root);
-        d.tick();
-        assert_eq!(walks.try_recv().unwrap(), (root.clone(), Why::RootBack));
+        assert_eq!(
+            tick_until_walk(&mut d, &walks).await,
+            (root.clone(), Why::RootBack)
+        );
         assert!(!d.root_lost);
         d.tick();
         assert!(walks.try_recv().is_err(), "once");
+    }
+
+    /// Ticks until a walk is asked for (the root's looks run on a thread of
+    /// their own).
+    async fn tick_until_walk(
+        d: &mut Detect,
+        walks: &std::sync::mpsc::Receiver<(PathBuf, Why)>,
+    ) -> (PathBuf, Why) {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            d.tick();
+            if let Ok(w) = walks.try_recv() {
+                return w;
+            }
+            assert!(Instant::now() < until, "no walk was asked for");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// The root moved away and back at once (before the root guard looked):
@@ -1639,8 +1684,10 @@ mod tests {
             .add_path(root.clone());
         d.event(Ok(moved));
         assert!(!d.pending.contains_key(&waiting));
-        d.tick();
-        assert_eq!(walks.try_recv().unwrap(), (root.clone(), Why::RootBack));
+        assert_eq!(
+            tick_until_walk(&mut d, &walks).await,
+            (root.clone(), Why::RootBack)
+        );
     }
 
     /// The root is back (the root guard says so): every watch is removed

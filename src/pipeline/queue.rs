@@ -2055,8 +2055,8 @@ mod tests {
         assert_eq!(q.record(&b).unwrap(), Some(record(id(2, 6))));
     }
 
-    #[test]
-    fn queueing_a_recorded_file_keeps_its_record_until_the_new_one() {
+    #[tokio::test]
+    async fn queueing_a_recorded_file_keeps_its_record_until_the_new_one() {
         let (_d, q) = open();
         let a = key("a");
         q.record_uploaded(&a, &record(id(2, 10)), AfterUpload::Finish)
@@ -2073,7 +2073,7 @@ mod tests {
         q.admit(&a, &id(3, 1), Admit::Event).unwrap();
         let root = tempfile::tempdir().unwrap();
         let guard = crate::pipeline::root::RootGuard::new(root.path(), _d.path()).unwrap();
-        q.drop_vanished(&a, &guard.check().unwrap()).unwrap();
+        q.drop_vanished(&a, &guard.check().await.unwrap()).unwrap();
         assert_eq!(q.read(|t| Ok(t.files.len())).unwrap(), 0);
     }
 

@@ -338,7 +338,7 @@ pub async fn run(
             // A missing file says "deleted" only if the root was there after
             // the miss: a vanished root is not a tree of deleted files.
             if matches!(&verdict, Verdict::Restore(r) if r.local == Local::Deleted) {
-                if let Err(why) = root.check() {
+                if let Err(why) = root.check().await {
                     tracing::error!("rebuild stopped: {why}; it runs again at the next start");
                     return Outcome::Stopped;
                 }

@@ -486,7 +486,7 @@ impl Scheduler {
                 break;
             }
             self.live.turned();
-            self.maintain();
+            self.maintain().await;
             self.read_backlog();
             self.dispatch();
             self.publish_age();
@@ -564,7 +564,7 @@ impl Scheduler {
 
     /// The pause of the whole pipeline (state_dir, root), and recovery: a
     /// failed state_dir is tried again every [`RECOVER_EVERY`].
-    fn maintain(&mut self) {
+    async fn maintain(&mut self) {
         if self.queue.failure().is_some() {
             let now = Instant::now();
             if !self.state_paused {
@@ -590,7 +590,7 @@ impl Scheduler {
             // it for the rest of the pause.
             self.next_sweep = Instant::now() + SWEEP_PARKED_EVERY;
             if self.paused.is_none() {
-                self.sweep_parked();
+                self.sweep_parked().await;
             }
             // Aborts that could not reach the provider go again.
             self.aborts_tried.clear();
@@ -616,7 +616,7 @@ impl Scheduler {
     /// folder with an unreadable file deleted): nothing finds them again, so
     /// they would stay in the database and in `status` for good. Only while
     /// the root is there, which proves the file gone.
-    fn sweep_parked(&mut self) {
+    async fn sweep_parked(&mut self) {
         let root = self.current().options.root.clone();
         let parked: Vec<ItemKey> = self.live.update(|s| s.failed.keys().cloned().collect());
         let gone: Vec<ItemKey> = parked
@@ -631,7 +631,7 @@ impl Scheduler {
             .collect();
         // The root there after the files were found missing proves them gone
         // (an unmount meanwhile would make every one look missing).
-        let Ok(present) = self.root.check() else {
+        let Ok(present) = self.root.check().await else {
             return;
         };
         let mut dropped = 0;

@@ -167,7 +167,7 @@ impl Worker {
         error: String,
         counts: Counts,
     ) -> Outcome {
-        if let Err(why) = self.root.check() {
+        if let Err(why) = self.root.check().await {
             return Outcome::RootGone(why);
         }
         match counts {
@@ -187,7 +187,7 @@ impl Worker {
 
     /// The file is gone: the item is dropped, if the root is there to prove it.
     async fn vanished(&self, key: &ItemKey) -> Outcome {
-        let present = match self.root.check() {
+        let present = match self.root.check().await {
             Ok(p) => p,
             Err(why) => return Outcome::RootGone(why),
         };
@@ -383,7 +383,7 @@ impl Worker {
                 lane: Lane::Delete,
             };
         }
-        if let Err(why) = self.root.check() {
+        if let Err(why) = self.root.check().await {
             return Outcome::RootGone(why);
         }
         let abs = key.to_local(&plan.options.root);
@@ -411,7 +411,7 @@ impl Worker {
                 tracing::debug!(path = %key, "local copy deleted");
                 Outcome::Settled
             }
-            LocalOutcome::Gone => match self.root.check() {
+            LocalOutcome::Gone => match self.root.check().await {
                 Ok(present) => {
                     state!(self.queue.local_gone(key, &present));
                     Outcome::Settled

@@ -1076,7 +1076,7 @@ async fn a_missing_root_pauses_and_keeps_the_queue() {
     let away = h.root.with_file_name("away");
     std::fs::rename(&h.root, &away).unwrap();
     std::fs::create_dir(&h.root).unwrap();
-    assert!(h.guard.check().is_err());
+    assert!(h.guard.check().await.is_err());
     h.start(Deletion::Keep);
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(h.live.shown().pipeline_paused.is_some());
@@ -1087,7 +1087,7 @@ async fn a_missing_root_pauses_and_keeps_the_queue() {
     assert_eq!(h.count(Op::Put), 0);
     std::fs::remove_dir(&h.root).unwrap();
     std::fs::rename(&away, &h.root).unwrap();
-    assert!(h.guard.check().is_ok());
+    assert!(h.guard.check().await.is_ok());
     until(30, "uploaded after the root returned", || {
         h.store.object("pre/kept.png").is_some()
     })
@@ -1236,7 +1236,7 @@ async fn due_items_that_cannot_be_dispatched_do_not_wake_the_loop() {
     // A sweep falling due during a pause is put off, not left due (which
     // woke the loop at once for the rest of the pause).
     s.next_sweep = Instant::now() - Duration::from_secs(1);
-    s.maintain();
+    s.maintain().await;
     assert!(s.next_sweep > Instant::now());
     h.stop().await;
 }
@@ -1554,7 +1554,7 @@ async fn a_mount_that_drops_out_parks_nothing() {
     std::fs::rename(&away, &h.root).unwrap();
     localfs::heal(&a);
     localfs::heal(&b);
-    assert!(h.guard.check().is_ok());
+    assert!(h.guard.check().await.is_ok());
     until(30, "both uploaded once the root is back", || {
         h.store.object("pre/a.png").is_some() && h.store.object("pre/b.png").is_some()
     })
