@@ -30,7 +30,7 @@ use crate::pipeline::queue::{
 };
 use crate::pipeline::root::{RootGuard, RootStatus};
 use crate::pipeline::upload::{self, AbortOutcome, Delivery, Uploader};
-use crate::pipeline::worker::{delete_due_ms, Lane, Outcome, Worker};
+use crate::pipeline::worker::{delete_due_ms, Lane, Outcome, Then, Worker};
 use crate::remote::error::{ErrorClass, StorageError};
 use crate::remote::store::Probe;
 use crate::shutdown::Shutdown;
@@ -1004,9 +1004,20 @@ impl Scheduler {
                         self.blame_item(key, err, flight);
                     }
                 }
-                if let Some((lane, due)) = then {
-                    let due = self.clock.on_this_clock(due);
-                    self.requeue(key.clone(), lane, due, None);
+                match then {
+                    Then::Done => {}
+                    Then::At { lane, due_ms } => {
+                        let due = self.clock.on_this_clock(due_ms);
+                        self.requeue(key.clone(), lane, due, None);
+                    }
+                    // Logged, shown and backed off like any other.
+                    Then::LocalError { error, blame } => {
+                        let flight = Flight {
+                            queued_ms: None,
+                            ..flight
+                        };
+                        self.local_failed(key.clone(), Lane::Delete, error, blame, flight)
+                    }
                 }
             }
             Outcome::Settled => {
