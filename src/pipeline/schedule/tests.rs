@@ -7,7 +7,7 @@ use crate::pipeline::backoff::Backoff;
 use crate::pipeline::plan::{Options, Target};
 use crate::pipeline::queue::{AfterUpload, Local, MultipartProgress, Record};
 use crate::pipeline::upload;
-use crate::remote::fake::{http_error, refused, FakeStore, Op};
+use crate::remote::fake::{http_error, refused, FakeStore, Op, WRONG_ETAG};
 use crate::shutdown::Stop;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -988,12 +988,61 @@ async fn an_etag_that_never_matches_parks_the_file_after_a_few_uploads() {
         .count();
     assert_eq!(puts, MAX_STRIKES as usize, "a bounded number of uploads");
     let reason = h.live.shown().failed[&key].clone();
-    assert!(
-        reason.contains("server_side_encryption: aws:kms") && reason.contains("offloadd retry"),
-        "{reason}"
+    // Not "…; uploading it again (it failed…)": it is parked.
+    assert_eq!(
+        reason,
+        format!(
+            "object `pre/kms.png` answered ETag {WRONG_ETAG} after upload, expected {} (the MD5 of what was sent); if bucket `media` encrypts with SSE-KMS by default, set `server_side_encryption: aws:kms` for provider `fake` (it failed {MAX_STRIKES} times while the provider accepted other requests; fix the cause, then run `offloadd retry`)",
+            md5_hex(b"encrypted by the bucket")
+        )
     );
     assert!(h.queue.record(&key).unwrap().is_none());
+    // Each upload counted once: the last as parked, not also as transient.
+    let text = h.live.metrics.encode();
+    assert!(
+        text.contains(&format!(
+            "offloadd_uploads_total{{result=\"transient\"}} {}\n",
+            MAX_STRIKES - 1
+        )) && text.contains("offloadd_uploads_total{result=\"parked\"} 1\n"),
+        "{text}"
+    );
     h.stop().await;
+}
+
+/// An upload that started on the provider before a switch and fails is
+/// backed off without a strike, and the new provider's health is left
+/// alone: no suspicion, no probe of it, no verdict awaited. It used to make
+/// the new provider suspect (uploads to it waited for a probe) and, a 4xx,
+/// cost the item a strike once that probe succeeded.
+#[tokio::test(start_paused = true)]
+async fn a_failure_on_the_provider_before_a_switch_is_not_held_against_the_new_one() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    queued(&h, "a.png", b"a");
+    let key = Harness::key("a.png");
+    let mut s = h.idle_scheduler();
+    let flight = Flight {
+        started: Instant::now(),
+        queued_ms: None,
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let other = Arc::new(FakeStore::named("other"));
+    let (applied, _) = oneshot::channel();
+    s.command(Command::Replan {
+        plan: plan(&h.root, &other, Deletion::Keep),
+        memory_limit: MEMORY_LIMIT,
+        applied,
+    });
+    assert_eq!(s.current().target.name(), "other");
+    s.failed(key.clone(), http_error(403, "AccessDenied"), flight);
+    assert!(
+        s.awaiting.is_empty(),
+        "no verdict of the new provider awaited"
+    );
+    assert!(s.health.want_probe(Instant::now()).is_none(), "not suspect");
+    let item = h.queue.item(&key).unwrap().unwrap();
+    assert_eq!((item.attempts, item.strikes), (1, 0), "{item:?}");
+    assert!(s.lanes.contains(&key), "backed off in its lane");
 }
 
 /// A local copy to be deleted needs a HEAD that shows the object as sent,
