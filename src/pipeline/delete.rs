@@ -23,10 +23,12 @@
 //! A delete cut short by a crash after 3 leaves the uploaded inode under a
 //! hidden name; the next attempt finds the name gone, finds that inode among
 //! the hidden names and finishes the delete. An unlink in 4 that fails puts
-//! the file back under its name (its ctime, moved by the renames, then makes
-//! it another file, uploaded again; its body is not sent where the bucket
-//! provably holds it, see `upload`): left hidden, a newer file written at the
-//! name meanwhile could later be overwritten in the bucket by this older one.
+//! the file back under its name (left hidden, a newer file written at the
+//! name meanwhile could later be overwritten in the bucket by this older
+//! one). Still under the lease, the inode shows the uploaded bytes: it is
+//! the uploaded file with the ctime the renames gave it, and its delete is
+//! tried again with backoff as such ([`LocalOutcome::PutBack`]), not taken
+//! for a changed file and uploaded again.
 //! A delete refused for good (no permission, a read-only file system) keeps
 //! the local copy under its name; one refused for a passing reason (a full
 //! file system or quota, a disk error, a dropped-out mount) is tried again.
@@ -84,6 +86,16 @@ pub enum LocalOutcome {
     /// quota, a disk error, a mount that dropped out): tried again with
     /// backoff; the reason, for `status`.
     Retry(String),
+    /// The unlink failed for a reason that may pass, after the file was set
+    /// aside: the uploaded file is back under its name, its bytes unchanged
+    /// (checked under the lease) but its ctime moved by the two renames;
+    /// `now` is its identity as it is now. Tried again with backoff, as the
+    /// same uploaded file (not one changed since its upload); the reason, for
+    /// `status`.
+    PutBack {
+        error: String,
+        now: FileIdentity,
+    },
     /// Deleting it failed for good (only an operator can fix it); the
     /// reason is recorded and shown once.
     Kept(String),
@@ -310,16 +322,55 @@ fn delete_if_same(abs: &Path, expected: &FileIdentity) -> LocalOutcome {
     let outcome = match removed {
         Ok(()) => LocalOutcome::Deleted,
         Err(e) => {
-            drop(lease);
             // Put back, whatever comes next. Left under the hidden name
             // while the item waits, a newer file the application writes at
             // the name meanwhile would be uploaded and deleted, and a scan
             // would then put this older one back, to be uploaded over the
-            // newer object. Put back, its ctime (moved by the renames) makes
-            // it another file than the one uploaded, uploaded again: a cost
-            // of a rare failure, not a loss.
-            return put_back(&aside.path, abs, kept(abs, &e));
+            // newer object.
+            return match kept(abs, &e) {
+                LocalOutcome::Retry(error) => {
+                    put_back_uploaded(&aside.path, abs, &file, lease, expected, error)
+                }
+                other => {
+                    drop(lease);
+                    put_back(&aside.path, abs, other)
+                }
+            };
         }
+    };
+    drop(lease);
+    outcome
+}
+
+/// Puts the uploaded file back under its name after an unlink that failed
+/// for a reason that may pass (`error`), still under `lease`: if no writer
+/// waits on the lease and the inode held (`file`) shows the uploaded bytes,
+/// it is the uploaded file with the ctime the renames gave it
+/// ([`LocalOutcome::PutBack`]); the delete is tried again with backoff, not
+/// taken for a changed file and uploaded again at once, for ever. Else
+/// ([`LocalOutcome::Retry`]) the next attempt looks again, and finds it
+/// changed if a writer changed it.
+fn put_back_uploaded(
+    aside: &Path,
+    abs: &Path,
+    file: &std::fs::File,
+    lease: Option<Lease>,
+    expected: &FileIdentity,
+    error: String,
+) -> LocalOutcome {
+    let back = put_back(aside, abs, LocalOutcome::Retry(error));
+    let LocalOutcome::Retry(error) = back else {
+        return back;
+    };
+    if lease.as_ref().is_some_and(Lease::breaking) {
+        return LocalOutcome::Retry(error);
+    }
+    let outcome = match file.metadata() {
+        Ok(m) if FileIdentity::of(&m).same_contents(expected) => LocalOutcome::PutBack {
+            error,
+            now: FileIdentity::of(&m),
+        },
+        _ => LocalOutcome::Retry(error),
     };
     drop(lease);
     outcome
@@ -621,7 +672,6 @@ mod tests {
             (Call::Rename, libc::ENOSPC),
             (Call::Rename, libc::EDQUOT),
             (Call::Open, libc::ENOTCONN),
-            (Call::Remove, libc::EIO),
         ] {
             localfs::inject(&f, call, errno);
             if call == Call::Open {
@@ -634,12 +684,42 @@ mod tests {
             };
             assert!(why.ends_with(localfs::TRIED_AGAIN), "{why}");
         }
-        // The unlink that failed put the file back under its name, nothing
-        // left aside (where a scan could later put it back over a newer
-        // upload); its ctime moved, so it is another file to upload again.
-        assert!(f.exists());
+    }
+
+    /// An unlink that fails for a passing reason puts the uploaded file back
+    /// under its name, nothing left aside (where a scan could later put it
+    /// back over a newer upload), and says what it is now: the same bytes
+    /// with the ctime the renames gave it, which the next attempt deletes.
+    /// It used to come back as a file changed since its upload, uploaded
+    /// again at once, and failed again, for ever.
+    #[test]
+    fn an_unlink_that_fails_puts_back_the_uploaded_file_as_it_is_now() {
+        crate::pipeline::finished::ignore_lease_signals();
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.png");
+        std::fs::write(&f, b"uploaded").unwrap();
+        let id = identity(&f);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        localfs::inject(&f, Call::Remove, libc::EIO);
+        let out = delete_if_same(&f, &id);
+        localfs::heal(&f);
+        let LocalOutcome::PutBack { error, now } = out else {
+            panic!("{out:?}");
+        };
+        assert_eq!(
+            error,
+            format!(
+                "uploaded, but cannot delete the local copy {}: Input/output error (os error 5); check the disk{}",
+                f.display(),
+                localfs::TRIED_AGAIN
+            )
+        );
         assert_eq!(listing(dir.path()), ["a.png"]);
+        assert_eq!(now, identity(&f));
+        assert!(now.same_contents(&id) && now.ctime_ns > id.ctime_ns);
         assert_eq!(delete_if_same(&f, &id), LocalOutcome::Changed);
+        assert_eq!(delete_if_same(&f, &now), LocalOutcome::Deleted);
+        assert!(listing(dir.path()).is_empty());
     }
 
     #[test]

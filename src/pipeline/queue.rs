@@ -1498,6 +1498,44 @@ impl Queue {
         self.set_item(key, Some(&QueueItem::upload_now()))
     }
 
+    /// The uploaded file that `permit` names was set aside for its delete
+    /// and put back under its name (its unlink failed): the same inode and
+    /// bytes, whose ctime the renames moved, now `now`. Its record and its
+    /// pending delete are made to name it as it is now, so that it is not
+    /// taken for a changed file and uploaded again; the item's attempts and
+    /// strikes stay. Nothing changes if the entry no longer names the file
+    /// of `permit`.
+    pub fn put_back(&self, permit: &DeletePermit, now: &FileIdentity) -> Result<(), StateError> {
+        let k = permit.key.as_bytes();
+        let was = permit.identity;
+        if !was.same_contents(now) {
+            return Ok(());
+        }
+        self.write(|t| {
+            t.files
+                .fetch_and_update(k, |current| {
+                    let current = current?;
+                    let (Some(mut record), Some(mut item)) =
+                        (record_of(k, current), item_of(current))
+                    else {
+                        return Some(current.to_vec());
+                    };
+                    if record.identity != was || item.stage != (Stage::Delete { identity: was }) {
+                        return Some(current.to_vec());
+                    }
+                    record.identity = *now;
+                    item.stage = Stage::Delete { identity: *now };
+                    let (record, item) = (encode_record(k, &record), encode(&item));
+                    Entry {
+                        record: Some(&record),
+                        item: Some(&item),
+                    }
+                    .join()
+                })
+                .map(|_| ())
+        })
+    }
+
     /// Removes a file's record and queue item (delete-through); a multipart
     /// upload the item had started is filed for an abort.
     pub fn forget(&self, key: &ItemKey) -> Result<(), StateError> {

@@ -13,7 +13,10 @@
 //! 4xx) again and again while the provider answers others is parked with its
 //! reason after [`MAX_STRIKES`] attempts. Transient errors (connection
 //! failures, timeouts, 5xx, throttling) never count against an item: it backs
-//! off up to `max_backoff` and tries again, however long that takes.
+//! off up to `max_backoff` and tries again, however long that takes. A
+//! failure of an upload that started on the provider before a switch says
+//! nothing of the active one: it backs off, without a strike, and leaves the
+//! active provider's health alone.
 
 use crate::keys::ItemKey;
 use crate::observe::metrics::Metrics;
@@ -30,7 +33,7 @@ use crate::pipeline::queue::{
 };
 use crate::pipeline::root::{RootGuard, RootStatus};
 use crate::pipeline::upload::{self, AbortOutcome, Delivery, Uploader};
-use crate::pipeline::worker::{delete_due_ms, Lane, Outcome, Worker};
+use crate::pipeline::worker::{delete_due_ms, Lane, Outcome, Then, Worker};
 use crate::remote::error::{ErrorClass, StorageError};
 use crate::remote::store::Probe;
 use crate::shutdown::Shutdown;
@@ -266,6 +269,22 @@ fn metrics_label(class: ErrorClass) -> Option<&'static str> {
         ErrorClass::Item => None,
         ErrorClass::Transient | ErrorClass::RestartUpload => Some("transient"),
     }
+}
+
+/// What offloadd does next, as the end of an error message says it: said
+/// of a parked item, it would contradict the reason.
+const NEXT_STEPS: [&str; 3] = [
+    "; will retry",
+    "; uploading it again",
+    "; starting it again",
+];
+
+/// An error message without what offloadd does next ([`NEXT_STEPS`]).
+fn without_next_step(message: &str) -> &str {
+    NEXT_STEPS
+        .iter()
+        .find_map(|tail| message.strip_suffix(tail))
+        .unwrap_or(message)
 }
 
 impl Scheduler {
@@ -1004,9 +1023,20 @@ impl Scheduler {
                         self.blame_item(key, err, flight);
                     }
                 }
-                if let Some((lane, due)) = then {
-                    let due = self.clock.on_this_clock(due);
-                    self.requeue(key.clone(), lane, due, None);
+                match then {
+                    Then::Done => {}
+                    Then::At { lane, due_ms } => {
+                        let due = self.clock.on_this_clock(due_ms);
+                        self.requeue(key.clone(), lane, due, None);
+                    }
+                    // Logged, shown and backed off like any other.
+                    Then::LocalError { error, blame } => {
+                        let flight = Flight {
+                            queued_ms: None,
+                            ..flight
+                        };
+                        self.local_failed(key.clone(), Lane::Delete, error, blame, flight)
+                    }
                 }
             }
             Outcome::Settled => {
@@ -1072,14 +1102,22 @@ impl Scheduler {
     }
 
     /// The policy for a failed storage request (see the module docs).
+    /// Each failed attempt is counted once, under the result it comes to:
+    /// `parked` if it parks its item, else its class ([`metrics_label`]);
+    /// one that awaits a probe's verdict, once the verdict is in.
     fn failed(&mut self, key: ItemKey, err: StorageError, flight: Flight) {
-        if let Some(label) = metrics_label(err.class) {
-            self.metrics().upload_failed(label);
-        }
         self.live
             .update(|s| s.last_error = Some(err.message.clone()));
         match err.class {
             ErrorClass::Item => self.park(key, err.message),
+            // An upload to the provider before a switch says nothing of the
+            // active one (as on success): it backs off, not held against
+            // the item, and the active provider's health is left alone.
+            ErrorClass::Transient | ErrorClass::ProviderWide
+                if !self.health.is_current(flight.started) =>
+            {
+                self.back_off_upload(key, err, flight, Blame::Provider)
+            }
             ErrorClass::RestartUpload => {
                 // InvalidPart leaves the upload open at the server.
                 let given_up = match err.code.as_deref() {
@@ -1101,6 +1139,7 @@ impl Scheduler {
                 match self.health.item_failed(flight.started) {
                     Some(true) => self.blame_item(key, err, flight),
                     Some(false) => {
+                        self.count_failed(&err);
                         let now = self.clock.now_ms();
                         self.requeue(key, Lane::Upload, now, Some(flight))
                     }
@@ -1178,12 +1217,15 @@ impl Scheduler {
         Some((item, due))
     }
 
+    /// Counts a failed upload attempt that does not park its item.
+    fn count_failed(&self, err: &StorageError) {
+        if let Some(label) = metrics_label(err.class) {
+            self.metrics().upload_failed(label);
+        }
+    }
+
     /// The provider answered other requests: the failure was this item's.
     fn blame_item(&mut self, key: ItemKey, err: StorageError, flight: Flight) {
-        let soon = self.clock.now_ms() + 1_000;
-        let Some((item, due)) = self.failed_item(&key, Lane::Upload, flight) else {
-            return;
-        };
         // Transient errors are never the item's fault. An upload that has
         // to start again is, whether the server said so or our check after
         // it did (an ETag that never matches): it must not go round for ever.
@@ -1194,20 +1236,32 @@ impl Scheduler {
         } else {
             Blame::Item
         };
+        self.back_off_upload(key, err, flight, blame);
+    }
+
+    /// Backs a failed upload off, with a strike if `blame` is the item's;
+    /// parks it after [`MAX_STRIKES`].
+    fn back_off_upload(&mut self, key: ItemKey, err: StorageError, flight: Flight, blame: Blame) {
+        let soon = self.clock.now_ms() + 1_000;
+        let Some((item, due)) = self.failed_item(&key, Lane::Upload, flight) else {
+            return;
+        };
         match self.queue.back_off(&key, due, &err.message, blame) {
-            Ok(strikes) if strikes >= MAX_STRIKES => {
+            Ok(strikes) if blame == Blame::Item && strikes >= MAX_STRIKES => {
                 let reason = format!(
                     "{} (it failed {strikes} times while the provider accepted other requests; fix the cause, then run `offloadd retry`)",
-                    err.message.trim_end_matches("; will retry")
+                    without_next_step(&err.message)
                 );
                 self.park(key, reason);
             }
             Ok(_) => {
+                self.count_failed(&err);
                 self.metrics().retry();
                 tracing::warn!(path = %key, attempt = item.attempts + 1, error = %err.message, "upload of {key} failed: {}", err.message);
                 self.requeue(key, Lane::Upload, due, Some(flight));
             }
             Err(_) => {
+                self.count_failed(&err);
                 self.metrics().retry();
                 self.requeue(key, Lane::Upload, soon, Some(flight))
             }
@@ -1249,7 +1303,8 @@ impl Scheduler {
     /// the verdict no longer counts.
     fn release_awaiting(&mut self) {
         let now = self.clock.now_ms();
-        for (key, _, flight) in std::mem::take(&mut self.awaiting) {
+        for (key, err, flight) in std::mem::take(&mut self.awaiting) {
+            self.count_failed(&err);
             self.requeue(key, Lane::Upload, now, Some(flight));
         }
     }

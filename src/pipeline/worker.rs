@@ -48,26 +48,39 @@ impl Lane {
 }
 
 /// When a file may be deleted locally: once it is `min_age` old (Unix ms),
-/// counted from the later of its mtime and ctime. A file moved in with an
-/// old mtime (`mv`, `cp -p`, `rsync -t`, `tar x`) is as new to the results
-/// directory as its ctime says, and is served from local disk that long.
+/// counted from its ctime. A file moved in with an old mtime (`mv`,
+/// `cp -p`, `rsync -t`, `tar x`) is as new to the results directory as its
+/// ctime says, and is served from local disk that long. Its mtime counts
+/// for nothing: only the kernel stamps a ctime, and a file written here has
+/// a ctime no earlier than its mtime, unless the mtime was set to a time to
+/// come (a camera's or an NFS server's clock ahead, `touch -d`), which
+/// would keep the local copy until then.
 pub fn delete_due_ms(identity: &FileIdentity, min_age: Duration) -> u64 {
-    (identity.changed_ns() / 1_000_000).max(0) as u64 + min_age.as_millis() as u64
+    (identity.ctime_ns / 1_000_000).max(0) as u64 + min_age.as_millis() as u64
+}
+
+/// What follows a verified, recorded upload for its item.
+#[derive(Debug)]
+pub enum Then {
+    /// Nothing: the item is done (its local copy stays, or went).
+    Done,
+    /// It comes back in `lane` at `due_ms` (Unix ms): its delete waits, or
+    /// the file changed since and goes again.
+    At { lane: Lane, due_ms: u64 },
+    /// Its delete failed on the local file system: it backs off in the
+    /// delete lane as any local failure does (see [`Outcome::LocalError`]).
+    LocalError { error: String, blame: Blame },
 }
 
 /// What became of one dispatched item.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Uploaded, verified and durably recorded; `then`: when (Unix ms) and in
-    /// which lane the item comes back: its delete waits, or the file changed
-    /// since and goes again.
+    /// Uploaded, verified and durably recorded; `then`: what follows for the
+    /// item (see [`Then`]).
     /// `delivery`: whether a body was sent, which proves the provider
     /// accepts writes, or the object already held the bytes (a HEAD, which
     /// proves only that it reads).
-    Uploaded {
-        then: Option<(Lane, u64)>,
-        delivery: Delivery,
-    },
+    Uploaded { then: Then, delivery: Delivery },
     /// The item left the queue without an upload: deleted locally, kept,
     /// dropped because the file vanished, or its delete was cancelled.
     Settled,
@@ -351,17 +364,19 @@ impl Worker {
         failpoint::hit(failpoint::AFTER_RECORD_BEFORE_DELETE);
         if verified.next() == AfterUpload::Finish {
             return Outcome::Uploaded {
-                then: None,
+                then: Then::Done,
                 delivery,
             };
         }
         let then = match self.delete(key).await {
-            Outcome::Later { due_ms, lane } => Some((lane, due_ms)),
+            Outcome::Later { due_ms, lane } => Then::At { lane, due_ms },
+            Outcome::LocalError { error, blame, .. } => Then::LocalError { error, blame },
             // Its backoff starts with the next attempt.
-            Outcome::State(_) | Outcome::RootGone(_) | Outcome::LocalError { .. } => {
-                Some((Lane::Delete, now_ms() + 1_000))
-            }
-            _ => None,
+            Outcome::State(_) | Outcome::RootGone(_) => Then::At {
+                lane: Lane::Delete,
+                due_ms: now_ms() + 1_000,
+            },
+            _ => Then::Done,
         };
         Outcome::Uploaded { then, delivery }
     }
@@ -389,9 +404,20 @@ impl Worker {
         let abs = key.to_local(&plan.options.root);
         // The running plan once more, at the instant of the delete.
         let applying = self.deletes.clone().read_owned().await;
-        if self.plan.borrow().deletion() == Deletion::Keep {
-            state!(self.queue.cancel_delete(key));
-            return Outcome::Settled;
+        let min_age = match self.plan.borrow().deletion() {
+            Deletion::After(min_age) => min_age,
+            Deletion::Keep => {
+                state!(self.queue.cancel_delete(key));
+                return Outcome::Settled;
+            }
+        };
+        // A reload meanwhile may have raised `delete_after`.
+        let due_ms = delete_due_ms(permit.identity(), min_age);
+        if now_ms() < due_ms {
+            return Outcome::Later {
+                due_ms,
+                lane: Lane::Delete,
+            };
         }
         let (outcome, permit) = {
             let abs = abs.clone();
@@ -432,6 +458,14 @@ impl Worker {
             },
             LocalOutcome::Retry(error) => {
                 self.local_failure(key, Lane::Delete, error, Counts::Never)
+                    .await
+            }
+            // Every attempt renames the file aside and back: a failure
+            // that does not pass (a file system that stays full, a bad
+            // sector) parks it after a few, with the reason.
+            LocalOutcome::PutBack { error, now } => {
+                state!(self.queue.put_back(&permit, &now));
+                self.local_failure(key, Lane::Delete, error, Counts::Strike)
                     .await
             }
             LocalOutcome::Kept(reason) => {

@@ -5,9 +5,9 @@ use super::*;
 use crate::keys::ItemKey;
 use crate::pipeline::backoff::Backoff;
 use crate::pipeline::plan::{Options, Target};
-use crate::pipeline::queue::{Local, MultipartProgress};
+use crate::pipeline::queue::{AfterUpload, Local, MultipartProgress, Record};
 use crate::pipeline::upload;
-use crate::remote::fake::{http_error, refused, FakeStore, Op};
+use crate::remote::fake::{http_error, refused, FakeStore, Op, WRONG_ETAG};
 use crate::shutdown::Stop;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -988,12 +988,61 @@ async fn an_etag_that_never_matches_parks_the_file_after_a_few_uploads() {
         .count();
     assert_eq!(puts, MAX_STRIKES as usize, "a bounded number of uploads");
     let reason = h.live.shown().failed[&key].clone();
-    assert!(
-        reason.contains("server_side_encryption: aws:kms") && reason.contains("offloadd retry"),
-        "{reason}"
+    // Not "…; uploading it again (it failed…)": it is parked.
+    assert_eq!(
+        reason,
+        format!(
+            "object `pre/kms.png` answered ETag {WRONG_ETAG} after upload, expected {} (the MD5 of what was sent); if bucket `media` encrypts with SSE-KMS by default, set `server_side_encryption: aws:kms` for provider `fake` (it failed {MAX_STRIKES} times while the provider accepted other requests; fix the cause, then run `offloadd retry`)",
+            md5_hex(b"encrypted by the bucket")
+        )
     );
     assert!(h.queue.record(&key).unwrap().is_none());
+    // Each upload counted once: the last as parked, not also as transient.
+    let text = h.live.metrics.encode();
+    assert!(
+        text.contains(&format!(
+            "offloadd_uploads_total{{result=\"transient\"}} {}\n",
+            MAX_STRIKES - 1
+        )) && text.contains("offloadd_uploads_total{result=\"parked\"} 1\n"),
+        "{text}"
+    );
     h.stop().await;
+}
+
+/// An upload that started on the provider before a switch and fails is
+/// backed off without a strike, and the new provider's health is left
+/// alone: no suspicion, no probe of it, no verdict awaited. It used to make
+/// the new provider suspect (uploads to it waited for a probe) and, a 4xx,
+/// cost the item a strike once that probe succeeded.
+#[tokio::test(start_paused = true)]
+async fn a_failure_on_the_provider_before_a_switch_is_not_held_against_the_new_one() {
+    let mut h = Harness::new(Deletion::Keep);
+    h.stop().await;
+    queued(&h, "a.png", b"a");
+    let key = Harness::key("a.png");
+    let mut s = h.idle_scheduler();
+    let flight = Flight {
+        started: Instant::now(),
+        queued_ms: None,
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let other = Arc::new(FakeStore::named("other"));
+    let (applied, _) = oneshot::channel();
+    s.command(Command::Replan {
+        plan: plan(&h.root, &other, Deletion::Keep),
+        memory_limit: MEMORY_LIMIT,
+        applied,
+    });
+    assert_eq!(s.current().target.name(), "other");
+    s.failed(key.clone(), http_error(403, "AccessDenied"), flight);
+    assert!(
+        s.awaiting.is_empty(),
+        "no verdict of the new provider awaited"
+    );
+    assert!(s.health.want_probe(Instant::now()).is_none(), "not suspect");
+    let item = h.queue.item(&key).unwrap().unwrap();
+    assert_eq!((item.attempts, item.strikes), (1, 0), "{item:?}");
+    assert!(s.lanes.contains(&key), "backed off in its lane");
 }
 
 /// A local copy to be deleted needs a HEAD that shows the object as sent,
@@ -1733,6 +1782,148 @@ async fn a_delete_refused_for_a_passing_reason_is_tried_again() {
     .await;
     assert_eq!(h.count(Op::Put), 1);
     h.stop().await;
+}
+
+/// A delete whose unlink keeps failing (EIO; a full btrfs) puts the file
+/// back each time, and backs off as the same uploaded file: the error is
+/// shown, and after [`MAX_STRIKES`] the item is parked with it; nothing is
+/// uploaded, read or asked of the bucket again. `retry` then deletes it. It
+/// used to come back as a changed file, re-read, HEADed and recorded again
+/// every second, for ever, with the error never shown.
+#[tokio::test(start_paused = true)]
+async fn a_local_copy_that_cannot_be_unlinked_is_parked_not_uploaded_again() {
+    use crate::pipeline::localfs::{self, Call};
+    let mut h = Harness::new(Deletion::After(Duration::ZERO));
+    let abs = h.root.join("a.png");
+    let path = abs.clone();
+    h.store.script(move |r| {
+        if r.op == Op::Put {
+            localfs::inject(&path, Call::Remove, libc::EIO);
+        }
+        None
+    });
+    h.write("a.png", b"first").await;
+    let key = Harness::key("a.png");
+    until(120, "parked", || h.live.shown().failed.contains_key(&key)).await;
+    let reason = h.live.shown().failed[&key].clone();
+    assert_eq!(
+        reason,
+        format!(
+            "uploaded, but cannot delete the local copy {}: Input/output error (os error 5); check the disk, then run `offloadd retry` (it failed {MAX_STRIKES} times while the watch root was there)",
+            abs.display()
+        )
+    );
+    assert_eq!(h.count(Op::Put), 1);
+    assert_eq!(h.count(Op::Head), 1, "only the verification's");
+    let record = h.queue.record(&key).unwrap().unwrap();
+    assert_eq!(record.local, Local::Present);
+    assert_eq!(
+        record.identity,
+        FileIdentity::of(&std::fs::metadata(&abs).unwrap()),
+        "the record names the file put back"
+    );
+
+    h.store.script(|_| None);
+    localfs::heal(&abs);
+    let k = key.clone();
+    let retried = h
+        .ask(|reply| Command::Retry {
+            keys: Some(vec![k]),
+            reply,
+        })
+        .await;
+    assert_eq!(retried, 1);
+    until(60, "deleted once retried", || !abs.exists()).await;
+    until(5, "marked", || {
+        h.queue.record(&key).unwrap().unwrap().local == Local::Deleted
+    })
+    .await;
+    assert_eq!(h.count(Op::Put), 1, "never sent again");
+    h.stop().await;
+}
+
+/// A file stamped with an mtime years ahead (a camera's clock, `touch -d`)
+/// is deleted once it is `delete_after` old by its ctime: it used to keep
+/// its local copy until that date, with no reason shown.
+#[tokio::test(start_paused = true)]
+async fn a_file_with_an_mtime_to_come_is_deleted_when_due() {
+    let mut h = Harness::new(Deletion::After(Duration::from_secs(1)));
+    h.stop().await;
+    let abs = h.root.join("a.png");
+    std::fs::write(&abs, b"from the future").unwrap();
+    let ahead = std::time::SystemTime::now() + Duration::from_secs(10 * 365 * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&abs)
+        .unwrap()
+        .set_modified(ahead)
+        .unwrap();
+    h.start(Deletion::After(Duration::from_secs(1)));
+    h.candidates
+        .send(Candidate {
+            abs: abs.clone(),
+            trigger: Trigger::Event,
+        })
+        .await
+        .unwrap();
+    let key = Harness::key("a.png");
+    until(60, "uploaded", || h.queue.record(&key).unwrap().is_some()).await;
+    until(600, "deleted a second after its upload", || !abs.exists()).await;
+    h.stop().await;
+}
+
+/// A reload that raises `delete_after` while a delete waits for the gate
+/// (behind the reload itself) is obeyed: the file, old enough under the
+/// old setting, is not deleted before it is old enough under the new one.
+#[tokio::test(start_paused = true)]
+async fn a_delete_under_way_obeys_a_longer_delete_after_loaded_meanwhile() {
+    let mut h = Harness::new(Deletion::After(Duration::ZERO));
+    h.stop().await;
+    let s = h.idle_scheduler();
+    s.plan
+        .send_replace(plan(&h.root, &h.store, Deletion::After(Duration::ZERO)));
+    let abs = h.root.join("a.png");
+    std::fs::write(&abs, b"uploaded").unwrap();
+    let identity = FileIdentity::of(&std::fs::metadata(&abs).unwrap());
+    let key = Harness::key("a.png");
+    let record = Record {
+        provider: "fake".into(),
+        key: "pre/a.png".into(),
+        size: identity.size,
+        etag: "\"e\"".into(),
+        uploaded_ms: statedir::now_ms(),
+        identity,
+        local: Local::Present,
+    };
+    h.queue
+        .record_uploaded(&key, &record, AfterUpload::DeleteLocal)
+        .unwrap();
+    let worker = Worker {
+        queue: h.queue.clone(),
+        root: h.guard.clone(),
+        plan: s.plan.subscribe(),
+        deletes: s.deletes.clone(),
+        started: s.current(),
+        uploader: s.uploader.clone(),
+        metrics: s.metrics().clone(),
+    };
+    // A reload waits for the gate: the delete looked at the plan already.
+    let reload = s.deletes.clone().write_owned().await;
+    let k = key.clone();
+    let delete = tokio::spawn(async move { worker.process(&k).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!delete.is_finished(), "the delete waits for the gate");
+    let week = Duration::from_secs(7 * 86_400);
+    s.plan
+        .send_replace(plan(&h.root, &h.store, Deletion::After(week)));
+    drop(reload);
+    let outcome = delete.await.unwrap();
+    assert!(
+        matches!(outcome, Outcome::Later { lane: Lane::Delete, due_ms } if due_ms >= statedir::now_ms() + week.as_millis() as u64 - 60_000),
+        "{outcome:?}"
+    );
+    assert!(abs.exists());
+    assert_eq!(h.queue.record(&key).unwrap().unwrap().local, Local::Present);
 }
 
 /// A key without AbortMultipartUpload: the refusal is said once for the
