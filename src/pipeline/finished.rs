@@ -251,8 +251,17 @@ pub fn check(path: &Path, settle: Duration) -> Readiness {
     let identity = FileIdentity::of(&meta);
     let now = now_ns();
     let settle_ns = settle.as_nanos() as i128;
-    // A future mtime (a skewed clock) waits one settle from now, not forever.
-    let quiet_at = identity.mtime_ns.min(now) + settle_ns;
+    // A future mtime (a writer's skewed clock, `touch -d`) says nothing of
+    // when the file last changed: its ctime, the kernel's, does. Both ahead
+    // (this clock set back) tell nothing; the writer probe below decides.
+    let last_change = if identity.mtime_ns <= now {
+        identity.mtime_ns
+    } else if identity.ctime_ns <= now {
+        identity.ctime_ns
+    } else {
+        now - settle_ns
+    };
+    let quiet_at = last_change + settle_ns;
     if quiet_at > now {
         return Readiness::Settling {
             until_ms: (quiet_at / 1_000_000) as u64,
@@ -267,6 +276,30 @@ pub fn check(path: &Path, settle: Duration) -> Readiness {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file whose mtime lies ten years ahead settles from its ctime; it
+    /// used to wait one settle from "now" at every look, so for ever.
+    #[test]
+    fn a_future_mtime_settles_from_the_ctime() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ahead.png");
+        std::fs::write(&path, b"from a skewed clock").unwrap();
+        let ahead = std::time::SystemTime::now() + Duration::from_secs(10 * 365 * 86_400);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(ahead)
+            .unwrap();
+        let settle = Duration::from_millis(200);
+        assert!(matches!(check(&path, settle), Readiness::Settling { .. }));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            matches!(check(&path, settle), Readiness::Ready(_)),
+            "{:?}",
+            check(&path, settle)
+        );
+    }
 
     #[test]
     fn a_refused_lease_means_a_writer_on_local_file_systems_only() {
