@@ -95,7 +95,7 @@ pub async fn run(
         }
     })?;
     let root = Arc::new(root);
-    let settings = Arc::new(Settings::build(config).map_err(Fatal::Config)?);
+    let settings = Arc::new(Settings::build(config, None).map_err(Fatal::Config)?);
     let shared: Shared = Arc::new(RwLock::new(settings.clone()));
     let live = Arc::new(Live::default());
     // Before the scheduler, the only task that uploads, is spawned below: a
@@ -604,7 +604,7 @@ impl Reloader {
         for w in &loaded.warnings {
             tracing::warn!("{w}");
         }
-        let cur = Arc::new(Settings::build(new)?);
+        let cur = Arc::new(Settings::build(new, old.mark())?);
         // All or nothing: what can fail (a watcher needs inotify and a
         // thread) is taken before anything changes. Leaving local mode for
         // the first time needs a watcher.

@@ -31,6 +31,9 @@ pub struct Settings {
     /// The managed-since mark this first run with a provider starts, written
     /// by [`Settings::commit_mark`] once the settings are applied.
     unwritten_mark: Option<i128>,
+    /// The mark these settings go by, read or started; `None` in local mode
+    /// before any run with a provider.
+    mark: Option<i128>,
 }
 
 /// Where the bandwidth limit comes from.
@@ -70,8 +73,12 @@ pub fn current(shared: &Shared) -> Arc<Settings> {
 impl Settings {
     /// Builds the settings; writes nothing. On the first run with an active
     /// provider the managed-since mark is now, written by
-    /// [`Settings::commit_mark`]. Errors are one sentence for the operator.
-    pub fn build(config: Config) -> Result<Settings, String> {
+    /// [`Settings::commit_mark`]. A reload passes the mark in force as
+    /// `earlier`: a mark file that cannot be read now (an I/O error, a
+    /// permission) keeps it, instead of starting a new one at now (which
+    /// would leave files written since the old one to `backfill`). Errors
+    /// are one sentence for the operator.
+    pub fn build(config: Config, earlier: Option<i128>) -> Result<Settings, String> {
         let target = match config.active() {
             Active::Provider(p) => match Client::new(&p) {
                 Ok(c) => Target::Provider(Arc::new(c)),
@@ -117,7 +124,15 @@ impl Settings {
                 }
             }
         }
-        let (mark_ns, unwritten_mark) = match (&target, statedir::mark::read(&config.state_dir)) {
+        let found = match statedir::mark::load(&config.state_dir) {
+            Ok(found) => found,
+            Err(why) if earlier.is_some() => {
+                tracing::warn!("{why}; the managed-since mark read before stays in force");
+                earlier
+            }
+            Err(_) => None,
+        };
+        let (mark_ns, unwritten_mark) = match (&target, found) {
             (_, Some(mark)) => (mark, None),
             (Target::Provider(_), None) => {
                 let now = statedir::mark::now_ns();
@@ -186,6 +201,7 @@ impl Settings {
             predictable,
             config,
             unwritten_mark,
+            mark: found.or(unwritten_mark),
         })
     }
 
@@ -201,6 +217,11 @@ impl Settings {
         statedir::mark::set_once(dir, ns).map_err(|e| {
             StateError::of_io(dir, &e, format!("cannot write the managed-since mark: {e}"))
         })
+    }
+
+    /// The managed-since mark in force, if there is one (for a reload).
+    pub fn mark(&self) -> Option<i128> {
+        self.mark
     }
 
     /// The active provider's name, or `local`.
@@ -233,5 +254,39 @@ impl Settings {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load, RootCheck};
+
+    /// A reload that cannot read the mark file keeps the mark in force; a
+    /// start has none to keep.
+    #[test]
+    fn an_unreadable_mark_keeps_the_one_read_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("results");
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&root).unwrap();
+        // A directory where the mark file should be: reading it fails.
+        std::fs::create_dir_all(state.join("managed-since")).unwrap();
+        let file = dir.path().join("config.yaml");
+        std::fs::write(
+            &file,
+            format!(
+                "watch:\n  root: {}\nstate_dir: {}\n",
+                root.display(),
+                state.display()
+            ),
+        )
+        .unwrap();
+        let config = || load(&file, RootCheck::MustExist).unwrap().config;
+        let reloaded = Settings::build(config(), Some(123)).unwrap();
+        assert_eq!(reloaded.plan.options.mark_ns, 123);
+        assert_eq!(reloaded.mark(), Some(123));
+        let started = Settings::build(config(), None).unwrap();
+        assert_eq!(started.mark(), None);
     }
 }
