@@ -29,7 +29,7 @@ use crate::pipeline::live::Live;
 use crate::pipeline::plan::Target;
 use crate::pipeline::queue::{Opened, Queue, StateError};
 use crate::pipeline::rebuild;
-use crate::pipeline::root::RootGuard;
+use crate::pipeline::root::{RootGuard, RootStatus};
 use crate::pipeline::schedule::{Command, Scheduler};
 use crate::settings::{self, Settings, Shared};
 use crate::shutdown::{Shutdown, Stop};
@@ -175,6 +175,7 @@ pub async fn run(
             shared.clone(),
             queue.clone(),
             live.clone(),
+            root.clone(),
             socket_bound,
             stopped.clone(),
         )),
@@ -811,6 +812,7 @@ async fn publish_status(
     shared: Shared,
     queue: Arc<Queue>,
     live: Arc<Live>,
+    root: Arc<RootGuard>,
     socket_bound: bool,
     mut stopped: Shutdown,
 ) {
@@ -819,7 +821,7 @@ async fn publish_status(
     loop {
         let cur = settings::current(&shared);
         let report = control::status::live(&queue, &live, &cur);
-        publish_gauges(&live, &report, &cur, started);
+        publish_gauges(&live, &report, &cur, started, &root.status());
         systemd::status(&status_line(&report));
         if !socket_bound {
             let json = serde_json::to_vec_pretty(&report).expect("report serializes");
@@ -838,15 +840,19 @@ async fn publish_status(
 }
 
 /// The gauges `/metrics` reads once a second.
-fn publish_gauges(live: &Live, report: &Report, cur: &Settings, started_ms: u64) {
+fn publish_gauges(
+    live: &Live,
+    report: &Report,
+    cur: &Settings,
+    started_ms: u64,
+    root: &RootStatus,
+) {
     let m = &live.metrics;
     let now_ms = statedir::now_ms();
     m.set_pipeline_paused(report.pipeline_paused.is_some());
-    let root_ok = !report
-        .pipeline_paused
-        .as_deref()
-        .is_some_and(|p| p.contains("watch root"));
-    m.set_root_available(root_ok);
+    // From the root guard itself, not the pause's text: a state_dir failure
+    // at the same time names only itself there.
+    m.set_root_available(*root == RootStatus::Present);
     m.set_waiting_for_writer(report.waiting_for_writer);
     if let Some(free) = statedir::free_bytes(&cur.config.state_dir) {
         m.set_state_dir_free(free);

@@ -905,5 +905,22 @@ fn every_queried_metric_is_served_by_a_running_daemon() {
             .collect::<Vec<_>>()
             .join(", ")
     );
+
+    // The root moved away: the gauge falls to 0 (what the
+    // OffloaddRootUnavailable alert reads), and rises when it is back.
+    let away = env.dir.path().join("results.away");
+    fs::rename(&env.root, &away).unwrap();
+    wait_until(LONG, "offloadd_root_available is 0", || {
+        let text = http_get(port, "/metrics").text();
+        metric_value(&text, "offloadd_root_available") == Some(0.0)
+            && metric_value(&text, "offloadd_pipeline_paused") == Some(1.0)
+    });
+    fs::rename(&away, &env.root).unwrap();
+    wait_until(LONG, "offloadd_root_available is 1 again", || {
+        metric_value(
+            &http_get(port, "/metrics").text(),
+            "offloadd_root_available",
+        ) == Some(1.0)
+    });
     daemon.stop();
 }
