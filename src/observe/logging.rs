@@ -59,13 +59,16 @@ pub fn init(format: LogFormat, level: &str) {
 /// The one sentence of a fatal error, once wherever it is read: in the
 /// journal as a record of priority `err` (not again as a line of stderr,
 /// which is the journal too), on a terminal as `offloadd: …` (not again
-/// as a log line), and both where they differ (JSON logs, say).
+/// as a log line), and both where they differ (JSON logs, say); on stderr
+/// alone where the level records no errors.
 pub fn fatal(sentence: &str) {
     let to = WHERE.load(Ordering::Relaxed);
-    if to != STDERR_TEXT {
+    // `log.level: off` records nothing: stderr then has it whatever it is.
+    let recorded = tracing::enabled!(tracing::Level::ERROR);
+    if to != STDERR_TEXT && recorded {
         tracing::error!("{sentence}");
     }
-    if to != JOURNAL_ALSO_STDERR {
+    if to != JOURNAL_ALSO_STDERR || !recorded {
         eprintln!("offloadd: {sentence}");
     }
 }

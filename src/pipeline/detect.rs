@@ -721,6 +721,8 @@ impl Detect {
     /// filesystem or directory than before.
     fn rewatch(&mut self) {
         self.root_lost = false;
+        // A look of this return must not end the next loss.
+        self.root_lost_mark = None;
         let was = self.root_id;
         self.root_id = self.root_seen.latest();
         let same_root = matches!((self.root_id, was), (Some(now), Some(was)) if now.is(&was));

@@ -664,6 +664,9 @@ impl Queue {
         let found_corrupt = if corrupt_note.exists() && db_path.exists() {
             Err(sled::Error::Corruption { at: None, bt: () })
         } else {
+            // A note whose database is gone (removed by hand) is of no
+            // database: the new one must not be moved aside at the next start.
+            let _ = std::fs::remove_file(&corrupt_note);
             open_trees(&db_path)
         };
         let (trees, moved_aside) = match found_corrupt {
@@ -802,8 +805,9 @@ impl Queue {
     /// [`Queue::restart_needed`] returns. The first such failure wins.
     fn must_restart(&self, message: String) -> StateError {
         let mut f = self.failure.lock().expect("failure lock");
+        // Not logged here: the daemon exits with it at once, and `main`
+        // writes the one sentence.
         if !matches!(*f, Some(Failure::Restart(_))) {
-            tracing::error!(state_dir = %self.dir.display(), "{message}");
             *f = Some(Failure::Restart(message));
         }
         let out = self.error_of(f.clone().expect("a failure"));
@@ -923,6 +927,13 @@ impl Queue {
             Some(Failure::Write(message)) => message,
         };
         let guard = self.trees.write().expect("trees lock");
+        // A database not marked whole before (local mode after a loss, a
+        // rebuild that could not finish) is judged "lost" after the reopen
+        // too: that is no new loss, and the next start rebuilds it anyway.
+        let was_whole = guard
+            .as_ref()
+            .and_then(|t| t.meta.get(META_INITIALIZED).ok())
+            .is_none_or(|v| v.is_some());
         if let Some(t) = guard.as_ref() {
             let probe = t
                 .meta
@@ -951,7 +962,7 @@ impl Queue {
                 *guard = Some(t);
                 drop(guard);
                 match judged {
-                    Some(Ok(Opened::Lost)) => Err(self.must_restart(format!(
+                    Some(Ok(Opened::Lost)) if was_whole => Err(self.must_restart(format!(
                         "the state database in {} lost location records when it was reopened; offloadd exits so that its restart rebuilds them from the bucket",
                         self.dir.display()
                     ))),
