@@ -10,6 +10,13 @@
 //! jitter, until one succeeds. The outage is logged when it starts and when it
 //! ends, not once per item. A reload or a switch of provider starts afresh: the
 //! answer of a probe sent before it ([`ProbeTicket`]) no longer counts.
+//!
+//! Throttling ("slow down": 503 SlowDown, 429) also shrinks how many uploads
+//! may be in flight at once ([`Window`]): halved at most once per
+//! [`SLOW_DOWN_EVERY`], one more for each upload that succeeds, until
+//! `upload.workers` alone governs again. A throttled item backing off alone
+//! would leave its worker to a fresh item at once, and the rate the
+//! provider asked to lower would not fall.
 
 use crate::pipeline::backoff::Backoff;
 use tokio::time::Instant;
@@ -57,7 +64,24 @@ pub struct Health {
     provider_since: Instant,
     /// Throttling answers (429, 503 SlowDown) since the last success.
     throttled: u32,
+    window: Window,
 }
+
+/// How many uploads may be in flight at once, besides `upload.workers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Window {
+    /// No limit of its own.
+    Open,
+    /// At most `size`, since the provider last asked to slow down at `since`.
+    Limited { size: usize, since: Instant },
+}
+
+/// The window is halved at most this often: the answers to one burst of
+/// requests halve it once, not once each.
+pub const SLOW_DOWN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A window grown back to this size no longer limits anything.
+const WINDOW_OPENS_AT: usize = 1024;
 
 /// Throttling answers in a row after which the provider is suspect.
 pub const THROTTLED_SUSPECT_AFTER: u32 = 3;
@@ -72,7 +96,32 @@ impl Health {
             last_success: None,
             provider_since: Instant::now(),
             throttled: 0,
+            window: Window::Open,
         }
+    }
+
+    /// How many uploads may be in flight now, with `workers` the most.
+    pub fn upload_room(&self, workers: usize) -> usize {
+        match self.window {
+            Window::Open => workers,
+            Window::Limited { size, .. } => size.min(workers),
+        }
+    }
+
+    /// The provider asked to slow down while `in_flight` uploads were out:
+    /// the window halves, unless it did so within [`SLOW_DOWN_EVERY`].
+    /// Returns the new size when it shrank.
+    pub fn slow_down(&mut self, in_flight: usize, now: Instant) -> Option<usize> {
+        let (current, was) = match self.window {
+            Window::Limited { since, .. } if now.duration_since(since) < SLOW_DOWN_EVERY => {
+                return None
+            }
+            Window::Open => (in_flight.max(1), usize::MAX),
+            Window::Limited { size, .. } => (size.min(in_flight.max(1)), size),
+        };
+        let size = (current / 2).max(1);
+        self.window = Window::Limited { size, since: now };
+        (size < was).then_some(size)
     }
 
     /// Whether an upload that started at `started` went to the active
@@ -159,6 +208,12 @@ impl Health {
     pub fn upload_succeeded(&mut self, now: Instant) -> Option<Change> {
         self.last_success = Some(now);
         self.throttled = 0;
+        if let Window::Limited { size, since } = self.window {
+            self.window = match size + 1 {
+                WINDOW_OPENS_AT.. => Window::Open,
+                size => Window::Limited { size, since },
+            };
+        }
         if self.probing {
             self.start_afresh();
         }
@@ -251,6 +306,7 @@ impl Health {
         self.start_afresh();
         self.last_success = None;
         self.provider_since = Instant::now();
+        self.window = Window::Open;
         match std::mem::replace(&mut self.state, State::Healthy) {
             State::Paused { reason, .. } => Some(Change::Resumed {
                 reason,
@@ -273,6 +329,41 @@ impl Health {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// Slow-downs halve the room, once per burst; successes give it back one
+    /// by one; a new provider starts open.
+    #[tokio::test(start_paused = true)]
+    async fn throttling_halves_the_room_once_per_burst_and_successes_grow_it() {
+        let mut h = Health::new(Backoff::new(Duration::from_secs(1), Duration::from_secs(8)));
+        assert_eq!(h.upload_room(64), 64);
+        let t0 = Instant::now();
+        assert_eq!(h.slow_down(64, t0), Some(32));
+        // The rest of the same burst's answers change nothing.
+        assert_eq!(h.slow_down(63, t0 + Duration::from_millis(500)), None);
+        assert_eq!(h.upload_room(64), 32);
+        // A second burst a second later halves it again, from what was out.
+        assert_eq!(h.slow_down(20, t0 + SLOW_DOWN_EVERY), Some(10));
+        for _ in 0..5 {
+            h.upload_succeeded(t0 + SLOW_DOWN_EVERY);
+        }
+        assert_eq!(h.upload_room(64), 15);
+        // Never below one, and told only when it shrinks.
+        let mut t = t0 + SLOW_DOWN_EVERY;
+        for _ in 0..10 {
+            t += SLOW_DOWN_EVERY;
+            h.slow_down(64, t);
+        }
+        assert_eq!(h.upload_room(64), 1);
+        assert_eq!(h.slow_down(64, t + SLOW_DOWN_EVERY), None);
+        // `workers` stays the most.
+        for _ in 0..100 {
+            h.upload_succeeded(t);
+        }
+        assert_eq!(h.upload_room(64), 64);
+        assert_eq!(h.upload_room(200), 101);
+        h.reset();
+        assert_eq!(h.upload_room(200), 200);
+    }
 
     fn health() -> Health {
         Health::new(Backoff::new(Duration::from_secs(1), Duration::from_secs(8)))

@@ -3,7 +3,9 @@
 //! Owns: admitting candidates into the queue, the due times of queued items
 //! (two lanes: uploads need a healthy provider, deletes do not; a window of
 //! each in memory, the rest read from disk as room frees, see `lanes`),
-//! dispatching at most `upload.workers` items, the provider's [`Health`], and
+//! dispatching at most `upload.workers` items (and fewer uploads while the
+//! provider asks to slow down: [`Health::upload_room`]), the provider's
+//! [`Health`], and
 //! the pause of the whole pipeline while the root or the state_dir is
 //! unavailable.
 //!
@@ -783,7 +785,7 @@ impl Scheduler {
             wake = wake.min(Duration::from_secs(1));
         } else if self.in_flight.len() < plan.options.workers.max(1) {
             lanes.push(Lane::Delete);
-            if self.health.uploads_allowed() && plan.target.store().is_some() {
+            if self.upload_may_start(&plan) {
                 lanes.push(Lane::Upload);
             }
         }
@@ -881,7 +883,7 @@ impl Scheduler {
                 self.spawn(key, entry, &plan);
                 continue;
             }
-            if plan.target.store().is_none() || !self.health.uploads_allowed() {
+            if !self.upload_may_start(&plan) {
                 break;
             }
             match self.lanes.pop_due(Lane::Upload, now) {
@@ -890,6 +892,18 @@ impl Scheduler {
             }
         }
         self.publish();
+    }
+
+    /// Whether one more upload may start: a target, a healthy provider, and
+    /// room in the window throttling left (see `health`).
+    fn upload_may_start(&self, plan: &Plan) -> bool {
+        plan.target.store().is_some()
+            && self.health.uploads_allowed()
+            && self.uploads_in_flight() < self.health.upload_room(plan.options.workers.max(1))
+    }
+
+    fn uploads_in_flight(&self) -> usize {
+        self.in_flight.values().filter(|f| f.is_upload()).count()
     }
 
     fn spawn(&mut self, key: ItemKey, entry: Entry, plan: &Arc<Plan>) {
@@ -1108,6 +1122,17 @@ impl Scheduler {
     fn failed(&mut self, key: ItemKey, err: StorageError, flight: Flight) {
         self.live
             .update(|s| s.last_error = Some(err.message.clone()));
+        // Fewer uploads at once, not only this one later (see `health`).
+        if err.is_throttle() && self.health.is_current(flight.started) {
+            let out = self.uploads_in_flight() + 1;
+            if let Some(room) = self.health.slow_down(out, Instant::now()) {
+                tracing::info!(
+                    uploads_at_once = room,
+                    "provider `{}` asked to slow down: at most {room} uploads at once until it accepts more",
+                    self.current().target.name()
+                );
+            }
+        }
         match err.class {
             ErrorClass::Item => self.park(key, err.message),
             // An upload to the provider before a switch says nothing of the

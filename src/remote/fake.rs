@@ -74,6 +74,10 @@ pub struct FakeStore {
     misreports: Mutex<HashMap<Op, usize>>,
     /// While true, probes wait for an answer (see [`FakeStore::hold_probes`]).
     probes_held: tokio::sync::watch::Sender<bool>,
+    /// How long a PUT takes (see [`FakeStore::slow_puts`]).
+    put_latency: Mutex<std::time::Duration>,
+    /// PUTs under way now, and the most at once since last asked.
+    puts_out: Mutex<(usize, usize)>,
 }
 
 /// The ETag a misreporting answer carries.
@@ -152,7 +156,22 @@ impl FakeStore {
             next_id: Mutex::new(0),
             misreports: Mutex::new(HashMap::new()),
             probes_held: tokio::sync::watch::Sender::new(false),
+            put_latency: Mutex::new(std::time::Duration::ZERO),
+            puts_out: Mutex::new((0, 0)),
         }
+    }
+
+    /// Every PUT takes `latency` (on tokio's clock) before it is answered,
+    /// as over a network: PUTs overlap, and how many do is measured.
+    pub fn slow_puts(&self, latency: std::time::Duration) {
+        *self.put_latency.lock().unwrap() = latency;
+    }
+
+    /// The most PUTs under way at once since the last call.
+    pub fn most_puts_at_once(&self) -> usize {
+        let mut out = self.puts_out.lock().unwrap();
+        let now = out.0;
+        std::mem::replace(&mut out.1, now)
     }
 
     /// The next `n` answers of `op` (PUT, complete or HEAD) report the ETag
@@ -240,6 +259,16 @@ impl Store for FakeStore {
         _: &'a ObjectOptions,
     ) -> Reply<'a, Option<String>> {
         Box::pin(async move {
+            let latency = *self.put_latency.lock().unwrap();
+            if !latency.is_zero() {
+                {
+                    let mut out = self.puts_out.lock().unwrap();
+                    out.0 += 1;
+                    out.1 = out.1.max(out.0);
+                }
+                tokio::time::sleep(latency).await;
+                self.puts_out.lock().unwrap().0 -= 1;
+            }
             self.enter(Op::Put, key.as_str())?;
             let etag = checked_etag(&body, md5)?;
             let answer = self.answer(Op::Put, &etag);

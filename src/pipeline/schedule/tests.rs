@@ -2194,3 +2194,58 @@ async fn a_file_found_in_the_bucket_does_not_answer_for_the_probe() {
     assert!(h.live.shown().failed.is_empty(), "nothing parked");
     h.stop().await;
 }
+
+/// A provider that asks to slow down gets fewer uploads at once, not only
+/// each refused one later: with PUTs that take 100 ms, 16 workers and every
+/// PUT answered SlowDown, the uploads in flight fall from 16 to a few within
+/// seconds; once it accepts again they grow back.
+#[tokio::test(start_paused = true)]
+async fn throttling_lowers_the_uploads_in_flight_and_successes_raise_them() {
+    let mut h = Harness::new(Deletion::Keep);
+    let mut p = (*plan(&h.root, &h.store, Deletion::Keep)).clone();
+    p.options.workers = 16;
+    h.ask(|applied| Command::Replan {
+        plan: Arc::new(p),
+        memory_limit: MEMORY_LIMIT,
+        applied,
+    })
+    .await;
+    h.store.slow_puts(Duration::from_millis(100));
+    let throttling = Arc::new(AtomicBool::new(true));
+    let t = throttling.clone();
+    h.store.script(move |r| {
+        (t.load(Ordering::SeqCst) && r.op == Op::Put).then(|| http_error(503, "SlowDown"))
+    });
+    for i in 0..300 {
+        h.write(&format!("s/{i:03}.png"), b"slow down").await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(h.store.most_puts_at_once() >= 12, "16 workers at first");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    h.store.most_puts_at_once();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let throttled = h.store.most_puts_at_once();
+    assert!(
+        throttled <= 2,
+        "{throttled} PUTs at once after 5 s of SlowDown"
+    );
+
+    throttling.store(false, Ordering::SeqCst);
+    until(600, "all uploaded once it accepts again", || {
+        (0..300).all(|i| h.store.object(&format!("pre/s/{i:03}.png")).is_some())
+    })
+    .await;
+    assert!(h.live.shown().failed.is_empty());
+    for i in 0..300 {
+        h.write(&format!("t/{i:03}.png"), b"accepted").await;
+    }
+    until(600, "the second batch uploaded", || {
+        (0..300).all(|i| h.store.object(&format!("pre/t/{i:03}.png")).is_some())
+    })
+    .await;
+    assert!(
+        h.store.most_puts_at_once() >= 12,
+        "the room grew back to the 16 workers"
+    );
+    h.stop().await;
+}
