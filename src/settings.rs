@@ -260,29 +260,15 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{load, RootCheck};
 
     /// A reload that cannot read the mark file keeps the mark in force; a
     /// start has none to keep.
     #[test]
     fn an_unreadable_mark_keeps_the_one_read_before() {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("results");
-        let state = dir.path().join("state");
-        std::fs::create_dir_all(&root).unwrap();
+        let config = || crate::config::in_temp_dir(dir.path());
         // A directory where the mark file should be: reading it fails.
-        std::fs::create_dir_all(state.join("managed-since")).unwrap();
-        let file = dir.path().join("config.yaml");
-        std::fs::write(
-            &file,
-            format!(
-                "watch:\n  root: {}\nstate_dir: {}\n",
-                root.display(),
-                state.display()
-            ),
-        )
-        .unwrap();
-        let config = || load(&file, RootCheck::MustExist).unwrap().config;
+        std::fs::create_dir_all(config().state_dir.join("managed-since")).unwrap();
         let reloaded = Settings::build(config(), Some(123)).unwrap();
         assert_eq!(reloaded.plan.options.mark_ns, 123);
         assert_eq!(reloaded.mark(), Some(123));

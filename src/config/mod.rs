@@ -1187,6 +1187,24 @@ fn split_key(content: &str) -> Option<(&str, &str)> {
     Some((&content[..colon], &content[colon + 1..]))
 }
 
+/// For other modules' tests: a config in `dir` whose `watch.root` is
+/// `dir/results` and `state_dir` is `dir/state` (both created), with
+/// nothing else set.
+#[cfg(test)]
+pub fn in_temp_dir(dir: &Path) -> Config {
+    let (root, state) = (dir.join("results"), dir.join("state"));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    let file = dir.join("config.yaml");
+    let yaml = format!(
+        "watch:\n  root: {}\nstate_dir: {}\n",
+        root.display(),
+        state.display()
+    );
+    std::fs::write(&file, yaml).unwrap();
+    load(&file, RootCheck::MustExist).unwrap().config
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

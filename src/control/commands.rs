@@ -202,7 +202,6 @@ pub async fn test_connection(config: &Config, provider: Option<&str>) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{load, RootCheck};
 
     /// With the state unwritable (a full disk), a delete-through touches
     /// nothing: the record could not go, and would name a missing object or
@@ -210,14 +209,9 @@ mod tests {
     #[tokio::test]
     async fn a_delete_while_the_state_cannot_be_written_touches_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("results");
-        std::fs::create_dir_all(&root).unwrap();
-        let config = dir.path().join("config.yaml");
-        std::fs::write(&config, format!("watch:\n  root: {}\n", root.display())).unwrap();
-        let config = load(&config, RootCheck::MustExist).unwrap().config;
-        let state = dir.path().join("state");
-        std::fs::create_dir_all(&state).unwrap();
-        let (queue, _) = Queue::open(&state).unwrap();
+        let config = crate::config::in_temp_dir(dir.path());
+        let (queue, _) = Queue::open(&config.state_dir).unwrap();
+        let root = &config.watch.root;
         std::fs::write(root.join("a.png"), b"kept").unwrap();
         queue.inject_failure("No space left on device");
 

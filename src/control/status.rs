@@ -286,21 +286,14 @@ pub fn locate_in(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{load, RootCheck};
 
     /// A state that cannot be read is not "no record": `/r/` used to guess
     /// the active provider's URL, which misses files recorded elsewhere.
     #[test]
     fn public_url_of_an_unreadable_state_is_an_error_not_a_guess() {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("results");
-        std::fs::create_dir_all(&root).unwrap();
-        let config = dir.path().join("config.yaml");
-        std::fs::write(&config, format!("watch:\n  root: {}\n", root.display())).unwrap();
-        let config = load(&config, RootCheck::MustExist).unwrap().config;
-        let state = dir.path().join("state");
-        std::fs::create_dir_all(&state).unwrap();
-        let (queue, _) = Queue::open(&state).unwrap();
+        let config = crate::config::in_temp_dir(dir.path());
+        let (queue, _) = Queue::open(&config.state_dir).unwrap();
         let guess = ("https://cdn.test".to_string(), "p".to_string());
         let url = public_url(&config, &queue, Some(&guess), "a.png").unwrap();
         assert!(url.is_some_and(|u| u.ends_with("/p/a.png")));

@@ -59,6 +59,15 @@ pub fn delete_due_ms(identity: &FileIdentity, min_age: Duration) -> u64 {
     (identity.ctime_ns / 1_000_000).max(0) as u64 + min_age.as_millis() as u64
 }
 
+/// A delete that is not due yet comes back when it is.
+fn not_due(identity: &FileIdentity, min_age: Duration) -> Option<Outcome> {
+    let due_ms = delete_due_ms(identity, min_age);
+    (now_ms() < due_ms).then_some(Outcome::Later {
+        due_ms,
+        lane: Lane::Delete,
+    })
+}
+
 /// What follows a verified, recorded upload for its item.
 #[derive(Debug)]
 pub enum Then {
@@ -391,12 +400,8 @@ impl Worker {
         let Some(permit) = state!(self.queue.delete_permit(key).await) else {
             return Outcome::Settled;
         };
-        let due_ms = delete_due_ms(permit.identity(), min_age);
-        if now_ms() < due_ms {
-            return Outcome::Later {
-                due_ms,
-                lane: Lane::Delete,
-            };
+        if let Some(later) = not_due(permit.identity(), min_age) {
+            return later;
         }
         if let Err(why) = self.root.check().await {
             return Outcome::RootGone(why);
@@ -412,12 +417,8 @@ impl Worker {
             }
         };
         // A reload meanwhile may have raised `delete_after`.
-        let due_ms = delete_due_ms(permit.identity(), min_age);
-        if now_ms() < due_ms {
-            return Outcome::Later {
-                due_ms,
-                lane: Lane::Delete,
-            };
+        if let Some(later) = not_due(permit.identity(), min_age) {
+            return later;
         }
         let (outcome, permit) = {
             let abs = abs.clone();
