@@ -308,9 +308,10 @@ struct WalkerShared {
     /// Directories without a watch whose files only rescans find (beyond
     /// the watch limit, or an unexpected error).
     unwatched: AtomicU64,
-    /// Directories that could not be read or watched, told once each (in
-    /// the log and `status`) until they are watched.
-    unreachable: Mutex<HashSet<PathBuf>>,
+    /// Directories that could not be read or watched, told once each until
+    /// they are watched: in the log, and the first [`FOLDER_NOTICES`] with
+    /// their notice in `status` (taken back once watched).
+    unreachable: Mutex<HashMap<PathBuf, Option<String>>>,
     /// File events were lost: the next scan of the whole tree adds the
     /// watch of every directory again, those recorded as watched too (a
     /// lost removal leaves a record that may match a directory created
@@ -1355,17 +1356,29 @@ fn report_denied(shared: &WalkerShared, dir: &Path) {
 /// Logs and shows in `status` what `text` says of `dir`, unless that was
 /// told of it already since it was last watched.
 fn report_once(shared: &WalkerShared, dir: &Path, text: impl FnOnce() -> String) {
-    let new = shared
-        .unreachable
-        .lock()
-        .expect("unreachable lock")
-        .insert(dir.to_path_buf());
-    if new {
-        let text = text();
-        tracing::warn!("{text}");
-        shared.live.notice(text);
+    let mut unreachable = shared.unreachable.lock().expect("unreachable lock");
+    if unreachable.contains_key(dir) {
+        return;
     }
+    let text = text();
+    tracing::warn!("{text}");
+    // A tree of private folders must not push every other notice out.
+    let shown = unreachable.values().flatten().count() < FOLDER_NOTICES;
+    if shown {
+        shared.live.notice(text.clone());
+    } else {
+        shared.live.notice(more_folders());
+    }
+    unreachable.insert(dir.to_path_buf(), shown.then_some(text));
 }
+
+/// The notice for the folders beyond the named ones.
+fn more_folders() -> String {
+    format!("more than {FOLDER_NOTICES} folders cannot be read or watched; the log names each")
+}
+
+/// Folders named one by one among `status` notices.
+const FOLDER_NOTICES: usize = 5;
 
 /// Adds a watch unless this very directory (device, inode) is watched
 /// already (and `known` trusts that record).
@@ -1390,11 +1403,15 @@ fn watch_dir(shared: &WalkerShared, dir: &Path, known: Known) {
         Ok(()) => {
             watched.insert(dir.to_path_buf(), id);
             drop(watched);
-            shared
-                .unreachable
-                .lock()
-                .expect("unreachable lock")
-                .remove(dir);
+            let mut unreachable = shared.unreachable.lock().expect("unreachable lock");
+            match unreachable.remove(dir) {
+                Some(Some(text)) => shared.live.withdraw(&text),
+                // The last of those beyond the named ones.
+                Some(None) if !unreachable.values().any(Option::is_none) => {
+                    shared.live.withdraw(&more_folders())
+                }
+                _ => {}
+            }
             return;
         }
         Err(e) => e,
@@ -2328,5 +2345,59 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// Many such folders name five among `status` notices, and say there
+    /// are more, so that they do not push every other notice out; a folder
+    /// that can be watched again has its notice taken back. Needs root.
+    #[test]
+    fn private_folders_take_at_most_six_notices_taken_back_once_readable() {
+        use std::os::unix::fs::PermissionsExt;
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var_os("CI").is_none(), "this test needs root");
+            eprintln!("SKIP: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+        mode(dir.path(), 0o755).unwrap();
+        let private: Vec<PathBuf> = (0..8).map(|i| dir.path().join(format!("p{i}"))).collect();
+        for p in &private {
+            std::fs::create_dir(p).unwrap();
+            mode(p, 0o700).unwrap();
+        }
+        let root = dir.path().to_path_buf();
+        let (scanned_tx, scanned) = std::sync::mpsc::channel();
+        let (opened_tx, opened) = std::sync::mpsc::channel::<()>();
+        let watcher = std::thread::spawn(move || {
+            // SAFETY: the raw syscall changes this thread's ids only.
+            let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+            assert_eq!(rc, 0, "setresuid: {}", std::io::Error::last_os_error());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let (mut d, _rx, walks, _inputs) = detect_with_inputs(&root, 64);
+            let _guard = rt.enter();
+            let scan = |d: &mut Detect| {
+                d.rescan(Why::Periodic);
+                let (dir, why) = walks.try_recv().unwrap();
+                walk_and_report(&d.shared, &dir, why, &Between::Nothing);
+                d.live.shown().notices
+            };
+            let notices = scan(&mut d);
+            scanned_tx.send(notices).unwrap();
+            opened.recv().unwrap();
+            scan(&mut d)
+        });
+        let notices = scanned.recv().unwrap();
+        assert_eq!(notices.len(), FOLDER_NOTICES + 1, "{notices:?}");
+        assert!(notices[FOLDER_NOTICES].starts_with("more than 5 folders cannot be read"));
+        for p in &private {
+            mode(p, 0o755).unwrap();
+        }
+        opened_tx.send(()).unwrap();
+        let notices = watcher.join().unwrap();
+        assert!(notices.is_empty(), "taken back: {notices:?}");
     }
 }
