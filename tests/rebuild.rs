@@ -16,15 +16,10 @@ fn on_moto() -> (TestEnv, MotoServer, Cfg) {
     (env, moto, cfg)
 }
 
-#[test]
-fn lost_database_is_rebuilt_from_the_bucket() {
-    let env = TestEnv::new();
-    let s3 = S3Server::start_for(&env);
-    let mut cfg = Cfg::new(&s3.endpoint());
-    cfg.delete_local = true;
-    env.write_config(&cfg);
-    let daemon = Daemon::start(&env, &[]);
-    let files: Vec<(String, Vec<u8>)> = (0..6)
+/// `n` files `r/{i}.png` written, uploaded and deleted locally (the
+/// config has `delete_local: true`).
+fn offloaded_and_deleted(env: &TestEnv, s3: &S3Server, n: usize) -> Vec<(String, Vec<u8>)> {
+    let files: Vec<(String, Vec<u8>)> = (0..n)
         .map(|i| {
             let rel = format!("r/{i}.png");
             let bytes = file_content(&rel, 100, 5_000);
@@ -37,6 +32,18 @@ fn lost_database_is_rebuilt_from_the_bucket() {
             s3.object_bytes(rel).as_deref() == Some(bytes.as_slice()) && !env.path(rel).exists()
         });
     }
+    files
+}
+
+#[test]
+fn lost_database_is_rebuilt_from_the_bucket() {
+    let env = TestEnv::new();
+    let s3 = S3Server::start_for(&env);
+    let mut cfg = Cfg::new(&s3.endpoint());
+    cfg.delete_local = true;
+    env.write_config(&cfg);
+    let daemon = Daemon::start(&env, &[]);
+    let files = offloaded_and_deleted(&env, &s3, 6);
     daemon.stop();
     let stamps: Vec<_> = files
         .iter()
@@ -490,19 +497,7 @@ fn a_state_dir_removed_while_running_is_rebuilt_at_the_restart() {
     cfg.delete_local = true;
     env.write_config(&cfg);
     let mut daemon = Daemon::start(&env, &[]);
-    let files: Vec<(String, Vec<u8>)> = (0..3)
-        .map(|i| {
-            let rel = format!("r/{i}.png");
-            let bytes = file_content(&rel, 100, 5_000);
-            write_file(&env.path(&rel), &bytes);
-            (rel, bytes)
-        })
-        .collect();
-    for (rel, bytes) in &files {
-        wait_until(LONG, rel, || {
-            s3.object_bytes(rel).as_deref() == Some(bytes.as_slice()) && !env.path(rel).exists()
-        });
-    }
+    let files = offloaded_and_deleted(&env, &s3, 3);
     // A backlog: queued while the bucket is away.
     s3.stop();
     let late = file_content("late.png", 100, 5_000);

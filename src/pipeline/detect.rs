@@ -2294,82 +2294,26 @@ mod tests {
         assert_eq!(WatchFailure::of(&io(libc::ENOMEM)), WatchFailure::Other);
     }
 
-    /// A folder the service may not read (`lost+found` at a mount point's
-    /// root): named once, in the log and `status`, and no cause for
-    /// rescans every minute (its files cannot be read by them either).
-    /// Needs root, to run the watcher as another user.
-    #[test]
-    fn a_folder_the_service_may_not_read_is_named_once_and_brings_no_rescans() {
+    /// Sets the permission bits of `p`.
+    fn chmod(p: &Path, mode: u32) {
         use std::os::unix::fs::PermissionsExt;
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(std::env::var_os("CI").is_none(), "this test needs root");
-            eprintln!("SKIP: needs root");
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let mode = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
-        mode(dir.path(), 0o755).unwrap();
-        let private = dir.path().join("lost+found");
-        std::fs::create_dir(&private).unwrap();
-        mode(&private, 0o700).unwrap();
-        let root = dir.path().to_path_buf();
-        // In a thread of its own, which becomes nobody (notify's thread,
-        // started by it, too).
-        std::thread::spawn(move || {
-            // SAFETY: the raw syscall changes this thread's ids only.
-            let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
-            assert_eq!(rc, 0, "setresuid: {}", std::io::Error::last_os_error());
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let (mut d, _rx, walks, _inputs) = detect_with_inputs(&root, 64);
-            let _guard = rt.enter();
-            for _ in 0..2 {
-                d.rescan(Why::Periodic);
-                let (scanned, why) = walks.try_recv().unwrap();
-                walk_and_report(&d.shared, &scanned, why, &Between::Nothing);
-            }
-            assert_eq!(d.shared.unwatched.load(Ordering::Relaxed), 0);
-            let notices = d.live.shown().notices;
-            assert_eq!(notices.len(), 1, "{notices:?}");
-            assert!(
-                notices[0].starts_with(&format!(
-                    "cannot read {}: permission denied",
-                    private.display()
-                )),
-                "{notices:?}"
-            );
-            d.tick();
-            assert_eq!(d.next_rescan, None, "no rescans: rescan_interval is 0");
-        })
-        .join()
-        .unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
     }
 
-    /// Many such folders name five among `status` notices, and say there
-    /// are more, so that they do not push every other notice out; a folder
-    /// that can be watched again has its notice taken back. Needs root.
-    #[test]
-    fn private_folders_take_at_most_six_notices_taken_back_once_readable() {
-        use std::os::unix::fs::PermissionsExt;
+    /// Runs `f` on a watcher of `root` in a thread of its own that becomes
+    /// nobody (notify's thread, started by it, too), with a function that
+    /// walks the whole tree once. `None` without root (a failure under CI).
+    fn as_nobody<T: Send + 'static>(
+        root: &Path,
+        f: impl FnOnce(&mut Detect, &dyn Fn(&mut Detect)) -> T + Send + 'static,
+    ) -> Option<std::thread::JoinHandle<T>> {
         if unsafe { libc::geteuid() } != 0 {
             assert!(std::env::var_os("CI").is_none(), "this test needs root");
             eprintln!("SKIP: needs root");
-            return;
+            return None;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let mode = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
-        mode(dir.path(), 0o755).unwrap();
-        let private: Vec<PathBuf> = (0..8).map(|i| dir.path().join(format!("p{i}"))).collect();
-        for p in &private {
-            std::fs::create_dir(p).unwrap();
-            mode(p, 0o700).unwrap();
-        }
-        let root = dir.path().to_path_buf();
-        let (scanned_tx, scanned) = std::sync::mpsc::channel();
-        let (opened_tx, opened) = std::sync::mpsc::channel::<()>();
-        let watcher = std::thread::spawn(move || {
+        let root = root.to_path_buf();
+        Some(std::thread::spawn(move || {
             // SAFETY: the raw syscall changes this thread's ids only.
             let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
             assert_eq!(rc, 0, "setresuid: {}", std::io::Error::last_os_error());
@@ -2383,18 +2327,71 @@ mod tests {
                 d.rescan(Why::Periodic);
                 let (dir, why) = walks.try_recv().unwrap();
                 walk_and_report(&d.shared, &dir, why, &Between::Nothing);
-                d.live.shown().notices
             };
-            let notices = scan(&mut d);
-            scanned_tx.send(notices).unwrap();
-            opened.recv().unwrap();
-            scan(&mut d)
+            f(&mut d, &scan)
+        }))
+    }
+
+    /// A folder the service may not read (`lost+found` at a mount point's
+    /// root): named once, in the log and `status`, and no cause for
+    /// rescans every minute (its files cannot be read by them either).
+    /// Needs root, to run the watcher as another user.
+    #[test]
+    fn a_folder_the_service_may_not_read_is_named_once_and_brings_no_rescans() {
+        let dir = tempfile::tempdir().unwrap();
+        chmod(dir.path(), 0o755);
+        let private = dir.path().join("lost+found");
+        std::fs::create_dir(&private).unwrap();
+        chmod(&private, 0o700);
+        let watcher = as_nobody(dir.path(), move |d, scan| {
+            scan(d);
+            scan(d);
+            assert_eq!(d.shared.unwatched.load(Ordering::Relaxed), 0);
+            let notices = d.live.shown().notices;
+            assert_eq!(notices.len(), 1, "{notices:?}");
+            assert!(
+                notices[0].starts_with(&format!(
+                    "cannot read {}: permission denied",
+                    private.display()
+                )),
+                "{notices:?}"
+            );
+            d.tick();
+            assert_eq!(d.next_rescan, None, "no rescans: rescan_interval is 0");
         });
+        if let Some(w) = watcher {
+            w.join().unwrap();
+        }
+    }
+
+    /// Many such folders name five among `status` notices, and say there
+    /// are more, so that they do not push every other notice out; a folder
+    /// that can be watched again has its notice taken back. Needs root.
+    #[test]
+    fn private_folders_take_at_most_six_notices_taken_back_once_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        chmod(dir.path(), 0o755);
+        let private: Vec<PathBuf> = (0..8).map(|i| dir.path().join(format!("p{i}"))).collect();
+        for p in &private {
+            std::fs::create_dir(p).unwrap();
+            chmod(p, 0o700);
+        }
+        let (scanned_tx, scanned) = std::sync::mpsc::channel();
+        let (opened_tx, opened) = std::sync::mpsc::channel::<()>();
+        let Some(watcher) = as_nobody(dir.path(), move |d, scan| {
+            scan(d);
+            scanned_tx.send(d.live.shown().notices).unwrap();
+            opened.recv().unwrap();
+            scan(d);
+            d.live.shown().notices
+        }) else {
+            return;
+        };
         let notices = scanned.recv().unwrap();
         assert_eq!(notices.len(), FOLDER_NOTICES + 1, "{notices:?}");
         assert!(notices[FOLDER_NOTICES].starts_with("more than 5 folders cannot be read"));
         for p in &private {
-            mode(p, 0o755).unwrap();
+            chmod(p, 0o755);
         }
         opened_tx.send(()).unwrap();
         let notices = watcher.join().unwrap();

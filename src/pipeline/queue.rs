@@ -1783,6 +1783,16 @@ mod tests {
         assert!(q.item(&v).unwrap().is_none());
     }
 
+    /// A database marked whole, with the records of `a` and `b` on disk.
+    async fn whole_with_two_records(q: &Queue) {
+        q.set_initialized().unwrap();
+        for k in ["a", "b"] {
+            q.record_uploaded(&key(k), &record(id(2, 10)), AfterUpload::Finish)
+                .unwrap();
+        }
+        q.durable().await.unwrap();
+    }
+
     /// The record count noted beside the database counts what
     /// delete-through removed too: a start after a removal the note did not
     /// follow (notes come at most every 10 s; then a SIGKILL) is no reason to
@@ -1790,12 +1800,7 @@ mod tests {
     #[tokio::test]
     async fn a_forgotten_record_is_not_a_lost_one() {
         let (dir, q) = open();
-        q.set_initialized().unwrap();
-        for k in ["a", "b"] {
-            q.record_uploaded(&key(k), &record(id(2, 10)), AfterUpload::Finish)
-                .unwrap();
-        }
-        q.durable().await.unwrap();
+        whole_with_two_records(&q).await;
         q.forget(&key("a")).unwrap();
         q.durable().await.unwrap();
         drop(q);
@@ -1873,12 +1878,7 @@ mod tests {
     #[tokio::test]
     async fn a_reopen_that_lost_records_needs_a_restart_that_rebuilds() {
         let (dir, q) = open();
-        q.set_initialized().unwrap();
-        for k in ["a", "b"] {
-            q.record_uploaded(&key(k), &record(id(2, 10)), AfterUpload::Finish)
-                .unwrap();
-        }
-        q.durable().await.unwrap();
+        whole_with_two_records(&q).await;
         // As if sled dropped a third record when it recovered its log.
         statedir::record_count::write(dir.path(), 3).unwrap();
         q.inject_closed("Input/output error");
